@@ -1,0 +1,54 @@
+# fleetd: every entry point a developer or CI needs. `make demo` and `make test`
+# do all of their own set-up on a fresh machine (virtualenv, packages, test bed).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: help install lock demo test test-unit test-integration testbed lint bench proto clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	touch $@
+
+install: $(STAMP) ## create .venv and install fleetd with its pinned dependencies
+
+lock: ## re-pin requirements.lock from a fresh resolve of pyproject.toml
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q -e '.[dev]'
+	{ echo "# Exact versions for every fresh machine: make installs with '-c requirements.lock'."; \
+	  echo "# Regenerate with 'make lock' after changing pyproject.toml."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | sort; } > requirements.lock
+	rm -rf .venv-lock
+
+demo: $(STAMP) ## run the main job on embedded defaults (no Kafka, no Kubernetes)
+	$(BIN)/fleetd demo
+
+test-unit: $(STAMP) ## unit tests of the core and the daemon, no test bed
+	$(BIN)/python -m pytest tests/unit -q
+
+testbed: $(STAMP) ## build (or reuse from ~/.cache/fleetd-testbed) Kafka, etcd, kube-apiserver, kube-scheduler, kwok
+	$(BIN)/python -m tests.testbed build
+
+test: $(STAMP) testbed ## the whole suite against the real test bed (started and stopped by the tests)
+	FLEETD_TESTBED=required $(BIN)/python -m pytest tests -q
+
+lint: $(STAMP) ## ruff, mypy --strict on fleetd and scheduling, import contracts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy fleetd scheduling
+	$(BIN)/lint-imports
+
+bench: $(STAMP) ## every benchmark, each ending with a JSON line
+	$(BIN)/python -m benchmarks all --json
+
+clean: ## remove the virtualenv and caches (the test bed cache in ~/.cache stays)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
