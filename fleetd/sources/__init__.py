@@ -1,0 +1,2 @@
+"""Telemetry sources: each turns a cluster's view (Kafka, Kubernetes watches, the simulated
+fleet) into the update values of `fleetd.updates` and hands them to the state owner."""

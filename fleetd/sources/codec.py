@@ -1,0 +1,365 @@
+"""Telemetry records (fleetd.v1.TelemetryRecord, protobuf) <-> update values.
+
+`decode` is the Kafka edge: it parses and validates one record and raises
+`InvalidTelemetry` (reason: a short metric label) for anything fleetd must not apply;
+the consumer sends such records to the dead-letter topic. `encode_*` is what the
+publisher (`fleetd.sources.publisher`) and the load generator use.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from google.protobuf.message import DecodeError
+
+from fleetd.sources.translate import (
+    LABEL_INSTANCE_TYPES,
+    LABEL_REGIONS,
+    LABEL_ZONES,
+    TAINT_EFFECTS,
+    capacity_type_of,
+    first_label,
+    node_pool_of,
+)
+from fleetd.sources.updates import (
+    CapacityType,
+    GpuDevice,
+    NodePoolRemoved,
+    NodePoolUpdate,
+    NodeRemoved,
+    NodeUpdate,
+    PodObserved,
+    Resources,
+    Taint,
+    Update,
+)
+from fleetd.v1 import telemetry_pb2 as pb
+
+#: Upper bounds that catch garbage without limiting any real machine.
+MAX_GPUS_PER_NODE = 64
+MAX_PODS_PER_NODE = 4096
+MAX_NAME_CHARS = 253
+MAX_VALUE = 2**62
+
+#: XIDs that point at the application, not the GPU: the NVIDIA device plugin ignores them
+#: when it marks devices unhealthy (k8s-device-plugin, internal/rm/health.go).
+APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
+_MIG_PROFILE_RE = re.compile(r"^[0-9]+g\.[0-9]+gb$")
+
+_CAPACITY_TO_PB = {
+    CapacityType.UNSPECIFIED: pb.CAPACITY_TYPE_UNSPECIFIED,
+    CapacityType.ON_DEMAND: pb.CAPACITY_TYPE_ON_DEMAND,
+    CapacityType.SPOT: pb.CAPACITY_TYPE_SPOT,
+    CapacityType.RESERVED: pb.CAPACITY_TYPE_RESERVED,
+}
+_CAPACITY_FROM_PB = {v: k for k, v in _CAPACITY_TO_PB.items()}
+
+
+class InvalidTelemetry(ValueError):
+    """A record fleetd will not apply. `reason` is a short, stable metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def node_key(cluster: str, node: str) -> bytes:
+    """The Kafka key of a node's records: every update of one node on one partition."""
+    return f"{cluster}/{node}".encode()
+
+
+def pool_key(cluster: str, pool: str) -> bytes:
+    """The Kafka key of a node pool's records."""
+    return f"{cluster}/pool/{pool}".encode()
+
+
+# ---------------------------------------------------------------------------- encode
+
+
+def _resources_pb(r: Resources, out: pb.Resources) -> None:
+    out.cpu_millicores = r.cpu_millicores
+    out.memory_bytes = r.memory_bytes
+    out.gpus = r.gpus
+    out.pods = r.pods
+    out.ephemeral_storage_bytes = r.ephemeral_storage_bytes
+    for profile, n in r.mig_devices:
+        out.mig_devices[profile] = n
+
+
+def _taints_pb(taints: tuple[Taint, ...], out: object) -> None:
+    for t in taints:
+        out.add(key=t.key, value=t.value, effect=t.effect)  # type: ignore[attr-defined]
+
+
+def encode_node(update: NodeUpdate, *, sequence: int, observed_unix_ms: int) -> pb.TelemetryRecord:
+    """A NodeUpdate (with its pods, if any) as a TelemetryRecord."""
+    record = pb.TelemetryRecord(
+        cluster=update.cluster, sequence=sequence, observed_unix_ms=observed_unix_ms
+    )
+    node = record.node
+    node.name = update.name
+    _resources_pb(update.capacity, node.capacity)
+    _resources_pb(update.allocatable, node.allocatable)
+    node.labels.update(dict(update.labels))
+    _taints_pb(update.taints, node.taints)
+    node.unschedulable = update.unschedulable
+    node.ready = update.ready
+    node.node_pool = update.node_pool
+    node.zone = update.zone
+    for g in update.gpus:
+        node.gpus.add(
+            index=g.index,
+            uuid=g.uuid,
+            model=g.model,
+            memory_bytes=g.memory_bytes,
+            health=pb.GPU_HEALTH_HEALTHY if g.healthy else pb.GPU_HEALTH_UNHEALTHY,
+            xid_errors=list(g.xid_errors),
+            utilization_ratio=g.utilization_ratio,
+            mig_profile=g.mig_profile,
+        )
+    for p in update.pods or ():
+        pod = node.pods.add(namespace=p.namespace, name=p.name, uid=p.uid, phase=p.phase)
+        _resources_pb(p.requests, pod.requests)
+        pod.labels.update(dict(p.labels))
+    return record
+
+
+def encode_node_deleted(
+    cluster: str, name: str, *, sequence: int, observed_unix_ms: int
+) -> pb.TelemetryRecord:
+    """A node deletion as a TelemetryRecord."""
+    record = pb.TelemetryRecord(
+        cluster=cluster, sequence=sequence, observed_unix_ms=observed_unix_ms
+    )
+    record.node_deleted.name = name
+    return record
+
+
+def encode_pool(
+    update: NodePoolUpdate, *, sequence: int, observed_unix_ms: int
+) -> pb.TelemetryRecord:
+    """A NodePoolUpdate as a TelemetryRecord."""
+    record = pb.TelemetryRecord(
+        cluster=update.cluster, sequence=sequence, observed_unix_ms=observed_unix_ms
+    )
+    pool = record.node_pool
+    pool.name = update.name
+    pool.shape.instance_type = update.instance_type
+    _resources_pb(update.allocatable, pool.shape.allocatable)
+    pool.shape.gpu_model = update.gpu_model
+    pool.shape.gpu_memory_bytes = update.gpu_memory_bytes
+    pool.shape.labels.update(dict(update.labels))
+    _taints_pb(update.taints, pool.shape.taints)
+    pool.price_per_hour = update.price_per_hour
+    pool.capacity_type = _CAPACITY_TO_PB[update.capacity_type]
+    pool.min_size = update.min_size
+    pool.max_size = update.max_size
+    pool.current_size = update.current_size
+    pool.zones.extend(update.zones)
+    return record
+
+
+def encode_pool_deleted(
+    cluster: str, name: str, *, sequence: int, observed_unix_ms: int
+) -> pb.TelemetryRecord:
+    """A node-pool deletion as a TelemetryRecord."""
+    record = pb.TelemetryRecord(
+        cluster=cluster, sequence=sequence, observed_unix_ms=observed_unix_ms
+    )
+    record.node_pool_deleted.name = name
+    return record
+
+
+def record_key(record: pb.TelemetryRecord) -> bytes:
+    """The Kafka key a record must be published under."""
+    kind = record.WhichOneof("payload")
+    if kind == "node":
+        return node_key(record.cluster, record.node.name)
+    if kind == "node_deleted":
+        return node_key(record.cluster, record.node_deleted.name)
+    if kind == "node_pool":
+        return pool_key(record.cluster, record.node_pool.name)
+    if kind == "node_pool_deleted":
+        return pool_key(record.cluster, record.node_pool_deleted.name)
+    raise InvalidTelemetry("no-payload", "record has no payload")
+
+
+# ---------------------------------------------------------------------------- decode
+
+
+def _check_name(value: str, what: str) -> str:
+    if not _NAME_RE.match(value):
+        raise InvalidTelemetry("bad-name", f"{what} {value[:80]!r} is not a valid name")
+    return value
+
+
+def _check_count(value: int, what: str) -> int:
+    if value < 0 or value > MAX_VALUE:
+        raise InvalidTelemetry("bad-resources", f"{what} = {value} is out of range")
+    return value
+
+
+def _resources(r: pb.Resources, what: str) -> Resources:
+    mig = []
+    for profile, n in sorted(r.mig_devices.items()):
+        if not _MIG_PROFILE_RE.match(profile):
+            raise InvalidTelemetry("bad-mig-profile", f"{what}.mig_devices[{profile[:40]!r}]")
+        if _check_count(n, f"{what}.mig_devices[{profile}]"):
+            mig.append((profile, n))
+    return Resources(
+        cpu_millicores=_check_count(r.cpu_millicores, f"{what}.cpu_millicores"),
+        memory_bytes=_check_count(r.memory_bytes, f"{what}.memory_bytes"),
+        gpus=_check_count(r.gpus, f"{what}.gpus"),
+        mig_devices=tuple(mig),
+        pods=_check_count(r.pods, f"{what}.pods"),
+        ephemeral_storage_bytes=_check_count(
+            r.ephemeral_storage_bytes, f"{what}.ephemeral_storage_bytes"
+        ),
+    )
+
+
+def _taints(items: object, what: str) -> tuple[Taint, ...]:
+    taints = []
+    for t in items:  # type: ignore[attr-defined]
+        if not t.key or t.effect not in TAINT_EFFECTS:
+            raise InvalidTelemetry("bad-taint", f"{what}: {t.key!r} effect {t.effect!r}")
+        taints.append(Taint(key=t.key, value=t.value, effect=t.effect))
+    return tuple(taints)
+
+
+def _node(record: pb.TelemetryRecord, cluster: str, sequence: int, observed_s: float) -> NodeUpdate:
+    n = record.node
+    name = _check_name(n.name, "node.name")
+    labels = dict(n.labels)
+    if len(n.gpus) > MAX_GPUS_PER_NODE:
+        raise InvalidTelemetry("bad-gpus", f"node {name}: {len(n.gpus)} GPUs")
+    if len(n.pods) > MAX_PODS_PER_NODE:
+        raise InvalidTelemetry("bad-pods", f"node {name}: {len(n.pods)} pods")
+    gpus = []
+    seen: set[int] = set()
+    for g in n.gpus:
+        if g.index in seen or g.index >= MAX_GPUS_PER_NODE:
+            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU index {g.index}")
+        seen.add(g.index)
+        if not (0.0 <= g.utilization_ratio <= 1.0) or math.isnan(g.utilization_ratio):
+            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU {g.index} utilization")
+        if g.health == pb.GPU_HEALTH_UNSPECIFIED:
+            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU {g.index} health unspecified")
+        gpus.append(
+            GpuDevice(
+                index=g.index,
+                model=g.model,
+                memory_bytes=_check_count(g.memory_bytes, "gpu.memory_bytes"),
+                healthy=g.health == pb.GPU_HEALTH_HEALTHY
+                and all(x in APPLICATION_XIDS for x in g.xid_errors),
+                uuid=g.uuid,
+                xid_errors=tuple(g.xid_errors),
+                utilization_ratio=g.utilization_ratio,
+                mig_profile=g.mig_profile,
+            )
+        )
+    gpus.sort(key=lambda d: d.index)
+    pods = []
+    for p in n.pods:
+        if not p.name or not p.namespace:
+            raise InvalidTelemetry("bad-pods", f"node {name}: pod without name or namespace")
+        pods.append(
+            PodObserved(
+                cluster=cluster,
+                namespace=p.namespace,
+                name=p.name,
+                uid=p.uid,
+                node=name,
+                requests=_resources(p.requests, "pod.requests"),
+                phase=p.phase or "Running",
+                labels=tuple(sorted(p.labels.items())),
+                sequence=sequence,
+            )
+        )
+    return NodeUpdate(
+        cluster=cluster,
+        name=name,
+        sequence=sequence,
+        capacity=_resources(n.capacity, "node.capacity"),
+        allocatable=_resources(n.allocatable, "node.allocatable"),
+        labels=tuple(sorted(labels.items())),
+        taints=_taints(n.taints, "node.taints"),
+        unschedulable=n.unschedulable,
+        ready=n.ready,
+        node_pool=n.node_pool or node_pool_of(labels),
+        zone=n.zone or first_label(labels, LABEL_ZONES),
+        region=first_label(labels, LABEL_REGIONS),
+        instance_type=first_label(labels, LABEL_INSTANCE_TYPES),
+        capacity_type=capacity_type_of(labels),
+        # A node's GPUs are one model in practice; the first device speaks for the node.
+        gpu_model=gpus[0].model if gpus else "",
+        gpu_memory_bytes=gpus[0].memory_bytes if gpus else 0,
+        gpus=tuple(gpus),
+        pods=tuple(pods),
+        observed_at_s=observed_s,
+    )
+
+
+def _pool(record: pb.TelemetryRecord, cluster: str, sequence: int) -> NodePoolUpdate:
+    p = record.node_pool
+    name = _check_name(p.name, "node_pool.name")
+    if not math.isfinite(p.price_per_hour) or p.price_per_hour < 0:
+        raise InvalidTelemetry("bad-pool", f"pool {name}: price_per_hour {p.price_per_hour}")
+    if p.min_size > p.max_size:
+        raise InvalidTelemetry("bad-pool", f"pool {name}: min_size {p.min_size} > max_size")
+    if p.capacity_type not in _CAPACITY_FROM_PB:
+        raise InvalidTelemetry("bad-pool", f"pool {name}: capacity_type {p.capacity_type}")
+    return NodePoolUpdate(
+        cluster=cluster,
+        name=name,
+        sequence=sequence,
+        instance_type=p.shape.instance_type,
+        allocatable=_resources(p.shape.allocatable, "node_pool.shape.allocatable"),
+        gpu_model=p.shape.gpu_model,
+        gpu_memory_bytes=_check_count(p.shape.gpu_memory_bytes, "shape.gpu_memory_bytes"),
+        price_per_hour=p.price_per_hour,
+        capacity_type=_CAPACITY_FROM_PB[p.capacity_type],
+        min_size=p.min_size,
+        max_size=p.max_size,
+        current_size=p.current_size,
+        zones=tuple(p.zones),
+        labels=tuple(sorted(p.shape.labels.items())),
+        taints=_taints(p.shape.taints, "node_pool.shape.taints"),
+    )
+
+
+def decode(key: bytes | None, value: bytes | None) -> Update:
+    """One Kafka record of the telemetry topic as an update value.
+
+    Raises InvalidTelemetry when the value is not a TelemetryRecord, misses a required
+    field, holds an impossible value, or does not match its key.
+    """
+    if not value:
+        raise InvalidTelemetry("empty", "record has no value")
+    record = pb.TelemetryRecord()
+    try:
+        record.ParseFromString(value)
+    except DecodeError as exc:
+        raise InvalidTelemetry("undecodable", f"not a TelemetryRecord: {exc}") from exc
+    kind = record.WhichOneof("payload")
+    if kind is None:
+        raise InvalidTelemetry("no-payload", "record has no payload")
+    cluster = _check_name(record.cluster, "cluster")
+    if record.sequence == 0:
+        raise InvalidTelemetry("no-sequence", "sequence must be > 0")
+    if key is not None and key != record_key(record):
+        raise InvalidTelemetry("key-mismatch", f"key {key[:120]!r} != {record_key(record)!r}")
+    sequence = record.sequence
+    if kind == "node":
+        return _node(record, cluster, sequence, record.observed_unix_ms / 1000.0)
+    if kind == "node_deleted":
+        name = _check_name(record.node_deleted.name, "node_deleted.name")
+        return NodeRemoved(cluster=cluster, name=name, sequence=sequence)
+    if kind == "node_pool":
+        return _pool(record, cluster, sequence)
+    name = _check_name(record.node_pool_deleted.name, "node_pool_deleted.name")
+    return NodePoolRemoved(cluster=cluster, name=name, sequence=sequence)

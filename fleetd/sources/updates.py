@@ -1,0 +1,262 @@
+"""Update values: what telemetry sources hand to the fleet state (the single writer).
+
+Sources (Kafka, Kubernetes watches, the simulated fleet) translate the outside world into
+these small frozen values; the state applies them in order. Nothing here knows about
+protobuf, Kafka records or Kubernetes objects.
+
+Ordering: every update of one subject carries a `sequence` that only grows (Kafka: the
+publisher's per-node sequence; Kubernetes: the object's resourceVersion). An update whose
+sequence is not above the last one applied for its subject is stale and must be dropped;
+`SequenceGate` does that bookkeeping.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+Labels = tuple[tuple[str, str], ...]
+"""Labels as sorted (key, value) pairs: hashable, deterministic order."""
+
+
+def labels_of(mapping: Mapping[str, str]) -> Labels:
+    """Freeze a label mapping into sorted pairs."""
+    return tuple(sorted(mapping.items()))
+
+
+class CapacityType(enum.Enum):
+    """How a node is bought."""
+
+    UNSPECIFIED = "unspecified"
+    ON_DEMAND = "on-demand"
+    SPOT = "spot"
+    RESERVED = "reserved"
+
+
+@dataclass(frozen=True, slots=True)
+class Taint:
+    """A node taint; `effect` is NoSchedule, PreferNoSchedule or NoExecute."""
+
+    key: str
+    value: str
+    effect: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """Resources in integer base units.
+
+    `mig_devices` maps a MIG profile ("1g.10gb") to a slice count, sorted by profile.
+    """
+
+    cpu_millicores: int = 0
+    memory_bytes: int = 0
+    gpus: int = 0
+    mig_devices: tuple[tuple[str, int], ...] = ()
+    pods: int = 0
+    ephemeral_storage_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GpuDevice:
+    """One physical GPU of a node and its health."""
+
+    index: int
+    model: str
+    memory_bytes: int
+    healthy: bool
+    uuid: str = ""
+    xid_errors: tuple[int, ...] = ()
+    utilization_ratio: float = 0.0
+    mig_profile: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PodObserved:
+    """A pod bound to a node (running or about to), with its summed requests."""
+
+    cluster: str
+    namespace: str
+    name: str
+    uid: str
+    node: str
+    requests: Resources
+    phase: str = "Running"
+    labels: Labels = ()
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PodRemoved:
+    """A pod is gone from its node (deleted, or terminated and no longer holding resources)."""
+
+    cluster: str
+    namespace: str
+    name: str
+    uid: str
+    node: str
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeUpdate:
+    """The whole observed state of one node.
+
+    `pods` is the complete set of pods bound to the node when the source reports pods with
+    the node (Kafka telemetry); it is None when pods arrive as separate PodObserved /
+    PodRemoved values (Kubernetes watches) and the node's pods must be left as they are.
+    `gpu_model` and `gpu_memory_bytes` describe the node's GPUs as a whole (GPU feature
+    discovery); `gpus` lists devices individually when the source knows them.
+    """
+
+    cluster: str
+    name: str
+    sequence: int
+    capacity: Resources
+    allocatable: Resources
+    labels: Labels = ()
+    taints: tuple[Taint, ...] = ()
+    unschedulable: bool = False
+    ready: bool = True
+    node_pool: str = ""
+    zone: str = ""
+    region: str = ""
+    instance_type: str = ""
+    capacity_type: CapacityType = CapacityType.UNSPECIFIED
+    gpu_model: str = ""
+    gpu_memory_bytes: int = 0
+    gpus: tuple[GpuDevice, ...] = ()
+    pods: tuple[PodObserved, ...] | None = None
+    observed_at_s: float = 0.0
+    """When the source observed this state, Unix epoch seconds (0 when unknown)."""
+
+    @property
+    def schedulable(self) -> bool:
+        """Cordoned or not Ready nodes take no new pods."""
+        return self.ready and not self.unschedulable
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRemoved:
+    """A node left its cluster; its pods go with it."""
+
+    cluster: str
+    name: str
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStale:
+    """A node's telemetry stopped (stale=True: unschedulable until it reports) or resumed."""
+
+    cluster: str
+    name: str
+    stale: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NodePoolUpdate:
+    """A node pool definition: shape of its nodes, price and size bounds."""
+
+    cluster: str
+    name: str
+    sequence: int
+    instance_type: str
+    allocatable: Resources
+    gpu_model: str = ""
+    gpu_memory_bytes: int = 0
+    price_per_hour: float = 0.0
+    capacity_type: CapacityType = CapacityType.UNSPECIFIED
+    min_size: int = 0
+    max_size: int = 0
+    current_size: int = 0
+    zones: tuple[str, ...] = ()
+    labels: Labels = ()
+    taints: tuple[Taint, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodePoolRemoved:
+    """A node pool was deleted."""
+
+    cluster: str
+    name: str
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSynced:
+    """A source finished listing a cluster: everything it holds for the cluster is now known.
+
+    `nodes` names every node the source currently knows in the cluster, so the state can
+    drop nodes that vanished while the source was disconnected.
+    """
+
+    cluster: str
+    source: str
+    nodes: frozenset[str] = field(default_factory=frozenset)
+
+
+Update = (
+    NodeUpdate
+    | NodeRemoved
+    | NodeStale
+    | PodObserved
+    | PodRemoved
+    | NodePoolUpdate
+    | NodePoolRemoved
+    | ClusterSynced
+)
+
+
+def subject_of(update: Update) -> tuple[str, str, str] | None:
+    """The (cluster, kind, name) whose sequence orders `update`, or None if unordered."""
+    if isinstance(update, NodeUpdate | NodeRemoved):
+        return (update.cluster, "node", update.name)
+    if isinstance(update, NodePoolUpdate | NodePoolRemoved):
+        return (update.cluster, "pool", update.name)
+    if isinstance(update, PodObserved | PodRemoved):
+        return (update.cluster, "pod", update.uid or f"{update.namespace}/{update.name}")
+    return None
+
+
+class SequenceGate:
+    """Drops updates that are not newer than the last one admitted for their subject.
+
+    Redelivered Kafka records and replayed watch events carry a sequence at or below the
+    last applied one, so passing every update through the gate makes redelivery harmless.
+    A removal is remembered too (a late update for a removed subject with an older
+    sequence stays dropped). Sequence 0 means "unordered" and is always admitted.
+    """
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str, str], int] = {}
+
+    def admit(self, update: Update) -> bool:
+        """True when `update` is newer than everything admitted for its subject."""
+        subject = subject_of(update)
+        if subject is None:
+            return True
+        sequence: int = update.sequence  # type: ignore[union-attr]
+        if sequence == 0:
+            return True
+        last = self._last.get(subject)
+        if last is not None and sequence <= last:
+            return False
+        self._last[subject] = sequence
+        return True
+
+    def filter(self, updates: Iterable[Update]) -> list[Update]:
+        """The admitted subset of `updates`, in order."""
+        return [u for u in updates if self.admit(u)]
+
+    def last(self, cluster: str, kind: str, name: str) -> int | None:
+        """The last admitted sequence of a subject, if any."""
+        return self._last.get((cluster, kind, name))
+
+    def forget_cluster(self, cluster: str) -> None:
+        """Drop every remembered sequence of `cluster` (after a relist)."""
+        self._last = {k: v for k, v in self._last.items() if k[0] != cluster}
