@@ -282,6 +282,7 @@ class KubeTestbed:
             ready,
             timeout_s=timeout_s,
             watch=self._watched(context),
+            describe=lambda: _describe(core.read_node(name)),
         )
 
     def wait_pod(
@@ -305,6 +306,7 @@ class KubeTestbed:
             reached,
             timeout_s=timeout_s,
             watch=self._watched(context),
+            describe=lambda: _describe(core.read_namespaced_pod(name, namespace)),
         )
 
     def _watched(self, context: str) -> list[Process]:
@@ -314,6 +316,30 @@ class KubeTestbed:
     def _check_context(self, context: str) -> None:
         if context not in self._clusters:
             raise KeyError(f"unknown context {context!r}; known: {', '.join(self.contexts)}")
+
+
+def _describe(obj: Any) -> str:
+    """Phase and conditions of a pod or node, for timeout messages."""
+    status = obj.status
+    conds = "; ".join(
+        f"{c.type}={c.status}" + (f" ({c.reason}: {c.message})" if c.message else "")
+        for c in status.conditions or []
+    )
+    phase = getattr(status, "phase", None)
+    node = getattr(obj.spec, "node_name", None)
+    return f"phase={phase} node={node} conditions: {conds or 'none'}"
+
+
+def _describe(obj: Any) -> str:
+    """Phase and conditions of a pod or node, for timeout messages."""
+    status = obj.status
+    conds = "; ".join(
+        f"{c.type}={c.status}" + (f" ({c.reason}: {c.message})" if c.message else "")
+        for c in status.conditions or []
+    )
+    phase = getattr(status, "phase", None)
+    node = getattr(obj.spec, "node_name", None)
+    return f"phase={phase} node={node} conditions: {conds or 'none'}"
 
 
 def _start_etcd(arts: Artefacts, sup: Supervisor, name: str, data_dir: Path) -> tuple[Process, str]:
@@ -337,6 +363,7 @@ def _start_etcd(arts: Artefacts, sup: Supervisor, name: str, data_dir: Path) -> 
             "--quota-backend-bytes=2147483648",
             "--log-level=warn",
         ],
+        stop_wave=0,  # last: kube-apiserver needs it while shutting down
     )
     return proc, client
 
@@ -370,8 +397,10 @@ def _start_apiserver(
             f"--service-account-issuer={server}",
             f"--service-account-key-file={tls.sa_key_path}",
             f"--service-account-signing-key-file={tls.sa_key_path}",
-            # No controller-manager creates service accounts, so pods would be rejected.
-            "--disable-admission-plugins=ServiceAccount",
+            # No controller-manager: it would create service accounts (else ServiceAccount
+            # admission rejects pods) and lift the node.kubernetes.io/not-ready taint that
+            # TaintNodesByCondition puts on every new node (else nothing ever schedules).
+            "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
             "--allow-privileged=true",
             "--profiling=false",
             "--enable-priority-and-fairness=false",
@@ -405,6 +434,7 @@ def _start_kwok(
             f"--server-address=127.0.0.1:{port}",
             "--node-ip=10.244.0.1",
         ],
+        stop_wave=2,
     )
     return proc
 
@@ -420,12 +450,15 @@ def _start_scheduler(
             f"--kubeconfig={kubeconfig}",
             f"--authentication-kubeconfig={kubeconfig}",
             f"--authorization-kubeconfig={kubeconfig}",
+            # Else it keeps looking for the requestheader configmap, which no one creates here.
+            "--authentication-skip-lookup=true",
             "--leader-elect=false",
             "--bind-address=127.0.0.1",
             f"--secure-port={port}",
             f"--cert-dir={cert_dir}",
             "--profiling=false",
         ],
+        stop_wave=2,
     )
     wait_until(
         f"{cluster.name} kube-scheduler /healthz on 127.0.0.1:{port}",

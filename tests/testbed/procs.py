@@ -28,7 +28,7 @@ from types import FrameType
 from typing import TypeVar
 
 _PR_SET_PDEATHSIG = 1
-_STOP_GRACE_S = 10.0
+_STOP_GRACE_S = 5.0
 _LOG_TAIL_LINES = 30
 
 T = TypeVar("T")
@@ -79,6 +79,7 @@ class Process:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    stop_wave: int = 1
 
     def alive(self) -> bool:
         """True while the process has not exited."""
@@ -119,8 +120,12 @@ class Supervisor:
         *,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        stop_wave: int = 1,
     ) -> Process:
-        """Start ``argv`` in a new session (own process group), output to ``<log_dir>/<name>.log``."""
+        """Start ``argv`` in a new session (own process group), output to ``<log_dir>/<name>.log``.
+
+        ``stop_wave``: processes with a higher wave are stopped first (clients before servers).
+        """
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("ab") as log:
             log.write(("$ " + " ".join(argv) + "\n").encode())
@@ -138,26 +143,35 @@ class Supervisor:
                 )
             except OSError as exc:
                 raise TestbedError(f"{name}: cannot start {argv[0]}: {exc}") from exc
-        proc = Process(name, popen, log_path)
+        proc = Process(name, popen, log_path, stop_wave)
         with self._lock:
             self.processes.append(proc)
         return proc
 
     def stop_all(self) -> None:
-        """Stop every process group: SIGTERM, wait up to 10 s, then SIGKILL. Idempotent."""
+        """Stop every process group: SIGTERM, wait up to 5 s, then SIGKILL. Idempotent.
+
+        Processes go in waves by ``stop_wave`` (highest first), so that e.g. kube-apiserver
+        can still reach etcd while it shuts down instead of hanging until the SIGKILL.
+        """
         with self._lock:
-            procs, self.processes = list(reversed(self.processes)), []
-        for proc in procs:
-            _signal_group(proc.popen, signal.SIGTERM)
-        deadline_s = time.monotonic() + _STOP_GRACE_S
-        for proc in procs:
-            remaining_s = max(0.0, deadline_s - time.monotonic())
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(remaining_s)
-            # SIGKILL the group even if the leader exited: a grandchild may linger.
-            _signal_group(proc.popen, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(5.0)
+            procs, self.processes = list(self.processes), []
+        for wave in sorted({p.stop_wave for p in procs}, reverse=True):
+            _stop_group([p for p in reversed(procs) if p.stop_wave == wave])
+
+
+def _stop_group(procs: list[Process]) -> None:
+    for proc in procs:
+        _signal_group(proc.popen, signal.SIGTERM)
+    deadline_s = time.monotonic() + _STOP_GRACE_S
+    for proc in procs:
+        remaining_s = max(0.0, deadline_s - time.monotonic())
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(remaining_s)
+        # SIGKILL the group even if the leader exited: a grandchild may linger.
+        _signal_group(proc.popen, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(5.0)
 
 
 def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -197,11 +211,14 @@ def wait_until(
     timeout_s: float,
     watch: list[Process] | None = None,
     interval_s: float = 0.2,
+    describe: Callable[[], str] | None = None,
 ) -> T:
     """Poll ``probe`` until it returns a value other than None/False, or fail after ``timeout_s``.
 
     ``probe`` may raise; its last error is reported. Every process in ``watch`` is checked
     on each round, so a server that crashed fails fast with its log instead of timing out.
+    On timeout the message has ``describe()`` (the state reached) if given, else the tail
+    of the last watched process's log.
     """
     deadline_s = time.monotonic() + timeout_s
     last_error: BaseException | None = None
@@ -217,6 +234,15 @@ def wait_until(
                 return result
         if time.monotonic() >= deadline_s:
             logs = "".join(f"\n  {p.name}: {p.log_path}" for p in watch or [])
+            if describe is not None:
+                try:
+                    state = describe()
+                except Exception as exc:  # describing is best effort
+                    state = f"(cannot describe: {exc!r})"
+                raise TestbedError(
+                    f"timed out after {timeout_s:.0f} s waiting for {what}; state: {state}"
+                    f" (last error: {last_error!r}); logs:{logs}"
+                )
             tail = (
                 f"\n--- last lines of {watch[-1].log_path} ---\n{log_tail(watch[-1].log_path)}"
                 if watch
