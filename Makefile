@@ -47,6 +47,9 @@ lint: $(STAMP) ## ruff, mypy --strict on fleetd and scheduling, import contracts
 	$(BIN)/mypy fleetd scheduling
 	$(BIN)/lint-imports
 
+proto: $(STAMP) ## regenerate fleetd/v1/ stubs from proto/fleetd/v1/*.proto (a unit test checks for drift)
+	$(BIN)/python -m fleetd.protogen
+
 bench: $(STAMP) ## every benchmark, each ending with a JSON line
 	$(BIN)/python -m benchmarks all --json
 
