@@ -1,0 +1,375 @@
+"""fleetd's configuration: pydantic models, YAML loading, environment overrides, reload.
+
+Precedence, highest first: environment (`FLEETD_<SECTION>__<FIELD>`, e.g.
+`FLEETD_SERVER__GRPC_LISTEN=0.0.0.0:50051`), then the YAML file, then the defaults below.
+The defaults are the embedded configuration `fleetd serve` runs on without arguments;
+`config/fleetd.yaml` spells every one of them out with its documentation (a unit test keeps
+the two equal). Unknown keys are rejected; every error names the file and the field.
+
+Hot reload (file change or SIGHUP) applies the sections marked *reloadable*: `scheduling`,
+`teams`, `reservations`, `staleness`, `limits`. Changes to the other sections are logged and
+need a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = REPO / "config" / "fleetd.yaml"
+
+#: Sections a hot reload may change without a restart.
+RELOADABLE_SECTIONS = ("scheduling", "teams", "reservations", "staleness", "limits")
+
+#: GPU model names: product names such as "A100-SXM4-80GB", "H100", or openb codes "V100M32", "G1".
+GPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+#: Cluster, pool, team and similar names: DNS-label-like, case-insensitive.
+NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+
+GIB = 1024**3
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the file (or env) and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Name = Annotated[str, Field(pattern=NAME_RE.pattern)]
+HostPort = Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")]
+
+
+class ServerConfig(_Strict):
+    """Listen addresses and RPC limits (restart to change)."""
+
+    grpc_listen: HostPort = Field(
+        "127.0.0.1:50051", description="gRPC listen address host:port; 0.0.0.0:50051 when deployed."
+    )
+    metrics_listen: HostPort = Field(
+        "127.0.0.1:9464", description="Prometheus /metrics listen address host:port."
+    )
+    max_receive_message_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Larger requests are refused with RESOURCE_EXHAUSTED before parsing.",
+    )
+    shutdown_grace_s: float = Field(
+        10.0, gt=0, le=300, description="SIGTERM: how long in-flight RPCs may finish."
+    )
+    max_stream_backlog: int = Field(
+        10_000,
+        ge=16,
+        description="Decisions buffered per Watch stream; a slower client is disconnected.",
+    )
+
+
+class LoggingConfig(_Strict):
+    """Log output (restart to change)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Minimum level."
+    )
+    json_format: bool = Field(True, description="One JSON object per line (false: plain text).")
+
+
+class JournalConfig(_Strict):
+    """The durable reservation journal (restart to change)."""
+
+    path: str = Field(
+        "~/.local/state/fleetd/journal.sqlite3",
+        description="SQLite file (WAL mode); '~' expands. Survives kill -9 and restart.",
+    )
+    synchronous: Literal["NORMAL", "FULL"] = Field(
+        "NORMAL",
+        description="SQLite synchronous mode: NORMAL survives process crashes, FULL also power loss.",
+    )
+
+
+class ReservationsConfig(_Strict):
+    """Reservation lifetimes (reloadable)."""
+
+    default_ttl_s: float = Field(
+        300.0, gt=0, description="TTL of a reservation when Place does not ask for one."
+    )
+    max_ttl_s: float = Field(3600.0, gt=0, description="Upper bound on a requested TTL.")
+    expiry_interval_s: float = Field(
+        1.0, gt=0, le=60, description="How often expired reservations are swept."
+    )
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> ReservationsConfig:
+        if self.default_ttl_s > self.max_ttl_s:
+            raise ValueError("default_ttl_s must not exceed max_ttl_s")
+        return self
+
+
+class StalenessConfig(_Strict):
+    """When a silent node stops receiving placements (reloadable)."""
+
+    node_stale_after_s: float = Field(
+        120.0, gt=0, description="A node with no telemetry for this long is unschedulable."
+    )
+    check_interval_s: float = Field(5.0, gt=0, le=300, description="How often staleness is swept.")
+
+
+class SchedulingConfig(_Strict):
+    """The placement policy (reloadable). Names are those of the scheduling core's registry."""
+
+    policy: str = Field(
+        "fgd",
+        description="Scoring policy: e.g. fgd, bestfit, packing, spread, dotprod, random.",
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Optional weights of score plugins by name, combined with the policy.",
+    )
+    seed: int = Field(42, description="Seed of any randomized tie-breaking (deterministic).")
+
+    @field_validator("weights")
+    @classmethod
+    def _finite_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, weight in value.items():
+            if not (weight == weight and abs(weight) < 1e9):  # rejects NaN and inf
+                raise ValueError(f"weight {name!r} must be a finite number")
+        return value
+
+
+class TeamsConfig(_Strict):
+    """Team priorities (reloadable): a workload's effective priority is the team's plus its own."""
+
+    default_priority: int = Field(0, description="Priority of teams not listed.")
+    priorities: dict[Name, int] = Field(
+        default_factory=dict, description="Priority by team name; larger wins."
+    )
+
+
+class LimitsConfig(_Strict):
+    """Request validation bounds (reloadable): larger requests are INVALID_ARGUMENT."""
+
+    max_cpu_millicores: int = Field(1_024_000, gt=0, description="Per pod.")
+    max_memory_bytes: int = Field(16 * 1024 * GIB, gt=0, description="Per pod.")
+    max_gpus_per_pod: int = Field(16, gt=0, le=1024, description="Whole GPUs per pod.")
+    max_gang_pods: int = Field(1024, gt=0, description="Pods per gang.")
+    decision_history: int = Field(
+        100_000, ge=100, description="Decisions kept for WatchDecisions resume."
+    )
+
+
+class SimPool(_Strict):
+    """A simulated node pool."""
+
+    name: Name = Field(description="Pool name.")
+    gpu_model: str = Field("", description="GPU model of every node; empty = CPU-only.")
+    gpus_per_node: int = Field(8, ge=0, le=64, description="GPUs per node.")
+    gpu_memory_bytes: int = Field(80 * GIB, ge=0, description="Memory of each GPU.")
+    cpu_millicores: int = Field(96_000, gt=0, description="Allocatable CPU per node.")
+    memory_bytes: int = Field(768 * GIB, gt=0, description="Allocatable memory per node.")
+    nodes: int = Field(4, ge=0, le=100_000, description="Nodes at start.")
+    zone: str = Field("", description="Zone label of the pool's nodes.")
+    price_per_hour: float = Field(0.0, ge=0, description="Price of one node per hour.")
+    capacity_type: Literal["on-demand", "spot", "reserved"] = Field(
+        "on-demand", description="Capacity type."
+    )
+    min_size: int = Field(0, ge=0, description="Autoscaling lower bound.")
+    max_size: int = Field(0, ge=0, description="Autoscaling upper bound (0 = nodes).")
+
+    @field_validator("gpu_model")
+    @classmethod
+    def _model_syntax(cls, value: str) -> str:
+        if value and not GPU_MODEL_RE.match(value):
+            raise ValueError(f"invalid GPU model name {value!r}")
+        return value
+
+
+class SimCluster(_Strict):
+    """A simulated cluster."""
+
+    name: Name = Field(description="Cluster name.")
+    pools: list[SimPool] = Field(description="Its node pools.")
+
+
+def _default_sim_clusters() -> list[SimCluster]:
+    return [
+        SimCluster(
+            name="sim-east",
+            pools=[
+                SimPool(name="a100", gpu_model="A100-80GB", nodes=8, zone="east-1a",
+                        price_per_hour=32.8, max_size=16),
+                SimPool(name="t4", gpu_model="T4", gpus_per_node=4, gpu_memory_bytes=16 * GIB,
+                        cpu_millicores=48_000, memory_bytes=192 * GIB, nodes=8,
+                        zone="east-1b", price_per_hour=3.9, capacity_type="spot", max_size=32),
+            ],
+        ),
+        SimCluster(
+            name="sim-west",
+            pools=[
+                SimPool(name="h100", gpu_model="H100-80GB", nodes=4, zone="west-2a",
+                        cpu_millicores=192_000, memory_bytes=2048 * GIB,
+                        price_per_hour=98.3, max_size=8),
+                SimPool(name="cpu", gpu_model="", gpus_per_node=0, gpu_memory_bytes=0,
+                        cpu_millicores=64_000, memory_bytes=256 * GIB, nodes=4,
+                        zone="west-2a", price_per_hour=2.7, max_size=16),
+            ],
+        ),
+    ]  # fmt: skip
+
+
+class SimulatedSourceConfig(_Strict):
+    """The in-process simulated fleet: plays the clusters when no real source is configured."""
+
+    enabled: bool = Field(True, description="Run the simulated fleet.")
+    heartbeat_s: float = Field(
+        10.0, gt=0, description="How often every simulated node reports (keeps it fresh)."
+    )
+    confirm_after_s: float = Field(
+        0.5,
+        ge=0,
+        description="Simulated pods start this long after a placement (confirms reservations).",
+    )
+    clusters: list[SimCluster] = Field(
+        default_factory=_default_sim_clusters, description="Clusters, pools and nodes."
+    )
+
+
+class KafkaSourceConfig(_Strict):
+    """Telemetry from Kafka (fleetd/sources/kafka.py)."""
+
+    enabled: bool = Field(False, description="Consume telemetry from Kafka.")
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port.")
+    topic: str = Field("fleet.telemetry.v1", description="Telemetry topic.")
+    dead_letter_topic: str = Field("fleet.telemetry.v1.dlq", description="Dead-letter topic.")
+    group_id: str = Field("fleetd", description="Consumer group.")
+    clusters: list[Name] = Field(
+        default_factory=list, description="Clusters whose initial sync readiness waits for."
+    )
+
+
+class KubernetesSourceConfig(_Strict):
+    """Node and pod watches of every kubeconfig context (fleetd/sources/kubernetes.py)."""
+
+    enabled: bool = Field(False, description="Watch clusters through the Kubernetes API.")
+    kubeconfig: str = Field("~/.kube/config", description="Kubeconfig; every context a cluster.")
+    contexts: list[str] = Field(
+        default_factory=list, description="Contexts to watch (empty = every context)."
+    )
+
+
+class SourcesConfig(_Strict):
+    """Where fleet state comes from (restart to change)."""
+
+    simulated: SimulatedSourceConfig = Field(default_factory=SimulatedSourceConfig)
+    kafka: KafkaSourceConfig = Field(default_factory=KafkaSourceConfig)
+    kubernetes: KubernetesSourceConfig = Field(default_factory=KubernetesSourceConfig)
+
+
+class Config(BaseSettings):
+    """The whole configuration. See config/fleetd.yaml for every option with its documentation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLEETD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        nested_model_default_partial_update=True,
+    )
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
+    reservations: ReservationsConfig = Field(default_factory=ReservationsConfig)
+    staleness: StalenessConfig = Field(default_factory=StalenessConfig)
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
+    teams: TeamsConfig = Field(default_factory=TeamsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    reload_poll_s: float = Field(
+        2.0, gt=0, description="How often the config file is checked for changes (restart)."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed as init kwargs), which overrides defaults.
+        return (env_settings, init_settings)
+
+    def version(self) -> str:
+        """A short content hash of the effective configuration (GetStatus.config_version)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def team_priority(self, team: str) -> int:
+        """The configured priority of `team` (default_priority when not listed)."""
+        return self.teams.priorities.get(team, self.teams.default_priority)
+
+
+def _format_errors(origin: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(part) for part in e["loc"]) or "<root>"
+        msg = "unknown key (not a config option)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{origin}: {loc}: {msg}")
+    return "; ".join(lines)
+
+
+def load(path: Path | str | None = None) -> Config:
+    """Load the configuration from `path` (None: embedded defaults) plus FLEETD_* env vars.
+
+    Raises ConfigError naming the file (and the environment, when FLEETD_* variables are
+    set) and the field on any problem.
+    """
+    data: Any = {}
+    origin = "embedded defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{origin}: cannot read: {exc.strerror or exc}") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{origin}: <root>: expected a mapping of sections")
+    env_names = sorted(k for k in os.environ if k.upper().startswith("FLEETD_"))
+    if env_names:
+        origin += " + environment (" + ", ".join(env_names) + ")"
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(origin, exc)) from exc
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Sections that differ between `old` and `new` but need a restart to take effect."""
+    reloadable = set(RELOADABLE_SECTIONS)
+    return [
+        name
+        for name in Config.model_fields
+        if name not in reloadable and getattr(old, name) != getattr(new, name)
+    ]
+
+
+def merge_reloadable(old: Config, new: Config) -> Config:
+    """`old` with the reloadable sections of `new`: what a hot reload applies."""
+    return old.model_copy(update={name: getattr(new, name) for name in RELOADABLE_SECTIONS})

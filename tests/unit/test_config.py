@@ -1,0 +1,116 @@
+"""Config: shipped YAML = embedded defaults, unknown keys rejected, errors name file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleetd import config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "fleetd.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_yaml_equals_embedded_defaults() -> None:
+    assert config.load(config.SHIPPED_CONFIG) == config.load(None) == config.Config()
+
+
+def test_every_option_is_documented() -> None:
+    def walk(model: type[config.BaseModel], prefix: str) -> list[str]:
+        missing = []
+        for name, info in model.model_fields.items():
+            ann = info.annotation
+            if isinstance(ann, type) and issubclass(ann, config.BaseModel):
+                missing += walk(ann, f"{prefix}{name}.")
+            elif not info.description:
+                missing.append(prefix + name)
+        return missing
+
+    nested = [config.SimCluster, config.SimPool]
+    undocumented = walk(config.Config, "") + [m for n in nested for m in walk(n, n.__name__ + ".")]
+    assert undocumented == []
+
+
+def test_good_file_overrides_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "reservations:\n  default_ttl_s: 30\nteams:\n  priorities: {ml: 5}\n")
+    cfg = config.load(path)
+    assert cfg.reservations.default_ttl_s == 30
+    assert cfg.team_priority("ml") == 5
+    assert cfg.team_priority("other") == 0
+    assert cfg.server == config.ServerConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        pytest.param("server:\n  grpc_port: 1\n", "server.grpc_port", id="unknown-nested-key"),
+        pytest.param("bogus: 1\n", "bogus", id="unknown-section"),
+        pytest.param(
+            "reservations:\n  default_ttl_s: -1\n", "reservations.default_ttl_s", id="negative"
+        ),
+        pytest.param("server:\n  grpc_listen: nope\n", "server.grpc_listen", id="bad-address"),
+        pytest.param(
+            "scheduling:\n  weights: {fgd: .nan}\n", "scheduling.weights", id="nan-weight"
+        ),
+        pytest.param(
+            "sources:\n  simulated:\n    clusters:\n    - name: a\n      pools:\n      - name: p\n        gpu_model: 'bad model!'\n",
+            "sources.simulated.clusters.0.pools.0.gpu_model",
+            id="gpu-model-syntax",
+        ),
+    ],
+)
+def test_bad_file_error_names_file_and_field(tmp_path: Path, text: str, field: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert str(path) in str(err.value)
+    assert field in str(err.value)
+
+
+def test_unknown_key_says_so(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="unknown key"):
+        config.load(write(tmp_path, "limits:\n  max_gpu: 3\n"))
+
+
+@pytest.mark.parametrize("text", ["[1, 2]\n", "server: [\n"], ids=["not-a-mapping", "not-yaml"])
+def test_malformed_yaml(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(config.ConfigError, match=str(path)):
+        config.load(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(tmp_path / "absent.yaml")
+
+
+def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "server:\n  grpc_listen: 127.0.0.1:1000\n  shutdown_grace_s: 3\n")
+    monkeypatch.setenv("FLEETD_SERVER__GRPC_LISTEN", "0.0.0.0:50051")
+    cfg = config.load(path)
+    assert cfg.server.grpc_listen == "0.0.0.0:50051"
+    assert cfg.server.shutdown_grace_s == 3  # the rest of the section still comes from the file
+
+
+def test_bad_env_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEETD_RESERVATIONS__DEFAULT_TTL_S", "soon")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None)
+    assert "FLEETD_RESERVATIONS__DEFAULT_TTL_S" in str(err.value)
+    assert "reservations.default_ttl_s" in str(err.value)
+
+
+def test_reload_merges_only_reloadable_sections(tmp_path: Path) -> None:
+    old = config.Config()
+    new = config.load(
+        write(tmp_path, "server:\n  grpc_listen: 127.0.0.1:1\nscheduling:\n  policy: bestfit\n")
+    )
+    assert config.restart_only_changes(old, new) == ["server"]
+    merged = config.merge_reloadable(old, new)
+    assert merged.scheduling.policy == "bestfit"
+    assert merged.server == old.server
+    assert merged.version() != old.version()
