@@ -1,0 +1,1 @@
+"""The gRPC edge: request validation, servicers, conversion between protobuf and state values."""

@@ -1,0 +1,415 @@
+"""gRPC servicers of fleetd.v1 (grpc.aio): validate, call the state owner, convert the reply.
+
+Errors at the edge: validation -> INVALID_ARGUMENT naming the field; unknown cluster, pool or
+workload -> NOT_FOUND; a workload id reused for another request -> ALREADY_EXISTS; before
+the initial sync -> UNAVAILABLE; an expired deadline -> DEADLINE_EXCEEDED. Anything
+unexpected is logged and answered INTERNAL; it never takes the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from fleetd.api import validation
+from fleetd.api.validation import InvalidArgument
+from fleetd.config import Config
+from fleetd.journal import ReservedPod
+from fleetd.metrics import Metrics, fragmentation_milli
+from fleetd.state import Conflict, Decision, Explanation, FleetState, NotFound, NotReady, OutOfRange
+from fleetd.v1 import (
+    fleet_pb2,
+    fleet_pb2_grpc,
+    nodepools_pb2,
+    nodepools_pb2_grpc,
+    placement_pb2,
+    placement_pb2_grpc,
+    types_pb2,
+)
+
+log = logging.getLogger("fleetd.api")
+
+RESULTS = {
+    "placed": types_pb2.DECISION_RESULT_PLACED,
+    "queued": types_pb2.DECISION_RESULT_QUEUED,
+    "unschedulable": types_pb2.DECISION_RESULT_UNSCHEDULABLE,
+}
+STATES = {
+    "pending": types_pb2.RESERVATION_STATE_PENDING,
+    "confirmed": types_pb2.RESERVATION_STATE_CONFIRMED,
+    "released": types_pb2.RESERVATION_STATE_RELEASED,
+    "expired": types_pb2.RESERVATION_STATE_EXPIRED,
+}
+KINDS = {
+    "place": types_pb2.Decision.KIND_PLACE,
+    "release": types_pb2.Decision.KIND_RELEASE,
+    "expire": types_pb2.Decision.KIND_EXPIRE,
+    "confirm": types_pb2.Decision.KIND_CONFIRM,
+}
+STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Conflict, grpc.StatusCode.ALREADY_EXISTS),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+]
+
+R = TypeVar("R")
+
+
+def timestamp(seconds: float) -> Timestamp:
+    """A protobuf Timestamp of Unix seconds."""
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def pod_placement(p: ReservedPod) -> types_pb2.PodPlacement:
+    """Convert a reserved pod to its protobuf."""
+    return types_pb2.PodPlacement(
+        pod_name=p.pod_name,
+        cluster=p.cluster,
+        node=p.node,
+        gpu_indices=list(p.gpu_indices),
+        gpu_milli=p.gpu_milli,
+        pool=p.pool,
+    )
+
+
+def explanation(e: Explanation | None) -> types_pb2.Explanation | None:
+    """Convert an explanation to its protobuf (None stays None)."""
+    if e is None:
+        return None
+    return types_pb2.Explanation(
+        nodes_total=e.nodes_total,
+        nodes_feasible=e.nodes_feasible,
+        reasons=[types_pb2.Reason(code=c, nodes=n, message=m) for c, n, m in e.reasons],
+        summary=e.summary,
+    )
+
+
+def decision_pb(d: Decision) -> types_pb2.Decision:
+    """Convert a decision to its protobuf."""
+    return types_pb2.Decision(
+        seq=d.seq,
+        time=timestamp(d.time_s),
+        kind=KINDS.get(d.kind, types_pb2.Decision.KIND_UNSPECIFIED),
+        workload_id=d.workload_id,
+        team=d.team,
+        result=RESULTS.get(d.result, types_pb2.DECISION_RESULT_UNSPECIFIED),
+        placements=[pod_placement(p) for p in d.placements],
+        explanation=explanation(d.explanation),
+        reservation_state=STATES.get(d.reservation_state, types_pb2.RESERVATION_STATE_UNSPECIFIED),
+    )
+
+
+class Edge:
+    """Shared plumbing: status mapping, deadlines, latency metrics."""
+
+    def __init__(
+        self,
+        state: FleetState,
+        config: Callable[[], Config],
+        metrics: Metrics,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.state = state
+        self.config = config
+        self.metrics = metrics
+        #: Set on shutdown: open streams end so that the drain does not wait for them.
+        self.stopping = stopping
+
+    async def unary(
+        self, method: str, context: grpc.aio.ServicerContext, handler: Callable[[], R]
+    ) -> R:
+        """Run a synchronous handler with deadline check, error mapping and latency metric."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                await context.abort(code, "deadline expired before the request was handled")
+            try:
+                return handler()
+            except tuple(exc for exc, _ in STATUS_OF) as exc:
+                code = next(c for e, c in STATUS_OF if isinstance(exc, e))
+                await context.abort(code, str(exc))
+            except Exception:
+                log.exception("internal error in %s", method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(code, "internal error (logged by the server)")
+            raise AssertionError("unreachable: abort raises")
+        finally:
+            self.metrics.rpc_duration.labels(method, code.name).observe(time.perf_counter() - start)
+
+
+def _rpc(method: str) -> Callable[[Any], Any]:
+    """Decorate a servicer method whose body returns a zero-argument synchronous handler.
+
+    The handler runs synchronously on the loop: validation, then one state-owner call.
+    """
+
+    def wrap(fn: Callable[..., Callable[[], R]]) -> Callable[..., Awaitable[R]]:
+        @functools.wraps(fn)
+        async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+            edge: Edge = self.edge
+            return await edge.unary(method, context, fn(self, request))
+
+        return call
+
+    return wrap
+
+
+class PlacementServicer(placement_pb2_grpc.PlacementServicer):
+    """fleetd.v1.Placement."""
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+
+    @_rpc("Place")
+    def Place(
+        self, request: placement_pb2.PlaceRequest
+    ) -> Callable[[], placement_pb2.PlaceResponse]:
+        def handle() -> placement_pb2.PlaceResponse:
+            cfg = self.edge.config()
+            req = validation.place_request(request, cfg.limits, cfg.reservations.max_ttl_s)
+            d = self.edge.state.place(req)
+            return placement_pb2.PlaceResponse(
+                result=RESULTS[d.result],
+                workload_id=d.workload_id,
+                placements=[pod_placement(p) for p in d.placements],
+                explanation=explanation(d.explanation),
+                reservation_state=STATES.get(
+                    d.reservation_state, types_pb2.RESERVATION_STATE_UNSPECIFIED
+                ),
+                expires_at=timestamp(d.expires_at_s) if d.expires_at_s else None,
+                decision_seq=d.seq,
+                replayed=d.replayed,
+            )
+
+        return handle
+
+    @_rpc("Release")
+    def Release(
+        self, request: placement_pb2.ReleaseRequest
+    ) -> Callable[[], placement_pb2.ReleaseResponse]:
+        def handle() -> placement_pb2.ReleaseResponse:
+            if not request.workload_id:
+                raise InvalidArgument("workload_id", "is required")
+            held = self.edge.state.held.get(request.workload_id)
+            previous = held.record.state if held is not None else ""
+            d = self.edge.state.release(request.workload_id)
+            return placement_pb2.ReleaseResponse(
+                workload_id=d.workload_id,
+                previous_state=STATES.get(previous, types_pb2.RESERVATION_STATE_UNSPECIFIED),
+                pods_released=len(d.placements),
+                decision_seq=d.seq,
+            )
+
+        return handle
+
+    @_rpc("Explain")
+    def Explain(
+        self, request: placement_pb2.ExplainRequest
+    ) -> Callable[[], placement_pb2.ExplainResponse]:
+        def handle() -> placement_pb2.ExplainResponse:
+            if not request.HasField("workload"):
+                raise InvalidArgument("workload", "is required")
+            req = validation.workload_request(request.workload, self.edge.config().limits)
+            d, fits = self.edge.state.explain(req)
+            return placement_pb2.ExplainResponse(
+                fits=fits,
+                result=RESULTS[d.result],
+                placements=[pod_placement(p) for p in d.placements],
+                explanation=explanation(d.explanation),
+            )
+
+        return handle
+
+    async def WatchDecisions(
+        self, request: placement_pb2.WatchDecisionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[types_pb2.Decision]:
+        """Stream decisions; resumable from a seq."""
+        try:
+            async for d in self.edge.state.watch(request.after_seq, request.from_now):
+                yield decision_pb(d)
+        except OutOfRange as exc:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+
+
+class NodePoolsServicer(nodepools_pb2_grpc.NodePoolsServicer):
+    """fleetd.v1.NodePools."""
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+
+    @_rpc("ListNodePools")
+    def ListNodePools(
+        self, request: nodepools_pb2.ListNodePoolsRequest
+    ) -> Callable[[], nodepools_pb2.ListNodePoolsResponse]:
+        def handle() -> nodepools_pb2.ListNodePoolsResponse:
+            return nodepools_pb2.ListNodePoolsResponse(
+                pools=node_pools(self.edge.state, request.cluster)
+            )
+
+        return handle
+
+    async def WatchScaleDecisions(
+        self, request: nodepools_pb2.WatchScaleDecisionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[nodepools_pb2.ScaleDecision]:
+        """Scale decisions. No autoscaler yet: the stream stays open, empty, until shutdown."""
+        await self.edge.stopping.wait()
+        none: tuple[nodepools_pb2.ScaleDecision, ...] = ()
+        for decision in none:  # an async generator that yields nothing yet
+            yield decision
+
+
+def node_pools(state: FleetState, cluster: str) -> list[nodepools_pb2.NodePool]:
+    """Every pool known from pool updates or node labels, optionally of one cluster."""
+    clusters = {i.cluster for i in state.nodes.values()} | {c for c, _ in state.pools}
+    if cluster and cluster not in clusters:
+        raise NotFound(f"cluster {cluster!r} is not known to fleetd")
+    ready: dict[tuple[str, str], int] = {}
+    for info in state.nodes.values():
+        if info.pool and not info.stale:
+            ready[(info.cluster, info.pool)] = ready.get((info.cluster, info.pool), 0) + 1
+    keys = sorted(set(state.pools) | set(ready))
+    out = []
+    for key in keys:
+        if cluster and key[0] != cluster:
+            continue
+        p = state.pools.get(key)
+        pool = nodepools_pb2.NodePool(cluster=key[0], name=key[1], nodes_ready=ready.get(key, 0))
+        if p is not None:
+            pool.gpu_model = p.gpu_model
+            pool.gpus_per_node = p.allocatable.gpus
+            pool.cpu_millicores = p.allocatable.cpu_millicores
+            pool.memory_bytes = p.allocatable.memory_bytes
+            pool.price_per_hour = p.price_per_hour
+            pool.capacity_type = p.capacity_type.value
+            pool.min_size, pool.max_size, pool.current_size = p.min_size, p.max_size, p.current_size
+        out.append(pool)
+    return out
+
+
+class FleetServicer(fleet_pb2_grpc.FleetServicer):
+    """fleetd.v1.Fleet."""
+
+    def __init__(self, edge: Edge, config_loaded_at_s: Callable[[], float]) -> None:
+        self.edge = edge
+        self.config_loaded_at_s = config_loaded_at_s
+
+    @_rpc("GetSnapshot")
+    def GetSnapshot(
+        self, request: fleet_pb2.GetSnapshotRequest
+    ) -> Callable[[], fleet_pb2.Snapshot]:
+        def handle() -> fleet_pb2.Snapshot:
+            return snapshot(self.edge.state, request.cluster, request.include_nodes)
+
+        return handle
+
+    @_rpc("GetStatus")
+    def GetStatus(self, request: fleet_pb2.GetStatusRequest) -> Callable[[], fleet_pb2.Status]:
+        def handle() -> fleet_pb2.Status:
+            state = self.edge.state
+            now = state.clock()
+            return fleet_pb2.Status(
+                ready=state.ready,
+                not_ready_reason=state.not_ready_reason(),
+                sources=[
+                    fleet_pb2.SourceStatus(
+                        source=src,
+                        cluster=cl,
+                        synced=synced,
+                        last_update_age_s=age,
+                        last_update=timestamp(now - age) if age >= 0 else None,
+                    )
+                    for src, cl, synced, age, _ in state.source_status()
+                ],
+                config_version=self.edge.config().version(),
+                config_loaded_at=timestamp(self.config_loaded_at_s()),
+                nodes_stale=state.nodes_stale(),
+                version="0.1.0",
+                uptime_s=now - state.started_s,
+            )
+
+        return handle
+
+
+def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.Snapshot:
+    """The Fleet.GetSnapshot reply, computed from the node table."""
+    known = {i.cluster for i in state.nodes.values()} | {c for c, _ in state.pools}
+    if cluster and cluster not in known:
+        raise NotFound(f"cluster {cluster!r} is not known to fleetd")
+    t = state.table
+    snap = fleet_pb2.Snapshot(time=timestamp(state.clock()))
+    clusters: dict[str, fleet_pb2.Cluster] = {}
+    caps: dict[tuple[str, str], fleet_pb2.Capacity] = {}
+    stranded_total = free_total = 0.0
+    for row, info in sorted(state.nodes.items(), key=lambda kv: (kv[1].cluster, kv[1].name)):
+        if cluster and info.cluster != cluster:
+            continue
+        n_gpu = int(t.gpu_count[row])
+        alloc = t.gpu_alloc_milli[row, :n_gpu]
+        gpu_alloc = int(alloc.sum())
+        schedulable = bool(t.schedulable[row])
+        c = clusters.setdefault(info.cluster, fleet_pb2.Cluster(name=info.cluster))
+        c.nodes += 1
+        c.nodes_schedulable += schedulable
+        c.gpus += n_gpu
+        c.gpu_milli_allocated += gpu_alloc
+        cap = caps.setdefault(
+            (info.cluster, info.gpu_model),
+            fleet_pb2.Capacity(cluster=info.cluster, gpu_model=info.gpu_model),
+        )
+        cap.nodes += 1
+        cap.gpus += n_gpu
+        cap.gpu_milli_allocated += gpu_alloc
+        cap.cpu_millicores += int(t.cpu_millicores[row])
+        cap.cpu_millicores_allocated += int(t.cpu_alloc[row])
+        cap.memory_bytes += int(t.memory_bytes[row])
+        cap.memory_bytes_allocated += int(t.memory_alloc[row])
+        stranded, free = fragmentation_milli(alloc, np.ones(n_gpu, dtype=np.bool_))
+        cap.gpu_milli_fragmented += int(stranded)
+        stranded_total += stranded
+        free_total += free
+        if include_nodes:
+            condition = (
+                "stale" if info.stale else "cordoned" if info.cordoned else
+                "not-ready" if not info.ready else ""
+            )  # fmt: skip
+            snap.nodes.append(
+                fleet_pb2.Node(
+                    cluster=info.cluster,
+                    name=info.name,
+                    pool=info.pool,
+                    gpu_model=info.gpu_model,
+                    gpus=n_gpu,
+                    gpu_milli_allocated=[int(a) for a in alloc],
+                    cpu_millicores=int(t.cpu_millicores[row]),
+                    cpu_millicores_allocated=int(t.cpu_alloc[row]),
+                    memory_bytes=int(t.memory_bytes[row]),
+                    memory_bytes_allocated=int(t.memory_alloc[row]),
+                    schedulable=schedulable,
+                    condition=condition,
+                    zone=info.zone,
+                )
+            )
+    snap.clusters.extend(clusters[k] for k in sorted(clusters))
+    snap.capacity.extend(caps[k] for k in sorted(caps))
+    snap.pools.extend(node_pools(state, cluster))
+    snap.fragmentation_ratio = stranded_total / free_total if free_total else 0.0
+    pending, confirmed, queued = state.counts()
+    snap.reservations_pending = pending
+    snap.reservations_confirmed = confirmed
+    snap.workloads_queued = queued
+    return snap

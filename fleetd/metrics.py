@@ -1,0 +1,220 @@
+"""Prometheus metrics of the daemon, served on /metrics (default 127.0.0.1:9464).
+
+Names follow the Prometheus conventions (base units in the name, `_total` for counters,
+`_seconds`, `_bytes`) so `promtool check metrics` is clean. Each daemon owns its registry
+(tests run several). Fleet gauges are refreshed from fleet state on the event loop by
+`refresh()` (the HTTP server thread only reads metric values, never fleet state).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from fleetd.engine import GPU_MILLI
+from fleetd.state import StateMetrics
+
+if TYPE_CHECKING:
+    from fleetd.state import FleetState
+
+# Decision latency buckets: sub-millisecond to a second.
+LATENCY_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Every metric of one daemon, in its own registry."""
+
+    def __init__(self) -> None:
+        """Create the metrics in a fresh registry."""
+        r = self.registry = CollectorRegistry()
+        self.rpc_duration = Histogram(
+            "fleetd_rpc_duration_seconds",
+            "Latency of gRPC requests, by method and status code.",
+            ["method", "code"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "fleetd_decisions_total",
+            "Decisions by kind (place, release, expire, confirm) and result.",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.gpus = Gauge(
+            "fleetd_gpus", "GPUs in fleet state.", ["cluster", "gpu_model"], registry=r
+        )
+        self.gpus_allocated = Gauge(
+            "fleetd_gpus_allocated",
+            "Allocated GPUs (fractional shares summed), by cluster and model.",
+            ["cluster", "gpu_model"],
+            registry=r,
+        )
+        self.cpu_cores = Gauge(
+            "fleetd_cpu_cores", "Allocatable CPU cores.", ["cluster", "gpu_model"], registry=r
+        )
+        self.cpu_cores_allocated = Gauge(
+            "fleetd_cpu_cores_allocated",
+            "Allocated CPU cores.",
+            ["cluster", "gpu_model"],
+            registry=r,
+        )
+        self.memory_bytes = Gauge(
+            "fleetd_memory_bytes", "Allocatable memory.", ["cluster", "gpu_model"], registry=r
+        )
+        self.memory_bytes_allocated = Gauge(
+            "fleetd_memory_allocated_bytes",
+            "Allocated memory.",
+            ["cluster", "gpu_model"],
+            registry=r,
+        )
+        self.fragmentation = Gauge(
+            "fleetd_gpu_fragmentation_ratio",
+            "Free GPU share stranded on partially allocated GPUs / all free GPU share.",
+            ["cluster"],
+            registry=r,
+        )
+        self.nodes = Gauge(
+            "fleetd_nodes", "Nodes by cluster and condition.", ["cluster", "condition"], registry=r
+        )
+        self.reservations = Gauge(
+            "fleetd_reservations", "Held reservations by state.", ["state"], registry=r
+        )
+        self.queued = Gauge(
+            "fleetd_workloads_queued", "Workloads waiting for capacity.", registry=r
+        )
+        self.telemetry_lag = Gauge(
+            "fleetd_telemetry_lag_seconds",
+            "Receive time minus the cluster's observation time of the last update.",
+            ["cluster"],
+            registry=r,
+        )
+        self.telemetry_age = Gauge(
+            "fleetd_telemetry_age_seconds",
+            "Seconds since the last update from a source for a cluster.",
+            ["source", "cluster"],
+            registry=r,
+        )
+        self.kafka_consumer_lag = Gauge(
+            "fleetd_kafka_consumer_lag_messages",
+            "Messages between the committed offset and the end of each partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "fleetd_dead_letters_total",
+            "Telemetry records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.updates_ignored = Counter(
+            "fleetd_updates_ignored_total",
+            "Source updates dropped (stale sequence, invalid), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "fleetd_config_reloads_total",
+            "Config reloads by result (ok, error).",
+            ["result"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "fleetd_ready", "1 once every source finished its initial sync.", registry=r
+        )
+        self.task_failures = Counter(
+            "fleetd_task_failures_total",
+            "Supervised tasks that died, by task.",
+            ["task"],
+            registry=r,
+        )
+        self._http: Any = None
+        self._thread: threading.Thread | None = None
+
+    def state_hooks(self) -> StateMetrics:
+        """The callbacks the state owner records decisions and telemetry through."""
+        return StateMetrics(
+            decision=lambda kind, result: self.decisions.labels(kind, result or "none").inc(),
+            telemetry_lag=lambda cluster, lag_s: self.telemetry_lag.labels(cluster).set(lag_s),
+            update_ignored=lambda reason: self.updates_ignored.labels(reason).inc(),
+        )
+
+    def refresh(self, state: FleetState) -> None:
+        """Recompute the fleet gauges from state (call on the event loop)."""
+        t = state.table
+        n = len(t.names)
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        conditions: dict[tuple[str, str], int] = defaultdict(int)
+        for row, info in state.nodes.items():
+            groups[(info.cluster, info.gpu_model or "none")].append(row)
+            cond = (
+                "stale"
+                if info.stale
+                else "cordoned"
+                if info.cordoned
+                else "not_ready"
+                if not info.ready
+                else "schedulable"
+            )
+            conditions[(info.cluster, cond)] += 1
+        for gauge in (self.gpus, self.gpus_allocated, self.cpu_cores, self.cpu_cores_allocated,
+                      self.memory_bytes, self.memory_bytes_allocated, self.nodes, self.fragmentation):  # fmt: skip
+            gauge.clear()
+        frag_by_cluster: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        gpu_mask = np.arange(t.gpu_alloc_milli.shape[1])[None, :] < t.gpu_count[:n, None]
+        for (cluster, model), rows in groups.items():
+            idx = np.asarray(rows)
+            alloc = t.gpu_alloc_milli[idx] * gpu_mask[idx]
+            self.gpus.labels(cluster, model).set(int(t.gpu_count[idx].sum()))
+            self.gpus_allocated.labels(cluster, model).set(float(alloc.sum()) / GPU_MILLI)
+            self.cpu_cores.labels(cluster, model).set(float(t.cpu_millicores[idx].sum()) / 1000)
+            self.cpu_cores_allocated.labels(cluster, model).set(
+                float(t.cpu_alloc[idx].sum()) / 1000
+            )
+            self.memory_bytes.labels(cluster, model).set(float(t.memory_bytes[idx].sum()))
+            self.memory_bytes_allocated.labels(cluster, model).set(float(t.memory_alloc[idx].sum()))
+            stranded, free = fragmentation_milli(alloc, gpu_mask[idx])
+            frag_by_cluster[cluster][0] += stranded
+            frag_by_cluster[cluster][1] += free
+        for cluster, (stranded, free) in frag_by_cluster.items():
+            self.fragmentation.labels(cluster).set(stranded / free if free else 0.0)
+        for (cluster, cond), count in conditions.items():
+            self.nodes.labels(cluster, cond).set(count)
+        pending, confirmed, queued = state.counts()
+        self.reservations.labels("pending").set(pending)
+        self.reservations.labels("confirmed").set(confirmed)
+        self.queued.set(queued)
+        self.ready.set(1 if state.ready else 0)
+        for source, cluster, _synced, age_s, _ in state.source_status():
+            if age_s >= 0:
+                self.telemetry_age.labels(source, cluster).set(age_s)
+
+    def serve(self, listen: str) -> int:
+        """Serve /metrics on `listen` (host:port; port 0 = ephemeral); returns the bound port."""
+        host, _, port = listen.rpartition(":")
+        server, thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        self._http, self._thread = server, thread
+        return int(server.server_address[1])
+
+    def close(self) -> None:
+        """Stop the HTTP server (idempotent)."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+def fragmentation_milli(alloc_milli: Any, device_mask: Any) -> tuple[float, float]:
+    """(free share on partially used GPUs, all free share), in thousandths of a GPU.
+
+    A simple stand-in for FGD's fragmentation measure (Weng et al., ATC'23 §3): a free share
+    on a GPU that is already partly used cannot host a whole-GPU pod.
+    """
+    free = np.where(device_mask, GPU_MILLI - alloc_milli, 0)
+    partial = device_mask & (alloc_milli > 0) & (alloc_milli < GPU_MILLI)
+    return float(free[partial].sum()), float(free.sum())

@@ -1,0 +1,820 @@
+"""The state owner: the single writer in front of the node table and the placement core.
+
+Every mutation (telemetry, watches, Place, Release, confirmation, expiry, staleness) is a
+synchronous method of `FleetState` called on the daemon's event loop thread. None of them
+awaits, so each runs to completion before any other coroutine is scheduled: that is the one
+serialized path that makes "never oversubscribed" true for any number of concurrent Place
+calls. (A mutation from another thread raises: Kubernetes watch threads must hop onto the
+loop, e.g. with `asyncio.run_coroutine_threadsafe(state.apply(update), loop)`.)
+
+Reservations are written to the journal before a Place reply leaves; on start, the journal's
+reservations are restored and re-allocated as their nodes appear, and Place is refused
+(not ready) until every configured source has synced, so nothing is allocated twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from fleetd import engine
+from fleetd.config import Config
+from fleetd.engine import NodeTable, PodRequest, Slot
+from fleetd.journal import Journal, Reservation, ReservedPod
+from fleetd.sources import updates as up
+
+Clock = Callable[[], float]
+WORKLOAD_LABEL = "fleetd.io/workload-id"
+POD_NAME_LABEL = "fleetd.io/pod-name"
+GPU_MILLI_LABEL = "fleetd.io/gpu-milli"
+
+#: Queue retries per capacity-freeing event: bounds the work a Release can trigger.
+QUEUE_RETRY_BUDGET = 32
+
+
+class StateError(Exception):
+    """Base of the errors the API edge maps to gRPC status codes."""
+
+
+class NotFound(StateError):
+    """Unknown cluster, pool or workload (NOT_FOUND)."""
+
+
+class Conflict(StateError):
+    """The workload id already holds a different request (ALREADY_EXISTS)."""
+
+
+class NotReady(StateError):
+    """Initial sync not finished (UNAVAILABLE)."""
+
+
+class OutOfRange(StateError):
+    """A resume point older than the retained history (OUT_OF_RANGE)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadRequest:
+    """A validated Place/Explain request, in the daemon's own values."""
+
+    workload_id: str
+    team: str
+    priority: int
+    pods: tuple[PodRequest, ...]
+    gang: bool = False
+    same: str = ""
+    cluster: str = ""
+    pool: str = ""
+    ttl_s: float = 0.0
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Why a workload does (not) fit: node counts per reason code, and a one-line summary."""
+
+    nodes_total: int
+    nodes_feasible: int
+    reasons: tuple[tuple[str, int, str], ...]  # (code, nodes, text)
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One entry of the decision stream (converted to protobuf at the API edge)."""
+
+    seq: int
+    time_s: float
+    kind: str  # "place" | "release" | "expire" | "confirm"
+    workload_id: str
+    team: str
+    result: str  # "placed" | "queued" | "unschedulable" | "" (release, expire)
+    placements: tuple[ReservedPod, ...] = ()
+    explanation: Explanation | None = None
+    reservation_state: str = ""  # "pending" | "confirmed" | "released" | "expired" | ""
+    expires_at_s: float = 0.0
+    replayed: bool = False
+
+
+@dataclass(slots=True)
+class _Held:
+    """A live reservation: its journal record plus the rows its pods occupy (None = not yet)."""
+
+    record: Reservation
+    slots: list[Slot | None]
+    observed: list[str | None]  # pod uid that confirmed each pod
+
+
+@dataclass(slots=True)
+class _Queued:
+    request: WorkloadRequest
+    priority: int
+    seq: int
+    since_s: float
+
+
+@dataclass(slots=True)
+class _ObservedPod:
+    cluster: str
+    node: str
+    slot: Slot | None
+    cpu_millicores: int
+    memory_bytes: int
+    reservation: tuple[str, int] | None = None  # (workload_id, pod index) when it confirmed one
+
+
+@dataclass(slots=True)
+class _NodeInfo:
+    cluster: str
+    name: str
+    pool: str
+    zone: str
+    gpu_model: str
+    labels: dict[str, str]
+    taints: tuple[tuple[str, str, str], ...]
+    ready: bool
+    cordoned: bool
+    stale: bool = False
+    last_seen_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _SourceInfo:
+    synced: bool = False
+    last_update_s: float = 0.0
+    last_observed_s: float = 0.0
+
+
+_OVERFLOW = "overflow"
+_CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class _Subscriber:
+    queue: asyncio.Queue[Decision | str]
+    overflowed: bool = False
+
+
+@dataclass(slots=True)
+class StateMetrics:
+    """Hooks the state calls with what happened (set by fleetd.metrics; no-ops by default)."""
+
+    decision: Callable[[str, str], None] = lambda kind, result: None
+    telemetry_lag: Callable[[str, float], None] = lambda cluster, lag_s: None
+    update_ignored: Callable[[str], None] = lambda reason: None
+
+
+def _signal(sub: _Subscriber, marker: str) -> None:
+    """Queue an end marker for a watcher, dropping undelivered decisions if it is full."""
+    while True:
+        try:
+            sub.queue.put_nowait(marker)
+            return
+        except asyncio.QueueFull:
+            sub.queue.get_nowait()
+
+
+class FleetState:
+    """The single writer: node table, reservations, queue, decisions, source freshness."""
+
+    def __init__(
+        self,
+        config: Config,
+        journal: Journal,
+        clock: Clock = time.time,
+        metrics: StateMetrics | None = None,
+    ) -> None:
+        """Restore reservations from `journal`; `clock` returns Unix seconds (injected in tests)."""
+        self.config = config
+        self.journal = journal
+        self.clock = clock
+        self.metrics = metrics or StateMetrics()
+        self.table = NodeTable()
+        self.nodes: dict[int, _NodeInfo] = {}
+        self.pools: dict[tuple[str, str], up.NodePoolUpdate] = {}
+        self.gate = up.SequenceGate()
+        self.held: dict[str, _Held] = {}
+        self.queue: dict[str, _Queued] = {}
+        self.pods: dict[tuple[str, str], _ObservedPod] = {}
+        self.sources: dict[tuple[str, str], _SourceInfo] = {}
+        self.history: collections.deque[Decision] = collections.deque(
+            maxlen=config.limits.decision_history
+        )
+        self.subscribers: list[_Subscriber] = []
+        self.seq = journal.last_seq()
+        self.started_s = clock()
+        self._owner = threading.get_ident()
+        self.ignored_updates = 0
+        self.invalid_updates = 0
+        for record in journal.reservations():
+            self.held[record.workload_id] = _Held(
+                record, [None] * len(record.pods), [None] * len(record.pods)
+            )
+
+    # -- readiness and sources ---------------------------------------------------------------
+
+    def expect_source(self, source: str, cluster: str) -> None:
+        """Readiness waits for `ClusterSynced(cluster, source)`."""
+        self.sources.setdefault((source, cluster), _SourceInfo())
+
+    @property
+    def ready(self) -> bool:
+        """True once every expected (source, cluster) has finished its initial sync."""
+        return all(s.synced for s in self.sources.values())
+
+    def not_ready_reason(self) -> str:
+        """Which sources readiness still waits for ('' when ready)."""
+        waiting = sorted(f"{src}/{cl}" for (src, cl), s in self.sources.items() if not s.synced)
+        return "" if not waiting else "waiting for initial sync of " + ", ".join(waiting)
+
+    # -- updates from sources ---------------------------------------------------------------
+
+    async def apply(self, update: up.Update) -> bool:
+        """Apply one source update (the UpdateSink interface); False when dropped as stale."""
+        return self.apply_now(update)
+
+    def apply_now(self, update: up.Update) -> bool:
+        """Synchronous `apply`, for callers already on the loop."""
+        self._check_owner()
+        if not self.gate.admit(update):
+            self.ignored_updates += 1
+            self.metrics.update_ignored("stale_sequence")
+            return False
+        now = self.clock()
+        if isinstance(update, up.NodeUpdate):
+            self._node_update(update, now)
+        elif isinstance(update, up.NodeRemoved):
+            self._node_removed(update.cluster, update.name, now)
+        elif isinstance(update, up.NodeStale):
+            row = self.table.index.get((update.cluster, update.name))
+            if row is not None:
+                self.nodes[row].stale = update.stale
+                self._refresh_schedulable(row)
+        elif isinstance(update, up.PodObserved):
+            self._pod_observed(update, now)
+        elif isinstance(update, up.PodRemoved):
+            self._pod_removed(
+                update.cluster, update.uid or f"{update.namespace}/{update.name}", now
+            )
+        elif isinstance(update, up.NodePoolUpdate):
+            self.pools[(update.cluster, update.name)] = update
+        elif isinstance(update, up.NodePoolRemoved):
+            self.pools.pop((update.cluster, update.name), None)
+        elif isinstance(update, up.ClusterSynced):
+            self._cluster_synced(update, now)
+        return True
+
+    def _touch(self, cluster: str, now: float, observed_at_s: float) -> None:
+        for (_, cl), info in self.sources.items():
+            if cl == cluster:
+                info.last_update_s = now
+                if observed_at_s:
+                    info.last_observed_s = observed_at_s
+        if observed_at_s:
+            self.metrics.telemetry_lag(cluster, max(0.0, now - observed_at_s))
+
+    def _node_update(self, u: up.NodeUpdate, now: float) -> None:
+        if u.allocatable.cpu_millicores < 0 or u.allocatable.memory_bytes < 0:
+            self.invalid_updates += 1
+            raise ValueError(f"node {u.cluster}/{u.name}: negative allocatable resources")
+        gpu_count = min(max(u.allocatable.gpus, len(u.gpus)), engine.MAX_GPUS)
+        healthy = [True] * gpu_count
+        for dev in u.gpus:
+            if 0 <= dev.index < gpu_count:
+                healthy[dev.index] = dev.healthy
+        labels = dict(u.labels)
+        info = _NodeInfo(
+            cluster=u.cluster,
+            name=u.name,
+            pool=u.node_pool,
+            zone=u.zone,
+            gpu_model=u.gpu_model,
+            labels=labels,
+            taints=tuple((t.key, t.value, t.effect) for t in u.taints),
+            ready=u.ready,
+            cordoned=u.unschedulable,
+            last_seen_s=now,
+        )
+        new = (u.cluster, u.name) not in self.table.index
+        row = self.table.upsert(
+            u.cluster,
+            u.name,
+            cpu_millicores=u.allocatable.cpu_millicores,
+            memory_bytes=u.allocatable.memory_bytes,
+            gpu_count=gpu_count,
+            gpu_healthy=healthy,
+            schedulable=u.ready and not u.unschedulable,
+            meta={
+                "gpu_model": u.gpu_model,
+                "labels": labels,
+                "taints": info.taints,
+                "cluster": u.cluster,
+                "pool": u.node_pool,
+                "zone": u.zone,
+            },
+        )
+        self.nodes[row] = info
+        self._touch(u.cluster, now, u.observed_at_s)
+        if new:
+            self._restore_on(row)
+        if u.pods is not None:
+            # The source reports the node's complete pod set: reconcile against it.
+            current = {p.uid or f"{p.namespace}/{p.name}" for p in u.pods}
+            for key, pod in list(self.pods.items()):
+                if pod.cluster == u.cluster and pod.node == u.name and key[1] not in current:
+                    self._pod_removed(u.cluster, key[1], now)
+            for p in u.pods:
+                self._pod_observed(p, now)
+        if new:
+            self._retry_queue(now)
+
+    def _restore_on(self, row: int) -> None:
+        """Re-allocate journal reservations whose pods sit on the node that just appeared."""
+        cluster, node = self.table.names[row]
+        for held in self.held.values():
+            for i, pod in enumerate(held.record.pods):
+                if held.slots[i] is None and pod.cluster == cluster and pod.node == node:
+                    slot = Slot(row, pod.gpu_indices, pod.gpu_milli)
+                    self.table.allocate(slot, pod.cpu_millicores, pod.memory_bytes)
+                    held.slots[i] = slot
+
+    def _node_removed(self, cluster: str, node: str, now: float) -> None:
+        row = self.table.index.get((cluster, node))
+        if row is None:
+            return
+        # Rows are reused: drop every reference to this one before it goes.
+        for key, pod in list(self.pods.items()):
+            if pod.cluster == cluster and pod.node == node:
+                self._pod_removed(cluster, key[1], now)
+        for wid, held in list(self.held.items()):
+            if any(s is not None and s.node_index == row for s in held.slots):
+                self._end(wid, "expire", "expired", now, reason=f"node {cluster}/{node} removed")
+        self.table.remove(cluster, node)
+        self.nodes.pop(row, None)
+
+    def _cluster_synced(self, u: up.ClusterSynced, now: float) -> None:
+        if u.nodes:
+            gone = [n for (cl, n) in self.table.index if cl == u.cluster and n not in u.nodes]
+            for name in gone:
+                self._node_removed(u.cluster, name, now)
+        info = self.sources.setdefault((u.source, u.cluster), _SourceInfo())
+        info.synced = True
+        info.last_update_s = now
+
+    def _pod_observed(self, p: up.PodObserved, now: float) -> None:
+        uid = p.uid or f"{p.namespace}/{p.name}"
+        key = (p.cluster, uid)
+        known = self.pods.get(key)
+        if known is not None:
+            if known.node == p.node:
+                return
+            self._pod_removed(p.cluster, uid, now)
+        if not p.node:
+            return
+        labels = dict(p.labels)
+        wid = labels.get(WORKLOAD_LABEL, "")
+        held = self.held.get(wid) if wid else None
+        if held is not None:
+            idx = self._match_reserved_pod(held, p, labels.get(POD_NAME_LABEL, p.name))
+            if idx is not None:
+                held.observed[idx] = uid
+                self.pods[key] = _ObservedPod(p.cluster, p.node, None, 0, 0, (wid, idx))
+                self._maybe_confirm(wid, now)
+                return
+        row = self.table.index.get((p.cluster, p.node))
+        cpu, mem = p.requests.cpu_millicores, p.requests.memory_bytes
+        slot = None
+        if row is not None:
+            slot = self._observed_slot(row, p.requests.gpus, labels.get(GPU_MILLI_LABEL, ""))
+            self.table.allocate(slot, cpu, mem)
+        self.pods[key] = _ObservedPod(p.cluster, p.node, slot, cpu, mem)
+
+    def _match_reserved_pod(self, held: _Held, p: up.PodObserved, name: str) -> int | None:
+        candidates = [
+            i
+            for i, rp in enumerate(held.record.pods)
+            if held.observed[i] is None and rp.cluster == p.cluster and rp.node == p.node
+        ]
+        for i in candidates:
+            if held.record.pods[i].pod_name == name:
+                return i
+        return candidates[0] if candidates else None
+
+    def _observed_slot(self, row: int, gpus: int, milli_label: str) -> Slot:
+        """Devices for a pod fleetd did not place: the least-used healthy ones (cluster truth)."""
+        n_dev = int(self.table.gpu_count[row])
+        alloc = self.table.gpu_alloc_milli[row, :n_dev]
+        order = np.argsort(alloc, kind="stable")
+        if gpus > 0:
+            return Slot(row, tuple(int(d) for d in order[:gpus]), engine.GPU_MILLI)
+        try:
+            milli = int(milli_label)
+        except ValueError:
+            milli = 0
+        if 0 < milli < engine.GPU_MILLI and n_dev:
+            return Slot(row, (int(order[0]),), milli)
+        return Slot(row, (), 0)
+
+    def _pod_removed(self, cluster: str, uid: str, now: float) -> None:
+        pod = self.pods.pop((cluster, uid), None)
+        if pod is None:
+            return
+        if pod.slot is not None:
+            self.table.free(pod.slot, pod.cpu_millicores, pod.memory_bytes)
+        if pod.reservation is not None:
+            wid, idx = pod.reservation
+            held = self.held.get(wid)
+            if held is not None and held.observed[idx] == uid:
+                # The pod finished: its share of the reservation is free; when every pod of
+                # a confirmed workload is gone, the workload is done.
+                held.observed[idx] = None
+                slot = held.slots[idx]
+                if slot is not None:
+                    rp = held.record.pods[idx]
+                    self.table.free(slot, rp.cpu_millicores, rp.memory_bytes)
+                    held.slots[idx] = None
+                if held.record.state == "confirmed" and all(s is None for s in held.slots):
+                    self._end(wid, "release", "released", now, reason="every pod finished")
+        self._retry_queue(now)
+
+    def _maybe_confirm(self, wid: str, now: float) -> None:
+        held = self.held[wid]
+        if held.record.state == "confirmed" or any(o is None for o in held.observed):
+            return
+        pods = tuple(replace(p, confirmed=True) for p in held.record.pods)
+        seq = self._next_seq()
+        held.record = replace(held.record, state="confirmed", pods=pods)
+        self.journal.put(held.record, seq)
+        self._publish(
+            Decision(
+                seq=seq,
+                time_s=now,
+                kind="confirm",
+                workload_id=wid,
+                team=held.record.team,
+                result="placed",
+                placements=pods,
+                reservation_state="confirmed",
+            )
+        )
+
+    def _refresh_schedulable(self, row: int) -> None:
+        info = self.nodes[row]
+        self.table.schedulable[row] = info.ready and not info.cordoned and not info.stale
+
+    # -- periodic sweeps -----------------------------------------------------------------------
+
+    def mark_stale(self) -> int:
+        """Mark nodes silent for longer than `staleness.node_stale_after_s`; returns how many."""
+        self._check_owner()
+        limit = self.clock() - self.config.staleness.node_stale_after_s
+        count = 0
+        for row, info in self.nodes.items():
+            stale = info.last_seen_s < limit
+            if stale != info.stale:
+                info.stale = stale
+                self._refresh_schedulable(row)
+            count += stale
+        return count
+
+    def expire_due(self) -> int:
+        """End pending reservations whose TTL passed; returns how many expired."""
+        self._check_owner()
+        now = self.clock()
+        due = [
+            wid
+            for wid, held in self.held.items()
+            if held.record.state == "pending" and held.record.expires_at_s <= now
+        ]
+        for wid in due:
+            self._end(wid, "expire", "expired", now, reason="TTL passed before the pods started")
+        return len(due)
+
+    def set_config(self, config: Config) -> None:
+        """Apply a reloaded config (TTLs apply to new reservations, staleness to the next sweep)."""
+        self._check_owner()
+        self.config = config
+        if self.history.maxlen != config.limits.decision_history:
+            self.history = collections.deque(self.history, maxlen=config.limits.decision_history)
+
+    # -- Place, Release, Explain -------------------------------------------------------------
+
+    def place(self, req: WorkloadRequest) -> Decision:
+        """Place a workload: PLACED (reservation held), QUEUED or UNSCHEDULABLE. Idempotent.
+
+        Raises NotReady before the initial sync, NotFound for an unknown cluster or pool,
+        Conflict when the workload id already holds a different request.
+        """
+        self._check_owner()
+        if not self.ready:
+            raise NotReady(self.not_ready_reason())
+        now = self.clock()
+        held = self.held.get(req.workload_id)
+        if held is not None:
+            if held.record.fingerprint != req.fingerprint:
+                raise Conflict(
+                    f"workload_id {req.workload_id!r} already holds a reservation for a "
+                    "different request; Release it first"
+                )
+            return Decision(
+                seq=held.record.decision_seq,
+                time_s=held.record.created_at_s,
+                kind="place",
+                workload_id=req.workload_id,
+                team=held.record.team,
+                result="placed",
+                placements=held.record.pods,
+                reservation_state=held.record.state,
+                expires_at_s=held.record.expires_at_s,
+                replayed=True,
+            )
+        queued = self.queue.get(req.workload_id)
+        if queued is not None and queued.request.fingerprint != req.fingerprint:
+            raise Conflict(
+                f"workload_id {req.workload_id!r} is queued with a different request; "
+                "Release it first"
+            )
+        scope = self._scope(req.cluster, req.pool)
+        outcome = engine.place(self.table, req.pods, scope)
+        if outcome.slots is not None:
+            self.queue.pop(req.workload_id, None)
+            return self._grant(req, outcome.slots, now)
+        explanation = self._explain(outcome)
+        seq = self._next_seq()
+        result = "queued" if outcome.fits_empty_fleet else "unschedulable"
+        if result == "queued" and req.workload_id not in self.queue:
+            priority = self.config.team_priority(req.team) + req.priority
+            self.queue[req.workload_id] = _Queued(req, priority, seq, now)
+        self.journal.record_seq(seq)
+        return self._publish(
+            Decision(
+                seq=seq,
+                time_s=now,
+                kind="place",
+                workload_id=req.workload_id,
+                team=req.team,
+                result=result,
+                explanation=explanation,
+                replayed=queued is not None,
+            )
+        )
+
+    def explain(self, req: WorkloadRequest) -> tuple[Decision, bool]:
+        """Dry run of `place`: the would-be decision (seq 0) and whether it fits now."""
+        self._check_owner()
+        scope = self._scope(req.cluster, req.pool)
+        outcome = engine.place(self.table, req.pods, scope)
+        now = self.clock()
+        if outcome.slots is not None:
+            pods = self._reserved_pods(req, outcome.slots)
+            total = outcome.nodes_total
+            expl = Explanation(
+                total, outcome.nodes_feasible, (), f"fits: {len(pods)} pod(s) on {total} nodes"
+            )
+            return (
+                Decision(0, now, "place", req.workload_id, req.team, "placed", pods, expl),
+                True,
+            )
+        result = "queued" if outcome.fits_empty_fleet else "unschedulable"
+        expl = self._explain(outcome)
+        return Decision(0, now, "place", req.workload_id, req.team, result, (), expl), False
+
+    def release(self, workload_id: str) -> Decision:
+        """Release a reservation or drop a queued workload; NotFound when neither."""
+        self._check_owner()
+        now = self.clock()
+        if workload_id in self.held:
+            return self._end(workload_id, "release", "released", now, reason="released by client")
+        queued = self.queue.pop(workload_id, None)
+        if queued is None:
+            raise NotFound(f"workload_id {workload_id!r} holds no reservation and is not queued")
+        seq = self._next_seq()
+        self.journal.record_seq(seq)
+        return self._publish(
+            Decision(seq, now, "release", workload_id, queued.request.team, "", ())
+        )
+
+    def _grant(self, req: WorkloadRequest, slots: Iterable[Slot], now: float) -> Decision:
+        slots = tuple(slots)
+        for slot, pod in zip(slots, req.pods, strict=True):
+            self.table.allocate(slot, pod.cpu_millicores, pod.memory_bytes)
+        ttl_s = min(
+            req.ttl_s or self.config.reservations.default_ttl_s, self.config.reservations.max_ttl_s
+        )
+        seq = self._next_seq()
+        pods = self._reserved_pods(req, slots)
+        record = Reservation(
+            workload_id=req.workload_id,
+            team=req.team,
+            priority=req.priority,
+            state="pending",
+            created_at_s=now,
+            expires_at_s=now + ttl_s,
+            decision_seq=seq,
+            fingerprint=req.fingerprint,
+            pods=pods,
+        )
+        try:
+            self.journal.put(record, seq)
+        except Exception:
+            # Not durable means not granted: undo the allocation exactly.
+            for slot, pod in zip(slots, req.pods, strict=True):
+                self.table.free(slot, pod.cpu_millicores, pod.memory_bytes)
+            raise
+        self.held[req.workload_id] = _Held(record, list(slots), [None] * len(pods))
+        return self._publish(
+            Decision(
+                seq=seq,
+                time_s=now,
+                kind="place",
+                workload_id=req.workload_id,
+                team=req.team,
+                result="placed",
+                placements=pods,
+                reservation_state="pending",
+                expires_at_s=record.expires_at_s,
+            )
+        )
+
+    def _reserved_pods(
+        self, req: WorkloadRequest, slots: Iterable[Slot]
+    ) -> tuple[ReservedPod, ...]:
+        out = []
+        for slot, pod in zip(slots, req.pods, strict=True):
+            info = self.nodes[slot.node_index]
+            out.append(
+                ReservedPod(
+                    pod_name=pod.name,
+                    cluster=info.cluster,
+                    node=info.name,
+                    gpu_indices=slot.gpu_indices,
+                    gpu_milli=slot.gpu_milli,
+                    cpu_millicores=pod.cpu_millicores,
+                    memory_bytes=pod.memory_bytes,
+                    pool=info.pool,
+                )
+            )
+        return tuple(out)
+
+    def _end(self, wid: str, kind: str, state: str, now: float, reason: str) -> Decision:
+        held = self.held.pop(wid)
+        for i, slot in enumerate(held.slots):
+            if slot is None:
+                continue
+            rp = held.record.pods[i]
+            uid = held.observed[i]
+            if uid is not None and (rp.cluster, uid) in self.pods:
+                # The pod still runs: it keeps holding its resources, now as an observed pod.
+                pod = self.pods[(rp.cluster, uid)]
+                pod.slot, pod.cpu_millicores, pod.memory_bytes = (
+                    slot,
+                    rp.cpu_millicores,
+                    rp.memory_bytes,
+                )
+                pod.reservation = None
+            else:
+                self.table.free(slot, rp.cpu_millicores, rp.memory_bytes)
+        seq = self._next_seq()
+        self.journal.delete(wid, seq)
+        expl = Explanation(0, 0, (), reason)
+        decision = self._publish(
+            Decision(seq, now, kind, wid, held.record.team, "", held.record.pods, expl, state)
+        )
+        self._retry_queue(now)
+        return decision
+
+    def _retry_queue(self, now: float) -> None:
+        """Try queued workloads again (highest priority, then oldest, first) after capacity freed."""
+        if not self.queue or not self.ready:
+            return
+        order = sorted(self.queue.values(), key=lambda q: (-q.priority, q.seq))
+        for item in order[:QUEUE_RETRY_BUDGET]:
+            req = item.request
+            outcome = engine.place(
+                self.table, req.pods, self._scope(req.cluster, req.pool, strict=False)
+            )
+            if outcome.slots is not None:
+                del self.queue[req.workload_id]
+                self._grant(req, outcome.slots, now)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _scope(self, cluster: str, pool: str, strict: bool = True) -> engine.Arr | None:
+        if not cluster and not pool:
+            return None
+        clusters = {info.cluster for info in self.nodes.values()} | {c for c, _ in self.pools}
+        if cluster and cluster not in clusters and strict:
+            raise NotFound(f"cluster {cluster!r} is not known to fleetd")
+        if pool:
+            known = {(i.cluster, i.pool) for i in self.nodes.values()} | set(self.pools)
+            if not any(p == pool and (not cluster or c == cluster) for c, p in known) and strict:
+                where = f" in cluster {cluster!r}" if cluster else ""
+                raise NotFound(f"pool {pool!r}{where} is not known to fleetd")
+        mask = np.zeros(len(self.table.names), dtype=np.bool_)
+        for row, info in self.nodes.items():
+            mask[row] = (not cluster or info.cluster == cluster) and (not pool or info.pool == pool)
+        return mask
+
+    def _explain(self, outcome: engine.Outcome) -> Explanation:
+        reasons = tuple(
+            (code, count, engine.REASON_TEXT.get(code, code)) for code, count in outcome.reasons
+        )
+        detail = ", ".join(
+            f"{count} {text}" for code, count, text in reasons if code != "GANG_INCOMPLETE"
+        )
+        summary = f"0/{outcome.nodes_total} nodes are available"
+        summary += f": {detail}." if detail else "."
+        if any(code == "GANG_INCOMPLETE" for code, _, _ in reasons):
+            summary += " The gang cannot be placed as a whole."
+        return Explanation(outcome.nodes_total, outcome.nodes_feasible, reasons, summary)
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _publish(self, decision: Decision) -> Decision:
+        self.history.append(decision)
+        self.metrics.decision(decision.kind, decision.result or decision.reservation_state)
+        for sub in self.subscribers:
+            if sub.overflowed:
+                continue
+            try:
+                sub.queue.put_nowait(decision)
+            except asyncio.QueueFull:
+                # A slow watcher is cut off (it can resume from its last seq) rather than
+                # letting its backlog grow without bound.
+                sub.overflowed = True
+                _signal(sub, _OVERFLOW)
+        return decision
+
+    async def watch(self, after_seq: int, from_now: bool = False) -> AsyncIterator[Decision]:
+        """Retained decisions with seq > after_seq, then live ones. OutOfRange if too old."""
+        self._check_owner()
+        backlog: list[Decision] = []
+        if not from_now:
+            oldest = self.history[0].seq if self.history else self.seq + 1
+            if after_seq + 1 < oldest and after_seq < self.seq:
+                raise OutOfRange(
+                    f"after_seq {after_seq} is older than the retained history "
+                    f"(oldest retained seq is {oldest})"
+                )
+            backlog = [d for d in self.history if d.seq > after_seq]
+        sub = _Subscriber(asyncio.Queue(maxsize=self.config.server.max_stream_backlog))
+        self.subscribers.append(sub)
+        try:
+            for d in backlog:
+                yield d
+            while True:
+                item = await sub.queue.get()
+                if item == _OVERFLOW:
+                    raise OutOfRange("watcher fell behind; resume from the last seq received")
+                if isinstance(item, str):  # _CLOSED: the daemon is shutting down
+                    return
+                yield item
+        finally:
+            self.subscribers.remove(sub)
+
+    def close_watchers(self) -> None:
+        """End every decision stream (shutdown): streams finish instead of holding the drain."""
+        for sub in self.subscribers:
+            _signal(sub, _CLOSED)
+
+    def _check_owner(self) -> None:
+        if threading.get_ident() != self._owner:
+            raise RuntimeError("FleetState mutated off its owner thread: hop onto the event loop")
+
+    # -- read views ---------------------------------------------------------------------------
+
+    def counts(self) -> tuple[int, int, int]:
+        """(pending reservations, confirmed reservations, queued workloads)."""
+        pending = sum(1 for h in self.held.values() if h.record.state == "pending")
+        return pending, len(self.held) - pending, len(self.queue)
+
+    def source_status(self) -> list[tuple[str, str, bool, float, float]]:
+        """(source, cluster, synced, last update age s, last observed time s) per source."""
+        now = self.clock()
+        return [
+            (
+                src,
+                cl,
+                s.synced,
+                (now - s.last_update_s) if s.last_update_s else -1.0,
+                s.last_observed_s,
+            )
+            for (src, cl), s in sorted(self.sources.items())
+        ]
+
+    def nodes_stale(self) -> int:
+        """Nodes currently marked stale."""
+        return sum(1 for info in self.nodes.values() if info.stale)
+
+
+def fingerprint(payload: bytes) -> str:
+    """The request fingerprint Place idempotency compares (sha256 of the canonical bytes)."""
+    return hashlib.sha256(payload).hexdigest()
