@@ -212,6 +212,9 @@ class FleetState:
         self._owner = threading.get_ident()
         self.ignored_updates = 0
         self.invalid_updates = 0
+        #: Set once every expected source has synced (set now: none expected yet).
+        self.ready_event = asyncio.Event()
+        self.ready_event.set()
         for record in journal.reservations():
             self.held[record.workload_id] = _Held(
                 record, [None] * len(record.pods), [None] * len(record.pods)
@@ -221,7 +224,8 @@ class FleetState:
 
     def expect_source(self, source: str, cluster: str) -> None:
         """Readiness waits for `ClusterSynced(cluster, source)`."""
-        self.sources.setdefault((source, cluster), _SourceInfo())
+        if not self.sources.setdefault((source, cluster), _SourceInfo()).synced:
+            self.ready_event.clear()
 
     @property
     def ready(self) -> bool:
@@ -366,6 +370,9 @@ class FleetState:
         info = self.sources.setdefault((u.source, u.cluster), _SourceInfo())
         info.synced = True
         info.last_update_s = now
+        if self.ready:
+            self.ready_event.set()
+            self._retry_queue(now)
 
     def _pod_observed(self, p: up.PodObserved, now: float) -> None:
         uid = p.uid or f"{p.namespace}/{p.name}"

@@ -1,0 +1,87 @@
+"""Fixtures: a real fleetd daemon (gRPC on 127.0.0.1, ephemeral ports, SQLite in tmp_path)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from fleetd import config
+from fleetd.daemon import Daemon
+from fleetd.v1 import fleet_pb2_grpc, nodepools_pb2_grpc, placement_pb2_grpc
+
+
+def test_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """A config dict: ephemeral ports, journal in tmp_path, then `sections` merged on top."""
+    data: dict[str, Any] = {
+        "server": {
+            "grpc_listen": "127.0.0.1:0",
+            "metrics_listen": "127.0.0.1:0",
+            "shutdown_grace_s": 5,
+        },
+        "journal": {"path": str(tmp_path / "journal.sqlite3")},
+        "logging": {"level": "WARNING"},
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(name, {}).update(value)
+        else:
+            data[name] = value
+    return data
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    """Write a config dict as YAML."""
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class Client:
+    """Stubs of every fleetd service over one channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.placement = placement_pb2_grpc.PlacementStub(channel)
+        self.pools = nodepools_pb2_grpc.NodePoolsStub(channel)
+        self.fleet = fleet_pb2_grpc.FleetStub(channel)
+
+
+async def wait_ready(daemon: Daemon) -> None:
+    """Await the daemon's readiness (the health status flips on the same condition)."""
+    assert daemon.state is not None
+    await daemon.state.ready_event.wait()
+
+
+StartDaemon = Callable[..., Awaitable[tuple[Daemon, Client]]]
+
+
+@pytest.fixture
+async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
+    """Start daemons with `sections` overrides (file-backed config); stops them all after."""
+    started: list[tuple[Daemon, grpc.aio.Channel]] = []
+
+    async def start(config_name: str = "fleetd.yaml", **sections: Any) -> tuple[Daemon, Client]:
+        path = write_config(tmp_path / config_name, test_config(tmp_path, **sections))
+        daemon = Daemon(config.load(path), path)
+        await daemon.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{daemon.grpc_port}")
+        started.append((daemon, channel))
+        await wait_ready(daemon)
+        return daemon, Client(channel)
+
+    yield start
+    for daemon, channel in started:
+        await channel.close()
+        await daemon.stop()
+    await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def fleetd(start_daemon: StartDaemon) -> tuple[Daemon, Client]:
+    """One daemon on the embedded simulated fleet; pods never start (reservations stay pending)."""
+    return await start_daemon(sources={"simulated": {"confirm_after_s": 3600}})
