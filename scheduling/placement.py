@@ -1,0 +1,523 @@
+"""Batch placement: `place(fleet, batch, policy) -> PlacementResult`.
+
+Semantics (what `reference.place_reference` implements with a plain per-node loop):
+pods are taken one at a time in queue order (`Batch.order`: priority first); each goes to
+the feasible node with the highest policy score, lowest slot on ties, on the GPUs the
+policy picks; a pod that fits nowhere gets a reason code and the next pod is tried.
+A gang is placed all-or-nothing inside one topology domain (see `_Engine.place_gang`).
+
+`place` never mutates the fleet: it works on a scratch copy of the free resources and
+returns a value. `commit(fleet, result)` applies it (re-checked, all or nothing) and
+`release(fleet, result)` is its exact inverse.
+
+Speed: identical pods placed consecutively form a *run*. For a run the static filters are
+evaluated once per shape, every candidate is scored once, and because scores are
+node-local only the node that just took a pod needs a new score: the run is a k-way merge
+of per-node score sequences (a heap over touched nodes plus a pointer into the untouched
+nodes sorted by score), with the deeper scores of each node computed in vectorized chunks.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from scheduling.explain import Explanation, Reason
+from scheduling.filters import (
+    Constraints,
+    Free,
+    compile_pod,
+    first_failure,
+    pod_capacity,
+    static_mask,
+)
+from scheduling.fleet import Allocation, AllocationError, Fleet
+from scheduling.scoring import DEFAULT_POLICY, NodeView, Policy, pick_bits
+from scheduling.workload import Batch, GangSpec, Order, PodSpec, QueueItem, TopologyLevel
+
+I64 = NDArray[np.int64]
+
+
+@dataclass(frozen=True, eq=False)
+class PlacementResult:
+    """Decisions for every pod of a batch, indexed like `Batch.pods` (input order).
+
+    node_slot: (P,) int64 fleet slot, -1 if not placed; gpu_mask: (P,) int64 bitmask of
+    GPU indices taken; gpu_milli_per_gpu: (P,) int64 share taken on each of those GPUs;
+    cpu_millicores, memory_bytes: (P,) int64 requests; reason: (P,) int16 `Reason` (0 =
+    placed); order: (P,) int64 pod indices in the order they were considered.
+    slot_names / slot_clusters: node and cluster name of every slot when placed.
+    """
+
+    pod_names: tuple[str, ...]
+    node_slot: I64
+    gpu_mask: I64
+    gpu_milli_per_gpu: I64
+    cpu_millicores: I64
+    memory_bytes: I64
+    reason: NDArray[np.int16]
+    order: I64
+    slot_names: tuple[str | None, ...]
+    slot_clusters: tuple[str | None, ...]
+    fleet_version: int
+
+    def __len__(self) -> int:
+        return len(self.pod_names)
+
+    @property
+    def placed(self) -> NDArray[np.bool_]:
+        """(P,) bool: the pod was placed."""
+        return self.node_slot >= 0
+
+    @property
+    def n_placed(self) -> int:
+        """How many pods were placed."""
+        return int(self.placed.sum())
+
+    def node(self, i: int) -> str | None:
+        """Node name of pod i, None if not placed."""
+        s = int(self.node_slot[i])
+        return self.slot_names[s] if s >= 0 else None
+
+    def cluster(self, i: int) -> str | None:
+        """Cluster of pod i, None if not placed."""
+        s = int(self.node_slot[i])
+        return self.slot_clusters[s] if s >= 0 else None
+
+    def gpu_indices(self, i: int) -> tuple[int, ...]:
+        """GPU indices pod i takes (each loses `gpu_milli_per_gpu[i]`)."""
+        m = int(self.gpu_mask[i])
+        return tuple(g for g in range(m.bit_length()) if (m >> g) & 1)
+
+    def allocations(self) -> list[Allocation | None]:
+        """Per pod, the `Allocation` to commit (None if not placed)."""
+        out: list[Allocation | None] = []
+        for i in range(len(self.pod_names)):
+            name = self.node(i)
+            out.append(
+                None
+                if name is None
+                else Allocation(
+                    name,
+                    int(self.cpu_millicores[i]),
+                    int(self.memory_bytes[i]),
+                    self.gpu_indices(i),
+                    int(self.gpu_milli_per_gpu[i]),
+                )
+            )
+        return out
+
+    def decisions(self) -> list[tuple[str, str | None, str | None, tuple[int, ...], int]]:
+        """(pod, cluster, node, gpu indices, reason) per pod: handy for comparisons."""
+        return [
+            (
+                self.pod_names[i],
+                self.cluster(i),
+                self.node(i),
+                self.gpu_indices(i),
+                int(self.reason[i]),
+            )
+            for i in range(len(self.pod_names))
+        ]
+
+
+# ---- commit / release ------------------------------------------------------------------
+
+
+def _check_names(fleet: Fleet, result: PlacementResult, slots: I64) -> None:
+    for s in np.unique(slots).tolist():
+        if s >= fleet.n_slots or fleet.names[s] != result.slot_names[s]:
+            raise AllocationError(
+                f"node in slot {s} changed since placement ({result.slot_names[s]!r})"
+            )
+
+
+def commit(fleet: Fleet, result: PlacementResult) -> None:
+    """Apply every placed pod of `result` to the fleet, all or nothing.
+
+    Re-checked against the fleet's current state: AllocationError (and no change) if a
+    node changed or no longer has room since the placement was computed.
+    """
+    sel = result.placed
+    slots = result.node_slot[sel]
+    _check_names(fleet, result, slots)
+    fleet.allocate_many(
+        slots,
+        result.cpu_millicores[sel],
+        result.memory_bytes[sel],
+        result.gpu_mask[sel],
+        result.gpu_milli_per_gpu[sel],
+    )
+
+
+def release(fleet: Fleet, result: PlacementResult) -> None:
+    """Free everything `commit(fleet, result)` allocated: its exact inverse."""
+    sel = result.placed
+    slots = result.node_slot[sel]
+    _check_names(fleet, result, slots)
+    fleet.allocate_many(
+        slots,
+        result.cpu_millicores[sel],
+        result.memory_bytes[sel],
+        result.gpu_mask[sel],
+        result.gpu_milli_per_gpu[sel],
+        sign=-1,
+    )
+
+
+# ---- the engine ------------------------------------------------------------------------
+
+
+def _topology_column(fleet: Fleet, level: TopologyLevel) -> I64:
+    n = fleet.n_slots
+    if level is TopologyLevel.CLUSTER:
+        return fleet.cluster_id[:n].astype(np.int64)
+    if level is TopologyLevel.ZONE:
+        return fleet.zone_id[:n].astype(np.int64)
+    if level is TopologyLevel.RACK:
+        return fleet.rack_id[:n].astype(np.int64)
+    return np.arange(n, dtype=np.int64)
+
+
+def gang_levels(gang: GangSpec) -> list[TopologyLevel]:
+    """Levels tried for a gang, tightest first: preferred, ..., required."""
+    tightest = gang.preferred_level if gang.preferred_level is not None else gang.required_level
+    return [TopologyLevel(v) for v in range(int(tightest), int(gang.required_level) - 1, -1)]
+
+
+#: Depth chunks start this deep and double when a node needs more.
+_FIRST_DEPTH = 1
+#: Untouched candidates get their deeper scores computed in chunks starting this large.
+_FIRST_CHUNK = 16
+
+
+class _Chunk:
+    """Deeper scores of a group of candidate rows: scores[j][d] is the score of the
+    (d+2)-th pod of the run on row j (the first comes from the run's initial scores)."""
+
+    __slots__ = ("depth", "last_pick", "last_view", "picks", "scores")
+
+    def __init__(self, view: NodeView, pick: I64) -> None:
+        self.last_view = view
+        self.last_pick = pick
+        self.depth = 0
+        self.scores: list[list[float]] = [[] for _ in range(len(view))]
+        self.picks: list[list[int]] = [[] for _ in range(len(view))]
+
+
+class _Engine:
+    """One `place` call: scratch free resources and per-shape caches."""
+
+    def __init__(self, fleet: Fleet, batch: Batch, policy: Policy) -> None:
+        self.fleet = fleet
+        self.batch = batch
+        self.policy = policy
+        self.free = Free.of(fleet)
+        self.live_rows = np.flatnonzero(fleet.live_mask()).astype(np.int64)
+        self.constraints: dict[int, Constraints] = {}
+        # Candidate rows per shape: passes static filters and had room at the last look.
+        # Within one call free resources only shrink (trials are rolled back exactly),
+        # so a row without room never gets room back.
+        self.rows: dict[int, I64] = {}
+        self.exhausted: set[int] = set()
+
+    def cons(self, shape: int) -> Constraints:
+        c = self.constraints.get(shape)
+        if c is None:
+            c = self.constraints[shape] = compile_pod(self.fleet, self.batch.shapes[shape])
+        return c
+
+    def candidate_rows(self, shape: int) -> I64:
+        rows = self.rows.get(shape)
+        if rows is None:
+            c = self.cons(shape)
+            rows = self.live_rows[static_mask(self.fleet, c, self.live_rows)]
+            self.rows[shape] = rows
+        return rows
+
+    def reason_for(self, shape: int, rows: I64 | None = None) -> int:
+        """Dominant reason why no node (of `rows`, default all) takes this shape now."""
+        if not self.live_rows.size:
+            return int(Reason.NO_NODES)
+        ff = first_failure(
+            self.fleet, self.cons(shape), self.free, self.live_rows if rows is None else rows
+        )
+        return int(Explanation.from_first_failures(ff).dominant) or int(Reason.INSUFFICIENT_CPU)
+
+    # -- one run of identical pods -------------------------------------------------------
+
+    def run(self, shape: int, k: int, domain_rows: I64 | None = None) -> tuple[I64, I64]:
+        """Place up to k pods of one shape (on `domain_rows` only, if given), applying them
+        to the scratch state. Returns (slots, gpu masks) of the pods placed, in order."""
+        c = self.cons(shape)
+        rows = self.candidate_rows(shape) if domain_rows is None else domain_rows
+        cap = pod_capacity(self.free, c, rows, k)
+        fit = cap > 0
+        if domain_rows is None:
+            rows = rows[fit]
+            self.rows[shape] = rows
+            cap = cap[fit]
+        else:
+            rows, cap = rows[fit], cap[fit]
+        n = int(rows.size)
+        if n == 0 or k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        view = NodeView.of(self.fleet, self.free, rows)
+        s0, p0 = self.policy.evaluate(view, c)
+        s0 = np.nan_to_num(s0, nan=-np.inf)
+        order = np.argsort(-s0, kind="stable")  # rows ascending: ties -> lowest slot
+        if k == 1:
+            j = int(order[0])
+            slots, picks = rows[j : j + 1].copy(), p0[j : j + 1].copy()
+        else:
+            slots, picks = self._merge(c, k, rows, cap, view, s0, p0, order)
+        self.apply(c, slots, picks, sign=-1)
+        return slots, picks
+
+    def _merge(
+        self,
+        c: Constraints,
+        k: int,
+        rows: I64,
+        cap: I64,
+        view: NodeView,
+        s0: NDArray[np.float64],
+        p0: I64,
+        order: I64,
+    ) -> tuple[I64, I64]:
+        n = int(rows.size)
+        neg_sorted = (-s0[order]).tolist()
+        slot_sorted = rows[order].tolist()
+        pick_sorted = p0[order].tolist()
+        cap_sorted = cap[order].tolist()
+        chunk_of: list[_Chunk] = []  # chunk per sorted position (filled lazily)
+        chunk_pos: list[int] = []
+        out_slots: list[int] = []
+        out_picks: list[int] = []
+        placed_on: dict[int, int] = {}  # sorted position -> pods placed there this run
+        heap: list[tuple[float, int, int]] = []  # (-score, slot, sorted position)
+        ptr = 0
+        chunk_size = _FIRST_CHUNK
+        while len(out_slots) < k:
+            if ptr < n and (not heap or (neg_sorted[ptr], slot_sorted[ptr]) < heap[0][:2]):
+                pos = ptr
+                ptr += 1
+                pick = pick_sorted[pos]
+                if pos >= len(chunk_of):  # next untouched rows need deeper scores
+                    hi = min(n, pos + chunk_size)
+                    chunk_size *= 2
+                    idx = order[pos:hi]
+                    chunk = _Chunk(view.take(idx), p0[idx])
+                    chunk_of.extend([chunk] * (hi - pos))
+                    chunk_pos.extend(range(hi - pos))
+            elif heap:
+                _, _, pos = heapq.heappop(heap)
+                chunk, j = chunk_of[pos], chunk_pos[pos]
+                pick = chunk.picks[j][placed_on[pos] - 1]
+            else:
+                break
+            out_slots.append(slot_sorted[pos])
+            out_picks.append(pick)
+            done = placed_on.get(pos, 0) + 1
+            placed_on[pos] = done
+            if done < cap_sorted[pos] and len(out_slots) < k:
+                chunk, j = chunk_of[pos], chunk_pos[pos]
+                if chunk.depth < done:
+                    self._deepen(c, chunk, min(k, max(2 * chunk.depth, _FIRST_DEPTH)))
+                heapq.heappush(heap, (-chunk.scores[j][done - 1], slot_sorted[pos], pos))
+        return np.asarray(out_slots, np.int64), np.asarray(out_picks, np.int64)
+
+    def _deepen(self, c: Constraints, chunk: _Chunk, steps: int) -> None:
+        """Compute `steps` more depths of a chunk: simulate one more pod on every row and
+        re-score, vectorized over the chunk's rows."""
+        v, p = chunk.last_view, chunk.last_pick
+        cols_s: list[list[float]] = []
+        cols_p: list[list[int]] = []
+        for _ in range(steps):
+            v = v.after(c, p)
+            s, p = self.policy.evaluate(v, c)
+            cols_s.append(np.nan_to_num(s, nan=-np.inf).tolist())
+            cols_p.append(p.tolist())
+        chunk.last_view, chunk.last_pick = v, p
+        chunk.depth += steps
+        for j in range(len(chunk.scores)):
+            chunk.scores[j].extend(col[j] for col in cols_s)
+            chunk.picks[j].extend(col[j] for col in cols_p)
+
+    def apply(self, c: Constraints, slots: I64, picks: I64, sign: int) -> None:
+        """Add (sign=+1) or take (sign=-1) pods of shape c to/from the scratch state."""
+        if slots.size == 0:
+            return
+        free = self.free
+        if c.cpu_millicores:
+            np.add.at(free.cpu_millicores, slots, sign * c.cpu_millicores)
+        if c.memory_bytes:
+            np.add.at(free.memory_bytes, slots, sign * c.memory_bytes)
+        if c.gpus_per_pod:
+            pod_i, gpu_i = np.nonzero(pick_bits(picks, free.gpu_milli.shape[1]))
+            np.add.at(free.gpu_milli, (slots[pod_i], gpu_i), sign * c.milli_per_gpu)
+
+    # -- gangs ---------------------------------------------------------------------------
+
+    def place_gang(self, gang: GangSpec, members: I64) -> tuple[I64, I64, I64]:
+        """Place a gang all-or-nothing. Returns per member (slot, gpu mask, reason).
+
+        For each level from the preferred (tightest) to the required one: the candidate
+        domains are those where, for every member shape, the summed per-node room is at
+        least the number of members of that shape (necessary; exact for one-shape gangs);
+        they are tried tightest first (least free GPU share, then least free CPU, on the
+        gang's candidate nodes; then lowest domain id) by placing the members in order with
+        the policy, restricted to the domain. The first domain where all fit wins.
+        """
+        shapes = self.batch.shape_of[members].astype(np.int64)
+        m = int(members.size)
+        none = np.full(m, -1, np.int64)
+        # Runs of consecutive identical members.
+        starts = [0] + [i for i in range(1, m) if shapes[i] != shapes[i - 1]]
+        runs = [(int(shapes[a]), b - a) for a, b in zip(starts, [*starts[1:], m], strict=True)]
+        need: dict[int, int] = {}
+        for s, cnt in runs:
+            need[s] = need.get(s, 0) + cnt
+        caps: dict[int, tuple[I64, I64]] = {}
+        for s in need:
+            rows = self.candidate_rows(s)
+            cap = pod_capacity(self.free, self.cons(s), rows, need[s])
+            caps[s] = (rows[cap > 0], cap[cap > 0])
+        hopeless = [s for s in need if caps[s][0].size == 0]
+        if hopeless:
+            # Members that fit nowhere get their own reason at the end (-1 here).
+            reasons = np.full(m, int(Reason.GANG_MEMBER), np.int64)
+            for s in hopeless:
+                reasons[shapes == s] = -1
+            return none, np.zeros(m, np.int64), reasons
+        cand = np.unique(np.concatenate([rows for rows, _ in caps.values()]))
+        for level in gang_levels(gang):
+            dom = _topology_column(self.fleet, level)
+            n_dom = int(dom.max()) + 1 if dom.size else 0
+            ok = np.ones(n_dom, bool)
+            for s, (rows, cap) in caps.items():
+                room = np.bincount(dom[rows], weights=cap, minlength=n_dom)
+                ok &= room >= need[s]
+            gfree = np.bincount(
+                dom[cand], weights=self.free.gpu_milli[cand].sum(axis=1), minlength=n_dom
+            )
+            cfree = np.bincount(dom[cand], weights=self.free.cpu_millicores[cand], minlength=n_dom)
+            doms = np.flatnonzero(ok)
+            doms = doms[np.lexsort((doms, cfree[doms], gfree[doms]))]
+            for d in doms.tolist():
+                placed = self._trial(runs, caps, dom, d)
+                if placed is not None:
+                    return placed[0], placed[1], np.zeros(m, np.int64)
+        return none, np.zeros(m, np.int64), np.full(m, int(Reason.GANG_TOPOLOGY), np.int64)
+
+    def _trial(
+        self,
+        runs: list[tuple[int, int]],
+        caps: dict[int, tuple[I64, I64]],
+        dom: I64,
+        d: int,
+    ) -> tuple[I64, I64] | None:
+        done: list[tuple[int, I64, I64]] = []
+        for s, cnt in runs:
+            rows = caps[s][0]
+            slots, picks = self.run(s, cnt, rows[dom[rows] == d])
+            done.append((s, slots, picks))
+            if slots.size < cnt:
+                for s2, sl, pk in reversed(done):
+                    self.apply(self.cons(s2), sl, pk, sign=+1)
+                return None
+        return (
+            np.concatenate([sl for _, sl, _ in done]),
+            np.concatenate([pk for _, _, pk in done]),
+        )
+
+
+def place(
+    fleet: Fleet,
+    batch: Batch | Sequence[QueueItem],
+    policy: Policy | str | None = None,
+    *,
+    order: Order = Order.GROUPED,
+) -> PlacementResult:
+    """Place a queue of pods and gangs on the fleet without mutating it.
+
+    `policy` is a Policy, a spec string for `Policy.parse`, or None (DEFAULT_POLICY).
+    `order` chooses GROUPED (priority, then identical shapes together: fast) or FIFO
+    (priority, then exact input order). Apply the result with `commit`.
+    """
+    if not isinstance(batch, Batch):
+        batch = Batch.of(batch)
+    if not isinstance(policy, Policy):
+        policy = Policy.parse(policy or DEFAULT_POLICY)
+    engine = _Engine(fleet, batch, policy)
+    p = len(batch)
+    node_slot = np.full(p, -1, np.int64)
+    gpu_mask = np.zeros(p, np.int64)
+    reason = np.zeros(p, np.int16)
+    seq = batch.order(order)
+    # Segments of the ordered queue: one gang, or consecutive solo pods of one shape.
+    gseq = batch.gang_of[seq].astype(np.int64)
+    key = np.where(gseq >= 0, -1 - gseq, batch.shape_of[seq].astype(np.int64))
+    bounds = np.flatnonzero(np.diff(key)) + 1
+    starts = [0, *bounds.tolist()]
+    ends = [*bounds.tolist(), p]
+    pending: list[tuple[I64, int]] = []  # unplaced pods whose reason is filled in at the end
+    for a, b in zip(starts, ends, strict=True):
+        if a >= b:
+            continue
+        seg = seq[a:b]
+        k = int(key[a])
+        if k < 0:
+            slots, masks, reasons = engine.place_gang(batch.gangs[-1 - k], seg)
+            node_slot[seg] = slots
+            gpu_mask[seg] = masks
+            reason[seg] = reasons
+            for s_ in np.unique(batch.shape_of[seg[reasons < 0]]).tolist():
+                pending.append((seg[(reasons < 0) & (batch.shape_of[seg] == s_)], int(s_)))
+            continue
+        if k in engine.exhausted:
+            pending.append((seg, k))
+            continue
+        slots, masks = engine.run(k, b - a)
+        placed = seg[: slots.size]
+        node_slot[placed] = slots
+        gpu_mask[placed] = masks
+        if slots.size < seg.size:
+            engine.exhausted.add(k)
+            pending.append((seg[slots.size :], k))
+    # Reasons describe the fleet after the whole batch (resources only shrink during it).
+    for pods_, s_ in pending:
+        reason[pods_] = engine.reason_for(s_)
+    shapes = batch.shapes
+    shape_of = batch.shape_of
+    milli = np.array([sp.milli_per_gpu for sp in shapes], np.int64)[shape_of]
+    cpu = np.array([sp.cpu_millicores for sp in shapes], np.int64)[shape_of]
+    mem = np.array([sp.memory_bytes for sp in shapes], np.int64)[shape_of]
+    milli = np.where(node_slot >= 0, milli, 0)
+    names = tuple(fleet.names)
+    cluster_names = fleet.clusters.names
+    cids = fleet.cluster_id[: fleet.n_slots].tolist()
+    return PlacementResult(
+        pod_names=tuple(pod.name for pod in batch.pods),
+        node_slot=node_slot,
+        gpu_mask=gpu_mask,
+        gpu_milli_per_gpu=milli,
+        cpu_millicores=cpu,
+        memory_bytes=mem,
+        reason=reason,
+        order=seq,
+        slot_names=names,
+        slot_clusters=tuple(cluster_names[c] if c >= 0 else None for c in cids),
+        fleet_version=fleet.version,
+    )
+
+
+def explain(fleet: Fleet, pod: PodSpec) -> Explanation:
+    """Per-reason node counts for one pod against the fleet's current state."""
+    c = compile_pod(fleet, pod)
+    rows = np.flatnonzero(fleet.live_mask())
+    return Explanation.from_first_failures(first_failure(fleet, c, Free.of(fleet), rows))
