@@ -1,0 +1,295 @@
+"""GPU fragmentation (FGD, Weng et al., USENIX ATC'23, section 4), vectorized over nodes.
+
+A node's fragmentation is measured against the *target workload*: the distribution of pod
+GPU request types (shapes) and their popularity. For one pod type t a node's idle GPU milli is
+either usable by t or a fragment for t:
+
+- t requests no GPU: every idle GPU milli of the node counts as a fragment (the artifact's
+  `XLSatisfied` / `XRLackCPU` cases, both outside Q3);
+- the node's GPU model is not allowed for t: every idle GPU milli is a fragment (`NoAccess`);
+- the node can host t (at least `num_gpu` GPUs with `gpu_milli` free each, and enough CPU):
+  only the GPUs with less than t's per-GPU milli free are fragments (Q3, partly Q2);
+- otherwise (GPU or CPU lacking, Q1/Q2/Q4): every idle GPU milli is a fragment.
+
+The node's fragmentation is the popularity-weighted sum over types (`NodeGpuShareFragAmount`
+then `FragAmountSumExceptQ3` in hkust-adsl/kubernetes-scheduler-simulator, pkg/utils/frag.go).
+FGD places a pod where this grows least, and a fractional pod on the GPU where it grows least.
+
+`typical_pods` builds the target workload exactly as the artifact's `GetTypicalPods` does with
+the configuration of its published runs (CPU-only pods included, popularity threshold 95 %,
+increase step 1, no GPU weighting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+MILLI_PER_GPU = 1000
+DEFAULT_MILLI_CPU_REQUEST = 100
+"""kube-scheduler's non-zero default for a zero CPU request (`GetNonzeroRequests`), used by
+the artifact when it computes pod shapes."""
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+BoolArray = NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class TypicalPods:
+    """The target workload: pod shapes and their popularity.
+
+    cpu_milli: (n_types,) int64 CPU request in millicores.
+    gpu_milli: (n_types,) int64 milli-GPU per requested GPU (0 for CPU-only types).
+    num_gpu: (n_types,) int64 GPUs requested.
+    model_allowed: (n_types, n_models) bool, node models the type may use.
+    freq: (n_types,) float64 popularity, summing to 1.
+    """
+
+    cpu_milli: IntArray
+    gpu_milli: IntArray
+    num_gpu: IntArray
+    model_allowed: BoolArray
+    freq: FloatArray
+
+    @property
+    def n_types(self) -> int:
+        """Number of pod types."""
+        return int(self.freq.shape[0])
+
+
+def typical_pods(
+    cpu_milli: NDArray[np.integer],
+    gpu_milli: NDArray[np.integer],
+    num_gpu: NDArray[np.integer],
+    spec_id: NDArray[np.integer],
+    spec_allowed: BoolArray,
+    popularity_threshold_pct: float = 95.0,
+    include_cpu_pods: bool = True,
+) -> TypicalPods:
+    """The most popular pod shapes covering `popularity_threshold_pct` % of the pods.
+
+    A shape is (CPU milli with zero read as 100, per-GPU milli, GPU count, spec id). Shapes are
+    ranked by count, ties broken like the artifact's `sort.Reverse(TargetPodList)`: larger CPU,
+    then larger GPU milli, larger GPU count, larger spec (spec ids must order like the spec
+    strings). Shapes are taken one at a time until their cumulative count reaches the threshold,
+    then their frequencies are renormalized to sum to 1.
+
+    cpu_milli, gpu_milli, num_gpu, spec_id: (n_pods,) per pod, as in `PodTrace`.
+    spec_allowed: (n_specs, n_models) bool.
+    """
+    cpu = np.where(np.asarray(cpu_milli) == 0, DEFAULT_MILLI_CPU_REQUEST, cpu_milli).astype(np.int64)
+    gpu = np.asarray(gpu_milli, dtype=np.int64)
+    num = np.asarray(num_gpu, dtype=np.int64)
+    spec = np.asarray(spec_id, dtype=np.int64)
+    keep = np.ones(cpu.shape[0], dtype=bool) if include_cpu_pods else num > 0
+    keys = np.stack([cpu[keep], gpu[keep], num[keep], spec[keep]], axis=1)
+    if keys.shape[0] == 0:
+        raise ValueError("no pods to derive the target workload from")
+    shapes, counts = np.unique(keys, axis=0, return_counts=True)
+    # Descending count, then descending (cpu, gpu, num, spec): lexsort's last key is primary.
+    order = np.lexsort((-shapes[:, 3], -shapes[:, 2], -shapes[:, 1], -shapes[:, 0], -counts))
+    shapes, counts = shapes[order], counts[order].astype(np.float64)
+    total = float(counts.sum())
+    expected = popularity_threshold_pct * total / 100.0
+    cumulative = np.cumsum(counts)
+    n_taken = int(np.searchsorted(cumulative, expected, side="left")) + 1
+    n_taken = min(n_taken, shapes.shape[0])
+    shapes, counts = shapes[:n_taken], counts[:n_taken]
+    return TypicalPods(
+        cpu_milli=shapes[:, 0].copy(),
+        gpu_milli=shapes[:, 1].copy(),
+        num_gpu=shapes[:, 2].copy(),
+        model_allowed=np.asarray(spec_allowed, dtype=bool)[shapes[:, 3]],
+        freq=counts / counts.sum(),
+    )
+
+
+def frag_milli(
+    cpu_left_milli: IntArray,
+    gpu_left_milli: IntArray,
+    node_model: NDArray[np.integer],
+    typical: TypicalPods,
+) -> FloatArray:
+    """Expected fragmented GPU milli of each node state (FGD's F_n(M)), vectorized.
+
+    cpu_left_milli: (n,) free CPU of each state.
+    gpu_left_milli: (n, max_gpus) free milli of each GPU (0 for absent GPUs).
+    node_model: (n,) GPU model index of each state (-1 = no GPU; such a node has no idle GPU).
+    Returns (n,) float64 fragmented milli-GPU.
+    """
+    left = np.asarray(gpu_left_milli, dtype=np.int64)
+    total = left.sum(axis=1).astype(np.float64)
+    if left.shape[0] == 0:
+        return total
+    values, inverse = np.unique(typical.gpu_milli, return_inverse=True)
+    # Per distinct per-GPU request m: GPUs with at least m free, and the milli on the others.
+    at_least = left[:, :, None] >= values[None, None, :]
+    count_ge = at_least.sum(axis=1)
+    milli_below = np.where(at_least, 0, left[:, :, None]).sum(axis=1).astype(np.float64)
+    count_ge, milli_below = count_ge[:, inverse], milli_below[:, inverse]
+    model = np.asarray(node_model, dtype=np.int64)
+    accessible = np.where(model[:, None] >= 0, typical.model_allowed[:, np.maximum(model, 0)].T, False)
+    hosts = (
+        (typical.gpu_milli[None, :] > 0)
+        & accessible
+        & (count_ge >= typical.num_gpu[None, :])
+        & (np.asarray(cpu_left_milli, dtype=np.int64)[:, None] >= typical.cpu_milli[None, :])
+    )
+    per_type = np.where(hosts, milli_below, total[:, None])
+    result: FloatArray = per_type @ typical.freq
+    return result
+
+
+def candidate_states(
+    cpu_left_milli: IntArray,
+    gpu_left_milli: IntArray,
+    pod_cpu_milli: int,
+    pod_gpu_milli: int,
+    pod_num_gpu: int,
+) -> tuple[IntArray, IntArray, BoolArray]:
+    """The node states after placing one pod, one per way of placing it (check, no mutation).
+
+    A fractional pod (0 < gpu_milli < 1000, one GPU) may take any GPU with enough milli free:
+    one candidate per GPU. A whole-GPU pod takes the lowest-index fully free GPUs (as the
+    artifact's `AllocateExclusiveGpuId`): one candidate, in column 0. A CPU-only pod: one
+    candidate. CPU is taken in every candidate.
+
+    Returns (cpu_after (n, c), gpu_after (n, c, max_gpus), valid (n, c)) with c = max_gpus for a
+    fractional pod and 1 otherwise; invalid candidates hold the unchanged state.
+    """
+    cpu = np.asarray(cpu_left_milli, dtype=np.int64)
+    left = np.asarray(gpu_left_milli, dtype=np.int64)
+    n, max_gpus = left.shape
+    if 0 < pod_gpu_milli < MILLI_PER_GPU:
+        valid = left >= pod_gpu_milli
+        gpu_after = np.repeat(left[:, None, :], max_gpus, axis=1)
+        diag = np.arange(max_gpus)
+        gpu_after[:, diag, diag] -= np.where(valid, pod_gpu_milli, 0)
+        cpu_after = np.repeat((cpu - pod_cpu_milli)[:, None], max_gpus, axis=1)
+        return cpu_after, gpu_after, valid
+    if pod_num_gpu > 0:
+        full = left >= MILLI_PER_GPU
+        take = full & (np.cumsum(full, axis=1) <= pod_num_gpu)
+        valid = full.sum(axis=1) >= pod_num_gpu
+        gpu_after = np.where(take & valid[:, None], left - MILLI_PER_GPU, left)
+        return (cpu - pod_cpu_milli)[:, None], gpu_after[:, None, :], valid[:, None]
+    return (cpu - pod_cpu_milli)[:, None], left[:, None, :].copy(), np.ones((n, 1), dtype=bool)
+
+
+def frag_after(
+    cpu_left_milli: IntArray,
+    gpu_left_milli: IntArray,
+    node_model: NDArray[np.integer],
+    typical: TypicalPods,
+    pod_cpu_milli: int,
+    pod_gpu_milli: int,
+    pod_num_gpu: int,
+) -> FloatArray:
+    """Fragmentation of each node after placing the pod each possible way.
+
+    Returns (n, c) float64 (c as in `candidate_states`), +inf where the candidate is invalid.
+    """
+    cpu_after, gpu_after, valid = candidate_states(
+        cpu_left_milli, gpu_left_milli, pod_cpu_milli, pod_gpu_milli, pod_num_gpu
+    )
+    n, c, max_gpus = gpu_after.shape
+    model = np.repeat(np.asarray(node_model, dtype=np.int64), c)
+    frag = frag_milli(cpu_after.reshape(-1), gpu_after.reshape(n * c, max_gpus), model, typical)
+    out: FloatArray = np.where(valid, frag.reshape(n, c), np.inf)
+    return out
+
+
+def fgd_score(frag_now: FloatArray, frag_next: FloatArray) -> IntArray:
+    """The artifact's integer FGD score: int(sigmoid((F_now - F_next) / 1000) x 100).
+
+    Truncated like Go's int64() conversion, so fragmentation changes below about 40 milli-GPU
+    tie; kube-scheduler then picks uniformly at random among the best nodes.
+    frag_now: broadcastable to frag_next; +inf in frag_next gives score -1 (infeasible).
+    """
+    finite = np.isfinite(frag_next)
+    delta = np.where(finite, np.asarray(frag_now) - np.where(finite, frag_next, 0.0), 0.0) / 1000.0
+    score = np.trunc(100.0 / (1.0 + np.exp(-delta))).astype(np.int64)
+    return np.where(finite, score, -1)
+
+
+class FragmentationMemo:
+    """Caches node fragmentation across calls, recomputing only nodes whose state changed.
+
+    The FGD score of a node for a pod shape depends only on the node's state and the shape, and
+    one placement changes one node; so the memo keeps, per shape, the fragmentation after each
+    candidate placement on each node, and refreshes the nodes that changed since. It compares the
+    state it is given with the last one it saw, so it stays correct whoever mutates the fleet.
+    Values are those of the pure functions above; the memo only avoids recomputing them.
+    """
+
+    def __init__(self, typical: TypicalPods, node_model: NDArray[np.integer]) -> None:
+        """typical: the target workload; node_model: (n_nodes,) GPU model index per node."""
+        self.typical = typical
+        self.node_model = np.asarray(node_model, dtype=np.int64)
+        n = int(self.node_model.shape[0])
+        self._seen_cpu: IntArray | None = None
+        self._seen_gpu: IntArray | None = None
+        self._changed_at = np.zeros(n, dtype=np.int64)
+        self._clock = 0
+        self._now = np.zeros(n, dtype=np.float64)
+        self._now_at = np.full(n, -1, dtype=np.int64)
+        self._after: dict[Hashable, tuple[FloatArray, IntArray]] = {}
+
+    def _sync(self, cpu_left: IntArray, gpu_left: IntArray) -> None:
+        if self._seen_cpu is None or self._seen_gpu is None or self._seen_gpu.shape != gpu_left.shape:
+            self._clock += 1
+            self._changed_at[:] = self._clock
+        else:
+            changed = (self._seen_cpu != cpu_left) | (self._seen_gpu != gpu_left).any(axis=1)
+            if changed.any():
+                self._clock += 1
+                self._changed_at[changed] = self._clock
+        self._seen_cpu = cpu_left.copy()
+        self._seen_gpu = gpu_left.copy()
+
+    def frag_now(self, cpu_left: IntArray, gpu_left: IntArray) -> FloatArray:
+        """(n_nodes,) current fragmentation of every node."""
+        self._sync(cpu_left, gpu_left)
+        stale = np.flatnonzero(self._now_at < self._changed_at)
+        if stale.size:
+            self._now[stale] = frag_milli(
+                cpu_left[stale], gpu_left[stale], self.node_model[stale], self.typical
+            )
+            self._now_at[stale] = self._clock
+        return self._now
+
+    def frag_after(
+        self,
+        cpu_left: IntArray,
+        gpu_left: IntArray,
+        pod_cpu_milli: int,
+        pod_gpu_milli: int,
+        pod_num_gpu: int,
+    ) -> FloatArray:
+        """(n_nodes, c) fragmentation after each candidate placement (see `frag_after`)."""
+        self._sync(cpu_left, gpu_left)
+        key = (int(pod_cpu_milli), int(pod_gpu_milli), int(pod_num_gpu))
+        n, max_gpus = gpu_left.shape
+        columns = max_gpus if 0 < pod_gpu_milli < MILLI_PER_GPU else 1
+        entry = self._after.get(key)
+        if entry is None:
+            entry = (np.zeros((n, columns), dtype=np.float64), np.full(n, -1, dtype=np.int64))
+            self._after[key] = entry
+        values, computed_at = entry
+        stale = np.flatnonzero(computed_at < self._changed_at)
+        if stale.size:
+            values[stale] = frag_after(
+                cpu_left[stale],
+                gpu_left[stale],
+                self.node_model[stale],
+                self.typical,
+                pod_cpu_milli,
+                pod_gpu_milli,
+                pod_num_gpu,
+            )
+            computed_at[stale] = self._clock
+        return values
