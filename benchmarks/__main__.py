@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 #: Modules in benchmarks/ that are helpers, not benchmarks.
-NOT_BENCHMARKS = frozenset({"common", "synthetic"})
+NOT_BENCHMARKS = frozenset({"common", "synthetic", "traces"})
 
 
 def available() -> list[str]:

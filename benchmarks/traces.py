@@ -79,7 +79,9 @@ def _read_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
             header = reader.fieldnames or []
             missing = [column for column in required if column not in header]
             if missing:
-                raise TraceError(f"{path}: missing column(s) {', '.join(missing)}; header is {header}")
+                raise TraceError(
+                    f"{path}: missing column(s) {', '.join(missing)}; header is {header}"
+                )
             return list(reader)
     except OSError as error:
         raise TraceError(f"{path}: cannot read: {error.strerror or error}") from error
@@ -94,7 +96,9 @@ def _int_field(path: Path, line: int, row: dict[str, str], column: str) -> int:
     except ValueError:
         value = None
     if value is None or value < 0:
-        raise TraceError(f"{path}:{line}: column {column!r} must be a non-negative integer, got {raw!r}")
+        raise TraceError(
+            f"{path}:{line}: column {column!r} must be a non-negative integer, got {raw!r}"
+        )
     return value
 
 
@@ -164,7 +168,9 @@ def load_pods(path: Path, models: tuple[str, ...]) -> LoadedPods:
             raise TraceError(f"{path}:{line}: num_gpu={n} but gpu_milli=0")
         milli = min(milli, 1000) if n > 0 else 0
         if n > 1 and milli < 1000:
-            raise TraceError(f"{path}:{line}: a multi-GPU pod must take whole GPUs, got gpu_milli={milli}")
+            raise TraceError(
+                f"{path}:{line}: a multi-GPU pod must take whole GPUs, got gpu_milli={milli}"
+            )
         num_gpu.append(n)
         gpu_milli.append(milli)
         spec = (row.get("gpu_spec") or "").strip() if n > 0 else ""

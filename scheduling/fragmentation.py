@@ -81,7 +81,9 @@ def typical_pods(
     cpu_milli, gpu_milli, num_gpu, spec_id: (n_pods,) per pod, as in `PodTrace`.
     spec_allowed: (n_specs, n_models) bool.
     """
-    cpu = np.where(np.asarray(cpu_milli) == 0, DEFAULT_MILLI_CPU_REQUEST, cpu_milli).astype(np.int64)
+    cpu = np.where(np.asarray(cpu_milli) == 0, DEFAULT_MILLI_CPU_REQUEST, cpu_milli).astype(
+        np.int64
+    )
     gpu = np.asarray(gpu_milli, dtype=np.int64)
     num = np.asarray(num_gpu, dtype=np.int64)
     spec = np.asarray(spec_id, dtype=np.int64)
@@ -122,7 +124,7 @@ def frag_milli(
     Returns (n,) float64 fragmented milli-GPU.
     """
     left = np.asarray(gpu_left_milli, dtype=np.int64)
-    total = left.sum(axis=1).astype(np.float64)
+    total: FloatArray = left.sum(axis=1).astype(np.float64)
     if left.shape[0] == 0:
         return total
     values, inverse = np.unique(typical.gpu_milli, return_inverse=True)
@@ -132,7 +134,9 @@ def frag_milli(
     milli_below = np.where(at_least, 0, left[:, :, None]).sum(axis=1).astype(np.float64)
     count_ge, milli_below = count_ge[:, inverse], milli_below[:, inverse]
     model = np.asarray(node_model, dtype=np.int64)
-    accessible = np.where(model[:, None] >= 0, typical.model_allowed[:, np.maximum(model, 0)].T, False)
+    accessible = np.where(
+        model[:, None] >= 0, typical.model_allowed[:, np.maximum(model, 0)].T, False
+    )
     hosts = (
         (typical.gpu_milli[None, :] > 0)
         & accessible
@@ -216,6 +220,38 @@ def fgd_score(frag_now: FloatArray, frag_next: FloatArray) -> IntArray:
     return np.where(finite, score, -1)
 
 
+def cpu_milli_per_gpu_milli(typical: TypicalPods) -> float:
+    """The target workload's CPU demand per milli-GPU: E[cpu] / E[GPU milli] over GPU types.
+
+    Returns 0.0 when the workload has no GPU types (nothing can be stranded by CPU then).
+    """
+    gpu = typical.gpu_milli > 0
+    gpu_milli = float((typical.freq[gpu] * typical.gpu_milli[gpu] * typical.num_gpu[gpu]).sum())
+    if gpu_milli <= 0:
+        return 0.0
+    return float((typical.freq[gpu] * typical.cpu_milli[gpu]).sum()) / gpu_milli
+
+
+def cpu_stranded_gpu_milli(
+    idle_gpu_milli: NDArray[np.integer] | FloatArray,
+    cpu_left_milli: NDArray[np.integer] | FloatArray,
+    cpu_per_gpu_milli: float,
+) -> FloatArray:
+    """Idle GPU milli that the node's free CPU cannot feed at the workload's CPU/GPU ratio.
+
+    A node with `cpu_left` free CPU can serve about cpu_left / ratio milli-GPU of typical GPU
+    pods; idle GPU beyond that is stranded. FGD's measure sees CPU only through the types a
+    node can no longer host, and CPU-only pods change it almost nowhere, so FGD lets them eat
+    the CPU of nodes whose GPUs are still free (fleetd's refinement, see `FGD_CPU`).
+    """
+    idle = np.asarray(idle_gpu_milli, dtype=np.float64)
+    if cpu_per_gpu_milli <= 0:
+        return np.zeros_like(idle)
+    servable = np.maximum(np.asarray(cpu_left_milli, dtype=np.float64), 0.0) / cpu_per_gpu_milli
+    stranded: FloatArray = np.maximum(idle - servable, 0.0)
+    return stranded
+
+
 class FragmentationMemo:
     """Caches node fragmentation across calls, recomputing only nodes whose state changed.
 
@@ -240,7 +276,11 @@ class FragmentationMemo:
         self._after: dict[Hashable, tuple[FloatArray, IntArray]] = {}
 
     def _sync(self, cpu_left: IntArray, gpu_left: IntArray) -> None:
-        if self._seen_cpu is None or self._seen_gpu is None or self._seen_gpu.shape != gpu_left.shape:
+        if (
+            self._seen_cpu is None
+            or self._seen_gpu is None
+            or self._seen_gpu.shape != gpu_left.shape
+        ):
             self._clock += 1
             self._changed_at[:] = self._clock
         else:

@@ -54,9 +54,12 @@ class ReplayState:
         model_ok = np.where(self.node_model >= 0, allowed[np.maximum(self.node_model, 0)], False)
         milli = int(pods.gpu_milli[row])
         gpu_ok = (self.gpu_left_milli >= milli).sum(axis=1) >= num_gpu
-        return mask & model_ok & gpu_ok
+        result: NDArray[np.bool_] = mask & model_ok & gpu_ok
+        return result
 
-    def allocate(self, node: int, cpu_milli: int, memory_bytes: int, take_milli: NDArray[np.int64]) -> None:
+    def allocate(
+        self, node: int, cpu_milli: int, memory_bytes: int, take_milli: NDArray[np.int64]
+    ) -> None:
         """Commit a placement: take CPU, memory and `take_milli` (max_gpus,) from `node`."""
         self.cpu_left_milli[node] -= cpu_milli
         self.memory_left_bytes[node] -= memory_bytes
@@ -126,4 +129,10 @@ def replay(
                 used_total += int(request[row])
         arrived[i] = arrived_total
         used[i] = used_total
-    return ReplayResult(order=order, node=chosen, gpu_take_milli=taken, arrived_gpu_milli=arrived, used_gpu_milli=used)
+    return ReplayResult(
+        order=order,
+        node=chosen,
+        gpu_take_milli=taken,
+        arrived_gpu_milli=arrived,
+        used_gpu_milli=used,
+    )

@@ -1,0 +1,169 @@
+"""FGD's fragmentation measure (Weng et al., ATC'23, section 4) on hand-computed tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scheduling.fragmentation import (
+    FragmentationMemo,
+    TypicalPods,
+    candidate_states,
+    cpu_milli_per_gpu_milli,
+    cpu_stranded_gpu_milli,
+    fgd_score,
+    frag_after,
+    frag_milli,
+    typical_pods,
+)
+
+# Target workload used by the tables below (two node models: 0 and 1):
+#   A: 4000m CPU, one 500-milli share,           freq 0.50, any model
+#   B: 2000m CPU, no GPU (CPU-only),              freq 0.25
+#   C: 8000m CPU, two whole GPUs (2 x 1000),      freq 0.25, model 0 only
+TYPICAL = TypicalPods(
+    cpu_milli=np.array([4000, 2000, 8000]),
+    gpu_milli=np.array([500, 0, 1000]),
+    num_gpu=np.array([1, 0, 2]),
+    model_allowed=np.array([[True, True], [True, True], [True, False]]),
+    freq=np.array([0.5, 0.25, 0.25]),
+)
+
+
+def state(cpu: int, gpus: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([cpu]), np.array([gpus])
+
+
+@pytest.mark.parametrize(
+    ("cpu", "gpus", "model", "expected"),
+    [
+        # Idle 2-GPU node: A fits (no GPU below 500 -> 0), B counts all 2000 idle, C fits (0).
+        # F = 0.5*0 + 0.25*2000 + 0.25*0 = 500
+        (16000, [1000, 1000], 0, 500.0),
+        # GPU0 has 300 left: A fits on GPU1, GPU0 (300 < 500) is a fragment -> 300;
+        # B -> 1300; C needs two free GPUs, only one -> all 1300.
+        # F = 0.5*300 + 0.25*1300 + 0.25*1300 = 150 + 325 + 325 = 800
+        (16000, [300, 1000], 0, 800.0),
+        # Same GPUs, 3000m CPU: A lacks CPU (Q4) -> 1300; B 1300; C 1300. F = 1300
+        (3000, [300, 1000], 0, 1300.0),
+        # Model 1: C may not use it (NoAccess) -> 2000; A 0; B 2000. F = 0 + 500 + 500 = 1000
+        (16000, [1000, 1000], 1, 1000.0),
+        # Nothing idle: nothing to fragment. F = 0
+        (0, [0, 0], 0, 0.0),
+        # One GPU with 600 left, CPU plenty: A fits, 0 below 500 -> 0; B 600; C 600.
+        # F = 0 + 150 + 150 = 300
+        (16000, [600, 0], 0, 300.0),
+    ],
+    ids=["idle", "share-remnant", "cpu-lacking", "model-no-access", "full", "one-gpu-left"],
+)
+def test_frag_milli_table(cpu: int, gpus: list[int], model: int, expected: float) -> None:
+    cpu_left, gpu_left = state(cpu, gpus)
+    assert frag_milli(cpu_left, gpu_left, np.array([model]), TYPICAL)[0] == pytest.approx(expected)
+
+
+def test_frag_milli_is_vectorized_over_nodes() -> None:
+    cpu = np.array([16000, 16000, 3000])
+    gpus = np.array([[1000, 1000], [300, 1000], [300, 1000]])
+    assert frag_milli(cpu, gpus, np.array([0, 0, 0]), TYPICAL).tolist() == pytest.approx(
+        [500, 800, 1300]
+    )
+
+
+def test_candidate_states_fractional_one_per_gpu() -> None:
+    # 250 milli on [300, 1000]: GPU0 -> [50, 1000], GPU1 -> [300, 750]; CPU 16000 - 1000.
+    cpu_after, gpu_after, valid = candidate_states(
+        np.array([16000]), np.array([[300, 1000]]), 1000, 250, 1
+    )
+    assert valid.tolist() == [[True, True]]
+    assert gpu_after.tolist() == [[[50, 1000], [300, 750]]]
+    assert cpu_after.tolist() == [[15000, 15000]]
+
+
+def test_candidate_states_whole_gpus_take_lowest_free_indices() -> None:
+    # Two whole GPUs on [300, 1000, 1000, 1000]: GPUs 1 and 2 -> [300, 0, 0, 1000].
+    _, gpu_after, valid = candidate_states(
+        np.array([8000]), np.array([[300, 1000, 1000, 1000]]), 0, 1000, 2
+    )
+    assert valid.tolist() == [[True]]
+    assert gpu_after.tolist() == [[[300, 0, 0, 1000]]]
+
+
+def test_frag_after_marks_infeasible_gpus() -> None:
+    # 500 milli on [300, 1000] (model 0, CPU 16000 -> 12000 after A's 4000):
+    #   GPU0 has 300 < 500: infeasible (inf).
+    #   GPU1 -> [300, 500]: A fits on GPU1 (500 >= 500), fragment = 300 -> 0.5*300 = 150;
+    #   B: 800 idle -> 200; C: no two free GPUs -> 800 -> 200. F = 550.
+    after = frag_after(
+        np.array([16000]), np.array([[300, 1000]]), np.array([0]), TYPICAL, 4000, 500, 1
+    )
+    assert np.isinf(after[0, 0])
+    assert after[0, 1] == pytest.approx(550.0)
+
+
+@pytest.mark.parametrize(
+    ("now", "after", "expected"),
+    [
+        (1000.0, 1000.0, 50),  # no change: 100 * sigmoid(0) = 50
+        (1000.0, 0.0, 73),  # 1000 less fragment: 100 * sigmoid(1) = 73.1 -> 73
+        (0.0, 1000.0, 26),  # 1000 more: 100 * sigmoid(-1) = 26.9 -> 26
+        (500.0, 480.0, 50),  # 20 milli: 100 * sigmoid(0.02) = 50.49 -> 50 (a tie)
+        (500.0, 400.0, 52),  # 100 milli: 100 * sigmoid(0.1) = 52.49 -> 52
+        (500.0, np.inf, -1),  # infeasible candidate
+    ],
+)
+def test_fgd_score_is_the_artifacts_integer_score(now: float, after: float, expected: int) -> None:
+    assert fgd_score(np.array([now]), np.array([after]))[0] == expected
+
+
+def test_typical_pods_threshold_and_renormalization() -> None:
+    # Shapes (cpu, milli, num, spec): X x5, Y x3, Z x2 (10 pods). 70% -> 7 pods expected:
+    # X (cum 5 < 7), then Y (cum 8 >= 7): keep X, Y with freq 5/8, 3/8.
+    cpu = np.array([1000] * 5 + [2000] * 3 + [3000] * 2)
+    milli = np.array([500] * 5 + [1000] * 3 + [0] * 2)
+    num = np.array([1] * 5 + [1] * 3 + [0] * 2)
+    spec = np.zeros(10, dtype=np.int64)
+    allowed = np.ones((1, 2), dtype=bool)
+    typical = typical_pods(cpu, milli, num, spec, allowed, popularity_threshold_pct=70)
+    assert typical.cpu_milli.tolist() == [1000, 2000]
+    assert typical.freq.tolist() == pytest.approx([5 / 8, 3 / 8])
+
+
+def test_typical_pods_ties_prefer_larger_cpu_and_zero_cpu_reads_as_100() -> None:
+    # Two shapes of 2 pods each; the artifact's reverse sort puts the larger CPU first.
+    # A zero CPU request is read as kube-scheduler's default 100m.
+    cpu = np.array([0, 0, 5000, 5000])
+    milli = np.array([0, 0, 0, 0])
+    typical = typical_pods(cpu, milli, np.zeros(4), np.zeros(4), np.ones((1, 1), dtype=bool), 50)
+    # 50% of 4 = 2: the first shape alone reaches it.
+    assert typical.cpu_milli.tolist() == [5000]
+    typical_all = typical_pods(
+        cpu, milli, np.zeros(4), np.zeros(4), np.ones((1, 1), dtype=bool), 100
+    )
+    assert typical_all.cpu_milli.tolist() == [5000, 100]
+
+
+def test_cpu_stranding() -> None:
+    # GPU types: A 4000m per 500 milli (freq .5), C 8000m per 2000 milli (freq .25):
+    # ratio = (0.5*4000 + 0.25*8000) / (0.5*500 + 0.25*2000) = 4000 / 750 = 5.333 m per milli.
+    ratio = cpu_milli_per_gpu_milli(TYPICAL)
+    assert ratio == pytest.approx(4000 / 750)
+    # 2000 idle milli, 5333m CPU feeds 1000 milli -> 1000 stranded; 16000m feeds all -> 0.
+    stranded = cpu_stranded_gpu_milli(np.array([2000, 2000]), np.array([5333.33333, 16000]), ratio)
+    assert stranded.tolist() == pytest.approx([1000, 0], abs=1e-3)
+
+
+def test_memo_matches_direct_computation_after_changes() -> None:
+    rng = np.random.default_rng(7)
+    cpu = rng.integers(0, 20000, size=30)
+    gpus = rng.choice([0, 300, 500, 1000], size=(30, 4))
+    model = rng.integers(0, 2, size=30)
+    memo = FragmentationMemo(TYPICAL, model)
+    for step in range(5):
+        assert np.allclose(memo.frag_now(cpu, gpus), frag_milli(cpu, gpus, model, TYPICAL))
+        direct = frag_after(cpu, gpus, model, TYPICAL, 4000, 500, 1)
+        assert np.array_equal(memo.frag_after(cpu, gpus, 4000, 500, 1), direct)
+        node = step * 3
+        cpu = cpu.copy()
+        gpus = gpus.copy()
+        cpu[node] = max(0, cpu[node] - 1000)
+        gpus[node, 0] = 0
