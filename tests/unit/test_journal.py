@@ -1,0 +1,42 @@
+"""The SQLite journal: round trip, durability without close, schema guard."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fleetd.journal import Journal, JournalError, Reservation, ReservedPod
+
+
+def reservation(wid: str, seq: int) -> Reservation:
+    pod = ReservedPod("p0", "c1", "n1", (0, 3), 1000, 4000, 2**34, pool="a100")
+    return Reservation(wid, "ml", 5, "pending", 10.0, 310.0, seq, "fp", (pod,))
+
+
+def test_round_trip_survives_unclosed_connection(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path)
+    j.put(reservation("a", 1), last_seq=1)
+    j.put(reservation("b", 2), last_seq=2)
+    j.delete("a", last_seq=3)
+    # No close(): a second connection (a restarted process) sees every commit.
+    again = Journal(path)
+    assert [r.workload_id for r in again.reservations()] == ["b"]
+    assert list(again.reservations()) == [reservation("b", 2)]
+    assert again.last_seq() == 3
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_schema_version_mismatch_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    Journal(path).set_meta("schema_version", "99")
+    with pytest.raises(JournalError, match="schema version 99"):
+        Journal(path)
+
+
+def test_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "dir.sqlite3").mkdir()
+    with pytest.raises(JournalError, match="cannot open journal"):
+        Journal(tmp_path / "dir.sqlite3")

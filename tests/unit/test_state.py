@@ -1,0 +1,247 @@
+"""The state owner: serialization, reservations (confirm, expire, restore), staleness, updates.
+
+A real SQLite journal in tmp_path; the clock is injected; "kill" = reopening the file while
+the old connection was never closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from fleetd.config import Config
+from fleetd.engine import PodRequest
+from fleetd.journal import Journal
+from fleetd.sources import updates as up
+from fleetd.state import (
+    POD_NAME_LABEL,
+    WORKLOAD_LABEL,
+    Conflict,
+    FleetState,
+    NotFound,
+    NotReady,
+    WorkloadRequest,
+)
+
+GIB = 1024**3
+
+
+class FakeClock:
+    def __init__(self, now_s: float = 1_000_000.0) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def node(
+    name: str, seq: int, gpus: int = 8, model: str = "A100", cluster: str = "c1", **kw: object
+) -> up.NodeUpdate:
+    res = up.Resources(cpu_millicores=64_000, memory_bytes=512 * GIB, gpus=gpus)
+    return up.NodeUpdate(
+        cluster=cluster, name=name, sequence=seq, capacity=res, allocatable=res,
+        gpu_model=model, node_pool="p1", **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def request(wid: str, gpus: int = 1, milli: int = 0, n: int = 1, **kw: object) -> WorkloadRequest:
+    pods = tuple(
+        PodRequest(
+            name=f"{wid}-{i}",
+            cpu_millicores=1000,
+            memory_bytes=GIB,
+            gpu_count=gpus,
+            gpu_milli=milli,
+        )
+        for i in range(n)
+    )
+    return WorkloadRequest(
+        wid, "ml", 0, pods, gang=n > 1, fingerprint=f"{wid}:{gpus}:{milli}:{n}", **kw
+    )  # type: ignore[arg-type]
+
+
+def make_state(path: Path, clock: FakeClock, nodes: int = 2) -> FleetState:
+    state = FleetState(Config(), Journal(path), clock)
+    state.expect_source("test", "c1")
+    for i in range(nodes):
+        state.apply_now(node(f"n{i}", seq=1))
+    state.apply_now(up.ClusterSynced("c1", "test"))
+    return state
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def gpu_usage(state: FleetState) -> list[list[int]]:
+    t = state.table
+    return [t.gpu_alloc_milli[r, : t.gpu_count[r]].tolist() for r in sorted(state.nodes)]
+
+
+async def test_concurrent_places_are_serialized(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock)
+
+    async def one(i: int) -> str:
+        await asyncio.sleep(0)  # interleave the callers
+        return state.place(
+            request(f"w{i}", gpus=0 if i % 2 else 1, milli=400 if i % 2 else 0)
+        ).result
+
+    results = await asyncio.gather(*(one(i) for i in range(200)))
+    assert max(max(g) for g in gpu_usage(state)) <= 1000
+    placed = results.count("placed")
+    # 16 GPUs: 8 whole-GPU pods need 8, then 400-milli shares pack 2 per GPU on the rest.
+    assert placed == sum(1 for _ in state.held)
+    assert placed + results.count("queued") == 200
+
+
+def test_not_ready_until_synced(tmp_path: Path, clock: FakeClock) -> None:
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), clock)
+    state.expect_source("kafka", "c1")
+    state.apply_now(node("n0", 1))
+    with pytest.raises(NotReady, match="kafka/c1"):
+        state.place(request("w"))
+    state.apply_now(up.ClusterSynced("c1", "kafka"))
+    assert state.place(request("w")).result == "placed"
+
+
+def test_idempotent_and_conflict(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock)
+    first = state.place(request("w", gpus=2))
+    again = state.place(request("w", gpus=2))
+    assert again.replayed
+    assert again.placements == first.placements
+    assert again.seq == first.seq
+    with pytest.raises(Conflict):
+        state.place(request("w", gpus=3))
+    assert sum(map(sum, gpu_usage(state))) == 2000
+
+
+def test_confirm_when_pods_observed(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock)
+    d = state.place(request("w", gpus=1, n=2))
+    for i, p in enumerate(d.placements):
+        assert state.held["w"].record.state == "pending"
+        state.apply_now(
+            up.PodObserved(
+                cluster=p.cluster, namespace="ns", name=p.pod_name, uid=f"u{i}", node=p.node,
+                requests=up.Resources(cpu_millicores=1000, memory_bytes=GIB, gpus=1),
+                labels=up.labels_of({WORKLOAD_LABEL: "w", POD_NAME_LABEL: p.pod_name}), sequence=1,
+            )
+        )  # fmt: skip
+    assert state.held["w"].record.state == "confirmed"
+    assert state.history[-1].kind == "confirm"
+    # The observed pods do not double count: still 2 GPUs in use.
+    assert sum(map(sum, gpu_usage(state))) == 2000
+    # A confirmed reservation never expires; when its pods finish it ends.
+    clock.now_s += 10_000
+    assert state.expire_due() == 0
+    state.apply_now(up.PodRemoved("c1", "ns", "w-0", "u0", d.placements[0].node, sequence=2))
+    state.apply_now(up.PodRemoved("c1", "ns", "w-1", "u1", d.placements[1].node, sequence=2))
+    assert "w" not in state.held
+    assert sum(map(sum, gpu_usage(state))) == 0
+
+
+def test_expiry_frees_and_retries_queue(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock, nodes=1)
+    assert state.place(request("big", gpus=8)).result == "placed"
+    assert state.place(request("next", gpus=4)).result == "queued"
+    clock.now_s += state.config.reservations.default_ttl_s - 1
+    assert state.expire_due() == 0
+    clock.now_s += 2
+    assert state.expire_due() == 1
+    kinds = [(d.kind, d.workload_id, d.result) for d in list(state.history)[-2:]]
+    assert kinds == [("expire", "big", ""), ("place", "next", "placed")]
+    assert sum(map(sum, gpu_usage(state))) == 4000
+
+
+def test_restore_after_kill(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "j.db"
+    state = make_state(path, clock)
+    placed = {wid: state.place(request(wid, gpus=3)).placements for wid in ("a", "b", "c")}
+    state.release("b")
+    before = gpu_usage(state)
+    # "kill -9": the old connection is never closed; a new process opens the same file.
+    restarted = make_state(path, clock)
+    assert set(restarted.held) == {"a", "c"}
+    assert gpu_usage(restarted) == before
+    assert restarted.place(request("a", gpus=3)).placements == placed["a"]
+    assert restarted.seq == state.seq
+    # New placements never land on the restored devices.
+    for i in range(6):
+        restarted.place(request(f"new{i}", gpus=1))
+    assert max(max(g) for g in gpu_usage(restarted)) <= 1000
+    assert sum(map(sum, gpu_usage(restarted))) == 6000 + 6000
+
+
+def test_restore_skips_expired(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "j.db"
+    state = make_state(path, clock)
+    state.place(request("a", gpus=1))
+    clock.now_s += 10_000
+    restarted = make_state(path, clock)
+    assert restarted.expire_due() == 1
+    assert sum(map(sum, gpu_usage(restarted))) == 0
+
+
+def test_stale_nodes_are_unschedulable(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock, nodes=1)
+    clock.now_s += state.config.staleness.node_stale_after_s + 1
+    assert state.mark_stale() == 1
+    d = state.place(request("w"))
+    assert d.result == "queued"
+    assert d.explanation is not None
+    assert d.explanation.reasons[0][0] == "NODE_UNSCHEDULABLE"
+    state.apply_now(node("n0", seq=2))  # reports again
+    assert state.mark_stale() == 0
+    assert state.place(request("w2")).result == "placed"
+
+
+def test_redelivered_updates_are_ignored(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock, nodes=1)
+    assert state.apply_now(node("n0", seq=5, gpus=4))
+    assert not state.apply_now(node("n0", seq=5, gpus=8))
+    assert not state.apply_now(node("n0", seq=3, gpus=8))
+    assert int(state.table.gpu_count[0]) == 4
+    assert state.ignored_updates == 2
+
+
+def test_node_removed_ends_its_reservations(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock, nodes=1)
+    state.place(request("w", gpus=2))
+    state.apply_now(up.NodeRemoved("c1", "n0", sequence=9))
+    assert "w" not in state.held
+    assert state.history[-1].kind == "expire"
+    state.apply_now(node("n1", seq=1))  # reuses the row: starts empty
+    assert sum(map(sum, gpu_usage(state))) == 0
+
+
+def test_unknown_scope_and_release(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock)
+    with pytest.raises(NotFound, match="cluster"):
+        state.place(request("w", cluster="nope"))
+    with pytest.raises(NotFound, match="pool"):
+        state.place(request("w", pool="nope"))
+    with pytest.raises(NotFound):
+        state.release("never")
+
+
+def test_mutation_off_the_owner_thread_raises(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock)
+    errors: list[BaseException] = []
+
+    def off_thread() -> None:
+        try:
+            state.place(request("w"))
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=off_thread)
+    t.start()
+    t.join()
+    assert len(errors) == 1
+    assert "owner thread" in str(errors[0])
