@@ -88,9 +88,9 @@ def test_invalid_fields_are_named(workload: types_pb2.Workload, field: str) -> N
 
 
 def test_place_request_checks_ttl_and_presence() -> None:
-    with pytest.raises(InvalidArgument, match="^workload"):
+    with pytest.raises(InvalidArgument, match=r"^workload"):
         place_request(placement_pb2.PlaceRequest(), LIMITS, 3600)
-    with pytest.raises(InvalidArgument, match="^ttl_s"):
+    with pytest.raises(InvalidArgument, match=r"^ttl_s"):
         place_request(placement_pb2.PlaceRequest(workload=wl(), ttl_s=7200), LIMITS, 3600)
 
 
