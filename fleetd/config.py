@@ -125,25 +125,42 @@ class StalenessConfig(_Strict):
 
 
 class SchedulingConfig(_Strict):
-    """The placement policy (reloadable). Names are those of the scheduling core's registry."""
+    """The placement policy (reloadable): score plugins of the scheduling core, weighted."""
 
     policy: str = Field(
-        "fgd",
-        description="Scoring policy: e.g. fgd, bestfit, packing, spread, dotprod, random.",
+        "gpu-packing:1,best-fit:1",
+        description=(
+            "Score plugins as 'name:weight,...' (plugins: see scheduling.scorer_names(), "
+            "e.g. best-fit, gpu-packing, gpu-clustering, dot-product, most-allocated)."
+        ),
     )
     weights: dict[str, float] = Field(
         default_factory=dict,
-        description="Optional weights of score plugins by name, combined with the policy.",
+        description="Alternative to policy: weights by plugin name (when set, policy is ignored).",
     )
-    seed: int = Field(42, description="Seed of any randomized tie-breaking (deterministic).")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        _parse_policy(value)
+        return value
 
     @field_validator("weights")
     @classmethod
-    def _finite_weights(cls, value: dict[str, float]) -> dict[str, float]:
-        for name, weight in value.items():
-            if not (weight == weight and abs(weight) < 1e9):  # rejects NaN and inf
-                raise ValueError(f"weight {name!r} must be a finite number")
+    def _known_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        if value:
+            _parse_policy(value)
         return value
+
+
+def _parse_policy(spec: str | dict[str, float]) -> None:
+    """Let the core validate plugin names and weights (one source of truth)."""
+    from scheduling import Policy
+
+    try:
+        Policy.parse(spec)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(str(exc).strip("'\"")) from exc
 
 
 class TeamsConfig(_Strict):

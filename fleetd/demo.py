@@ -157,8 +157,14 @@ def free_port() -> int:
 
 
 def progress(done: int, total: int, start: float, width: int = 40) -> None:
-    """A one-line progress bar on stderr."""
+    """A one-line progress bar on stderr (every 10% only when stderr is not a terminal)."""
     frac = done / total if total else 1.0
+    if not sys.stderr.isatty():
+        step = max(1, total // 10)
+        if done % step and done != total:
+            return
+        sys.stderr.write(f"{done}/{total} pods ({100 * frac:.0f}%)\n")
+        return
     bar = "#" * int(frac * width)
     rate = done / max(time.perf_counter() - start, 1e-9)
     sys.stderr.write(f"\r[{bar:<{width}}] {done}/{total} pods  {rate:7.0f}/s")
@@ -225,7 +231,8 @@ async def drive(
         elapsed_s = time.perf_counter() - start
         await sample()
         progress(done, len(pods), start)
-        sys.stderr.write("\n")
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
         snap = await fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest())
     lat_ms = np.asarray(latencies_s) * 1000
     return {

@@ -146,39 +146,39 @@ class Metrics:
 
     def refresh(self, state: FleetState) -> None:
         """Recompute the fleet gauges from state (call on the event loop)."""
-        t = state.table
-        n = len(t.names)
+        f = state.fleet
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         conditions: dict[tuple[str, str], int] = defaultdict(int)
-        for row, info in state.nodes.items():
-            groups[(info.cluster, info.gpu_model or "none")].append(row)
+        for key, info in state.nodes.items():
+            groups[(info.cluster, info.gpu_model or "none")].append(f.slot(key))
             cond = (
-                "stale"
-                if info.stale
-                else "cordoned"
-                if info.cordoned
-                else "not_ready"
-                if not info.ready
-                else "schedulable"
-            )
+                "stale" if info.stale else "cordoned" if info.cordoned else
+                "not_ready" if not info.ready else "schedulable"
+            )  # fmt: skip
             conditions[(info.cluster, cond)] += 1
         for gauge in (self.gpus, self.gpus_allocated, self.cpu_cores, self.cpu_cores_allocated,
                       self.memory_bytes, self.memory_bytes_allocated, self.nodes, self.fragmentation):  # fmt: skip
             gauge.clear()
         frag_by_cluster: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        gpu_mask = np.arange(t.gpu_alloc_milli.shape[1])[None, :] < t.gpu_count[:n, None]
-        for (cluster, model), rows in groups.items():
-            idx = np.asarray(rows)
-            alloc = t.gpu_alloc_milli[idx] * gpu_mask[idx]
-            self.gpus.labels(cluster, model).set(int(t.gpu_count[idx].sum()))
+        for (cluster, model), slots in groups.items():
+            idx = np.asarray(slots)
+            exists = np.arange(f.max_gpus)[None, :] < f.gpu_count[idx, None]
+            alloc = np.where(exists, GPU_MILLI - f.gpu_free_milli[idx].astype(np.int64), 0)
+            self.gpus.labels(cluster, model).set(int(f.gpu_count[idx].sum()))
             self.gpus_allocated.labels(cluster, model).set(float(alloc.sum()) / GPU_MILLI)
-            self.cpu_cores.labels(cluster, model).set(float(t.cpu_millicores[idx].sum()) / 1000)
-            self.cpu_cores_allocated.labels(cluster, model).set(
-                float(t.cpu_alloc[idx].sum()) / 1000
+            self.cpu_cores.labels(cluster, model).set(
+                float(f.cpu_allocatable_millicores[idx].sum()) / 1000
             )
-            self.memory_bytes.labels(cluster, model).set(float(t.memory_bytes[idx].sum()))
-            self.memory_bytes_allocated.labels(cluster, model).set(float(t.memory_alloc[idx].sum()))
-            stranded, free = fragmentation_milli(alloc, gpu_mask[idx])
+            self.cpu_cores_allocated.labels(cluster, model).set(
+                float(f.cpu_allocated_millicores[idx].sum()) / 1000
+            )
+            self.memory_bytes.labels(cluster, model).set(
+                float(f.memory_allocatable_bytes[idx].sum())
+            )
+            self.memory_bytes_allocated.labels(cluster, model).set(
+                float(f.memory_allocated_bytes[idx].sum())
+            )
+            stranded, free = fragmentation_milli(alloc, exists)
             frag_by_cluster[cluster][0] += stranded
             frag_by_cluster[cluster][1] += free
         for cluster, (stranded, free) in frag_by_cluster.items():

@@ -24,11 +24,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+import scheduling
 from fleetd import engine
 from fleetd.config import Config
-from fleetd.engine import NodeTable, PodRequest, Slot
+from fleetd.engine import PodRequest, node_key
 from fleetd.journal import Journal, Reservation, ReservedPod
 from fleetd.sources import updates as up
+from scheduling import Allocation, AllocationError, Fleet, NodeSpec
 
 Clock = Callable[[], float]
 WORKLOAD_LABEL = "fleetd.io/workload-id"
@@ -107,7 +109,7 @@ class _Held:
     """A live reservation: its journal record plus the rows its pods occupy (None = not yet)."""
 
     record: Reservation
-    slots: list[Slot | None]
+    slots: list[Allocation | None]
     observed: list[str | None]  # pod uid that confirmed each pod
 
 
@@ -123,9 +125,7 @@ class _Queued:
 class _ObservedPod:
     cluster: str
     node: str
-    slot: Slot | None
-    cpu_millicores: int
-    memory_bytes: int
+    slot: Allocation | None
     reservation: tuple[str, int] | None = None  # (workload_id, pod index) when it confirmed one
 
 
@@ -195,8 +195,10 @@ class FleetState:
         self.journal = journal
         self.clock = clock
         self.metrics = metrics or StateMetrics()
-        self.table = NodeTable()
-        self.nodes: dict[int, _NodeInfo] = {}
+        self.fleet = Fleet()
+        #: Node attributes the core does not keep, by node key ("cluster/node").
+        self.nodes: dict[str, _NodeInfo] = {}
+        self.policy = engine.policy_of(config.scheduling.policy, config.scheduling.weights)
         self.pools: dict[tuple[str, str], up.NodePoolUpdate] = {}
         self.gate = up.SequenceGate()
         self.held: dict[str, _Held] = {}
@@ -256,10 +258,10 @@ class FleetState:
         elif isinstance(update, up.NodeRemoved):
             self._node_removed(update.cluster, update.name, now)
         elif isinstance(update, up.NodeStale):
-            row = self.table.index.get((update.cluster, update.name))
-            if row is not None:
-                self.nodes[row].stale = update.stale
-                self._refresh_schedulable(row)
+            key = node_key(update.cluster, update.name)
+            if key in self.nodes:
+                self.nodes[key].stale = update.stale
+                self.fleet.set_flags(key, stale=update.stale)
         elif isinstance(update, up.PodObserved):
             self._pod_observed(update, now)
         elif isinstance(update, up.PodRemoved):
@@ -284,16 +286,36 @@ class FleetState:
             self.metrics.telemetry_lag(cluster, max(0.0, now - observed_at_s))
 
     def _node_update(self, u: up.NodeUpdate, now: float) -> None:
-        if u.allocatable.cpu_millicores < 0 or u.allocatable.memory_bytes < 0:
+        key = node_key(u.cluster, u.name)
+        labels = dict(u.labels)
+        labels[engine.POOL_LABEL] = u.node_pool
+        gpu_count = max(u.allocatable.gpus, len(u.gpus))
+        try:
+            spec = NodeSpec(
+                name=key,
+                cluster=u.cluster,
+                cpu_millicores=u.allocatable.cpu_millicores,
+                memory_bytes=u.allocatable.memory_bytes,
+                gpu_count=gpu_count,
+                gpu_model=u.gpu_model or ("unknown" if gpu_count else ""),
+                gpu_memory_mib=u.gpu_memory_bytes // 2**20,
+                zone=u.zone,
+                node_pool=u.node_pool,
+                labels=labels,
+                taints=tuple(scheduling.Taint(t.key, t.value, t.effect) for t in u.taints),
+                cordoned=u.unschedulable,
+                unhealthy=not u.ready,
+            )
+            new = key not in self.fleet
+            self.fleet.upsert_node(spec)
+        except ValueError as exc:
             self.invalid_updates += 1
-            raise ValueError(f"node {u.cluster}/{u.name}: negative allocatable resources")
-        gpu_count = min(max(u.allocatable.gpus, len(u.gpus)), engine.MAX_GPUS)
-        healthy = [True] * gpu_count
+            self.metrics.update_ignored("invalid")
+            raise up_invalid(f"node {key}: {exc}") from exc
         for dev in u.gpus:
             if 0 <= dev.index < gpu_count:
-                healthy[dev.index] = dev.healthy
-        labels = dict(u.labels)
-        info = _NodeInfo(
+                self.fleet.set_gpu_health(key, dev.index, dev.healthy)
+        self.nodes[key] = _NodeInfo(
             cluster=u.cluster,
             name=u.name,
             pool=u.node_pool,
@@ -305,66 +327,58 @@ class FleetState:
             cordoned=u.unschedulable,
             last_seen_s=now,
         )
-        new = (u.cluster, u.name) not in self.table.index
-        row = self.table.upsert(
-            u.cluster,
-            u.name,
-            cpu_millicores=u.allocatable.cpu_millicores,
-            memory_bytes=u.allocatable.memory_bytes,
-            gpu_count=gpu_count,
-            gpu_healthy=healthy,
-            schedulable=u.ready and not u.unschedulable,
-            meta={
-                "gpu_model": u.gpu_model,
-                "labels": labels,
-                "taints": info.taints,
-                "cluster": u.cluster,
-                "pool": u.node_pool,
-                "zone": u.zone,
-            },
-        )
-        self.nodes[row] = info
         self._touch(u.cluster, now, u.observed_at_s)
         if new:
-            self._restore_on(row)
+            self._restore_on(key, now)
         if u.pods is not None:
             # The source reports the node's complete pod set: reconcile against it.
             current = {p.uid or f"{p.namespace}/{p.name}" for p in u.pods}
-            for key, pod in list(self.pods.items()):
-                if pod.cluster == u.cluster and pod.node == u.name and key[1] not in current:
-                    self._pod_removed(u.cluster, key[1], now)
+            for pkey, pod in list(self.pods.items()):
+                if pod.cluster == u.cluster and pod.node == u.name and pkey[1] not in current:
+                    self._pod_removed(u.cluster, pkey[1], now)
             for p in u.pods:
                 self._pod_observed(p, now)
         if new:
             self._retry_queue(now)
 
-    def _restore_on(self, row: int) -> None:
+    def _restore_on(self, key: str, now: float) -> None:
         """Re-allocate journal reservations whose pods sit on the node that just appeared."""
-        cluster, node = self.table.names[row]
-        for held in self.held.values():
+        info = self.nodes[key]
+        for wid, held in list(self.held.items()):
             for i, pod in enumerate(held.record.pods):
-                if held.slots[i] is None and pod.cluster == cluster and pod.node == node:
-                    slot = Slot(row, pod.gpu_indices, pod.gpu_milli)
-                    self.table.allocate(slot, pod.cpu_millicores, pod.memory_bytes)
-                    held.slots[i] = slot
+                if held.slots[i] is None and pod.cluster == info.cluster and pod.node == info.name:
+                    alloc = Allocation(
+                        key, pod.cpu_millicores, pod.memory_bytes, pod.gpu_indices, pod.gpu_milli
+                    )
+                    try:
+                        self.fleet.allocate(alloc)
+                    except AllocationError as exc:
+                        # The node came back smaller (or its GPUs unhealthy): the reservation
+                        # cannot be honoured; end it rather than oversubscribe.
+                        self._end(wid, "expire", "expired", now, reason=f"lost on restore: {exc}")
+                        break
+                    held.slots[i] = alloc
 
     def _node_removed(self, cluster: str, node: str, now: float) -> None:
-        row = self.table.index.get((cluster, node))
-        if row is None:
+        key = node_key(cluster, node)
+        if key not in self.nodes:
             return
-        # Rows are reused: drop every reference to this one before it goes.
-        for key, pod in list(self.pods.items()):
+        for pkey, pod in list(self.pods.items()):
             if pod.cluster == cluster and pod.node == node:
-                self._pod_removed(cluster, key[1], now)
+                self._pod_removed(cluster, pkey[1], now)
         for wid, held in list(self.held.items()):
-            if any(s is not None and s.node_index == row for s in held.slots):
-                self._end(wid, "expire", "expired", now, reason=f"node {cluster}/{node} removed")
-        self.table.remove(cluster, node)
-        self.nodes.pop(row, None)
+            if any(a is not None and a.node == key for a in held.slots):
+                self._end(wid, "expire", "expired", now, reason=f"node {key} removed")
+        self.fleet.remove_node(key)
+        del self.nodes[key]
 
     def _cluster_synced(self, u: up.ClusterSynced, now: float) -> None:
         if u.nodes:
-            gone = [n for (cl, n) in self.table.index if cl == u.cluster and n not in u.nodes]
+            gone = [
+                i.name
+                for i in self.nodes.values()
+                if i.cluster == u.cluster and i.name not in u.nodes
+            ]
             for name in gone:
                 self._node_removed(u.cluster, name, now)
         info = self.sources.setdefault((u.source, u.cluster), _SourceInfo())
@@ -391,16 +405,21 @@ class FleetState:
             idx = self._match_reserved_pod(held, p, labels.get(POD_NAME_LABEL, p.name))
             if idx is not None:
                 held.observed[idx] = uid
-                self.pods[key] = _ObservedPod(p.cluster, p.node, None, 0, 0, (wid, idx))
+                self.pods[key] = _ObservedPod(p.cluster, p.node, None, (wid, idx))
                 self._maybe_confirm(wid, now)
                 return
-        row = self.table.index.get((p.cluster, p.node))
-        cpu, mem = p.requests.cpu_millicores, p.requests.memory_bytes
-        slot = None
-        if row is not None:
-            slot = self._observed_slot(row, p.requests.gpus, labels.get(GPU_MILLI_LABEL, ""))
-            self.table.allocate(slot, cpu, mem)
-        self.pods[key] = _ObservedPod(p.cluster, p.node, slot, cpu, mem)
+        alloc = None
+        nkey = node_key(p.cluster, p.node)
+        if nkey in self.nodes:
+            alloc = self._observed_allocation(nkey, p, labels.get(GPU_MILLI_LABEL, ""))
+            try:
+                self.fleet.allocate(alloc)
+            except AllocationError:
+                # The cluster runs more than fleet state thinks fits (e.g. a reservation and
+                # a foreign pod raced): the node is full either way; count it, hold nothing.
+                self.metrics.update_ignored("observed_pod_does_not_fit")
+                alloc = None
+        self.pods[key] = _ObservedPod(p.cluster, p.node, alloc)
 
     def _match_reserved_pod(self, held: _Held, p: up.PodObserved, name: str) -> int | None:
         candidates = [
@@ -413,27 +432,31 @@ class FleetState:
                 return i
         return candidates[0] if candidates else None
 
-    def _observed_slot(self, row: int, gpus: int, milli_label: str) -> Slot:
-        """Devices for a pod fleetd did not place: the least-used healthy ones (cluster truth)."""
-        n_dev = int(self.table.gpu_count[row])
-        alloc = self.table.gpu_alloc_milli[row, :n_dev]
-        order = np.argsort(alloc, kind="stable")
-        if gpus > 0:
-            return Slot(row, tuple(int(d) for d in order[:gpus]), engine.GPU_MILLI)
+    def _observed_allocation(self, key: str, p: up.PodObserved, milli_label: str) -> Allocation:
+        """Devices for a pod fleetd did not place: the freest healthy ones (cluster truth)."""
+        slot = self.fleet.slot(key)
+        free = self.fleet.usable_gpu_free_milli(np.asarray([slot]))[
+            0, : int(self.fleet.gpu_count[slot])
+        ]
+        order = np.argsort(-free, kind="stable")
+        cpu, mem = p.requests.cpu_millicores, p.requests.memory_bytes
+        if p.requests.gpus > 0:
+            devices = tuple(sorted(int(d) for d in order[: p.requests.gpus]))
+            return Allocation(key, cpu, mem, devices, engine.GPU_MILLI)
         try:
             milli = int(milli_label)
         except ValueError:
             milli = 0
-        if 0 < milli < engine.GPU_MILLI and n_dev:
-            return Slot(row, (int(order[0]),), milli)
-        return Slot(row, (), 0)
+        if 0 < milli < engine.GPU_MILLI and free.size:
+            return Allocation(key, cpu, mem, (int(order[0]),), milli)
+        return Allocation(key, cpu, mem)
 
     def _pod_removed(self, cluster: str, uid: str, now: float) -> None:
         pod = self.pods.pop((cluster, uid), None)
         if pod is None:
             return
         if pod.slot is not None:
-            self.table.free(pod.slot, pod.cpu_millicores, pod.memory_bytes)
+            self.fleet.free(pod.slot)
         if pod.reservation is not None:
             wid, idx = pod.reservation
             held = self.held.get(wid)
@@ -441,10 +464,9 @@ class FleetState:
                 # The pod finished: its share of the reservation is free; when every pod of
                 # a confirmed workload is gone, the workload is done.
                 held.observed[idx] = None
-                slot = held.slots[idx]
-                if slot is not None:
-                    rp = held.record.pods[idx]
-                    self.table.free(slot, rp.cpu_millicores, rp.memory_bytes)
+                alloc = held.slots[idx]
+                if alloc is not None:
+                    self.fleet.free(alloc)
                     held.slots[idx] = None
                 if held.record.state == "confirmed" and all(s is None for s in held.slots):
                     self._end(wid, "release", "released", now, reason="every pod finished")
@@ -471,10 +493,6 @@ class FleetState:
             )
         )
 
-    def _refresh_schedulable(self, row: int) -> None:
-        info = self.nodes[row]
-        self.table.schedulable[row] = info.ready and not info.cordoned and not info.stale
-
     # -- periodic sweeps -----------------------------------------------------------------------
 
     def mark_stale(self) -> int:
@@ -482,11 +500,11 @@ class FleetState:
         self._check_owner()
         limit = self.clock() - self.config.staleness.node_stale_after_s
         count = 0
-        for row, info in self.nodes.items():
+        for key, info in self.nodes.items():
             stale = info.last_seen_s < limit
             if stale != info.stale:
                 info.stale = stale
-                self._refresh_schedulable(row)
+                self.fleet.set_flags(key, stale=stale)
             count += stale
         return count
 
@@ -506,6 +524,7 @@ class FleetState:
     def set_config(self, config: Config) -> None:
         """Apply a reloaded config (TTLs apply to new reservations, staleness to the next sweep)."""
         self._check_owner()
+        self.policy = engine.policy_of(config.scheduling.policy, config.scheduling.weights)
         self.config = config
         if self.history.maxlen != config.limits.decision_history:
             self.history = collections.deque(self.history, maxlen=config.limits.decision_history)
@@ -547,11 +566,11 @@ class FleetState:
                 f"workload_id {req.workload_id!r} is queued with a different request; "
                 "Release it first"
             )
-        scope = self._scope(req.cluster, req.pool)
-        outcome = engine.place(self.table, req.pods, scope)
-        if outcome.slots is not None:
+        self._check_scope(req.cluster, req.pool)
+        outcome = self._place(req)
+        if outcome.allocations is not None:
             self.queue.pop(req.workload_id, None)
-            return self._grant(req, outcome.slots, now)
+            return self._grant(req, outcome.allocations, now)
         explanation = self._explain(outcome)
         seq = self._next_seq()
         result = "queued" if outcome.fits_empty_fleet else "unschedulable"
@@ -575,11 +594,11 @@ class FleetState:
     def explain(self, req: WorkloadRequest) -> tuple[Decision, bool]:
         """Dry run of `place`: the would-be decision (seq 0) and whether it fits now."""
         self._check_owner()
-        scope = self._scope(req.cluster, req.pool)
-        outcome = engine.place(self.table, req.pods, scope)
+        self._check_scope(req.cluster, req.pool)
+        outcome = self._place(req)
         now = self.clock()
-        if outcome.slots is not None:
-            pods = self._reserved_pods(req, outcome.slots)
+        if outcome.allocations is not None:
+            pods = self._reserved_pods(req, outcome.allocations)
             total = outcome.nodes_total
             expl = Explanation(
                 total, outcome.nodes_feasible, (), f"fits: {len(pods)} pod(s) on {total} nodes"
@@ -607,10 +626,30 @@ class FleetState:
             Decision(seq, now, "release", workload_id, queued.request.team, "", ())
         )
 
-    def _grant(self, req: WorkloadRequest, slots: Iterable[Slot], now: float) -> Decision:
-        slots = tuple(slots)
-        for slot, pod in zip(slots, req.pods, strict=True):
-            self.table.allocate(slot, pod.cpu_millicores, pod.memory_bytes)
+    def _place(self, req: WorkloadRequest) -> engine.Outcome:
+        return engine.place(
+            self.fleet,
+            req.pods,
+            policy=self.policy,
+            name=req.workload_id,
+            gang=req.gang,
+            same=req.same,
+            cluster=req.cluster,
+            pool=req.pool,
+            priority=self.config.team_priority(req.team) + req.priority,
+        )
+
+    def _grant(self, req: WorkloadRequest, allocs: Iterable[Allocation], now: float) -> Decision:
+        slots = tuple(allocs)
+        done: list[Allocation] = []
+        try:
+            for alloc in slots:
+                self.fleet.allocate(alloc)  # re-checked by the core: never oversubscribes
+                done.append(alloc)
+        except AllocationError:
+            for alloc in done:
+                self.fleet.free(alloc)
+            raise
         ttl_s = min(
             req.ttl_s or self.config.reservations.default_ttl_s, self.config.reservations.max_ttl_s
         )
@@ -631,8 +670,8 @@ class FleetState:
             self.journal.put(record, seq)
         except Exception:
             # Not durable means not granted: undo the allocation exactly.
-            for slot, pod in zip(slots, req.pods, strict=True):
-                self.table.free(slot, pod.cpu_millicores, pod.memory_bytes)
+            for alloc in slots:
+                self.fleet.free(alloc)
             raise
         self.held[req.workload_id] = _Held(record, list(slots), [None] * len(pods))
         return self._publish(
@@ -650,18 +689,18 @@ class FleetState:
         )
 
     def _reserved_pods(
-        self, req: WorkloadRequest, slots: Iterable[Slot]
+        self, req: WorkloadRequest, allocs: Iterable[Allocation]
     ) -> tuple[ReservedPod, ...]:
         out = []
-        for slot, pod in zip(slots, req.pods, strict=True):
-            info = self.nodes[slot.node_index]
+        for slot, pod in zip(allocs, req.pods, strict=True):
+            info = self.nodes[slot.node]
             out.append(
                 ReservedPod(
                     pod_name=pod.name,
                     cluster=info.cluster,
                     node=info.name,
                     gpu_indices=slot.gpu_indices,
-                    gpu_milli=slot.gpu_milli,
+                    gpu_milli=slot.gpu_milli_per_gpu if slot.gpu_indices else 0,
                     cpu_millicores=pod.cpu_millicores,
                     memory_bytes=pod.memory_bytes,
                     pool=info.pool,
@@ -679,14 +718,10 @@ class FleetState:
             if uid is not None and (rp.cluster, uid) in self.pods:
                 # The pod still runs: it keeps holding its resources, now as an observed pod.
                 pod = self.pods[(rp.cluster, uid)]
-                pod.slot, pod.cpu_millicores, pod.memory_bytes = (
-                    slot,
-                    rp.cpu_millicores,
-                    rp.memory_bytes,
-                )
+                pod.slot = slot
                 pod.reservation = None
             else:
-                self.table.free(slot, rp.cpu_millicores, rp.memory_bytes)
+                self.fleet.free(slot)
         seq = self._next_seq()
         self.journal.delete(wid, seq)
         expl = Explanation(0, 0, (), reason)
@@ -703,43 +738,30 @@ class FleetState:
         order = sorted(self.queue.values(), key=lambda q: (-q.priority, q.seq))
         for item in order[:QUEUE_RETRY_BUDGET]:
             req = item.request
-            outcome = engine.place(
-                self.table, req.pods, self._scope(req.cluster, req.pool, strict=False)
-            )
-            if outcome.slots is not None:
+            outcome = self._place(req)
+            if outcome.allocations is not None:
                 del self.queue[req.workload_id]
-                self._grant(req, outcome.slots, now)
+                self._grant(req, outcome.allocations, now)
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _scope(self, cluster: str, pool: str, strict: bool = True) -> engine.Arr | None:
+    def _check_scope(self, cluster: str, pool: str) -> None:
+        """NotFound for a cluster or pool fleet state has never heard of."""
         if not cluster and not pool:
-            return None
+            return
         clusters = {info.cluster for info in self.nodes.values()} | {c for c, _ in self.pools}
-        if cluster and cluster not in clusters and strict:
+        if cluster and cluster not in clusters:
             raise NotFound(f"cluster {cluster!r} is not known to fleetd")
         if pool:
             known = {(i.cluster, i.pool) for i in self.nodes.values()} | set(self.pools)
-            if not any(p == pool and (not cluster or c == cluster) for c, p in known) and strict:
+            if not any(p == pool and (not cluster or c == cluster) for c, p in known):
                 where = f" in cluster {cluster!r}" if cluster else ""
                 raise NotFound(f"pool {pool!r}{where} is not known to fleetd")
-        mask = np.zeros(len(self.table.names), dtype=np.bool_)
-        for row, info in self.nodes.items():
-            mask[row] = (not cluster or info.cluster == cluster) and (not pool or info.pool == pool)
-        return mask
 
     def _explain(self, outcome: engine.Outcome) -> Explanation:
-        reasons = tuple(
-            (code, count, engine.REASON_TEXT.get(code, code)) for code, count in outcome.reasons
+        return Explanation(
+            outcome.nodes_total, outcome.nodes_feasible, outcome.reasons, outcome.summary
         )
-        detail = ", ".join(
-            f"{count} {text}" for code, count, text in reasons if code != "GANG_INCOMPLETE"
-        )
-        summary = f"0/{outcome.nodes_total} nodes are available"
-        summary += f": {detail}." if detail else "."
-        if any(code == "GANG_INCOMPLETE" for code, _, _ in reasons):
-            summary += " The gang cannot be placed as a whole."
-        return Explanation(outcome.nodes_total, outcome.nodes_feasible, reasons, summary)
 
     def _next_seq(self) -> int:
         self.seq += 1
@@ -820,6 +842,11 @@ class FleetState:
     def nodes_stale(self) -> int:
         """Nodes currently marked stale."""
         return sum(1 for info in self.nodes.values() if info.stale)
+
+
+def up_invalid(message: str) -> ValueError:
+    """The error a source gets for an update that cannot be applied (it dead-letters it)."""
+    return ValueError(message)
 
 
 def fingerprint(payload: bytes) -> str:

@@ -22,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from fleetd.api import validation
 from fleetd.api.validation import InvalidArgument
 from fleetd.config import Config
+from fleetd.engine import gpu_allocated_milli
 from fleetd.journal import ReservedPod
 from fleetd.metrics import Metrics, fragmentation_milli
 from fleetd.state import Conflict, Decision, Explanation, FleetState, NotFound, NotReady, OutOfRange
@@ -350,18 +351,24 @@ def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.
     known = {i.cluster for i in state.nodes.values()} | {c for c, _ in state.pools}
     if cluster and cluster not in known:
         raise NotFound(f"cluster {cluster!r} is not known to fleetd")
-    t = state.table
+    f = state.fleet
     snap = fleet_pb2.Snapshot(time=timestamp(state.clock()))
     clusters: dict[str, fleet_pb2.Cluster] = {}
     caps: dict[tuple[str, str], fleet_pb2.Capacity] = {}
     stranded_total = free_total = 0.0
-    for row, info in sorted(state.nodes.items(), key=lambda kv: (kv[1].cluster, kv[1].name)):
+    for key, info in sorted(state.nodes.items(), key=lambda kv: (kv[1].cluster, kv[1].name)):
         if cluster and info.cluster != cluster:
             continue
-        n_gpu = int(t.gpu_count[row])
-        alloc = t.gpu_alloc_milli[row, :n_gpu]
+        row = f.slot(key)
+        n_gpu = int(f.gpu_count[row])
+        alloc = np.asarray(gpu_allocated_milli(f, row), dtype=np.int64)
         gpu_alloc = int(alloc.sum())
-        schedulable = bool(t.schedulable[row])
+        schedulable = int(f.flags[row]) == 0
+        cpu, cpu_alloc = (
+            int(f.cpu_allocatable_millicores[row]),
+            int(f.cpu_allocated_millicores[row]),
+        )
+        mem, mem_alloc = int(f.memory_allocatable_bytes[row]), int(f.memory_allocated_bytes[row])
         c = clusters.setdefault(info.cluster, fleet_pb2.Cluster(name=info.cluster))
         c.nodes += 1
         c.nodes_schedulable += schedulable
@@ -374,10 +381,10 @@ def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.
         cap.nodes += 1
         cap.gpus += n_gpu
         cap.gpu_milli_allocated += gpu_alloc
-        cap.cpu_millicores += int(t.cpu_millicores[row])
-        cap.cpu_millicores_allocated += int(t.cpu_alloc[row])
-        cap.memory_bytes += int(t.memory_bytes[row])
-        cap.memory_bytes_allocated += int(t.memory_alloc[row])
+        cap.cpu_millicores += cpu
+        cap.cpu_millicores_allocated += cpu_alloc
+        cap.memory_bytes += mem
+        cap.memory_bytes_allocated += mem_alloc
         stranded, free = fragmentation_milli(alloc, np.ones(n_gpu, dtype=np.bool_))
         cap.gpu_milli_fragmented += int(stranded)
         stranded_total += stranded
@@ -394,11 +401,11 @@ def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.
                     pool=info.pool,
                     gpu_model=info.gpu_model,
                     gpus=n_gpu,
-                    gpu_milli_allocated=[int(a) for a in alloc],
-                    cpu_millicores=int(t.cpu_millicores[row]),
-                    cpu_millicores_allocated=int(t.cpu_alloc[row]),
-                    memory_bytes=int(t.memory_bytes[row]),
-                    memory_bytes_allocated=int(t.memory_alloc[row]),
+                    gpu_milli_allocated=alloc.tolist(),
+                    cpu_millicores=cpu,
+                    cpu_millicores_allocated=cpu_alloc,
+                    memory_bytes=mem,
+                    memory_bytes_allocated=mem_alloc,
                     schedulable=schedulable,
                     condition=condition,
                     zone=info.zone,

@@ -20,7 +20,7 @@ LABEL_KEY_RE = re.compile(
     r"^([A-Za-z0-9.-]{1,253}/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
 )
 LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
-GANG_TOPOLOGIES = ("", "cluster", "zone", "pool")
+GANG_TOPOLOGIES = ("", "cluster", "zone", "rack", "node")
 TOLERATION_OPERATORS = ("", "Equal", "Exists")
 TAINT_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
 MAX_PRIORITY = 1_000_000

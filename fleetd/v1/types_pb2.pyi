@@ -189,7 +189,9 @@ class GangSpec(_message.Message):
     PODS_FIELD_NUMBER: _builtins.int
     SAME_FIELD_NUMBER: _builtins.int
     same: _builtins.str
-    """Topology every pod must share: "" (none), "cluster", "zone" or "pool"."""
+    """Topology domain every pod must share: "" or "cluster" (a gang never spans clusters),
+    "zone", "rack" (NVLink/switch domain) or "node".
+    """
     @_builtins.property
     def pods(self) -> _containers.RepeatedCompositeFieldContainer[Global___PodSpec]: ...
     def __init__(

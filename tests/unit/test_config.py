@@ -54,7 +54,7 @@ def test_good_file_overrides_defaults(tmp_path: Path) -> None:
         ),
         pytest.param("server:\n  grpc_listen: nope\n", "server.grpc_listen", id="bad-address"),
         pytest.param(
-            "scheduling:\n  weights: {fgd: .nan}\n", "scheduling.weights", id="nan-weight"
+            "scheduling:\n  weights: {best-fit: .nan}\n", "scheduling.weights", id="nan-weight"
         ),
         pytest.param(
             "sources:\n  simulated:\n    clusters:\n    - name: a\n      pools:\n      - name: p\n        gpu_model: 'bad model!'\n",

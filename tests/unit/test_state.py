@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fleetd.config import Config
-from fleetd.engine import PodRequest
+from fleetd.engine import PodRequest, gpu_allocated_milli
 from fleetd.journal import Journal
 from fleetd.sources import updates as up
 from fleetd.state import (
@@ -78,8 +78,7 @@ def clock() -> FakeClock:
 
 
 def gpu_usage(state: FleetState) -> list[list[int]]:
-    t = state.table
-    return [t.gpu_alloc_milli[r, : t.gpu_count[r]].tolist() for r in sorted(state.nodes)]
+    return [gpu_allocated_milli(state.fleet, state.fleet.slot(k)) for k in sorted(state.nodes)]
 
 
 async def test_concurrent_places_are_serialized(tmp_path: Path, clock: FakeClock) -> None:
@@ -195,7 +194,7 @@ def test_stale_nodes_are_unschedulable(tmp_path: Path, clock: FakeClock) -> None
     d = state.place(request("w"))
     assert d.result == "queued"
     assert d.explanation is not None
-    assert d.explanation.reasons[0][0] == "NODE_UNSCHEDULABLE"
+    assert d.explanation.reasons[0][0] == "NODE_NOT_READY"
     state.apply_now(node("n0", seq=2))  # reports again
     assert state.mark_stale() == 0
     assert state.place(request("w2")).result == "placed"
@@ -206,7 +205,7 @@ def test_redelivered_updates_are_ignored(tmp_path: Path, clock: FakeClock) -> No
     assert state.apply_now(node("n0", seq=5, gpus=4))
     assert not state.apply_now(node("n0", seq=5, gpus=8))
     assert not state.apply_now(node("n0", seq=3, gpus=8))
-    assert int(state.table.gpu_count[0]) == 4
+    assert int(state.fleet.gpu_count[state.fleet.slot("c1/n0")]) == 4
     assert state.ignored_updates == 2
 
 

@@ -69,7 +69,7 @@ def gang(*pods: dict[str, Any], same: str = "") -> types_pb2.GangSpec:
             id="duplicate-pod-names",
         ),
         pytest.param(
-            wl(gang=gang({"gpu_count": 1}, same="rack")), "workload.gang.same", id="bad-topology"
+            wl(gang=gang({"gpu_count": 1}, same="pool")), "workload.gang.same", id="bad-topology"
         ),
         pytest.param(
             wl(gang=gang(*[{"gpu_count": 1}] * (LIMITS.max_gang_pods + 1))),
