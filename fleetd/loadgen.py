@@ -1,0 +1,238 @@
+"""Telemetry load generator: a seeded synthetic GPU fleet published to Kafka.
+
+    python -m fleetd.loadgen --bootstrap-servers 127.0.0.1:9092 --nodes 2000 --records 100000
+
+Tests and `benchmarks/ingest.py` use the functions directly. Everything is a function of
+the seed: the same arguments give byte-identical records (except `observed_unix_ms`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from fleetd.sources.codec import encode_node, node_key
+from fleetd.sources.updates import (
+    CapacityType,
+    GpuDevice,
+    NodeUpdate,
+    PodObserved,
+    Resources,
+    Taint,
+)
+from fleetd.v1 import telemetry_pb2 as pb
+
+GIB = 1024**3
+
+#: (pool name, GPU model, GPUs per node, GPU memory GiB, CPU cores, memory GiB, instance type)
+SHAPES: tuple[tuple[str, str, int, int, int, int, str], ...] = (
+    ("h100", "NVIDIA-H100-80GB-HBM3", 8, 80, 208, 1872, "a3-highgpu-8g"),
+    ("a100", "NVIDIA-A100-SXM4-80GB", 8, 80, 96, 1360, "a2-ultragpu-8g"),
+    ("l4", "NVIDIA-L4", 4, 24, 48, 192, "g2-standard-48"),
+    ("t4", "Tesla-T4", 1, 16, 16, 104, "n1-highmem-16"),
+    ("cpu", "", 0, 0, 64, 256, "n2-standard-64"),
+)
+
+
+def synthetic_fleet(
+    rng: np.random.Generator, *, clusters: int = 2, nodes_per_cluster: int = 100
+) -> list[NodeUpdate]:
+    """`clusters` x `nodes_per_cluster` nodes drawn from SHAPES (sequence 0, no pods)."""
+    nodes = []
+    shape_idx = rng.integers(0, len(SHAPES), size=clusters * nodes_per_cluster)
+    for c in range(clusters):
+        cluster = f"cluster-{c}"
+        for i in range(nodes_per_cluster):
+            pool, model, gpus, gpu_gib, cores, mem_gib, itype = SHAPES[
+                int(shape_idx[c * nodes_per_cluster + i])
+            ]
+            res = Resources(
+                cpu_millicores=cores * 1000, memory_bytes=mem_gib * GIB, gpus=gpus, pods=110
+            )
+            zone = f"zone-{i % 3}"
+            nodes.append(
+                NodeUpdate(
+                    cluster=cluster,
+                    name=f"{pool}-{i:05d}",
+                    sequence=0,
+                    capacity=res,
+                    allocatable=res,
+                    labels=(
+                        ("cloud.google.com/gke-nodepool", pool),
+                        ("node.kubernetes.io/instance-type", itype),
+                        ("nvidia.com/gpu.product", model),
+                        ("topology.kubernetes.io/zone", zone),
+                    )
+                    if gpus
+                    else (
+                        ("cloud.google.com/gke-nodepool", pool),
+                        ("node.kubernetes.io/instance-type", itype),
+                        ("topology.kubernetes.io/zone", zone),
+                    ),
+                    taints=(Taint("nvidia.com/gpu", "present", "NoSchedule"),) if gpus else (),
+                    node_pool=pool,
+                    zone=zone,
+                    instance_type=itype,
+                    capacity_type=CapacityType.ON_DEMAND,
+                    gpu_model=model,
+                    gpu_memory_bytes=gpu_gib * GIB,
+                    gpus=tuple(
+                        GpuDevice(index=g, model=model, memory_bytes=gpu_gib * GIB, healthy=True)
+                        for g in range(gpus)
+                    ),
+                    pods=(),
+                )
+            )
+    return nodes
+
+
+def _varied(node: NodeUpdate, rng: np.random.Generator, round_: int) -> NodeUpdate:
+    """The node with fresh utilization and a few pods: what one report looks like."""
+    n_gpus = len(node.gpus)
+    util = rng.random(n_gpus) if n_gpus else ()
+    gpus = tuple(
+        GpuDevice(
+            index=g.index,
+            model=g.model,
+            memory_bytes=g.memory_bytes,
+            healthy=g.healthy,
+            utilization_ratio=float(util[g.index]),
+        )
+        for g in node.gpus
+    )
+    n_pods = int(rng.integers(0, 4))
+    pods = tuple(
+        PodObserved(
+            cluster=node.cluster,
+            namespace="ml",
+            name=f"{node.name}-r{round_}-p{p}",
+            uid=f"{node.name}-{round_}-{p}",
+            node=node.name,
+            requests=Resources(
+                cpu_millicores=1000, memory_bytes=4 * GIB, gpus=1 if p < n_gpus else 0
+            ),
+        )
+        for p in range(n_pods)
+    )
+    return NodeUpdate(
+        cluster=node.cluster,
+        name=node.name,
+        sequence=0,
+        capacity=node.capacity,
+        allocatable=node.allocatable,
+        labels=node.labels,
+        taints=node.taints,
+        node_pool=node.node_pool,
+        zone=node.zone,
+        gpus=gpus,
+        pods=pods,
+    )
+
+
+def node_records(
+    fleet: Sequence[NodeUpdate],
+    n_records: int,
+    rng: np.random.Generator,
+    *,
+    first_sequence: int = 1,
+    observed_unix_ms: int | None = None,
+) -> Iterator[tuple[bytes, bytes]]:
+    """`n_records` (key, value) node reports cycling over `fleet` with sequences counting up
+    from `first_sequence`: the last record of every node holds its highest sequence."""
+    ms = int(time.time() * 1000) if observed_unix_ms is None else observed_unix_ms
+    for i in range(n_records):
+        node = fleet[i % len(fleet)]
+        report = _varied(node, rng, i // len(fleet))
+        record = encode_node(report, sequence=first_sequence + i, observed_unix_ms=ms)
+        yield node_key(node.cluster, node.name), record.SerializeToString()
+
+
+def malformed_records() -> list[tuple[bytes, bytes, str]]:
+    """(key, value, expected dead-letter reason) for every kind of bad record."""
+    good = pb.TelemetryRecord(cluster="bad-cluster", sequence=1, observed_unix_ms=1)
+    good.node.name = "n1"
+    no_seq = pb.TelemetryRecord()
+    no_seq.CopyFrom(good)
+    no_seq.sequence = 0
+    bad_gpu = pb.TelemetryRecord()
+    bad_gpu.CopyFrom(good)
+    bad_gpu.node.gpus.add(index=0, health=pb.GPU_HEALTH_HEALTHY, utilization_ratio=7.0)
+    negative = pb.TelemetryRecord()
+    negative.CopyFrom(good)
+    negative.node.capacity.cpu_millicores = -5
+    return [
+        (b"bad-cluster/n1", b"\x08\x96\x01garbage\xff\xff", "undecodable"),
+        (b"bad-cluster/n1", b"", "empty"),
+        (b"bad-cluster/n1", no_seq.SerializeToString(), "no-sequence"),
+        (b"bad-cluster/n1", bad_gpu.SerializeToString(), "bad-gpus"),
+        (b"bad-cluster/n1", negative.SerializeToString(), "bad-resources"),
+        (b"bad-cluster/elsewhere", good.SerializeToString(), "key-mismatch"),
+    ]
+
+
+async def produce(
+    bootstrap_servers: str,
+    topic: str,
+    records: Iterator[tuple[bytes, bytes]] | Sequence[tuple[bytes, bytes]],
+    **client_options: Any,
+) -> int:
+    """Publish (key, value) records and wait for every acknowledgement; returns the count."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=1 << 20,
+        **client_options,
+    )
+    await producer.start()
+    count = 0
+    try:
+        batch = []
+        for key, value in records:
+            batch.append(await producer.send(topic, value=value, key=key))
+            count += 1
+            if len(batch) >= 10_000:
+                await asyncio.gather(*batch)
+                batch.clear()
+        await asyncio.gather(*batch)
+    finally:
+        await producer.stop()
+    return count
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(prog="python -m fleetd.loadgen", description=__doc__)
+    parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    parser.add_argument("--topic", default="fleet.telemetry.v1")
+    parser.add_argument("--clusters", type=int, default=2)
+    parser.add_argument("--nodes", type=int, default=1000, help="nodes per cluster")
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--malformed", action="store_true", help="also publish bad records")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    fleet = synthetic_fleet(rng, clusters=args.clusters, nodes_per_cluster=args.nodes)
+    records: list[tuple[bytes, bytes]] = list(node_records(fleet, args.records, rng))
+    if args.malformed:
+        records += [(k, v) for k, v, _ in malformed_records()]
+    started = time.perf_counter()
+    count = asyncio.run(produce(args.bootstrap_servers, args.topic, records))
+    elapsed_s = time.perf_counter() - started
+    print(json.dumps({"records": count, "seconds": round(elapsed_s, 3),
+                      "records_per_s": round(count / elapsed_s)}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Telemetry from Kafka: a consumer group on `fleet.telemetry.v1` feeding the fleet state.
+
+Delivery contract:
+- offsets are committed (manually) only after the batch they end was applied, so a crash
+  or a broker restart redelivers, never loses;
+- redelivery is harmless: a `SequenceGate` drops records at or below the last sequence
+  applied for their node or pool;
+- a record that does not decode or validate goes to the dead-letter topic with the reason
+  in the `fleetd-dlq-reason` header (and is counted); the consumer goes on;
+- once the consumer has caught up with the end offsets its partitions had at assignment,
+  it reports `ClusterSynced(cluster, "kafka")` for every cluster it has seen (readiness).
+
+Staleness (a node with no report for `staleness.node_stale_after_s` is unschedulable until
+it reports again) is swept by the state owner for every source alike (`FleetState.mark_stale`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from fleetd.sources.base import Backoff, UpdateSink
+from fleetd.sources.codec import InvalidTelemetry, decode
+from fleetd.sources.memory import StateSink
+from fleetd.sources.metrics import SourceMetrics
+from fleetd.sources.updates import ClusterSynced, SequenceGate, Update
+
+log = logging.getLogger(__name__)
+
+SOURCE = "kafka"
+DLQ_REASON_HEADER = "fleetd-dlq-reason"
+DLQ_DETAIL_HEADER = "fleetd-dlq-detail"
+DLQ_ORIGIN_HEADER = "fleetd-dlq-origin"
+
+
+@dataclass(frozen=True)
+class KafkaSourceSettings:
+    """Everything the Kafka source needs; `from_config` fills it from fleetd's config."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "fleet.telemetry.v1"
+    dead_letter_topic: str = "fleet.telemetry.v1.dlq"
+    group_id: str = "fleetd"
+    client_id: str = "fleetd"
+    #: Clusters whose first report the initial sync (readiness) waits for.
+    required_clusters: frozenset[str] = frozenset()
+    max_batch_records: int = 5000
+    poll_timeout_ms: int = 200
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 10.0
+    #: Extra keyword arguments for both aiokafka clients (security settings and the like).
+    client_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class KafkaSource:
+    """A supervised long-lived task: `await source.run()` until cancelled.
+
+    `ready` is set once the consumer has caught up with the end offsets its partitions
+    had when they were assigned, and every required cluster has reported; from then on
+    each newly seen cluster is reported synced with its first batch.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSourceSettings,
+        sink: UpdateSink,
+        *,
+        metrics: SourceMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.metrics = metrics if metrics is not None else SourceMetrics()
+        self.ready = asyncio.Event()
+        self._gate = SequenceGate()
+        self._initial_end: dict[TopicPartition, int] | None = None
+        self._next_offset: dict[TopicPartition, int] = {}
+        self._seen_clusters: set[str] = set()
+        self._synced_clusters: set[str] = set()
+        #: Records handled (any outcome): tests and benchmarks await progress on it.
+        self.records_handled = 0
+        self.progress = asyncio.Condition()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Consume until cancelled. Connection failures are retried with backoff."""
+        s = self.settings
+        backoff = Backoff(s.backoff_initial_s, s.backoff_max_s)
+        while True:
+            consumer = AIOKafkaConsumer(
+                s.topic,
+                bootstrap_servers=s.bootstrap_servers,
+                group_id=s.group_id,
+                client_id=s.client_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                **s.client_options,
+            )
+            producer = AIOKafkaProducer(
+                bootstrap_servers=s.bootstrap_servers,
+                client_id=f"{s.client_id}-dlq",
+                acks="all",
+                enable_idempotence=True,
+                **s.client_options,
+            )
+            try:
+                await consumer.start()
+                await producer.start()
+            except KafkaError as exc:
+                delay = backoff.next_delay_s()
+                log.warning("kafka: cannot connect to %s (%s); retry in %.1fs",
+                            s.bootstrap_servers, exc, delay)  # fmt: skip
+                await _stop_quietly(consumer, producer)
+                await asyncio.sleep(delay)
+                continue
+            log.info("kafka: consuming %s as group %s", s.topic, s.group_id)
+            backoff.reset()
+            try:
+                await self._consume(consumer, producer)
+            except KafkaError as exc:
+                # Non-retriable client errors: start over with fresh clients; what was not
+                # committed is redelivered and the sequence gate drops what was applied.
+                delay = backoff.next_delay_s()
+                log.warning("kafka: consumer failed (%s); restarting in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+            finally:
+                await _stop_quietly(consumer, producer)
+
+    # ------------------------------------------------------------------ consuming
+
+    async def _consume(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+        s = self.settings
+        while True:
+            batches = await consumer.getmany(
+                timeout_ms=s.poll_timeout_ms, max_records=s.max_batch_records
+            )
+            if batches:
+                await self.process(batches, consumer, producer)
+            if not self.ready.is_set():
+                await self._check_initial_sync(consumer)
+
+    async def process(
+        self,
+        batches: Mapping[TopicPartition, list[Any]],
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+    ) -> None:
+        """Decode, dead-letter, apply and commit one poll's worth of records."""
+        updates: list[Update] = []
+        dead: list[tuple[Any, InvalidTelemetry]] = []
+        offsets: dict[TopicPartition, int] = {}
+        duplicates = 0
+        for tp, records in batches.items():
+            for rec in records:
+                try:
+                    update = decode(rec.key, rec.value)
+                except InvalidTelemetry as exc:
+                    dead.append((rec, exc))
+                    continue
+                if not self._gate.admit(update):
+                    duplicates += 1
+                    continue
+                updates.append(update)
+                if update.cluster not in self._seen_clusters:
+                    self._seen_clusters.add(update.cluster)
+            if records:
+                offsets[tp] = records[-1].offset + 1
+        if self.ready.is_set():
+            # After the initial sync, a cluster's first records make it synced at once.
+            updates += self._synced_markers()
+        if dead:
+            await self._dead_letter(producer, dead)
+        if updates:
+            await self.sink.apply(updates)
+        await self._commit(consumer, offsets)
+        self._next_offset.update(offsets)
+        self._record_metrics(consumer, applied=len(updates), duplicates=duplicates, dead=dead)
+        async with self.progress:
+            self.records_handled += sum(len(r) for r in batches.values())
+            self.progress.notify_all()
+
+    async def _dead_letter(
+        self, producer: AIOKafkaProducer, dead: list[tuple[Any, InvalidTelemetry]]
+    ) -> None:
+        """Publish every dead record and wait for the broker's acknowledgement: the offsets
+        behind them are committed only afterwards, so none is lost on a crash."""
+        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+        while True:
+            try:
+                futures = []
+                for rec, exc in dead:
+                    headers = [
+                        (DLQ_REASON_HEADER, exc.reason.encode()),
+                        (DLQ_DETAIL_HEADER, exc.detail.encode()[:1024]),
+                        (DLQ_ORIGIN_HEADER, f"{rec.topic}/{rec.partition}/{rec.offset}".encode()),
+                    ]
+                    futures.append(
+                        await producer.send(
+                            self.settings.dead_letter_topic,
+                            value=rec.value,
+                            key=rec.key,
+                            headers=headers,
+                        )
+                    )
+                await asyncio.gather(*futures)
+                break
+            except KafkaError as err:
+                delay = backoff.next_delay_s()
+                log.warning("kafka: dead-letter publish failed (%s); retry in %.1fs", err, delay)
+                await asyncio.sleep(delay)
+        for rec, exc in dead:
+            log.warning(
+                "kafka: dead-lettered %s/%d/%d: %s",
+                rec.topic, rec.partition, rec.offset, exc,
+            )  # fmt: skip
+            self.metrics.dead_letters.labels(reason=exc.reason).inc()
+
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]
+    ) -> None:
+        if not offsets:
+            return
+        try:
+            # aiokafka retries retriable errors (coordinator moving, broker restarting)
+            # inside commit; what reaches us is final for this batch.
+            await consumer.commit(dict(offsets))
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group rebalanced: another member (or we, after rejoining) gets these
+            # records again and the sequence gate drops what was applied already.
+            log.warning("kafka: commit after rebalance not accepted: %s", exc)
+        except KafkaError as exc:
+            log.warning("kafka: commit failed (%s); the next commit covers it", exc)
+
+    def _record_metrics(
+        self,
+        consumer: AIOKafkaConsumer,
+        *,
+        applied: int,
+        duplicates: int,
+        dead: list[tuple[Any, InvalidTelemetry]],
+    ) -> None:
+        m = self.metrics
+        for outcome, n in (
+            ("applied", applied),
+            ("duplicate", duplicates),
+            ("dead_lettered", len(dead)),
+        ):
+            if n:
+                m.telemetry_records.labels(outcome=outcome).inc(n)
+        for tp, next_offset in self._next_offset.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                m.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(0, highwater - next_offset)
+                )
+
+    async def _check_initial_sync(self, consumer: AIOKafkaConsumer) -> None:
+        assignment = consumer.assignment()
+        if not assignment:
+            return
+        if self._initial_end is None or set(self._initial_end) != assignment:
+            self._initial_end = await consumer.end_offsets(list(assignment))
+        for tp, end in self._initial_end.items():
+            if await consumer.position(tp) < end:
+                return
+        missing = self.settings.required_clusters - self._seen_clusters
+        if missing:
+            return
+        log.info("kafka: initial sync done (%d partitions, clusters %s)",
+                 len(assignment), ", ".join(sorted(self._seen_clusters)))  # fmt: skip
+        markers = self._synced_markers()
+        if markers:
+            await self.sink.apply(markers)
+        self.ready.set()
+
+    def _synced_markers(self) -> list[Update]:
+        fresh = sorted(self._seen_clusters - self._synced_clusters)
+        self._synced_clusters.update(fresh)
+        return [ClusterSynced(cluster=c, source=SOURCE) for c in fresh]
+
+    async def wait_handled(self, count: int) -> None:
+        """Wait until at least `count` records were handled (tests, benchmarks)."""
+        async with self.progress:
+            await self.progress.wait_for(lambda: self.records_handled >= count)
+
+
+async def _stop_quietly(*clients: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.stop()
+
+
+def settings_from_config(config: Any) -> KafkaSourceSettings:
+    """KafkaSourceSettings from fleetd's `sources.kafka` config section."""
+    return KafkaSourceSettings(
+        bootstrap_servers=config.bootstrap_servers,
+        topic=config.topic,
+        dead_letter_topic=config.dead_letter_topic,
+        group_id=config.group_id,
+        required_clusters=frozenset(config.clusters),
+    )
+
+
+def build(config: Any, state: Any, daemon_metrics: Any) -> Callable[[], Awaitable[None]]:
+    """The daemon's hook: a Kafka source feeding `state`; returns its `run` coroutine function.
+
+    Readiness waits for `ClusterSynced(cluster, "kafka")` of every configured cluster.
+    """
+    settings = settings_from_config(config)
+    for cluster in sorted(settings.required_clusters):
+        state.expect_source(SOURCE, cluster)
+    metrics = SourceMetrics.for_daemon(daemon_metrics)
+    sink = StateSink(state, lambda kind: metrics.telemetry_records.labels("rejected").inc())
+    return KafkaSource(settings, sink, metrics=metrics).run

@@ -1,0 +1,119 @@
+"""Sinks that are not the daemon's state: a plain in-memory view, and the adapter in front
+of `FleetState`.
+
+`FleetView` folds updates into dictionaries (latest node state, pods by node, pools,
+stale and synced flags). The agent keeps its picture of a cluster in one; tests and
+benchmarks use it to await what a source delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fleetd.sources.updates import (
+    ClusterSynced,
+    NodePoolRemoved,
+    NodePoolUpdate,
+    NodeRemoved,
+    NodeStale,
+    NodeUpdate,
+    PodObserved,
+    PodRemoved,
+    Update,
+)
+
+log = logging.getLogger(__name__)
+
+
+class FleetView:
+    """The latest state of every node, pod and pool a source reported (an UpdateSink)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[tuple[str, str], NodeUpdate] = {}
+        #: (cluster, node) -> pod uid -> pod
+        self.pods: dict[tuple[str, str], dict[str, PodObserved]] = {}
+        self.pools: dict[tuple[str, str], NodePoolUpdate] = {}
+        self.stale: set[tuple[str, str]] = set()
+        self.synced: set[tuple[str, str]] = set()
+        self.applied = 0
+        self._changed = asyncio.Condition()
+
+    def apply_now(self, update: Update) -> None:
+        """Fold one update in."""
+        self.applied += 1
+        if isinstance(update, NodeUpdate):
+            key = (update.cluster, update.name)
+            self.nodes[key] = update
+            if update.pods is not None:
+                self.pods[key] = {_pod_key(p): p for p in update.pods}
+        elif isinstance(update, NodeRemoved):
+            key = (update.cluster, update.name)
+            self.nodes.pop(key, None)
+            self.pods.pop(key, None)
+            self.stale.discard(key)
+        elif isinstance(update, NodeStale):
+            key = (update.cluster, update.name)
+            if update.stale:
+                self.stale.add(key)
+            else:
+                self.stale.discard(key)
+        elif isinstance(update, PodObserved):
+            self.pods.setdefault((update.cluster, update.node), {})[_pod_key(update)] = update
+        elif isinstance(update, PodRemoved):
+            on_node = self.pods.get((update.cluster, update.node))
+            if on_node is not None:
+                on_node.pop(update.uid or f"{update.namespace}/{update.name}", None)
+        elif isinstance(update, NodePoolUpdate):
+            self.pools[(update.cluster, update.name)] = update
+        elif isinstance(update, NodePoolRemoved):
+            self.pools.pop((update.cluster, update.name), None)
+        elif isinstance(update, ClusterSynced):
+            self.synced.add((update.source, update.cluster))
+
+    async def apply(self, updates: Sequence[Update]) -> None:
+        """Fold `updates` in, in order, and wake every `wait_for`."""
+        for update in updates:
+            self.apply_now(update)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+        """Wait until `predicate()` holds after some apply (TimeoutError after `timeout_s`)."""
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(predicate)
+
+    def node(self, cluster: str, name: str) -> NodeUpdate | None:
+        """The latest report of a node, if it is known."""
+        return self.nodes.get((cluster, name))
+
+    def pods_on(self, cluster: str, node: str) -> tuple[PodObserved, ...]:
+        """The pods on a node, sorted by namespace and name."""
+        pods = self.pods.get((cluster, node), {}).values()
+        return tuple(sorted(pods, key=lambda p: (p.namespace, p.name, p.uid)))
+
+
+def _pod_key(p: PodObserved) -> str:
+    return p.uid or f"{p.namespace}/{p.name}"
+
+
+class StateSink:
+    """Adapts the daemon's `FleetState` (one update at a time, synchronous on the loop) to
+    the batch `UpdateSink` the sources feed."""
+
+    def __init__(self, state: Any, on_rejected: Callable[[str], None] | None = None) -> None:
+        self.state = state
+        self.on_rejected = on_rejected
+
+    async def apply(self, updates: Sequence[Update]) -> None:
+        """Apply `updates` in order; one the state refuses (ValueError) is logged and skipped."""
+        apply_now = self.state.apply_now
+        for update in updates:
+            try:
+                apply_now(update)
+            except ValueError as exc:
+                log.warning("state refused an update: %s", exc)
+                if self.on_rejected is not None:
+                    self.on_rejected(type(update).__name__)
