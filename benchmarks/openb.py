@@ -38,11 +38,11 @@ from benchmarks.traces import (
     load_published,
     resolve_pod_list,
 )
-from scheduling.fragmentation import typical_pods
-from scheduling.replay.policies import POLICY_NAMES, make_policy
+from scheduling.replay.policies import RANDOM_NODE_ORDER, fleet_typical_pods, make_policy
 from scheduling.replay.recorder import alloc_curve
-from scheduling.replay.simulator import ReplayResult, replay
+from scheduling.replay.simulator import ReplayResult, build_fleet, fleet_model_ids, replay
 from scheduling.replay.trace import arrival_order
+from scheduling.scoring import scorer_names
 
 REPORT_POINTS = (90, 100, 110, 120, 130)
 PUBLISHED_POLICIES = ("Random", "DotProd", "GpuClustering", "GpuPacking", "BestFit", "FGD")
@@ -74,12 +74,16 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_policies(text: str) -> list[str]:
-    """Comma-separated policy names, each one of POLICY_NAMES."""
+    """Comma-separated policies; each a scorer name or weighted terms joined by "+"
+    (e.g. "fgd-cpu,best-fit,gpu-packing:1+best-fit:1")."""
     names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in names if p not in POLICY_NAMES]
+    known = set(scorer_names())
+    unknown = [
+        p for p in names if any(t.partition(":")[0].strip() not in known for t in p.split("+"))
+    ]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown policy {', '.join(unknown) or '(none)'}; known: {', '.join(POLICY_NAMES)}"
+            f"unknown policy {', '.join(unknown) or '(none)'}; known scorers: {', '.join(sorted(known))}"
         )
     return names
 
@@ -105,13 +109,18 @@ def run_seed(
     rng = np.random.default_rng(seed)
     p = pods.trace
     order = arrival_order(p.gpu_request_milli, p.gpu_milli, nodes.trace.total_gpu_milli, ratio, rng)
-    node_rank = rng.permutation(nodes.trace.n_nodes)
-    typical = typical_pods(p.cpu_milli, p.gpu_milli, p.num_gpu, p.spec_id, p.spec_allowed)
-    chosen = make_policy(
-        policy, typical, nodes.trace.model_id, node_rank if policy == "fgd" else None
+    node_order = rng.permutation(nodes.trace.n_nodes).astype(np.int64)
+    slot_node = (
+        node_order
+        if policy in RANDOM_NODE_ORDER
+        else np.arange(nodes.trace.n_nodes, dtype=np.int64)
     )
+    fleet = build_fleet(nodes.trace, nodes.names, slot_node)
+    model_ids = fleet_model_ids(fleet, nodes.trace.models)
+    typical = fleet_typical_pods(p, model_ids, len(fleet.gpu_models))
+    chosen = make_policy(policy, typical)
     start = time.perf_counter()
-    result = replay(nodes.trace, p, order, chosen)
+    result = replay(fleet, slot_node, p, pods.specs, order, chosen)
     seconds = time.perf_counter() - start
     total_gpus = int(nodes.trace.num_gpus.sum())
     curve = alloc_curve(result.arrived_gpu_milli, result.used_gpu_milli, total_gpus)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from scheduling.replay.simulator import pod_specs
 from scheduling.replay.trace import NodeTrace, PodTrace
+from scheduling.workload import PodSpec
 
 TRACE_NAMES = ("default", "cpu050", "gpushare40", "gpuspec10", "multigpu20")
 """The openb pod lists shipped in ../shared/traces/openb (the FGD artifact used 17 such workloads)."""
@@ -118,6 +120,8 @@ class LoadedPods:
     names: list[str]
     source_rows: np.ndarray
     """(n_pods,) int64: the 0-based data row of each pod in the CSV file (rows are sorted by name)."""
+    specs: list[PodSpec]
+    """One engine PodSpec per pod row."""
 
 
 def load_nodes(path: Path) -> LoadedNodes:
@@ -199,7 +203,10 @@ def load_pods(path: Path, models: tuple[str, ...]) -> LoadedPods:
         spec_allowed=spec_allowed,
         specs=tuple(spec_vocabulary),
     )
-    return LoadedPods(trace=trace, names=[names[i] for i in order], source_rows=idx)
+    sorted_names = [names[i] for i in order]
+    return LoadedPods(
+        trace=trace, names=sorted_names, source_rows=idx, specs=pod_specs(trace, sorted_names)
+    )
 
 
 @dataclass(frozen=True)

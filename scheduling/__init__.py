@@ -8,8 +8,10 @@ Public surface (see each module):
   placement  place, commit, release, explain, PlacementResult
   explain    Reason, Explanation, REASON_TEXT
   reference  place_reference (the plain-loop reference with the same semantics)
+  fragmentation  FGD's fragmentation measure; registers the "fgd" and "fgd-cpu" scorers
 """
 
+from scheduling import fragmentation as fragmentation  # registers "fgd", "fgd-cpu"
 from scheduling.explain import REASON_TEXT, Explanation, Reason
 from scheduling.fleet import GPU_MILLI, Allocation, AllocationError, Fleet, NodeSpec, Taint
 from scheduling.placement import PlacementResult, commit, explain, place, release

@@ -23,10 +23,13 @@ increase step 1, no GPU weighting).
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
+
+from scheduling.filters import Constraints
+from scheduling.scoring import NodeView, ScoreResult, register_scorer
 
 MILLI_PER_GPU = 1000
 DEFAULT_MILLI_CPU_REQUEST = 100
@@ -54,6 +57,15 @@ class TypicalPods:
     num_gpu: IntArray
     model_allowed: BoolArray
     freq: FloatArray
+    distinct_gpu_milli: IntArray = field(init=False, repr=False, compare=False)
+    """Sorted distinct per-GPU requests (derived)."""
+    distinct_index: IntArray = field(init=False, repr=False, compare=False)
+    """(n_types,) index of each type's per-GPU request in `distinct_gpu_milli` (derived)."""
+
+    def __post_init__(self) -> None:
+        values, inverse = np.unique(np.asarray(self.gpu_milli, dtype=np.int64), return_inverse=True)
+        object.__setattr__(self, "distinct_gpu_milli", values)
+        object.__setattr__(self, "distinct_index", inverse.reshape(-1))
 
     @property
     def n_types(self) -> int:
@@ -127,7 +139,7 @@ def frag_milli(
     total: FloatArray = left.sum(axis=1).astype(np.float64)
     if left.shape[0] == 0:
         return total
-    values, inverse = np.unique(typical.gpu_milli, return_inverse=True)
+    values, inverse = typical.distinct_gpu_milli, typical.distinct_index
     # Per distinct per-GPU request m: GPUs with at least m free, and the milli on the others.
     at_least = left[:, :, None] >= values[None, None, :]
     count_ge = at_least.sum(axis=1)
@@ -252,84 +264,223 @@ def cpu_stranded_gpu_milli(
     return stranded
 
 
-class FragmentationMemo:
-    """Caches node fragmentation across calls, recomputing only nodes whose state changed.
+def pod_candidate_shape(
+    cpu_millicores: int, gpus_per_pod: int, milli_per_gpu: int
+) -> tuple[int, int, int]:
+    """(cpu, per-GPU milli, GPU count) of a pod as `candidate_states` takes it."""
+    if gpus_per_pod == 0:
+        return int(cpu_millicores), 0, 0
+    if milli_per_gpu < MILLI_PER_GPU:
+        return int(cpu_millicores), int(milli_per_gpu), 1
+    return int(cpu_millicores), MILLI_PER_GPU, int(gpus_per_pod)
 
-    The FGD score of a node for a pod shape depends only on the node's state and the shape, and
-    one placement changes one node; so the memo keeps, per shape, the fragmentation after each
-    candidate placement on each node, and refreshes the nodes that changed since. It compares the
-    state it is given with the last one it saw, so it stays correct whoever mutates the fleet.
-    Values are those of the pure functions above; the memo only avoids recomputing them.
+
+class FragmentationMemo:
+    """Caches fragmentation per fleet slot, recomputing only slots whose state changed.
+
+    The FGD score of a node for a pod shape depends only on the node's state (free CPU, free
+    milli per GPU, GPU model) and the shape, and one placement changes one node. The memo keeps
+    the last state it saw for each slot; a slot whose state differs is recomputed, whoever
+    changed it (a commit, or the engine scoring a hypothetical state). Values are exactly those
+    of `frag_milli` / `frag_after`; the memo only avoids recomputing them.
     """
 
-    def __init__(self, typical: TypicalPods, node_model: NDArray[np.integer]) -> None:
-        """typical: the target workload; node_model: (n_nodes,) GPU model index per node."""
+    def __init__(self, typical: TypicalPods) -> None:
+        """typical: the target workload (model columns indexed by the fleet's model ids)."""
         self.typical = typical
-        self.node_model = np.asarray(node_model, dtype=np.int64)
-        n = int(self.node_model.shape[0])
-        self._seen_cpu: IntArray | None = None
-        self._seen_gpu: IntArray | None = None
-        self._changed_at = np.zeros(n, dtype=np.int64)
+        self._capacity = 0
+        self._gpus = -1
         self._clock = 0
-        self._now = np.zeros(n, dtype=np.float64)
-        self._now_at = np.full(n, -1, dtype=np.int64)
+        self._reset(0, 0)
+
+    def _reset(self, capacity: int, gpus: int) -> None:
+        self._capacity, self._gpus = capacity, gpus
+        self._cpu = np.full(capacity, -1, dtype=np.int64)
+        self._gpu = np.full((capacity, gpus), -1, dtype=np.int64)
+        self._model = np.full(capacity, -2, dtype=np.int64)
+        self._changed_at = np.zeros(capacity, dtype=np.int64)
+        self._now = np.zeros(capacity, dtype=np.float64)
+        self._now_at = np.full(capacity, -1, dtype=np.int64)
         self._after: dict[Hashable, tuple[FloatArray, IntArray]] = {}
 
-    def _sync(self, cpu_left: IntArray, gpu_left: IntArray) -> None:
-        if (
-            self._seen_cpu is None
-            or self._seen_gpu is None
-            or self._seen_gpu.shape != gpu_left.shape
-        ):
-            self._clock += 1
-            self._changed_at[:] = self._clock
-        else:
-            changed = (self._seen_cpu != cpu_left) | (self._seen_gpu != gpu_left).any(axis=1)
-            if changed.any():
-                self._clock += 1
-                self._changed_at[changed] = self._clock
-        self._seen_cpu = cpu_left.copy()
-        self._seen_gpu = gpu_left.copy()
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - self._capacity
+        self._cpu = np.concatenate([self._cpu, np.full(extra, -1, dtype=np.int64)])
+        self._gpu = np.concatenate([self._gpu, np.full((extra, self._gpus), -1, dtype=np.int64)])
+        self._model = np.concatenate([self._model, np.full(extra, -2, dtype=np.int64)])
+        self._changed_at = np.concatenate([self._changed_at, np.zeros(extra, dtype=np.int64)])
+        self._now = np.concatenate([self._now, np.zeros(extra)])
+        self._now_at = np.concatenate([self._now_at, np.full(extra, -1, dtype=np.int64)])
+        for key, (values, at) in list(self._after.items()):
+            self._after[key] = (
+                np.concatenate([values, np.zeros((extra, values.shape[1]))]),
+                np.concatenate([at, np.full(extra, -1, dtype=np.int64)]),
+            )
+        self._capacity = capacity
 
-    def frag_now(self, cpu_left: IntArray, gpu_left: IntArray) -> FloatArray:
-        """(n_nodes,) current fragmentation of every node."""
-        self._sync(cpu_left, gpu_left)
-        stale = np.flatnonzero(self._now_at < self._changed_at)
+    def sync(
+        self, slots: IntArray, cpu_left: IntArray, gpu_left: IntArray, model: IntArray
+    ) -> None:
+        """Record the current state of `slots`; slots whose state changed become stale."""
+        gpus = int(gpu_left.shape[1])
+        if gpus != self._gpus:
+            self._reset(0, gpus)
+        top = int(slots.max()) + 1 if slots.size else 0
+        if top > self._capacity:
+            self._grow(max(top, 2 * self._capacity))
+        changed = (
+            (self._cpu[slots] != cpu_left)
+            | (self._model[slots] != model)
+            | (self._gpu[slots] != gpu_left).any(axis=1)
+        )
+        if changed.any():
+            self._clock += 1
+            moved = slots[changed]
+            self._changed_at[moved] = self._clock
+            self._cpu[moved] = cpu_left[changed]
+            self._gpu[moved] = gpu_left[changed]
+            self._model[moved] = model[changed]
+
+    def frag_now(self, slots: IntArray) -> FloatArray:
+        """(R,) current fragmentation of `slots` (call `sync` first)."""
+        stale = slots[self._now_at[slots] < self._changed_at[slots]]
         if stale.size:
             self._now[stale] = frag_milli(
-                cpu_left[stale], gpu_left[stale], self.node_model[stale], self.typical
+                self._cpu[stale], self._gpu[stale], self._model[stale], self.typical
             )
             self._now_at[stale] = self._clock
-        return self._now
+        result: FloatArray = self._now[slots]
+        return result
 
     def frag_after(
-        self,
-        cpu_left: IntArray,
-        gpu_left: IntArray,
-        pod_cpu_milli: int,
-        pod_gpu_milli: int,
-        pod_num_gpu: int,
+        self, slots: IntArray, pod_cpu_milli: int, pod_gpu_milli: int, pod_num_gpu: int
     ) -> FloatArray:
-        """(n_nodes, c) fragmentation after each candidate placement (see `frag_after`)."""
-        self._sync(cpu_left, gpu_left)
+        """(R, c) fragmentation of `slots` after each candidate placement (see `frag_after`)."""
         key = (int(pod_cpu_milli), int(pod_gpu_milli), int(pod_num_gpu))
-        n, max_gpus = gpu_left.shape
-        columns = max_gpus if 0 < pod_gpu_milli < MILLI_PER_GPU else 1
+        columns = self._gpus if 0 < pod_gpu_milli < MILLI_PER_GPU else 1
         entry = self._after.get(key)
         if entry is None:
-            entry = (np.zeros((n, columns), dtype=np.float64), np.full(n, -1, dtype=np.int64))
+            entry = (
+                np.zeros((self._capacity, columns), dtype=np.float64),
+                np.full(self._capacity, -1, dtype=np.int64),
+            )
             self._after[key] = entry
         values, computed_at = entry
-        stale = np.flatnonzero(computed_at < self._changed_at)
+        stale = slots[computed_at[slots] < self._changed_at[slots]]
         if stale.size:
             values[stale] = frag_after(
-                cpu_left[stale],
-                gpu_left[stale],
-                self.node_model[stale],
-                self.typical,
-                pod_cpu_milli,
-                pod_gpu_milli,
-                pod_num_gpu,
-            )
+                self._cpu[stale], self._gpu[stale], self._model[stale], self.typical,
+                pod_cpu_milli, pod_gpu_milli, pod_num_gpu,
+            )  # fmt: skip
             computed_at[stale] = self._clock
-        return values
+        result: FloatArray = values[slots]
+        return result
+
+
+def _model_columns(typical: TypicalPods, n_models: int) -> TypicalPods:
+    """`typical` with model columns for ids 0..n_models-1: a model id the workload did not
+    know is allowed for unconstrained types (all columns True) and refused for the others."""
+    have = typical.model_allowed.shape[1]
+    if n_models <= have:
+        return typical
+    unconstrained: BoolArray = (
+        np.asarray(typical.model_allowed.all(axis=1), dtype=bool)
+        if have
+        else np.ones(typical.n_types, dtype=bool)
+    )
+    pad = np.repeat(unconstrained[:, None], n_models - have, axis=1)
+    return TypicalPods(
+        cpu_milli=typical.cpu_milli,
+        gpu_milli=typical.gpu_milli,
+        num_gpu=typical.num_gpu,
+        model_allowed=np.concatenate([typical.model_allowed, pad], axis=1),
+        freq=typical.freq,
+    )
+
+
+class FragmentationScorer:
+    """Score plugin "fgd" / "fgd-cpu" for the placement engine (`scheduling.scoring`).
+
+    Scores each candidate node with the FGD artifact's integer score,
+    int(sigmoid((F_now - F_next) / 1000) x 100) (0..100, higher better), where F is
+    `frag_milli` against the target workload `typical`, and chooses the GPU of a fractional
+    pod: the lowest-index GPU with the node's best score (`calculateGpuShareFragExtendScore`).
+    Whole GPUs are the lowest-index free ones. The engine breaks ties by lowest slot.
+
+    With `cpu_stranding_weight` > 0 ("fgd-cpu", fleetd's default on GPU-sharing fleets), the
+    increase of `cpu_stranded_gpu_milli` (idle GPU milli the node's free CPU can no longer feed
+    at the workload's CPU-per-GPU ratio), times the weight, is added to F_next before scoring.
+
+    Node-local (a node's score depends on its state, the pod and `typical` only), as the
+    engine requires. `typical.model_allowed` columns are the fleet's GPU model ids.
+    """
+
+    chooses_gpus = True
+
+    def __init__(
+        self, typical: TypicalPods, cpu_stranding_weight: float = 0.0, name: str = "fgd"
+    ) -> None:
+        """typical: target workload; cpu_stranding_weight: 0 = FGD, 1 = fleetd's fgd-cpu."""
+        if not np.isfinite(cpu_stranding_weight) or cpu_stranding_weight < 0:
+            raise ValueError(f"{name}: cpu_stranding_weight must be finite and >= 0")
+        if typical.n_types == 0:
+            raise ValueError(f"{name}: the target workload has no pod types")
+        self.name = name
+        self.typical = typical
+        self.cpu_stranding_weight = float(cpu_stranding_weight)
+        self.cpu_per_gpu_milli = cpu_milli_per_gpu_milli(typical)
+        self.memo = FragmentationMemo(typical)
+
+    def score(self, view: NodeView, c: Constraints, pick: IntArray) -> ScoreResult:
+        """Integer FGD scores (as float64) and the GPU bitmask each node would give the pod."""
+        slots = np.asarray(view.slots, dtype=np.int64)
+        rows = int(slots.size)
+        if rows == 0:
+            return ScoreResult(np.zeros(0), np.zeros(0, dtype=np.int64))
+        model = np.asarray(view.gpu_model_id, dtype=np.int64)
+        n_models = int(model.max()) + 1 if model.size else 0
+        if n_models > self.memo.typical.model_allowed.shape[1]:
+            self.memo = FragmentationMemo(_model_columns(self.typical, n_models))
+        cpu_left = np.asarray(view.cpu_free_millicores, dtype=np.int64)
+        gpu_left = np.asarray(view.gpu_free_milli, dtype=np.int64)
+        self.memo.sync(slots, cpu_left, gpu_left, model)
+        pod_cpu, pod_milli, pod_num = pod_candidate_shape(
+            c.cpu_millicores, c.gpus_per_pod, c.milli_per_gpu
+        )
+        now = self.memo.frag_now(slots)
+        after = self.memo.frag_after(slots, pod_cpu, pod_milli, pod_num)
+        if self.cpu_stranding_weight:
+            idle = gpu_left.sum(axis=1)
+            request = pod_milli * pod_num
+            before = cpu_stranded_gpu_milli(idle, cpu_left, self.cpu_per_gpu_milli)
+            later = cpu_stranded_gpu_milli(
+                idle - request, cpu_left - pod_cpu, self.cpu_per_gpu_milli
+            )
+            after = after + self.cpu_stranding_weight * (later - before)[:, None]
+        scores = fgd_score(now[:, None], after)
+        best = scores.max(axis=1)
+        if pod_num == 0:
+            gpu_pick = np.zeros(rows, dtype=np.int64)
+        elif 0 < pod_milli < MILLI_PER_GPU:
+            column = scores.argmax(axis=1).astype(np.int64)
+            gpu_pick = np.where(best >= 0, np.left_shift(np.int64(1), column), 0).astype(np.int64)
+        else:
+            full = gpu_left >= MILLI_PER_GPU
+            take = full & (np.cumsum(full, axis=1) <= pod_num)
+            weights = np.left_shift(np.int64(1), np.arange(gpu_left.shape[1], dtype=np.int64))
+            gpu_pick = np.where(take.sum(axis=1) == pod_num, take.astype(np.int64) @ weights, 0)
+        return ScoreResult(
+            np.where(best >= 0, best, -np.inf).astype(np.float64), gpu_pick.astype(np.int64)
+        )
+
+
+def _fgd(typical: TypicalPods) -> FragmentationScorer:
+    return FragmentationScorer(typical, 0.0, name="fgd")
+
+
+def _fgd_cpu(typical: TypicalPods, cpu_stranding_weight: float = 1.0) -> FragmentationScorer:
+    return FragmentationScorer(typical, cpu_stranding_weight, name="fgd-cpu")
+
+
+register_scorer("fgd", _fgd, replace=True)
+register_scorer("fgd-cpu", _fgd_cpu, replace=True)

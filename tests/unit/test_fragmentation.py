@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from scheduling import Allocation, Fleet, NodeSpec, PodSpec, Policy, place
 from scheduling.fragmentation import (
     FragmentationMemo,
     TypicalPods,
@@ -157,13 +158,66 @@ def test_memo_matches_direct_computation_after_changes() -> None:
     cpu = rng.integers(0, 20000, size=30)
     gpus = rng.choice([0, 300, 500, 1000], size=(30, 4))
     model = rng.integers(0, 2, size=30)
-    memo = FragmentationMemo(TYPICAL, model)
+    memo = FragmentationMemo(TYPICAL)
+    slots = np.arange(30)
     for step in range(5):
-        assert np.allclose(memo.frag_now(cpu, gpus), frag_milli(cpu, gpus, model, TYPICAL))
+        memo.sync(slots, cpu, gpus, model)
+        assert np.allclose(memo.frag_now(slots), frag_milli(cpu, gpus, model, TYPICAL))
         direct = frag_after(cpu, gpus, model, TYPICAL, 4000, 500, 1)
-        assert np.array_equal(memo.frag_after(cpu, gpus, 4000, 500, 1), direct)
+        assert np.array_equal(memo.frag_after(slots, 4000, 500, 1), direct)
+        # A subset of the slots, in another order, as the engine's candidate rows.
+        sub = slots[::-3]
+        memo.sync(sub, cpu[sub], gpus[sub], model[sub])
+        assert np.array_equal(memo.frag_after(sub, 4000, 500, 1), direct[sub])
         node = step * 3
-        cpu = cpu.copy()
-        gpus = gpus.copy()
+        cpu, gpus = cpu.copy(), gpus.copy()
         cpu[node] = max(0, cpu[node] - 1000)
         gpus[node, 0] = 0
+
+
+def two_node_fleet(cpu: tuple[int, int]) -> Fleet:
+    # Model "A" gets fleet id 0, matching TYPICAL's first model column.
+    fleet = Fleet(max_gpus=2)
+    for name, millicores in zip(("n0", "n1"), cpu, strict=True):
+        fleet.add_node(NodeSpec(name, "c", millicores, 64 << 30, gpu_count=2, gpu_model="A"))
+    return fleet
+
+
+def test_fgd_scorer_in_the_engine_packs_a_share_next_to_a_share() -> None:
+    # n1 already holds a 500 share on GPU0: [500, 1000]; n0 is idle: [1000, 1000].
+    # A 500 share (4000m):
+    #   on n0 GPU0 -> [500, 1000]: F 500 -> 750 (B, C see 1500 idle): score int(100 s(-0.25)) = 43
+    #   on n1 GPU0 -> [0, 1000]:   F 750 -> 500 (B, C see 1000 idle): score int(100 s(0.25)) = 56
+    #   on n1 GPU1 -> [500, 500]:  F 750 -> 500 as well: 56, GPU0 wins the tie (lowest index).
+    fleet = two_node_fleet((16000, 16000))
+    fleet.allocate(Allocation("n1", 0, 0, (0,), 500))
+    result = place(
+        fleet,
+        [PodSpec("p", cpu_millicores=4000, gpu_milli=500)],
+        Policy.parse("fgd", {"fgd": {"typical": TYPICAL}}),
+    )
+    assert (result.node(0), result.gpu_indices(0)) == ("n1", (0,))
+
+
+def test_fgd_cpu_keeps_cpu_only_pods_off_cpu_poor_nodes() -> None:
+    # CPU-only 4000m pod; n0 has 12000m, n1 64000m, both GPUs idle (2000 milli).
+    # FGD: n0 12000 -> 8000 still hosts every type (C needs 8000): delta 0, score 50; n1 too:
+    #   a tie, so FGD takes n0 (lowest slot).
+    # fgd-cpu: ratio 5.333m per milli (see test_cpu_stranding); n0 feeds 12000/5.333 = 2250
+    #   milli before (0 stranded), 8000/5.333 = 1500 after: 500 stranded -> score
+    #   int(100 s(-0.5)) = 37; n1 stays 50: fgd-cpu takes n1.
+    pod = PodSpec("p", cpu_millicores=4000)
+    fgd = place(
+        two_node_fleet((12000, 64000)), [pod], Policy.parse("fgd", {"fgd": {"typical": TYPICAL}})
+    )
+    cpu = place(
+        two_node_fleet((12000, 64000)),
+        [pod],
+        Policy.parse("fgd-cpu", {"fgd-cpu": {"typical": TYPICAL}}),
+    )
+    assert (fgd.node(0), cpu.node(0)) == ("n0", "n1")
+
+
+def test_fgd_needs_a_target_workload() -> None:
+    with pytest.raises(ValueError, match="fgd"):
+        Policy.parse("fgd")
