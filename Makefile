@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install lock demo test test-unit test-integration testbed lint bench proto clean
+.PHONY: help install lock demo test test-unit test-integration testbed testbed-up lint bench proto clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -37,6 +37,12 @@ test-unit: $(STAMP) ## unit tests of the core and the daemon, no test bed
 
 testbed: $(STAMP) ## build (or reuse from ~/.cache/fleetd-testbed) Kafka, etcd, kube-apiserver, kube-scheduler, kwok
 	$(BIN)/python -m tests.testbed build
+
+test-integration: $(STAMP) testbed ## integration tests only, against the real test bed
+	FLEETD_TESTBED=required $(BIN)/python -m pytest tests/integration -q
+
+testbed-up: $(STAMP) testbed ## start Kafka and both control planes until Ctrl-C (prints bootstrap and kubeconfig)
+	$(BIN)/python -m tests.testbed up
 
 test: $(STAMP) testbed ## the whole suite against the real test bed (started and stopped by the tests)
 	FLEETD_TESTBED=required $(BIN)/python -m pytest tests -q

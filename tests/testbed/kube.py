@@ -194,6 +194,12 @@ class KubeTestbed:
         self._clusters = {c.name: c for c in clusters}
         self._api_clients: dict[str, Any] = {}
 
+    def close(self) -> None:
+        """Close the cached API clients (their thread pools); the servers keep running."""
+        for api_client in self._api_clients.values():
+            api_client.close()
+        self._api_clients.clear()
+
     def cluster_processes(self, context: str) -> ClusterProcesses:
         """The processes of one cluster (for log paths in failure messages)."""
         self._check_context(context)

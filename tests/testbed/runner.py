@@ -8,6 +8,7 @@ tests.testbed up`` are thin layers over it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import tempfile
@@ -36,7 +37,10 @@ class TestbedRun:
     __test__ = False  # not a pytest test class
 
     def __init__(self, run_dir: Path | None = None) -> None:
-        self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="fleetd-testbed-"))
+        _sweep_abandoned_runs()
+        self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix=_RUN_PREFIX))
+        # Lets a later run tell a folder abandoned by a killed process from a live one.
+        (self.run_dir / _OWNER_FILE).write_text(f"{os.getpid()}\n")
         self.supervisor = Supervisor(self.run_dir / "logs")
         self._kafka: KafkaBroker | TestbedError | None = None
         self._kube: KubeTestbed | TestbedError | None = None
@@ -94,9 +98,43 @@ class TestbedRun:
 
     def close(self, keep: bool = False) -> None:
         """Stop every process; remove the run folder unless a start failed or ``keep``."""
+        if isinstance(self._kube, KubeTestbed):
+            self._kube.close()
         self.supervisor.stop_all()
-        if not (keep or self._failed):
+        if keep or self._failed:
+            (self.run_dir / _KEEP_FILE).write_text("kept for its logs\n")
+        else:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+_RUN_PREFIX = "fleetd-testbed-"
+_OWNER_FILE = "owner.pid"
+_KEEP_FILE = "KEPT"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_abandoned_runs() -> None:
+    """Remove run folders whose owner died without cleaning up (e.g. ``kill -9`` of pytest).
+
+    Its servers died with it (PR_SET_PDEATHSIG); only the folder is left. Folders kept on
+    purpose (a failed start, FLEETD_TESTBED_KEEP=1) carry a KEPT file and stay.
+    """
+    for folder in Path(tempfile.gettempdir()).glob(_RUN_PREFIX + "*"):
+        try:
+            owner = int((folder / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being created right now
+        if not (folder / _KEEP_FILE).exists() and not _pid_alive(owner):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_until_interrupted() -> int:
