@@ -410,7 +410,11 @@ def _start_apiserver(
             "--allow-privileged=true",
             "--profiling=false",
             "--enable-priority-and-fairness=false",
+            # No endpoints for the `kubernetes` service (nothing in the test bed needs them);
+            # that also lets the advertise address be loopback, which the default reconciler
+            # rejects, so the test bed runs on machines without a default route too.
             "--endpoint-reconciler-type=none",
+            "--advertise-address=127.0.0.1",
         ],
     )
     return proc, server
