@@ -13,6 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from tests.testbed.gpu_nodes import GPU_RESOURCE, KWOK_TOLERATION, NODEPOOL_LABEL
 from tests.testbed.kube import CLUSTERS, KubeTestbed
 from tests.testbed.procs import async_wait_until, wait_until
+from tests.testbed.runner import TestbedRun
 
 pytestmark = pytest.mark.testbed
 
@@ -137,3 +138,28 @@ def test_clusters_are_independent(kube: KubeTestbed) -> None:
         lambda: node_name not in {n.metadata.name for n in kube.core_v1(a).list_node().items},
         timeout_s=_AWAIT_S,
     )
+
+
+async def test_kafka_restart_keeps_address_and_data(
+    kafka_bootstrap: str, testbed_run: TestbedRun
+) -> None:
+    topic = _unique("smoke-restart")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"before")
+    finally:
+        await producer.stop()
+
+    broker = await asyncio.to_thread(testbed_run.restart_kafka)
+    assert broker.bootstrap == kafka_bootstrap
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        record = await asyncio.wait_for(consumer.getone(), _AWAIT_S)
+    finally:
+        await consumer.stop()
+    assert record.value == b"before"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,55 @@ logger.apache.level = INFO
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class KafkaBroker:
-    """A running broker: ``bootstrap`` is ``"127.0.0.1:<port>"`` for any Kafka client."""
+    """A running broker: ``bootstrap`` is ``"127.0.0.1:<port>"`` for any Kafka client.
+
+    ``process`` is the current broker process (replaced by :func:`restart_kafka`);
+    ``argv`` its command line, reused on restart (same ports, same data).
+    """
 
     bootstrap: str
     process: Process
     data_dir: Path
+    argv: list[str]
+
+
+def stop_kafka(broker: KafkaBroker, *, timeout_s: float = 60.0) -> None:
+    """Stop the broker cleanly (SIGTERM, as an operator would); SIGKILL after ``timeout_s``.
+
+    Clients see the broker go away; its data stays for :func:`restart_kafka`.
+    """
+    popen = broker.process.popen
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(10)
+
+
+def restart_kafka(broker: KafkaBroker, sup: Supervisor) -> KafkaBroker:
+    """Stop the broker if it runs, start it again on the same ports and data, await readiness.
+
+    Blocking; from async code use ``await asyncio.to_thread(restart_kafka, ...)`` (or
+    ``TestbedRun.restart_kafka``). Returns the same, updated, ``broker``.
+    """
+    stop_kafka(broker)
+    broker.process = sup.start("kafka", broker.argv)
+    _wait_ready(broker)
+    return broker
+
+
+def _wait_ready(broker: KafkaBroker) -> None:
+    wait_until(
+        f"kafka at {broker.bootstrap} (an admin client listing topics)",
+        lambda: admin_lists_topics(broker.bootstrap),
+        timeout_s=KAFKA_READY_TIMEOUT_S,
+        watch=[broker.process],
+        interval_s=0.5,
+    )
 
 
 def _server_properties(port: int, controller_port: int, data_dir: Path) -> str:
@@ -151,13 +194,7 @@ def start_kafka(arts: Artefacts, sup: Supervisor, run_dir: Path) -> KafkaBroker:
         raise TestbedError(
             f"kafka: formatting the storage failed ({exc}); log: {format_log}"
         ) from exc
-    proc = sup.start("kafka", [*jvm, "kafka.Kafka", str(props)])
-    bootstrap = f"127.0.0.1:{port}"
-    wait_until(
-        f"kafka at {bootstrap} (an admin client listing topics)",
-        lambda: admin_lists_topics(bootstrap),
-        timeout_s=KAFKA_READY_TIMEOUT_S,
-        watch=[proc],
-        interval_s=0.5,
-    )
-    return KafkaBroker(bootstrap, proc, data_dir)
+    argv = [*jvm, "kafka.Kafka", str(props)]
+    broker = KafkaBroker(f"127.0.0.1:{port}", sup.start("kafka", argv), data_dir, argv)
+    _wait_ready(broker)
+    return broker

@@ -6,13 +6,16 @@ then SIGKILL after a grace period), so children of children go too. It runs at f
 teardown, and again from ``atexit`` and on SIGTERM as a safety net (Ctrl-C raises
 KeyboardInterrupt, so teardown and ``atexit`` both run). Each child also asks the kernel
 to SIGKILL it if the process that started it dies (``PR_SET_PDEATHSIG``), which covers a
-``kill -9`` of pytest itself.
+``kill -9`` of pytest itself. That signal fires when the *thread* that forked the child
+exits, so every child is forked by one long-lived spawner thread: starting a server from
+``asyncio.to_thread`` or any short-lived thread is safe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import ctypes
 import os
@@ -99,8 +102,8 @@ class Process:
 class Supervisor:
     """Starts processes and guarantees they are all stopped (process groups, then SIGKILL).
 
-    Start processes from the main thread: PR_SET_PDEATHSIG fires when the *thread* that
-    forked the child exits.
+    Safe to use from any thread (children are forked by a spawner thread that lives as
+    long as the interpreter).
     """
 
     log_dir: Path
@@ -131,7 +134,8 @@ class Supervisor:
             log.write(("$ " + " ".join(argv) + "\n").encode())
             log.flush()
             try:
-                popen = subprocess.Popen(
+                popen = _SPAWNER.submit(
+                    subprocess.Popen,
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -140,7 +144,7 @@ class Supervisor:
                     cwd=cwd,
                     start_new_session=True,
                     preexec_fn=_die_with_parent,
-                )
+                ).result()
             except OSError as exc:
                 raise TestbedError(f"{name}: cannot start {argv[0]}: {exc}") from exc
         proc = Process(name, popen, log_path, stop_wave)
@@ -181,6 +185,9 @@ def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 
 
 _SUPERVISORS: list[Supervisor] = []
+# Its one worker thread idles until interpreter exit, so PR_SET_PDEATHSIG (tied to the
+# forking thread) fires only when the whole process goes.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="testbed-spawner")
 _HANDLER_INSTALLED = False
 
 

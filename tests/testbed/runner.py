@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from tests.testbed import versions
+from tests.testbed import kafka, versions
 from tests.testbed.build import Artefacts, artefacts
 from tests.testbed.kafka import KafkaBroker, start_kafka
 from tests.testbed.kube import KubeTestbed, start_kube
@@ -66,6 +66,20 @@ class TestbedRun:
         if isinstance(self._kafka, TestbedError):
             raise self._kafka
         return self._kafka
+
+    def stop_kafka(self) -> None:
+        """Stop the session's broker cleanly (for outage tests); ``restart_kafka`` brings it back.
+
+        Blocking; from async tests use ``await asyncio.to_thread(run.stop_kafka)``.
+        """
+        kafka.stop_kafka(self.kafka())
+
+    def restart_kafka(self) -> KafkaBroker:
+        """Restart the broker on the same address and data; return once it lists topics.
+
+        Blocking (a few seconds); from async tests ``await asyncio.to_thread(run.restart_kafka)``.
+        """
+        return kafka.restart_kafka(self.kafka(), self.supervisor)
 
     def kube(self) -> KubeTestbed:
         """The control planes, started on first call (raises TestbedError if they cannot)."""
