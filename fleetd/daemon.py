@@ -118,6 +118,9 @@ class Daemon:
         self._tasks: dict[asyncio.Task[None], str] = {}
         self._file_digest = self._digest()
         self._stop_task: asyncio.Task[None] | None = None
+        self.reloads = {"ok": 0, "error": 0}
+        self._background: set[asyncio.Future[None]] = set()
+        self._reload_changed = asyncio.Condition()
         self._started = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -298,6 +301,25 @@ class Daemon:
             self._file_digest = digest
             self.reload()
 
+    async def reloads_reached(self, ok: int = 0, error: int = 0) -> None:
+        """Wait until at least `ok` successful and `error` rejected reloads happened."""
+        async with self._reload_changed:
+            await self._reload_changed.wait_for(
+                lambda: self.reloads["ok"] >= ok and self.reloads["error"] >= error
+            )
+
+    def _count_reload(self, result: str) -> None:
+        self.reloads[result] += 1
+        self.metrics.config_reloads.labels(result).inc()
+
+        async def notify() -> None:
+            async with self._reload_changed:
+                self._reload_changed.notify_all()
+
+        task = asyncio.ensure_future(notify())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def reload(self) -> bool:
         """Reload the config file: apply reloadable sections, or keep the old config on error."""
         if self.config_path is None:
@@ -306,7 +328,7 @@ class Daemon:
         try:
             new = cfgmod.load(self.config_path)
         except ConfigError as exc:
-            self.metrics.config_reloads.labels("error").inc()
+            self._count_reload("error")
             log.error(
                 "config reload rejected; keeping the running config", extra={"error": str(exc)}
             )
@@ -319,7 +341,7 @@ class Daemon:
         if self.state is not None:
             self.state.set_config(merged)
         self.config_loaded_at_s = self.clock()
-        self.metrics.config_reloads.labels("ok").inc()
+        self._count_reload("ok")
         log.info("config reloaded", extra={"config_version": merged.version()})
         return True
 

@@ -135,6 +135,9 @@ class Edge:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            if self.stopping.is_set():
+                code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, "fleetd is shutting down; retry on another replica")
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED

@@ -1,0 +1,269 @@
+"""The edge: invalid input, oversized messages, reflection, health, metrics, hot reload."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from fleetd.daemon import Daemon
+from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
+
+from .conftest import Client, StartDaemon
+
+GIB = 1024**3
+
+
+def pod(**kw: object) -> types_pb2.PodSpec:
+    return types_pb2.PodSpec(**kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        pytest.param(placement_pb2.PlaceRequest(), "workload", id="no-workload"),
+        pytest.param(
+            placement_pb2.PlaceRequest(
+                workload=types_pb2.Workload(workload_id="a", team="t", pod=pod(cpu_millicores=-5))
+            ),
+            "workload.pod.cpu_millicores",
+            id="negative-cpu",
+        ),
+        pytest.param(
+            placement_pb2.PlaceRequest(
+                workload=types_pb2.Workload(workload_id="a", team="t", pod=pod(gpu_count=100000))
+            ),
+            "workload.pod.gpu_count",
+            id="absurd-gpus",
+        ),
+        pytest.param(
+            placement_pb2.PlaceRequest(
+                workload=types_pb2.Workload(
+                    workload_id="a", team="t", pod=pod(gpu_count=1, gpu_models=["A100 80GB"])
+                )
+            ),
+            "workload.pod.gpu_models[0]",
+            id="gpu-model-syntax",
+        ),
+        pytest.param(
+            placement_pb2.PlaceRequest(
+                workload=types_pb2.Workload(workload_id="a", team="t", gang=types_pb2.GangSpec())
+            ),
+            "workload.gang.pods",
+            id="empty-gang",
+        ),
+        pytest.param(
+            placement_pb2.PlaceRequest(
+                workload=types_pb2.Workload(
+                    workload_id="a",
+                    team="t",
+                    gang=types_pb2.GangSpec(
+                        pods=[pod(name="x", gpu_count=1), pod(name="x", gpu_count=1)]
+                    ),
+                )
+            ),
+            "workload.gang.pods[1].name",
+            id="duplicate-ids",
+        ),
+        pytest.param(
+            placement_pb2.PlaceRequest(
+                workload=types_pb2.Workload(workload_id="a", team="t", pod=pod(gpu_count=1)),
+                ttl_s=10**9,
+            ),
+            "ttl_s",
+            id="absurd-ttl",
+        ),
+    ],
+)
+async def test_invalid_place_names_the_field(
+    fleetd: tuple[Daemon, Client], request_: placement_pb2.PlaceRequest, field: str
+) -> None:
+    _, client = fleetd
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.placement.Place(request_)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith(field)
+    snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest())
+    assert sum(c.gpu_milli_allocated for c in snap.capacity) == 0
+
+
+async def test_oversized_and_garbage_requests_do_not_hurt(fleetd: tuple[Daemon, Client]) -> None:
+    daemon, client = fleetd
+    huge = types_pb2.Workload(
+        workload_id="big",
+        team="t",
+        pod=pod(gpu_count=1, node_selector={f"k{i}": "v" * 60 for i in range(80_000)}),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.placement.Place(placement_pb2.PlaceRequest(workload=huge))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    raw = client.channel.unary_unary("/fleetd.v1.Placement/Place")
+    for garbage in (b"\xff\xff\xff\xff", b"\x0a\x05abc"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(garbage)
+        # grpcio's deserializer answers UNKNOWN ("Wire format was corrupt") before fleetd runs.
+        assert err.value.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INVALID_ARGUMENT)
+    # Still serving, state intact.
+    wl = types_pb2.Workload(workload_id="ok", team="t", pod=pod(gpu_count=1))
+    resp = await client.placement.Place(placement_pb2.PlaceRequest(workload=wl))
+    assert resp.result == types_pb2.DECISION_RESULT_PLACED
+    assert daemon.exit_code == 0
+
+
+async def test_expired_deadline_is_refused(fleetd: tuple[Daemon, Client]) -> None:
+    _, client = fleetd
+    wl = types_pb2.Workload(workload_id="late", team="t", pod=pod(gpu_count=1))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.placement.Place(placement_pb2.PlaceRequest(workload=wl), timeout=1e-6)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_reflection_lists_every_service(fleetd: tuple[Daemon, Client]) -> None:
+    _, client = fleetd
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    call = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    services = set()
+    async for resp in call:
+        services = {s.name for s in resp.list_services_response.service}
+        break
+    assert services >= {
+        "fleetd.v1.Placement",
+        "fleetd.v1.NodePools",
+        "fleetd.v1.Fleet",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+
+
+def _tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    cached = sorted(Path.home().glob(f".cache/fleetd-testbed/**/bin/{name}"))
+    return str(cached[-1]) if cached else None
+
+
+async def test_stock_clients(fleetd: tuple[Daemon, Client]) -> None:
+    daemon, _ = fleetd
+    grpcurl, probe = _tool("grpcurl"), _tool("grpc-health-probe")
+    if grpcurl is None and probe is None:
+        pytest.skip("neither grpcurl nor grpc-health-probe is installed")
+    addr = f"127.0.0.1:{daemon.grpc_port}"
+    if grpcurl:
+        out = await asyncio.to_thread(
+            subprocess.run, [grpcurl, "-plaintext", addr, "list"], capture_output=True, text=True
+        )
+        assert "fleetd.v1.Placement" in out.stdout
+    if probe:
+        out = await asyncio.to_thread(
+            subprocess.run, [probe, "-addr", addr], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+
+
+def scrape(daemon: Daemon) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics") as resp:
+        return str(resp.read().decode())
+
+
+async def test_metrics_endpoint(fleetd: tuple[Daemon, Client]) -> None:
+    daemon, client = fleetd
+    wl = types_pb2.Workload(workload_id="m", team="t", pod=pod(gpu_count=2))
+    await client.placement.Place(placement_pb2.PlaceRequest(workload=wl))
+    assert daemon.state is not None
+    daemon.metrics.refresh(daemon.state)
+    text = await asyncio.to_thread(scrape, daemon)
+    assert 'fleetd_decisions_total{kind="place",result="placed"} 1.0' in text
+    assert re.search(r'fleetd_rpc_duration_seconds_count\{code="OK",method="Place"\} 1\.0', text)
+    allocated = re.findall(r"^fleetd_gpus_allocated\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    assert sum(float(v) for v in allocated) == 2.0
+    assert 'fleetd_reservations{state="pending"} 1.0' in text
+    assert "fleetd_ready 1.0" in text
+    promtool = _tool("promtool")
+    if promtool:
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [promtool, "check", "metrics"],
+            input=text,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+async def test_hot_reload_good_then_bad(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    daemon, client = await start_daemon(sources={"simulated": {"confirm_after_s": 3600}})
+    assert daemon.config_path is not None
+    before = (await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())).config_version
+    data = yaml.safe_load(daemon.config_path.read_text())
+    data["reservations"] = {"default_ttl_s": 42}
+    data["scheduling"] = {"policy": "best-fit"}
+    daemon.config_path.write_text(yaml.safe_dump(data))
+    await asyncio.wait_for(daemon.reloads_reached(ok=1), 30)
+    after = (await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())).config_version
+    assert after != before
+    wl = types_pb2.Workload(workload_id="r", team="t", pod=pod(gpu_count=1))
+    resp = await client.placement.Place(placement_pb2.PlaceRequest(workload=wl))
+    assert resp.expires_at.seconds - int(daemon.clock()) in (41, 42)
+    # An invalid file is rejected; the running config stays; the error is counted.
+    daemon.config_path.write_text("reservations:\n  default_ttl_s: -3\n  bogus: 1\n")
+    await asyncio.wait_for(daemon.reloads_reached(error=1), 30)
+    status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+    assert status.config_version == after
+    assert daemon.config.reservations.default_ttl_s == 42
+    text = await asyncio.to_thread(scrape, daemon)
+    assert 'fleetd_config_reloads_total{result="error"} 1.0' in text
+    assert 'fleetd_config_reloads_total{result="ok"} 1.0' in text
+
+
+class NeverSyncs:
+    """A source that declares a cluster and never finishes its initial sync."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        assert daemon.state is not None
+        daemon.state.expect_source("external", "never")
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_not_ready_until_every_source_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetd import config
+
+    from .conftest import test_config, write_config
+
+    monkeypatch.setattr(
+        Daemon, "_external_sources", lambda self: [("source-never", NeverSyncs(self).run)]
+    )
+    path = write_config(tmp_path / "fleetd.yaml", test_config(tmp_path))
+    daemon = Daemon(config.load(path), path)
+    await daemon.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{daemon.grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            client = Client(channel)
+            wl = types_pb2.Workload(workload_id="w", team="t", pod=pod(gpu_count=1))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.placement.Place(placement_pb2.PlaceRequest(workload=wl))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "external/never" in (err.value.details() or "")
+            status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+            assert not status.ready
+            assert "external/never" in status.not_ready_reason
+    finally:
+        await daemon.stop()
