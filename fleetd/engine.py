@@ -11,7 +11,7 @@ packer (STYLE.md: one packer).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,7 @@ class PodRequest:
     gpu_count: int = 0
     gpu_milli: int = 0
     gpu_models: tuple[str, ...] = ()
-    node_selector: Mapping[str, str] = field(default_factory=dict)
+    node_selector: tuple[tuple[str, str], ...] = ()  # sorted pairs: hashable
     tolerations: tuple[tuple[str, str, str, str], ...] = ()  # key, operator, value, effect
 
 

@@ -37,8 +37,10 @@ WORKLOAD_LABEL = "fleetd.io/workload-id"
 POD_NAME_LABEL = "fleetd.io/pod-name"
 GPU_MILLI_LABEL = "fleetd.io/gpu-milli"
 
-#: Queue retries per capacity-freeing event: bounds the work a Release can trigger.
+#: Queue retries per capacity-freeing event: bounds the work a Release can trigger
+#: (at most this many placement attempts, and no more than QUEUE_RETRY_BUDGET_S of work).
 QUEUE_RETRY_BUDGET = 32
+QUEUE_RETRY_BUDGET_S = 0.005
 
 
 class StateError(Exception):
@@ -142,6 +144,8 @@ class _NodeInfo:
     cordoned: bool
     stale: bool = False
     last_seen_s: float = 0.0
+    #: The last update without its sequence and time: a repeat of it is a heartbeat.
+    last_update: up.NodeUpdate | None = None
 
 
 @dataclass(slots=True)
@@ -287,6 +291,17 @@ class FleetState:
 
     def _node_update(self, u: up.NodeUpdate, now: float) -> None:
         key = node_key(u.cluster, u.name)
+        info = self.nodes.get(key)
+        if info is not None and u.pods is None:
+            # Heartbeats repeat the node unchanged: only freshness moves (cheap at 10^4 nodes).
+            same = replace(u, sequence=0, observed_at_s=0.0)
+            if info.last_update == same:
+                info.last_seen_s = now
+                if info.stale:
+                    info.stale = False
+                    self.fleet.set_flags(key, stale=False)
+                self._touch(u.cluster, now, u.observed_at_s)
+                return
         labels = dict(u.labels)
         labels[engine.POOL_LABEL] = u.node_pool
         gpu_count = max(u.allocatable.gpus, len(u.gpus))
@@ -326,6 +341,7 @@ class FleetState:
             ready=u.ready,
             cordoned=u.unschedulable,
             last_seen_s=now,
+            last_update=replace(u, sequence=0, observed_at_s=0.0, pods=None),
         )
         self._touch(u.cluster, now, u.observed_at_s)
         if new:
@@ -736,9 +752,18 @@ class FleetState:
         if not self.queue or not self.ready:
             return
         order = sorted(self.queue.values(), key=lambda q: (-q.priority, q.seq))
+        deadline = time.perf_counter() + QUEUE_RETRY_BUDGET_S  # a work budget, not a clock
+        failed: set[tuple[object, ...]] = set()
         for item in order[:QUEUE_RETRY_BUDGET]:
             req = item.request
+            shape = (req.pods, req.gang, req.same, req.cluster, req.pool)
+            if shape in failed:
+                continue  # an identical workload just failed: this one would too
+            if time.perf_counter() > deadline:
+                break
             outcome = self._place(req)
+            if outcome.allocations is None:
+                failed.add(shape)
             if outcome.allocations is not None:
                 del self.queue[req.workload_id]
                 self._grant(req, outcome.allocations, now)

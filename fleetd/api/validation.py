@@ -110,7 +110,7 @@ def pod_request(
         gpu_count=pod.gpu_count,
         gpu_milli=pod.gpu_milli,
         gpu_models=tuple(pod.gpu_models),
-        node_selector=dict(sorted(pod.node_selector.items())),
+        node_selector=tuple(sorted(pod.node_selector.items())),
         tolerations=tuple(tolerations),
     )
 

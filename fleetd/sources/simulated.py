@@ -130,8 +130,10 @@ class SimulatedFleet:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
             for cluster in self.config.clusters:
-                for u in self._node_updates(cluster):
+                for i, u in enumerate(self._node_updates(cluster)):
                     await self.state.apply(u)
+                    if i % 256 == 255:
+                        await asyncio.sleep(0)  # let RPCs in between a large fleet's heartbeats
 
     async def _play_pods(self) -> None:
         pending: set[asyncio.Task[None]] = set()

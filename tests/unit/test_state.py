@@ -244,3 +244,17 @@ def test_mutation_off_the_owner_thread_raises(tmp_path: Path, clock: FakeClock) 
     t.join()
     assert len(errors) == 1
     assert "owner thread" in str(errors[0])
+
+
+def test_heartbeat_only_refreshes_but_changes_apply(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock, nodes=1)
+    state.place(request("w", gpus=2))
+    clock.now_s += 50
+    assert state.apply_now(node("n0", seq=2))  # same content: a heartbeat
+    assert state.nodes["c1/n0"].last_seen_s == clock.now_s
+    assert sum(map(sum, gpu_usage(state))) == 2000
+    assert state.apply_now(node("n0", seq=3, gpus=4))  # a real change applies, usage kept
+    assert int(state.fleet.gpu_count[state.fleet.slot("c1/n0")]) == 4
+    assert sum(map(sum, gpu_usage(state))) == 2000
+    state.apply_now(node("n0", seq=4, gpus=4, unschedulable=True))  # cordon
+    assert state.place(request("x")).result == "queued"

@@ -16,7 +16,7 @@ from fleetd.daemon import Daemon
 from fleetd.v1 import fleet_pb2_grpc, nodepools_pb2_grpc, placement_pb2_grpc
 
 
-def test_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+def daemon_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
     """A config dict: ephemeral ports, journal in tmp_path, then `sections` merged on top."""
     data: dict[str, Any] = {
         "server": {
@@ -66,7 +66,7 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
     started: list[tuple[Daemon, grpc.aio.Channel]] = []
 
     async def start(config_name: str = "fleetd.yaml", **sections: Any) -> tuple[Daemon, Client]:
-        path = write_config(tmp_path / config_name, test_config(tmp_path, **sections))
+        path = write_config(tmp_path / config_name, daemon_config(tmp_path, **sections))
         daemon = Daemon(config.load(path), path)
         await daemon.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{daemon.grpc_port}")

@@ -243,12 +243,12 @@ async def test_not_ready_until_every_source_synced(
 ) -> None:
     from fleetd import config
 
-    from .conftest import test_config, write_config
+    from .conftest import daemon_config, write_config
 
     monkeypatch.setattr(
         Daemon, "_external_sources", lambda self: [("source-never", NeverSyncs(self).run)]
     )
-    path = write_config(tmp_path / "fleetd.yaml", test_config(tmp_path))
+    path = write_config(tmp_path / "fleetd.yaml", daemon_config(tmp_path))
     daemon = Daemon(config.load(path), path)
     await daemon.start()
     try:

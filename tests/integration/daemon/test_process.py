@@ -16,7 +16,7 @@ import yaml
 from fleetd.demo import wait_serving
 from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
 
-from .conftest import Client, test_config, write_config
+from .conftest import Client, daemon_config, write_config
 
 PLACED = types_pb2.DECISION_RESULT_PLACED
 
@@ -84,7 +84,7 @@ class DaemonProcess:
 
 @pytest.fixture
 def config_path(tmp_path: Path) -> Path:
-    data = test_config(
+    data = daemon_config(
         tmp_path,
         logging={"level": "INFO"},
         sources={"simulated": {"confirm_after_s": 3600}},
