@@ -156,13 +156,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_printed_decile = [-1]  # the last 10% step printed when stderr is not a terminal
+
+
 def progress(done: int, total: int, start: float, width: int = 40) -> None:
     """A one-line progress bar on stderr (every 10% only when stderr is not a terminal)."""
     frac = done / total if total else 1.0
     if not sys.stderr.isatty():
-        step = max(1, total // 10)
-        if done % step and done != total:
+        decile = int(frac * 10)
+        if decile <= _printed_decile[0]:
             return
+        _printed_decile[0] = decile
         sys.stderr.write(f"{done}/{total} pods ({100 * frac:.0f}%)\n")
         return
     bar = "#" * int(frac * width)
