@@ -128,37 +128,45 @@ class SchedulingConfig(_Strict):
     """The placement policy (reloadable): score plugins of the scheduling core, weighted."""
 
     policy: str = Field(
-        "gpu-packing:1,best-fit:1",
+        "fgd-cpu",
         description=(
-            "Score plugins as 'name:weight,...' (plugins: see scheduling.scorer_names(), "
-            "e.g. best-fit, gpu-packing, gpu-clustering, dot-product, most-allocated)."
+            "Score plugins as 'name:weight,...' (see scheduling.scorer_names()): fgd, fgd-cpu, "
+            "best-fit, gpu-packing, gpu-clustering, dot-product, most-allocated, ..."
         ),
     )
     weights: dict[str, float] = Field(
         default_factory=dict,
         description="Alternative to policy: weights by plugin name (when set, policy is ignored).",
     )
+    target_window_pods: int = Field(
+        10_000,
+        ge=1,
+        description="fgd/fgd-cpu: the target workload is the shapes of the last N requested pods.",
+    )
+    target_refresh_pods: int = Field(
+        200, ge=1, description="fgd/fgd-cpu: re-derive the target workload every N requested pods."
+    )
 
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        _parse_policy(value)
+        _check_policy(value)
         return value
 
     @field_validator("weights")
     @classmethod
     def _known_weights(cls, value: dict[str, float]) -> dict[str, float]:
         if value:
-            _parse_policy(value)
+            _check_policy(",".join(f"{k}:{v!r}" for k, v in value.items()))
         return value
 
 
-def _parse_policy(spec: str | dict[str, float]) -> None:
+def _check_policy(spec: str) -> None:
     """Let the core validate plugin names and weights (one source of truth)."""
-    from scheduling import Policy
+    from fleetd.engine import check_policy
 
     try:
-        Policy.parse(spec)
+        check_policy(spec)
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(str(exc).strip("'\"")) from exc
 

@@ -10,6 +10,7 @@ packer (STYLE.md: one packer).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ import scheduling
 from scheduling import Allocation, Fleet, Policy, TopologyLevel
 from scheduling.explain import REASON_TEXT, Reason
 from scheduling.fleet import FLAG_CORDONED, FLAG_STALE, FLAG_UNHEALTHY
+from scheduling.fragmentation import TypicalPods, typical_pods
+from scheduling.replay.policies import make_policy
 
 GPU_MILLI = scheduling.GPU_MILLI
 #: Label every node carries with its pool name, so that a pool scope is a node selector.
@@ -72,9 +75,99 @@ class Outcome:
     fits_empty_fleet: bool
 
 
-def policy_of(spec: str, weights: Mapping[str, float]) -> Policy:
-    """The core policy from config: `weights` when given, else the `spec` string."""
-    return Policy.parse(dict(weights) if weights else spec)
+#: Score plugins that need FGD's target workload (Weng et al., ATC'23 §4.1).
+FRAGMENTATION_PLUGINS = ("fgd", "fgd-cpu")
+
+
+def policy_spec(spec: str, weights: Mapping[str, float]) -> str:
+    """The policy as 'name:weight,...': `weights` when given, else `spec`."""
+    if weights:
+        return ",".join(f"{name}:{weight!r}" for name, weight in weights.items())
+    return spec
+
+
+def needs_target(spec: str) -> bool:
+    """Whether the policy has a fragmentation plugin (which needs a target workload)."""
+    names = {t.partition(":")[0].strip() for t in spec.split(",")}
+    return bool(names & set(FRAGMENTATION_PLUGINS))
+
+
+def build_policy(spec: str, typical: TypicalPods | None) -> Policy:
+    """The core policy; fragmentation plugins get `typical`.
+
+    Until a target workload is known (no requests yet), a fragmentation policy falls back to
+    the core's DEFAULT_POLICY: FGD has nothing to measure fragmentation against.
+    """
+    if not needs_target(spec):
+        return Policy.parse(spec)
+    if typical is None:
+        return Policy.parse(scheduling.DEFAULT_POLICY)
+    return make_policy(spec, typical)
+
+
+def check_policy(spec: str) -> None:
+    """ValueError when `spec` names unknown plugins or bad weights (config validation)."""
+    one_gpu = TypicalPods(
+        cpu_milli=np.array([1000]),
+        gpu_milli=np.array([GPU_MILLI]),
+        num_gpu=np.array([1]),
+        model_allowed=np.ones((1, 0), dtype=bool),
+        freq=np.array([1.0]),
+    )
+    make_policy(spec, one_gpu)
+
+
+class TargetWorkload:
+    """FGD's target workload, estimated from the shapes of the last `window` requested pods.
+
+    The paper takes it from the cluster's workload; a daemon learns it from what it is asked
+    to place. Shapes are (CPU, per-GPU share, GPU count, allowed models), as in the artifact.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.shapes: collections.deque[tuple[int, int, int, tuple[str, ...]]] = collections.deque(
+            maxlen=window
+        )
+        self.observed = 0
+
+    def observe(self, pods: Sequence[PodRequest]) -> None:
+        """Record the shapes of one request's pods."""
+        for p in pods:
+            if p.gpu_count:
+                shape = (p.cpu_millicores, GPU_MILLI, p.gpu_count, p.gpu_models)
+            elif p.gpu_milli:
+                shape = (p.cpu_millicores, p.gpu_milli, 1, p.gpu_models)
+            else:
+                shape = (p.cpu_millicores, 0, 0, p.gpu_models)
+            self.shapes.append(shape)
+            self.observed += 1
+
+    def typical(self, fleet: Fleet) -> TypicalPods | None:
+        """The most popular shapes (95% of pods) with model columns in the fleet's ids."""
+        if not self.shapes:
+            return None
+        specs: dict[tuple[str, ...], int] = {}
+        cpu, gpu, num, spec_id = [], [], [], []
+        for c, g, n, models in self.shapes:
+            cpu.append(c)
+            gpu.append(g)
+            num.append(n)
+            spec_id.append(specs.setdefault(models, len(specs)))
+        n_models = len(fleet.gpu_models)
+        allowed = np.zeros((len(specs), n_models), dtype=bool)
+        for models, sid in specs.items():
+            if not models:
+                allowed[sid] = True
+            else:
+                ids = [fleet.gpu_models.get(m) for m in models]
+                allowed[sid, [i for i in ids if i >= 0]] = True
+        # Spec ids must order like the spec strings (the artifact's tie-break).
+        order = sorted(specs, key=lambda m: "|".join(m))
+        remap = np.array([order.index(m) for m in specs], dtype=np.int64)
+        allowed = allowed[np.argsort(remap)]
+        return typical_pods(
+            np.asarray(cpu), np.asarray(gpu), np.asarray(num), remap[np.asarray(spec_id)], allowed
+        )
 
 
 def to_pod(req: PodRequest, *, priority: int, cluster: str, pool: str) -> scheduling.PodSpec:

@@ -202,7 +202,9 @@ class FleetState:
         self.fleet = Fleet()
         #: Node attributes the core does not keep, by node key ("cluster/node").
         self.nodes: dict[str, _NodeInfo] = {}
-        self.policy = engine.policy_of(config.scheduling.policy, config.scheduling.weights)
+        self.target = engine.TargetWorkload(config.scheduling.target_window_pods)
+        self._target_seen = 0
+        self.policy = self._build_policy(config)
         self.pools: dict[tuple[str, str], up.NodePoolUpdate] = {}
         self.gate = up.SequenceGate()
         self.held: dict[str, _Held] = {}
@@ -540,8 +542,12 @@ class FleetState:
     def set_config(self, config: Config) -> None:
         """Apply a reloaded config (TTLs apply to new reservations, staleness to the next sweep)."""
         self._check_owner()
-        self.policy = engine.policy_of(config.scheduling.policy, config.scheduling.weights)
+        if config.scheduling.target_window_pods != self.config.scheduling.target_window_pods:
+            old = self.target
+            self.target = engine.TargetWorkload(config.scheduling.target_window_pods)
+            self.target.shapes.extend(old.shapes)
         self.config = config
+        self.policy = self._build_policy(config)
         if self.history.maxlen != config.limits.decision_history:
             self.history = collections.deque(self.history, maxlen=config.limits.decision_history)
 
@@ -584,6 +590,9 @@ class FleetState:
             )
         self._check_scope(req.cluster, req.pool)
         outcome = self._place(req)
+        if queued is None:
+            # Learned after placing, so that Explain (which learns nothing) agrees with Place.
+            self._learn(req)
         if outcome.allocations is not None:
             self.queue.pop(req.workload_id, None)
             return self._grant(req, outcome.allocations, now)
@@ -641,6 +650,21 @@ class FleetState:
         return self._publish(
             Decision(seq, now, "release", workload_id, queued.request.team, "", ())
         )
+
+    def _build_policy(self, config: Config) -> scheduling.Policy:
+        spec = engine.policy_spec(config.scheduling.policy, config.scheduling.weights)
+        typical = self.target.typical(self.fleet) if engine.needs_target(spec) else None
+        return engine.build_policy(spec, typical)
+
+    def _learn(self, req: WorkloadRequest) -> None:
+        """Feed FGD's target workload; re-derive the policy every target_refresh_pods pods."""
+        self.target.observe(req.pods)
+        sched = self.config.scheduling
+        if self.target.observed - self._target_seen >= sched.target_refresh_pods or (
+            self._target_seen == 0 and engine.needs_target(sched.policy)
+        ):
+            self._target_seen = self.target.observed
+            self.policy = self._build_policy(self.config)
 
     def _place(self, req: WorkloadRequest) -> engine.Outcome:
         return engine.place(

@@ -258,3 +258,29 @@ def test_heartbeat_only_refreshes_but_changes_apply(tmp_path: Path, clock: FakeC
     assert sum(map(sum, gpu_usage(state))) == 2000
     state.apply_now(node("n0", seq=4, gpus=4, unschedulable=True))  # cordon
     assert state.place(request("x")).result == "queued"
+
+
+def test_fgd_learns_its_target_workload_from_requests(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock)
+    assert state.config.scheduling.policy == "fgd-cpu"
+    # No request yet: nothing to measure fragmentation against, the core's default packs.
+    assert "fgd" not in state.policy.name
+    d1 = state.place(request("a", gpus=0, milli=500))
+    assert "fgd-cpu" in state.policy.name
+    typical = state.target.typical(state.fleet)
+    assert typical is not None
+    assert (typical.gpu_milli.tolist(), typical.num_gpu.tolist()) == ([500], [1])
+    # Explain uses the policy Place would use: both agree on where the next pod goes.
+    d2, fits = state.explain(request("b", gpus=0, milli=500))
+    assert fits
+    assert state.place(request("b", gpus=0, milli=500)).placements == d2.placements
+    assert d1.placements[0].node == d2.placements[0].node  # FGD packs the share next to it
+
+
+def test_policy_reload_switches_plugins(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock)
+    cfg = state.config.model_copy(
+        update={"scheduling": state.config.scheduling.model_copy(update={"policy": "best-fit"})}
+    )
+    state.set_config(cfg)
+    assert state.policy.name == "best-fit:1"
