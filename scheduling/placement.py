@@ -35,8 +35,8 @@ from scheduling.filters import (
     pod_capacity,
     static_mask,
 )
-from scheduling.fleet import Allocation, AllocationError, Fleet
-from scheduling.scoring import DEFAULT_POLICY, NodeView, Policy, pick_bits
+from scheduling.fleet import GPU_MILLI, Allocation, AllocationError, Fleet
+from scheduling.scoring import DEFAULT_POLICY, NodeView, Policy, gpu_usable_matrix, pick_bits
 from scheduling.workload import Batch, GangSpec, Order, PodSpec, QueueItem, TopologyLevel
 
 I64 = NDArray[np.int64]
@@ -190,23 +190,76 @@ def gang_levels(gang: GangSpec) -> list[TopologyLevel]:
 
 
 #: Depth chunks start this deep and double when a node needs more.
-_FIRST_DEPTH = 1
+_FIRST_DEPTH = 8
+#: Room is counted up to this many pods per node (no practical limit).
+_NO_LIMIT = 1 << 40
 #: Untouched candidates get their deeper scores computed in chunks starting this large.
-_FIRST_CHUNK = 16
+_FIRST_CHUNK = 32
 
 
 class _Chunk:
     """Deeper scores of a group of candidate rows: scores[j][d] is the score of the
     (d+2)-th pod of the run on row j (the first comes from the run's initial scores)."""
 
-    __slots__ = ("depth", "last_pick", "last_view", "picks", "scores")
+    __slots__ = ("base", "base_pick", "depth", "last_pick", "last_view", "picks", "scores")
 
     def __init__(self, view: NodeView, pick: I64) -> None:
+        self.base = view
+        self.base_pick = pick
         self.last_view = view
         self.last_pick = pick
         self.depth = 0
         self.scores: list[list[float]] = [[] for _ in range(len(view))]
         self.picks: list[list[int]] = [[] for _ in range(len(view))]
+
+
+def states_after(base: NodeView, c: Constraints, depths: I64) -> NodeView:
+    """Closed-form node states after j more pods of shape c, for each j in `depths`, with
+    the engine's default GPU choice (used when no plugin chooses GPUs).
+
+    Returns a view of R * len(depths) rows (row-major: all depths of row 0 first).
+    Best fit fills the GPU with the least fitting free share until the share no longer
+    fits, then the next (placing on the minimum keeps it the minimum), so GPU i takes
+    min(max(j - pods fitting on the GPUs before it, 0), free_i // share) pods. Whole GPUs
+    are taken lowest index first. Beyond a node's capacity the states are meaningless
+    (never used: the engine stops at capacity).
+    """
+    r, d = len(base), int(depths.size)
+    js = depths.astype(np.int64)
+    cpu = (base.cpu_free_millicores[:, None] - js[None, :] * c.cpu_millicores).reshape(-1)
+    mem = (base.memory_free_bytes[:, None] - js[None, :] * c.memory_bytes).reshape(-1)
+    free = base.gpu_free_milli
+    g = free.shape[1]
+    if c.gpus_per_pod == 0 or g == 0:
+        gpu = np.broadcast_to(free[:, None, :], (r, d, g))
+    elif c.milli_per_gpu < GPU_MILLI:
+        m = c.milli_per_gpu
+        fits = free >= m
+        order = np.argsort(np.where(fits, free, GPU_MILLI + 1), axis=1, kind="stable")
+        cnt = np.take_along_axis(np.where(fits, free // m, 0), order, axis=1).astype(np.int64)
+        before = np.cumsum(cnt, axis=1) - cnt
+        taken_sorted = np.clip(js[None, :, None] - before[:, None, :], 0, cnt[:, None, :])
+        taken = np.empty_like(taken_sorted)
+        np.put_along_axis(
+            taken, np.broadcast_to(order[:, None, :], taken.shape), taken_sorted, axis=2
+        )
+        gpu = free[:, None, :] - (taken * m).astype(np.int32)
+    else:
+        whole = free == GPU_MILLI
+        rank = np.cumsum(whole, axis=1) - 1
+        gone = whole[:, None, :] & (rank[:, None, :] < js[None, :, None] * c.gpus_per_pod)
+        gpu = np.where(gone, 0, free[:, None, :]).astype(np.int32)
+    rep = np.repeat
+    return NodeView(
+        slots=rep(base.slots, d),
+        cpu_free_millicores=cpu,
+        memory_free_bytes=mem,
+        cpu_allocatable_millicores=rep(base.cpu_allocatable_millicores, d),
+        memory_allocatable_bytes=rep(base.memory_allocatable_bytes, d),
+        gpu_free_milli=np.ascontiguousarray(gpu).reshape(r * d, g),
+        gpu_usable=rep(base.gpu_usable, d, axis=0),
+        gpu_model_id=rep(base.gpu_model_id, d),
+    )
 
 
 class _Engine:
@@ -218,12 +271,27 @@ class _Engine:
         self.policy = policy
         self.free = Free.of(fleet)
         self.live_rows = np.flatnonzero(fleet.live_mask()).astype(np.int64)
+        self.usable = gpu_usable_matrix(fleet)
         self.constraints: dict[int, Constraints] = {}
         # Candidate rows per shape: passes static filters and had room at the last look.
         # Within one call free resources only shrink (trials are rolled back exactly),
         # so a row without room never gets room back.
         self.rows: dict[int, I64] = {}
         self.exhausted: set[int] = set()
+        # Per-shape cache of (rows, room, scores, picks, step) and per-slot change stamps.
+        self.cache: dict[int, tuple[I64, I64, NDArray[np.float64], I64, int]] = {}
+        self.step = 0
+        self.in_trial = False
+        self._topology: dict[TopologyLevel, I64] = {}
+        self.dirty_at = np.zeros(fleet.n_slots, np.int64)
+        # Without a GPU-choosing plugin, deeper states have a closed form (states_after).
+        self.closed_form = not any(p.chooses_gpus for p, _ in policy.terms)
+
+    def topology(self, level: TopologyLevel) -> I64:
+        col = self._topology.get(level)
+        if col is None:
+            col = self._topology[level] = _topology_column(self.fleet, level)
+        return col
 
     def cons(self, shape: int) -> Constraints:
         c = self.constraints.get(shape)
@@ -250,31 +318,66 @@ class _Engine:
 
     # -- one run of identical pods -------------------------------------------------------
 
-    def run(self, shape: int, k: int, domain_rows: I64 | None = None) -> tuple[I64, I64]:
-        """Place up to k pods of one shape (on `domain_rows` only, if given), applying them
-        to the scratch state. Returns (slots, gpu masks) of the pods placed, in order."""
-        c = self.cons(shape)
-        rows = self.candidate_rows(shape) if domain_rows is None else domain_rows
-        cap = pod_capacity(self.free, c, rows, k)
-        fit = cap > 0
-        if domain_rows is None:
-            rows = rows[fit]
-            self.rows[shape] = rows
-            cap = cap[fit]
+    def _evaluate(self, rows: I64, c: Constraints) -> tuple[NDArray[np.float64], I64]:
+        s0, p0 = self.policy.evaluate(NodeView.of(self.fleet, self.free, rows, self.usable), c)
+        return np.where(s0 == s0, s0, -np.inf), p0  # NaN never wins
+
+    def _scored(self, shape: int, c: Constraints) -> tuple[I64, I64, NDArray[np.float64], I64]:
+        """Rows with room for the shape, their room, depth-0 scores and GPU picks.
+
+        Cached per shape; a later run of the same shape (another priority, FIFO order,
+        gang members) re-scores only the rows changed since (scores are node-local).
+        """
+        entry = self.cache.get(shape)
+        if entry is None:
+            rows = self.candidate_rows(shape)
+            cap = pod_capacity(self.free, c, rows, _NO_LIMIT)
+            if not self.in_trial:
+                keep = cap > 0
+                rows, cap = rows[keep], cap[keep]
+            s0, p0 = self._evaluate(rows, c)
         else:
-            rows, cap = rows[fit], cap[fit]
+            rows, cap, s0, p0, stamp = entry
+            if self.step > stamp:
+                changed = np.flatnonzero(self.dirty_at[rows] > stamp)
+                if changed.size:
+                    sub = rows[changed]
+                    cap[changed] = pod_capacity(self.free, c, sub, _NO_LIMIT)
+                    s0[changed], p0[changed] = self._evaluate(sub, c)
+        if not self.in_trial and not cap.all():
+            # Outside gang trials free resources only shrink: a full row stays full.
+            keep = cap > 0
+            rows, cap, s0, p0 = rows[keep], cap[keep], s0[keep], p0[keep]
+        self.cache[shape] = (rows, cap, s0, p0, self.step)
+        if self.in_trial and not cap.all():
+            keep = cap > 0
+            return rows[keep], cap[keep], s0[keep], p0[keep]
+        return rows, cap, s0, p0
+
+    def run(self, shape: int, k: int, domain: tuple[I64, int] | None = None) -> tuple[I64, I64]:
+        """Place up to k pods of one shape (only on nodes whose topology column `domain[0]`
+        equals `domain[1]`, if given), applying them to the scratch state. Returns (slots,
+        gpu masks) of the pods placed, in order."""
+        c = self.cons(shape)
+        rows, cap, s0, p0 = self._scored(shape, c)
+        if domain is not None:
+            inside = domain[0][rows] == domain[1]
+            rows, cap, s0, p0 = rows[inside], cap[inside], s0[inside], p0[inside]
         n = int(rows.size)
         if n == 0 or k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        view = NodeView.of(self.fleet, self.free, rows)
-        s0, p0 = self.policy.evaluate(view, c)
-        s0 = np.nan_to_num(s0, nan=-np.inf)
-        order = np.argsort(-s0, kind="stable")  # rows ascending: ties -> lowest slot
         if k == 1:
-            j = int(order[0])
+            j = int(np.argmax(s0))  # first maximum: rows ascending, so the lowest slot
             slots, picks = rows[j : j + 1].copy(), p0[j : j + 1].copy()
         else:
-            slots, picks = self._merge(c, k, rows, cap, view, s0, p0, order)
+            if k < n // 4:
+                # Only the best k untouched nodes can be reached: sort just those (and ties).
+                kth = np.partition(s0, n - k)[n - k]
+                top = np.flatnonzero(s0 >= kth)
+                order = top[np.argsort(-s0[top], kind="stable")]
+            else:
+                order = np.argsort(-s0, kind="stable")  # rows ascending: ties -> lowest slot
+            slots, picks = self._merge(c, k, rows, np.minimum(cap, k), s0, p0, order)
         self.apply(c, slots, picks, sign=-1)
         return slots, picks
 
@@ -284,12 +387,11 @@ class _Engine:
         k: int,
         rows: I64,
         cap: I64,
-        view: NodeView,
         s0: NDArray[np.float64],
         p0: I64,
         order: I64,
     ) -> tuple[I64, I64]:
-        n = int(rows.size)
+        n = int(order.size)
         neg_sorted = (-s0[order]).tolist()
         slot_sorted = rows[order].tolist()
         pick_sorted = p0[order].tolist()
@@ -298,53 +400,103 @@ class _Engine:
         chunk_pos: list[int] = []
         out_slots: list[int] = []
         out_picks: list[int] = []
-        placed_on: dict[int, int] = {}  # sorted position -> pods placed there this run
+        placed_on = [0] * n  # pods placed this run, per sorted position
         heap: list[tuple[float, int, int]] = []  # (-score, slot, sorted position)
+        inf = float("inf")
         ptr = 0
+        count = 0
         chunk_size = _FIRST_CHUNK
-        while len(out_slots) < k:
-            if ptr < n and (not heap or (neg_sorted[ptr], slot_sorted[ptr]) < heap[0][:2]):
+        while count < k:
+            # The best head: the next untouched node or the best touched one.
+            if ptr < n:
+                u_neg, u_slot = neg_sorted[ptr], slot_sorted[ptr]
+            else:
+                u_neg, u_slot = inf, -1
+            if heap and (
+                ptr >= n or heap[0][0] < u_neg or (heap[0][0] == u_neg and heap[0][1] < u_slot)
+            ):
+                _, _, pos = heapq.heappop(heap)
+                # Alternative for the streak below: the untouched head vs the new heap top.
+                if heap and (
+                    ptr >= n or heap[0][0] < u_neg or (heap[0][0] == u_neg and heap[0][1] < u_slot)
+                ):
+                    a_neg, a_slot = heap[0][0], heap[0][1]
+                else:
+                    a_neg, a_slot = u_neg, u_slot
+            elif ptr < n:
                 pos = ptr
                 ptr += 1
-                pick = pick_sorted[pos]
-                if pos >= len(chunk_of):  # next untouched rows need deeper scores
+                if pos >= len(chunk_of):  # next untouched rows: make their chunk
                     hi = min(n, pos + chunk_size)
                     chunk_size *= 2
                     idx = order[pos:hi]
-                    chunk = _Chunk(view.take(idx), p0[idx])
-                    chunk_of.extend([chunk] * (hi - pos))
+                    view = NodeView.of(self.fleet, self.free, rows[idx], self.usable)
+                    new_chunk = _Chunk(view, p0[idx])
+                    chunk_of.extend([new_chunk] * (hi - pos))
                     chunk_pos.extend(range(hi - pos))
-            elif heap:
-                _, _, pos = heapq.heappop(heap)
-                chunk, j = chunk_of[pos], chunk_pos[pos]
-                pick = chunk.picks[j][placed_on[pos] - 1]
+                if heap and (
+                    ptr >= n
+                    or heap[0][0] < neg_sorted[ptr]
+                    or (heap[0][0] == neg_sorted[ptr] and heap[0][1] < slot_sorted[ptr])
+                ):
+                    a_neg, a_slot = heap[0][0], heap[0][1]
+                elif ptr < n:
+                    a_neg, a_slot = neg_sorted[ptr], slot_sorted[ptr]
+                else:
+                    a_neg, a_slot = inf, -1
             else:
                 break
-            out_slots.append(slot_sorted[pos])
-            out_picks.append(pick)
-            done = placed_on.get(pos, 0) + 1
-            placed_on[pos] = done
-            if done < cap_sorted[pos] and len(out_slots) < k:
-                chunk, j = chunk_of[pos], chunk_pos[pos]
+            # A streak: keep placing on this node while its next score stays the best
+            # (packing policies fill a node this way without touching the heap).
+            slot = slot_sorted[pos]
+            chunk, j = chunk_of[pos], chunk_pos[pos]
+            done = placed_on[pos]
+            limit = min(cap_sorted[pos], done + k - count)
+            while True:
+                out_slots.append(slot)
+                out_picks.append(pick_sorted[pos] if done == 0 else chunk.picks[j][done - 1])
+                done += 1
+                count += 1
+                if done >= limit:
+                    break
                 if chunk.depth < done:
-                    self._deepen(c, chunk, min(k, max(2 * chunk.depth, _FIRST_DEPTH)))
-                heapq.heappush(heap, (-chunk.scores[j][done - 1], slot_sorted[pos], pos))
+                    want = max(2 * chunk.depth, _FIRST_DEPTH)
+                    self._deepen(c, chunk, min(want, k - count))
+                neg = -chunk.scores[j][done - 1]
+                if neg < a_neg or (neg == a_neg and slot < a_slot):
+                    continue
+                heapq.heappush(heap, (neg, slot, pos))
+                break
+            placed_on[pos] = done
         return np.asarray(out_slots, np.int64), np.asarray(out_picks, np.int64)
 
     def _deepen(self, c: Constraints, chunk: _Chunk, steps: int) -> None:
-        """Compute `steps` more depths of a chunk: simulate one more pod on every row and
-        re-score, vectorized over the chunk's rows."""
-        v, p = chunk.last_view, chunk.last_pick
+        """Compute `steps` more depths of a chunk's rows, vectorized over the rows: in one
+        evaluation of closed-form states when no plugin chooses GPUs, otherwise by
+        simulating one more pod on every row and re-scoring, step by step."""
+        r = len(chunk.scores)
+        if self.closed_form:
+            depths = np.arange(chunk.depth + 1, chunk.depth + steps + 1, dtype=np.int64)
+            s, p = self.policy.evaluate(states_after(chunk.base, c, depths), c)
+            s = np.where(s == s, s, -np.inf)  # NaN never wins
+            s_rows = s.reshape(r, steps).tolist()
+            p_rows = p.reshape(r, steps).tolist()
+            for j in range(r):
+                chunk.scores[j].extend(s_rows[j])
+                chunk.picks[j].extend(p_rows[j])
+            chunk.depth += steps
+            return
+        v, pk = chunk.last_view, chunk.last_pick
         cols_s: list[list[float]] = []
         cols_p: list[list[int]] = []
         for _ in range(steps):
-            v = v.after(c, p)
-            s, p = self.policy.evaluate(v, c)
-            cols_s.append(np.nan_to_num(s, nan=-np.inf).tolist())
-            cols_p.append(p.tolist())
-        chunk.last_view, chunk.last_pick = v, p
+            v = v.after(c, pk)
+            sc, pk = self.policy.evaluate(v, c)
+            cols_s.append(np.where(sc == sc, sc, -np.inf).tolist())
+            cols_p.append(pk.tolist())
+        chunk.last_view, chunk.last_pick = v, pk
         chunk.depth += steps
-        for j in range(len(chunk.scores)):
+        for j in range(r):
             chunk.scores[j].extend(col[j] for col in cols_s)
             chunk.picks[j].extend(col[j] for col in cols_p)
 
@@ -352,6 +504,8 @@ class _Engine:
         """Add (sign=+1) or take (sign=-1) pods of shape c to/from the scratch state."""
         if slots.size == 0:
             return
+        self.step += 1
+        self.dirty_at[slots] = self.step
         free = self.free
         if c.cpu_millicores:
             np.add.at(free.cpu_millicores, slots, sign * c.cpu_millicores)
@@ -384,9 +538,8 @@ class _Engine:
             need[s] = need.get(s, 0) + cnt
         caps: dict[int, tuple[I64, I64]] = {}
         for s in need:
-            rows = self.candidate_rows(s)
-            cap = pod_capacity(self.free, self.cons(s), rows, need[s])
-            caps[s] = (rows[cap > 0], cap[cap > 0])
+            rows, cap, _, _ = self._scored(s, self.cons(s))
+            caps[s] = (rows, np.minimum(cap, need[s]))
         hopeless = [s for s in need if caps[s][0].size == 0]
         if hopeless:
             # Members that fit nowhere get their own reason at the end (-1 here).
@@ -394,9 +547,12 @@ class _Engine:
             for s in hopeless:
                 reasons[shapes == s] = -1
             return none, np.zeros(m, np.int64), reasons
-        cand = np.unique(np.concatenate([rows for rows, _ in caps.values()]))
+        if len(caps) == 1:
+            cand = next(iter(caps.values()))[0]
+        else:
+            cand = np.unique(np.concatenate([rows for rows, _ in caps.values()]))
         for level in gang_levels(gang):
-            dom = _topology_column(self.fleet, level)
+            dom = self.topology(level)
             n_dom = int(dom.max()) + 1 if dom.size else 0
             ok = np.ones(n_dom, bool)
             for s, (rows, cap) in caps.items():
@@ -409,22 +565,19 @@ class _Engine:
             doms = np.flatnonzero(ok)
             doms = doms[np.lexsort((doms, cfree[doms], gfree[doms]))]
             for d in doms.tolist():
-                placed = self._trial(runs, caps, dom, d)
+                self.in_trial = True
+                try:
+                    placed = self._trial(runs, dom, d)
+                finally:
+                    self.in_trial = False
                 if placed is not None:
                     return placed[0], placed[1], np.zeros(m, np.int64)
         return none, np.zeros(m, np.int64), np.full(m, int(Reason.GANG_TOPOLOGY), np.int64)
 
-    def _trial(
-        self,
-        runs: list[tuple[int, int]],
-        caps: dict[int, tuple[I64, I64]],
-        dom: I64,
-        d: int,
-    ) -> tuple[I64, I64] | None:
+    def _trial(self, runs: list[tuple[int, int]], dom: I64, d: int) -> tuple[I64, I64] | None:
         done: list[tuple[int, I64, I64]] = []
         for s, cnt in runs:
-            rows = caps[s][0]
-            slots, picks = self.run(s, cnt, rows[dom[rows] == d])
+            slots, picks = self.run(s, cnt, (dom, d))
             done.append((s, slots, picks))
             if slots.size < cnt:
                 for s2, sl, pk in reversed(done):
@@ -441,7 +594,7 @@ def place(
     batch: Batch | Sequence[QueueItem],
     policy: Policy | str | None = None,
     *,
-    order: Order = Order.GROUPED,
+    order: Order = Order.LARGEST_FIRST,
 ) -> PlacementResult:
     """Place a queue of pods and gangs on the fleet without mutating it.
 
@@ -490,8 +643,11 @@ def place(
             engine.exhausted.add(k)
             pending.append((seg[slots.size :], k))
     # Reasons describe the fleet after the whole batch (resources only shrink during it).
+    reasons_of: dict[int, int] = {}
     for pods_, s_ in pending:
-        reason[pods_] = engine.reason_for(s_)
+        if s_ not in reasons_of:
+            reasons_of[s_] = engine.reason_for(s_)
+        reason[pods_] = reasons_of[s_]
     shapes = batch.shapes
     shape_of = batch.shape_of
     milli = np.array([sp.milli_per_gpu for sp in shapes], np.int64)[shape_of]

@@ -443,69 +443,86 @@ class _Reference:
         return out
 
 
+class ReferencePlacer:
+    """The reference loop over a plain-Python copy of a fleet (built once, in __init__)."""
+
+    def __init__(self, fleet: Fleet, policy: Policy | str | None = None) -> None:
+        if not isinstance(policy, Policy):
+            policy = Policy.parse(policy or DEFAULT_POLICY)
+        self.fleet = fleet
+        self._ref = _Reference(fleet, policy)
+
+    def place(
+        self, batch: Batch | Sequence[QueueItem], *, order: Order = Order.LARGEST_FIRST
+    ) -> PlacementResult:
+        """Place the queue (same semantics as `placement.place`), one pod and node at a time.
+
+        The placer's own copy of the free resources is consumed: use a new placer per batch.
+        """
+        fleet, ref = self.fleet, self._ref
+        if not isinstance(batch, Batch):
+            batch = Batch.of(batch)
+        p = len(batch)
+        node_slot = np.full(p, -1, np.int64)
+        gpu_mask = np.zeros(p, np.int64)
+        reason = np.zeros(p, np.int16)
+        pending: list[int] = []
+        seq = batch.order(order).tolist()
+        i = 0
+        while i < p:
+            pod_i = seq[i]
+            g = int(batch.gang_of[pod_i])
+            if g >= 0:
+                j = i
+                while j < p and int(batch.gang_of[seq[j]]) == g:
+                    j += 1
+                members = seq[i:j]
+                out = ref.gang(batch.gangs[g], [batch.pods[m] for m in members])
+                for m, o in zip(members, out, strict=True):
+                    if isinstance(o, tuple):
+                        node_slot[m], gpu_mask[m] = o
+                    elif o < 0:
+                        pending.append(m)
+                    else:
+                        reason[m] = o
+                i = j
+                continue
+            pod = batch.pods[pod_i]
+            best = ref.best_node(pod)
+            if best is None:
+                pending.append(pod_i)
+            else:
+                ref.apply(best[0], pod, best[1], +1)
+                node_slot[pod_i], gpu_mask[pod_i] = best[0].slot, best[1]
+            i += 1
+        for m in pending:
+            reason[m] = ref.reason(batch.pods[m])
+        pods = batch.pods
+        placed = node_slot >= 0
+        cids = fleet.cluster_id[: fleet.n_slots].tolist()
+        return PlacementResult(
+            pod_names=tuple(pod.name for pod in pods),
+            node_slot=node_slot,
+            gpu_mask=gpu_mask,
+            gpu_milli_per_gpu=np.array(
+                [pod.milli_per_gpu if placed[i] else 0 for i, pod in enumerate(pods)], np.int64
+            ),
+            cpu_millicores=np.array([pod.cpu_millicores for pod in pods], np.int64),
+            memory_bytes=np.array([pod.memory_bytes for pod in pods], np.int64),
+            reason=reason,
+            order=np.asarray(seq, np.int64),
+            slot_names=tuple(fleet.names),
+            slot_clusters=tuple(fleet.clusters.names[c] if c >= 0 else None for c in cids),
+            fleet_version=fleet.version,
+        )
+
+
 def place_reference(
     fleet: Fleet,
     batch: Batch | Sequence[QueueItem],
     policy: Policy | str | None = None,
     *,
-    order: Order = Order.GROUPED,
+    order: Order = Order.LARGEST_FIRST,
 ) -> PlacementResult:
     """`placement.place` computed by a plain loop over pods and nodes (slow; for checks)."""
-    if not isinstance(batch, Batch):
-        batch = Batch.of(batch)
-    if not isinstance(policy, Policy):
-        policy = Policy.parse(policy or DEFAULT_POLICY)
-    ref = _Reference(fleet, policy)
-    p = len(batch)
-    node_slot = np.full(p, -1, np.int64)
-    gpu_mask = np.zeros(p, np.int64)
-    reason = np.zeros(p, np.int16)
-    pending: list[int] = []
-    seq = batch.order(order).tolist()
-    i = 0
-    while i < p:
-        pod_i = seq[i]
-        g = int(batch.gang_of[pod_i])
-        if g >= 0:
-            j = i
-            while j < p and int(batch.gang_of[seq[j]]) == g:
-                j += 1
-            members = seq[i:j]
-            out = ref.gang(batch.gangs[g], [batch.pods[m] for m in members])
-            for m, o in zip(members, out, strict=True):
-                if isinstance(o, tuple):
-                    node_slot[m], gpu_mask[m] = o
-                elif o < 0:
-                    pending.append(m)
-                else:
-                    reason[m] = o
-            i = j
-            continue
-        pod = batch.pods[pod_i]
-        best = ref.best_node(pod)
-        if best is None:
-            pending.append(pod_i)
-        else:
-            ref.apply(best[0], pod, best[1], +1)
-            node_slot[pod_i], gpu_mask[pod_i] = best[0].slot, best[1]
-        i += 1
-    for m in pending:
-        reason[m] = ref.reason(batch.pods[m])
-    shapes = batch.pods
-    placed = node_slot >= 0
-    cids = fleet.cluster_id[: fleet.n_slots].tolist()
-    return PlacementResult(
-        pod_names=tuple(pod.name for pod in shapes),
-        node_slot=node_slot,
-        gpu_mask=gpu_mask,
-        gpu_milli_per_gpu=np.array(
-            [pod.milli_per_gpu if placed[i] else 0 for i, pod in enumerate(shapes)], np.int64
-        ),
-        cpu_millicores=np.array([pod.cpu_millicores for pod in shapes], np.int64),
-        memory_bytes=np.array([pod.memory_bytes for pod in shapes], np.int64),
-        reason=reason,
-        order=np.asarray(seq, np.int64),
-        slot_names=tuple(fleet.names),
-        slot_clusters=tuple(fleet.clusters.names[c] if c >= 0 else None for c in cids),
-        fleet_version=fleet.version,
-    )
+    return ReferencePlacer(fleet, policy).place(batch, order=order)

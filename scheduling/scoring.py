@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -51,13 +52,12 @@ class NodeView:
     gpu_model_id: NDArray[np.int16]
 
     @classmethod
-    def of(cls, fleet: Fleet, free: Free, rows: I64) -> NodeView:
-        """Gather the candidate rows from the fleet and the engine's free arrays."""
-        g = fleet.max_gpus
-        count = fleet.gpu_count[rows].astype(np.int64)
-        bad = fleet.gpu_unhealthy_mask[rows]
-        idx = np.arange(g, dtype=np.int64)
-        usable = (idx[None, :] < count[:, None]) & (((bad[:, None] >> idx[None, :]) & 1) == 0)
+    def of(
+        cls, fleet: Fleet, free: Free, rows: I64, usable_all: NDArray[np.bool_] | None = None
+    ) -> NodeView:
+        """Gather the candidate rows from the fleet and the engine's free arrays
+        (`usable_all`: `gpu_usable_matrix(fleet)` if already computed)."""
+        usable = (gpu_usable_matrix(fleet) if usable_all is None else usable_all)[rows]
         return cls(
             slots=rows,
             cpu_free_millicores=free.cpu_millicores[rows],
@@ -71,6 +71,16 @@ class NodeView:
 
     def __len__(self) -> int:
         return int(self.slots.size)
+
+    @cached_property
+    def gpu_free_total(self) -> I64:
+        """(R,) int64 free milli-GPU summed over the node's usable GPUs."""
+        return np.asarray(self.gpu_free_milli.sum(axis=1, dtype=np.int64), np.int64)
+
+    @cached_property
+    def gpu_capacity_milli(self) -> I64:
+        """(R,) int64 milli-GPU of the node's usable GPUs (1000 each)."""
+        return np.asarray(self.gpu_usable.sum(axis=1, dtype=np.int64) * GPU_MILLI, np.int64)
 
     def take(self, idx: I64) -> NodeView:
         """The sub-view of rows `idx`."""
@@ -100,6 +110,16 @@ class NodeView:
             self.gpu_usable,
             self.gpu_model_id,
         )
+
+
+def gpu_usable_matrix(fleet: Fleet) -> NDArray[np.bool_]:
+    """(n_slots, max_gpus) bool: the GPU exists and is healthy."""
+    n, g = fleet.n_slots, fleet.max_gpus
+    count = fleet.gpu_count[:n].astype(np.int64)
+    bad = fleet.gpu_unhealthy_mask[:n]
+    idx = np.arange(g, dtype=np.int64)
+    usable = (idx[None, :] < count[:, None]) & (((bad[:, None] >> idx[None, :]) & 1) == 0)
+    return np.asarray(usable, np.bool_)
 
 
 def pick_bits(pick: I64, gpus: int) -> NDArray[np.int64]:
@@ -161,9 +181,7 @@ def _ratio100(num: I64, den: I64) -> F64:
 
 
 def _gpu_totals(view: NodeView) -> tuple[I64, I64]:
-    free = view.gpu_free_milli.sum(axis=1, dtype=np.int64)
-    total = view.gpu_usable.sum(axis=1, dtype=np.int64) * GPU_MILLI
-    return free, total
+    return view.gpu_free_total, view.gpu_capacity_milli
 
 
 class _Builtin:

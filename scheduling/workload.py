@@ -205,11 +205,15 @@ QueueItem = PodSpec | GangSpec
 class Order(enum.Enum):
     """How the queue is ordered before the sequential greedy placement.
 
-    GROUPED (default): priority (high first), then shapes in order of first appearance,
-    then input order, so identical pods are placed consecutively (fast).
+    LARGEST_FIRST (default): priority (high first), then larger requests first (GPU
+    milli, then CPU, then memory; a gang by its total), like Karpenter's scheduler sorting
+    pods by requests descending (first-fit-decreasing packs better); identical pods end up
+    consecutive, which is what makes the engine fast.
+    GROUPED: priority, then shapes in order of first appearance, then input order.
     FIFO: priority, then input order exactly (trace replay).
     """
 
+    LARGEST_FIRST = "largest-first"
     GROUPED = "grouped"
     FIFO = "fifo"
 
@@ -271,7 +275,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.pods)
 
-    def order(self, order: Order = Order.GROUPED) -> NDArray[np.int64]:
+    def order(self, order: Order = Order.LARGEST_FIRST) -> NDArray[np.int64]:
         """(P,) pod indices in placement order (stable: ties keep input order)."""
         n = len(self.pods)
         idx = np.arange(n, dtype=np.int64)
@@ -286,7 +290,18 @@ class Batch:
             np.stack([group, self.priority]), axis=1, return_index=True, return_inverse=True
         )
         rank = first[inverse.reshape(-1)]
-        return idx[np.lexsort((idx, rank, -self.priority))]
+        if order is Order.GROUPED:
+            return idx[np.lexsort((idx, rank, -self.priority))]
+        # Size per pod: its shape's requests, or for gang members the gang's totals.
+        gpu = np.array([p.gpu_milli_total for p in self.shapes], np.int64)[self.shape_of]
+        cpu = np.array([p.cpu_millicores for p in self.shapes], np.int64)[self.shape_of]
+        mem = np.array([p.memory_bytes for p in self.shapes], np.int64)[self.shape_of]
+        member = self.gang_of >= 0
+        if member.any():
+            g = self.gang_of[member]
+            for col in (gpu, cpu, mem):
+                col[member] = np.bincount(g, weights=col[member], minlength=len(self.gangs))[g]
+        return idx[np.lexsort((idx, rank, -mem, -cpu, -gpu, -self.priority))]
 
 
 def pods_of(items: Sequence[QueueItem]) -> list[PodSpec]:
