@@ -1,0 +1,190 @@
+"""Placement engine speed: `python -m benchmarks placement --nodes 10000 --pods 100000 --json`.
+
+A seeded synthetic fleet (8 clusters, 4 GPU models, zones, racks, taints, 8-GPU nodes plus
+CPU-only nodes; `scheduling.synthetic`) and an openb-like workload (fractional, whole-GPU,
+model- and selector-constrained pods, gangs with topology). Measured in the same run:
+
+- the engine (`scheduling.place`): median wall time over --repeats;
+- the reference per-node Python loop with the same semantics
+  (`scheduling.reference.ReferencePlacer`) on the first --loop-pods pods of the workload;
+- an identical-decisions check of both on a small instance (--check-nodes/--check-pods);
+- bytes per node of a 100,000-node fleet with 8 GPUs per node;
+- with --ladder, the engine's cost from 1,000 to 100,000 nodes at the same pod count.
+
+The last line (with --json) is one JSON object with pods_per_s, loop_pods_per_s, speedup,
+bytes_per_node and the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from scheduling import REASON_TEXT, Batch, Order, Policy, Reason, place
+from scheduling.fleet import Fleet
+from scheduling.placement import PlacementResult
+from scheduling.reference import ReferencePlacer
+from scheduling.scoring import DEFAULT_POLICY
+from scheduling.synthetic import synthetic_fleet, synthetic_workload
+
+LADDER = (1_000, 3_000, 10_000, 30_000, 100_000)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks placement", description=__doc__)
+    p.add_argument("--nodes", type=int, default=10_000)
+    p.add_argument("--pods", type=int, default=100_000)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--policy", default=DEFAULT_POLICY)
+    p.add_argument("--order", choices=[o.value for o in Order], default=Order.LARGEST_FIRST.value)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--loop-pods", type=int, default=30, help="pods timed with the reference loop")
+    p.add_argument("--check-nodes", type=int, default=200)
+    p.add_argument("--check-pods", type=int, default=2_000)
+    p.add_argument("--ladder", action="store_true", help="engine cost from 1k to 100k nodes")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = p.parse_args(argv)
+    if min(args.nodes, args.pods, args.repeats, args.loop_pods) <= 0:
+        p.error("--nodes, --pods, --repeats and --loop-pods must be positive")
+    return args
+
+
+def gpu_alloc_pct(fleet: Fleet, r: PlacementResult) -> float:
+    """GPU milli taken by the placed pods / usable GPU milli of the fleet x 100."""
+    total = int(fleet.usable_gpu_free_milli().sum())
+    n_gpus = np.array([bin(int(m)).count("1") for m in r.gpu_mask], np.int64)
+    return 100.0 * float((r.gpu_milli_per_gpu * n_gpus).sum()) / max(total, 1)
+
+
+def time_engine(
+    fleet: Fleet, batch: Batch, policy: Policy, order: Order, repeats: int
+) -> tuple[float, float, PlacementResult]:
+    """Median wall seconds and median CPU seconds of `place`, and the last result."""
+    walls, cpus = [], []
+    result = None
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        result = place(fleet, batch, policy, order=order)
+        cpus.append(time.process_time() - c0)
+        walls.append(time.perf_counter() - w0)
+    assert result is not None
+    return statistics.median(walls), statistics.median(cpus), result
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    policy = Policy.parse(args.policy)
+    order = Order(args.order)
+    say = print
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    fleet = synthetic_fleet(args.nodes, rng)
+    items = synthetic_workload(args.pods, np.random.default_rng(args.seed + 1))
+    t1 = time.perf_counter()
+    batch = Batch.of(items)
+    batch_s = time.perf_counter() - t1
+    say(
+        f"fleet: {len(fleet)} nodes, {int(fleet.gpu_count.sum())} GPUs; workload: {len(batch)} "
+        f"pods, {len(batch.gangs)} gangs, {len(batch.shapes)} shapes "
+        f"(built in {t1 - t0:.1f}s; Batch.of {batch_s * 1e3:.0f} ms)"
+    )
+
+    wall, cpu, result = time_engine(fleet, batch, policy, order, args.repeats)
+    pods_per_s = len(batch) / wall
+    reasons = Counter(int(r) for r in result.reason[result.reason > 0])
+    say(
+        f"engine: {wall:.3f}s median of {args.repeats} ({cpu:.3f}s CPU) -> {pods_per_s:,.0f} "
+        f"pods/s; placed {result.n_placed}/{len(batch)}, GPU allocation "
+        f"{gpu_alloc_pct(fleet, result):.1f}%"
+    )
+    for code, count in reasons.most_common(4):
+        say(f"  unplaced: {count} x {REASON_TEXT[Reason(code)]}")
+
+    # The reference loop on the first --loop-pods pods (same fleet, same semantics).
+    sub = Batch.of(items[: args.loop_pods])
+    placer = ReferencePlacer(fleet, policy)
+    w0 = time.perf_counter()
+    placer.place(sub, order=order)
+    loop_s = time.perf_counter() - w0
+    loop_pods_per_s = len(sub) / loop_s
+    speedup = pods_per_s / loop_pods_per_s
+    say(
+        f"reference loop: {len(sub)} pods in {loop_s:.2f}s -> {loop_pods_per_s:,.1f} pods/s; "
+        f"speedup {speedup:,.0f}x"
+    )
+
+    # Identical decisions on a small instance.
+    small = synthetic_fleet(args.check_nodes, np.random.default_rng(args.seed + 2))
+    small_items = synthetic_workload(
+        args.check_pods, np.random.default_rng(args.seed + 3), n_shapes=60
+    )
+    same = (
+        place(small, small_items, policy, order=order).decisions()
+        == ReferencePlacer(small, policy).place(small_items, order=order).decisions()
+    )
+    say(
+        f"identical decisions on {args.check_nodes} nodes x {args.check_pods} pods: "
+        f"{'yes' if same else 'NO'}"
+    )
+
+    big = fleet if len(fleet) >= 100_000 else synthetic_fleet(100_000, np.random.default_rng(7))
+    bytes_per_node = big.nbytes() / len(big)
+    say(f"memory: {bytes_per_node:.0f} bytes per node at {len(big)} nodes x 8 GPUs")
+    del big
+
+    ladder: list[dict[str, Any]] = []
+    if args.ladder:
+        for n in LADDER:
+            f = synthetic_fleet(n, np.random.default_rng(args.seed))
+            w, c, r = time_engine(f, batch, policy, order, 1)
+            ladder.append(
+                {
+                    "nodes": n,
+                    "pods": len(batch),
+                    "placed": r.n_placed,
+                    "seconds": round(w, 4),
+                    "cpu_seconds": round(c, 4),
+                    "pods_per_s": round(len(batch) / w),
+                }
+            )
+            say(
+                f"ladder: {n:>7} nodes: {w:.3f}s ({c:.3f}s CPU), {len(batch) / w:,.0f} pods/s, "
+                f"placed {r.n_placed}"
+            )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "benchmark": "placement",
+                    "nodes": args.nodes,
+                    "pods": len(batch),
+                    "policy": policy.name,
+                    "order": order.value,
+                    "seed": args.seed,
+                    "pods_per_s": round(pods_per_s),
+                    "cpu_pods_per_s": round(len(batch) / cpu),
+                    "engine_s": round(wall, 4),
+                    "loop_pods_per_s": round(loop_pods_per_s, 2),
+                    "speedup": round(speedup, 1),
+                    "bytes_per_node": round(bytes_per_node),
+                    "identical_decisions": same,
+                    "placed": result.n_placed,
+                    "gpu_alloc_pct": round(gpu_alloc_pct(fleet, result), 2),
+                    "batch_build_s": round(batch_s, 4),
+                    "ladder": ladder,
+                }
+            )
+        )
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
