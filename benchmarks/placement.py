@@ -49,6 +49,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--loop-pods", type=int, default=30, help="pods timed with the reference loop")
     p.add_argument("--check-nodes", type=int, default=200)
     p.add_argument("--check-pods", type=int, default=2_000)
+    p.add_argument("--memory-nodes", type=int, default=100_000, help="fleet size for bytes/node")
     p.add_argument("--ladder", action="store_true", help="engine cost from 1k to 100k nodes")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     args = p.parse_args(argv)
@@ -135,7 +136,11 @@ def main(argv: Sequence[str]) -> int:
         f"{'yes' if same else 'NO'}"
     )
 
-    big = fleet if len(fleet) >= 100_000 else synthetic_fleet(100_000, np.random.default_rng(7))
+    big = (
+        fleet
+        if len(fleet) >= args.memory_nodes
+        else synthetic_fleet(args.memory_nodes, np.random.default_rng(args.seed + 4))
+    )
     bytes_per_node = big.nbytes() / len(big)
     say(f"memory: {bytes_per_node:.0f} bytes per node at {len(big)} nodes x 8 GPUs")
     del big

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -74,6 +75,21 @@ def compile_pod(fleet: Fleet, pod: PodSpec) -> Constraints:
         milli_per_gpu=pod.milli_per_gpu,
         gpu_memory_min_mib=pod.gpu_memory_min_mib,
     )
+
+
+def _row_sum(a: NDArray[Any]) -> NDArray[np.int64]:
+    # (R, G) -> (R,): add the few GPU columns (numpy reduces a short last axis slowly).
+    out = np.zeros(a.shape[0], np.int64)
+    for i in range(a.shape[1]):
+        out += a[:, i]
+    return out
+
+
+def _row_any(a: NDArray[np.bool_]) -> Mask:
+    out = np.zeros(a.shape[0], np.bool_)
+    for i in range(a.shape[1]):
+        out |= a[:, i]
+    return out
 
 
 def _isin(col: NDArray[np.int32], values: NDArray[np.int32]) -> Mask:
@@ -227,15 +243,15 @@ def filter_gpu_whole(free: Free, c: Constraints, rows: Rows) -> Mask:
         return np.ones(rows.size, bool)
     g = free.gpu_milli[rows]
     if c.milli_per_gpu < GPU_MILLI:
-        return np.asarray((g > 0).any(axis=1), dtype=np.bool_)
-    return np.asarray((g == GPU_MILLI).sum(axis=1) >= c.gpus_per_pod, dtype=np.bool_)
+        return _row_any(g > 0)
+    return np.asarray(_row_sum(g == GPU_MILLI) >= c.gpus_per_pod, dtype=np.bool_)
 
 
 def filter_gpu_share(free: Free, c: Constraints, rows: Rows) -> Mask:
     """For a fractional pod: one GPU has the requested share free."""
     if c.gpus_per_pod == 0 or c.milli_per_gpu == GPU_MILLI:
         return np.ones(rows.size, bool)
-    return np.asarray((free.gpu_milli[rows] >= c.milli_per_gpu).any(axis=1), dtype=np.bool_)
+    return _row_any(free.gpu_milli[rows] >= c.milli_per_gpu)
 
 
 ResourceFilter = Callable[[Free, Constraints, Rows], Mask]
@@ -266,12 +282,28 @@ def pod_capacity(free: Free, c: Constraints, rows: Rows, limit: int) -> NDArray[
     if c.gpus_per_pod:
         g = free.gpu_milli[rows]
         if c.milli_per_gpu < GPU_MILLI:
-            gcap = (g // c.milli_per_gpu).sum(axis=1)
+            gcap = _row_sum(g // c.milli_per_gpu)
         else:
-            gcap = (g == GPU_MILLI).sum(axis=1) // c.gpus_per_pod
+            gcap = _row_sum(g == GPU_MILLI) // c.gpus_per_pod
         np.minimum(cap, gcap, out=cap)
     np.maximum(cap, 0, out=cap)
     return cap
+
+
+def static_first_failure(fleet: Fleet, c: Constraints, rows: Rows) -> NDArray[np.int16]:
+    """(rows,) int16: the first static filter each node fails, 0 if it passes them all."""
+    out = np.zeros(rows.size, np.int16)
+    for reason, sfn in STATIC_FILTERS:
+        out[(out == 0) & ~sfn(fleet, c, rows)] = reason
+    return out
+
+
+def resource_first_failure(free: Free, c: Constraints, rows: Rows) -> NDArray[np.int16]:
+    """(rows,) int16: the first resource filter each node fails, 0 if the pod fits."""
+    out = np.zeros(rows.size, np.int16)
+    for reason, rfn in RESOURCE_FILTERS:
+        out[(out == 0) & ~rfn(free, c, rows)] = reason
+    return out
 
 
 def first_failure(
@@ -280,11 +312,9 @@ def first_failure(
     """(rows,) int16: the first reason each node fails for this pod, 0 if it fits."""
     if rows is None:
         rows = np.flatnonzero(fleet.live_mask())
-    out = np.zeros(rows.size, np.int16)
-    for reason, sfn in STATIC_FILTERS:
-        out[(out == 0) & ~sfn(fleet, c, rows)] = reason
-    for reason, rfn in RESOURCE_FILTERS:
-        out[(out == 0) & ~rfn(free, c, rows)] = reason
+    out = static_first_failure(fleet, c, rows)
+    ok = out == 0
+    out[ok] = resource_first_failure(free, c, rows[ok])
     return out
 
 

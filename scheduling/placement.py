@@ -33,7 +33,8 @@ from scheduling.filters import (
     compile_pod,
     first_failure,
     pod_capacity,
-    static_mask,
+    resource_first_failure,
+    static_first_failure,
 )
 from scheduling.fleet import GPU_MILLI, Allocation, AllocationError, Fleet
 from scheduling.scoring import DEFAULT_POLICY, NodeView, Policy, gpu_usable_matrix, pick_bits
@@ -277,6 +278,7 @@ class _Engine:
         # Within one call free resources only shrink (trials are rolled back exactly),
         # so a row without room never gets room back.
         self.rows: dict[int, I64] = {}
+        self.static: dict[int, NDArray[np.int16]] = {}
         self.exhausted: set[int] = set()
         # Per-shape cache of (rows, room, scores, picks, step) and per-slot change stamps.
         self.cache: dict[int, tuple[I64, I64, NDArray[np.float64], I64, int]] = {}
@@ -299,21 +301,28 @@ class _Engine:
             c = self.constraints[shape] = compile_pod(self.fleet, self.batch.shapes[shape])
         return c
 
+    def static_codes(self, shape: int) -> NDArray[np.int16]:
+        """First failing static filter per live row for the shape (0 = passes), cached."""
+        codes = self.static.get(shape)
+        if codes is None:
+            codes = static_first_failure(self.fleet, self.cons(shape), self.live_rows)
+            self.static[shape] = codes
+        return codes
+
     def candidate_rows(self, shape: int) -> I64:
+        """Live rows passing every static filter for the shape, cached."""
         rows = self.rows.get(shape)
         if rows is None:
-            c = self.cons(shape)
-            rows = self.live_rows[static_mask(self.fleet, c, self.live_rows)]
-            self.rows[shape] = rows
+            rows = self.rows[shape] = self.live_rows[self.static_codes(shape) == 0]
         return rows
 
-    def reason_for(self, shape: int, rows: I64 | None = None) -> int:
-        """Dominant reason why no node (of `rows`, default all) takes this shape now."""
+    def reason_for(self, shape: int) -> int:
+        """Dominant reason why no node takes this shape now."""
         if not self.live_rows.size:
             return int(Reason.NO_NODES)
-        ff = first_failure(
-            self.fleet, self.cons(shape), self.free, self.live_rows if rows is None else rows
-        )
+        ff = self.static_codes(shape).copy()
+        ok = ff == 0
+        ff[ok] = resource_first_failure(self.free, self.cons(shape), self.live_rows[ok])
         return int(Explanation.from_first_failures(ff).dominant) or int(Reason.INSUFFICIENT_CPU)
 
     # -- one run of identical pods -------------------------------------------------------
@@ -658,7 +667,7 @@ def place(
     cluster_names = fleet.clusters.names
     cids = fleet.cluster_id[: fleet.n_slots].tolist()
     return PlacementResult(
-        pod_names=tuple(pod.name for pod in batch.pods),
+        pod_names=batch.names,
         node_slot=node_slot,
         gpu_mask=gpu_mask,
         gpu_milli_per_gpu=milli,

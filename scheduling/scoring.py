@@ -75,12 +75,22 @@ class NodeView:
     @cached_property
     def gpu_free_total(self) -> I64:
         """(R,) int64 free milli-GPU summed over the node's usable GPUs."""
-        return np.asarray(self.gpu_free_milli.sum(axis=1, dtype=np.int64), np.int64)
+        return row_sum(self.gpu_free_milli)
+
+    @cached_property
+    def gpu_usable_count(self) -> I64:
+        """(R,) int64 number of usable GPUs."""
+        return row_sum(self.gpu_usable)
 
     @cached_property
     def gpu_capacity_milli(self) -> I64:
         """(R,) int64 milli-GPU of the node's usable GPUs (1000 each)."""
-        return np.asarray(self.gpu_usable.sum(axis=1, dtype=np.int64) * GPU_MILLI, np.int64)
+        return self.gpu_usable_count * GPU_MILLI
+
+    @cached_property
+    def gpu_fully_free(self) -> I64:
+        """(R,) int64 number of GPUs with all 1000 milli free."""
+        return row_sum(self.gpu_free_milli == GPU_MILLI)
 
     def take(self, idx: I64) -> NodeView:
         """The sub-view of rows `idx`."""
@@ -127,6 +137,23 @@ def pick_bits(pick: I64, gpus: int) -> NDArray[np.int64]:
     return (pick[:, None] >> np.arange(gpus, dtype=np.int64)[None, :]) & 1
 
 
+def row_sum(a: NDArray[Any]) -> I64:
+    """(R, G) -> (R,) int64 sums over the GPU axis. numpy reduces a short trailing axis
+    slowly, so this adds the G columns instead (G is small)."""
+    out = np.zeros(a.shape[0], np.int64)
+    for i in range(a.shape[1]):
+        out += a[:, i]
+    return out
+
+
+def row_any(a: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """(R, G) bool -> (R,) bool: any over the GPU axis (column by column, see row_sum)."""
+    out = np.zeros(a.shape[0], np.bool_)
+    for i in range(a.shape[1]):
+        out |= a[:, i]
+    return out
+
+
 def default_gpu_pick(view: NodeView, c: Constraints) -> I64:
     """(R,) int64 GPU bitmask per node: a share goes to the GPU with the least free share
     that still fits (best fit, lowest index on ties); whole GPUs are the lowest-index
@@ -137,15 +164,25 @@ def default_gpu_pick(view: NodeView, c: Constraints) -> I64:
     free = view.gpu_free_milli
     g = free.shape[1]
     if c.milli_per_gpu < GPU_MILLI:
-        fits = free >= c.milli_per_gpu
-        key = np.where(fits, free, GPU_MILLI + 1)
-        best = np.argmin(key, axis=1)
-        return np.where(fits.any(axis=1), np.left_shift(1, best), 0).astype(np.int64)
-    whole = free == GPU_MILLI
-    chosen = whole & (np.cumsum(whole, axis=1) <= c.gpus_per_pod)
-    weights = np.left_shift(np.int64(1), np.arange(g, dtype=np.int64))
-    pick = chosen.astype(np.int64) @ weights
-    return np.where(chosen.sum(axis=1) == c.gpus_per_pod, pick, 0).astype(np.int64)
+        # min over GPUs of (free * 64 + index) among those that fit: least free share,
+        # then lowest index, in one comparison per column.
+        none = np.int64(1) << 40
+        best = np.full(r, none, np.int64)
+        for i in range(g):
+            col = free[:, i].astype(np.int64)
+            np.minimum(best, np.where(col >= c.milli_per_gpu, col * 64 + i, none), out=best)
+        return np.where(best < none, np.left_shift(np.int64(1), best & 63), 0).astype(np.int64)
+    # Whole GPUs: bitmask of entirely free GPUs, then its lowest `gpus_per_pod` set bits.
+    whole = np.zeros(r, np.int64)
+    for i in range(g):
+        whole |= (free[:, i] == GPU_MILLI).astype(np.int64) << i
+    pick = np.zeros(r, np.int64)
+    rest = whole
+    for _ in range(c.gpus_per_pod):
+        low = rest & -rest
+        pick |= low
+        rest = rest ^ low
+    return np.where(np.bitwise_count(pick) == c.gpus_per_pod, pick, 0).astype(np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -291,18 +328,21 @@ class GpuPacking(_Builtin):
         r = len(view)
         if c.gpus_per_pod == 0:
             return ScoreResult(np.zeros(r))
-        free = view.gpu_free_milli
-        usable = view.gpu_usable
-        n_usable = usable.sum(axis=1)
-        fully_free = ((free == GPU_MILLI) & usable).sum(axis=1)
-        bits = pick_bits(pick, free.shape[1]).astype(bool)
-        taken_full = ((free == GPU_MILLI) & bits).sum(axis=1)
-        # e.g. share 300 on a GPU with 400 free: 400*100//1000 = 40, 100 - 40//10 = 96
-        pct = np.where(bits, free.astype(np.int64) * 100 // GPU_MILLI, 0).sum(axis=1)
-        tier1 = np.maximum(100 - pct // 10, 50)
+        fully_free = view.gpu_fully_free
+        if c.milli_per_gpu < GPU_MILLI:
+            # A share takes one GPU: bit index of the pick = popcount(pick - 1).
+            idx = np.minimum(np.bitwise_count(pick - 1), view.gpu_free_milli.shape[1] - 1)
+            at = view.gpu_free_milli[np.arange(r), idx.astype(np.intp)].astype(np.int64)
+            taken_full = (at == GPU_MILLI).astype(np.int64)
+            # e.g. share 300 on a GPU with 400 free: 400*100//1000 = 40, 100 - 40//10 = 96
+            tier1 = np.maximum(100 - (at * 100 // GPU_MILLI) // 10, 50)
+        else:  # whole GPUs are always entirely free ones
+            taken_full = np.full(r, c.gpus_per_pod, np.int64)
+            tier1 = np.zeros(r, np.int64)
         tier2 = np.maximum(50 - taken_full, 33)
         tier3 = np.maximum(33 - fully_free, fully_free)
-        score = np.where(fully_free == n_usable, tier3, np.where(taken_full > 0, tier2, tier1))
+        idle = fully_free == view.gpu_usable_count
+        score = np.where(idle, tier3, np.where(taken_full > 0, tier2, tier1))
         return ScoreResult(score.astype(np.float64))
 
 
@@ -328,8 +368,8 @@ class GpuClustering(_Builtin):
         used = np.where(view.gpu_usable, GPU_MILLI - free, 0)
         in_use = used > 0
         same = in_use & (used % c.milli_per_gpu == 0)
-        n_in_use = in_use.sum(axis=1)
-        n_same = same.sum(axis=1)
+        n_in_use = row_sum(in_use)
+        n_same = row_sum(same)
         tier = np.where(
             n_in_use == 0, 1.0, np.where(n_same == n_in_use, 3.0, np.where(n_same > 0, 2.0, 0.0))
         )

@@ -233,6 +233,11 @@ class Batch:
     priority: NDArray[np.int64]
     gang_of: NDArray[np.int32]
     gangs: tuple[GangSpec, ...]
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.names and self.pods:
+            object.__setattr__(self, "names", tuple(p.name for p in self.pods))
 
     @classmethod
     def of(cls, items: Iterable[QueueItem]) -> Batch:
