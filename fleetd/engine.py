@@ -22,7 +22,7 @@ import scheduling
 from scheduling import Allocation, Fleet, Policy, TopologyLevel
 from scheduling.explain import REASON_TEXT, Reason
 from scheduling.fleet import FLAG_CORDONED, FLAG_STALE, FLAG_UNHEALTHY
-from scheduling.fragmentation import TypicalPods, typical_pods
+from scheduling.fragmentation import TypicalPods, _model_columns, frag_milli, typical_pods
 from scheduling.replay.policies import make_policy
 
 GPU_MILLI = scheduling.GPU_MILLI
@@ -262,3 +262,23 @@ def gpu_allocated_milli(fleet: Fleet, slot: int) -> list[int]:
     """Allocated share of each GPU of a node, in thousandths."""
     count = int(fleet.gpu_count[slot])
     return [GPU_MILLI - int(f) for f in fleet.gpu_free_milli[slot, :count]]
+
+
+def fragmented_milli(
+    fleet: Fleet, slots: npt.NDArray[np.int64], typical: TypicalPods | None
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(fragmented, free) GPU milli of each node in `slots`.
+
+    With a target workload: FGD's expected fragmentation F_n(M) (Weng et al., ATC'23 §3.2),
+    the free GPU share that the typical pod cannot use. Without one: the free share on GPUs
+    already partly used (no whole-GPU pod can use it).
+    """
+    free = fleet.usable_gpu_free_milli(slots).astype(np.int64)
+    free_total = free.sum(axis=1).astype(np.float64)
+    if typical is None:
+        partial = (free > 0) & (free < GPU_MILLI)
+        return np.where(partial, free, 0).sum(axis=1).astype(np.float64), free_total
+    cpu_free = fleet.cpu_allocatable_millicores[slots] - fleet.cpu_allocated_millicores[slots]
+    typ = _model_columns(typical, len(fleet.gpu_models))
+    model = fleet.gpu_model_id[slots].astype(np.int64)
+    return frag_milli(cpu_free, free, model, typ), free_total

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from fleetd.engine import GPU_MILLI
+from fleetd.engine import GPU_MILLI, fragmented_milli
 from fleetd.state import StateMetrics
 
 if TYPE_CHECKING:
@@ -75,7 +75,8 @@ class Metrics:
         )
         self.fragmentation = Gauge(
             "fleetd_gpu_fragmentation_ratio",
-            "Free GPU share stranded on partially allocated GPUs / all free GPU share.",
+            "Fragmented free GPU share / all free GPU share (FGD's measure against the target "
+            "workload when one is known).",
             ["cluster"],
             registry=r,
         )
@@ -178,9 +179,9 @@ class Metrics:
             self.memory_bytes_allocated.labels(cluster, model).set(
                 float(f.memory_allocated_bytes[idx].sum())
             )
-            stranded, free = fragmentation_milli(alloc, exists)
-            frag_by_cluster[cluster][0] += stranded
-            frag_by_cluster[cluster][1] += free
+            frag_nodes, free_nodes = fragmented_milli(f, idx, state.typical)
+            frag_by_cluster[cluster][0] += float(frag_nodes.sum())
+            frag_by_cluster[cluster][1] += float(free_nodes.sum())
         for cluster, (stranded, free) in frag_by_cluster.items():
             self.fragmentation.labels(cluster).set(stranded / free if free else 0.0)
         for (cluster, cond), count in conditions.items():
@@ -207,14 +208,3 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
-
-
-def fragmentation_milli(alloc_milli: Any, device_mask: Any) -> tuple[float, float]:
-    """(free share on partially used GPUs, all free share), in thousandths of a GPU.
-
-    A simple stand-in for FGD's fragmentation measure (Weng et al., ATC'23 §3): a free share
-    on a GPU that is already partly used cannot host a whole-GPU pod.
-    """
-    free = np.where(device_mask, GPU_MILLI - alloc_milli, 0)
-    partial = device_mask & (alloc_milli > 0) & (alloc_milli < GPU_MILLI)
-    return float(free[partial].sum()), float(free.sum())

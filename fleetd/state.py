@@ -654,6 +654,8 @@ class FleetState:
     def _build_policy(self, config: Config) -> scheduling.Policy:
         spec = engine.policy_spec(config.scheduling.policy, config.scheduling.weights)
         typical = self.target.typical(self.fleet) if engine.needs_target(spec) else None
+        #: The current target workload (fragmentation in snapshots and metrics uses it).
+        self.typical = typical
         return engine.build_policy(spec, typical)
 
     def _learn(self, req: WorkloadRequest) -> None:

@@ -22,9 +22,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from fleetd.api import validation
 from fleetd.api.validation import InvalidArgument
 from fleetd.config import Config
-from fleetd.engine import gpu_allocated_milli
+from fleetd.engine import GPU_MILLI, fragmented_milli
 from fleetd.journal import ReservedPod
-from fleetd.metrics import Metrics, fragmentation_milli
+from fleetd.metrics import Metrics
 from fleetd.state import Conflict, Decision, Explanation, FleetState, NotFound, NotReady, OutOfRange
 from fleetd.v1 import (
     fleet_pb2,
@@ -359,12 +359,19 @@ def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.
     clusters: dict[str, fleet_pb2.Cluster] = {}
     caps: dict[tuple[str, str], fleet_pb2.Capacity] = {}
     stranded_total = free_total = 0.0
-    for key, info in sorted(state.nodes.items(), key=lambda kv: (kv[1].cluster, kv[1].name)):
-        if cluster and info.cluster != cluster:
-            continue
-        row = f.slot(key)
+    nodes = sorted(
+        (kv for kv in state.nodes.items() if not cluster or kv[1].cluster == cluster),
+        key=lambda kv: (kv[1].cluster, kv[1].name),
+    )
+    slots = np.asarray([f.slot(key) for key, _ in nodes], dtype=np.int64)
+    # Whole-fleet columns once (vectorized), then one pass to group them.
+    frag_all, free_all = fragmented_milli(f, slots, state.typical)
+    exists = np.arange(f.max_gpus)[None, :] < f.gpu_count[slots, None]
+    alloc_all = np.where(exists, GPU_MILLI - f.gpu_free_milli[slots].astype(np.int64), 0)
+    for i, (_key, info) in enumerate(nodes):
+        row = int(slots[i])
         n_gpu = int(f.gpu_count[row])
-        alloc = np.asarray(gpu_allocated_milli(f, row), dtype=np.int64)
+        alloc = alloc_all[i, :n_gpu]
         gpu_alloc = int(alloc.sum())
         schedulable = int(f.flags[row]) == 0
         cpu, cpu_alloc = (
@@ -388,7 +395,7 @@ def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.
         cap.cpu_millicores_allocated += cpu_alloc
         cap.memory_bytes += mem
         cap.memory_bytes_allocated += mem_alloc
-        stranded, free = fragmentation_milli(alloc, np.ones(n_gpu, dtype=np.bool_))
+        stranded, free = float(frag_all[i]), float(free_all[i])
         cap.gpu_milli_fragmented += int(stranded)
         stranded_total += stranded
         free_total += free
