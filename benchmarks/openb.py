@@ -1,6 +1,6 @@
 """Packing quality on the Alibaba openb traces, side by side with the published FGD results.
 
-    python -m benchmarks openb --trace default --policy fgd,fgd-cpu --seeds 42-51 [--json] [--dump DIR]
+    python -m benchmarks openb --trace default --policy fgd,fgd-plus --seeds 42-51 [--json] [--dump DIR]
 
 Reproduces the FGD artifact's experiment (Weng et al., USENIX ATC'23;
 hkust-adsl/kubernetes-scheduler-simulator): the 1,213 GPU nodes, the trace's pods shuffled and
@@ -255,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--policy",
         type=parse_policies,
-        default=parse_policies("fgd,fgd-cpu"),
-        help="comma-separated fleetd policies (default: fgd,fgd-cpu)",
+        default=parse_policies("fgd,fgd-cpu,fgd-plus"),
+        help="comma-separated fleetd policies (default: fgd,fgd-cpu,fgd-plus)",
     )
     parser.add_argument(
         "--seeds",

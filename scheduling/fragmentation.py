@@ -264,6 +264,31 @@ def cpu_stranded_gpu_milli(
     return stranded
 
 
+def eventual_waste_milli(typical: TypicalPods) -> FloatArray:
+    """(1001,) V[L]: expected milli a GPU with L milli free ends up wasting (a lookahead).
+
+    The GPU keeps receiving random pods of the target workload's GPU types that fit on it
+    (a whole-GPU or multi-GPU type needs the GPU entirely free) until none fits; what is
+    left then is wasted: V[L] = L when no type fits, else the popularity-weighted mean of
+    V[L - m_t] over the types t that fit. FGD's measure looks one pod ahead; V looks to the
+    end of the GPU's life, so it tells apart two remnants that both fit the next pod but
+    only one of which can be filled completely. CPU and GPU models are left to FGD's term.
+    """
+    gpu = typical.gpu_milli > 0
+    milli = np.where(typical.num_gpu[gpu] > 1, MILLI_PER_GPU, typical.gpu_milli[gpu]).astype(
+        np.int64
+    )
+    weight = typical.freq[gpu]
+    waste = np.zeros(MILLI_PER_GPU + 1, dtype=np.float64)
+    for left in range(1, MILLI_PER_GPU + 1):
+        fits = milli <= left
+        if not fits.any():
+            waste[left] = left
+            continue
+        waste[left] = float((weight[fits] * waste[left - milli[fits]]).sum() / weight[fits].sum())
+    return waste
+
+
 def pod_candidate_shape(
     cpu_millicores: int, gpus_per_pod: int, milli_per_gpu: int
 ) -> tuple[int, int, int]:
@@ -407,9 +432,12 @@ class FragmentationScorer:
     pod: the lowest-index GPU with the node's best score (`calculateGpuShareFragExtendScore`).
     Whole GPUs are the lowest-index free ones. The engine breaks ties by lowest slot.
 
-    With `cpu_stranding_weight` > 0 ("fgd-cpu", fleetd's default on GPU-sharing fleets), the
-    increase of `cpu_stranded_gpu_milli` (idle GPU milli the node's free CPU can no longer feed
-    at the workload's CPU-per-GPU ratio), times the weight, is added to F_next before scoring.
+    fleetd's refinements add to F_next, before scoring, with their weights:
+    - `cpu_stranding_weight` x the increase of `cpu_stranded_gpu_milli` (idle GPU milli the
+      node's free CPU can no longer feed at the workload's CPU-per-GPU ratio);
+    - `lookahead_weight` x the increase of the GPUs' `eventual_waste_milli` (what the GPUs
+      taken will end up wasting when filled by the workload's pods).
+    "fgd" uses neither, "fgd-cpu" the first, "fgd-plus" (fleetd's default) both.
 
     Node-local (a node's score depends on its state, the pod and `typical` only), as the
     engine requires. `typical.model_allowed` columns are the fleet's GPU model ids.
@@ -418,17 +446,27 @@ class FragmentationScorer:
     chooses_gpus = True
 
     def __init__(
-        self, typical: TypicalPods, cpu_stranding_weight: float = 0.0, name: str = "fgd"
+        self,
+        typical: TypicalPods,
+        cpu_stranding_weight: float = 0.0,
+        name: str = "fgd",
+        lookahead_weight: float = 0.0,
     ) -> None:
-        """typical: target workload; cpu_stranding_weight: 0 = FGD, 1 = fleetd's fgd-cpu."""
-        if not np.isfinite(cpu_stranding_weight) or cpu_stranding_weight < 0:
-            raise ValueError(f"{name}: cpu_stranding_weight must be finite and >= 0")
+        """typical: target workload; weights of fleetd's two refinements (0 = plain FGD)."""
+        for label, weight in (
+            ("cpu_stranding_weight", cpu_stranding_weight),
+            ("lookahead_weight", lookahead_weight),
+        ):
+            if not np.isfinite(weight) or weight < 0:
+                raise ValueError(f"{name}: {label} must be finite and >= 0")
         if typical.n_types == 0:
             raise ValueError(f"{name}: the target workload has no pod types")
         self.name = name
         self.typical = typical
         self.cpu_stranding_weight = float(cpu_stranding_weight)
+        self.lookahead_weight = float(lookahead_weight)
         self.cpu_per_gpu_milli = cpu_milli_per_gpu_milli(typical)
+        self.eventual_waste = eventual_waste_milli(typical)
         self.memo = FragmentationMemo(typical)
 
     def score(self, view: NodeView, c: Constraints, pick: IntArray) -> ScoreResult:
@@ -457,6 +495,14 @@ class FragmentationScorer:
                 idle - request, cpu_left - pod_cpu, self.cpu_per_gpu_milli
             )
             after = after + self.cpu_stranding_weight * (later - before)[:, None]
+        if self.lookahead_weight and pod_num:
+            waste = self.eventual_waste
+            if 0 < pod_milli < MILLI_PER_GPU:
+                fits = gpu_left >= pod_milli
+                delta = waste[np.where(fits, gpu_left - pod_milli, 0)] - waste[gpu_left]
+                after = after + self.lookahead_weight * np.where(fits, delta, 0.0)
+            else:
+                after = after - self.lookahead_weight * pod_num * waste[MILLI_PER_GPU]
         scores = fgd_score(now[:, None], after)
         best = scores.max(axis=1)
         if pod_num == 0:
@@ -482,5 +528,12 @@ def _fgd_cpu(typical: TypicalPods, cpu_stranding_weight: float = 1.0) -> Fragmen
     return FragmentationScorer(typical, cpu_stranding_weight, name="fgd-cpu")
 
 
+def _fgd_plus(
+    typical: TypicalPods, cpu_stranding_weight: float = 1.0, lookahead_weight: float = 0.25
+) -> FragmentationScorer:
+    return FragmentationScorer(typical, cpu_stranding_weight, "fgd-plus", lookahead_weight)
+
+
 register_scorer("fgd", _fgd, replace=True)
 register_scorer("fgd-cpu", _fgd_cpu, replace=True)
+register_scorer("fgd-plus", _fgd_plus, replace=True)

@@ -7,8 +7,11 @@
   the replay reproduces that by adding the nodes to the fleet in a seeded random order, since
   the engine breaks ties by lowest slot. The coarse integer score makes many nodes tie, so in
   practice FGD packs onto the nodes first in that order.
-- "fgd-cpu": fleetd's default on GPU-sharing fleets: FGD plus the CPU-stranding term (see
-  `scheduling.fragmentation.cpu_stranded_gpu_milli`); nodes in trace order.
+- "fgd-cpu": FGD plus the CPU-stranding term (`scheduling.fragmentation.cpu_stranded_gpu_milli`);
+  nodes in trace order.
+- "fgd-plus": fleetd's default on GPU-sharing fleets: FGD plus the CPU-stranding term plus the
+  per-GPU lookahead (`scheduling.fragmentation.eventual_waste_milli`, weight 0.25); nodes in
+  trace order.
 - any other name is a policy of the engine's registry, e.g. "best-fit", "gpu-packing" or
   "gpu-packing:1+best-fit:1" ("+" joins weighted terms), nodes in trace order.
 
@@ -25,8 +28,8 @@ from scheduling.fragmentation import TypicalPods, typical_pods
 from scheduling.replay.trace import PodTrace
 from scheduling.scoring import Policy
 
-FRAGMENTATION_POLICIES = ("fgd", "fgd-cpu")
-DEFAULT_POLICY = "fgd-cpu"
+FRAGMENTATION_POLICIES = ("fgd", "fgd-cpu", "fgd-plus")
+DEFAULT_POLICY = "fgd-plus"
 """fleetd's default placement policy on GPU-sharing fleets."""
 RANDOM_NODE_ORDER = frozenset({"fgd"})
 """Policies replayed with the artifact's random node order (its random node names)."""
@@ -48,6 +51,6 @@ def fleet_typical_pods(
 def make_policy(name: str, typical: TypicalPods) -> Policy:
     """The engine policy for `name`; fragmentation scorers get the target workload."""
     spec = name.replace("+", ",")
-    params = {"fgd": {"typical": typical}, "fgd-cpu": {"typical": typical}}
+    params = {name: {"typical": typical} for name in FRAGMENTATION_POLICIES}
     terms = [t.partition(":")[0].strip() for t in spec.split(",") if t.strip()]
     return Policy.parse(spec, {t: params[t] for t in terms if t in params})

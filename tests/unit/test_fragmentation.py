@@ -12,6 +12,7 @@ from scheduling.fragmentation import (
     candidate_states,
     cpu_milli_per_gpu_milli,
     cpu_stranded_gpu_milli,
+    eventual_waste_milli,
     fgd_score,
     frag_after,
     frag_milli,
@@ -221,3 +222,27 @@ def test_fgd_cpu_keeps_cpu_only_pods_off_cpu_poor_nodes() -> None:
 def test_fgd_needs_a_target_workload() -> None:
     with pytest.raises(ValueError, match="fgd"):
         Policy.parse("fgd")
+
+
+def test_eventual_waste_lookahead_table() -> None:
+    # GPU types of TYPICAL: 500-milli share (freq .5) and 2 x 1000 (freq .25, needs a whole
+    # free GPU); renormalized 2/3 and 1/3. V[L] = L below 500 (nothing fits);
+    # V[L] = V[L - 500] = L - 500 on 500..999 (only the share fits);
+    # V[1000] = 2/3 V[500] + 1/3 V[0] = 0.
+    waste = eventual_waste_milli(TYPICAL)
+    assert waste[[0, 300, 499, 500, 700, 999, 1000]].tolist() == [0, 300, 499, 0, 200, 499, 0]
+
+
+def test_fgd_plus_lookahead_prefers_the_remnant_that_can_be_filled() -> None:
+    # Shares of 500 only (plus 2-GPU pods): a 300 share on a GPU with 800 free leaves 500
+    # (V = 0, fillable), on a fresh GPU leaves 700 (V = 200). FGD's one-step measure sees
+    # 500 and 700 both hosting the next 500 share, so it ties and takes n0 (lowest slot);
+    # the lookahead adds 0.25 x (200 - 0) = 50 milli against n0 and takes n1.
+    fleet = Fleet(max_gpus=1)
+    fleet.add_node(NodeSpec("n0", "c", 64000, 64 << 30, gpu_count=1, gpu_model="A"))
+    fleet.add_node(NodeSpec("n1", "c", 64000, 64 << 30, gpu_count=1, gpu_model="A"))
+    fleet.allocate(Allocation("n1", 0, 0, (0,), 200))
+    pod = [PodSpec("p", cpu_millicores=1000, gpu_milli=300)]
+    params = {"typical": TYPICAL}
+    assert place(fleet, pod, Policy.parse("fgd", {"fgd": params})).node(0) == "n0"
+    assert place(fleet, pod, Policy.parse("fgd-plus", {"fgd-plus": params})).node(0) == "n1"
