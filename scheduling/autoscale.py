@@ -1,0 +1,1105 @@
+"""Node-pool autoscaling: scale-up, scale-down and consolidation plans as values.
+
+Everything here runs the ONE placement engine (`placement.place`) on hypothetical fleets,
+as Karpenter's provisioner and disruption controller both run `Scheduler.Solve`:
+
+* Scale-up (`plan_scale_up`): the pending workloads are first placed on the current fleet
+  plus the nodes already being provisioned (in flight). For the rest, a capacity matrix
+  "how many pods of shape s fit on one empty node of pool k" is computed once on a
+  template fleet holding one node per pool (the same static and resource filters), and a
+  greedy chooses the cheapest node additions (price per pod served, counting partly used
+  new nodes). The choice is then *verified* by placing the workloads on the fleet plus the
+  hypothetical nodes; unused hypothetical nodes are dropped, and misses (packing worse than
+  the estimate) get another round. What a decision claims to unblock is what that run placed.
+* Scale-down (`plan_scale_down`): empty nodes first, then under-utilized ones, each removal
+  simulated by releasing the node's pods and placing them on the remaining nodes; then
+  replacement of several under-utilized nodes by fewer or cheaper new ones (Karpenter's
+  multi-node consolidation, searched by binary search over a prefix of candidates).
+* `recheck` re-validates a disruptive decision against a fresh snapshot before it is emitted.
+
+Inputs are values (fleet, pending workloads, pools, their status, `now_s`); outputs are
+values (`ScaleDecision`s, unschedulable workloads with reasons). Nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from scheduling.explain import Explanation, Reason
+from scheduling.filters import Free, compile_pod, first_failure, pod_capacity, static_mask
+from scheduling.fleet import GPU_MILLI, Allocation, Fleet, NodeSpec
+from scheduling.placement import PlacementResult, commit, place
+from scheduling.pools import ClusterLimits, NodePool, PoolStatus, pool_index
+from scheduling.scoring import DEFAULT_POLICY, Policy
+from scheduling.workload import Batch, GangSpec, PodSpec, QueueItem, TopologyLevel
+
+F64 = NDArray[np.float64]
+I64 = NDArray[np.int64]
+
+#: Pods per node are capped at this in the capacity matrix (a CPU-free pod would be infinite).
+_CAP_LIMIT = 1 << 20
+_EPS = 1e-9
+
+
+# ---- decisions --------------------------------------------------------------------------
+
+
+class DecisionKind(enum.Enum):
+    """What a decision asks the pool manager to do."""
+
+    SCALE_UP = "scale-up"  # add `delta` nodes to `pool`
+    SCALE_DOWN = "scale-down"  # remove `remove_nodes` (all of `pool`)
+    REPLACE = "replace"  # add `delta` nodes to `pool`, then remove `remove_nodes`
+
+
+class DecisionReason(enum.Enum):
+    """Why a decision was made."""
+
+    PENDING_WORKLOADS = "pending-workloads"
+    EMPTY = "empty"
+    UNDERUTILIZED = "underutilized"
+    CHEAPER_REPLACEMENT = "cheaper-replacement"
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleDecision:
+    """One change of one pool, a value the daemon streams and applies.
+
+    `id` is derived from the decision's content and the pool's target size when it was made,
+    so recomputing the same decision on the same state gives the same id (idempotent).
+    delta: nodes added (> 0) or removed (< 0, = -len(remove_nodes) for SCALE_DOWN).
+    cost_per_hour_delta: expected change of the fleet's price per hour.
+    unblocks: pending workloads (pod or gang names) this lets run.
+    moves: (pod, node) pairs: where displaced pods are expected to land (scale-down).
+    """
+
+    id: str
+    kind: DecisionKind
+    cluster: str
+    pool: str
+    delta: int
+    remove_nodes: tuple[str, ...]
+    reason: DecisionReason
+    cost_per_hour_delta: float
+    unblocks: tuple[str, ...] = ()
+    moves: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def make(
+        kind: DecisionKind,
+        cluster: str,
+        pool: str,
+        delta: int,
+        remove_nodes: Sequence[str],
+        reason: DecisionReason,
+        cost_per_hour_delta: float,
+        *,
+        target_size: int,
+        unblocks: Sequence[str] = (),
+        moves: Sequence[tuple[str, str]] = (),
+    ) -> ScaleDecision:
+        """Build a decision with its content-derived id."""
+        removed = tuple(sorted(remove_nodes))
+        key = json.dumps(
+            [kind.value, cluster, pool, int(target_size), int(delta), removed, reason.value],
+            separators=(",", ":"),
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+        return ScaleDecision(
+            id=f"{kind.value}-{digest}",
+            kind=kind,
+            cluster=cluster,
+            pool=pool,
+            delta=int(delta),
+            remove_nodes=removed,
+            reason=reason,
+            cost_per_hour_delta=round(float(cost_per_hour_delta), 6),
+            unblocks=tuple(sorted(unblocks)),
+            moves=tuple(sorted(moves)),
+        )
+
+
+class Block(enum.Enum):
+    """Why a pending workload gets no capacity now (permanent ones are never retried)."""
+
+    NO_POOL_FITS = "no-pool-fits"  # no pool's empty node takes a pod of it (permanent)
+    GANG_NO_POOL = "gang-no-pool"  # no single pool can hold the gang at max size (permanent)
+    MAX_SIZE = "max-size"
+    COOLDOWN = "cooldown"
+    CLUSTER_LIMIT = "cluster-limit"
+    TEAM_LIMIT = "team-limit"
+    NOT_PACKED = "not-packed"  # capacity was added but placement still did not fit it
+
+
+PERMANENT_BLOCKS = frozenset({Block.NO_POOL_FITS, Block.GANG_NO_POOL})
+
+
+@dataclass(frozen=True, slots=True)
+class Unschedulable:
+    """A pending workload the plan gives no capacity to, and why.
+
+    explanation: for NO_POOL_FITS, per-reason counts over one empty node of every pool
+    (its `text()` reads "0/6 nodes are available: 4 Insufficient nvidia.com/gpu, ...").
+    """
+
+    workload: str
+    block: Block
+    explanation: Explanation | None = None
+
+    @property
+    def permanent(self) -> bool:
+        """True when no pool could ever fit it: report it, do not retry."""
+        return self.block in PERMANENT_BLOCKS
+
+
+# ---- requests and plans -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleUpRequest:
+    """Everything a scale-up decision depends on.
+
+    fleet: the current fleet with its allocations (not mutated).
+    pending: workloads placement could not fit (pods and gangs).
+    pools / status: the pools and what was observed about them (missing status = empty).
+    now_s: the injected clock (cooldowns and backoffs compare against it).
+    team_of: workload name -> team; team_gpu_limit_milli: team -> max GPU milli the team
+    may hold; team_gpu_in_use_milli: team -> GPU milli it holds now.
+    """
+
+    fleet: Fleet
+    pending: tuple[QueueItem, ...]
+    pools: tuple[NodePool, ...]
+    status: Mapping[tuple[str, str], PoolStatus] = field(default_factory=dict)
+    now_s: float = 0.0
+    policy: Policy | str | None = None
+    cluster_limits: Mapping[str, ClusterLimits] = field(default_factory=dict)
+    team_of: Mapping[str, str] = field(default_factory=dict)
+    team_gpu_limit_milli: Mapping[str, int] = field(default_factory=dict)
+    team_gpu_in_use_milli: Mapping[str, int] = field(default_factory=dict)
+    max_rounds: int = 3
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleUpPlan:
+    """The result of `plan_scale_up`.
+
+    decisions: one SCALE_UP per pool that grows, in pool order.
+    new_nodes: the hypothetical nodes (NodeSpecs) the decisions add, in the order the
+    verification added them; `apply_scale_up(fleet, plan)` builds that fleet.
+    fits_now: workloads that fit on current or in-flight capacity (no new node needed).
+    unschedulable: workloads that get nothing, with the reason.
+    placement: the verification run (fleet + in-flight + new_nodes, all pending workloads).
+    """
+
+    decisions: tuple[ScaleDecision, ...]
+    new_nodes: tuple[NodeSpec, ...]
+    in_flight_nodes: tuple[NodeSpec, ...]
+    fits_now: tuple[str, ...]
+    unschedulable: tuple[Unschedulable, ...]
+    placement: PlacementResult | None
+
+    @property
+    def cost_per_hour_delta(self) -> float:
+        """Expected added price per hour."""
+        return float(sum(d.cost_per_hour_delta for d in self.decisions))
+
+    @property
+    def unblocked(self) -> tuple[str, ...]:
+        """Every workload some decision unblocks."""
+        return tuple(sorted({w for d in self.decisions for w in d.unblocks}))
+
+
+def _workload_name(item: QueueItem) -> str:
+    return item.name
+
+
+def _status(status: Mapping[tuple[str, str], PoolStatus], pool: NodePool) -> PoolStatus:
+    return status.get(pool.key, PoolStatus())
+
+
+def in_flight_specs(
+    pools: Sequence[NodePool], status: Mapping[tuple[str, str], PoolStatus]
+) -> list[NodeSpec]:
+    """Hypothetical nodes standing for the ones being provisioned (target - current)."""
+    out: list[NodeSpec] = []
+    for pool in pools:
+        for i in range(_status(status, pool).in_flight):
+            out.append(pool.node_spec(f"~{pool.cluster}/{pool.name}/{i}"))
+    return out
+
+
+def with_nodes(fleet: Fleet, specs: Sequence[NodeSpec]) -> Fleet:
+    """A copy of `fleet` with `specs` added (empty), in order: a hypothetical fleet."""
+    out = fleet.copy()
+    for spec in specs:
+        out.add_node(spec)
+    return out
+
+
+def apply_scale_up(fleet: Fleet, plan: ScaleUpPlan) -> Fleet:
+    """The hypothetical fleet the plan was verified on: fleet + in-flight + new nodes."""
+    return with_nodes(fleet, [*plan.in_flight_nodes, *plan.new_nodes])
+
+
+# ---- capacity matrix --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _Capacity:
+    """cap: (S, K) int64 pods of shape s one empty node of pool k takes (0 = never);
+    first_failure: (S, K) int16 the first filter each pool's node fails for the shape."""
+
+    cap: I64
+    first_failure: NDArray[np.int16]
+
+
+def capacity_matrix(pools: Sequence[NodePool], shapes: Sequence[PodSpec]) -> _Capacity:
+    """How many pods of each shape fit on one empty node of each pool, computed by the
+    placement engine's own filters on a template fleet holding one node per pool."""
+    max_gpus = max([8, *(p.gpu_count for p in pools)])
+    template = Fleet(max_gpus=max_gpus, initial_capacity=max(1, len(pools)))
+    for i, pool in enumerate(pools):
+        template.add_node(pool.node_spec(f"template/{i}"))
+    rows = np.arange(len(pools), dtype=np.int64)
+    free = Free.of(template)
+    cap = np.zeros((len(shapes), len(pools)), np.int64)
+    ff = np.zeros((len(shapes), len(pools)), np.int16)
+    for s, shape in enumerate(shapes):
+        c = compile_pod(template, shape)
+        ok = static_mask(template, c, rows)
+        cap[s] = np.where(ok, pod_capacity(free, c, rows, _CAP_LIMIT), 0)
+        if not cap[s].any():
+            ff[s] = first_failure(template, c, free, rows)
+    return _Capacity(cap, ff)
+
+
+# ---- scale-up ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Budget:
+    """Mutable headroom during one plan: whole nodes per pool and per-cluster caps."""
+
+    nodes_left: F64  # (K,) nodes each pool may still add
+    cluster_of: I64  # (K,) cluster index of each pool
+    cluster_nodes_left: F64
+    cluster_gpus_left: F64
+    cluster_price_left: F64
+    gpus: F64  # (K,)
+    prices: F64  # (K,)
+
+    def pool_room(self) -> F64:
+        """(K,) nodes each pool may add now, counting its cluster's caps."""
+        c = self.cluster_of
+        room = np.minimum(self.nodes_left, self.cluster_nodes_left[c])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            by_gpu = np.where(self.gpus > 0, self.cluster_gpus_left[c] / self.gpus, np.inf)
+            by_price = np.where(self.prices > 0, self.cluster_price_left[c] / self.prices, np.inf)
+        return np.maximum(0.0, np.floor(np.minimum(room, np.minimum(by_gpu, by_price)) + _EPS))
+
+    def take(self, k: int, nodes: float) -> None:
+        self.nodes_left[k] -= nodes
+        c = int(self.cluster_of[k])
+        self.cluster_nodes_left[c] -= nodes
+        self.cluster_gpus_left[c] -= nodes * self.gpus[k]
+        self.cluster_price_left[c] -= nodes * self.prices[k]
+
+
+def _budget(req: ScaleUpRequest, pools: Sequence[NodePool], extra_nodes: I64) -> _Budget:
+    clusters = sorted({p.cluster for p in pools})
+    cidx = {c: i for i, c in enumerate(clusters)}
+    k = len(pools)
+    nodes_left = np.zeros(k, np.float64)
+    for i, pool in enumerate(pools):
+        st = _status(req.status, pool)
+        cooling = (
+            st.last_scale_up_s is not None
+            and req.now_s < st.last_scale_up_s + pool.scale_up_cooldown_s
+        ) or (st.backoff_until_s is not None and req.now_s < st.backoff_until_s)
+        if not cooling:
+            nodes_left[i] = max(0, pool.max_size - st.target_size) - int(extra_nodes[i])
+    n_c = len(clusters)
+    cn = np.full(n_c, np.inf)
+    cg = np.full(n_c, np.inf)
+    cp = np.full(n_c, np.inf)
+    # Cluster caps count what the fleet holds now plus what is in flight.
+    fleet = req.fleet
+    live = fleet.live_mask()
+    cl_ids = fleet.cluster_id[: fleet.n_slots]
+    for name, lim in req.cluster_limits.items():
+        if name not in cidx:
+            continue
+        i = cidx[name]
+        fid = fleet.clusters.get(name)
+        here = live & (cl_ids == fid) if fid >= 0 else np.zeros_like(live)
+        inflight = [p for p in pools if p.cluster == name]
+        fl_nodes = sum(_status(req.status, p).in_flight for p in inflight)
+        fl_gpus = sum(_status(req.status, p).in_flight * p.gpu_count for p in inflight)
+        fl_price = sum(_status(req.status, p).target_size * p.price_per_hour for p in inflight)
+        if lim.max_nodes is not None:
+            cn[i] = lim.max_nodes - int(here.sum()) - fl_nodes
+        if lim.max_gpus is not None:
+            cg[i] = lim.max_gpus - int(fleet.gpu_count[: fleet.n_slots][here].sum()) - fl_gpus
+        if lim.max_price_per_hour is not None:
+            cp[i] = lim.max_price_per_hour - fl_price
+    return _Budget(
+        nodes_left=np.maximum(nodes_left, 0.0),
+        cluster_of=np.array([cidx[p.cluster] for p in pools], np.int64),
+        cluster_nodes_left=np.maximum(cn, 0.0),
+        cluster_gpus_left=np.maximum(cg, 0.0),
+        cluster_price_left=np.maximum(cp, 0.0),
+        gpus=np.array([p.gpu_count for p in pools], np.float64),
+        prices=np.array([p.price_per_hour for p in pools], np.float64),
+    )
+
+
+def _blocked_reason(req: ScaleUpRequest, pools: Sequence[NodePool], fits: I64) -> Block:
+    """Why pools that could fit a shape (indices `fits`) have no room: the cheapest's."""
+    for k in sorted(fits.tolist(), key=lambda k: (pools[k].price_per_hour, k)):
+        pool = pools[k]
+        st = _status(req.status, pool)
+        if (
+            st.last_scale_up_s is not None
+            and req.now_s < st.last_scale_up_s + pool.scale_up_cooldown_s
+        ) or (st.backoff_until_s is not None and req.now_s < st.backoff_until_s):
+            return Block.COOLDOWN
+        if st.target_size >= pool.max_size:
+            return Block.MAX_SIZE
+        if pool.cluster in req.cluster_limits:
+            return Block.CLUSTER_LIMIT
+    return Block.MAX_SIZE
+
+
+def _shape_size_key(shape: PodSpec) -> tuple[int, int, int]:
+    return (-shape.gpu_milli_total, -shape.cpu_millicores, -shape.memory_bytes)
+
+
+def _choose_nodes(
+    counts: I64,
+    gangs: Sequence[tuple[int, dict[int, int], TopologyLevel]],
+    shapes: Sequence[PodSpec],
+    cap: I64,
+    budget: _Budget,
+) -> tuple[I64, I64, list[int]]:
+    """Greedy cheapest node additions for pod counts per shape and whole gangs.
+
+    Fractional model: a pod of shape s uses 1/cap[s,k] of a node of pool k, and pods of
+    several shapes share opened nodes (the verification run checks the real packing).
+    Returns (nodes per pool (K,), pods left per shape (S,), unplaced gang ids).
+    """
+    k_pools = cap.shape[1]
+    used = np.zeros(k_pools, np.float64)  # fractional nodes used on each pool
+    prices = budget.prices
+    gang_nodes = np.zeros(k_pools, np.int64)
+    lost_gangs: list[int] = []
+    # Gangs first (largest first): whole nodes of one pool, so one zone and one rack.
+    order = sorted(range(len(gangs)), key=lambda g: -sum(gangs[g][1].values()))
+    for g in order:
+        gid, need, level = gangs[g]
+        frac = np.zeros(k_pools, np.float64)
+        for s, n in need.items():
+            with np.errstate(divide="ignore"):
+                frac += np.where(cap[s] > 0, n / np.maximum(cap[s], 1), np.inf)
+        nodes = np.ceil(frac - _EPS)
+        if level is TopologyLevel.NODE:
+            nodes = np.where(frac <= 1 + _EPS, nodes, np.inf)
+        room = budget.pool_room()
+        ok = np.isfinite(nodes) & (nodes <= room)
+        if not ok.any():
+            lost_gangs.append(gid)
+            continue
+        cost = np.where(ok, nodes * prices, np.inf)
+        k = int(np.lexsort((np.arange(k_pools), nodes, cost))[0])
+        gang_nodes[k] += int(nodes[k])
+        budget.take(k, float(nodes[k]))
+    left = counts.astype(np.int64).copy()
+    s_order = sorted(range(len(shapes)), key=lambda s: (_shape_size_key(shapes[s]), s))
+    for s in s_order:
+        n = int(left[s])
+        while n > 0:
+            c = cap[s].astype(np.float64)
+            ok = c > 0
+            if not ok.any():
+                break
+            opened = np.ceil(used - _EPS)
+            # Free room in nodes already opened costs nothing.
+            spare = np.where(ok, np.floor((opened - used) * c + _EPS), 0.0)
+            if spare.max() >= 1:
+                k = int(np.argmax(spare))
+                m = int(min(n, spare[k]))
+                used[k] += m / c[k]
+                n -= m
+                continue
+            room = budget.pool_room()
+            avail = np.where(ok, np.floor(room * c + _EPS), 0.0)
+            if avail.max() < 1:
+                break
+            # Two options per pool: serve all it can of the n, or only whole nodes' worth.
+            m_all = np.minimum(float(n), avail)
+            full = np.floor(m_all / np.maximum(c, 1)) * c
+            best = (np.inf, np.inf, 0, 0)
+            for k in np.flatnonzero(avail >= 1).tolist():
+                for m in {int(m_all[k]), int(full[k])}:
+                    if m < 1:
+                        continue
+                    nodes = math.ceil(m / c[k] - _EPS)
+                    per_pod = nodes * prices[k] / m
+                    cand = (per_pod, nodes * prices[k], k, m)
+                    if cand[:3] < best[:3]:
+                        best = cand
+            _, _, k, m = best
+            nodes = math.ceil(m / c[k] - _EPS)
+            used[k] += m / c[k]
+            budget.take(k, float(nodes))
+            n -= m
+        left[s] = n
+    nodes_out = np.ceil(used - _EPS).astype(np.int64) + gang_nodes
+    return nodes_out, left, lost_gangs
+
+
+def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
+    """The cheapest node additions (found greedily, verified by placement) that let the
+    pending workloads run; infeasible and blocked workloads are reported with reasons."""
+    pools = tuple(req.pools)
+    pool_index(pools)  # duplicate check
+    policy = (
+        req.policy if isinstance(req.policy, Policy) else Policy.parse(req.policy or DEFAULT_POLICY)
+    )
+    inflight = in_flight_specs(pools, req.status)
+    base = with_nodes(req.fleet, inflight)
+    items = list(req.pending)
+    unsched: list[Unschedulable] = []
+    # Team limits: admit workloads in order while the team stays under its GPU limit.
+    if req.team_gpu_limit_milli:
+        used = dict(req.team_gpu_in_use_milli)
+        kept: list[QueueItem] = []
+        for item in items:
+            team = req.team_of.get(item.name)
+            limit = req.team_gpu_limit_milli.get(team, None) if team is not None else None
+            pods = item.pods if isinstance(item, GangSpec) else (item,)
+            milli = sum(p.gpu_milli_total for p in pods)
+            if team is not None and limit is not None:
+                if used.get(team, 0) + milli > limit:
+                    unsched.append(Unschedulable(item.name, Block.TEAM_LIMIT))
+                    continue
+                used[team] = used.get(team, 0) + milli
+            kept.append(item)
+        items = kept
+    empty = ScaleUpPlan((), (), tuple(inflight), (), tuple(unsched), None)
+    if not items:
+        return empty
+    batch = Batch.of(items)
+    first = place(base, batch, policy)
+    placed_item = _items_placed(batch, first)
+    fits_now = tuple(it.name for it, ok in zip(items, placed_item, strict=True) if ok)
+    rest = [it for it, ok in zip(items, placed_item, strict=True) if not ok]
+    if not rest:
+        return ScaleUpPlan((), (), tuple(inflight), fits_now, tuple(unsched), first)
+    if not pools:
+        unsched += [Unschedulable(it.name, Block.NO_POOL_FITS) for it in rest]
+        return ScaleUpPlan((), (), tuple(inflight), fits_now, tuple(unsched), first)
+    # Permanently infeasible workloads: some pod fits no pool's empty node.
+    rbatch = Batch.of(rest)
+    capm = capacity_matrix(pools, rbatch.shapes)
+    never: NDArray[np.bool_] = np.asarray(~capm.cap.any(axis=1), dtype=np.bool_)
+    rindex = {sh.shape_key: s for s, sh in enumerate(rbatch.shapes)}
+    feasible_items: list[QueueItem] = []
+    for it in rest:
+        pods = it.pods if isinstance(it, GangSpec) else (it,)
+        bad = [p for p in pods if never[rindex[p.shape_key]]]
+        if bad:
+            s = rindex[bad[0].shape_key]
+            expl = Explanation.from_first_failures(capm.first_failure[s])
+            unsched.append(Unschedulable(it.name, Block.NO_POOL_FITS, expl))
+        else:
+            feasible_items.append(it)
+    added: list[NodeSpec] = []
+    todo = feasible_items
+    result: PlacementResult | None = None
+    final_fleet = base
+    serial = 0
+    for _ in range(max(1, req.max_rounds)):
+        if not todo:
+            break
+        tb = Batch.of(todo)
+        tcap = capacity_matrix(pools, tb.shapes).cap
+        solo = tb.shape_of[tb.gang_of < 0]
+        counts = np.bincount(solo, minlength=len(tb.shapes)).astype(np.int64)
+        gangs: list[tuple[int, dict[int, int], TopologyLevel]] = []
+        for gi, gang in enumerate(tb.gangs):
+            need: dict[int, int] = {}
+            for s in tb.shape_of[tb.gang_of == gi].tolist():
+                need[int(s)] = need.get(int(s), 0) + 1
+            gangs.append((gi, need, gang.required_level))
+        extra = np.zeros(len(pools), np.int64)
+        for sp in added:
+            extra[_pool_of(pools, sp)] += 1
+        nodes, _, _ = _choose_nodes(counts, gangs, tb.shapes, tcap, _budget(req, pools, extra))
+        if not nodes.any():
+            break
+        round_specs: list[NodeSpec] = []
+        for k in np.flatnonzero(nodes).tolist():
+            pool = pools[k]
+            for _ in range(int(nodes[k])):
+                round_specs.append(pool.node_spec(f"+{pool.cluster}/{pool.name}/{serial}"))
+                serial += 1
+        # Verify: one placement run of every pending workload on the hypothetical fleet.
+        trial = with_nodes(base, [*added, *round_specs])
+        res = place(trial, batch, policy)
+        used_slots = set(res.node_slot[res.placed].tolist())
+        keep = [sp for sp in [*added, *round_specs] if trial.slot(sp.name) in used_slots]
+        grew = len(keep) > len(added)
+        # Unused hypothetical nodes are dropped; then the run must be redone for the claim.
+        result = res if len(keep) == len(added) + len(round_specs) else None
+        final_fleet = trial
+        added = keep
+        placed_t = _items_placed(batch, res)
+        done = {it.name for it, ok in zip(items, placed_t, strict=True) if ok}
+        todo = [it for it in feasible_items if it.name not in done]
+        if not grew:
+            break
+    if result is None:
+        final_fleet = with_nodes(base, added)
+        result = place(final_fleet, batch, policy)
+    final_batch = batch
+    placed_final = _items_placed(final_batch, result)
+    new_slot_pool: dict[int, int] = {final_fleet.slot(sp.name): _pool_of(pools, sp) for sp in added}
+    unblocks: dict[int, set[str]] = {}
+    for i, it_pods in enumerate(_item_pod_ranges(final_batch)):
+        if not placed_final[i]:
+            continue
+        for p in it_pods:
+            kp = new_slot_pool.get(int(result.node_slot[p]))
+            if kp is not None:
+                unblocks.setdefault(kp, set()).add(items[i].name)
+    nodes_by_pool = np.zeros(len(pools), np.int64)
+    for sp in added:
+        nodes_by_pool[_pool_of(pools, sp)] += 1
+    decisions = []
+    for k in np.flatnonzero(nodes_by_pool).tolist():
+        pool = pools[k]
+        delta = int(nodes_by_pool[k])
+        decisions.append(
+            ScaleDecision.make(
+                DecisionKind.SCALE_UP,
+                pool.cluster,
+                pool.name,
+                delta,
+                (),
+                DecisionReason.PENDING_WORKLOADS,
+                delta * pool.price_per_hour,
+                target_size=_status(req.status, pool).target_size,
+                unblocks=sorted(unblocks.get(k, set())),
+            )
+        )
+    fits_final = set(fits_now) | {w for d in decisions for w in d.unblocks}
+    reported = {u.workload for u in unsched}
+    # Feasible but still without capacity: say which limit stopped it.
+    for i, it in enumerate(items):
+        if it.name in fits_final or it.name in reported or placed_final[i]:
+            continue
+        pods = it.pods if isinstance(it, GangSpec) else (it,)
+        s = rindex[pods[0].shape_key]
+        fits_k = np.flatnonzero(capm.cap[s] > 0)
+        if isinstance(it, GangSpec) and not _gang_fits_some_pool(it, rindex, capm.cap, pools):
+            unsched.append(Unschedulable(it.name, Block.GANG_NO_POOL))
+            continue
+        budget = _budget(req, pools, nodes_by_pool)
+        room = budget.pool_room()
+        if (room[fits_k] >= 1).any():
+            unsched.append(Unschedulable(it.name, Block.NOT_PACKED))
+        else:
+            unsched.append(Unschedulable(it.name, _blocked_reason(req, pools, fits_k)))
+    return ScaleUpPlan(
+        decisions=tuple(decisions),
+        new_nodes=tuple(added),
+        in_flight_nodes=tuple(inflight),
+        fits_now=fits_now,
+        unschedulable=tuple(unsched),
+        placement=result,
+    )
+
+
+def _gang_fits_some_pool(
+    gang: GangSpec, index: Mapping[tuple[object, ...], int], cap: I64, pools: Sequence[NodePool]
+) -> bool:
+    need: dict[int, int] = {}
+    for p in gang.pods:
+        s = index[p.shape_key]
+        need[s] = need.get(s, 0) + 1
+    for k, pool in enumerate(pools):
+        frac = 0.0
+        for s, n in need.items():
+            if cap[s, k] <= 0:
+                frac = math.inf
+                break
+            frac += n / cap[s, k]
+        if gang.required_level is TopologyLevel.NODE and frac > 1 + _EPS:
+            continue
+        if math.ceil(frac - _EPS) <= pool.max_size:
+            return True
+    return False
+
+
+def _pool_of(pools: Sequence[NodePool], spec: NodeSpec) -> int:
+    for k, pool in enumerate(pools):
+        if pool.cluster == spec.cluster and pool.name == spec.node_pool:
+            return k
+    raise KeyError(f"node {spec.name!r} belongs to no known pool")
+
+
+def _item_pod_ranges(batch: Batch) -> list[range]:
+    """Pod index ranges of each queue item of a batch (gang members are contiguous)."""
+    out: list[range] = []
+    i = 0
+    n = len(batch.pods)
+    while i < n:
+        g = int(batch.gang_of[i])
+        j = i + 1
+        if g >= 0:
+            while j < n and int(batch.gang_of[j]) == g:
+                j += 1
+        out.append(range(i, j))
+        i = j
+    return out
+
+
+def _items_placed(batch: Batch, result: PlacementResult) -> list[bool]:
+    placed = result.placed
+    return [bool(placed[r.start : r.stop].all()) for r in _item_pod_ranges(batch)]
+
+
+def commit_copy(fleet: Fleet, result: PlacementResult) -> Fleet:
+    """A copy of `fleet` with `result` committed."""
+    out = fleet.copy()
+    commit(out, result)
+    return out
+
+
+# ---- scale-down and consolidation -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunningPod:
+    """A pod running on a node: its spec and exactly what it holds there.
+
+    do_not_disrupt: never move it (karpenter.sh/do-not-disrupt). gang: name of its gang
+    ("" = none); moving one member would restart the gang, so gang pods are not moved.
+    """
+
+    pod: PodSpec
+    node: str
+    gpu_indices: tuple[int, ...] = ()
+    do_not_disrupt: bool = False
+    gang: str = ""
+
+    @property
+    def allocation(self) -> Allocation:
+        """The allocation this pod holds."""
+        return Allocation(
+            self.node,
+            self.pod.cpu_millicores,
+            self.pod.memory_bytes,
+            tuple(self.gpu_indices),
+            self.pod.milli_per_gpu if self.gpu_indices else 0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConsolidationOptions:
+    """Knobs of `plan_scale_down`.
+
+    stabilization_window_s: a node is a candidate only once nothing changed on it for this
+    long (Karpenter's consolidateAfter; cluster-autoscaler's scale-down-unneeded-time).
+    empty_window_s: the same for empty nodes (None: stabilization_window_s).
+    utilization_threshold: non-empty nodes are candidates below this fraction (GPU nodes:
+    GPU share in use; CPU nodes: the larger of CPU and memory in use).
+    delay_after_scale_up_s: no scale-down of a pool this soon after it scaled up.
+    replace: also try replacing several under-utilized nodes by fewer or cheaper new ones.
+    min_saving_per_hour: a replacement must save at least this much.
+    max_replace_candidates: how many candidates the replacement search considers at once.
+    """
+
+    stabilization_window_s: float = 600.0
+    empty_window_s: float | None = None
+    utilization_threshold: float = 0.5
+    delay_after_scale_up_s: float = 0.0
+    replace: bool = True
+    min_saving_per_hour: float = 0.0
+    max_replace_candidates: int = 16
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleDownRequest:
+    """Everything a scale-down decision depends on.
+
+    fleet: current fleet with the running pods' allocations; running: those pods.
+    node_since_s: node -> time of the last change on it (created, pod added or removed);
+    a node missing here is treated as just changed (not a candidate).
+    """
+
+    fleet: Fleet
+    running: tuple[RunningPod, ...]
+    pools: tuple[NodePool, ...]
+    status: Mapping[tuple[str, str], PoolStatus] = field(default_factory=dict)
+    node_since_s: Mapping[str, float] = field(default_factory=dict)
+    now_s: float = 0.0
+    policy: Policy | str | None = None
+    options: ConsolidationOptions = ConsolidationOptions()
+    cluster_limits: Mapping[str, ClusterLimits] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleDownPlan:
+    """decisions: SCALE_DOWN (per pool and reason) and REPLACE decisions, in the order to
+    apply them. removed: every node removed. moves: (pod, node) expected re-placements."""
+
+    decisions: tuple[ScaleDecision, ...]
+    removed: tuple[str, ...]
+    moves: tuple[tuple[str, str], ...]
+
+    @property
+    def cost_per_hour_delta(self) -> float:
+        """Expected change of the price per hour (negative: saving)."""
+        return float(sum(d.cost_per_hour_delta for d in self.decisions))
+
+
+@dataclass
+class _NodeFacts:
+    slot: int
+    name: str
+    pool: int  # index in pools
+    pods: list[RunningPod]
+    utilization: float
+    movable: bool
+
+
+def node_utilization(fleet: Fleet, slot: int) -> float:
+    """Fraction of a node in use: GPU share for GPU nodes, else max(CPU, memory)."""
+    g = int(fleet.gpu_count[slot])
+    if g > 0:
+        used = g * GPU_MILLI - int(fleet.gpu_free_milli[slot, :g].astype(np.int64).sum())
+        return used / (g * GPU_MILLI)
+    cpu_a = int(fleet.cpu_allocatable_millicores[slot])
+    mem_a = int(fleet.memory_allocatable_bytes[slot])
+    cpu = int(fleet.cpu_allocated_millicores[slot]) / cpu_a if cpu_a else 0.0
+    mem = int(fleet.memory_allocated_bytes[slot]) / mem_a if mem_a else 0.0
+    return max(cpu, mem)
+
+
+def _facts(req: ScaleDownRequest) -> dict[str, _NodeFacts]:
+    pools = req.pools
+    by_key = pool_index(pools)
+    fleet = req.fleet
+    pods_on: dict[str, list[RunningPod]] = {}
+    for rp in req.running:
+        pods_on.setdefault(rp.node, []).append(rp)
+    out: dict[str, _NodeFacts] = {}
+    for slot in np.flatnonzero(fleet.live_mask()).tolist():
+        name = fleet.name_of(slot)
+        cluster = fleet.clusters.names[int(fleet.cluster_id[slot])]
+        pool_name = fleet.pools.names[int(fleet.pool_id[slot])]
+        k = by_key.get((cluster, pool_name))
+        if k is None:
+            continue  # not managed by a pool
+        pods = pods_on.get(name, [])
+        movable = not any(p.do_not_disrupt or p.gang for p in pods)
+        out[name] = _NodeFacts(slot, name, k, pods, node_utilization(fleet, slot), movable)
+    return out
+
+
+def _stable(req: ScaleDownRequest, node: _NodeFacts) -> bool:
+    opts = req.options
+    window = opts.stabilization_window_s
+    if not node.pods and opts.empty_window_s is not None:
+        window = opts.empty_window_s
+    since = req.node_since_s.get(node.name)
+    if since is None or req.now_s < since + window:
+        return False
+    st = _status(req.status, req.pools[node.pool])
+    return not (
+        st.last_scale_up_s is not None
+        and req.now_s < st.last_scale_up_s + opts.delay_after_scale_up_s
+    )
+
+
+def _try_drain(
+    work: Fleet, nodes: Sequence[_NodeFacts], policy: Policy, extra: Sequence[NodeSpec] = ()
+) -> tuple[Fleet, list[tuple[str, str]]] | None:
+    """Simulate removing `nodes` from `work`: free their pods, cordon them, place the pods on
+    the rest (plus `extra` hypothetical nodes). The new fleet and the moves, or None."""
+    trial = work.copy()
+    pods: list[PodSpec] = []
+    for node in nodes:
+        for rp in node.pods:
+            trial.free(rp.allocation)
+            pods.append(rp.pod)
+        trial.set_flags(node.name, cordoned=True)
+    for spec in extra:
+        trial.add_node(spec)
+    if not pods:
+        return trial, []
+    res = place(trial, pods, policy)
+    if not res.placed.all():
+        return None
+    commit(trial, res)
+    moves = [(pods[i].name, res.node(i) or "") for i in range(len(pods))]
+    return trial, moves
+
+
+def plan_scale_down(req: ScaleDownRequest) -> ScaleDownPlan:
+    """Nodes to remove (empty first, then under-utilized) and replacements, each checked by
+    re-placing the displaced pods with the placement engine; budgets, min sizes,
+    do-not-disrupt and the stabilization window are honoured."""
+    policy = (
+        req.policy if isinstance(req.policy, Policy) else Policy.parse(req.policy or DEFAULT_POLICY)
+    )
+    pools = req.pools
+    facts = _facts(req)
+    # Per pool: how many nodes may still go (budget, min size).
+    allowance: list[int] = []
+    for pool in pools:
+        st = _status(req.status, pool)
+        size = max(st.target_size, st.current_size)
+        budget = pool.disruption_budget.allowed(size) - st.disrupting
+        allowance.append(max(0, min(budget, st.target_size - pool.min_size)))
+    cands = [f for f in facts.values() if f.movable and _stable(req, f)]
+    empty = sorted(
+        (f for f in cands if not f.pods), key=lambda f: (-req.pools[f.pool].price_per_hour, f.slot)
+    )
+    under = sorted(
+        (f for f in cands if f.pods and f.utilization < req.options.utilization_threshold),
+        key=lambda f: (f.utilization, len(f.pods), -req.pools[f.pool].price_per_hour, f.slot),
+    )
+    work = req.fleet.copy()
+    removed: dict[DecisionReason, dict[int, list[str]]] = {}
+    all_moves: list[tuple[str, str]] = []
+    receivers: set[str] = set()
+    gone: set[str] = set()
+    for reason, group in ((DecisionReason.EMPTY, empty), (DecisionReason.UNDERUTILIZED, under)):
+        for f in group:
+            if allowance[f.pool] <= 0 or f.name in receivers:
+                continue
+            out = _try_drain(work, [f], policy)
+            if out is None:
+                continue
+            work, moves = out
+            allowance[f.pool] -= 1
+            gone.add(f.name)
+            receivers.update(node for _, node in moves)
+            all_moves += moves
+            removed.setdefault(reason, {}).setdefault(f.pool, []).append(f.name)
+    decisions: list[ScaleDecision] = []
+    for reason in (DecisionReason.EMPTY, DecisionReason.UNDERUTILIZED):
+        for k, names in sorted(removed.get(reason, {}).items()):
+            pool = pools[k]
+            moved = [
+                (p, n)
+                for p, n in all_moves
+                if any(p == rp.pod.name for f in names for rp in facts[f].pods)
+            ]
+            decisions.append(
+                ScaleDecision.make(
+                    DecisionKind.SCALE_DOWN,
+                    pool.cluster,
+                    pool.name,
+                    -len(names),
+                    names,
+                    reason,
+                    -len(names) * pool.price_per_hour,
+                    target_size=_status(req.status, pool).target_size,
+                    moves=moved,
+                )
+            )
+    if req.options.replace:
+        rest = [f for f in under if f.name not in gone and f.name not in receivers]
+        rep = _plan_replacement(req, work, rest, allowance, policy)
+        if rep is not None:
+            decision, names, moves = rep
+            decisions.append(decision)
+            gone.update(names)
+            all_moves += moves
+    return ScaleDownPlan(tuple(decisions), tuple(sorted(gone)), tuple(sorted(all_moves)))
+
+
+def _plan_replacement(
+    req: ScaleDownRequest,
+    work: Fleet,
+    cands: list[_NodeFacts],
+    allowance: list[int],
+    policy: Policy,
+) -> tuple[ScaleDecision, list[str], list[tuple[str, str]]] | None:
+    """Karpenter's multi-node consolidation: the largest prefix of the candidates (in
+    disruption order) whose pods fit on the remaining nodes plus new nodes of ONE pool that
+    cost less than the nodes removed. Binary search over the prefix length."""
+    by_cluster: dict[str, list[_NodeFacts]] = {}
+    for f in cands:
+        by_cluster.setdefault(req.pools[f.pool].cluster, []).append(f)
+    best: tuple[float, ScaleDecision, list[str], list[tuple[str, str]]] | None = None
+    for cluster in sorted(by_cluster):
+        group: list[_NodeFacts] = []
+        left = list(allowance)
+        for f in by_cluster[cluster]:
+            if left[f.pool] > 0 and len(group) < req.options.max_replace_candidates:
+                group.append(f)
+                left[f.pool] -= 1
+        lo, hi = 1, len(group)
+        found = None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            attempt = _replace_prefix(req, work, group[:mid], cluster, policy)
+            if attempt is not None:
+                found = attempt
+                lo = mid + 1
+            else:
+                hi = mid - 1
+        if found is not None and (best is None or found[0] > best[0]):
+            best = found
+    if best is None:
+        return None
+    return best[1], best[2], best[3]
+
+
+def _replace_prefix(
+    req: ScaleDownRequest,
+    work: Fleet,
+    group: list[_NodeFacts],
+    cluster: str,
+    policy: Policy,
+) -> tuple[float, ScaleDecision, list[str], list[tuple[str, str]]] | None:
+    old_price = sum(req.pools[f.pool].price_per_hour for f in group)
+    drained = work.copy()
+    pods: list[PodSpec] = []
+    for f in group:
+        for rp in f.pods:
+            drained.free(rp.allocation)
+            pods.append(rp.pod)
+        drained.set_flags(f.name, cordoned=True)
+    pools_here = tuple(p for p in req.pools if p.cluster == cluster)
+    plan = plan_scale_up(
+        ScaleUpRequest(
+            fleet=drained,
+            pending=tuple(pods),
+            pools=pools_here,
+            status=req.status,
+            now_s=req.now_s,
+            policy=policy,
+            cluster_limits=req.cluster_limits,
+        )
+    )
+    if len(plan.decisions) != 1 or plan.unschedulable:
+        return None  # all pods on existing nodes is plain deletion; mixed pools: skip
+    up = plan.decisions[0]
+    saving = old_price - up.cost_per_hour_delta
+    if saving <= req.options.min_saving_per_hour + _EPS:
+        return None
+    names = [f.name for f in group]
+    new_specs = [s for s in plan.new_nodes]
+    out = _try_drain(work, group, policy, new_specs)
+    if out is None:
+        return None
+    _, moves = out
+    pool = next(p for p in pools_here if p.name == up.pool)
+    decision = ScaleDecision.make(
+        DecisionKind.REPLACE,
+        cluster,
+        up.pool,
+        up.delta,
+        names,
+        DecisionReason.CHEAPER_REPLACEMENT,
+        -saving,
+        target_size=_status(req.status, pool).target_size,
+        moves=moves,
+    )
+    return saving, decision, names, moves
+
+
+# ---- re-check before emitting -----------------------------------------------------------
+
+
+class RecheckFailure(enum.Enum):
+    """Why a disruptive decision is no longer valid on a fresh snapshot."""
+
+    NODE_GONE = "node-gone"
+    DO_NOT_DISRUPT = "do-not-disrupt"
+    BUDGET = "budget"
+    MIN_SIZE = "min-size"
+    CANNOT_REPLACE_PODS = "cannot-replace-pods"
+    UNKNOWN_POOL = "unknown-pool"
+
+
+def recheck(decision: ScaleDecision, fresh: ScaleDownRequest) -> RecheckFailure | None:
+    """Re-validate a SCALE_DOWN or REPLACE decision against a fresh snapshot (None = still
+    valid). Scale-ups are always valid (they only add capacity)."""
+    if decision.kind is DecisionKind.SCALE_UP:
+        return None
+    policy = (
+        fresh.policy
+        if isinstance(fresh.policy, Policy)
+        else Policy.parse(fresh.policy or DEFAULT_POLICY)
+    )
+    facts = _facts(fresh)
+    nodes: list[_NodeFacts] = []
+    for name in decision.remove_nodes:
+        f = facts.get(name)
+        if f is None:
+            return RecheckFailure.NODE_GONE
+        if not f.movable:
+            return RecheckFailure.DO_NOT_DISRUPT
+        nodes.append(f)
+    per_pool: dict[int, int] = {}
+    for f in nodes:
+        per_pool[f.pool] = per_pool.get(f.pool, 0) + 1
+    for k, n in per_pool.items():
+        pool = fresh.pools[k]
+        st = _status(fresh.status, pool)
+        size = max(st.target_size, st.current_size)
+        if n > pool.disruption_budget.allowed(size) - st.disrupting:
+            return RecheckFailure.BUDGET
+        if st.target_size - n < pool.min_size:
+            return RecheckFailure.MIN_SIZE
+    extra: list[NodeSpec] = []
+    if decision.kind is DecisionKind.REPLACE:
+        idx = pool_index(fresh.pools)
+        kr = idx.get((decision.cluster, decision.pool))
+        if kr is None:
+            return RecheckFailure.UNKNOWN_POOL
+        pool = fresh.pools[kr]
+        extra = [pool.node_spec(f"+{pool.cluster}/{pool.name}/r{i}") for i in range(decision.delta)]
+    if _try_drain(fresh.fleet, nodes, policy, extra) is None:
+        return RecheckFailure.CANNOT_REPLACE_PODS
+    return None
+
+
+__all__ = [
+    "Block",
+    "ConsolidationOptions",
+    "DecisionKind",
+    "DecisionReason",
+    "Reason",
+    "RecheckFailure",
+    "RunningPod",
+    "ScaleDecision",
+    "ScaleDownPlan",
+    "ScaleDownRequest",
+    "ScaleUpPlan",
+    "ScaleUpRequest",
+    "Unschedulable",
+    "apply_scale_up",
+    "capacity_matrix",
+    "in_flight_specs",
+    "node_utilization",
+    "plan_scale_down",
+    "plan_scale_up",
+    "recheck",
+    "with_nodes",
+]
