@@ -186,6 +186,7 @@ class ScaleUpRequest:
     team_gpu_limit_milli: Mapping[str, int] = field(default_factory=dict)
     team_gpu_in_use_milli: Mapping[str, int] = field(default_factory=dict)
     max_rounds: int = 3
+    estimate_slack: float = 0.03
 
 
 @dataclass(frozen=True, eq=False)
@@ -379,6 +380,24 @@ def _blocked_reason(req: ScaleUpRequest, pools: Sequence[NodePool], fits: I64) -
     return Block.MAX_SIZE
 
 
+def simulation_order(
+    items: Sequence[QueueItem], n_fit: Mapping[tuple[object, ...], int]
+) -> list[QueueItem]:
+    """The order in which the autoscaler simulates pending workloads: priority first (as
+    the scheduler's queue), then the most constrained (fewest pools that fit), then the
+    largest (first-fit decreasing), then input order. Constrained-first keeps workloads that
+    could run anywhere (e.g. spot-tolerant ones) from taking the room opened for the rest.
+
+    n_fit: pod shape key -> number of pools whose empty node fits that shape."""
+    keys = []
+    for i, it in enumerate(items):
+        pods = it.pods if isinstance(it, GangSpec) else (it,)
+        size = sum(p.gpu_milli_total for p in pods), sum(p.cpu_millicores for p in pods)
+        fit = min(n_fit.get(p.shape_key, 0) for p in pods)
+        keys.append((-it.priority, fit, -size[0], -size[1], i))
+    return [items[k[-1]] for k in sorted(keys)]
+
+
 def _shape_size_key(shape: PodSpec) -> tuple[int, int, int]:
     return (-shape.gpu_milli_total, -shape.cpu_millicores, -shape.memory_bytes)
 
@@ -497,6 +516,12 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     empty = ScaleUpPlan((), (), tuple(inflight), (), tuple(unsched), None)
     if not items:
         return empty
+    # One capacity matrix for every pending shape, reused by every step below.
+    shapes_all = Batch.of(items).shapes
+    capm = capacity_matrix(pools, shapes_all)
+    gidx = {sh.shape_key: s for s, sh in enumerate(shapes_all)}
+    n_fit_rows = (capm.cap > 0).sum(axis=1).tolist()
+    items = simulation_order(items, {k: int(n_fit_rows[s]) for k, s in gidx.items()})
     batch = Batch.of(items)
     first = place(base, batch, policy)
     placed_item = _items_placed(batch, first)
@@ -508,10 +533,8 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         unsched += [Unschedulable(it.name, Block.NO_POOL_FITS) for it in rest]
         return ScaleUpPlan((), (), tuple(inflight), fits_now, tuple(unsched), first)
     # Permanently infeasible workloads: some pod fits no pool's empty node.
-    rbatch = Batch.of(rest)
-    capm = capacity_matrix(pools, rbatch.shapes)
     never: NDArray[np.bool_] = np.asarray(~capm.cap.any(axis=1), dtype=np.bool_)
-    rindex = {sh.shape_key: s for s, sh in enumerate(rbatch.shapes)}
+    rindex = gidx
     feasible_items: list[QueueItem] = []
     for it in rest:
         pods = it.pods if isinstance(it, GangSpec) else (it,)
@@ -525,13 +548,15 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     added: list[NodeSpec] = []
     todo = feasible_items
     result: PlacementResult | None = None
-    final_fleet = base
     serial = 0
+    # Dropping unused hypothetical nodes leaves every other pick unchanged (they were never
+    # the best node) unless domain ranking (gangs) or a slot-hashing scorer depends on them.
+    trim_safe = not batch.gangs and not any(p.name == "random" for p, _ in policy.terms)
     for _ in range(max(1, req.max_rounds)):
         if not todo:
             break
         tb = Batch.of(todo)
-        tcap = capacity_matrix(pools, tb.shapes).cap
+        tcap = capm.cap[[gidx[sh.shape_key] for sh in tb.shapes]]
         solo = tb.shape_of[tb.gang_of < 0]
         counts = np.bincount(solo, minlength=len(tb.shapes)).astype(np.int64)
         gangs: list[tuple[int, dict[int, int], TopologyLevel]] = []
@@ -543,7 +568,16 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         extra = np.zeros(len(pools), np.int64)
         for sp in added:
             extra[_pool_of(pools, sp)] += 1
-        nodes, _, _ = _choose_nodes(counts, gangs, tb.shapes, tcap, _budget(req, pools, extra))
+        budget = _budget(req, pools, extra)
+        room0 = budget.pool_room()
+        nodes, _, _ = _choose_nodes(counts, gangs, tb.shapes, tcap, budget)
+        # Slack: the estimate assumes perfect mixing; a few spare nodes per pool avoid a
+        # second verification round and are dropped if unused.
+        nodes = np.where(
+            nodes > 0,
+            np.minimum(nodes + np.floor(nodes * req.estimate_slack), room0).astype(np.int64),
+            0,
+        )
         if not nodes.any():
             break
         round_specs: list[NodeSpec] = []
@@ -555,12 +589,12 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         # Verify: one placement run of every pending workload on the hypothetical fleet.
         trial = with_nodes(base, [*added, *round_specs])
         res = place(trial, batch, policy)
-        used_slots = set(res.node_slot[res.placed].tolist())
-        keep = [sp for sp in [*added, *round_specs] if trial.slot(sp.name) in used_slots]
+        used_slots = np.zeros(trial.n_slots, bool)
+        used_slots[res.node_slot[res.placed]] = True
+        keep = [sp for sp in [*added, *round_specs] if used_slots[trial.slot(sp.name)]]
         grew = len(keep) > len(added)
-        # Unused hypothetical nodes are dropped; then the run must be redone for the claim.
-        result = res if len(keep) == len(added) + len(round_specs) else None
-        final_fleet = trial
+        trimmed = len(keep) < len(added) + len(round_specs)
+        result = res if (trim_safe or not trimmed) else None
         added = keep
         placed_t = _items_placed(batch, res)
         done = {it.name for it, ok in zip(items, placed_t, strict=True) if ok}
@@ -568,17 +602,17 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         if not grew:
             break
     if result is None:
-        final_fleet = with_nodes(base, added)
-        result = place(final_fleet, batch, policy)
+        result = place(with_nodes(base, added), batch, policy)
     final_batch = batch
+    names_by_slot = result.slot_names
     placed_final = _items_placed(final_batch, result)
-    new_slot_pool: dict[int, int] = {final_fleet.slot(sp.name): _pool_of(pools, sp) for sp in added}
+    pool_of_name = {sp.name: _pool_of(pools, sp) for sp in added}
     unblocks: dict[int, set[str]] = {}
     for i, it_pods in enumerate(_item_pod_ranges(final_batch)):
         if not placed_final[i]:
             continue
         for p in it_pods:
-            kp = new_slot_pool.get(int(result.node_slot[p]))
+            kp = pool_of_name.get(names_by_slot[int(result.node_slot[p])] or "")
             if kp is not None:
                 unblocks.setdefault(kp, set()).add(items[i].name)
     nodes_by_pool = np.zeros(len(pools), np.int64)
@@ -674,8 +708,15 @@ def _item_pod_ranges(batch: Batch) -> list[range]:
 
 
 def _items_placed(batch: Batch, result: PlacementResult) -> list[bool]:
-    placed = result.placed
-    return [bool(placed[r.start : r.stop].all()) for r in _item_pod_ranges(batch)]
+    """Per queue item (pod or whole gang): every pod of it was placed."""
+    n = len(batch.pods)
+    if n == 0:
+        return []
+    g = batch.gang_of.astype(np.int64)
+    # An item starts at every solo pod and at the first member of each gang.
+    starts = np.flatnonzero((g < 0) | np.concatenate([[True], g[1:] != g[:-1]]))
+    ok = np.minimum.reduceat(result.placed.astype(np.int8), starts)
+    return [bool(x) for x in ok.tolist()]
 
 
 def commit_copy(fleet: Fleet, result: PlacementResult) -> Fleet:
