@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -199,6 +199,7 @@ class ScaleUpPlan:
     fits_now: workloads that fit on current or in-flight capacity (no new node needed).
     unschedulable: workloads that get nothing, with the reason.
     placement: the verification run (fleet + in-flight + new_nodes, all pending workloads).
+    queue: the pending workloads in the order that run placed them (`simulation_order`).
     """
 
     decisions: tuple[ScaleDecision, ...]
@@ -207,6 +208,7 @@ class ScaleUpPlan:
     fits_now: tuple[str, ...]
     unschedulable: tuple[Unschedulable, ...]
     placement: PlacementResult | None
+    queue: tuple[QueueItem, ...] = ()
 
     @property
     def cost_per_hour_delta(self) -> float:
@@ -528,10 +530,10 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     fits_now = tuple(it.name for it, ok in zip(items, placed_item, strict=True) if ok)
     rest = [it for it, ok in zip(items, placed_item, strict=True) if not ok]
     if not rest:
-        return ScaleUpPlan((), (), tuple(inflight), fits_now, tuple(unsched), first)
+        return ScaleUpPlan((), (), tuple(inflight), fits_now, tuple(unsched), first, tuple(items))
     if not pools:
         unsched += [Unschedulable(it.name, Block.NO_POOL_FITS) for it in rest]
-        return ScaleUpPlan((), (), tuple(inflight), fits_now, tuple(unsched), first)
+        return ScaleUpPlan((), (), tuple(inflight), fits_now, tuple(unsched), first, tuple(items))
     # Permanently infeasible workloads: some pod fits no pool's empty node.
     never: NDArray[np.bool_] = np.asarray(~capm.cap.any(axis=1), dtype=np.bool_)
     rindex = gidx
@@ -660,6 +662,7 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         fits_now=fits_now,
         unschedulable=tuple(unsched),
         placement=result,
+        queue=tuple(items),
     )
 
 
@@ -677,7 +680,7 @@ def _gang_fits_some_pool(
                 frac = math.inf
                 break
             frac += n / cap[s, k]
-        if gang.required_level is TopologyLevel.NODE and frac > 1 + _EPS:
+        if math.isinf(frac) or (gang.required_level is TopologyLevel.NODE and frac > 1 + _EPS):
             continue
         if math.ceil(frac - _EPS) <= pool.max_size:
             return True
@@ -923,7 +926,6 @@ def plan_scale_down(req: ScaleDownRequest) -> ScaleDownPlan:
     )
     work = req.fleet.copy()
     removed: dict[DecisionReason, dict[int, list[str]]] = {}
-    all_moves: list[tuple[str, str]] = []
     receivers: set[str] = set()
     gone: set[str] = set()
     for reason, group in ((DecisionReason.EMPTY, empty), (DecisionReason.UNDERUTILIZED, under)):
@@ -936,18 +938,13 @@ def plan_scale_down(req: ScaleDownRequest) -> ScaleDownPlan:
             work, moves = out
             allowance[f.pool] -= 1
             gone.add(f.name)
+            # A node that just took displaced pods is not drained in the same pass.
             receivers.update(node for _, node in moves)
-            all_moves += moves
             removed.setdefault(reason, {}).setdefault(f.pool, []).append(f.name)
     decisions: list[ScaleDecision] = []
     for reason in (DecisionReason.EMPTY, DecisionReason.UNDERUTILIZED):
         for k, names in sorted(removed.get(reason, {}).items()):
             pool = pools[k]
-            moved = [
-                (p, n)
-                for p, n in all_moves
-                if any(p == rp.pod.name for f in names for rp in facts[f].pods)
-            ]
             decisions.append(
                 ScaleDecision.make(
                     DecisionKind.SCALE_DOWN,
@@ -958,18 +955,60 @@ def plan_scale_down(req: ScaleDownRequest) -> ScaleDownPlan:
                     reason,
                     -len(names) * pool.price_per_hour,
                     target_size=_status(req.status, pool).target_size,
-                    moves=moved,
                 )
             )
     if req.options.replace:
         rest = [f for f in under if f.name not in gone and f.name not in receivers]
         rep = _plan_replacement(req, work, rest, allowance, policy)
         if rep is not None:
-            decision, names, moves = rep
-            decisions.append(decision)
-            gone.update(names)
-            all_moves += moves
-    return ScaleDownPlan(tuple(decisions), tuple(sorted(gone)), tuple(sorted(all_moves)))
+            decisions.append(rep[0])
+    # Final check, one placement run of every displaced pod on the fleet after the whole
+    # plan (the steps above were checked one at a time); drop decisions from the end until
+    # it holds. Its result gives the expected moves.
+    while decisions:
+        plan = ScaleDownPlan(tuple(decisions), (), ())
+        after, pods = apply_scale_down(req.fleet, req.running, plan, pools)
+        res = place(after, pods, policy)
+        if res.placed.all():
+            dest = {pods[i].name: res.node(i) or "" for i in range(len(pods))}
+            node_of = {rp.pod.name: rp.node for rp in req.running}
+            final = []
+            for d in decisions:
+                removed_here = set(d.remove_nodes)
+                moves = [(p, n) for p, n in dest.items() if node_of[p] in removed_here]
+                final.append(replace(d, moves=tuple(sorted(moves))))
+            gone_all = sorted(n for d in final for n in d.remove_nodes)
+            all_moves = sorted(dest.items())
+            return ScaleDownPlan(tuple(final), tuple(gone_all), tuple(all_moves))
+        decisions.pop()
+    return ScaleDownPlan((), (), ())
+
+
+def replacement_specs(decision: ScaleDecision, pools: Sequence[NodePool]) -> list[NodeSpec]:
+    """Hypothetical nodes standing for the new nodes of a REPLACE decision."""
+    if decision.kind is not DecisionKind.REPLACE:
+        return []
+    pool = pools[pool_index(tuple(pools))[(decision.cluster, decision.pool)]]
+    return [pool.node_spec(f"+{pool.cluster}/{pool.name}/r{i}") for i in range(decision.delta)]
+
+
+def apply_scale_down(
+    fleet: Fleet, running: Sequence[RunningPod], plan: ScaleDownPlan, pools: Sequence[NodePool]
+) -> tuple[Fleet, list[PodSpec]]:
+    """The fleet after a scale-down plan (removed nodes gone with their pods, replacement
+    nodes added empty) and the displaced pods, in the plan's order, to be re-placed."""
+    out = fleet.copy()
+    gone = [n for d in plan.decisions for n in d.remove_nodes]
+    rank = {n: i for i, n in enumerate(gone)}
+    displaced = sorted((rp for rp in running if rp.node in rank), key=lambda rp: rank[rp.node])
+    for rp in displaced:
+        out.free(rp.allocation)
+    for name in gone:
+        out.remove_node(name)
+    for d in plan.decisions:
+        for spec in replacement_specs(d, pools):
+            out.add_node(spec)
+    return out, [rp.pod for rp in displaced]
 
 
 def _plan_replacement(
@@ -993,16 +1032,21 @@ def _plan_replacement(
             if left[f.pool] > 0 and len(group) < req.options.max_replace_candidates:
                 group.append(f)
                 left[f.pool] -= 1
-        lo, hi = 1, len(group)
-        found = None
-        while lo <= hi:
+        # The whole group first (binary search alone misses e.g. two nodes that only pay
+        # off together), then the largest prefix that works.
+        found = _replace_prefix(req, work, group, cluster, policy) if group else None
+        lo, hi = 1, len(group) - 1
+        best_prefix = None
+        while found is None and lo <= hi:
             mid = (lo + hi) // 2
             attempt = _replace_prefix(req, work, group[:mid], cluster, policy)
             if attempt is not None:
-                found = attempt
+                best_prefix = attempt
                 lo = mid + 1
             else:
                 hi = mid - 1
+            if lo > hi and best_prefix is not None:
+                found = best_prefix
         if found is not None and (best is None or found[0] > best[0]):
             best = found
     if best is None:
@@ -1108,14 +1152,12 @@ def recheck(decision: ScaleDecision, fresh: ScaleDownRequest) -> RecheckFailure 
             return RecheckFailure.BUDGET
         if st.target_size - n < pool.min_size:
             return RecheckFailure.MIN_SIZE
-    extra: list[NodeSpec] = []
-    if decision.kind is DecisionKind.REPLACE:
-        idx = pool_index(fresh.pools)
-        kr = idx.get((decision.cluster, decision.pool))
-        if kr is None:
-            return RecheckFailure.UNKNOWN_POOL
-        pool = fresh.pools[kr]
-        extra = [pool.node_spec(f"+{pool.cluster}/{pool.name}/r{i}") for i in range(decision.delta)]
+    if decision.kind is DecisionKind.REPLACE and (
+        decision.cluster,
+        decision.pool,
+    ) not in pool_index(fresh.pools):
+        return RecheckFailure.UNKNOWN_POOL
+    extra = replacement_specs(decision, fresh.pools)
     if _try_drain(fresh.fleet, nodes, policy, extra) is None:
         return RecheckFailure.CANNOT_REPLACE_PODS
     return None
