@@ -14,6 +14,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import generate_latest
 
 from fleetd.daemon import Daemon
 from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
@@ -267,3 +268,33 @@ async def test_not_ready_until_every_source_synced(
             assert "external/never" in status.not_ready_reason
     finally:
         await daemon.stop()
+
+
+class Crashes:
+    """A source whose task dies after the initial sync: the daemon must not limp on."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def run(self) -> None:
+        assert self.daemon.state is not None
+        await self.daemon.state.ready_event.wait()
+        raise RuntimeError("source lost its connection for good")
+
+
+async def test_a_dying_task_stops_the_daemon_with_exit_code_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetd import config
+
+    from .conftest import daemon_config, write_config
+
+    monkeypatch.setattr(
+        Daemon, "_external_sources", lambda self: [("source-crashes", Crashes(self).run)]
+    )
+    path = write_config(tmp_path / "fleetd.yaml", daemon_config(tmp_path))
+    daemon = Daemon(config.load(path), path)
+    await daemon.start()
+    assert await asyncio.wait_for(daemon.wait(), 30) == 1
+    text = generate_latest(daemon.metrics.registry).decode()
+    assert 'fleetd_task_failures_total{task="source-crashes"} 1.0' in text
