@@ -25,7 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--scale", type=int, default=10, help="synthetic mode: multiply the shipped fleet's nodes"
     )
-    demo.add_argument("--seed", type=int, default=42, help="seed of the synthetic workload")
+    demo.add_argument("--seed", type=int, default=42, help="seed of the workload (and arrivals)")
+    demo.add_argument(
+        "--tune",
+        type=float,
+        default=1.3,
+        help="--trace: shuffle and tune arrivals to this x the fleet's GPUs, as the FGD "
+        "artifact does (0 = the trace as is, in creation order)",
+    )
     demo.add_argument("--concurrency", type=int, default=16, help="concurrent gRPC clients")
     demo.add_argument(
         "--chart", type=Path, default=Path("out/demo-allocation.png"), help="PNG chart path"

@@ -96,6 +96,39 @@ def read_trace(path: Path) -> list[DemoPod]:
     return pods
 
 
+def tuned_arrivals(
+    pods: list[DemoPod], base: dict[str, Any], ratio: float, seed: int
+) -> list[DemoPod]:
+    """FGD's arrival order: shuffled, then tuned to `ratio` x the fleet's GPUs (the core's
+    `scheduling.replay.trace.arrival_order`); redrawn pods get a suffixed workload id."""
+    from scheduling.replay.trace import arrival_order
+
+    pods = sorted(pods, key=lambda p: p.name)  # the artifact sorts by name before shuffling
+    capacity = sum(
+        p["gpus_per_node"] * p["nodes"] * 1000
+        for c in base["sources"]["simulated"]["clusters"]
+        for p in c["pools"]
+        if p["gpu_model"]
+    )
+    rows = arrival_order(
+        np.asarray([p.gpu_demand_milli for p in pods], dtype=np.int64),
+        np.asarray([p.gpu_milli for p in pods], dtype=np.int32),
+        capacity,
+        ratio,
+        np.random.default_rng(seed),
+    )
+    seen: collections.Counter[int] = collections.Counter()
+    out = []
+    for row in rows.tolist():
+        pod = pods[row]
+        if seen[row]:
+            pod = DemoPod(f"{pod.name}-r{seen[row]}", pod.cpu_millicores, pod.memory_bytes,
+                          pod.num_gpu, pod.gpu_milli, pod.gpu_models)  # fmt: skip
+        seen[row] += 1
+        out.append(pod)
+    return out
+
+
 def openb_fleet(node_list: Path) -> list[dict[str, Any]]:
     """Simulated clusters from an openb node list: one pool per node shape."""
     shapes: collections.Counter[tuple[int, int, int, str]] = collections.Counter()
@@ -255,8 +288,36 @@ async def drive(
     }
 
 
-def chart(curve: list[tuple[float, float]], path: Path, title: str) -> None:
-    """Write the allocation-over-arrivals PNG."""
+def published_curves(workload: str) -> dict[str, tuple[list[float], list[float]]]:
+    """The FGD artifact's published allocation curves of `workload`, mean over seeds.
+
+    From `<shared>/traces/fgd-published/analysis_allo_discrete.csv` (hkust-adsl/
+    kubernetes-scheduler-simulator, Apache-2.0): GPU allocation % at each arrived %.
+    Empty when the file or the workload is not there.
+    """
+    path = shared_dir() / "traces" / "fgd-published" / "analysis_allo_discrete.csv"
+    if not path.exists():
+        return {}
+    rows: dict[str, list[list[float]]] = collections.defaultdict(list)
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        xs = [float(h) for h in header[5:]]
+        for r in reader:
+            if r[0] == workload and r[1] in ("06-FGD", "05-BestFit", "04-GpuPacking"):
+                rows[r[1]].append([float(v) if v else float("nan") for v in r[5:]])
+    return {
+        policy: (xs, np.nanmean(np.asarray(runs), axis=0).tolist()) for policy, runs in rows.items()
+    }
+
+
+def chart(
+    curve: list[tuple[float, float]],
+    path: Path,
+    title: str,
+    published: dict[str, tuple[list[float], list[float]]] | None = None,
+) -> None:
+    """Write the allocation-over-arrivals PNG (with the published curves when given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,7 +326,13 @@ def chart(curve: list[tuple[float, float]], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     xs, ys = zip(*curve, strict=True)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    ax.plot(xs, ys, label="fleetd (GPU allocated)")
+    ax.plot(xs, ys, label="fleetd (GPU allocated)", linewidth=2)
+    for policy, (pxs, pys) in sorted((published or {}).items()):
+        # Only the arrivals this run reached: the artifact inflates the trace to 130%.
+        upto = [(x, y) for x, y in zip(pxs, pys, strict=True) if x <= max(xs)]
+        if upto:
+            ax.plot(*zip(*upto, strict=True), linestyle="--", linewidth=1,
+                    label=f"FGD artifact {policy[3:]} (published, mean of 10 seeds)")  # fmt: skip
     ax.plot([0, 100], [0, 100], linestyle=":", color="grey", label="arrived = allocated")
     ax.set_xlabel("arrived GPU demand (% of fleet GPUs)")
     ax.set_ylabel("GPU allocation (%)")
@@ -291,7 +358,9 @@ def main(args: argparse.Namespace) -> int:
             node_list = shared_dir() / "traces" / "openb" / "openb_node_list_gpu_node.csv"
         base["sources"]["simulated"]["clusters"] = openb_fleet(node_list)
         pods = read_trace(trace)
-        title = f"fleetd on {trace.name} ({base['scheduling']['policy']})"
+        if args.tune > 0:
+            pods = tuned_arrivals(pods, base, args.tune, args.seed)
+        title = f"fleetd on {trace.name} ({base['scheduling']['policy']}, seed {args.seed})"
     else:
         for cluster in base["sources"]["simulated"]["clusters"]:
             for pool in cluster["pools"]:
@@ -338,7 +407,8 @@ def main(args: argparse.Namespace) -> int:
                 proc.wait(timeout=15)
             if proc.poll() is None:
                 proc.kill()
-    chart(summary["curve"], args.chart, title)
+    published = published_curves(args.trace.stem) if args.trace is not None else {}
+    chart(summary["curve"], args.chart, title, published)
     results = summary["results"]
     print("\nsummary")
     print(
