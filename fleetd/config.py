@@ -187,6 +187,9 @@ class LimitsConfig(_Strict):
     max_memory_bytes: int = Field(16 * 1024 * GIB, gt=0, description="Per pod.")
     max_gpus_per_pod: int = Field(16, gt=0, le=1024, description="Whole GPUs per pod.")
     max_gang_pods: int = Field(1024, gt=0, description="Pods per gang.")
+    max_queued_workloads: int = Field(
+        100_000, ge=0, description="Queue bound: a Place that would queue beyond it is refused."
+    )
     decision_history: int = Field(
         100_000, ge=100, description="Decisions kept for WatchDecisions resume."
     )

@@ -11,7 +11,7 @@ packer (STYLE.md: one packer).
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,8 +203,13 @@ def place(
     cluster: str = "",
     pool: str = "",
     priority: int = 0,
+    fits_empty: Callable[[scheduling.PodSpec | scheduling.GangSpec], bool] | None = None,
 ) -> Outcome:
-    """Place one workload (a pod, or a gang all or nothing). Never mutates `fleet`."""
+    """Place one workload (a pod, or a gang all or nothing). Never mutates `fleet`.
+
+    `fits_empty` answers "would it fit the empty fleet" when it does not fit now (the state
+    memoizes it: the answer changes only when nodes do); default `fits_empty_fleet`.
+    """
     specs = tuple(to_pod(p, priority=priority, cluster=cluster, pool=pool) for p in pods)
     item: scheduling.PodSpec | scheduling.GangSpec
     if gang:
@@ -235,11 +240,11 @@ def place(
         nodes_feasible=expl.n_feasible,
         reasons=tuple(out),
         summary=summary,
-        fits_empty_fleet=_fits_empty(fleet, item, policy),
+        fits_empty_fleet=(fits_empty or (lambda it: fits_empty_fleet(fleet, it, policy)))(item),
     )
 
 
-def _fits_empty(
+def fits_empty_fleet(
     fleet: Fleet, item: scheduling.PodSpec | scheduling.GangSpec, policy: Policy
 ) -> bool:
     """Would the workload fit if nothing were allocated and every node were back?

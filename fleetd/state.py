@@ -59,6 +59,10 @@ class NotReady(StateError):
     """Initial sync not finished (UNAVAILABLE)."""
 
 
+class QueueFull(StateError):
+    """The queue holds limits.max_queued_workloads already (RESOURCE_EXHAUSTED)."""
+
+
 class OutOfRange(StateError):
     """A resume point older than the retained history (OUT_OF_RANGE)."""
 
@@ -209,6 +213,9 @@ class FleetState:
         self.gate = up.SequenceGate()
         self.held: dict[str, _Held] = {}
         self.queue: dict[str, _Queued] = {}
+        self._structure_version = 0  # bumped when a node is added, removed or changed
+        self._fits_cache: dict[object, bool] = {}
+        self._fits_cache_version = -1
         self.pods: dict[tuple[str, str], _ObservedPod] = {}
         self.sources: dict[tuple[str, str], _SourceInfo] = {}
         self.history: collections.deque[Decision] = collections.deque(
@@ -325,6 +332,7 @@ class FleetState:
             )
             new = key not in self.fleet
             self.fleet.upsert_node(spec)
+            self._structure_version += 1
         except ValueError as exc:
             self.invalid_updates += 1
             self.metrics.update_ignored("invalid")
@@ -388,6 +396,7 @@ class FleetState:
             if any(a is not None and a.node == key for a in held.slots):
                 self._end(wid, "expire", "expired", now, reason=f"node {key} removed")
         self.fleet.remove_node(key)
+        self._structure_version += 1
         del self.nodes[key]
 
     def _cluster_synced(self, u: up.ClusterSynced, now: float) -> None:
@@ -597,9 +606,15 @@ class FleetState:
             self.queue.pop(req.workload_id, None)
             return self._grant(req, outcome.allocations, now)
         explanation = self._explain(outcome)
-        seq = self._next_seq()
         result = "queued" if outcome.fits_empty_fleet else "unschedulable"
-        if result == "queued" and req.workload_id not in self.queue:
+        enqueue = result == "queued" and req.workload_id not in self.queue
+        if enqueue and len(self.queue) >= self.config.limits.max_queued_workloads:
+            raise QueueFull(
+                f"{len(self.queue)} workloads are queued already "
+                "(limits.max_queued_workloads); retry later"
+            )
+        seq = self._next_seq()
+        if enqueue:
             priority = self.config.team_priority(req.team) + req.priority
             self.queue[req.workload_id] = _Queued(req, priority, seq, now)
         self.journal.record_seq(seq)
@@ -656,6 +671,7 @@ class FleetState:
         typical = self.target.typical(self.fleet) if engine.needs_target(spec) else None
         #: The current target workload (fragmentation in snapshots and metrics uses it).
         self.typical = typical
+        self._fits_cache_version = -1  # the answers may depend on the policy's GPU picks
         return engine.build_policy(spec, typical)
 
     def _learn(self, req: WorkloadRequest) -> None:
@@ -668,6 +684,22 @@ class FleetState:
             self._target_seen = self.target.observed
             self.policy = self._build_policy(self.config)
 
+    def _fits_empty(self, item: scheduling.PodSpec | scheduling.GangSpec) -> bool:
+        """Memoized `engine.fits_empty_fleet`: valid until a node is added, removed or changed
+        (allocations, staleness and cordons do not change the answer)."""
+        if self._fits_cache_version != self._structure_version:
+            self._fits_cache.clear()
+            self._fits_cache_version = self._structure_version
+        key = (
+            item.shape_key
+            if isinstance(item, scheduling.PodSpec)
+            else (tuple(p.shape_key for p in item.pods), item.required_level)
+        )
+        hit = self._fits_cache.get(key)
+        if hit is None:
+            hit = self._fits_cache[key] = engine.fits_empty_fleet(self.fleet, item, self.policy)
+        return hit
+
     def _place(self, req: WorkloadRequest) -> engine.Outcome:
         return engine.place(
             self.fleet,
@@ -679,6 +711,7 @@ class FleetState:
             cluster=req.cluster,
             pool=req.pool,
             priority=self.config.team_priority(req.team) + req.priority,
+            fits_empty=self._fits_empty,
         )
 
     def _grant(self, req: WorkloadRequest, allocs: Iterable[Allocation], now: float) -> Decision:

@@ -25,7 +25,16 @@ from fleetd.config import Config
 from fleetd.engine import GPU_MILLI, fragmented_milli
 from fleetd.journal import ReservedPod
 from fleetd.metrics import Metrics
-from fleetd.state import Conflict, Decision, Explanation, FleetState, NotFound, NotReady, OutOfRange
+from fleetd.state import (
+    Conflict,
+    Decision,
+    Explanation,
+    FleetState,
+    NotFound,
+    NotReady,
+    OutOfRange,
+    QueueFull,
+)
 from fleetd.v1 import (
     fleet_pb2,
     fleet_pb2_grpc,
@@ -61,6 +70,7 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Conflict, grpc.StatusCode.ALREADY_EXISTS),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 R = TypeVar("R")

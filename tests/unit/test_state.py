@@ -23,6 +23,7 @@ from fleetd.state import (
     FleetState,
     NotFound,
     NotReady,
+    QueueFull,
     WorkloadRequest,
 )
 
@@ -284,3 +285,17 @@ def test_policy_reload_switches_plugins(tmp_path: Path, clock: FakeClock) -> Non
     )
     state.set_config(cfg)
     assert state.policy.name == "best-fit:1"
+
+
+def test_queue_is_bounded(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock, nodes=1)
+    limits = state.config.limits.model_copy(update={"max_queued_workloads": 2})
+    state.set_config(state.config.model_copy(update={"limits": limits}))
+    assert state.place(request("fill", gpus=8)).result == "placed"
+    assert state.place(request("q1", gpus=8)).result == "queued"
+    assert state.place(request("q2", gpus=8)).result == "queued"
+    seq = state.seq
+    with pytest.raises(QueueFull):
+        state.place(request("q3", gpus=8))
+    assert state.seq == seq  # a refused request makes no decision
+    assert state.place(request("q1", gpus=8)).result == "queued"  # a retry of a queued one is fine
