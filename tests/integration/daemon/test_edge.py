@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import subprocess
@@ -152,6 +153,7 @@ def _tool(name: str) -> str | None:
     if found:
         return found
     cached = sorted(Path.home().glob(f".cache/fleetd-testbed/**/bin/{name}"))
+    cached += [p for p in [Path.home() / "go" / "bin" / name] if p.exists()]
     return str(cached[-1]) if cached else None
 
 
@@ -166,6 +168,27 @@ async def test_stock_clients(fleetd: tuple[Daemon, Client]) -> None:
             subprocess.run, [grpcurl, "-plaintext", addr, "list"], capture_output=True, text=True
         )
         assert "fleetd.v1.Placement" in out.stdout
+        body = '{"workload": {"workload_id": "curl-1", "team": "ml", "pod": {"gpu_count": 2}}}'
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [grpcurl, "-plaintext", "-d", body, addr, "fleetd.v1.Placement/Place"],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        reply = json.loads(out.stdout)
+        assert reply["result"] == "DECISION_RESULT_PLACED"
+        pod = reply["placements"][0]
+        assert len(pod.get("gpuIndices", pod.get("gpu_indices", []))) == 2
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [grpcurl, "-plaintext", "-d", '{"workload": {"workload_id": "x"}}', addr,
+             "fleetd.v1.Placement/Place"],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        assert "InvalidArgument" in out.stderr
+        assert "workload.team" in out.stderr
     if probe:
         out = await asyncio.to_thread(
             subprocess.run, [probe, "-addr", addr], capture_output=True, text=True
