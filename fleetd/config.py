@@ -128,9 +128,9 @@ class SchedulingConfig(_Strict):
     """The placement policy (reloadable): score plugins of the scheduling core, weighted."""
 
     policy: str = Field(
-        "fgd-cpu",
+        "fgd-plus",
         description=(
-            "Score plugins as 'name:weight,...' (see scheduling.scorer_names()): fgd, fgd-cpu, "
+            "Score plugins as 'name:weight,...' (see scheduling.scorer_names()): fgd-plus, fgd, fgd-cpu, "
             "best-fit, gpu-packing, gpu-clustering, dot-product, most-allocated, ..."
         ),
     )
@@ -141,10 +141,10 @@ class SchedulingConfig(_Strict):
     target_window_pods: int = Field(
         10_000,
         ge=1,
-        description="fgd/fgd-cpu: the target workload is the shapes of the last N requested pods.",
+        description="fgd*: the target workload is the shapes of the last N requested pods.",
     )
     target_refresh_pods: int = Field(
-        200, ge=1, description="fgd/fgd-cpu: re-derive the target workload every N requested pods."
+        200, ge=1, description="fgd*: re-derive the target workload every N requested pods."
     )
 
     @field_validator("policy")

@@ -23,7 +23,7 @@ from scheduling import Allocation, Fleet, Policy, TopologyLevel
 from scheduling.explain import REASON_TEXT, Reason
 from scheduling.fleet import FLAG_CORDONED, FLAG_STALE, FLAG_UNHEALTHY
 from scheduling.fragmentation import TypicalPods, _model_columns, frag_milli, typical_pods
-from scheduling.replay.policies import make_policy
+from scheduling.replay.policies import FRAGMENTATION_POLICIES, make_policy
 
 GPU_MILLI = scheduling.GPU_MILLI
 #: Label every node carries with its pool name, so that a pool scope is a node selector.
@@ -76,7 +76,7 @@ class Outcome:
 
 
 #: Score plugins that need FGD's target workload (Weng et al., ATC'23 §4.1).
-FRAGMENTATION_PLUGINS = ("fgd", "fgd-cpu")
+FRAGMENTATION_PLUGINS = FRAGMENTATION_POLICIES
 
 
 def policy_spec(spec: str, weights: Mapping[str, float]) -> str:

@@ -263,11 +263,11 @@ def test_heartbeat_only_refreshes_but_changes_apply(tmp_path: Path, clock: FakeC
 
 def test_fgd_learns_its_target_workload_from_requests(tmp_path: Path, clock: FakeClock) -> None:
     state = make_state(tmp_path / "j.db", clock)
-    assert state.config.scheduling.policy == "fgd-cpu"
+    assert state.config.scheduling.policy == "fgd-plus"
     # No request yet: nothing to measure fragmentation against, the core's default packs.
     assert "fgd" not in state.policy.name
     d1 = state.place(request("a", gpus=0, milli=500))
-    assert "fgd-cpu" in state.policy.name
+    assert "fgd-plus" in state.policy.name
     typical = state.target.typical(state.fleet)
     assert typical is not None
     assert (typical.gpu_milli.tolist(), typical.num_gpu.tolist()) == ([500], [1])
