@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -31,8 +32,10 @@ from fleetd.engine import PodRequest, node_key
 from fleetd.journal import Journal, Reservation, ReservedPod
 from fleetd.sources import updates as up
 from scheduling import Allocation, AllocationError, Fleet, NodeSpec
+from scheduling.autoscale import ScaleDecision
 
 Clock = Callable[[], float]
+T = TypeVar("T")
 WORKLOAD_LABEL = "fleetd.io/workload-id"
 POD_NAME_LABEL = "fleetd.io/pod-name"
 GPU_MILLI_LABEL = "fleetd.io/gpu-milli"
@@ -188,6 +191,70 @@ def _signal(sub: _Subscriber, marker: str) -> None:
             sub.queue.get_nowait()
 
 
+@dataclass(frozen=True, slots=True)
+class ScaleEvent:
+    """A scale decision of the autoscaler as streamed by NodePools.WatchScaleDecisions."""
+
+    seq: int
+    time_s: float
+    decision: ScaleDecision
+    from_size: int
+    to_size: int
+
+
+class Broadcast(Generic[T]):
+    """Seq-ordered values kept for resume and fanned out to watchers (bounded per watcher)."""
+
+    def __init__(self, retain: int, backlog: Callable[[], int]) -> None:
+        self.history: collections.deque[T] = collections.deque(maxlen=retain)
+        self.subscribers: list[_Subscriber] = []
+        self.seq = 0
+        self._backlog = backlog
+
+    def publish(self, item: T) -> None:
+        """Append and fan out; a watcher that fell `backlog` items behind is cut off."""
+        self.history.append(item)
+        for sub in self.subscribers:
+            if sub.overflowed:
+                continue
+            try:
+                sub.queue.put_nowait(item)  # type: ignore[arg-type]
+            except asyncio.QueueFull:
+                sub.overflowed = True
+                _signal(sub, _OVERFLOW)
+
+    async def watch(self, after_seq: int, from_now: bool) -> AsyncIterator[T]:
+        """Retained items with seq > after_seq (OutOfRange if too old), then live ones."""
+        backlog: list[T] = []
+        if not from_now:
+            oldest = self.history[0].seq if self.history else self.seq + 1  # type: ignore[attr-defined]
+            if after_seq + 1 < oldest and after_seq < self.seq:
+                raise OutOfRange(
+                    f"after_seq {after_seq} is older than the retained history "
+                    f"(oldest retained seq is {oldest})"
+                )
+            backlog = [d for d in self.history if d.seq > after_seq]  # type: ignore[attr-defined]
+        sub = _Subscriber(asyncio.Queue(maxsize=self._backlog()))
+        self.subscribers.append(sub)
+        try:
+            for d in backlog:
+                yield d
+            while True:
+                item = await sub.queue.get()
+                if item == _OVERFLOW:
+                    raise OutOfRange("watcher fell behind; resume from the last seq received")
+                if isinstance(item, str):  # _CLOSED: the daemon is shutting down
+                    return
+                yield item  # type: ignore[misc]
+        finally:
+            self.subscribers.remove(sub)
+
+    def close(self) -> None:
+        """End every watch (shutdown)."""
+        for sub in self.subscribers:
+            _signal(sub, _CLOSED)
+
+
 class FleetState:
     """The single writer: node table, reservations, queue, decisions, source freshness."""
 
@@ -222,6 +289,10 @@ class FleetState:
             maxlen=config.limits.decision_history
         )
         self.subscribers: list[_Subscriber] = []
+        #: Scale decisions (NodePools.WatchScaleDecisions): the autoscaler publishes here.
+        self.scale: Broadcast[ScaleEvent] = Broadcast(
+            config.limits.decision_history, lambda: self.config.server.max_stream_backlog
+        )
         self.seq = journal.last_seq()
         self.started_s = clock()
         self._owner = threading.get_ident()
@@ -897,6 +968,19 @@ class FleetState:
         """End every decision stream (shutdown): streams finish instead of holding the drain."""
         for sub in self.subscribers:
             _signal(sub, _CLOSED)
+        self.scale.close()
+
+    def publish_scale(self, decision: ScaleDecision) -> ScaleEvent:
+        """Stream one autoscaler decision (sizes from the pool's last reported size)."""
+        self._check_owner()
+        pool = self.pools.get((decision.cluster, decision.pool))
+        size = pool.current_size if pool is not None else 0
+        self.scale.seq += 1
+        event = ScaleEvent(
+            self.scale.seq, self.clock(), decision, size, max(0, size + decision.delta)
+        )
+        self.scale.publish(event)
+        return event
 
     def _check_owner(self) -> None:
         if threading.get_ident() != self._owner:

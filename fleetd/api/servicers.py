@@ -34,6 +34,7 @@ from fleetd.state import (
     NotReady,
     OutOfRange,
     QueueFull,
+    ScaleEvent,
 )
 from fleetd.v1 import (
     fleet_pb2,
@@ -280,11 +281,38 @@ class NodePoolsServicer(nodepools_pb2_grpc.NodePoolsServicer):
     async def WatchScaleDecisions(
         self, request: nodepools_pb2.WatchScaleDecisionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[nodepools_pb2.ScaleDecision]:
-        """Scale decisions. No autoscaler yet: the stream stays open, empty, until shutdown."""
-        await self.edge.stopping.wait()
-        none: tuple[nodepools_pb2.ScaleDecision, ...] = ()
-        for decision in none:  # an async generator that yields nothing yet
-            yield decision
+        """Scale decisions as the autoscaler publishes them; resumable from a seq."""
+        try:
+            async for event in self.edge.state.scale.watch(request.after_seq, request.from_now):
+                yield scale_decision_pb(event)
+        except OutOfRange as exc:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+
+
+SCALE_KINDS = {
+    "scale-up": nodepools_pb2.ScaleDecision.KIND_SCALE_UP,
+    "scale-down": nodepools_pb2.ScaleDecision.KIND_SCALE_DOWN,
+    "replace": nodepools_pb2.ScaleDecision.KIND_REPLACE,
+}
+
+
+def scale_decision_pb(event: ScaleEvent) -> nodepools_pb2.ScaleDecision:
+    """Convert a streamed scale decision to its protobuf."""
+    d = event.decision
+    return nodepools_pb2.ScaleDecision(
+        seq=event.seq,
+        time=timestamp(event.time_s),
+        cluster=d.cluster,
+        pool=d.pool,
+        kind=SCALE_KINDS.get(d.kind.value, nodepools_pb2.ScaleDecision.KIND_UNSPECIFIED),
+        from_size=event.from_size,
+        to_size=event.to_size,
+        nodes=[n.split("/", 1)[-1] for n in d.remove_nodes],
+        workload_ids=list(d.unblocks),
+        reason=d.reason.value,
+        price_per_hour_delta=d.cost_per_hour_delta,
+        id=d.id,
+    )
 
 
 def node_pools(state: FleetState, cluster: str) -> list[nodepools_pb2.NodePool]:

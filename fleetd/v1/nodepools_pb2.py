@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66leetd/v1/nodepools.proto\x12\tfleetd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xff\x01\n\x08NodePool\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tgpu_model\x18\x03 \x01(\t\x12\x15\n\rgpus_per_node\x18\x04 \x01(\r\x12\x16\n\x0e\x63pu_millicores\x18\x05 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x03\x12\x16\n\x0eprice_per_hour\x18\x07 \x01(\x01\x12\x15\n\rcapacity_type\x18\x08 \x01(\t\x12\x10\n\x08min_size\x18\t \x01(\r\x12\x10\n\x08max_size\x18\n \x01(\r\x12\x14\n\x0c\x63urrent_size\x18\x0b \x01(\r\x12\x13\n\x0bnodes_ready\x18\x0c \x01(\r\"\'\n\x14ListNodePoolsRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\";\n\x15ListNodePoolsResponse\x12\"\n\x05pools\x18\x01 \x03(\x0b\x32\x13.fleetd.v1.NodePool\"A\n\x1aWatchScaleDecisionsRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\x12\x10\n\x08\x66rom_now\x18\x02 \x01(\x08\"\xcf\x02\n\rScaleDecision\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x0c\n\x04pool\x18\x04 \x01(\t\x12+\n\x04kind\x18\x05 \x01(\x0e\x32\x1d.fleetd.v1.ScaleDecision.Kind\x12\x11\n\tfrom_size\x18\x06 \x01(\r\x12\x0f\n\x07to_size\x18\x07 \x01(\r\x12\r\n\x05nodes\x18\x08 \x03(\t\x12\x14\n\x0cworkload_ids\x18\t \x03(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x1c\n\x14price_per_hour_delta\x18\x0b \x01(\x01\"D\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_SCALE_UP\x10\x01\x12\x13\n\x0fKIND_SCALE_DOWN\x10\x02\x32\xb9\x01\n\tNodePools\x12R\n\rListNodePools\x12\x1f.fleetd.v1.ListNodePoolsRequest\x1a .fleetd.v1.ListNodePoolsResponse\x12X\n\x13WatchScaleDecisions\x12%.fleetd.v1.WatchScaleDecisionsRequest\x1a\x18.fleetd.v1.ScaleDecision0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66leetd/v1/nodepools.proto\x12\tfleetd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xff\x01\n\x08NodePool\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tgpu_model\x18\x03 \x01(\t\x12\x15\n\rgpus_per_node\x18\x04 \x01(\r\x12\x16\n\x0e\x63pu_millicores\x18\x05 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x03\x12\x16\n\x0eprice_per_hour\x18\x07 \x01(\x01\x12\x15\n\rcapacity_type\x18\x08 \x01(\t\x12\x10\n\x08min_size\x18\t \x01(\r\x12\x10\n\x08max_size\x18\n \x01(\r\x12\x14\n\x0c\x63urrent_size\x18\x0b \x01(\r\x12\x13\n\x0bnodes_ready\x18\x0c \x01(\r\"\'\n\x14ListNodePoolsRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\";\n\x15ListNodePoolsResponse\x12\"\n\x05pools\x18\x01 \x03(\x0b\x32\x13.fleetd.v1.NodePool\"A\n\x1aWatchScaleDecisionsRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\x12\x10\n\x08\x66rom_now\x18\x02 \x01(\x08\"\xed\x02\n\rScaleDecision\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x0c\n\x04pool\x18\x04 \x01(\t\x12+\n\x04kind\x18\x05 \x01(\x0e\x32\x1d.fleetd.v1.ScaleDecision.Kind\x12\x11\n\tfrom_size\x18\x06 \x01(\r\x12\x0f\n\x07to_size\x18\x07 \x01(\r\x12\r\n\x05nodes\x18\x08 \x03(\t\x12\x14\n\x0cworkload_ids\x18\t \x03(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x1c\n\x14price_per_hour_delta\x18\x0b \x01(\x01\x12\n\n\x02id\x18\x0c \x01(\t\"V\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_SCALE_UP\x10\x01\x12\x13\n\x0fKIND_SCALE_DOWN\x10\x02\x12\x10\n\x0cKIND_REPLACE\x10\x03\x32\xb9\x01\n\tNodePools\x12R\n\rListNodePools\x12\x1f.fleetd.v1.ListNodePoolsRequest\x1a .fleetd.v1.ListNodePoolsResponse\x12X\n\x13WatchScaleDecisions\x12%.fleetd.v1.WatchScaleDecisionsRequest\x1a\x18.fleetd.v1.ScaleDecision0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,9 +41,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHSCALEDECISIONSREQUEST']._serialized_start=433
   _globals['_WATCHSCALEDECISIONSREQUEST']._serialized_end=498
   _globals['_SCALEDECISION']._serialized_start=501
-  _globals['_SCALEDECISION']._serialized_end=836
-  _globals['_SCALEDECISION_KIND']._serialized_start=768
-  _globals['_SCALEDECISION_KIND']._serialized_end=836
-  _globals['_NODEPOOLS']._serialized_start=839
-  _globals['_NODEPOOLS']._serialized_end=1024
+  _globals['_SCALEDECISION']._serialized_end=866
+  _globals['_SCALEDECISION_KIND']._serialized_start=780
+  _globals['_SCALEDECISION_KIND']._serialized_end=866
+  _globals['_NODEPOOLS']._serialized_start=869
+  _globals['_NODEPOOLS']._serialized_end=1054
 # @@protoc_insertion_point(module_scope)

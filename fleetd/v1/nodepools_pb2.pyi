@@ -149,11 +149,15 @@ class ScaleDecision(_message.Message):
         KIND_UNSPECIFIED: ScaleDecision._Kind.ValueType  # 0
         KIND_SCALE_UP: ScaleDecision._Kind.ValueType  # 1
         KIND_SCALE_DOWN: ScaleDecision._Kind.ValueType  # 2
+        KIND_REPLACE: ScaleDecision._Kind.ValueType  # 3
+        """Add nodes to `pool`, then remove `nodes` (consolidation onto fewer or cheaper nodes)."""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: ScaleDecision.Kind.ValueType  # 0
     KIND_SCALE_UP: ScaleDecision.Kind.ValueType  # 1
     KIND_SCALE_DOWN: ScaleDecision.Kind.ValueType  # 2
+    KIND_REPLACE: ScaleDecision.Kind.ValueType  # 3
+    """Add nodes to `pool`, then remove `nodes` (consolidation onto fewer or cheaper nodes)."""
 
     SEQ_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
@@ -166,6 +170,7 @@ class ScaleDecision(_message.Message):
     WORKLOAD_IDS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     PRICE_PER_HOUR_DELTA_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     cluster: _builtins.str
     pool: _builtins.str
@@ -174,6 +179,8 @@ class ScaleDecision(_message.Message):
     to_size: _builtins.int
     reason: _builtins.str
     price_per_hour_delta: _builtins.float
+    id: _builtins.str
+    """Content-derived id: the same decision on the same state has the same id (idempotent)."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -198,10 +205,11 @@ class ScaleDecision(_message.Message):
         workload_ids: _abc.Iterable[_builtins.str] | None = ...,
         reason: _builtins.str = ...,
         price_per_hour_delta: _builtins.float = ...,
+        id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "from_size", b"from_size", "kind", b"kind", "nodes", b"nodes", "pool", b"pool", "price_per_hour_delta", b"price_per_hour_delta", "reason", b"reason", "seq", b"seq", "time", b"time", "to_size", b"to_size", "workload_ids", b"workload_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "from_size", b"from_size", "id", b"id", "kind", b"kind", "nodes", b"nodes", "pool", b"pool", "price_per_hour_delta", b"price_per_hour_delta", "reason", b"reason", "seq", b"seq", "time", b"time", "to_size", b"to_size", "workload_ids", b"workload_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

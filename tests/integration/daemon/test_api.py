@@ -226,3 +226,41 @@ async def test_concurrent_places_never_oversubscribe(fleetd: tuple[Daemon, Clien
     placed = sum(r.result == PLACED for r in replies)
     assert placed + sum(r.result == QUEUED for r in replies) == 200
     assert placed >= 128
+
+
+async def test_watch_scale_decisions_streams_and_resumes(fleetd: tuple[Daemon, Client]) -> None:
+    from scheduling.autoscale import DecisionKind, DecisionReason, ScaleDecision
+
+    daemon, client = fleetd
+    assert daemon.state is not None
+    up = ScaleDecision.make(
+        DecisionKind.SCALE_UP, "sim-west", "h100", 2, (), DecisionReason.PENDING_WORKLOADS,
+        196.6, target_size=6, unblocks=("big-gang",),
+    )  # fmt: skip
+    down = ScaleDecision.make(
+        DecisionKind.SCALE_DOWN, "sim-east", "t4", -1, ("sim-east/sim-east-t4-0007",),
+        DecisionReason.EMPTY, -3.9, target_size=7,
+    )  # fmt: skip
+    first = daemon.state.publish_scale(up)
+    daemon.state.publish_scale(down)
+    stream = client.pools.WatchScaleDecisions(nodepools_pb2.WatchScaleDecisionsRequest())
+    got = []
+    async for d in stream:
+        got.append(d)
+        if len(got) == 2:
+            break
+    stream.cancel()
+    assert [(d.kind, d.cluster, d.pool, d.from_size, d.to_size) for d in got] == [
+        (nodepools_pb2.ScaleDecision.KIND_SCALE_UP, "sim-west", "h100", 4, 6),
+        (nodepools_pb2.ScaleDecision.KIND_SCALE_DOWN, "sim-east", "t4", 8, 7),
+    ]
+    assert list(got[0].workload_ids) == ["big-gang"]
+    assert list(got[1].nodes) == ["sim-east-t4-0007"]
+    assert got[0].id == up.id
+    resumed = client.pools.WatchScaleDecisions(
+        nodepools_pb2.WatchScaleDecisionsRequest(after_seq=first.seq)
+    )
+    async for d in resumed:
+        assert d.id == down.id
+        break
+    resumed.cancel()
