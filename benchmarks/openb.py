@@ -29,9 +29,11 @@ import numpy as np
 
 from benchmarks.traces import (
     TRACE_NAMES,
+    VARIANTS,
     LoadedNodes,
     LoadedPods,
     TraceError,
+    derive_variant,
     gpu_node_list_path,
     load_nodes,
     load_pods,
@@ -210,8 +212,13 @@ def run_trace(
     trace: str, policies: Sequence[str], seeds: Sequence[int], dump: Path | None, nodes: LoadedNodes
 ) -> dict[str, object]:
     """Replay one trace with every policy and seed; print its table; return its figures."""
-    workload, path = resolve_pod_list(trace)
-    pods = load_pods(path, nodes.trace.models)
+    if trace.startswith("variant:"):
+        kind = trace.split(":", 1)[1]
+        base = load_pods(resolve_pod_list("default")[1], nodes.trace.models)
+        workload, pods = f"variant-{kind}", derive_variant(base, kind, nodes.trace)
+    else:
+        workload, path = resolve_pod_list(trace)
+        pods = load_pods(path, nodes.trace.models)
     ours: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     for policy in policies:
@@ -250,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--trace",
         default="default",
-        help="trace name, 'all', or a pod-list CSV path (default: default)",
+        help="trace name, 'all', a pod-list CSV path, 'variant:KIND' or 'variants' (default: default)",
     )
     parser.add_argument(
         "--policy",
@@ -275,7 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="node-list CSV (default: the 1,213 openb GPU nodes)",
     )
     args = parser.parse_args(argv)
-    traces = list(TRACE_NAMES) if args.trace == "all" else [args.trace]
+    if args.trace == "all":
+        traces = list(TRACE_NAMES)
+    elif args.trace == "variants":
+        traces = [f"variant:{kind}" for kind in VARIANTS]
+    else:
+        traces = [args.trace]
     try:
         nodes = load_nodes(args.nodes or gpu_node_list_path())
         results = [run_trace(t, args.policy, args.seeds, args.dump, nodes) for t in traces]

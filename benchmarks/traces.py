@@ -240,3 +240,82 @@ def load_published(workload: str, path: Path | None = None) -> PublishedCurves |
     if not curves:
         return None
     return PublishedCurves(total_gpus=total_gpus, curves=curves)
+
+
+VARIANTS = ("cpu250", "multigpu50", "gpushare100", "gpuspec33")
+"""Synthetic variants of the default trace, to check that a policy is not tuned to the five
+shipped traces (the artifact's 17 workloads vary the same knobs; these are fleetd's own
+derivations, not the artifact's files):
+- cpu250: 2.5 x as many CPU-only pods (clones of the trace's CPU-only pods);
+- multigpu50: 5 x as many multi-GPU pods (clones);
+- gpushare100: every single whole-GPU pod becomes a share, its milli drawn from the trace's
+  shares;
+- gpuspec33: a third of the GPU pods require one GPU model, drawn by the fleet's GPU count
+  per model.
+Deterministic: numpy PCG64 seeded with 0."""
+
+
+def derive_variant(pods: LoadedPods, kind: str, nodes: NodeTrace) -> LoadedPods:
+    """The `kind` variant of a pod list (see VARIANTS); dump rows point at the source rows."""
+    if kind not in VARIANTS:
+        raise TraceError(f"unknown variant {kind!r}; known: {', '.join(VARIANTS)}")
+    rng = np.random.default_rng(0)
+    p = pods.trace
+    rows = np.arange(p.n_pods)
+    num_gpu, gpu_milli, spec_id = p.num_gpu.copy(), p.gpu_milli.copy(), p.spec_id.copy()
+    specs, spec_allowed = list(p.specs), p.spec_allowed
+    if kind in ("cpu250", "multigpu50"):
+        pool = np.flatnonzero(p.num_gpu == 0) if kind == "cpu250" else np.flatnonzero(p.num_gpu > 1)
+        extra = round((1.5 if kind == "cpu250" else 4.0) * float(pool.size))
+        rows = np.concatenate([rows, rng.choice(pool, size=extra, replace=True)])
+        num_gpu, gpu_milli, spec_id = num_gpu[rows], gpu_milli[rows], spec_id[rows]
+    elif kind == "gpushare100":
+        shares = p.gpu_milli[(p.num_gpu == 1) & (p.gpu_milli < 1000)]
+        whole = np.flatnonzero((p.num_gpu == 1) & (p.gpu_milli == 1000))
+        if shares.size:
+            gpu_milli[whole] = rng.choice(shares, size=whole.size, replace=True)
+    else:
+        gpu_pods = np.flatnonzero(p.num_gpu > 0)
+        chosen = rng.choice(gpu_pods, size=gpu_pods.size // 3, replace=False)
+        gpu_nodes = nodes.model_id >= 0
+        per_model = np.bincount(
+            nodes.model_id[gpu_nodes],
+            weights=nodes.num_gpus[gpu_nodes],
+            minlength=len(nodes.models),
+        )
+        present = np.flatnonzero(per_model > 0)
+        weights = per_model[present]
+        models = rng.choice(present, size=chosen.size, replace=True, p=weights / weights.sum())
+        extra_specs = [
+            nodes.models[m] for m in range(len(nodes.models)) if nodes.models[m] not in specs
+        ]
+        specs = sorted(set(specs) | set(extra_specs))
+        old_to_new = np.array([specs.index(s) for s in p.specs], dtype=np.int32)
+        spec_id = old_to_new[spec_id]
+        spec_id[chosen] = np.array([specs.index(nodes.models[m]) for m in models], dtype=np.int32)
+        spec_allowed = np.zeros((len(specs), len(nodes.models)), dtype=bool)
+        for i, s in enumerate(specs):
+            parts = [x for x in s.split("|") if x]
+            spec_allowed[i] = True if not parts else [m in parts for m in nodes.models]
+    names = [
+        pods.names[r] if i < p.n_pods else f"{pods.names[r]}-x{i - p.n_pods}"
+        for i, r in enumerate(rows.tolist())
+    ]
+    order = sorted(range(len(names)), key=names.__getitem__)
+    idx = np.array(order, dtype=np.int64)
+    trace = PodTrace(
+        cpu_milli=p.cpu_milli[rows][idx],
+        memory_bytes=p.memory_bytes[rows][idx],
+        num_gpu=num_gpu[idx],
+        gpu_milli=gpu_milli[idx],
+        spec_id=spec_id[idx],
+        spec_allowed=spec_allowed,
+        specs=tuple(specs),
+    )
+    sorted_names = [names[i] for i in order]
+    return LoadedPods(
+        trace=trace,
+        names=sorted_names,
+        source_rows=pods.source_rows[rows][idx],
+        specs=pod_specs(trace, sorted_names),
+    )

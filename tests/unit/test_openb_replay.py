@@ -151,14 +151,15 @@ def check_dump(dump: Path, nodes_csv: Path, pods_csv: Path) -> dict[str, int]:
 
 
 @needs_traces
-@pytest.mark.parametrize("policy", ["fgd", "fgd-cpu"])
+@pytest.mark.parametrize("policy", ["fgd", "fgd-plus"])
 def test_dumped_run_is_feasible_and_figures_recompute(
     tmp_path: Path, policy: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Every 10th GPU node (122 nodes, all models) and 600 pods of the model-constrained trace.
+    # Every 16th GPU node (76 nodes, all but the rarest models) and 200 pods of the
+    # model-constrained trace, so that some pods fit nowhere because of their GPU model.
     nodes_csv, pods_csv = tmp_path / "nodes.csv", tmp_path / "openb_pod_list_small.csv"
-    _subset(openb_dir() / "openb_node_list_gpu_node.csv", nodes_csv, keep=10_000, stride=10)
-    _subset(openb_dir() / "openb_pod_list_gpuspec10.csv", pods_csv, keep=600, stride=3)
+    _subset(openb_dir() / "openb_node_list_gpu_node.csv", nodes_csv, keep=10_000, stride=16)
+    _subset(openb_dir() / "openb_pod_list_gpuspec10.csv", pods_csv, keep=200, stride=7)
     dump = tmp_path / "dump"
     argv = ["--trace", str(pods_csv), "--nodes", str(nodes_csv), "--policy", policy,
             "--seeds", "42", "--dump", str(dump), "--json"]  # fmt: skip
@@ -198,3 +199,32 @@ def test_malformed_pod_row_names_file_and_line(tmp_path: Path) -> None:
     bad.write_text("name,cpu_milli,memory_mib,num_gpu,gpu_milli\np0,1000,10,1,500\np1,x,10,0,0\n")
     with pytest.raises(TraceError, match=r"pods.csv:3: column 'cpu_milli'"):
         load_pods(bad, ("T4",))
+
+
+@needs_traces
+def test_variants_change_only_what_they_say() -> None:
+    from benchmarks.traces import (
+        VARIANTS,
+        derive_variant,
+        gpu_node_list_path,
+        load_nodes,
+        resolve_pod_list,
+    )
+
+    nodes = load_nodes(gpu_node_list_path())
+    base = load_pods(resolve_pod_list("default")[1], nodes.trace.models)
+    b = base.trace
+    cpu_only, multi = int((b.num_gpu == 0).sum()), int((b.num_gpu > 1).sum())
+    for kind in VARIANTS:
+        v = derive_variant(base, kind, nodes.trace).trace
+        if kind == "cpu250":
+            assert int((v.num_gpu == 0).sum()) == round(2.5 * cpu_only)
+        elif kind == "multigpu50":
+            assert int((v.num_gpu > 1).sum()) == 5 * multi
+        elif kind == "gpushare100":
+            assert int(((v.num_gpu == 1) & (v.gpu_milli == 1000)).sum()) == 0
+        else:
+            constrained = ~v.spec_allowed[v.spec_id].all(axis=1)
+            assert int(constrained.sum()) == int((b.num_gpu > 0).sum()) // 3
+    with pytest.raises(TraceError, match="unknown variant"):
+        derive_variant(base, "nope", nodes.trace)
