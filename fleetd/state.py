@@ -20,7 +20,7 @@ import hashlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -135,6 +135,8 @@ class _ObservedPod:
     cluster: str
     node: str
     slot: Allocation | None
+    labels: dict[str, str] = field(default_factory=dict)
+    request: up.Resources | None = None
     reservation: tuple[str, int] | None = None  # (workload_id, pod index) when it confirmed one
 
 
@@ -427,6 +429,7 @@ class FleetState:
         self._touch(u.cluster, now, u.observed_at_s)
         if new:
             self._restore_on(key, now)
+            self._allocate_waiting_pods(key, u.cluster, u.name)
         if u.pods is not None:
             # The source reports the node's complete pod set: reconcile against it.
             current = {p.uid or f"{p.namespace}/{p.name}" for p in u.pods}
@@ -455,6 +458,23 @@ class FleetState:
                         self._end(wid, "expire", "expired", now, reason=f"lost on restore: {exc}")
                         break
                     held.slots[i] = alloc
+
+    def _allocate_waiting_pods(self, key: str, cluster: str, node: str) -> None:
+        """Pods observed on this node before the node itself now hold their resources."""
+        for pod in self.pods.values():
+            if (
+                pod.slot is None
+                and pod.reservation is None
+                and pod.request is not None
+                and (pod.cluster, pod.node) == (cluster, node)
+            ):
+                fake = up.PodObserved(cluster, "", "", "", node, pod.request)
+                alloc = self._observed_allocation(key, fake, pod.labels.get(GPU_MILLI_LABEL, ""))
+                try:
+                    self.fleet.allocate(alloc)
+                    pod.slot = alloc
+                except AllocationError:
+                    self.metrics.update_ignored("observed_pod_does_not_fit")
 
     def _node_removed(self, cluster: str, node: str, now: float) -> None:
         key = node_key(cluster, node)
@@ -489,6 +509,10 @@ class FleetState:
     def _pod_observed(self, p: up.PodObserved, now: float) -> None:
         uid = p.uid or f"{p.namespace}/{p.name}"
         key = (p.cluster, uid)
+        if p.phase in ("Succeeded", "Failed"):
+            # A finished pod holds nothing any more (kubelet semantics).
+            self._pod_removed(p.cluster, uid, now)
+            return
         known = self.pods.get(key)
         if known is not None:
             if known.node == p.node:
@@ -503,7 +527,7 @@ class FleetState:
             idx = self._match_reserved_pod(held, p, labels.get(POD_NAME_LABEL, p.name))
             if idx is not None:
                 held.observed[idx] = uid
-                self.pods[key] = _ObservedPod(p.cluster, p.node, None, (wid, idx))
+                self.pods[key] = _ObservedPod(p.cluster, p.node, None, reservation=(wid, idx))
                 self._maybe_confirm(wid, now)
                 return
         alloc = None
@@ -517,7 +541,8 @@ class FleetState:
                 # a foreign pod raced): the node is full either way; count it, hold nothing.
                 self.metrics.update_ignored("observed_pod_does_not_fit")
                 alloc = None
-        self.pods[key] = _ObservedPod(p.cluster, p.node, alloc)
+        # A pod seen before its node (watches race) holds nothing until the node appears.
+        self.pods[key] = _ObservedPod(p.cluster, p.node, alloc, labels=labels, request=p.requests)
 
     def _match_reserved_pod(self, held: _Held, p: up.PodObserved, name: str) -> int | None:
         candidates = [

@@ -299,3 +299,18 @@ def test_queue_is_bounded(tmp_path: Path, clock: FakeClock) -> None:
         state.place(request("q3", gpus=8))
     assert state.seq == seq  # a refused request makes no decision
     assert state.place(request("q1", gpus=8)).result == "queued"  # a retry of a queued one is fine
+
+
+def test_pod_seen_before_its_node_holds_resources_once_the_node_appears(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    state = make_state(tmp_path / "j.db", clock, nodes=0)
+    req = up.Resources(cpu_millicores=1000, memory_bytes=GIB, gpus=3)
+    state.apply_now(up.PodObserved("c1", "ns", "early", "u1", "late-node", req, sequence=1))
+    state.apply_now(node("late-node", seq=1))
+    assert sum(map(sum, gpu_usage(state))) == 3000
+    # A finished pod frees what it held.
+    state.apply_now(
+        up.PodObserved("c1", "ns", "early", "u1", "late-node", req, phase="Succeeded", sequence=2)
+    )
+    assert sum(map(sum, gpu_usage(state))) == 0
