@@ -263,6 +263,97 @@ def states_after(base: NodeView, c: Constraints, depths: I64) -> NodeView:
     )
 
 
+class _States:
+    """Distinct node states ("classes") met during one `place` call.
+
+    A class is (static type, free CPU, free memory, free share per GPU), where the static
+    type groups nodes with the same allocatable CPU and memory, usable GPUs and GPU model.
+    A class id always denotes the same state, so a state-only score computed for a class
+    never goes stale; nodes that change state move to another (maybe new) class.
+    """
+
+    def __init__(self, fleet: Fleet, free: Free, usable: NDArray[np.bool_], rows: I64) -> None:
+        n = fleet.n_slots
+        g = free.gpu_milli.shape[1]
+        usable_mask = np.zeros(rows.size, np.int64)
+        for i in range(g):
+            usable_mask |= usable[rows, i].astype(np.int64) << i
+        static_key = np.stack(
+            [
+                fleet.cpu_allocatable_millicores[rows],
+                fleet.memory_allocatable_bytes[rows],
+                usable_mask,
+                fleet.gpu_model_id[rows].astype(np.int64),
+            ],
+            axis=1,
+        ).tolist()
+        types: dict[tuple[int, ...], int] = {}
+        self.static_type = np.full(n, -1, np.int64)
+        self.static_type[rows] = [types.setdefault(tuple(k), len(types)) for k in static_key]
+        self.free = free
+        self.gpus = g
+        self.ids: dict[tuple[int, ...], int] = {}
+        cap = 64
+        self.rep = np.zeros(cap, np.int64)  # a slot of the class's static type
+        self.cpu = np.zeros(cap, np.int64)
+        self.mem = np.zeros(cap, np.int64)
+        self.gpu = np.zeros((cap, g), free.gpu_milli.dtype)
+        self.n = 0
+        self.of = np.full(n, -1, np.int64)
+        self.assign(rows)
+
+    def assign(self, slots: I64) -> None:
+        """(Re)compute the class of `slots` from their current state."""
+        free = self.free
+        keys = np.empty((slots.size, 3 + self.gpus), np.int64)
+        keys[:, 0] = self.static_type[slots]
+        keys[:, 1] = free.cpu_millicores[slots]
+        keys[:, 2] = free.memory_bytes[slots]
+        keys[:, 3:] = free.gpu_milli[slots]
+        ids = self.ids
+        out = []
+        for slot, key in zip(slots.tolist(), keys.tolist(), strict=True):
+            k = tuple(key)
+            cid = ids.get(k)
+            if cid is None:
+                cid = ids[k] = self._new(slot, key)
+            out.append(cid)
+        self.of[slots] = out
+
+    def _new(self, slot: int, key: list[int]) -> int:
+        cid = self.n
+        if cid == self.rep.size:
+            grow = self.rep.size
+            self.rep = np.concatenate([self.rep, np.zeros(grow, np.int64)])
+            self.cpu = np.concatenate([self.cpu, np.zeros(grow, np.int64)])
+            self.mem = np.concatenate([self.mem, np.zeros(grow, np.int64)])
+            self.gpu = np.concatenate([self.gpu, np.zeros((grow, self.gpus), self.gpu.dtype)])
+        self.rep[cid] = slot
+        self.cpu[cid] = key[1]
+        self.mem[cid] = key[2]
+        self.gpu[cid] = key[3:]
+        self.n += 1
+        return cid
+
+    def free_of(self) -> Free:
+        """The classes' free resources, as a `Free` indexed by class id."""
+        return Free(self.cpu, self.mem, self.gpu)
+
+    def view(self, fleet: Fleet, usable: NDArray[np.bool_], ids: I64) -> NodeView:
+        """A view with one row per class id (static attributes from a representative)."""
+        rep = self.rep[ids]
+        return NodeView(
+            slots=rep,
+            cpu_free_millicores=self.cpu[ids],
+            memory_free_bytes=self.mem[ids],
+            cpu_allocatable_millicores=fleet.cpu_allocatable_millicores[rep],
+            memory_allocatable_bytes=fleet.memory_allocatable_bytes[rep],
+            gpu_free_milli=self.gpu[ids],
+            gpu_usable=usable[rep],
+            gpu_model_id=fleet.gpu_model_id[rep],
+        )
+
+
 class _Engine:
     """One `place` call: scratch free resources and per-shape caches."""
 
@@ -288,6 +379,14 @@ class _Engine:
         self.dirty_at = np.zeros(fleet.n_slots, np.int64)
         # Without a GPU-choosing plugin, deeper states have a closed form (states_after).
         self.closed_form = not any(p.chooses_gpus for p, _ in policy.terms)
+        # With state-only plugins, score each distinct node state once (_States).
+        self.states: _States | None = None
+        if all(getattr(p, "state_only", False) for p, _ in policy.terms):
+            self.states = _States(fleet, self.free, self.usable, self.live_rows)
+        # Per shape: scores, picks, room and a computed flag per class id.
+        self.class_cache: dict[
+            int, tuple[NDArray[np.float64], I64, I64, NDArray[np.bool_]]
+        ] = {}
 
     def topology(self, level: TopologyLevel) -> I64:
         col = self._topology.get(level)
@@ -336,7 +435,10 @@ class _Engine:
 
         Cached per shape; a later run of the same shape (another priority, FIFO order,
         gang members) re-scores only the rows changed since (scores are node-local).
+        With state-only plugins, scores are computed once per distinct node state.
         """
+        if self.states is not None:
+            return self._scored_by_state(shape, c)
         entry = self.cache.get(shape)
         if entry is None:
             rows = self.candidate_rows(shape)
@@ -362,6 +464,44 @@ class _Engine:
             keep = cap > 0
             return rows[keep], cap[keep], s0[keep], p0[keep]
         return rows, cap, s0, p0
+
+    def _scored_by_state(
+        self, shape: int, c: Constraints
+    ) -> tuple[I64, I64, NDArray[np.float64], I64]:
+        states = self.states
+        assert states is not None
+        rows = self.candidate_rows(shape)
+        cls = states.of[rows]
+        entry = self.class_cache.get(shape)
+        if entry is None or entry[0].size < states.n:
+            size = max(64, 2 * states.n)
+            score = np.zeros(size, np.float64)
+            pick = np.zeros(size, np.int64)
+            room = np.zeros(size, np.int64)
+            done = np.zeros(size, np.bool_)
+            if entry is not None:
+                m = entry[0].size
+                score[:m], pick[:m], room[:m], done[:m] = entry
+            entry = self.class_cache[shape] = (score, pick, room, done)
+        score, pick, room, done = entry
+        todo = cls[~done[cls]]
+        if todo.size:
+            mark = np.zeros(states.n, np.bool_)
+            mark[todo] = True
+            todo = np.flatnonzero(mark)
+            s, p = self.policy.evaluate(states.view(self.fleet, self.usable, todo), c)
+            score[todo] = np.where(s == s, s, -np.inf)  # NaN never wins
+            pick[todo] = p
+            room[todo] = pod_capacity(states.free_of(), c, todo, _NO_LIMIT)
+            done[todo] = True
+        cap = room[cls]
+        keep = cap > 0
+        if not keep.all():
+            rows, cls, cap = rows[keep], cls[keep], cap[keep]
+            if not self.in_trial:
+                # Outside gang trials free resources only shrink: a full row stays full.
+                self.rows[shape] = rows
+        return rows, cap, score[cls], pick[cls]
 
     def run(self, shape: int, k: int, domain: tuple[I64, int] | None = None) -> tuple[I64, I64]:
         """Place up to k pods of one shape (only on nodes whose topology column `domain[0]`
@@ -439,10 +579,18 @@ class _Engine:
                     hi = min(n, pos + chunk_size)
                     chunk_size *= 2
                     idx = order[pos:hi]
-                    view = NodeView.of(self.fleet, self.free, rows[idx], self.usable)
-                    new_chunk = _Chunk(view, p0[idx])
+                    if self.states is not None:
+                        # One chunk row per distinct state: identical nodes share sequences.
+                        cl = self.states.of[rows[idx]]
+                        uniq, first, inv = np.unique(cl, return_index=True, return_inverse=True)
+                        view = self.states.view(self.fleet, self.usable, uniq)
+                        new_chunk = _Chunk(view, p0[idx[first]])
+                        chunk_pos.extend(inv.reshape(-1).tolist())
+                    else:
+                        view = NodeView.of(self.fleet, self.free, rows[idx], self.usable)
+                        new_chunk = _Chunk(view, p0[idx])
+                        chunk_pos.extend(range(hi - pos))
                     chunk_of.extend([new_chunk] * (hi - pos))
-                    chunk_pos.extend(range(hi - pos))
                 if heap and (
                     ptr >= n
                     or heap[0][0] < neg_sorted[ptr]
@@ -523,6 +671,8 @@ class _Engine:
         if c.gpus_per_pod:
             pod_i, gpu_i = np.nonzero(pick_bits(picks, free.gpu_milli.shape[1]))
             np.add.at(free.gpu_milli, (slots[pod_i], gpu_i), sign * c.milli_per_gpu)
+        if self.states is not None:
+            self.states.assign(np.unique(slots))
 
     # -- gangs ---------------------------------------------------------------------------
 

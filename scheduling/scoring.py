@@ -196,7 +196,13 @@ class ScoreResult:
 
 @runtime_checkable
 class ScorePlugin(Protocol):
-    """A named, node-local score. `chooses_gpus` plugins return `gpu_pick`."""
+    """A named, node-local score. `chooses_gpus` plugins return `gpu_pick`.
+
+    Optional attribute `state_only = True` promises that the score depends on the node's
+    state only (not on `view.slots`); the engine then scores each distinct node state once
+    and a view may hold a representative slot for many nodes. Views may also hold the same
+    slot several times (hypothetical states of one node, when no plugin chooses GPUs).
+    """
 
     name: str
     chooses_gpus: bool
@@ -224,6 +230,9 @@ def _gpu_totals(view: NodeView) -> tuple[I64, I64]:
 class _Builtin:
     name: str = ""
     chooses_gpus: bool = False
+    #: The score depends only on the node's state (resources, allocatable, GPU model and
+    #: health), never on which slot it is: the engine may then score one node per state.
+    state_only: bool = True
 
 
 class LeastAllocated(_Builtin):
@@ -388,6 +397,7 @@ class RandomScore(_Builtin):
     GPU share), so it is deterministic and still changes as a node fills up."""
 
     name = "random"
+    state_only = False  # hashes the slot
 
     def __init__(self, seed: int = 42):
         self.seed = int(seed) & _MASK64
