@@ -37,7 +37,14 @@ from scheduling.filters import (
     static_first_failure,
 )
 from scheduling.fleet import GPU_MILLI, Allocation, AllocationError, Fleet
-from scheduling.scoring import DEFAULT_POLICY, NodeView, Policy, gpu_usable_matrix, pick_bits
+from scheduling.scoring import (
+    DEFAULT_POLICY,
+    NodeView,
+    Policy,
+    gpu_usable_matrix,
+    pick_bits,
+    row_sum,
+)
 from scheduling.workload import Batch, GangSpec, Order, PodSpec, QueueItem, TopologyLevel
 
 I64 = NDArray[np.int64]
@@ -364,6 +371,7 @@ class _Engine:
         self.free = Free.of(fleet)
         self.live_rows = np.flatnonzero(fleet.live_mask()).astype(np.int64)
         self.usable = gpu_usable_matrix(fleet)
+        self.gpu_total = row_sum(self.free.gpu_milli)  # (n_slots,) free milli-GPU per node
         self.constraints: dict[int, Constraints] = {}
         # Candidate rows per shape: passes static filters and had room at the last look.
         # Within one call free resources only shrink (trials are rolled back exactly),
@@ -384,9 +392,7 @@ class _Engine:
         if all(getattr(p, "state_only", False) for p, _ in policy.terms):
             self.states = _States(fleet, self.free, self.usable, self.live_rows)
         # Per shape: scores, picks, room and a computed flag per class id.
-        self.class_cache: dict[
-            int, tuple[NDArray[np.float64], I64, I64, NDArray[np.bool_]]
-        ] = {}
+        self.class_cache: dict[int, tuple[NDArray[np.float64], I64, I64, NDArray[np.bool_]]] = {}
 
     def topology(self, level: TopologyLevel) -> I64:
         col = self._topology.get(level)
@@ -671,6 +677,7 @@ class _Engine:
         if c.gpus_per_pod:
             pod_i, gpu_i = np.nonzero(pick_bits(picks, free.gpu_milli.shape[1]))
             np.add.at(free.gpu_milli, (slots[pod_i], gpu_i), sign * c.milli_per_gpu)
+            np.add.at(self.gpu_total, slots[pod_i], sign * c.milli_per_gpu)
         if self.states is not None:
             self.states.assign(np.unique(slots))
 
@@ -717,9 +724,7 @@ class _Engine:
             for s, (rows, cap) in caps.items():
                 room = np.bincount(dom[rows], weights=cap, minlength=n_dom)
                 ok &= room >= need[s]
-            gfree = np.bincount(
-                dom[cand], weights=self.free.gpu_milli[cand].sum(axis=1), minlength=n_dom
-            )
+            gfree = np.bincount(dom[cand], weights=self.gpu_total[cand], minlength=n_dom)
             cfree = np.bincount(dom[cand], weights=self.free.cpu_millicores[cand], minlength=n_dom)
             doms = np.flatnonzero(ok)
             doms = doms[np.lexsort((doms, cfree[doms], gfree[doms]))]

@@ -284,29 +284,34 @@ class Batch:
         """(P,) pod indices in placement order (stable: ties keep input order)."""
         n = len(self.pods)
         idx = np.arange(n, dtype=np.int64)
-        if order is Order.FIFO:
-            return idx[np.lexsort((idx, -self.priority))]
+        if order is Order.FIFO or n == 0:
+            return idx[np.argsort(-self.priority, kind="stable")]
         # A gang is its own group, placed where its first pod appears; solo pods group by
-        # shape. Group rank = the input index of the group's first pod.
+        # shape and priority. Groups are sorted (few), then pods by group, stably.
         group = np.where(self.gang_of >= 0, -1 - self.gang_of.astype(np.int64), self.shape_of)
-        if n == 0:
-            return idx
-        _, first, inverse = np.unique(
-            np.stack([group, self.priority]), axis=1, return_index=True, return_inverse=True
-        )
-        rank = first[inverse.reshape(-1)]
+        prio = self.priority - self.priority.min()
+        key = (group - group.min()) * (int(prio.max()) + 1) + prio
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        first_pod = first.astype(np.int64)
+        g_prio = self.priority[first_pod]
         if order is Order.GROUPED:
-            return idx[np.lexsort((idx, rank, -self.priority))]
-        # Size per pod: its shape's requests, or for gang members the gang's totals.
-        gpu = np.array([p.gpu_milli_total for p in self.shapes], np.int64)[self.shape_of]
-        cpu = np.array([p.cpu_millicores for p in self.shapes], np.int64)[self.shape_of]
-        mem = np.array([p.memory_bytes for p in self.shapes], np.int64)[self.shape_of]
-        member = self.gang_of >= 0
-        if member.any():
-            g = self.gang_of[member]
-            for col in (gpu, cpu, mem):
-                col[member] = np.bincount(g, weights=col[member], minlength=len(self.gangs))[g]
-        return idx[np.lexsort((idx, rank, -mem, -cpu, -gpu, -self.priority))]
+            group_order = np.lexsort((first_pod, -g_prio))
+        else:
+            # Size per group: its shape's requests, or a gang's totals.
+            shape = self.shape_of[first_pod]
+            gpu = np.array([p.gpu_milli_total for p in self.shapes], np.int64)[shape]
+            cpu = np.array([p.cpu_millicores for p in self.shapes], np.int64)[shape]
+            mem = np.array([p.memory_bytes for p in self.shapes], np.int64)[shape]
+            gang = self.gang_of[first_pod]
+            for j in np.flatnonzero(gang >= 0).tolist():
+                members = self.gangs[int(gang[j])].pods
+                gpu[j] = sum(p.gpu_milli_total for p in members)
+                cpu[j] = sum(p.cpu_millicores for p in members)
+                mem[j] = sum(p.memory_bytes for p in members)
+            group_order = np.lexsort((first_pod, -mem, -cpu, -gpu, -g_prio))
+        position = np.empty(first_pod.size, np.int64)
+        position[group_order] = np.arange(first_pod.size, dtype=np.int64)
+        return idx[np.argsort(position[inverse.reshape(-1)], kind="stable")]
 
 
 def pods_of(items: Sequence[QueueItem]) -> list[PodSpec]:
