@@ -199,6 +199,8 @@ def gang_levels(gang: GangSpec) -> list[TopologyLevel]:
 
 #: Depth chunks start this deep and double when a node needs more.
 _FIRST_DEPTH = 8
+#: Mean run length (pods per segment) from which nodes are scored per distinct state.
+_BY_STATE_RUN = 4
 #: Room is counted up to this many pods per node (no practical limit).
 _NO_LIMIT = 1 << 40
 #: Untouched candidates get their deeper scores computed in chunks starting this large.
@@ -364,7 +366,9 @@ class _States:
 class _Engine:
     """One `place` call: scratch free resources and per-shape caches."""
 
-    def __init__(self, fleet: Fleet, batch: Batch, policy: Policy) -> None:
+    def __init__(
+        self, fleet: Fleet, batch: Batch, policy: Policy, *, by_state: bool = True
+    ) -> None:
         self.fleet = fleet
         self.batch = batch
         self.policy = policy
@@ -389,7 +393,7 @@ class _Engine:
         self.closed_form = not any(p.chooses_gpus for p, _ in policy.terms)
         # With state-only plugins, score each distinct node state once (_States).
         self.states: _States | None = None
-        if all(getattr(p, "state_only", False) for p, _ in policy.terms):
+        if by_state and all(getattr(p, "state_only", False) for p, _ in policy.terms):
             self.states = _States(fleet, self.free, self.usable, self.live_rows)
         # Per shape: scores, picks, room and a computed flag per class id.
         self.class_cache: dict[int, tuple[NDArray[np.float64], I64, I64, NDArray[np.bool_]]] = {}
@@ -770,7 +774,6 @@ def place(
         batch = Batch.of(batch)
     if not isinstance(policy, Policy):
         policy = Policy.parse(policy or DEFAULT_POLICY)
-    engine = _Engine(fleet, batch, policy)
     p = len(batch)
     node_slot = np.full(p, -1, np.int64)
     gpu_mask = np.zeros(p, np.int64)
@@ -782,6 +785,9 @@ def place(
     bounds = np.flatnonzero(np.diff(key)) + 1
     starts = [0, *bounds.tolist()]
     ends = [*bounds.tolist(), p]
+    # Scoring per distinct node state pays off when runs are long; with FIFO-like queues
+    # (runs of one pod) scoring only the changed rows is cheaper. Same decisions either way.
+    engine = _Engine(fleet, batch, policy, by_state=p >= _BY_STATE_RUN * len(starts))
     pending: list[tuple[I64, int]] = []  # unplaced pods whose reason is filled in at the end
     for a, b in zip(starts, ends, strict=True):
         if a >= b:
