@@ -192,38 +192,74 @@ def to_pod(req: PodRequest, *, priority: int, cluster: str, pool: str) -> schedu
     )
 
 
-def place(
-    fleet: Fleet,
-    pods: Sequence[PodRequest],
-    *,
-    policy: Policy,
-    name: str,
-    gang: bool = False,
-    same: str = "",
-    cluster: str = "",
-    pool: str = "",
-    priority: int = 0,
-    fits_empty: Callable[[scheduling.PodSpec | scheduling.GangSpec], bool] | None = None,
-) -> Outcome:
-    """Place one workload (a pod, or a gang all or nothing). Never mutates `fleet`.
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """One workload to place: a pod, or a gang placed all or nothing."""
 
-    `fits_empty` answers "would it fit the empty fleet" when it does not fit now (the state
-    memoizes it: the answer changes only when nodes do); default `fits_empty_fleet`.
-    """
-    specs = tuple(to_pod(p, priority=priority, cluster=cluster, pool=pool) for p in pods)
-    item: scheduling.PodSpec | scheduling.GangSpec
-    if gang:
-        item = scheduling.GangSpec(
-            name=name, pods=specs, required_level=GANG_LEVELS[same], priority=priority
+    name: str
+    pods: tuple[PodRequest, ...]
+    gang: bool = False
+    same: str = ""
+    cluster: str = ""
+    pool: str = ""
+    priority: int = 0
+
+    def item(self) -> scheduling.PodSpec | scheduling.GangSpec:
+        """The core's queue item."""
+        specs = tuple(
+            to_pod(p, priority=self.priority, cluster=self.cluster, pool=self.pool)
+            for p in self.pods
         )
-    else:
-        item = specs[0]
-    result = scheduling.place(fleet, [item], policy)
-    nodes_total = len(fleet)
-    if result.n_placed == len(specs):
-        allocs = tuple(a for a in result.allocations() if a is not None)
-        return Outcome(allocs, nodes_total, nodes_total, (), "", True)
-    reasons = [int(r) for r in result.reason]
+        if self.gang:
+            return scheduling.GangSpec(
+                name=self.name,
+                pods=specs,
+                required_level=GANG_LEVELS[self.same],
+                priority=self.priority,
+            )
+        return specs[0]
+
+
+FitsEmpty = Callable[[scheduling.PodSpec | scheduling.GangSpec], bool]
+
+
+def place_many(
+    fleet: Fleet, workloads: Sequence[Workload], policy: Policy
+) -> list[tuple[tuple[Allocation, ...] | None, tuple[int, ...]]]:
+    """Place a batch with ONE core call (never mutates `fleet`).
+
+    Per workload, in input order: its allocations (None unless every pod was placed) and
+    the core's per-pod reason codes. The core places the batch sequentially (priority
+    first, identical shapes together), so committing the successes in order is consistent.
+    """
+    items = [w.item() for w in workloads]
+    result = scheduling.place(fleet, items, policy)
+    allocs = result.allocations()
+    reasons = result.reason.tolist()
+    out: list[tuple[tuple[Allocation, ...] | None, tuple[int, ...]]] = []
+    start = 0
+    for w in workloads:
+        end = start + len(w.pods)
+        mine = allocs[start:end]
+        placed = all(a is not None for a in mine)
+        out.append(
+            (tuple(a for a in mine if a is not None) if placed else None, tuple(reasons[start:end]))
+        )
+        start = end
+    return out
+
+
+def failure(
+    fleet: Fleet,
+    workload: Workload,
+    reasons: Sequence[int],
+    policy: Policy,
+    fits_empty: FitsEmpty | None = None,
+) -> Outcome:
+    """The Outcome of a workload that did not fit: per-reason node counts (kube-scheduler
+    style, against the fleet as it is now) and whether it would fit the empty fleet."""
+    item = workload.item()
+    specs = item.pods if isinstance(item, scheduling.GangSpec) else (item,)
     # Explain the first pod that failed on a node-level reason (a gang may fail as a whole).
     node_level = [i for i, r in enumerate(reasons) if 0 < r < Reason.NO_NODES]
     probe = specs[node_level[0]] if node_level else specs[0]
@@ -236,12 +272,26 @@ def place(
         summary += f" {REASON_TEXT[reason].capitalize()}."
     return Outcome(
         allocations=None,
-        nodes_total=nodes_total,
+        nodes_total=len(fleet),
         nodes_feasible=expl.n_feasible,
         reasons=tuple(out),
         summary=summary,
         fits_empty_fleet=(fits_empty or (lambda it: fits_empty_fleet(fleet, it, policy)))(item),
     )
+
+
+def place(
+    fleet: Fleet, workload: Workload, policy: Policy, fits_empty: FitsEmpty | None = None
+) -> Outcome:
+    """Place one workload (dry run: never mutates `fleet`); the reasons when it does not fit.
+
+    `fits_empty` answers "would it fit the empty fleet" when it does not fit now (the state
+    memoizes it: the answer changes only when nodes do); default `fits_empty_fleet`.
+    """
+    [(allocs, reasons)] = place_many(fleet, [workload], policy)
+    if allocs is not None:
+        return Outcome(allocs, len(fleet), len(fleet), (), "", True)
+    return failure(fleet, workload, reasons, policy, fits_empty)
 
 
 def fits_empty_fleet(

@@ -40,6 +40,9 @@ WORKLOAD_LABEL = "fleetd.io/workload-id"
 POD_NAME_LABEL = "fleetd.io/pod-name"
 GPU_MILLI_LABEL = "fleetd.io/gpu-milli"
 
+#: Place requests per batch (one core call); more wait for the next turn of the loop.
+MAX_BATCH = 256
+
 #: Queue retries per capacity-freeing event: bounds the work a Release can trigger
 #: (at most this many placement attempts, and no more than QUEUE_RETRY_BUDGET_S of work).
 QUEUE_RETRY_BUDGET = 32
@@ -291,6 +294,8 @@ class FleetState:
             maxlen=config.limits.decision_history
         )
         self.subscribers: list[_Subscriber] = []
+        self._pending: list[tuple[WorkloadRequest, asyncio.Future[Decision]]] = []
+        self._drain_scheduled = False
         #: Scale decisions (NodePools.WatchScaleDecisions): the autoscaler publishes here.
         self.scale: Broadcast[ScaleEvent] = Broadcast(
             config.limits.decision_history, lambda: self.config.server.max_stream_backlog
@@ -662,12 +667,75 @@ class FleetState:
         """Place a workload: PLACED (reservation held), QUEUED or UNSCHEDULABLE. Idempotent.
 
         Raises NotReady before the initial sync, NotFound for an unknown cluster or pool,
-        Conflict when the workload id already holds a different request.
+        Conflict when the workload id already holds a different request, QueueFull.
+        """
+        [result] = self.place_batch([req])
+        if isinstance(result, StateError):
+            raise result
+        return result
+
+    def place_batch(self, reqs: list[WorkloadRequest]) -> list[Decision | StateError]:
+        """Place several workloads with one core call; a result (or error) per request.
+
+        What concurrent Place calls become (see `submit`): the core places the batch in
+        one pass (priority first, identical shapes together) and every success is committed
+        through `Fleet.allocate`, which re-checks it, before the next one.
         """
         self._check_owner()
         if not self.ready:
-            raise NotReady(self.not_ready_reason())
+            return [NotReady(self.not_ready_reason()) for _ in reqs]
         now = self.clock()
+        results: list[Decision | StateError | None] = [None] * len(reqs)
+        fresh: list[int] = []
+        was_queued: set[str] = set()
+        in_batch: set[str] = set()
+        later: list[int] = []  # the same workload id twice in one batch: answered after
+        for i, req in enumerate(reqs):
+            if req.workload_id in in_batch:
+                later.append(i)
+                continue
+            in_batch.add(req.workload_id)
+            try:
+                results[i] = self._precheck(req)
+            except StateError as exc:
+                results[i] = exc
+                continue
+            if results[i] is None:
+                fresh.append(i)
+                if req.workload_id in self.queue:
+                    was_queued.add(req.workload_id)
+        if fresh:
+            workloads = [self._workload(reqs[i]) for i in fresh]
+            placed = engine.place_many(self.fleet, workloads, self.policy)
+            failed = []
+            for i, w, (allocs, reasons) in zip(fresh, workloads, placed, strict=True):
+                if allocs is None:
+                    failed.append((i, w, reasons))
+                    continue
+                self.queue.pop(reqs[i].workload_id, None)
+                results[i] = self._grant(reqs[i], allocs, now)
+            # Reasons describe the fleet after the batch's grants (as the core's do).
+            for i, w, reasons in failed:
+                outcome = engine.failure(self.fleet, w, reasons, self.policy, self._fits_empty)
+                try:
+                    results[i] = self._not_placed(
+                        reqs[i], outcome, now, reqs[i].workload_id in was_queued
+                    )
+                except StateError as exc:
+                    results[i] = exc
+            for i in fresh:
+                if reqs[i].workload_id not in was_queued:
+                    # Learned after placing, so that Explain (which learns nothing) agrees.
+                    self._learn(reqs[i])
+        for i in later:
+            try:
+                results[i] = self.place(reqs[i])
+            except StateError as exc:
+                results[i] = exc
+        return [r if r is not None else StateError("internal: no result") for r in results]
+
+    def _precheck(self, req: WorkloadRequest) -> Decision | None:
+        """A replayed decision, or None to place; raises Conflict or NotFound."""
         held = self.held.get(req.workload_id)
         if held is not None:
             if held.record.fingerprint != req.fingerprint:
@@ -694,13 +762,11 @@ class FleetState:
                 "Release it first"
             )
         self._check_scope(req.cluster, req.pool)
-        outcome = self._place(req)
-        if queued is None:
-            # Learned after placing, so that Explain (which learns nothing) agrees with Place.
-            self._learn(req)
-        if outcome.allocations is not None:
-            self.queue.pop(req.workload_id, None)
-            return self._grant(req, outcome.allocations, now)
+        return None
+
+    def _not_placed(
+        self, req: WorkloadRequest, outcome: engine.Outcome, now: float, was_queued: bool
+    ) -> Decision:
         explanation = self._explain(outcome)
         result = "queued" if outcome.fits_empty_fleet else "unschedulable"
         enqueue = result == "queued" and req.workload_id not in self.queue
@@ -723,9 +789,48 @@ class FleetState:
                 team=req.team,
                 result=result,
                 explanation=explanation,
-                replayed=queued is not None,
+                replayed=was_queued,
             )
         )
+
+    def submit(self, req: WorkloadRequest) -> asyncio.Future[Decision]:
+        """Queue a Place for the next batch (concurrent callers share one core call).
+
+        The batch runs on the next turn of the event loop, so every Place that arrived in
+        this turn joins it; at most MAX_BATCH per batch. (grpc.aio hands over about one
+        call per turn, so batches stay small unless calls arrive in a burst; waiting longer
+        was measured to cost more latency than it saves.)
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Decision] = loop.create_future()
+        self._pending.append((req, fut))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            loop.call_soon(self._drain)
+        return fut
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        if self._pending:
+            self._drain_scheduled = True
+            asyncio.get_running_loop().call_soon(self._drain)
+        # A caller that went away (deadline, cancel) still gets its decision made: a retry
+        # with the same workload id replays it.
+        try:
+            results = self.place_batch([req for req, _ in batch])
+        except Exception as exc:  # the callers see INTERNAL; the daemon stays up
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), res in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(res, Exception):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
 
     def explain(self, req: WorkloadRequest) -> tuple[Decision, bool]:
         """Dry run of `place`: the would-be decision (seq 0) and whether it fits now."""
@@ -796,19 +901,19 @@ class FleetState:
             hit = self._fits_cache[key] = engine.fits_empty_fleet(self.fleet, item, self.policy)
         return hit
 
-    def _place(self, req: WorkloadRequest) -> engine.Outcome:
-        return engine.place(
-            self.fleet,
-            req.pods,
-            policy=self.policy,
+    def _workload(self, req: WorkloadRequest) -> engine.Workload:
+        return engine.Workload(
             name=req.workload_id,
+            pods=req.pods,
             gang=req.gang,
             same=req.same,
             cluster=req.cluster,
             pool=req.pool,
             priority=self.config.team_priority(req.team) + req.priority,
-            fits_empty=self._fits_empty,
         )
+
+    def _place(self, req: WorkloadRequest) -> engine.Outcome:
+        return engine.place(self.fleet, self._workload(req), self.policy, self._fits_empty)
 
     def _grant(self, req: WorkloadRequest, allocs: Iterable[Allocation], now: float) -> Decision:
         slots = tuple(allocs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -140,7 +141,10 @@ class Edge:
         self.stopping = stopping
 
     async def unary(
-        self, method: str, context: grpc.aio.ServicerContext, handler: Callable[[], R]
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        handler: Callable[[], R | Awaitable[R]],
     ) -> R:
         """Run a synchronous handler with deadline check, error mapping and latency metric."""
         start = time.perf_counter()
@@ -154,7 +158,10 @@ class Edge:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 await context.abort(code, "deadline expired before the request was handled")
             try:
-                return handler()
+                result = handler()
+                if inspect.isawaitable(result):
+                    return await result
+                return result
             except tuple(exc for exc, _ in STATUS_OF) as exc:
                 code = next(c for e, c in STATUS_OF if isinstance(exc, e))
                 await context.abort(code, str(exc))
@@ -193,11 +200,12 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
     @_rpc("Place")
     def Place(
         self, request: placement_pb2.PlaceRequest
-    ) -> Callable[[], placement_pb2.PlaceResponse]:
-        def handle() -> placement_pb2.PlaceResponse:
+    ) -> Callable[[], Awaitable[placement_pb2.PlaceResponse]]:
+        async def handle() -> placement_pb2.PlaceResponse:
             cfg = self.edge.config()
             req = validation.place_request(request, cfg.limits, cfg.reservations.max_ttl_s)
-            d = self.edge.state.place(req)
+            # Concurrent Place calls are placed together, one core call per turn of the loop.
+            d = await self.edge.state.submit(req)
             return placement_pb2.PlaceResponse(
                 result=RESULTS[d.result],
                 workload_id=d.workload_id,

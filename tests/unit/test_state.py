@@ -314,3 +314,43 @@ def test_pod_seen_before_its_node_holds_resources_once_the_node_appears(
         up.PodObserved("c1", "ns", "early", "u1", "late-node", req, phase="Succeeded", sequence=2)
     )
     assert sum(map(sum, gpu_usage(state))) == 0
+
+
+def test_place_batch_answers_each_request(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock, nodes=1)
+    state.place(request("held", gpus=2))
+    reqs = [
+        request("a", gpus=2),
+        request("held", gpus=2),  # replay
+        request("held", gpus=5),  # conflict
+        request("b", gpus=2, n=2),  # a gang: 4 GPUs, all or nothing
+        request("a", gpus=2),  # the same id twice in one batch: a replay of the first
+        request("c", cluster="nowhere"),
+        request("d", gpus=8),  # no room left: queued
+    ]
+    results = state.place_batch(reqs)
+    kinds = [r.result if not isinstance(r, Exception) else type(r).__name__ for r in results]
+    assert kinds == ["placed", "placed", "Conflict", "placed", "placed", "NotFound", "queued"]
+    a, replay = results[0], results[4]
+    assert not isinstance(a, Exception)
+    assert not isinstance(replay, Exception)
+    assert replay.replayed
+    assert replay.placements == a.placements
+    assert sum(map(sum, gpu_usage(state))) == 8000
+    assert set(state.held) == {"held", "a", "b"}
+
+
+async def test_concurrent_submits_share_one_batch(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock)
+    sizes: list[int] = []
+    original = state.place_batch
+
+    def spy(reqs: list[WorkloadRequest]) -> list[object]:
+        sizes.append(len(reqs))
+        return original(reqs)  # type: ignore[return-value]
+
+    state.place_batch = spy  # type: ignore[assignment,method-assign]
+    decisions = await asyncio.gather(*(state.submit(request(f"w{i}")) for i in range(20)))
+    assert sizes == [20]
+    assert [d.result for d in decisions] == ["placed"] * 16 + ["queued"] * 4
+    assert max(max(g) for g in gpu_usage(state)) <= 1000
