@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--chart", type=Path, default=Path("out/demo-allocation.png"), help="PNG chart path"
     )
     demo.add_argument("--config", type=Path, help="YAML config for the demo daemon")
+    from fleetd import agent
+
+    agent.build_parser(
+        sub.add_parser("agent", help="publish one Kubernetes cluster's telemetry to Kafka")
+    )
     return parser
 
 
@@ -58,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fleetd import demo
 
         return demo.main(args)
+    if args.command == "agent":
+        from fleetd import agent
+
+        return agent.main(args)
     return 2
 
 

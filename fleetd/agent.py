@@ -1,0 +1,315 @@
+"""`fleetd agent`: reads one cluster through the Kubernetes API and publishes its telemetry.
+
+    fleetd agent --context prod-east --bootstrap-servers kafka:9092 [--pools pools.yaml]
+
+It runs the same list+watch code as the daemon's Kubernetes source, keeps the cluster's
+picture in memory, and publishes to the telemetry topic:
+- a NodeReport (with every pod bound to the node) whenever the node or one of its pods
+  changes, and NodeDeleted when the node goes;
+- a NodePoolReport per node pool (grouped by the pool labels of Karpenter, GKE, EKS, AKS)
+  whose shape comes from its nodes and whose price and size bounds come from `--pools`;
+- every node and pool again each `--resync-interval-s`: the heartbeat that keeps nodes
+  from going stale in fleetd and lets a restarted fleetd rebuild its picture.
+
+`--pools` is YAML: `{pool-name: {price_per_hour: 32.8, min_size: 0, max_size: 16}}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fleetd.sources.kubernetes import (
+    KubeconfigError,
+    KubernetesSource,
+    KubernetesSourceSettings,
+    kubeconfig_contexts,
+)
+from fleetd.sources.memory import FleetView
+from fleetd.sources.publisher import DEFAULT_TOPIC, TelemetryPublisher
+from fleetd.sources.updates import (
+    ClusterSynced,
+    NodePoolUpdate,
+    NodeRemoved,
+    NodeUpdate,
+    PodObserved,
+    PodRemoved,
+    Update,
+)
+
+log = logging.getLogger(__name__)
+
+#: Labels that describe one machine, not its pool's shape.
+_NODE_SPECIFIC_LABELS = frozenset({"kubernetes.io/hostname"})
+#: Taints Kubernetes sets for node conditions: not part of a pool's shape.
+_CONDITION_TAINT_PREFIX = "node.kubernetes.io/"
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolPolicy:
+    """What the Kubernetes API does not say about a pool: its price and size bounds."""
+
+    price_per_hour: float = 0.0
+    min_size: int = 0
+    #: None: the pool's current size.
+    max_size: int | None = None
+
+
+def load_pool_policies(path: Path) -> dict[str, PoolPolicy]:
+    """Read `--pools` YAML; raises ValueError naming the file and the pool."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of pool name to settings")
+    policies = {}
+    for name, raw in data.items():
+        try:
+            policy = PoolPolicy(**(raw or {}))
+        except TypeError as exc:
+            raise ValueError(f"{path}: pool {name}: {exc}") from exc
+        if policy.price_per_hour < 0 or policy.min_size < 0:
+            raise ValueError(f"{path}: pool {name}: negative price or min_size")
+        if policy.max_size is not None and policy.max_size < policy.min_size:
+            raise ValueError(f"{path}: pool {name}: max_size < min_size")
+        policies[str(name)] = policy
+    return policies
+
+
+class ClusterPublisher:
+    """An UpdateSink: folds the watches' updates into a FleetView and publishes what changed."""
+
+    def __init__(
+        self,
+        publisher: TelemetryPublisher,
+        cluster: str,
+        pools: Mapping[str, PoolPolicy] | None = None,
+    ) -> None:
+        self.publisher = publisher
+        self.cluster = cluster
+        self.policies = dict(pools or {})
+        self.view = FleetView()
+        self._published_pools: dict[str, NodePoolUpdate] = {}
+        self.synced = asyncio.Event()
+        #: The cluster name the watches report (the context); published as `cluster`.
+        self._watched = ""
+
+    async def apply(self, updates: Sequence[Update]) -> None:
+        """Fold `updates` in and publish the nodes and pools they touched."""
+        dirty: set[str] = set()
+        removed: set[str] = set()
+        for u in updates:
+            self._watched = u.cluster
+            if isinstance(u, NodeUpdate):
+                dirty.add(u.name)
+                removed.discard(u.name)
+            elif isinstance(u, NodeRemoved):
+                removed.add(u.name)
+                dirty.discard(u.name)
+            elif isinstance(u, PodObserved | PodRemoved):
+                dirty.add(u.node)
+            elif isinstance(u, ClusterSynced):
+                self.synced.set()
+        await self.view.apply(updates)
+        for name in sorted(removed):
+            await self.publisher.publish_node_deleted(self.cluster, name)
+        for name in sorted(dirty):
+            report = self.node_report(name)
+            if report is not None:
+                await self.publisher.publish_node(report)
+        await self._publish_pools(force=False)
+        await self.publisher.flush()
+
+    async def resync(self) -> None:
+        """Publish every node and pool again (the heartbeat)."""
+        for _, name in sorted(self.view.nodes):
+            report = self.node_report(name)
+            if report is not None:
+                await self.publisher.publish_node(report)
+        await self._publish_pools(force=True)
+        await self.publisher.flush()
+
+    def node_report(self, name: str) -> NodeUpdate | None:
+        """The node as published: under the agent's cluster name, with its pods."""
+        node = self.view.node(self._watched, name)
+        if node is None:
+            return None
+        pods = tuple(
+            dataclasses.replace(p, cluster=self.cluster)
+            for p in self.view.pods_on(self._watched, name)
+        )
+        return dataclasses.replace(node, cluster=self.cluster, pods=pods)
+
+    def pools(self) -> dict[str, NodePoolUpdate]:
+        """Node pools as their nodes show them, priced and bounded by the pool policies."""
+        members: dict[str, list[NodeUpdate]] = {}
+        for _, node in sorted(self.view.nodes.items()):
+            if node.node_pool:
+                members.setdefault(node.node_pool, []).append(node)
+        pools = {}
+        for pool, nodes in members.items():
+            first = nodes[0]
+            policy = self.policies.get(pool, PoolPolicy())
+            size = len(nodes)
+            pools[pool] = NodePoolUpdate(
+                cluster=self.cluster,
+                name=pool,
+                sequence=0,
+                instance_type=first.instance_type,
+                allocatable=first.allocatable,
+                gpu_model=first.gpu_model,
+                gpu_memory_bytes=first.gpu_memory_bytes,
+                price_per_hour=policy.price_per_hour,
+                capacity_type=first.capacity_type,
+                min_size=policy.min_size,
+                max_size=max(size, policy.min_size) if policy.max_size is None else policy.max_size,
+                current_size=size,
+                zones=tuple(sorted({n.zone for n in nodes if n.zone})),
+                labels=tuple((k, v) for k, v in first.labels if k not in _NODE_SPECIFIC_LABELS),
+                taints=tuple(
+                    t for t in first.taints if not t.key.startswith(_CONDITION_TAINT_PREFIX)
+                ),
+            )
+        return pools
+
+    async def _publish_pools(self, *, force: bool) -> None:
+        current = self.pools()
+        for name in sorted(self._published_pools.keys() - current.keys()):
+            await self.publisher.publish_pool_deleted(self.cluster, name)
+        for name, pool in sorted(current.items()):
+            if force or self._published_pools.get(name) != pool:
+                await self.publisher.publish_pool(pool)
+        self._published_pools = current
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSettings:
+    """Everything `fleetd agent` needs."""
+
+    context: str
+    cluster: str
+    bootstrap_servers: str
+    kubeconfig: str = "~/.kube/config"
+    topic: str = DEFAULT_TOPIC
+    resync_interval_s: float = 30.0
+    pools: Mapping[str, PoolPolicy] = dataclasses.field(default_factory=dict)
+    client_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+async def run_agent(settings: AgentSettings, ready: asyncio.Event | None = None) -> None:
+    """Watch the cluster and publish until cancelled. `ready` is set after the first full
+    publication (the initial list of nodes and pods)."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        **settings.client_options,
+    )
+    await producer.start()
+    try:
+        publisher = TelemetryPublisher(producer, settings.topic)
+        sink = ClusterPublisher(publisher, settings.cluster, settings.pools)
+        source = KubernetesSource(
+            KubernetesSourceSettings(kubeconfig=settings.kubeconfig, contexts=(settings.context,)),
+            sink,
+        )
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(source.run(), name="agent-watch")
+            tasks.create_task(_heartbeat(sink, settings.resync_interval_s, ready))
+    finally:
+        await producer.stop()
+
+
+async def _heartbeat(
+    sink: ClusterPublisher, interval_s: float, ready: asyncio.Event | None
+) -> None:
+    await sink.synced.wait()
+    log.info("agent: initial publication of cluster %s done", sink.cluster)
+    if ready is not None:
+        ready.set()
+    while True:
+        await asyncio.sleep(interval_s)
+        await sink.resync()
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The `fleetd agent` arguments (added to `parser` when given)."""
+    parser = parser or argparse.ArgumentParser(prog="fleetd agent", description=__doc__)
+    parser.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG", "~/.kube/config"),
+        help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)",
+    )
+    parser.add_argument("--context", help="kubeconfig context (default: the current context)")
+    parser.add_argument("--cluster", help="cluster name in telemetry (default: the context name)")
+    parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="Kafka host:port,...")
+    parser.add_argument("--topic", default=DEFAULT_TOPIC, help="telemetry topic")
+    parser.add_argument(
+        "--resync-interval-s",
+        type=float,
+        default=30.0,
+        help="republish every node and pool this often (keep it below fleetd's staleness limit)",
+    )
+    parser.add_argument("--pools", type=Path, help="YAML: pool -> price_per_hour, min/max_size")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the agent from parsed arguments; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        context = args.context
+        if context is None:
+            from kubernetes import config as k8s_config
+
+            _, current = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+                config_file=os.path.expanduser(args.kubeconfig)
+            )
+            context = current["name"]
+        elif context not in kubeconfig_contexts(args.kubeconfig):
+            raise KubeconfigError(f"kubeconfig {args.kubeconfig}: no context {context}")
+        pools = load_pool_policies(args.pools) if args.pools else {}
+    except (KubeconfigError, ValueError, OSError) as exc:
+        print(f"fleetd agent: {exc}", file=sys.stderr)
+        return 2
+    settings = AgentSettings(
+        context=context,
+        cluster=args.cluster or context,
+        bootstrap_servers=args.bootstrap_servers,
+        kubeconfig=args.kubeconfig,
+        topic=args.topic,
+        resync_interval_s=args.resync_interval_s,
+        pools=pools,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_until_signalled(settings))
+    return 0
+
+
+async def _until_signalled(settings: AgentSettings) -> None:
+    """Run the agent; SIGTERM or SIGINT stops it cleanly (exit 0)."""
+    task = asyncio.ensure_future(run_agent(settings))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))
