@@ -155,25 +155,27 @@ def node_records(
 
 
 def malformed_records() -> list[tuple[bytes, bytes, str]]:
-    """(key, value, expected dead-letter reason) for every kind of bad record."""
-    good = pb.TelemetryRecord(cluster="bad-cluster", sequence=1, observed_unix_ms=1)
-    good.node.name = "n1"
-    no_seq = pb.TelemetryRecord()
-    no_seq.CopyFrom(good)
+    """(key, value, expected dead-letter reason) for every kind of bad record, each under
+    its own key (so none supersedes another in a poll)."""
+
+    def node_record(name: str) -> pb.TelemetryRecord:
+        record = pb.TelemetryRecord(cluster="bad-cluster", sequence=1, observed_unix_ms=1)
+        record.node.name = name
+        return record
+
+    no_seq = node_record("n3")
     no_seq.sequence = 0
-    bad_gpu = pb.TelemetryRecord()
-    bad_gpu.CopyFrom(good)
+    bad_gpu = node_record("n4")
     bad_gpu.node.gpus.add(index=0, health=pb.GPU_HEALTH_HEALTHY, utilization_ratio=7.0)
-    negative = pb.TelemetryRecord()
-    negative.CopyFrom(good)
+    negative = node_record("n5")
     negative.node.capacity.cpu_millicores = -5
     return [
         (b"bad-cluster/n1", b"\x08\x96\x01garbage\xff\xff", "undecodable"),
-        (b"bad-cluster/n1", b"", "empty"),
-        (b"bad-cluster/n1", no_seq.SerializeToString(), "no-sequence"),
-        (b"bad-cluster/n1", bad_gpu.SerializeToString(), "bad-gpus"),
-        (b"bad-cluster/n1", negative.SerializeToString(), "bad-resources"),
-        (b"bad-cluster/elsewhere", good.SerializeToString(), "key-mismatch"),
+        (b"bad-cluster/n2", b"", "empty"),
+        (b"bad-cluster/n3", no_seq.SerializeToString(), "no-sequence"),
+        (b"bad-cluster/n4", bad_gpu.SerializeToString(), "bad-gpus"),
+        (b"bad-cluster/n5", negative.SerializeToString(), "bad-resources"),
+        (b"bad-cluster/elsewhere", node_record("n6").SerializeToString(), "key-mismatch"),
     ]
 
 

@@ -203,23 +203,37 @@ def _check_count(value: int, what: str) -> int:
     return value
 
 
+_EMPTY_RESOURCES = Resources()
+
+
 def _resources(r: pb.Resources, what: str) -> Resources:
-    mig = []
-    for profile, n in sorted(r.mig_devices.items()):
-        if not _MIG_PROFILE_RE.match(profile):
-            raise InvalidTelemetry("bad-mig-profile", f"{what}.mig_devices[{profile[:40]!r}]")
-        if _check_count(n, f"{what}.mig_devices[{profile}]"):
-            mig.append((profile, n))
-    return Resources(
-        cpu_millicores=_check_count(r.cpu_millicores, f"{what}.cpu_millicores"),
-        memory_bytes=_check_count(r.memory_bytes, f"{what}.memory_bytes"),
-        gpus=_check_count(r.gpus, f"{what}.gpus"),
-        mig_devices=tuple(mig),
-        pods=_check_count(r.pods, f"{what}.pods"),
-        ephemeral_storage_bytes=_check_count(
-            r.ephemeral_storage_bytes, f"{what}.ephemeral_storage_bytes"
-        ),
-    )
+    # Hot path (every node and pod of every record): read each field once, format error
+    # text only on error.
+    cpu, memory, gpus = r.cpu_millicores, r.memory_bytes, r.gpus
+    pods, storage = r.pods, r.ephemeral_storage_bytes
+    for field_name, value in (
+        ("cpu_millicores", cpu),
+        ("memory_bytes", memory),
+        ("gpus", gpus),
+        ("pods", pods),
+        ("ephemeral_storage_bytes", storage),
+    ):
+        if value < 0 or value > MAX_VALUE:
+            raise InvalidTelemetry(
+                "bad-resources", f"{what}.{field_name} = {value} is out of range"
+            )
+    mig: tuple[tuple[str, int], ...] = ()
+    if r.mig_devices:
+        items = []
+        for profile, n in sorted(r.mig_devices.items()):
+            if not _MIG_PROFILE_RE.match(profile):
+                raise InvalidTelemetry("bad-mig-profile", f"{what}.mig_devices[{profile[:40]!r}]")
+            if _check_count(n, f"{what}.mig_devices[{profile}]"):
+                items.append((profile, n))
+        mig = tuple(items)
+    if not (cpu or memory or gpus or pods or storage or mig):
+        return _EMPTY_RESOURCES
+    return Resources(cpu, memory, gpus, mig, pods, storage)
 
 
 def _taints(items: object, what: str) -> tuple[Taint, ...]:
@@ -241,43 +255,44 @@ def _node(record: pb.TelemetryRecord, cluster: str, sequence: int, observed_s: f
         raise InvalidTelemetry("bad-pods", f"node {name}: {len(n.pods)} pods")
     gpus = []
     seen: set[int] = set()
+    healthy_code = pb.GPU_HEALTH_HEALTHY
+    unspecified = pb.GPU_HEALTH_UNSPECIFIED
     for g in n.gpus:
-        if g.index in seen or g.index >= MAX_GPUS_PER_NODE:
-            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU index {g.index}")
-        seen.add(g.index)
-        if not (0.0 <= g.utilization_ratio <= 1.0) or math.isnan(g.utilization_ratio):
-            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU {g.index} utilization")
-        if g.health == pb.GPU_HEALTH_UNSPECIFIED:
-            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU {g.index} health unspecified")
+        index, health, utilization = g.index, g.health, g.utilization_ratio
+        memory_bytes, xids = g.memory_bytes, tuple(g.xid_errors)
+        if index in seen or index >= MAX_GPUS_PER_NODE:
+            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU index {index}")
+        seen.add(index)
+        if not 0.0 <= utilization <= 1.0:  # NaN fails this too
+            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU {index} utilization")
+        if health == unspecified:
+            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU {index} health unspecified")
+        if memory_bytes < 0 or memory_bytes > MAX_VALUE:
+            raise InvalidTelemetry("bad-resources", f"node {name}: GPU {index} memory_bytes")
+        healthy = health == healthy_code and (not xids or all(x in APPLICATION_XIDS for x in xids))
         gpus.append(
             GpuDevice(
-                index=g.index,
-                model=g.model,
-                memory_bytes=_check_count(g.memory_bytes, "gpu.memory_bytes"),
-                healthy=g.health == pb.GPU_HEALTH_HEALTHY
-                and all(x in APPLICATION_XIDS for x in g.xid_errors),
-                uuid=g.uuid,
-                xid_errors=tuple(g.xid_errors),
-                utilization_ratio=g.utilization_ratio,
-                mig_profile=g.mig_profile,
+                index, g.model, memory_bytes, healthy, g.uuid, xids, utilization, g.mig_profile
             )
         )
-    gpus.sort(key=lambda d: d.index)
+    if any(gpus[i].index > gpus[i + 1].index for i in range(len(gpus) - 1)):
+        gpus.sort(key=lambda d: d.index)
     pods = []
     for p in n.pods:
-        if not p.name or not p.namespace:
+        pod_name, namespace = p.name, p.namespace
+        if not pod_name or not namespace:
             raise InvalidTelemetry("bad-pods", f"node {name}: pod without name or namespace")
         pods.append(
             PodObserved(
-                cluster=cluster,
-                namespace=p.namespace,
-                name=p.name,
-                uid=p.uid,
-                node=name,
-                requests=_resources(p.requests, "pod.requests"),
-                phase=p.phase or "Running",
-                labels=tuple(sorted(p.labels.items())),
-                sequence=sequence,
+                cluster,
+                namespace,
+                pod_name,
+                p.uid,
+                name,
+                _resources(p.requests, "pod.requests"),
+                p.phase or "Running",
+                tuple(sorted(p.labels.items())) if p.labels else (),
+                sequence,
             )
         )
     return NodeUpdate(
@@ -332,11 +347,12 @@ def _pool(record: pb.TelemetryRecord, cluster: str, sequence: int) -> NodePoolUp
     )
 
 
-def decode(key: bytes | None, value: bytes | None) -> Update:
-    """One Kafka record of the telemetry topic as an update value.
+def parse(key: bytes | None, value: bytes | None) -> pb.TelemetryRecord:
+    """The cheap half of `decode`: the value parses as a TelemetryRecord with a payload, a
+    cluster, a sequence and the key it must have. Raises InvalidTelemetry.
 
-    Raises InvalidTelemetry when the value is not a TelemetryRecord, misses a required
-    field, holds an impossible value, or does not match its key.
+    The consumer parses every record of a poll this far and converts (`to_update`) only the
+    newest of each key: the older ones' content would be replaced anyway.
     """
     if not value:
         raise InvalidTelemetry("empty", "record has no value")
@@ -345,15 +361,20 @@ def decode(key: bytes | None, value: bytes | None) -> Update:
         record.ParseFromString(value)
     except DecodeError as exc:
         raise InvalidTelemetry("undecodable", f"not a TelemetryRecord: {exc}") from exc
-    kind = record.WhichOneof("payload")
-    if kind is None:
+    if record.WhichOneof("payload") is None:
         raise InvalidTelemetry("no-payload", "record has no payload")
-    cluster = _check_name(record.cluster, "cluster")
+    _check_name(record.cluster, "cluster")
     if record.sequence == 0:
         raise InvalidTelemetry("no-sequence", "sequence must be > 0")
     if key is not None and key != record_key(record):
         raise InvalidTelemetry("key-mismatch", f"key {key[:120]!r} != {record_key(record)!r}")
-    sequence = record.sequence
+    return record
+
+
+def to_update(record: pb.TelemetryRecord) -> Update:
+    """A parsed record's payload as an update value, validated. Raises InvalidTelemetry."""
+    cluster, sequence = record.cluster, record.sequence
+    kind = record.WhichOneof("payload")
     if kind == "node":
         return _node(record, cluster, sequence, record.observed_unix_ms / 1000.0)
     if kind == "node_deleted":
@@ -363,3 +384,12 @@ def decode(key: bytes | None, value: bytes | None) -> Update:
         return _pool(record, cluster, sequence)
     name = _check_name(record.node_pool_deleted.name, "node_pool_deleted.name")
     return NodePoolRemoved(cluster=cluster, name=name, sequence=sequence)
+
+
+def decode(key: bytes | None, value: bytes | None) -> Update:
+    """One Kafka record of the telemetry topic as an update value.
+
+    Raises InvalidTelemetry when the value is not a TelemetryRecord, misses a required
+    field, holds an impossible value, or does not match its key.
+    """
+    return to_update(parse(key, value))

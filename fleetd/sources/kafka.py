@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from fleetd.sources.base import Backoff, UpdateSink
-from fleetd.sources.codec import InvalidTelemetry, decode
+from fleetd.sources.codec import InvalidTelemetry, parse, to_update
 from fleetd.sources.memory import StateSink
 from fleetd.sources.metrics import SourceMetrics
 from fleetd.sources.updates import ClusterSynced, SequenceGate, Update
@@ -85,6 +86,8 @@ class KafkaSource:
         self._synced_clusters: set[str] = set()
         #: Records handled (any outcome): tests and benchmarks await progress on it.
         self.records_handled = 0
+        #: perf_counter() when the first non-empty poll returned (benchmarks time from it).
+        self.first_batch_at: float | None = None
         self.progress = asyncio.Condition()
 
     # ------------------------------------------------------------------ lifecycle
@@ -142,6 +145,8 @@ class KafkaSource:
                 timeout_ms=s.poll_timeout_ms, max_records=s.max_batch_records
             )
             if batches:
+                if self.first_batch_at is None:
+                    self.first_batch_at = time.perf_counter()
                 await self.process(batches, consumer, producer)
             if not self.ready.is_set():
                 await self._check_initial_sync(consumer)
@@ -154,34 +159,64 @@ class KafkaSource:
     ) -> None:
         """Decode, dead-letter, apply and commit one poll's worth of records."""
         updates: list[Update] = []
-        dead: list[tuple[Any, InvalidTelemetry]] = []
+        dead: list[tuple[int, Any, InvalidTelemetry]] = []
         offsets: dict[TopicPartition, int] = {}
-        duplicates = 0
+        # Records are snapshots of their key (node or pool): of several records of one key
+        # in a poll only the one with the highest valid sequence is applied (what a compacted
+        # topic would keep). Every record is parsed (undecodable ones are dead-lettered);
+        # newer invalid ones are dead-lettered too; older ones count as superseded.
+        by_key: dict[object, list[tuple[int, Any]]] = {}
+        position = 0
         for tp, records in batches.items():
             for rec in records:
-                try:
-                    update = decode(rec.key, rec.value)
-                except InvalidTelemetry as exc:
-                    dead.append((rec, exc))
-                    continue
-                if not self._gate.admit(update):
-                    duplicates += 1
-                    continue
-                updates.append(update)
-                if update.cluster not in self._seen_clusters:
-                    self._seen_clusters.add(update.cluster)
+                # Records without a key cannot be superseded: each is its own group.
+                group = rec.key if rec.key is not None else position
+                by_key.setdefault(group, []).append((position, rec))
+                position += 1
             if records:
                 offsets[tp] = records[-1].offset + 1
+        chosen: list[tuple[int, Update]] = []
+        duplicates = superseded = 0
+        for group_records in by_key.values():
+            candidates = []
+            for pos, rec in group_records:
+                try:
+                    candidates.append((parse(rec.key, rec.value), pos, rec))
+                except InvalidTelemetry as exc:
+                    dead.append((pos, rec, exc))
+            candidates.sort(key=lambda c: (c[0].sequence, c[1]), reverse=True)
+            for i, (parsed, pos, rec) in enumerate(candidates):
+                try:
+                    update = to_update(parsed)
+                except InvalidTelemetry as exc:
+                    dead.append((pos, rec, exc))
+                    continue
+                superseded += len(candidates) - i - 1
+                if self._gate.admit(update):
+                    chosen.append((pos, update))
+                    self._seen_clusters.add(update.cluster)
+                else:
+                    duplicates += 1
+                break
+        chosen.sort(key=lambda item: item[0])
+        updates = [u for _, u in chosen]
+        dead.sort(key=lambda item: item[0])
         if self.ready.is_set():
             # After the initial sync, a cluster's first records make it synced at once.
             updates += self._synced_markers()
         if dead:
-            await self._dead_letter(producer, dead)
+            await self._dead_letter(producer, [(rec, exc) for _, rec, exc in dead])
         if updates:
             await self.sink.apply(updates)
         await self._commit(consumer, offsets)
         self._next_offset.update(offsets)
-        self._record_metrics(consumer, applied=len(updates), duplicates=duplicates, dead=dead)
+        self._record_metrics(
+            consumer,
+            applied=len(chosen),
+            duplicates=duplicates,
+            superseded=superseded,
+            dead=len(dead),
+        )
         async with self.progress:
             self.records_handled += sum(len(r) for r in batches.values())
             self.progress.notify_all()
@@ -244,13 +279,15 @@ class KafkaSource:
         *,
         applied: int,
         duplicates: int,
-        dead: list[tuple[Any, InvalidTelemetry]],
+        superseded: int,
+        dead: int,
     ) -> None:
         m = self.metrics
         for outcome, n in (
             ("applied", applied),
             ("duplicate", duplicates),
-            ("dead_lettered", len(dead)),
+            ("superseded", superseded),
+            ("dead_lettered", dead),
         ):
             if n:
                 m.telemetry_records.labels(outcome=outcome).inc(n)

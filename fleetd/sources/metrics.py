@@ -40,8 +40,9 @@ class SourceMetrics:
         )
         self.telemetry_records = Counter(
             "fleetd_telemetry_records",
-            "Telemetry records consumed from Kafka, by outcome "
-            "(applied, duplicate, dead_lettered).",
+            "Telemetry records consumed from Kafka, by outcome: applied, duplicate (sequence "
+            "already applied), superseded (a newer record of its key came in the same poll), "
+            "dead_lettered.",
             ["outcome"],
             registry=r,
         )

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -110,45 +108,3 @@ async def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int,
     finally:
         await admin.close()
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
-
-
-async def restart_kafka(testbed_run: Any) -> None:
-    """Stop the session's broker (SIGTERM, a clean restart) and start it again on the same
-    ports and data; return once an admin client can list topics again.
-
-    The test bed's fixture API has no restart, so it is done here with its own parts: the
-    supervisor starts the same command line, and readiness is the same admin check.
-    """
-    from tests.testbed.kafka import admin_lists_topics
-    from tests.testbed.procs import wait_until
-
-    broker = testbed_run.kafka()
-    old = _current_kafka_process(testbed_run)
-    argv = list(old.popen.args)
-    old.popen.send_signal(signal.SIGTERM)
-    await asyncio.to_thread(_wait_exit, old.popen, 60.0)
-    # Start from the main thread (the supervisor's PR_SET_PDEATHSIG is per thread).
-    new = testbed_run.supervisor.start("kafka", argv)
-    await asyncio.to_thread(
-        wait_until,
-        f"kafka at {broker.bootstrap} after restart",
-        lambda: admin_lists_topics(broker.bootstrap),
-        timeout_s=90.0,
-        watch=[new],
-        interval_s=0.5,
-    )
-
-
-def _current_kafka_process(testbed_run: Any) -> Any:
-    alive = [p for p in testbed_run.supervisor.processes if p.name == "kafka" and p.alive()]
-    if not alive:
-        raise RuntimeError("no running kafka process in the test bed")
-    return alive[-1]
-
-
-def _wait_exit(popen: subprocess.Popen[bytes], timeout_s: float) -> None:
-    try:
-        popen.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        popen.kill()
-        popen.wait(10)

@@ -1,0 +1,133 @@
+"""One poll through KafkaSource.process with in-process stand-ins for the two clients: which
+records are applied, superseded, dropped as duplicates or dead-lettered, and what is committed.
+(The real broker: tests/integration/test_sources_kafka.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from fleetd.sources.codec import encode_node, node_key
+from fleetd.sources.kafka import DLQ_REASON_HEADER, KafkaSource, KafkaSourceSettings
+from fleetd.sources.memory import FleetView
+from fleetd.sources.metrics import SourceMetrics
+from fleetd.sources.updates import NodeUpdate
+from tests.unit.test_sources_codec import gpu_node
+
+TP = TopicPartition("t", 0)
+
+
+@dataclasses.dataclass
+class Rec:
+    key: bytes | None
+    value: bytes
+    offset: int
+    topic: str = "t"
+    partition: int = 0
+
+
+class Consumer:
+    def __init__(self) -> None:
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(offsets)
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return 100
+
+
+class Producer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, list[tuple[str, bytes]]]] = []
+
+    async def send(self, topic: str, *, value: bytes, key: bytes | None, headers: Any) -> Any:
+        self.sent.append((topic, key, headers))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+def _report(name: str, seq: int, **changes: Any) -> tuple[bytes, bytes]:
+    node = dataclasses.replace(gpu_node(name), sequence=seq, **changes)
+    record = encode_node(node, sequence=seq, observed_unix_ms=1)
+    return node_key("c1", name), record.SerializeToString()
+
+
+def _broken(name: str, seq: int) -> tuple[bytes, bytes]:
+    key, _ = _report(name, seq)
+    record = encode_node(gpu_node(name), sequence=seq, observed_unix_ms=1)
+    record.node.gpus[0].utilization_ratio = 3.0
+    return key, record.SerializeToString()
+
+
+async def _poll(
+    source: KafkaSource, pairs: list[tuple[bytes | None, bytes]]
+) -> tuple[Consumer, Producer]:
+    consumer, producer = Consumer(), Producer()
+    recs = [Rec(k, v, offset=i) for i, (k, v) in enumerate(pairs)]
+    await source.process({TP: recs}, consumer, producer)
+    return consumer, producer
+
+
+async def test_newest_valid_snapshot_per_node_is_applied() -> None:
+    view = FleetView()
+    metrics = SourceMetrics()
+    source = KafkaSource(KafkaSourceSettings(dead_letter_topic="dlq"), view, metrics=metrics)
+    consumer, producer = await _poll(
+        source,
+        [
+            _report("a", 1),
+            _report("b", 2),
+            _report("a", 3, unschedulable=True),
+            _broken("a", 4),  # newest of "a" but invalid: dead-lettered, seq 3 applied
+            (b"c1/b", b"\xff\xfe"),  # older than b's newest? no: newest of b, undecodable
+        ],
+    )
+    a, b = view.node("c1", "a"), view.node("c1", "b")
+    assert isinstance(a, NodeUpdate)
+    assert a.sequence == 3
+    assert a.unschedulable
+    assert isinstance(b, NodeUpdate)
+    assert b.sequence == 2
+    assert [dict(h)[DLQ_REASON_HEADER] for _, _, h in producer.sent] == [
+        b"bad-gpus",
+        b"undecodable",
+    ]
+    assert consumer.commits == [{TP: 5}]
+    outcome = metrics.telemetry_records.labels
+    assert outcome("applied")._value.get() == 2
+    assert outcome("superseded")._value.get() == 1  # a seq 1
+    assert outcome("dead_lettered")._value.get() == 2
+
+
+async def test_superseded_records_are_still_checked_to_be_telemetry() -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(dead_letter_topic="dlq"), view)
+    _, producer = await _poll(source, [(b"c1/a", b"garbage"), _report("a", 2)])
+    assert [dict(h)[DLQ_REASON_HEADER] for _, _, h in producer.sent] == [b"undecodable"]
+    assert view.node("c1", "a") is not None
+
+
+async def test_redelivery_is_dropped_by_sequence() -> None:
+    view = FleetView()
+    metrics = SourceMetrics()
+    source = KafkaSource(KafkaSourceSettings(), view, metrics=metrics)
+    await _poll(source, [_report("a", 5)])
+    await _poll(source, [_report("a", 5), _report("a", 4)])  # redelivered, then older
+    assert view.applied == 1
+    assert metrics.telemetry_records.labels("duplicate")._value.get() == 1
+
+
+async def test_highest_sequence_wins_within_a_poll_whatever_the_offset_order() -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    # A redelivered older record after a newer one, in the same poll.
+    await _poll(source, [_report("a", 7, unschedulable=True), _report("a", 3)])
+    a = view.node("c1", "a")
+    assert isinstance(a, NodeUpdate)
+    assert a.sequence == 7
+    assert view.applied == 1
