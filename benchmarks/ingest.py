@@ -62,13 +62,17 @@ async def raw_rate(bootstrap: str, topic: str, n_records: int) -> float:
         group_id=f"bench-raw-{uuid.uuid4().hex[:8]}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # The same fetch sizes as fleetd's consumer: the same messages, delivered alike.
+        max_partition_fetch_bytes=KafkaSourceSettings.max_partition_fetch_bytes,
     )
     await consumer.start()
     seen = 0
     first_at: float | None = None
     try:
         while seen < n_records:
-            batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            batch = await consumer.getmany(
+                timeout_ms=200, max_records=KafkaSourceSettings.max_batch_records
+            )
             if batch and first_at is None:
                 first_at = time.perf_counter()
             seen += sum(len(records) for records in batch.values())

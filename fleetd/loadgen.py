@@ -93,10 +93,28 @@ def synthetic_fleet(
     return nodes
 
 
-def _varied(node: NodeUpdate, rng: np.random.Generator, round_: int) -> NodeUpdate:
-    """The node with fresh utilization and a few pods: what one report looks like."""
-    n_gpus = len(node.gpus)
-    util = rng.random(n_gpus) if n_gpus else ()
+#: Chance that a report shows one of its node's pods replaced by a new one.
+POD_CHURN = 0.1
+
+
+def _pod(node: NodeUpdate, slot: int, generation: int) -> PodObserved:
+    return PodObserved(
+        cluster=node.cluster,
+        namespace="ml",
+        name=f"{node.name}-g{generation}-p{slot}",
+        uid=f"{node.name}-{generation}-{slot}",
+        node=node.name,
+        requests=Resources(
+            cpu_millicores=1000, memory_bytes=4 * GIB, gpus=1 if slot < len(node.gpus) else 0
+        ),
+    )
+
+
+def _varied(
+    node: NodeUpdate, pods: tuple[PodObserved, ...], rng: np.random.Generator
+) -> NodeUpdate:
+    """The node with fresh GPU utilization and `pods`: what one report looks like."""
+    util = rng.random(len(node.gpus)) if node.gpus else ()
     gpus = tuple(
         GpuDevice(
             index=g.index,
@@ -106,20 +124,6 @@ def _varied(node: NodeUpdate, rng: np.random.Generator, round_: int) -> NodeUpda
             utilization_ratio=float(util[g.index]),
         )
         for g in node.gpus
-    )
-    n_pods = int(rng.integers(0, 4))
-    pods = tuple(
-        PodObserved(
-            cluster=node.cluster,
-            namespace="ml",
-            name=f"{node.name}-r{round_}-p{p}",
-            uid=f"{node.name}-{round_}-{p}",
-            node=node.name,
-            requests=Resources(
-                cpu_millicores=1000, memory_bytes=4 * GIB, gpus=1 if p < n_gpus else 0
-            ),
-        )
-        for p in range(n_pods)
     )
     return NodeUpdate(
         cluster=node.cluster,
@@ -145,11 +149,24 @@ def node_records(
     observed_unix_ms: int | None = None,
 ) -> Iterator[tuple[bytes, bytes]]:
     """`n_records` (key, value) node reports cycling over `fleet` with sequences counting up
-    from `first_sequence`: the last record of every node holds its highest sequence."""
+    from `first_sequence`: the last record of every node holds its highest sequence.
+
+    Every node runs 0-3 pods; with probability POD_CHURN a report shows one of them
+    replaced (pods live much longer than one report interval)."""
     ms = int(time.time() * 1000) if observed_unix_ms is None else observed_unix_ms
+    pods: dict[int, tuple[PodObserved, ...]] = {}
     for i in range(n_records):
-        node = fleet[i % len(fleet)]
-        report = _varied(node, rng, i // len(fleet))
+        idx = i % len(fleet)
+        node = fleet[idx]
+        generation = i // len(fleet)
+        current = pods.get(idx)
+        if current is None:
+            current = tuple(_pod(node, slot, 0) for slot in range(int(rng.integers(0, 4))))
+        elif current and rng.random() < POD_CHURN:
+            slot = int(rng.integers(0, len(current)))
+            current = (*current[:slot], _pod(node, slot, generation), *current[slot + 1 :])
+        pods[idx] = current
+        report = _varied(node, current, rng)
         record = encode_node(report, sequence=first_sequence + i, observed_unix_ms=ms)
         yield node_key(node.cluster, node.name), record.SerializeToString()
 

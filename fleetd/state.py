@@ -289,6 +289,9 @@ class FleetState:
         self._fits_cache: dict[object, bool] = {}
         self._fits_cache_version = -1
         self.pods: dict[tuple[str, str], _ObservedPod] = {}
+        #: (cluster, node) -> uids of self.pods on it: node updates touch their own pods
+        #: without scanning every pod of the fleet.
+        self._pods_on: dict[tuple[str, str], set[str]] = {}
         self.sources: dict[tuple[str, str], _SourceInfo] = {}
         self.history: collections.deque[Decision] = collections.deque(
             maxlen=config.limits.decision_history
@@ -438,9 +441,9 @@ class FleetState:
         if u.pods is not None:
             # The source reports the node's complete pod set: reconcile against it.
             current = {p.uid or f"{p.namespace}/{p.name}" for p in u.pods}
-            for pkey, pod in list(self.pods.items()):
-                if pod.cluster == u.cluster and pod.node == u.name and pkey[1] not in current:
-                    self._pod_removed(u.cluster, pkey[1], now)
+            for uid in list(self._pods_on.get((u.cluster, u.name), ())):
+                if uid not in current:
+                    self._pod_removed(u.cluster, uid, now)
             for p in u.pods:
                 self._pod_observed(p, now)
         if new:
@@ -466,7 +469,8 @@ class FleetState:
 
     def _allocate_waiting_pods(self, key: str, cluster: str, node: str) -> None:
         """Pods observed on this node before the node itself now hold their resources."""
-        for pod in self.pods.values():
+        for uid in self._pods_on.get((cluster, node), ()):
+            pod = self.pods[(cluster, uid)]
             if (
                 pod.slot is None
                 and pod.reservation is None
@@ -485,9 +489,8 @@ class FleetState:
         key = node_key(cluster, node)
         if key not in self.nodes:
             return
-        for pkey, pod in list(self.pods.items()):
-            if pod.cluster == cluster and pod.node == node:
-                self._pod_removed(cluster, pkey[1], now)
+        for uid in list(self._pods_on.get((cluster, node), ())):
+            self._pod_removed(cluster, uid, now)
         for wid, held in list(self.held.items()):
             if any(a is not None and a.node == key for a in held.slots):
                 self._end(wid, "expire", "expired", now, reason=f"node {key} removed")
@@ -533,6 +536,7 @@ class FleetState:
             if idx is not None:
                 held.observed[idx] = uid
                 self.pods[key] = _ObservedPod(p.cluster, p.node, None, reservation=(wid, idx))
+                self._pods_on.setdefault((p.cluster, p.node), set()).add(uid)
                 self._maybe_confirm(wid, now)
                 return
         alloc = None
@@ -548,6 +552,7 @@ class FleetState:
                 alloc = None
         # A pod seen before its node (watches race) holds nothing until the node appears.
         self.pods[key] = _ObservedPod(p.cluster, p.node, alloc, labels=labels, request=p.requests)
+        self._pods_on.setdefault((p.cluster, p.node), set()).add(uid)
 
     def _match_reserved_pod(self, held: _Held, p: up.PodObserved, name: str) -> int | None:
         candidates = [
@@ -583,6 +588,11 @@ class FleetState:
         pod = self.pods.pop((cluster, uid), None)
         if pod is None:
             return
+        on_node = self._pods_on.get((cluster, pod.node))
+        if on_node is not None:
+            on_node.discard(uid)
+            if not on_node:
+                del self._pods_on[(cluster, pod.node)]
         if pod.slot is not None:
             self.fleet.free(pod.slot)
         if pod.reservation is not None:

@@ -347,6 +347,24 @@ def _pool(record: pb.TelemetryRecord, cluster: str, sequence: int) -> NodePoolUp
     )
 
 
+#: Names and keys already validated, so that the per-record checks of `parse` are dict
+#: lookups (a fleet has few clusters and a bounded set of nodes and pools).
+_VALID_CLUSTERS: set[str] = set()
+_KEYS: dict[tuple[str, str, str], bytes] = {}
+_CACHE_LIMIT = 200_000
+
+
+def _expected_key(record: pb.TelemetryRecord, kind: str) -> bytes:
+    payload = getattr(record, kind)
+    cache_key = (kind, record.cluster, payload.name)
+    key = _KEYS.get(cache_key)
+    if key is None:
+        key = record_key(record)
+        if len(_KEYS) < _CACHE_LIMIT:
+            _KEYS[cache_key] = key
+    return key
+
+
 def parse(key: bytes | None, value: bytes | None) -> pb.TelemetryRecord:
     """The cheap half of `decode`: the value parses as a TelemetryRecord with a payload, a
     cluster, a sequence and the key it must have. Raises InvalidTelemetry.
@@ -361,13 +379,20 @@ def parse(key: bytes | None, value: bytes | None) -> pb.TelemetryRecord:
         record.ParseFromString(value)
     except DecodeError as exc:
         raise InvalidTelemetry("undecodable", f"not a TelemetryRecord: {exc}") from exc
-    if record.WhichOneof("payload") is None:
+    kind = record.WhichOneof("payload")
+    if kind is None:
         raise InvalidTelemetry("no-payload", "record has no payload")
-    _check_name(record.cluster, "cluster")
+    cluster = record.cluster
+    if cluster not in _VALID_CLUSTERS:
+        _check_name(cluster, "cluster")
+        if len(_VALID_CLUSTERS) < _CACHE_LIMIT:
+            _VALID_CLUSTERS.add(cluster)
     if record.sequence == 0:
         raise InvalidTelemetry("no-sequence", "sequence must be > 0")
-    if key is not None and key != record_key(record):
-        raise InvalidTelemetry("key-mismatch", f"key {key[:120]!r} != {record_key(record)!r}")
+    if key is not None:
+        expected = _expected_key(record, kind)
+        if key != expected:
+            raise InvalidTelemetry("key-mismatch", f"key {key[:120]!r} != {expected!r}")
     return record
 
 
