@@ -404,48 +404,64 @@ def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.
     snap = fleet_pb2.Snapshot(time=timestamp(state.clock()))
     clusters: dict[str, fleet_pb2.Cluster] = {}
     caps: dict[tuple[str, str], fleet_pb2.Capacity] = {}
-    stranded_total = free_total = 0.0
-    nodes = sorted(
-        (kv for kv in state.nodes.items() if not cluster or kv[1].cluster == cluster),
-        key=lambda kv: (kv[1].cluster, kv[1].name),
-    )
-    slots = np.asarray([f.slot(key) for key, _ in nodes], dtype=np.int64)
-    # Whole-fleet columns once (vectorized), then one pass to group them.
-    frag_all, free_all = fragmented_milli(f, slots, state.typical)
+    # Aggregates are vectorized over the core's columns (10^4 nodes in a few ms).
+    slots = np.flatnonzero(f.live_mask())
+    if cluster:
+        slots = slots[f.cluster_id[slots] == f.clusters.get(cluster)]
+    cluster_ids = f.cluster_id[slots].astype(np.int64)
+    model_ids = f.gpu_model_id[slots].astype(np.int64)
     exists = np.arange(f.max_gpus)[None, :] < f.gpu_count[slots, None]
     alloc_all = np.where(exists, GPU_MILLI - f.gpu_free_milli[slots].astype(np.int64), 0)
-    for i, (_key, info) in enumerate(nodes):
-        row = int(slots[i])
-        n_gpu = int(f.gpu_count[row])
-        alloc = alloc_all[i, :n_gpu]
-        gpu_alloc = int(alloc.sum())
-        schedulable = int(f.flags[row]) == 0
-        cpu, cpu_alloc = (
-            int(f.cpu_allocatable_millicores[row]),
-            int(f.cpu_allocated_millicores[row]),
+    gpu_alloc = alloc_all.sum(axis=1)
+    frag_all, free_all = fragmented_milli(f, slots, state.typical)
+    n_models = len(f.gpu_models) + 1
+    keys, group_of = np.unique(cluster_ids * n_models + model_ids + 1, return_inverse=True)
+
+    def per_group(values: Any) -> list[int]:
+        # Integer sums: memory in bytes over 10^4 nodes exceeds float64's exact range.
+        sums = np.zeros(keys.size, np.int64)
+        np.add.at(sums, group_of, np.asarray(values).astype(np.int64))
+        return [int(v) for v in sums.tolist()]
+
+    columns = {
+        "nodes": per_group(np.ones(slots.size)),
+        "gpus": per_group(f.gpu_count[slots]),
+        "gpu_alloc": per_group(gpu_alloc),
+        "cpu": per_group(f.cpu_allocatable_millicores[slots]),
+        "cpu_alloc": per_group(f.cpu_allocated_millicores[slots]),
+        "mem": per_group(f.memory_allocatable_bytes[slots]),
+        "mem_alloc": per_group(f.memory_allocated_bytes[slots]),
+        "frag": per_group(frag_all),
+        "schedulable": per_group(f.flags[slots] == 0),
+    }
+    for g, key in enumerate(keys.tolist()):
+        cname = f.clusters.names[key // n_models]
+        mid = key % n_models - 1
+        model = f.gpu_models.names[mid] if mid >= 0 else ""
+        caps[(cname, model)] = fleet_pb2.Capacity(
+            cluster=cname,
+            gpu_model=model,
+            nodes=columns["nodes"][g],
+            gpus=columns["gpus"][g],
+            gpu_milli_allocated=columns["gpu_alloc"][g],
+            cpu_millicores=columns["cpu"][g],
+            cpu_millicores_allocated=columns["cpu_alloc"][g],
+            memory_bytes=columns["mem"][g],
+            memory_bytes_allocated=columns["mem_alloc"][g],
+            gpu_milli_fragmented=columns["frag"][g],
         )
-        mem, mem_alloc = int(f.memory_allocatable_bytes[row]), int(f.memory_allocated_bytes[row])
-        c = clusters.setdefault(info.cluster, fleet_pb2.Cluster(name=info.cluster))
-        c.nodes += 1
-        c.nodes_schedulable += schedulable
-        c.gpus += n_gpu
-        c.gpu_milli_allocated += gpu_alloc
-        cap = caps.setdefault(
-            (info.cluster, info.gpu_model),
-            fleet_pb2.Capacity(cluster=info.cluster, gpu_model=info.gpu_model),
-        )
-        cap.nodes += 1
-        cap.gpus += n_gpu
-        cap.gpu_milli_allocated += gpu_alloc
-        cap.cpu_millicores += cpu
-        cap.cpu_millicores_allocated += cpu_alloc
-        cap.memory_bytes += mem
-        cap.memory_bytes_allocated += mem_alloc
-        stranded, free = float(frag_all[i]), float(free_all[i])
-        cap.gpu_milli_fragmented += int(stranded)
-        stranded_total += stranded
-        free_total += free
-        if include_nodes:
+        c = clusters.setdefault(cname, fleet_pb2.Cluster(name=cname))
+        c.nodes += columns["nodes"][g]
+        c.nodes_schedulable += columns["schedulable"][g]
+        c.gpus += columns["gpus"][g]
+        c.gpu_milli_allocated += columns["gpu_alloc"][g]
+    stranded_total, free_total = float(frag_all.sum()), float(free_all.sum())
+    if include_nodes:
+        order = sorted(range(slots.size), key=lambda i: f.names[int(slots[i])] or "")
+        for i in order:
+            row = int(slots[i])
+            info = state.nodes[f.names[row] or ""]
+            n_gpu = int(f.gpu_count[row])
             condition = (
                 "stale" if info.stale else "cordoned" if info.cordoned else
                 "not-ready" if not info.ready else ""
@@ -457,12 +473,12 @@ def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.
                     pool=info.pool,
                     gpu_model=info.gpu_model,
                     gpus=n_gpu,
-                    gpu_milli_allocated=alloc.tolist(),
-                    cpu_millicores=cpu,
-                    cpu_millicores_allocated=cpu_alloc,
-                    memory_bytes=mem,
-                    memory_bytes_allocated=mem_alloc,
-                    schedulable=schedulable,
+                    gpu_milli_allocated=alloc_all[i, :n_gpu].tolist(),
+                    cpu_millicores=int(f.cpu_allocatable_millicores[row]),
+                    cpu_millicores_allocated=int(f.cpu_allocated_millicores[row]),
+                    memory_bytes=int(f.memory_allocatable_bytes[row]),
+                    memory_bytes_allocated=int(f.memory_allocated_bytes[row]),
+                    schedulable=int(f.flags[row]) == 0,
                     condition=condition,
                     zone=info.zone,
                 )

@@ -46,6 +46,7 @@ def test_names_follow_conventions(tmp_path: Path) -> None:
         if kind == "histogram":
             assert name.endswith("_seconds"), name
     assert 'fleetd_gpus{cluster="c1",gpu_model="T4"} 4.0' in text
+    assert 'fleetd_nodes{cluster="c1",condition="schedulable"} 1.0' in text
 
 
 def test_promtool_check_metrics(tmp_path: Path) -> None:
