@@ -443,6 +443,8 @@ def _start_kwok(
             f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
             f"--server-address=127.0.0.1:{port}",
             "--node-ip=10.244.0.1",
+            # Pod IPs: the default /24 would run out at 254 running pods per cluster.
+            "--cidr=10.128.0.0/14",
         ],
         stop_wave=2,
     )

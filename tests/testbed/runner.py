@@ -8,6 +8,7 @@ tests.testbed up`` are thin layers over it.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -153,6 +154,8 @@ def _sweep_abandoned_runs() -> None:
 
 def run_until_interrupted() -> int:
     """``python -m tests.testbed up``: start everything, print how to reach it, wait for Ctrl-C."""
+    # The readiness probe's refused connections are expected; do not print them.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     run = TestbedRun()
     try:
         broker = run.kafka()
