@@ -181,6 +181,9 @@ class KubeTestbed:
         servers: context -> ``https://127.0.0.1:<port>`` of its kube-apiserver.
         ca_path: the CA (self-signed serving certificate) the kubeconfig trusts.
         token: the bearer token of the admin user (group ``system:masters``).
+
+    The helpers use the blocking ``kubernetes`` client and poll with bounded timeouts;
+    from async tests call them through ``await asyncio.to_thread(kube.create_gpu_node, ...)``.
     """
 
     def __init__(
