@@ -209,18 +209,21 @@ _FIRST_CHUNK = 32
 
 class _Chunk:
     """Deeper scores of a group of candidate rows: scores[j][d] is the score of the
-    (d+2)-th pod of the run on row j (the first comes from the run's initial scores)."""
+    (d+2)-th pod of the run on row j (the first comes from the run's initial scores).
+    `base` is built on first use when the chunk stands for one state class (`cid`)."""
 
-    __slots__ = ("base", "base_pick", "depth", "last_pick", "last_view", "picks", "scores")
+    __slots__ = ("_base", "base_pick", "cid", "depth", "last_pick", "last_view", "picks", "scores")
 
-    def __init__(self, view: NodeView, pick: I64) -> None:
-        self.base = view
+    def __init__(self, view: NodeView | None, pick: I64, rows: int = 1, cid: int = -1) -> None:
+        self._base = view
+        self.cid = cid
         self.base_pick = pick
         self.last_view = view
         self.last_pick = pick
         self.depth = 0
-        self.scores: list[list[float]] = [[] for _ in range(len(view))]
-        self.picks: list[list[int]] = [[] for _ in range(len(view))]
+        n = len(view) if view is not None else rows
+        self.scores: list[list[float]] = [[] for _ in range(n)]
+        self.picks: list[list[int]] = [[] for _ in range(n)]
 
 
 def states_after(base: NodeView, c: Constraints, depths: I64) -> NodeView:
@@ -396,6 +399,8 @@ class _Engine:
         if by_state and all(getattr(p, "state_only", False) for p, _ in policy.terms):
             self.states = _States(fleet, self.free, self.usable, self.live_rows)
         # Per shape: scores, picks, room and a computed flag per class id.
+        # Per shape (keyed by its Constraints object): depth sequences per state class.
+        self.class_chunks: dict[int, dict[int, _Chunk]] = {}
         self.class_cache: dict[int, tuple[NDArray[np.float64], I64, I64, NDArray[np.bool_]]] = {}
 
     def topology(self, level: TopologyLevel) -> I64:
@@ -589,18 +594,15 @@ class _Engine:
                     hi = min(n, pos + chunk_size)
                     chunk_size *= 2
                     idx = order[pos:hi]
-                    if self.states is not None:
-                        # One chunk row per distinct state: identical nodes share sequences.
-                        cl = self.states.of[rows[idx]]
-                        uniq, first, inv = np.unique(cl, return_index=True, return_inverse=True)
-                        view = self.states.view(self.fleet, self.usable, uniq)
-                        new_chunk = _Chunk(view, p0[idx[first]])
-                        chunk_pos.extend(inv.reshape(-1).tolist())
+                    if self.states is not None and self.closed_form:
+                        # One sequence per distinct state and shape, kept across runs: a
+                        # state class never changes, so neither do its deeper scores.
+                        chunk_of.extend(self._class_chunks(c, idx, rows, p0, k - count))
+                        chunk_pos.extend([0] * (hi - pos))
                     else:
                         view = NodeView.of(self.fleet, self.free, rows[idx], self.usable)
-                        new_chunk = _Chunk(view, p0[idx])
+                        chunk_of.extend([_Chunk(view, p0[idx])] * (hi - pos))
                         chunk_pos.extend(range(hi - pos))
-                    chunk_of.extend([new_chunk] * (hi - pos))
                 if heap and (
                     ptr >= n
                     or heap[0][0] < neg_sorted[ptr]
@@ -637,6 +639,35 @@ class _Engine:
             placed_on[pos] = done
         return np.asarray(out_slots, np.int64), np.asarray(out_picks, np.int64)
 
+    def _class_chunks(
+        self, c: Constraints, idx: I64, rows: I64, p0: I64, remaining: int
+    ) -> list[_Chunk]:
+        """Per-class chunks (one row each) for candidate positions `idx`; classes met for
+        the first time get their first depths in one vectorized evaluation."""
+        states = self.states
+        assert states is not None
+        cache = self.class_chunks.setdefault(id(c), {})
+        cl = states.of[rows[idx]].tolist()
+        new = sorted({cid for cid in cl if cid not in cache})
+        if new:
+            ids = np.asarray(new, np.int64)
+            steps = max(1, min(_FIRST_DEPTH, remaining))
+            depths = np.arange(1, steps + 1, dtype=np.int64)
+            s, p = self.policy.evaluate(
+                states_after(states.view(self.fleet, self.usable, ids), c, depths), c
+            )
+            s = np.where(s == s, s, -np.inf)
+            s_rows = s.reshape(len(new), steps).tolist()
+            p_rows = p.reshape(len(new), steps).tolist()
+            first = {cid: j for j, cid in reversed(list(enumerate(cl)))}
+            for j, cid in enumerate(new):
+                chunk = _Chunk(None, p0[idx[first[cid]] : idx[first[cid]] + 1], cid=cid)
+                chunk.scores[0].extend(s_rows[j])
+                chunk.picks[0].extend(p_rows[j])
+                chunk.depth = steps
+                cache[cid] = chunk
+        return [cache[cid] for cid in cl]
+
     def _deepen(self, c: Constraints, chunk: _Chunk, steps: int) -> None:
         """Compute `steps` more depths of a chunk's rows, vectorized over the rows: in one
         evaluation of closed-form states when no plugin chooses GPUs, otherwise by
@@ -644,7 +675,13 @@ class _Engine:
         r = len(chunk.scores)
         if self.closed_form:
             depths = np.arange(chunk.depth + 1, chunk.depth + steps + 1, dtype=np.int64)
-            s, p = self.policy.evaluate(states_after(chunk.base, c, depths), c)
+            base = chunk._base
+            if base is None:  # a state-class chunk: its one row is the class's state
+                assert self.states is not None
+                base = chunk._base = self.states.view(
+                    self.fleet, self.usable, np.array([chunk.cid], np.int64)
+                )
+            s, p = self.policy.evaluate(states_after(base, c, depths), c)
             s = np.where(s == s, s, -np.inf)  # NaN never wins
             s_rows = s.reshape(r, steps).tolist()
             p_rows = p.reshape(r, steps).tolist()
@@ -654,6 +691,7 @@ class _Engine:
             chunk.depth += steps
             return
         v, pk = chunk.last_view, chunk.last_pick
+        assert v is not None  # stepwise chunks are built with a view
         cols_s: list[list[float]] = []
         cols_p: list[list[int]] = []
         for _ in range(steps):
