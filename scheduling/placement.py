@@ -390,6 +390,7 @@ class _Engine:
         self.cache: dict[int, tuple[I64, I64, NDArray[np.float64], I64, int]] = {}
         self.step = 0
         self.in_trial = False
+        self.last_cls = np.zeros(0, np.int64)  # classes of the rows _scored_by_state returned
         self._topology: dict[TopologyLevel, I64] = {}
         self.dirty_at = np.zeros(fleet.n_slots, np.int64)
         # Without a GPU-choosing plugin, deeper states have a closed form (states_after).
@@ -401,7 +402,7 @@ class _Engine:
         # Per shape: scores, picks, room and a computed flag per class id.
         # Per shape (keyed by its Constraints object): depth sequences per state class.
         self.class_chunks: dict[int, dict[int, _Chunk]] = {}
-        self.class_cache: dict[int, tuple[NDArray[np.float64], I64, I64, NDArray[np.bool_]]] = {}
+        self.class_cache: dict[int, tuple[NDArray[np.float64], I64, I64]] = {}
 
     def topology(self, level: TopologyLevel) -> I64:
         col = self._topology.get(level)
@@ -490,33 +491,56 @@ class _Engine:
         entry = self.class_cache.get(shape)
         if entry is None or entry[0].size < states.n:
             size = max(64, 2 * states.n)
-            score = np.zeros(size, np.float64)
+            score = np.full(size, np.nan)  # NaN: not computed yet for this class
             pick = np.zeros(size, np.int64)
             room = np.zeros(size, np.int64)
-            done = np.zeros(size, np.bool_)
             if entry is not None:
                 m = entry[0].size
-                score[:m], pick[:m], room[:m], done[:m] = entry
-            entry = self.class_cache[shape] = (score, pick, room, done)
-        score, pick, room, done = entry
-        todo = cls[~done[cls]]
-        if todo.size:
+                score[:m], pick[:m], room[:m] = entry
+            entry = self.class_cache[shape] = (score, pick, room)
+        score, pick, room = entry
+        sc = score[cls]
+        missing = np.isnan(sc)
+        if missing.any():
             mark = np.zeros(states.n, np.bool_)
-            mark[todo] = True
+            mark[cls[missing]] = True
             todo = np.flatnonzero(mark)
             s, p = self.policy.evaluate(states.view(self.fleet, self.usable, todo), c)
-            score[todo] = np.where(s == s, s, -np.inf)  # NaN never wins
+            score[todo] = np.where(s == s, s, -np.inf)  # a NaN score never wins
             pick[todo] = p
             room[todo] = pod_capacity(states.free_of(), c, todo, _NO_LIMIT)
-            done[todo] = True
+            sc = score[cls]
         cap = room[cls]
         keep = cap > 0
         if not keep.all():
-            rows, cls, cap = rows[keep], cls[keep], cap[keep]
+            rows, cls, cap, sc = rows[keep], cls[keep], cap[keep], sc[keep]
             if not self.in_trial:
                 # Outside gang trials free resources only shrink: a full row stays full.
                 self.rows[shape] = rows
-        return rows, cap, score[cls], pick[cls]
+        self.last_cls = cls
+        return rows, cap, sc, pick[cls]
+
+    def _order_by_state(self, cls: I64, shape: int, k: int) -> I64:
+        """Positions of the best rows (score desc, slot asc), at least k of them if there
+        are: nodes of one state class share a score, so rank the few classes, then sort
+        rows by rank with a stable (radix) sort of small integers."""
+        states = self.states
+        assert states is not None
+        score = self.class_cache[shape][0]
+        present = np.flatnonzero(np.bincount(cls, minlength=states.n))
+        sc = score[present]
+        o = np.argsort(-sc, kind="stable")
+        ss = sc[o]
+        dense = np.cumsum(np.concatenate(([0], (ss[1:] != ss[:-1]).astype(np.int64))))
+        rank_of = np.zeros(states.n, np.int32)
+        rank_of[present[o]] = dense
+        row_rank = rank_of[cls]
+        if k < row_rank.size // 4:
+            per_rank = np.cumsum(np.bincount(row_rank))
+            cut = int(np.searchsorted(per_rank, k))  # first rank reaching k rows
+            sel = np.flatnonzero(row_rank <= cut)
+            return sel[np.argsort(row_rank[sel], kind="stable")]
+        return np.argsort(row_rank, kind="stable")
 
     def run(self, shape: int, k: int, domain: tuple[I64, int] | None = None) -> tuple[I64, I64]:
         """Place up to k pods of one shape (only on nodes whose topology column `domain[0]`
@@ -534,14 +558,18 @@ class _Engine:
             j = int(np.argmax(s0))  # first maximum: rows ascending, so the lowest slot
             slots, picks = rows[j : j + 1].copy(), p0[j : j + 1].copy()
         else:
-            if k < n // 4:
+            if self.states is not None:
+                cls = self.last_cls if domain is None else self.last_cls[inside]
+                order = self._order_by_state(cls, shape, k)
+            elif k < n // 4:
                 # Only the best k untouched nodes can be reached: sort just those (and ties).
                 kth = np.partition(s0, n - k)[n - k]
                 top = np.flatnonzero(s0 >= kth)
                 order = top[np.argsort(-s0[top], kind="stable")]
             else:
                 order = np.argsort(-s0, kind="stable")  # rows ascending: ties -> lowest slot
-            slots, picks = self._merge(c, k, rows, np.minimum(cap, k), s0, p0, order)
+            # At most k untouched nodes are ever reached.
+            slots, picks = self._merge(c, k, rows, np.minimum(cap, k), s0, p0, order[:k])
         self.apply(c, slots, picks, sign=-1)
         return slots, picks
 
@@ -619,23 +647,29 @@ class _Engine:
             # (packing policies fill a node this way without touching the heap).
             slot = slot_sorted[pos]
             chunk, j = chunk_of[pos], chunk_pos[pos]
-            done = placed_on[pos]
+            start = done = placed_on[pos]
             limit = min(cap_sorted[pos], done + k - count)
             while True:
-                out_slots.append(slot)
-                out_picks.append(pick_sorted[pos] if done == 0 else chunk.picks[j][done - 1])
                 done += 1
-                count += 1
                 if done >= limit:
                     break
                 if chunk.depth < done:
                     want = max(2 * chunk.depth, _FIRST_DEPTH)
-                    self._deepen(c, chunk, min(want, k - count))
+                    self._deepen(c, chunk, min(want, k - count - (done - start)))
                 neg = -chunk.scores[j][done - 1]
                 if neg < a_neg or (neg == a_neg and slot < a_slot):
                     continue
                 heapq.heappush(heap, (neg, slot, pos))
                 break
+            # Pods start..done-1 of this node: the first pick from the run's initial
+            # scores (depth 0), the others from the node's deeper picks.
+            out_slots.extend([slot] * (done - start))
+            if start == 0:
+                out_picks.append(pick_sorted[pos])
+                out_picks.extend(chunk.picks[j][: done - 1])
+            else:
+                out_picks.extend(chunk.picks[j][start - 1 : done - 1])
+            count += done - start
             placed_on[pos] = done
         return np.asarray(out_slots, np.int64), np.asarray(out_picks, np.int64)
 
