@@ -185,7 +185,9 @@ class LimitsConfig(_Strict):
 
     max_cpu_millicores: int = Field(1_024_000, gt=0, description="Per pod.")
     max_memory_bytes: int = Field(16 * 1024 * GIB, gt=0, description="Per pod.")
-    max_gpus_per_pod: int = Field(16, gt=0, le=1024, description="Whole GPUs per pod.")
+    max_gpus_per_pod: int = Field(
+        16, gt=0, le=63, description="Whole GPUs per pod (the core: <= 63)."
+    )
     max_gang_pods: int = Field(1024, gt=0, description="Pods per gang.")
     max_queued_workloads: int = Field(
         100_000, ge=0, description="Queue bound: a Place that would queue beyond it is refused."

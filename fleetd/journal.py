@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS reservations (
     fingerprint   TEXT NOT NULL,
     pods          TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS decisions (
+    seq   INTEGER PRIMARY KEY,
+    body  TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -122,8 +126,11 @@ class Journal:
             (key, value),
         )
 
-    def put(self, res: Reservation, last_seq: int) -> None:
-        """Insert or replace a reservation and record the last decision seq, atomically."""
+    #: Decisions kept for WatchDecisions resume across restarts (set from the config).
+    retain_decisions = 100_000
+
+    def put(self, res: Reservation, last_seq: int, decision: str = "") -> None:
+        """Insert or replace a reservation with its decision (JSON), atomically."""
         pods = json.dumps([asdict(p) for p in res.pods], separators=(",", ":"))
         with self._transaction():
             self._db.execute(
@@ -140,17 +147,27 @@ class Journal:
                     pods,
                 ),
             )
-            self._set_seq(last_seq)
+            self._set_seq(last_seq, decision)
 
-    def delete(self, workload_id: str, last_seq: int) -> None:
-        """Forget a released, expired or finished reservation, recording the decision seq."""
+    def delete(self, workload_id: str, last_seq: int, decision: str = "") -> None:
+        """Forget a released, expired or finished reservation with its decision, atomically."""
         with self._transaction():
             self._db.execute("DELETE FROM reservations WHERE workload_id = ?", (workload_id,))
-            self._set_seq(last_seq)
+            self._set_seq(last_seq, decision)
 
-    def record_seq(self, last_seq: int) -> None:
-        """Record the last decision seq alone (decisions that hold nothing)."""
-        self._set_seq(last_seq)
+    def record_seq(self, last_seq: int, decision: str = "") -> None:
+        """Record a decision that holds nothing (queued, unschedulable, ...)."""
+        with self._transaction():
+            self._set_seq(last_seq, decision)
+
+    def decisions(self, limit: int) -> list[str]:
+        """The last `limit` recorded decisions (JSON), oldest first."""
+        rows = self._db.execute(
+            "SELECT body FROM (SELECT seq, body FROM decisions ORDER BY seq DESC LIMIT ?) "
+            "ORDER BY seq",
+            (limit,),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
 
     def last_seq(self) -> int:
         """The last decision sequence number handed out (0 on a new journal)."""
@@ -177,8 +194,14 @@ class Journal:
                 pods=pods,
             )
 
-    def _set_seq(self, last_seq: int) -> None:
+    def _set_seq(self, last_seq: int, decision: str = "") -> None:
         self.set_meta("last_seq", str(last_seq))
+        if decision:
+            self._db.execute("INSERT OR REPLACE INTO decisions VALUES (?, ?)", (last_seq, decision))
+            if last_seq % 1024 == 0:  # prune now and then, not on every write
+                self._db.execute(
+                    "DELETE FROM decisions WHERE seq <= ?", (last_seq - self.retain_decisions,)
+                )
 
     class _Tx:
         def __init__(self, db: sqlite3.Connection) -> None:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -311,6 +312,11 @@ class FleetState:
         #: Set once every expected source has synced (set now: none expected yet).
         self.ready_event = asyncio.Event()
         self.ready_event.set()
+        journal.retain_decisions = config.limits.decision_history
+        # Decisions made before a restart stay resumable (WatchDecisions after_seq).
+        self.history.extend(
+            decode_decision(body) for body in journal.decisions(config.limits.decision_history)
+        )
         for record in journal.reservations():
             self.held[record.workload_id] = _Held(
                 record, [None] * len(record.pods), [None] * len(record.pods)
@@ -617,19 +623,18 @@ class FleetState:
         pods = tuple(replace(p, confirmed=True) for p in held.record.pods)
         seq = self._next_seq()
         held.record = replace(held.record, state="confirmed", pods=pods)
-        self.journal.put(held.record, seq)
-        self._publish(
-            Decision(
-                seq=seq,
-                time_s=now,
-                kind="confirm",
-                workload_id=wid,
-                team=held.record.team,
-                result="placed",
-                placements=pods,
-                reservation_state="confirmed",
-            )
+        decision = Decision(
+            seq=seq,
+            time_s=now,
+            kind="confirm",
+            workload_id=wid,
+            team=held.record.team,
+            result="placed",
+            placements=pods,
+            reservation_state="confirmed",
         )
+        self.journal.put(held.record, seq, encode_decision(decision))
+        self._publish(decision)
 
     # -- periodic sweeps -----------------------------------------------------------------------
 
@@ -668,6 +673,7 @@ class FleetState:
             self.target.shapes.extend(old.shapes)
         self.config = config
         self.policy = self._build_policy(config)
+        self.journal.retain_decisions = config.limits.decision_history
         if self.history.maxlen != config.limits.decision_history:
             self.history = collections.deque(self.history, maxlen=config.limits.decision_history)
 
@@ -789,19 +795,18 @@ class FleetState:
         if enqueue:
             priority = self.config.team_priority(req.team) + req.priority
             self.queue[req.workload_id] = _Queued(req, priority, seq, now)
-        self.journal.record_seq(seq)
-        return self._publish(
-            Decision(
-                seq=seq,
-                time_s=now,
-                kind="place",
-                workload_id=req.workload_id,
-                team=req.team,
-                result=result,
-                explanation=explanation,
-                replayed=was_queued,
-            )
+        decision = Decision(
+            seq=seq,
+            time_s=now,
+            kind="place",
+            workload_id=req.workload_id,
+            team=req.team,
+            result=result,
+            explanation=explanation,
+            replayed=was_queued,
         )
+        self.journal.record_seq(seq, encode_decision(decision))
+        return self._publish(decision)
 
     def submit(self, req: WorkloadRequest) -> asyncio.Future[Decision]:
         """Queue a Place for the next batch (concurrent callers share one core call).
@@ -872,10 +877,9 @@ class FleetState:
         if queued is None:
             raise NotFound(f"workload_id {workload_id!r} holds no reservation and is not queued")
         seq = self._next_seq()
-        self.journal.record_seq(seq)
-        return self._publish(
-            Decision(seq, now, "release", workload_id, queued.request.team, "", ())
-        )
+        decision = Decision(seq, now, "release", workload_id, queued.request.team, "", ())
+        self.journal.record_seq(seq, encode_decision(decision))
+        return self._publish(decision)
 
     def _build_policy(self, config: Config) -> scheduling.Policy:
         spec = engine.policy_spec(config.scheduling.policy, config.scheduling.weights)
@@ -952,27 +956,26 @@ class FleetState:
             fingerprint=req.fingerprint,
             pods=pods,
         )
+        decision = Decision(
+            seq=seq,
+            time_s=now,
+            kind="place",
+            workload_id=req.workload_id,
+            team=req.team,
+            result="placed",
+            placements=pods,
+            reservation_state="pending",
+            expires_at_s=record.expires_at_s,
+        )
         try:
-            self.journal.put(record, seq)
+            self.journal.put(record, seq, encode_decision(decision))
         except Exception:
             # Not durable means not granted: undo the allocation exactly.
             for alloc in slots:
                 self.fleet.free(alloc)
             raise
         self.held[req.workload_id] = _Held(record, list(slots), [None] * len(pods))
-        return self._publish(
-            Decision(
-                seq=seq,
-                time_s=now,
-                kind="place",
-                workload_id=req.workload_id,
-                team=req.team,
-                result="placed",
-                placements=pods,
-                reservation_state="pending",
-                expires_at_s=record.expires_at_s,
-            )
-        )
+        return self._publish(decision)
 
     def _reserved_pods(
         self, req: WorkloadRequest, allocs: Iterable[Allocation]
@@ -1009,11 +1012,12 @@ class FleetState:
             else:
                 self.fleet.free(slot)
         seq = self._next_seq()
-        self.journal.delete(wid, seq)
         expl = Explanation(0, 0, (), reason)
-        decision = self._publish(
-            Decision(seq, now, kind, wid, held.record.team, "", held.record.pods, expl, state)
+        decision = Decision(
+            seq, now, kind, wid, held.record.team, "", held.record.pods, expl, state
         )
+        self.journal.delete(wid, seq, encode_decision(decision))
+        self._publish(decision)
         self._retry_queue(now)
         return decision
 
@@ -1150,6 +1154,24 @@ class FleetState:
     def nodes_stale(self) -> int:
         """Nodes currently marked stale."""
         return sum(1 for info in self.nodes.values() if info.stale)
+
+
+def encode_decision(d: Decision) -> str:
+    """A decision as compact JSON (the journal keeps recent ones for resume)."""
+    return json.dumps(asdict(d), separators=(",", ":"))
+
+
+def decode_decision(body: str) -> Decision:
+    """The inverse of `encode_decision`."""
+    raw = json.loads(body)
+    raw["placements"] = tuple(
+        ReservedPod(**{**p, "gpu_indices": tuple(p["gpu_indices"])}) for p in raw["placements"]
+    )
+    expl = raw.get("explanation")
+    if expl is not None:
+        expl["reasons"] = tuple(tuple(r) for r in expl["reasons"])
+        raw["explanation"] = Explanation(**expl)
+    return Decision(**raw)
 
 
 def up_invalid(message: str) -> ValueError:

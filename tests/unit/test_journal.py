@@ -40,3 +40,14 @@ def test_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "dir.sqlite3").mkdir()
     with pytest.raises(JournalError, match="cannot open journal"):
         Journal(tmp_path / "dir.sqlite3")
+
+
+def test_decisions_are_kept_for_resume(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite3")
+    j.retain_decisions = 3
+    for seq in range(1, 1030):
+        j.record_seq(seq, f'{{"seq": {seq}}}')
+    again = Journal(tmp_path / "j.sqlite3")
+    assert again.decisions(2) == ['{"seq": 1028}', '{"seq": 1029}']
+    # Pruned now and then (every 1024 seqs) down to the retained window.
+    assert len(again.decisions(10_000)) == 1029 - 1024 + 3

@@ -354,3 +354,23 @@ async def test_concurrent_submits_share_one_batch(tmp_path: Path, clock: FakeClo
     assert sizes == [20]
     assert [d.result for d in decisions] == ["placed"] * 16 + ["queued"] * 4
     assert max(max(g) for g in gpu_usage(state)) <= 1000
+
+
+async def test_decisions_survive_a_restart_for_resume(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "j.db"
+    state = make_state(path, clock)
+    for i in range(4):
+        state.place(request(f"w{i}", gpus=2))
+    state.release("w1")
+    state.place(request("big", gpus=16))  # unschedulable: a decision without a reservation
+    before = list(state.history)
+    restarted = make_state(path, clock)  # the old connection was never closed ("kill -9")
+    assert list(restarted.history) == before
+    stream = restarted.watch(after_seq=3)
+    got = [await anext(stream) for _ in range(3)]
+    assert [(d.kind, d.workload_id) for d in got] == [
+        ("place", "w3"), ("release", "w1"), ("place", "big"),
+    ]  # fmt: skip
+    assert got[2].explanation is not None
+    assert got[2].explanation.reasons == before[-1].explanation.reasons  # type: ignore[union-attr]
+    await stream.aclose()

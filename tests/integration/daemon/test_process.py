@@ -124,6 +124,15 @@ async def test_kill9_then_restart_restores_every_reservation(config_path: Path) 
     try:
         channel, client = await restarted.client()
         assert await allocated_gpu_milli(client) == held
+        # Decisions made before the kill are still resumable.
+        stream = client.placement.WatchDecisions(placement_pb2.WatchDecisionsRequest(after_seq=2))
+        got = []
+        async for d in stream:
+            got.append((d.seq, d.workload_id))
+            if len(got) == 3:
+                break
+        stream.cancel()
+        assert got == [(3, "w2"), (4, "w3"), (5, "w4")]
         for wid in sorted(placed):
             if wid == "w0":
                 continue
