@@ -4,8 +4,9 @@ Every mutation (telemetry, watches, Place, Release, confirmation, expiry, stalen
 synchronous method of `FleetState` called on the daemon's event loop thread. None of them
 awaits, so each runs to completion before any other coroutine is scheduled: that is the one
 serialized path that makes "never oversubscribed" true for any number of concurrent Place
-calls. (A mutation from another thread raises: Kubernetes watch threads must hop onto the
-loop, e.g. with `asyncio.run_coroutine_threadsafe(state.apply(update), loop)`.)
+calls (which `submit` gathers into batches, one core call each; the core's `Fleet.allocate`
+re-checks every commit). A mutation from another thread raises: Kubernetes watch threads
+must hop onto the loop, e.g. `asyncio.run_coroutine_threadsafe(state.apply(update), loop)`.
 
 Reservations are written to the journal before a Place reply leaves; on start, the journal's
 reservations are restored and re-allocated as their nodes appear, and Place is refused
@@ -423,7 +424,8 @@ class FleetState:
         except ValueError as exc:
             self.invalid_updates += 1
             self.metrics.update_ignored("invalid")
-            raise up_invalid(f"node {key}: {exc}") from exc
+            # A ValueError tells the source to dead-letter the update, naming the problem.
+            raise ValueError(f"node {key}: {exc}") from exc
         for dev in u.gpus:
             if 0 <= dev.index < gpu_count:
                 self.fleet.set_gpu_health(key, dev.index, dev.healthy)
@@ -1172,11 +1174,6 @@ def decode_decision(body: str) -> Decision:
         expl["reasons"] = tuple(tuple(r) for r in expl["reasons"])
         raw["explanation"] = Explanation(**expl)
     return Decision(**raw)
-
-
-def up_invalid(message: str) -> ValueError:
-    """The error a source gets for an update that cannot be applied (it dead-letters it)."""
-    return ValueError(message)
 
 
 def fingerprint(payload: bytes) -> str:
