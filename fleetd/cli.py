@@ -1,4 +1,4 @@
-"""The `fleetd` command line: `fleetd serve | demo` (and `agent`, from the sources)."""
+"""The `fleetd` command line: `fleetd serve | demo | explain | agent`."""
 
 from __future__ import annotations
 
@@ -38,12 +38,60 @@ def build_parser() -> argparse.ArgumentParser:
         "--chart", type=Path, default=Path("out/demo-allocation.png"), help="PNG chart path"
     )
     demo.add_argument("--config", type=Path, help="YAML config for the demo daemon")
+    explain = sub.add_parser(
+        "explain", help="ask a running daemon whether a pod would fit now, where, and if not why"
+    )
+    explain.add_argument("--addr", default="127.0.0.1:50051", help="daemon gRPC address")
+    explain.add_argument("--gpus", type=int, default=0, help="whole GPUs")
+    explain.add_argument("--gpu-milli", type=int, default=0, help="a share of one GPU, 1..999")
+    explain.add_argument("--cpu-millicores", type=int, default=1000)
+    explain.add_argument("--memory-gib", type=float, default=4.0)
+    explain.add_argument("--model", action="append", default=[], help="allowed GPU model")
+    explain.add_argument("--cluster", default="", help="restrict to this cluster")
+    explain.add_argument("--pool", default="", help="restrict to this node pool")
+    explain.add_argument("--team", default="cli")
+    explain.add_argument("--timeout-s", type=float, default=10.0)
     from fleetd import agent
 
     agent.build_parser(
         sub.add_parser("agent", help="publish one Kubernetes cluster's telemetry to Kafka")
     )
     return parser
+
+
+def explain(args: argparse.Namespace) -> int:
+    """`fleetd explain`: one Explain RPC, printed for a person."""
+    import grpc
+
+    from fleetd.v1 import placement_pb2, placement_pb2_grpc, types_pb2
+
+    pod = types_pb2.PodSpec(
+        cpu_millicores=args.cpu_millicores,
+        memory_bytes=int(args.memory_gib * 2**30),
+        gpu_count=args.gpus,
+        gpu_milli=args.gpu_milli,
+        gpu_models=args.model,
+    )
+    workload = types_pb2.Workload(
+        workload_id="fleetd-cli-explain", team=args.team, pod=pod, cluster=args.cluster,
+        pool=args.pool,
+    )  # fmt: skip
+    with grpc.insecure_channel(args.addr) as channel:
+        try:
+            reply = placement_pb2_grpc.PlacementStub(channel).Explain(
+                placement_pb2.ExplainRequest(workload=workload), timeout=args.timeout_s
+            )
+        except grpc.RpcError as exc:
+            print(f"fleetd explain: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    result = types_pb2.DecisionResult.Name(reply.result).removeprefix("DECISION_RESULT_")
+    print(f"{result.lower()}: {'fits now' if reply.fits else reply.explanation.summary}")
+    for p in reply.placements:
+        gpus = ",".join(str(g) for g in p.gpu_indices) or "-"
+        print(f"  {p.pod_name}: {p.cluster}/{p.node} (pool {p.pool}) GPUs {gpus} x {p.gpu_milli}m")
+    for r in reply.explanation.reasons:
+        print(f"  {r.nodes:>6} nodes  {r.code}: {r.message}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         daemon.configure_logging(cfg.logging)
         return asyncio.run(daemon.serve(cfg, args.config))
+    if args.command == "explain":
+        return explain(args)
     if args.command == "demo":
         from fleetd import demo
 

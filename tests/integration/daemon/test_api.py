@@ -264,3 +264,23 @@ async def test_watch_scale_decisions_streams_and_resumes(fleetd: tuple[Daemon, C
         assert d.id == down.id
         break
     resumed.cancel()
+
+
+async def test_cli_explain(
+    fleetd: tuple[Daemon, Client], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fleetd import cli
+
+    daemon, _ = fleetd
+    addr = f"127.0.0.1:{daemon.grpc_port}"
+    code = await asyncio.to_thread(cli.main, ["explain", "--addr", addr, "--gpus", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("placed: fits now")
+    code = await asyncio.to_thread(
+        cli.main, ["explain", "--addr", addr, "--gpus", "2", "--model", "B200"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("unschedulable: 0/24 nodes are available")
+    assert "GPU_MODEL" in out
