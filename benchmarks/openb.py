@@ -77,11 +77,16 @@ def parse_seeds(text: str) -> list[int]:
 
 def parse_policies(text: str) -> list[str]:
     """Comma-separated policies; each a scorer name or weighted terms joined by "+"
-    (e.g. "fgd-cpu,best-fit,gpu-packing:1+best-fit:1")."""
+    (e.g. "fgd-cpu,best-fit,gpu-packing:1+best-fit:1"), optionally suffixed "@random" or
+    "@index" to force the node order that breaks ties (default: the artifact's random order
+    for "fgd", the trace's order otherwise)."""
     names = [p.strip() for p in text.split(",") if p.strip()]
     known = set(scorer_names())
     unknown = [
-        p for p in names if any(t.partition(":")[0].strip() not in known for t in p.split("+"))
+        p
+        for p in names
+        if p.partition("@")[2] not in ("", "random", "index")
+        or any(t.partition(":")[0].strip() not in known for t in p.partition("@")[0].split("+"))
     ]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
@@ -112,15 +117,14 @@ def run_seed(
     p = pods.trace
     order = arrival_order(p.gpu_request_milli, p.gpu_milli, nodes.trace.total_gpu_milli, ratio, rng)
     node_order = rng.permutation(nodes.trace.n_nodes).astype(np.int64)
-    slot_node = (
-        node_order
-        if policy in RANDOM_NODE_ORDER
-        else np.arange(nodes.trace.n_nodes, dtype=np.int64)
-    )
+    # "NAME@random" / "NAME@index" force the tie-break node order (default: random for fgd).
+    name, _, forced = policy.partition("@")
+    random_order = forced == "random" if forced else name in RANDOM_NODE_ORDER
+    slot_node = node_order if random_order else np.arange(nodes.trace.n_nodes, dtype=np.int64)
     fleet = build_fleet(nodes.trace, nodes.names, slot_node)
     model_ids = fleet_model_ids(fleet, nodes.trace.models)
     typical = fleet_typical_pods(p, model_ids, len(fleet.gpu_models))
-    chosen = make_policy(policy, typical)
+    chosen = make_policy(name, typical)
     start = time.perf_counter()
     result = replay(fleet, slot_node, p, pods.specs, order, chosen)
     seconds = time.perf_counter() - start
@@ -243,6 +247,7 @@ def run_trace(
         "trace": workload,
         "alloc_pct": ours,
         "fgd_alloc_pct": published.get("FGD", {}),
+        "published_alloc_pct": published,
         "seconds_per_seed": seconds,
     }
 
@@ -320,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     str(r["trace"]): {
                         "alloc_pct": r["alloc_pct"],
                         "fgd_alloc_pct": r["fgd_alloc_pct"],
+                        "published_alloc_pct": r["published_alloc_pct"],
                     }
                     for r in results
                 },
