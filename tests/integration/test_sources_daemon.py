@@ -1,0 +1,222 @@
+"""The daemon with real sources: Kafka only, Kubernetes only, and both for different
+clusters; what the sources deliver is visible through the gRPC API (snapshot, Explain)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from fleetd import config
+from fleetd.daemon import Daemon
+from fleetd.loadgen import produce
+from fleetd.sources.codec import encode_node, node_key
+from fleetd.sources.updates import GpuDevice, NodeUpdate, Resources
+from fleetd.v1 import fleet_pb2, fleet_pb2_grpc, placement_pb2, placement_pb2_grpc, types_pb2
+from tests.integration.sources_support import AWAIT_S, create_topic, unique
+from tests.testbed.procs import async_wait_until
+
+pytestmark = pytest.mark.testbed
+
+GIB = 1024**3
+KWOK_TOLERATION = types_pb2.Toleration(
+    key="kwok.x-k8s.io/node", operator="Equal", value="fake", effect="NoSchedule"
+)
+
+
+class Client:
+    """The stubs these tests use, over one channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.fleet = fleet_pb2_grpc.FleetStub(channel)
+        self.placement = placement_pb2_grpc.PlacementStub(channel)
+
+
+Start = Callable[..., Awaitable[tuple[Daemon, Client]]]
+
+
+@pytest.fixture
+async def start(tmp_path: Path) -> AsyncIterator[Start]:
+    """Start a daemon on `sections` (no simulated fleet); await its readiness."""
+    started: list[tuple[Daemon, grpc.aio.Channel]] = []
+
+    async def go(**sections: Any) -> tuple[Daemon, Client]:
+        sections.setdefault("sources", {}).setdefault("simulated", {"enabled": False})
+        data = {
+            "server": {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
+            "journal": {"path": str(tmp_path / "journal.sqlite3")},
+            "logging": {"level": "WARNING"},
+            **sections,
+        }
+        path = tmp_path / "fleetd.yaml"
+        path.write_text(yaml.safe_dump(data))
+        daemon = Daemon(config.load(path), path)
+        await daemon.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{daemon.grpc_port}")
+        started.append((daemon, channel))
+        assert daemon.state is not None
+        await asyncio.wait_for(daemon.state.ready_event.wait(), AWAIT_S)
+        return daemon, Client(channel)
+
+    yield go
+    for daemon, channel in started:
+        await channel.close()
+        await daemon.stop()
+
+
+def _report(cluster: str, name: str, seq: int, gpus: int = 8) -> tuple[bytes, bytes]:
+    res = Resources(cpu_millicores=96_000, memory_bytes=768 * GIB, gpus=gpus, pods=110)
+    node = NodeUpdate(
+        cluster=cluster, name=name, sequence=seq, capacity=res, allocatable=res,
+        node_pool="h100", zone="z1", gpu_model="H100",
+        gpus=tuple(GpuDevice(i, "H100", 80 * GIB, True) for i in range(gpus)), pods=(),
+    )  # fmt: skip
+    record = encode_node(dataclasses.replace(node), sequence=seq, observed_unix_ms=1)
+    return node_key(cluster, name), record.SerializeToString()
+
+
+async def _nodes(client: Client, cluster: str) -> dict[str, fleet_pb2.Node]:
+    """The nodes fleet state holds for `cluster` (none: the cluster is not known)."""
+    try:
+        snap = await client.fleet.GetSnapshot(
+            fleet_pb2.GetSnapshotRequest(cluster=cluster, include_nodes=True)
+        )
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+        return {}
+    return {n.name: n for n in snap.nodes}
+
+
+async def _until(what: str, probe: Callable[[], Awaitable[bool]]) -> None:
+    async def check() -> bool:
+        return await probe()
+
+    await async_wait_until(what, check, timeout_s=AWAIT_S, interval_s=0.1)
+
+
+def _kafka_section(bootstrap: str, topic: str, clusters: list[str]) -> dict[str, Any]:
+    return {
+        "enabled": True,
+        "bootstrap_servers": bootstrap,
+        "topic": topic,
+        "dead_letter_topic": f"{topic}.dlq",
+        "group_id": unique("fleetd"),
+        "clusters": clusters,
+    }
+
+
+async def test_kafka_only_nodes_arrive_go_stale_and_come_back(
+    start: Start, kafka_bootstrap: str
+) -> None:
+    topic = unique("daemon-telemetry")
+    await create_topic(kafka_bootstrap, topic)
+    # Readiness waits for edge-1's first report: publish before starting.
+    await produce(kafka_bootstrap, topic, [_report("edge-1", f"n{i}", 1 + i) for i in range(3)])
+    _, client = await start(
+        sources={"kafka": _kafka_section(kafka_bootstrap, topic, ["edge-1"])},
+        staleness={"node_stale_after_s": 1.0, "check_interval_s": 0.1},
+    )
+    nodes = await _nodes(client, "edge-1")
+    assert sorted(nodes) == ["n0", "n1", "n2"]
+    assert nodes["n0"].gpus == 8
+    status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+    assert any(s.source == "kafka" and s.cluster == "edge-1" and s.synced for s in status.sources)
+
+    # Silence: every node goes stale (unschedulable) ...
+    async def all_stale() -> bool:
+        return all(not n.schedulable for n in (await _nodes(client, "edge-1")).values())
+
+    await _until("edge-1 nodes stale", all_stale)
+    assert (await _nodes(client, "edge-1"))["n0"].condition == "stale"
+    # ... and n0 comes back with its next report.
+    await produce(kafka_bootstrap, topic, [_report("edge-1", "n0", 100)])
+
+    async def n0_back() -> bool:
+        return (await _nodes(client, "edge-1"))["n0"].schedulable
+
+    await _until("n0 schedulable again", n0_back)
+
+
+def _explain(pool: str, cluster: str, gpus: int = 8) -> placement_pb2.ExplainRequest:
+    pod = types_pb2.PodSpec(
+        cpu_millicores=1000, memory_bytes=GIB, gpu_count=gpus, tolerations=[KWOK_TOLERATION]
+    )
+    return placement_pb2.ExplainRequest(
+        workload=types_pb2.Workload(
+            workload_id=unique("w"), team="ml", pod=pod, cluster=cluster, pool=pool
+        )
+    )
+
+
+async def test_kubernetes_only_node_added_cordoned_removed_shows_in_placement(
+    start: Start, kube: Any
+) -> None:
+    _, client = await start(
+        sources={"kubernetes": {"enabled": True, "kubeconfig": str(kube.kubeconfig_path)}}
+    )
+    a, b = kube.contexts
+    status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+    assert {(s.source, s.cluster) for s in status.sources} >= {("kubernetes", a), ("kubernetes", b)}
+
+    pool, name = unique("pool"), unique("gpu")
+    await asyncio.to_thread(kube.create_gpu_node, b, name, gpus=8, pool=pool)
+
+    async def fits() -> bool:
+        try:
+            resp = await client.placement.Explain(_explain(pool, b))
+        except grpc.aio.AioRpcError as exc:
+            # The pool (and the cluster, if it has no other node) is unknown until it comes.
+            assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+            return False
+        return resp.fits
+
+    await _until(f"an 8-GPU pod fits on {b}/{name}", fits)
+    await asyncio.to_thread(kube.core_v1(b).patch_node, name, {"spec": {"unschedulable": True}})
+
+    async def cordoned() -> bool:
+        node = (await _nodes(client, b)).get(name)
+        return node is not None and not node.schedulable
+
+    await _until(f"{name} cordoned in fleet state", cordoned)
+    assert not (await client.placement.Explain(_explain(pool, b))).fits
+    await asyncio.to_thread(kube.delete_node, b, name)
+
+    async def gone() -> bool:
+        return name not in await _nodes(client, b)
+
+    await _until(f"{name} removed from fleet state", gone)
+
+
+async def test_kafka_and_kubernetes_for_different_clusters(
+    start: Start, kube: Any, kafka_bootstrap: str
+) -> None:
+    topic = unique("daemon-mixed")
+    await create_topic(kafka_bootstrap, topic)
+    await produce(kafka_bootstrap, topic, [_report("edge-2", "k0", 1)])
+    a = kube.contexts[0]
+    node = unique("mixed")
+    await asyncio.to_thread(kube.create_gpu_node, a, node, gpus=2, wait_ready=False)
+    _, client = await start(
+        sources={
+            "kafka": _kafka_section(kafka_bootstrap, topic, ["edge-2"]),
+            "kubernetes": {
+                "enabled": True,
+                "kubeconfig": str(kube.kubeconfig_path),
+                "contexts": [a],
+            },
+        }
+    )
+    assert "k0" in await _nodes(client, "edge-2")
+    assert node in await _nodes(client, a)
+    status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+    assert {(s.source, s.cluster) for s in status.sources} == {
+        ("kafka", "edge-2"),
+        ("kubernetes", a),
+    }
+    await asyncio.to_thread(kube.delete_node, a, node)
