@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -182,28 +183,38 @@ class KafkaSource:
                 offsets[tp] = records[-1].offset + 1
         chosen: list[tuple[int, Update]] = []
         duplicates = superseded = 0
-        for group_records in by_key.values():
-            candidates = []
-            for pos, rec in group_records:
-                try:
-                    candidates.append((parse(rec.key, rec.value), pos, rec))
-                except InvalidTelemetry as exc:
-                    dead.append((pos, rec, exc))
-            if len(candidates) > 1:
-                candidates.sort(key=lambda c: (c[0].sequence, c[1]), reverse=True)
-            for i, (parsed, pos, rec) in enumerate(candidates):
-                try:
-                    update = to_update(parsed)
-                except InvalidTelemetry as exc:
-                    dead.append((pos, rec, exc))
-                    continue
-                superseded += len(candidates) - i - 1
-                if self._gate.admit(update):
-                    chosen.append((pos, update))
-                    self._seen_clusters.add(update.cluster)
-                else:
-                    duplicates += 1
-                break
+        # Decoding allocates some thirty acyclic objects per record; left on, the cyclic
+        # collector runs many times per poll and each full run walks the whole fleet state
+        # (measured: up to twice the poll's time). Reference counting frees what the poll
+        # drops; collection resumes right after.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for group_records in by_key.values():
+                candidates = []
+                for pos, rec in group_records:
+                    try:
+                        candidates.append((parse(rec.key, rec.value), pos, rec))
+                    except InvalidTelemetry as exc:
+                        dead.append((pos, rec, exc))
+                if len(candidates) > 1:
+                    candidates.sort(key=lambda c: (c[0].sequence, c[1]), reverse=True)
+                for i, (parsed, pos, rec) in enumerate(candidates):
+                    try:
+                        update = to_update(parsed)
+                    except InvalidTelemetry as exc:
+                        dead.append((pos, rec, exc))
+                        continue
+                    superseded += len(candidates) - i - 1
+                    if self._gate.admit(update):
+                        chosen.append((pos, update))
+                        self._seen_clusters.add(update.cluster)
+                    else:
+                        duplicates += 1
+                    break
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         chosen.sort(key=lambda item: item[0])
         updates = [u for _, u in chosen]
         dead.sort(key=lambda item: item[0])
