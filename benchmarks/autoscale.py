@@ -1,0 +1,947 @@
+"""`python -m benchmarks autoscale [--json]`: node-pool autoscaling cost on a real trace.
+
+Replays an openb pod list (default `<repo>/../shared/traces/openb/openb_pod_list_default.csv`)
+with its real creation and deletion times (a pod runs for deletion - creation seconds once
+it starts) over a fleet of node pools: three shapes for each of three GPU models and CPU-only
+shapes, with AWS-like on-demand prices and spot variants at a discount whose nodes are
+interrupted at seeded random times. Pods of QoS class BE tolerate spot.
+
+The simulation is event-driven (arrivals, departures, nodes becoming ready, interruptions,
+autoscaler ticks), so the 149 days of the trace take seconds. The autoscaler runs at most
+every `--tick-s` simulated seconds, and only when something changed or a stabilization
+window expires. Three figures come out of the same run:
+
+* fleetd: `plan_scale_up` (cheapest verified node additions over every pool) and
+  `plan_scale_down` (empty, under-utilized, replacement; each decision re-checked);
+* baseline, cluster-autoscaler-like: one pool per scale-up step, chosen by least waste
+  (CPU, memory and GPU left idle on the new nodes; ties broken at random, seeded); nodes
+  scale down when under 50% utilization for 10 minutes and their pods fit elsewhere;
+* lower bound: an LP relaxation (scipy HiGHS) of covering the trace's demand (GPU, CPU,
+  memory; on-demand-only demand separately) at every instant with fractional nodes.
+
+It also times one scale-up decision for 10,000 pending pods over 50 pools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import heapq
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from benchmarks.traces import TraceError, openb_dir, resolve_pod_list
+from scheduling import Fleet, PodSpec, commit, place
+from scheduling.autoscale import (
+    ConsolidationOptions,
+    DecisionKind,
+    RunningPod,
+    ScaleDecision,
+    ScaleDownRequest,
+    ScaleUpRequest,
+    capacity_matrix,
+    in_flight_specs,
+    plan_scale_down,
+    plan_scale_up,
+    recheck,
+    with_nodes,
+)
+from scheduling.placement import Order
+from scheduling.pools import (
+    SPOT_TOLERATION,
+    CapacityType,
+    DisruptionBudget,
+    NodePool,
+    PoolStatus,
+)
+from scheduling.scoring import DEFAULT_POLICY, Policy
+
+GIB = 1 << 30
+MIB = 1 << 20
+HOUR_S = 3600.0
+
+# ---- pools --------------------------------------------------------------------------------
+
+#: (name, GPUs, GPU model, GPU memory MiB, vCPU, memory GiB, on-demand $/h) after AWS
+#: us-east-1 list prices (g4dn, p3/p3dn, g5, m5/r5): three shapes per GPU model.
+SHAPES: tuple[tuple[str, int, str, int, int, int, float], ...] = (
+    ("t4-1", 1, "T4", 16_384, 32, 128, 2.176),  # g4dn.8xlarge
+    ("t4-4", 4, "T4", 16_384, 48, 192, 3.912),  # g4dn.12xlarge
+    ("t4-8", 8, "T4", 16_384, 96, 384, 7.824),  # g4dn.metal
+    ("v100-1", 1, "V100", 16_384, 8, 61, 3.06),  # p3.2xlarge
+    ("v100-4", 4, "V100", 16_384, 32, 244, 12.24),  # p3.8xlarge
+    ("v100-8", 8, "V100", 32_768, 96, 768, 31.212),  # p3dn.24xlarge
+    ("a10-1", 1, "A10G", 24_576, 32, 128, 2.448),  # g5.8xlarge
+    ("a10-4", 4, "A10G", 24_576, 48, 192, 5.672),  # g5.12xlarge
+    ("a10-8", 8, "A10G", 24_576, 192, 768, 16.288),  # g5.48xlarge
+    ("cpu-32", 0, "", 0, 32, 128, 1.536),  # m5.8xlarge
+    ("cpu-32m", 0, "", 0, 32, 256, 2.016),  # r5.8xlarge
+    ("cpu-96", 0, "", 0, 96, 384, 4.608),  # m5.24xlarge
+)
+#: Spot price as a fraction of on-demand (typical observed discounts of 60-70%).
+SPOT_FRACTION = {"T4": 0.35, "V100": 0.32, "A10G": 0.38, "": 0.40}
+
+
+def benchmark_pools(
+    cluster: str = "c0", gpu_delay_s: float = 240.0, cpu_delay_s: float = 120.0
+) -> tuple[NodePool, ...]:
+    """Every shape on-demand and spot, one zone, generous max sizes."""
+    pools = []
+    for name, gpus, model, gmem, vcpu, mem_gib, price in SHAPES:
+        for ct in (CapacityType.ON_DEMAND, CapacityType.SPOT):
+            spot = ct is CapacityType.SPOT
+            pools.append(
+                NodePool(
+                    name=f"{name}-{'spot' if spot else 'od'}",
+                    cluster=cluster,
+                    cpu_millicores=vcpu * 1000,
+                    memory_bytes=mem_gib * GIB,
+                    gpu_count=gpus,
+                    gpu_model=model,
+                    gpu_memory_mib=gmem,
+                    zone="a",
+                    price_per_hour=round(price * (SPOT_FRACTION[model] if spot else 1.0), 4),
+                    capacity_type=ct,
+                    max_size=200,
+                    provisioning_delay_s=gpu_delay_s if gpus else cpu_delay_s,
+                    disruption_budget=DisruptionBudget(max_percent=20),
+                )
+            )
+    return tuple(pools)
+
+
+# ---- trace --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TracePods:
+    """Pods of a trace with times. arrival_s, duration_s: (P,) float64; pods: PodSpecs
+    (BE pods tolerate spot); spot_ok: (P,) bool."""
+
+    pods: tuple[PodSpec, ...]
+    arrival_s: NDArray[np.float64]
+    duration_s: NDArray[np.float64]
+    spot_ok: NDArray[np.bool_]
+
+
+def load_timed_pods(path: Path, limit: int | None = None) -> TracePods:
+    """Read a pod list with creation and deletion times (TraceError on bad input)."""
+    try:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as error:
+        raise TraceError(f"{path}: cannot read: {error.strerror or error}") from error
+    need = ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli", "creation_time")
+    if not rows or any(c not in rows[0] for c in (*need, "deletion_time")):
+        raise TraceError(f"{path}: needs columns {need} and deletion_time")
+    pods, arr, dur, spot = [], [], [], []
+    for line, row in enumerate(rows, start=2):
+        try:
+            cpu = int(row["cpu_milli"])
+            mem = int(row["memory_mib"])
+            n = int(row["num_gpu"])
+            milli = min(int(row["gpu_milli"]), 1000) if n else 0
+            created = float(row["creation_time"])
+            deleted = float(row["deletion_time"])
+        except (TypeError, ValueError) as error:
+            raise TraceError(f"{path}:{line}: bad number: {error}") from None
+        if deleted <= created:
+            continue  # no running time: nothing to schedule
+        be = row.get("qos", "") == "BE"
+        pods.append(
+            PodSpec(
+                row["name"],
+                cpu_millicores=cpu,
+                memory_bytes=mem * MIB,
+                num_gpu=n if milli == 1000 else 0,
+                gpu_milli=milli if milli < 1000 else 0,
+                tolerations=(SPOT_TOLERATION,) if be else (),
+            )
+        )
+        arr.append(created)
+        dur.append(deleted - created)
+        spot.append(be)
+    order = np.argsort(np.asarray(arr), kind="stable")
+    if limit is not None:
+        order = order[:limit]
+    return TracePods(
+        pods=tuple(pods[i] for i in order.tolist()),
+        arrival_s=np.asarray(arr, np.float64)[order],
+        duration_s=np.asarray(dur, np.float64)[order],
+        spot_ok=np.asarray(spot, bool)[order],
+    )
+
+
+# ---- simulation ---------------------------------------------------------------------------
+
+ARRIVE, DEPART, READY, INTERRUPT, TICK = range(5)
+
+
+@dataclass
+class SimResult:
+    """What one simulated autoscaler did."""
+
+    name: str
+    cost: float
+    pending_s: NDArray[np.float64]
+    never_started: int
+    infeasible: int
+    node_launches: int
+    evictions: int
+    interruptions: int
+    gpu_allocated_hours: float
+    gpu_provisioned_hours: float
+    series: list[tuple[float, float, float]] = field(default_factory=list)  # (t, alloc, prov)
+    ticks: int = 0
+    wall_s: float = 0.0
+
+    def pending_pct(self, q: float) -> float:
+        """Pending-time percentile in seconds (pods that started)."""
+        return float(np.percentile(self.pending_s, q)) if self.pending_s.size else 0.0
+
+
+class Sim:
+    """Event-driven fleet: pods arrive, wait, run, leave; nodes launch, boot, go away."""
+
+    def __init__(
+        self,
+        trace: TracePods,
+        pools: tuple[NodePool, ...],
+        *,
+        tick_s: float,
+        seed: int,
+        spot_mtbi_h: float,
+        policy: Policy,
+    ) -> None:
+        self.trace = trace
+        self.pools = pools
+        self.tick_s = tick_s
+        self.policy = policy
+        self.rng = np.random.default_rng(seed)
+        self.spot_mtbi_s = spot_mtbi_h * HOUR_S
+        self.fleet = Fleet(max_gpus=8)
+        self.now = 0.0
+        n = len(trace.pods)
+        self.remaining = trace.duration_s.copy()
+        self.start_s = np.full(n, -1.0)
+        self.run_start = np.zeros(n)
+        self.epoch = np.zeros(n, np.int64)
+        self.done = np.zeros(n, bool)
+        self.pending: dict[int, None] = {}  # insertion-ordered set: FIFO
+        self.infeasible: set[int] = set()
+        self.running: dict[int, RunningPod] = {}
+        self.node_pods: dict[str, set[int]] = {}
+        self.node_pool: dict[str, int] = {}
+        self.node_launch: dict[str, float] = {}
+        self.node_since: dict[str, float] = {}
+        self.provisioning: dict[str, int] = {}  # node -> pool, not ready yet
+        self.removing: set[str] = set()
+        self.replacements: list[tuple[ScaleDecision, set[str]]] = []
+        self.pool_last_up: dict[int, float] = {}
+        self.serial = 0
+        self.cost = 0.0
+        self.launches = 0
+        self.evictions = 0
+        self.interruptions = 0
+        self.events: list[tuple[float, int, int, int, int, str]] = []
+        self.seq = 0
+        self.tick_at: float | None = None
+        self.dirty_up = False
+        self.dirty_down = False
+        self.dirty_sched = False
+        self.gpu_alloc_milli = 0
+        self.gpu_prov = 0
+        self.alloc_integral = 0.0
+        self.prov_integral = 0.0
+        self.last_t = 0.0
+        self.series: list[tuple[float, float, float]] = []
+        self.next_sample = 0.0
+        self.ticks = 0
+
+    # -- events ---------------------------------------------------------------------------
+
+    def push(self, t: float, kind: int, pod: int = -1, epoch: int = 0, node: str = "") -> None:
+        heapq.heappush(self.events, (t, self.seq, kind, pod, epoch, node))
+        self.seq += 1
+
+    def advance(self, t: float) -> None:
+        dt = t - self.last_t
+        if dt > 0:
+            self.alloc_integral += dt * self.gpu_alloc_milli / 1000.0
+            self.prov_integral += dt * self.gpu_prov
+            while self.next_sample <= t:
+                self.series.append(
+                    (self.next_sample, self.gpu_alloc_milli / 1000.0, float(self.gpu_prov))
+                )
+                self.next_sample += 6 * HOUR_S
+        self.last_t = t
+        self.now = t
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    def launch(self, k: int, count: int) -> list[str]:
+        """Ask for `count` nodes of pool k (billed from now, ready after the delay)."""
+        pool = self.pools[k]
+        names = []
+        for _ in range(count):
+            name = f"{pool.name}-{self.serial}"
+            self.serial += 1
+            self.provisioning[name] = k
+            self.node_pool[name] = k
+            self.node_launch[name] = self.now
+            self.push(self.now + pool.provisioning_delay_s, READY, node=name)
+            if pool.is_spot:
+                gap = float(self.rng.exponential(self.spot_mtbi_s))
+                self.push(self.now + gap, INTERRUPT, node=name)
+            names.append(name)
+            self.launches += 1
+        self.pool_last_up[k] = self.now
+        self.dirty_up = True
+        return names
+
+    def node_ready(self, name: str) -> None:
+        k = self.provisioning.pop(name, None)
+        if k is None:
+            return  # interrupted while booting
+        self.fleet.add_node(self.pools[k].node_spec(name))
+        self.node_pods[name] = set()
+        self.node_since[name] = self.now
+        self.gpu_prov += self.pools[k].gpu_count
+        self.dirty_sched = self.dirty_down = True
+        self._check_replacements()
+
+    def remove_node(self, name: str, *, interrupted: bool = False) -> None:
+        """Take a node away (billing stops); its pods go back to the queue."""
+        k = self.node_pool.pop(name)
+        self.cost += self.pools[k].price_per_hour * (self.now - self.node_launch.pop(name)) / HOUR_S
+        if name in self.provisioning:
+            del self.provisioning[name]
+            return
+        for pod in sorted(self.node_pods.get(name, set())):
+            self._stop(pod)
+            self.pending[pod] = None
+            if interrupted:
+                self.interruptions += 1
+            else:
+                self.evictions += 1
+        self.node_pods.pop(name, None)
+        self.fleet.remove_node(name)
+        self.node_since.pop(name, None)
+        self.gpu_prov -= self.pools[k].gpu_count
+        self.dirty_sched = self.dirty_up = self.dirty_down = True
+
+    # -- pods -----------------------------------------------------------------------------
+
+    def _stop(self, pod: int) -> None:
+        rp = self.running.pop(pod)
+        self.fleet.free(rp.allocation)
+        self.node_pods[rp.node].discard(pod)
+        self.node_since[rp.node] = self.now
+        self.remaining[pod] -= self.now - self.run_start[pod]
+        self.epoch[pod] += 1
+        self.gpu_alloc_milli -= self.trace.pods[pod].gpu_milli_total
+
+    def schedule(self) -> None:
+        """Place the queue (FIFO) on the ready nodes with the placement engine."""
+        self.dirty_sched = False
+        if not self.pending or not len(self.fleet):
+            return
+        ids = list(self.pending)
+        res = place(self.fleet, [self.trace.pods[i] for i in ids], self.policy, order=Order.FIFO)
+        if not res.n_placed:
+            return
+        commit(self.fleet, res)
+        for j in np.flatnonzero(res.placed).tolist():
+            pod = ids[j]
+            node = res.node(j) or ""
+            rp = RunningPod(self.trace.pods[pod], node, res.gpu_indices(j))
+            self.running[pod] = rp
+            self.node_pods[node].add(pod)
+            self.node_since[node] = self.now
+            del self.pending[pod]
+            if self.start_s[pod] < 0:
+                self.start_s[pod] = self.now
+            self.run_start[pod] = self.now
+            self.gpu_alloc_milli += self.trace.pods[pod].gpu_milli_total
+            self.push(self.now + max(self.remaining[pod], 0.0), DEPART, pod, int(self.epoch[pod]))
+        self.dirty_down = True
+
+    # -- views for autoscalers ------------------------------------------------------------
+
+    def status(self) -> dict[tuple[str, str], PoolStatus]:
+        """Current (ready) and target (ready + booting) size of every pool."""
+        cur = np.zeros(len(self.pools), np.int64)
+        tgt = np.zeros(len(self.pools), np.int64)
+        for name, k in self.node_pool.items():
+            tgt[k] += 1
+            if name not in self.provisioning:
+                cur[k] += 1
+        return {
+            p.key: PoolStatus(
+                int(cur[k]),
+                int(tgt[k]),
+                last_scale_up_s=self.pool_last_up.get(k),
+            )
+            for k, p in enumerate(self.pools)
+        }
+
+    def pending_pods(self) -> list[int]:
+        """Queue without known-infeasible pods."""
+        return [i for i in self.pending if i not in self.infeasible]
+
+    def pool_of_name(self, pool: str) -> int:
+        return next(k for k, p in enumerate(self.pools) if p.name == pool)
+
+    def _check_replacements(self) -> None:
+        """Remove nodes a REPLACE decision displaces once its new nodes are up, after
+        re-checking the decision on the current snapshot."""
+        keep = []
+        for decision, new in self.replacements:
+            if new & set(self.provisioning):
+                keep.append((decision, new))
+                continue
+            # The new nodes exist now: the recheck simulates onto the fleet as it is.
+            fresh = self.down_request(ConsolidationOptions())
+            d = ScaleDecision.make(
+                DecisionKind.SCALE_DOWN,
+                decision.cluster,
+                decision.pool,
+                -len(decision.remove_nodes),
+                decision.remove_nodes,
+                decision.reason,
+                0.0,
+                target_size=0,
+            )
+            if (
+                all(n in self.node_pool for n in decision.remove_nodes)
+                and recheck(d, fresh) is None
+            ):
+                for n in decision.remove_nodes:
+                    self.remove_node(n)
+        self.replacements = keep
+
+    def down_request(self, options: ConsolidationOptions) -> ScaleDownRequest:
+        return ScaleDownRequest(
+            fleet=self.fleet,
+            running=tuple(self.running.values()),
+            pools=self.pools,
+            status=self.status(),
+            node_since_s=dict(self.node_since),
+            now_s=self.now,
+            policy=self.policy,
+            options=options,
+        )
+
+
+class Autoscaler:
+    """What the simulator calls on every tick."""
+
+    name = ""
+    options = ConsolidationOptions()
+
+    def tick(self, sim: Sim) -> None:
+        raise NotImplementedError
+
+
+class FleetdAutoscaler(Autoscaler):
+    """plan_scale_up over every pool, then plan_scale_down; decisions re-checked."""
+
+    name = "fleetd"
+
+    def __init__(self, options: ConsolidationOptions) -> None:
+        self.options = options
+
+    def tick(self, sim: Sim) -> None:
+        ids = sim.pending_pods()
+        if ids and sim.dirty_up:
+            plan = plan_scale_up(
+                ScaleUpRequest(
+                    sim.fleet,
+                    tuple(sim.trace.pods[i] for i in ids),
+                    sim.pools,
+                    sim.status(),
+                    now_s=sim.now,
+                    policy=sim.policy,
+                )
+            )
+            for d in plan.decisions:
+                sim.launch(sim.pool_of_name(d.pool), d.delta)
+            by_name = {sim.trace.pods[i].name: i for i in ids}
+            for u in plan.unschedulable:
+                if u.permanent:
+                    sim.infeasible.add(by_name[u.workload])
+        sim.dirty_up = False
+        if sim.dirty_down:
+            sim.dirty_down = False
+            req = sim.down_request(self.options)
+            down = plan_scale_down(req)
+            for d in down.decisions:
+                fresh = sim.down_request(self.options)
+                if recheck(d, fresh) is not None:
+                    continue
+                if d.kind is DecisionKind.REPLACE:
+                    new = sim.launch(sim.pool_of_name(d.pool), d.delta)
+                    sim.replacements.append((d, set(new)))
+                else:
+                    for n in d.remove_nodes:
+                        sim.remove_node(n)
+
+
+class LeastWasteBaseline(Autoscaler):
+    """cluster-autoscaler-like: one pool per scale-up step chosen by least waste (idle CPU,
+    memory and GPU fraction of the new nodes, the binpacking estimate of how many it needs);
+    scale-down of nodes under 50% for 10 minutes whose pods fit elsewhere, no replacement."""
+
+    name = "baseline"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed + 1)
+        self.options = ConsolidationOptions(
+            stabilization_window_s=600.0, utilization_threshold=0.5, replace=False
+        )
+
+    def tick(self, sim: Sim) -> None:
+        ids = sim.pending_pods()
+        if ids and sim.dirty_up:
+            status = sim.status()
+            base = with_nodes(sim.fleet, in_flight_specs(sim.pools, status))
+            pods = [sim.trace.pods[i] for i in ids]
+            first = place(base, pods, sim.policy)
+            rest = [p for p, ok in zip(pods, first.placed.tolist(), strict=True) if not ok]
+            if rest:
+                self._scale_up(sim, rest, status, ids, pods)
+        sim.dirty_up = False
+        if sim.dirty_down:
+            sim.dirty_down = False
+            down = plan_scale_down(sim.down_request(self.options))
+            for d in down.decisions:
+                for n in d.remove_nodes:
+                    sim.remove_node(n)
+
+    def _scale_up(
+        self,
+        sim: Sim,
+        rest: list[PodSpec],
+        status: dict[tuple[str, str], PoolStatus],
+        ids: list[int],
+        pods: list[PodSpec],
+    ) -> None:
+        shapes: dict[tuple[object, ...], int] = {}
+        reps: list[PodSpec] = []
+        counts: list[int] = []
+        for p in rest:
+            s = shapes.get(p.shape_key)
+            if s is None:
+                s = shapes[p.shape_key] = len(reps)
+                reps.append(p)
+                counts.append(0)
+            counts[s] += 1
+        cap = capacity_matrix(sim.pools, reps).cap  # (S, K)
+        n = np.asarray(counts, np.float64)
+        best: list[tuple[float, int, int]] = []
+        for k, pool in enumerate(sim.pools):
+            fit = cap[:, k] > 0
+            if not fit.any():
+                continue
+            room = pool.max_size - status[pool.key].target_size
+            nodes = min(room, math.ceil(float((n[fit] / cap[fit, k]).sum()) - 1e-9))
+            if nodes <= 0:
+                continue
+            # Requested resources of the pods this option helps, against what it adds.
+            req_cpu = sum(counts[s] * reps[s].cpu_millicores for s in np.flatnonzero(fit))
+            req_mem = sum(counts[s] * reps[s].memory_bytes for s in np.flatnonzero(fit))
+            req_gpu = sum(counts[s] * reps[s].gpu_milli_total for s in np.flatnonzero(fit))
+            waste = [
+                max(0.0, 1 - req_cpu / (nodes * pool.cpu_millicores)),
+                max(0.0, 1 - req_mem / (nodes * pool.memory_bytes)),
+            ]
+            if pool.gpu_count:
+                waste.append(max(0.0, 1 - req_gpu / (nodes * pool.gpu_count * 1000)))
+            best.append((float(np.mean(waste)), k, nodes))
+        if not best:
+            never = ~cap.any(axis=1)
+            for p, i in zip(pods, ids, strict=True):
+                s = shapes.get(p.shape_key)
+                if s is not None and never[s]:
+                    sim.infeasible.add(i)
+            return
+        low = min(w for w, _, _ in best)
+        ties = [b for b in best if b[0] <= low + 1e-9]
+        _, k, nodes = ties[int(self.rng.integers(len(ties)))]
+        sim.launch(k, nodes)
+        never = ~cap.any(axis=1)
+        for p, i in zip(pods, ids, strict=True):
+            s = shapes.get(p.shape_key)
+            if s is not None and never[s]:
+                sim.infeasible.add(i)
+
+
+def simulate(
+    trace: TracePods,
+    pools: tuple[NodePool, ...],
+    autoscaler: Autoscaler,
+    *,
+    tick_s: float = 60.0,
+    seed: int = 42,
+    spot_mtbi_h: float = 24.0,
+    policy: str = DEFAULT_POLICY,
+) -> SimResult:
+    """Replay the trace under one autoscaler."""
+    wall = time.perf_counter()
+    sim = Sim(
+        trace,
+        pools,
+        tick_s=tick_s,
+        seed=seed,
+        spot_mtbi_h=spot_mtbi_h,
+        policy=Policy.parse(policy),
+    )
+    for i, t in enumerate(trace.arrival_s.tolist()):
+        sim.push(t, ARRIVE, i)
+    window = autoscaler.options.stabilization_window_s
+    empty_window = autoscaler.options.empty_window_s
+    windows = [w for w in (window, empty_window) if w is not None]
+    n_left = len(trace.pods)
+    while sim.events and n_left > 0:
+        t = sim.events[0][0]
+        sim.advance(t)
+        is_tick = False
+        while sim.events and sim.events[0][0] == t:
+            _, _, kind, pod, epoch, node = heapq.heappop(sim.events)
+            if kind == ARRIVE:
+                sim.pending[pod] = None
+                sim.dirty_sched = sim.dirty_up = True
+            elif kind == DEPART:
+                if sim.epoch[pod] != epoch or pod not in sim.running:
+                    continue
+                sim._stop(pod)
+                sim.done[pod] = True
+                n_left -= 1
+                sim.dirty_sched = sim.dirty_down = True
+            elif kind == READY:
+                sim.node_ready(node)
+            elif kind == INTERRUPT:
+                if node in sim.node_pool:
+                    sim.remove_node(node, interrupted=True)
+            elif kind == TICK:
+                is_tick = True
+                sim.tick_at = None
+        if sim.dirty_sched:
+            sim.schedule()
+        if is_tick:
+            sim.ticks += 1
+            autoscaler.tick(sim)
+            if sim.dirty_sched:
+                sim.schedule()
+        # Next tick: on the tick grid, when something changed or a window runs out.
+        want: float | None = None
+        if (sim.dirty_up and sim.pending_pods()) or sim.dirty_down:
+            want = (math.floor(t / tick_s) + 1) * tick_s
+        else:
+            expiries = [s + w for s in sim.node_since.values() for w in windows if s + w > t]
+            if expiries:
+                want = math.ceil(min(expiries) / tick_s) * tick_s
+                sim.dirty_down = True if want <= t + tick_s else sim.dirty_down
+        if want is not None and (sim.tick_at is None or want < sim.tick_at):
+            sim.tick_at = want
+            sim.push(want, TICK)
+    # Everything left is billed up to the end of the replay.
+    for name in list(sim.node_pool):
+        k = sim.node_pool.pop(name)
+        sim.cost += sim.pools[k].price_per_hour * (sim.now - sim.node_launch.pop(name)) / HOUR_S
+    started = sim.start_s >= 0
+    pending_s = sim.start_s[started] - trace.arrival_s[started]
+    return SimResult(
+        name=autoscaler.name,
+        cost=sim.cost,
+        pending_s=pending_s,
+        never_started=int((~started).sum()) - len(sim.infeasible),
+        infeasible=len(sim.infeasible),
+        node_launches=sim.launches,
+        evictions=sim.evictions,
+        interruptions=sim.interruptions,
+        gpu_allocated_hours=sim.alloc_integral / HOUR_S,
+        gpu_provisioned_hours=sim.prov_integral / HOUR_S,
+        series=sim.series,
+        ticks=sim.ticks,
+        wall_s=time.perf_counter() - wall,
+    )
+
+
+# ---- lower bound --------------------------------------------------------------------------
+
+
+def lower_bound_cost(trace: TracePods, pools: Sequence[NodePool]) -> tuple[float, float]:
+    """LP relaxation of the cheapest fleet covering the trace's demand at every instant
+    (fractional nodes, resources pooled): per interval between events, GPU, CPU and memory
+    demand covered by all pools, and the demand of pods that do not tolerate spot covered
+    by on-demand pools. Returns (cost, seconds spent in HiGHS)."""
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_matrix
+
+    start = trace.arrival_s
+    end = start + trace.duration_s
+    times = np.unique(np.concatenate([start, end]))
+    m = times.size - 1
+    dt_h = np.diff(times) / HOUR_S
+    pods = trace.pods
+    req = np.array(
+        [
+            [p.gpu_milli_total / 1000.0, p.cpu_millicores / 1000.0, p.memory_bytes / GIB]
+            for p in pods
+        ]
+    )
+    od = ~trace.spot_ok
+    i0 = np.searchsorted(times, start)
+    i1 = np.searchsorted(times, end)
+    demand = np.zeros((m + 1, 6))
+    np.add.at(demand, i0, np.hstack([req, req * od[:, None]]))
+    np.add.at(demand, i1, -np.hstack([req, req * od[:, None]]))
+    demand = np.cumsum(demand, axis=0)[:m]
+    demand[np.abs(demand) < 1e-9] = 0.0
+    live = np.flatnonzero((demand > 0).any(axis=1) & (dt_h > 0))
+    # Intervals with the same demand share one LP block (their durations add up).
+    uniq, inverse = np.unique(np.round(demand[live], 6), axis=0, return_inverse=True)
+    hours = np.bincount(inverse.reshape(-1), weights=dt_h[live])
+    k = len(pools)
+    capv = np.array(
+        [[p.gpu_count, p.cpu_millicores / 1000.0, p.memory_bytes / GIB] for p in pools]
+    )  # (K, 3)
+    is_od = np.array([not p.is_spot for p in pools])
+    price = np.array([p.price_per_hour for p in pools])
+    b = uniq.shape[0]
+    rows, cols, vals = [], [], []
+    for r in range(6):
+        res = r % 3
+        pool_ok = np.ones(k, bool) if r < 3 else is_od
+        for kk in np.flatnonzero(pool_ok & (capv[:, res] > 0)).tolist():
+            rows.append(np.arange(b) * 6 + r)
+            cols.append(np.arange(b) * k + kk)
+            vals.append(np.full(b, -capv[kk, res]))
+    a = coo_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(b * 6, b * k)
+    ).tocsr()
+    c = (hours[:, None] * price[None, :]).reshape(-1)
+    wall = time.perf_counter()
+    out = linprog(c, A_ub=a, b_ub=-uniq.reshape(-1), bounds=(0, None), method="highs")
+    if out.status != 0:
+        raise RuntimeError(f"lower-bound LP failed: {out.message}")
+    return float(out.fun), time.perf_counter() - wall
+
+
+# ---- scale-up speed -----------------------------------------------------------------------
+
+
+def scale_up_speed(seed: int = 0, n_pods: int = 10_000, n_pools: int = 50) -> tuple[float, int]:
+    """Seconds for one plan_scale_up of `n_pods` mixed pending pods over `n_pools` pools
+    (best of 3), and the number of nodes it adds."""
+    rng = np.random.default_rng(seed)
+    pools: list[NodePool] = []
+    for zone in "abcdefgh":
+        for name, gpus, model, gmem, vcpu, mem_gib, price in SHAPES:
+            for ct in (CapacityType.ON_DEMAND, CapacityType.SPOT):
+                if len(pools) >= n_pools:
+                    break
+                spot = ct is CapacityType.SPOT
+                pools.append(
+                    NodePool(
+                        f"{name}-{zone}-{ct.value}",
+                        "c0",
+                        cpu_millicores=vcpu * 1000,
+                        memory_bytes=mem_gib * GIB,
+                        gpu_count=gpus,
+                        gpu_model=model,
+                        gpu_memory_mib=gmem,
+                        zone=zone,
+                        price_per_hour=price * (SPOT_FRACTION[model] if spot else 1.0),
+                        capacity_type=ct,
+                        max_size=2000,
+                    )
+                )
+    shares = [0, 1000, 1000, 810, 470, 250, 500]
+    pods = []
+    for i in range(n_pods):
+        share = shares[int(rng.integers(len(shares)))]
+        tol = (SPOT_TOLERATION,) if rng.random() < 0.4 else ()
+        models = (
+            (str(rng.choice(["T4", "V100", "A10G"])),) if (share and rng.random() < 0.2) else ()
+        )
+        cpu = int(rng.choice([2_000, 4_000, 8_000, 12_000]))
+        mem = int(rng.choice([4, 8, 16, 32])) * GIB
+        if share == 1000:
+            n = int(rng.choice([1, 1, 1, 2, 4]))
+            pods.append(
+                PodSpec(
+                    f"p{i}",
+                    cpu_millicores=cpu * n,
+                    memory_bytes=mem * n,
+                    num_gpu=n,
+                    tolerations=tol,
+                    gpu_models=models,
+                )
+            )
+        else:
+            pods.append(
+                PodSpec(
+                    f"p{i}",
+                    cpu_millicores=cpu,
+                    memory_bytes=mem,
+                    gpu_milli=share,
+                    tolerations=tol,
+                    gpu_models=models,
+                )
+            )
+    req = ScaleUpRequest(Fleet(max_gpus=8), tuple(pods), tuple(pools))
+    best = math.inf
+    added = 0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        plan = plan_scale_up(req)
+        best = min(best, time.perf_counter() - t0)
+        added = len(plan.new_nodes)
+    return best, added
+
+
+# ---- entry point --------------------------------------------------------------------------
+
+
+def plot(results: Sequence[SimResult], path: Path) -> None:
+    """GPU allocated and provisioned over time, one panel per autoscaler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 3 * len(results)), sharex=True)
+    for ax, r in zip(np.atleast_1d(axes), results, strict=True):
+        s = np.asarray(r.series) if r.series else np.zeros((0, 3))
+        ax.plot(s[:, 0] / 86400, s[:, 2], label="GPUs provisioned", lw=1)
+        ax.plot(s[:, 0] / 86400, s[:, 1], label="GPUs allocated", lw=1)
+        ax.set_title(f"{r.name}: ${r.cost:,.0f}, pending p95 {r.pending_pct(95):.0f} s")
+        ax.set_ylabel("GPUs")
+        ax.legend(loc="upper left")
+    np.atleast_1d(axes)[-1].set_xlabel("day of trace")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks autoscale", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--json", action="store_true", help="end with one JSON line")
+    ap.add_argument("--trace", default="default", help="openb pod list name or CSV path")
+    ap.add_argument("--tick-s", type=float, default=60.0, help="autoscaler period (simulated s)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument(
+        "--spot-mtbi-h",
+        type=float,
+        default=24.0,
+        help="mean hours between spot interruptions of a node",
+    )
+    ap.add_argument("--limit", type=int, default=None, help="only the first N pods (by arrival)")
+    ap.add_argument("--plot", type=Path, default=None, help="write a PNG of GPUs over time")
+    ap.add_argument("--skip-speed", action="store_true", help="skip the 10,000-pod scale-up timing")
+    args = ap.parse_args(list(argv))
+    try:
+        _, path = resolve_pod_list(args.trace)
+        trace = load_timed_pods(path, args.limit)
+    except TraceError as error:
+        print(f"autoscale: {error} (openb dir: {openb_dir()})", file=sys.stderr)
+        return 2
+    pools = benchmark_pools()
+    ours = simulate(
+        trace,
+        pools,
+        FleetdAutoscaler(FLEETD_OPTIONS),
+        tick_s=args.tick_s,
+        seed=args.seed,
+        spot_mtbi_h=args.spot_mtbi_h,
+    )
+    base = simulate(
+        trace,
+        pools,
+        LeastWasteBaseline(args.seed),
+        tick_s=args.tick_s,
+        seed=args.seed,
+        spot_mtbi_h=args.spot_mtbi_h,
+    )
+    lb, lp_s = lower_bound_cost(trace, pools)
+    speed_s, speed_nodes = (math.nan, 0) if args.skip_speed else scale_up_speed(args.seed)
+    days = float(trace.arrival_s.max() - trace.arrival_s.min()) / 86400 if len(trace.pods) else 0.0
+    print(f"trace {path.name}: {len(trace.pods)} pods over {days:.0f} days; {len(pools)} pools")
+    for r in (ours, base):
+        util = r.gpu_allocated_hours / r.gpu_provisioned_hours if r.gpu_provisioned_hours else 0
+        print(
+            f"{r.name:9s} cost ${r.cost:>10,.0f}  pending p50/p95/p99 "
+            f"{r.pending_pct(50):6.0f} {r.pending_pct(95):6.0f} {r.pending_pct(99):6.0f} s  "
+            f"GPU alloc {util:5.1%}  launches {r.node_launches}  evictions {r.evictions}  "
+            f"interruptions {r.interruptions}  never started {r.never_started}  "
+            f"infeasible {r.infeasible}  ({r.ticks} ticks, {r.wall_s:.1f} s)"
+        )
+    print(f"lower bound cost ${lb:,.0f} (HiGHS {lp_s:.1f} s)")
+    print(
+        f"fleetd / baseline = {ours.cost / base.cost:.3f}; fleetd / lower bound = {ours.cost / lb:.3f}"
+    )
+    if not args.skip_speed:
+        print(
+            f"scale-up of 10,000 pending pods over 50 pools: {speed_s:.3f} s ({speed_nodes} nodes)"
+        )
+    if args.plot:
+        plot([ours, base], args.plot)
+        print(f"wrote {args.plot}")
+    if args.json:
+
+        def util(r: SimResult) -> float:
+            return (
+                round(r.gpu_allocated_hours / r.gpu_provisioned_hours, 4)
+                if r.gpu_provisioned_hours
+                else 0.0
+            )
+
+        line = {
+            "benchmark": "autoscale",
+            "trace": path.name,
+            "pods": len(trace.pods),
+            "pools": len(pools),
+            "tick_s": args.tick_s,
+            "seed": args.seed,
+            "cost": round(ours.cost, 2),
+            "baseline_cost": round(base.cost, 2),
+            "lower_bound_cost": round(lb, 2),
+            "cost_vs_baseline": round(ours.cost / base.cost, 4),
+            "cost_vs_lower_bound": round(ours.cost / lb, 4),
+            "pending_p50_s": round(ours.pending_pct(50), 1),
+            "pending_p95_s": round(ours.pending_pct(95), 1),
+            "pending_p99_s": round(ours.pending_pct(99), 1),
+            "baseline_pending_p50_s": round(base.pending_pct(50), 1),
+            "baseline_pending_p95_s": round(base.pending_pct(95), 1),
+            "baseline_pending_p99_s": round(base.pending_pct(99), 1),
+            "gpu_allocation": util(ours),
+            "baseline_gpu_allocation": util(base),
+            "evictions": ours.evictions,
+            "baseline_evictions": base.evictions,
+            "interruptions": ours.interruptions,
+            "baseline_interruptions": base.interruptions,
+            "never_started": ours.never_started,
+            "baseline_never_started": base.never_started,
+            "infeasible": ours.infeasible,
+            "scale_up_10k_pods_50_pools_s": None if args.skip_speed else round(speed_s, 3),
+            "sim_wall_s": round(ours.wall_s + base.wall_s, 1),
+        }
+        print(json.dumps(line))
+    return 0
+
+
+#: fleetd's consolidation settings in the benchmark.
+FLEETD_OPTIONS = ConsolidationOptions(
+    stabilization_window_s=600.0, utilization_threshold=0.75, replace=True
+)
