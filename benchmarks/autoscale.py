@@ -943,5 +943,5 @@ def main(argv: Sequence[str]) -> int:
 
 #: fleetd's consolidation settings in the benchmark.
 FLEETD_OPTIONS = ConsolidationOptions(
-    stabilization_window_s=600.0, utilization_threshold=0.75, replace=True
+    stabilization_window_s=300, empty_window_s=120, utilization_threshold=0.5, replace=True
 )

@@ -768,7 +768,8 @@ class ConsolidationOptions:
     utilization_threshold: non-empty nodes are candidates below this fraction (GPU nodes:
     GPU share in use; CPU nodes: the larger of CPU and memory in use).
     delay_after_scale_up_s: no scale-down of a pool this soon after it scaled up.
-    replace: also try replacing several under-utilized nodes by fewer or cheaper new ones.
+    replace: also try replacing several nodes (under-utilized or not) by fewer or cheaper
+    new ones of one pool.
     min_saving_per_hour: a replacement must save at least this much.
     max_replace_candidates: how many candidates the replacement search considers at once.
     """
@@ -958,7 +959,16 @@ def plan_scale_down(req: ScaleDownRequest) -> ScaleDownPlan:
                 )
             )
     if req.options.replace:
-        rest = [f for f in under if f.name not in gone and f.name not in receivers]
+        # Replacement looks at every stable node, busy ones too (Karpenter's consolidation
+        # is cost-driven): four full 1-GPU nodes may cost more than one 4-GPU node. Most
+        # expensive per unit in use first, so a prefix groups the wasteful nodes.
+        rest = sorted(
+            (f for f in cands if f.pods and f.name not in gone and f.name not in receivers),
+            key=lambda f: (
+                -req.pools[f.pool].price_per_hour / max(f.utilization, 1e-3),
+                f.slot,
+            ),
+        )
         rep = _plan_replacement(req, work, rest, allowance, policy)
         if rep is not None:
             decisions.append(rep[0])
