@@ -198,8 +198,9 @@ class ScaleUpPlan:
     verification added them; `apply_scale_up(fleet, plan)` builds that fleet.
     fits_now: workloads that fit on current or in-flight capacity (no new node needed).
     unschedulable: workloads that get nothing, with the reason.
-    placement: the verification run (fleet + in-flight + new_nodes, all pending workloads).
-    queue: the pending workloads in the order that run placed them (`simulation_order`).
+    allocations: (pod, Allocation) for every pod the plan places: one valid simultaneous
+    assignment on fleet + in-flight + new nodes (what the claims rest on).
+    queue: the pending workloads in the order they were simulated (`simulation_order`).
     """
 
     decisions: tuple[ScaleDecision, ...]
@@ -207,7 +208,7 @@ class ScaleUpPlan:
     in_flight_nodes: tuple[NodeSpec, ...]
     fits_now: tuple[str, ...]
     unschedulable: tuple[Unschedulable, ...]
-    placement: PlacementResult | None
+    allocations: tuple[tuple[str, Allocation], ...] = ()
     queue: tuple[QueueItem, ...] = ()
 
     @property
@@ -400,28 +401,27 @@ def simulation_order(
     return [items[k[-1]] for k in sorted(keys)]
 
 
-def _shape_size_key(shape: PodSpec) -> tuple[int, int, int]:
-    return (-shape.gpu_milli_total, -shape.cpu_millicores, -shape.memory_bytes)
-
-
 def _choose_nodes(
     counts: I64,
     gangs: Sequence[tuple[int, dict[int, int], TopologyLevel]],
     shapes: Sequence[PodSpec],
     cap: I64,
     budget: _Budget,
-) -> tuple[I64, I64, list[int]]:
+    shape_order: Sequence[int],
+) -> tuple[I64, I64, dict[int, int]]:
     """Greedy cheapest node additions for pod counts per shape and whole gangs.
 
     Fractional model: a pod of shape s uses 1/cap[s,k] of a node of pool k, and pods of
-    several shapes share opened nodes (the verification run checks the real packing).
-    Returns (nodes per pool (K,), pods left per shape (S,), unplaced gang ids).
+    several shapes share opened nodes (the verification runs check the real packing).
+    Shapes are taken in `shape_order` (constrained first, as the simulation order).
+    Returns (nodes per pool (K,), pods assigned per shape and pool (S, K), gang -> pool).
     """
     k_pools = cap.shape[1]
     used = np.zeros(k_pools, np.float64)  # fractional nodes used on each pool
     prices = budget.prices
     gang_nodes = np.zeros(k_pools, np.int64)
-    lost_gangs: list[int] = []
+    gang_pool: dict[int, int] = {}
+    assign = np.zeros(cap.shape, np.int64)
     # Gangs first (largest first): whole nodes of one pool, so one zone and one rack.
     order = sorted(range(len(gangs)), key=lambda g: -sum(gangs[g][1].values()))
     for g in order:
@@ -436,15 +436,14 @@ def _choose_nodes(
         room = budget.pool_room()
         ok = np.isfinite(nodes) & (nodes <= room)
         if not ok.any():
-            lost_gangs.append(gid)
             continue
         cost = np.where(ok, nodes * prices, np.inf)
         k = int(np.lexsort((np.arange(k_pools), nodes, cost))[0])
         gang_nodes[k] += int(nodes[k])
+        gang_pool[gid] = k
         budget.take(k, float(nodes[k]))
     left = counts.astype(np.int64).copy()
-    s_order = sorted(range(len(shapes)), key=lambda s: (_shape_size_key(shapes[s]), s))
-    for s in s_order:
+    for s in shape_order:
         n = int(left[s])
         while n > 0:
             c = cap[s].astype(np.float64)
@@ -458,6 +457,7 @@ def _choose_nodes(
                 k = int(np.argmax(spare))
                 m = int(min(n, spare[k]))
                 used[k] += m / c[k]
+                assign[s, k] += m
                 n -= m
                 continue
             room = budget.pool_room()
@@ -480,16 +480,25 @@ def _choose_nodes(
             _, _, k, m = best
             nodes = math.ceil(m / c[k] - _EPS)
             used[k] += m / c[k]
+            assign[s, k] += m
             budget.take(k, float(nodes))
             n -= m
         left[s] = n
     nodes_out = np.ceil(used - _EPS).astype(np.int64) + gang_nodes
-    return nodes_out, left, lost_gangs
+    return nodes_out, assign, gang_pool
 
 
 def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     """The cheapest node additions (found greedily, verified by placement) that let the
-    pending workloads run; infeasible and blocked workloads are reported with reasons."""
+    pending workloads run; infeasible and blocked workloads are reported with reasons.
+
+    Steps: (1) place on the fleet plus in-flight nodes; (2) report workloads no pool fits;
+    (3) choose node additions on the capacity matrix; (4) verify by placing, pool by pool,
+    the workloads the choice sent to each pool on that pool's new nodes only (the other
+    nodes masked), then whatever is left on every node; (5) repeat (3)-(4) for the rest;
+    drop new nodes nothing landed on. The result's `allocations` are one valid
+    simultaneous assignment of every placed pod on fleet + in-flight + new nodes.
+    """
     pools = tuple(req.pools)
     pool_index(pools)  # duplicate check
     policy = (
@@ -497,84 +506,70 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     )
     inflight = in_flight_specs(pools, req.status)
     base = with_nodes(req.fleet, inflight)
-    items = list(req.pending)
-    unsched: list[Unschedulable] = []
-    # Team limits: admit workloads in order while the team stays under its GPU limit.
-    if req.team_gpu_limit_milli:
-        used = dict(req.team_gpu_in_use_milli)
-        kept: list[QueueItem] = []
-        for item in items:
-            team = req.team_of.get(item.name)
-            limit = req.team_gpu_limit_milli.get(team, None) if team is not None else None
-            pods = item.pods if isinstance(item, GangSpec) else (item,)
-            milli = sum(p.gpu_milli_total for p in pods)
-            if team is not None and limit is not None:
-                if used.get(team, 0) + milli > limit:
-                    unsched.append(Unschedulable(item.name, Block.TEAM_LIMIT))
-                    continue
-                used[team] = used.get(team, 0) + milli
-            kept.append(item)
-        items = kept
-    empty = ScaleUpPlan((), (), tuple(inflight), (), tuple(unsched), None)
-    if not items:
-        return empty
+    items = _admit_teams(req, list(req.pending))
+    unsched: list[Unschedulable] = items[1]
+    queue = items[0]
+    if not queue:
+        return ScaleUpPlan((), (), tuple(inflight), (), tuple(unsched), (), ())
     # One capacity matrix for every pending shape, reused by every step below.
-    shapes_all = Batch.of(items).shapes
+    shapes_all = Batch.of(queue).shapes
     capm = capacity_matrix(pools, shapes_all)
     gidx = {sh.shape_key: s for s, sh in enumerate(shapes_all)}
     n_fit_rows = (capm.cap > 0).sum(axis=1).tolist()
-    items = simulation_order(items, {k: int(n_fit_rows[s]) for k, s in gidx.items()})
-    batch = Batch.of(items)
-    first = place(base, batch, policy)
-    placed_item = _items_placed(batch, first)
-    fits_now = tuple(it.name for it, ok in zip(items, placed_item, strict=True) if ok)
-    rest = [it for it, ok in zip(items, placed_item, strict=True) if not ok]
-    if not rest:
-        return ScaleUpPlan((), (), tuple(inflight), fits_now, tuple(unsched), first, tuple(items))
-    if not pools:
-        unsched += [Unschedulable(it.name, Block.NO_POOL_FITS) for it in rest]
-        return ScaleUpPlan((), (), tuple(inflight), fits_now, tuple(unsched), first, tuple(items))
-    # Permanently infeasible workloads: some pod fits no pool's empty node.
+    queue = simulation_order(queue, {key: int(n_fit_rows[s]) for key, s in gidx.items()})
+    allocs: dict[str, Allocation] = {}
+    work = base
+    rest = queue
+    if len(base):
+        first = place(base, queue, policy)
+        work = commit_copy(base, first)
+        _record(first, allocs)
+        ok_first = _items_placed(Batch.of(queue), first)
+        rest = [it for it, ok in zip(queue, ok_first, strict=True) if not ok]
+    rest_ids = {id(it) for it in rest}
+    fits_now = tuple(it.name for it in queue if id(it) not in rest_ids)
+    # Permanently infeasible: some pod fits no pool's empty node.
     never: NDArray[np.bool_] = np.asarray(~capm.cap.any(axis=1), dtype=np.bool_)
-    rindex = gidx
-    feasible_items: list[QueueItem] = []
+    feasible: list[QueueItem] = []
     for it in rest:
         pods = it.pods if isinstance(it, GangSpec) else (it,)
-        bad = [p for p in pods if never[rindex[p.shape_key]]]
+        bad = [p for p in pods if never[gidx[p.shape_key]]]
         if bad:
-            s = rindex[bad[0].shape_key]
-            expl = Explanation.from_first_failures(capm.first_failure[s])
+            ff = capm.first_failure[gidx[bad[0].shape_key]] if pools else None
+            expl = Explanation.from_first_failures(ff) if ff is not None else None
             unsched.append(Unschedulable(it.name, Block.NO_POOL_FITS, expl))
         else:
-            feasible_items.append(it)
+            feasible.append(it)
     added: list[NodeSpec] = []
-    todo = feasible_items
-    result: PlacementResult | None = None
     serial = 0
-    # Dropping unused hypothetical nodes leaves every other pick unchanged (they were never
-    # the best node) unless domain ranking (gangs) or a slot-hashing scorer depends on them.
-    trim_safe = not batch.gangs and not any(p.name == "random" for p, _ in policy.terms)
+    todo = feasible
     for _ in range(max(1, req.max_rounds)):
         if not todo:
             break
         tb = Batch.of(todo)
-        tcap = capm.cap[[gidx[sh.shape_key] for sh in tb.shapes]]
-        solo = tb.shape_of[tb.gang_of < 0]
-        counts = np.bincount(solo, minlength=len(tb.shapes)).astype(np.int64)
+        rows = [gidx[sh.shape_key] for sh in tb.shapes]
+        tcap = capm.cap[rows]
+        counts = np.bincount(tb.shape_of[tb.gang_of < 0], minlength=len(tb.shapes))
         gangs: list[tuple[int, dict[int, int], TopologyLevel]] = []
         for gi, gang in enumerate(tb.gangs):
             need: dict[int, int] = {}
-            for s in tb.shape_of[tb.gang_of == gi].tolist():
-                need[int(s)] = need.get(int(s), 0) + 1
+            for sh in tb.shape_of[tb.gang_of == gi].tolist():
+                need[int(sh)] = need.get(int(sh), 0) + 1
             gangs.append((gi, need, gang.required_level))
         extra = np.zeros(len(pools), np.int64)
         for sp in added:
             extra[_pool_of(pools, sp)] += 1
         budget = _budget(req, pools, extra)
         room0 = budget.pool_room()
-        nodes, _, _ = _choose_nodes(counts, gangs, tb.shapes, tcap, budget)
-        # Slack: the estimate assumes perfect mixing; a few spare nodes per pool avoid a
-        # second verification round and are dropped if unused.
+        # Shapes in the order they first appear in the (constrained-first) queue.
+        first_at = np.full(len(tb.shapes), len(tb.pods), np.int64)
+        np.minimum.at(first_at, tb.shape_of, np.arange(len(tb.pods)))
+        shape_order = np.argsort(first_at, kind="stable").tolist()
+        nodes, assign, gang_pool = _choose_nodes(
+            counts.astype(np.int64), gangs, tb.shapes, tcap, budget, shape_order
+        )
+        # Slack: the estimate assumes perfect mixing; a few spare nodes avoid another
+        # round and are dropped if unused.
         nodes = np.where(
             nodes > 0,
             np.minimum(nodes + np.floor(nodes * req.estimate_slack), room0).astype(np.int64),
@@ -588,37 +583,69 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
             for _ in range(int(nodes[k])):
                 round_specs.append(pool.node_spec(f"+{pool.cluster}/{pool.name}/{serial}"))
                 serial += 1
-        # Verify: one placement run of every pending workload on the hypothetical fleet.
-        trial = with_nodes(base, [*added, *round_specs])
-        res = place(trial, batch, policy)
-        used_slots = np.zeros(trial.n_slots, bool)
-        used_slots[res.node_slot[res.placed]] = True
-        keep = [sp for sp in [*added, *round_specs] if used_slots[trial.slot(sp.name)]]
-        grew = len(keep) > len(added)
-        trimmed = len(keep) < len(added) + len(round_specs)
-        result = res if (trim_safe or not trimmed) else None
-        added = keep
-        placed_t = _items_placed(batch, res)
-        done = {it.name for it, ok in zip(items, placed_t, strict=True) if ok}
-        todo = [it for it in feasible_items if it.name not in done]
-        if not grew:
+        work = with_nodes(work, round_specs)
+        added += round_specs
+        # Which workloads the choice sent to which pool: the first assign[s, k] solo pods
+        # of shape s (in queue order) to pool k, and each gang to its pool.
+        to_pool: dict[int, list[QueueItem]] = {}
+        tb_index = {sh.shape_key: i for i, sh in enumerate(tb.shapes)}
+        gang_ids = {id(g): i for i, g in enumerate(tb.gangs)}
+        left_of_shape = {
+            s_: list(np.flatnonzero(assign[s_]).tolist()) for s_ in range(len(tb.shapes))
+        }
+        quota = assign.copy()
+        for it in todo:
+            if isinstance(it, GangSpec):
+                gi = gang_ids[id(it)]
+                if gi in gang_pool:
+                    to_pool.setdefault(gang_pool[gi], []).append(it)
+                continue
+            s_ = tb_index[it.shape_key]
+            ks = left_of_shape[s_]
+            while ks and quota[s_, ks[0]] == 0:
+                ks.pop(0)
+            if ks:
+                quota[s_, ks[0]] -= 1
+                to_pool.setdefault(ks[0], []).append(it)
+        # Each pool's share runs on a small fleet of just that pool's new (empty) nodes:
+        # the same engine, a fraction of the rows; its result is committed into `work`.
+        for k in sorted(to_pool):
+            specs_k = [
+                sp
+                for sp in round_specs
+                if sp.node_pool == pools[k].name and sp.cluster == pools[k].cluster
+            ]
+            if not specs_k:
+                continue
+            sub = with_nodes(Fleet(max_gpus=work.max_gpus, initial_capacity=len(specs_k)), specs_k)
+            res = place(sub, to_pool[k], policy)
+            _commit_by_name(work, sub, res)
+            _record(res, allocs)
+        leftover = [it for it in todo if not _all_allocated(it, allocs)]
+        if leftover:
+            res = place(work, leftover, policy)
+            commit(work, res)
+            _record(res, allocs)
+        still = [it for it in todo if not _all_allocated(it, allocs)]
+        progress = len(still) < len(todo)
+        todo = still
+        if not progress:
             break
-    if result is None:
-        result = place(with_nodes(base, added), batch, policy)
-    final_batch = batch
-    names_by_slot = result.slot_names
-    placed_final = _items_placed(final_batch, result)
-    pool_of_name = {sp.name: _pool_of(pools, sp) for sp in added}
+    # Drop new nodes nothing landed on.
+    used_nodes = {a.node for a in allocs.values()}
+    kept = [sp for sp in added if sp.name in used_nodes]
+    pool_of_node = {sp.name: _pool_of(pools, sp) for sp in kept}
     unblocks: dict[int, set[str]] = {}
-    for i, it_pods in enumerate(_item_pod_ranges(final_batch)):
-        if not placed_final[i]:
+    for it in queue:
+        if it.name in fits_now or not _all_allocated(it, allocs):
             continue
-        for p in it_pods:
-            kp = pool_of_name.get(names_by_slot[int(result.node_slot[p])] or "")
+        pods = it.pods if isinstance(it, GangSpec) else (it,)
+        for p in pods:
+            kp = pool_of_node.get(allocs[p.name].node)
             if kp is not None:
-                unblocks.setdefault(kp, set()).add(items[i].name)
+                unblocks.setdefault(kp, set()).add(it.name)
     nodes_by_pool = np.zeros(len(pools), np.int64)
-    for sp in added:
+    for sp in kept:
         nodes_by_pool[_pool_of(pools, sp)] += 1
     decisions = []
     for k in np.flatnonzero(nodes_by_pool).tolist():
@@ -637,33 +664,92 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
                 unblocks=sorted(unblocks.get(k, set())),
             )
         )
-    fits_final = set(fits_now) | {w for d in decisions for w in d.unblocks}
     reported = {u.workload for u in unsched}
+    placed_names = {it.name for it in queue if _all_allocated(it, allocs)}
     # Feasible but still without capacity: say which limit stopped it.
-    for i, it in enumerate(items):
-        if it.name in fits_final or it.name in reported or placed_final[i]:
+    for it in queue:
+        if it.name in placed_names or it.name in reported:
             continue
         pods = it.pods if isinstance(it, GangSpec) else (it,)
-        s = rindex[pods[0].shape_key]
-        fits_k = np.flatnonzero(capm.cap[s] > 0)
-        if isinstance(it, GangSpec) and not _gang_fits_some_pool(it, rindex, capm.cap, pools):
+        fits_k = np.flatnonzero(capm.cap[gidx[pods[0].shape_key]] > 0)
+        if isinstance(it, GangSpec) and not _gang_fits_some_pool(it, gidx, capm.cap, pools):
             unsched.append(Unschedulable(it.name, Block.GANG_NO_POOL))
             continue
-        budget = _budget(req, pools, nodes_by_pool)
-        room = budget.pool_room()
+        room = _budget(req, pools, nodes_by_pool).pool_room()
         if (room[fits_k] >= 1).any():
             unsched.append(Unschedulable(it.name, Block.NOT_PACKED))
         else:
             unsched.append(Unschedulable(it.name, _blocked_reason(req, pools, fits_k)))
+    allocations = tuple(sorted(allocs.items()))
     return ScaleUpPlan(
         decisions=tuple(decisions),
-        new_nodes=tuple(added),
+        new_nodes=tuple(kept),
         in_flight_nodes=tuple(inflight),
         fits_now=fits_now,
         unschedulable=tuple(unsched),
-        placement=result,
-        queue=tuple(items),
+        allocations=allocations,
+        queue=tuple(queue),
     )
+
+
+def _admit_teams(
+    req: ScaleUpRequest, items: list[QueueItem]
+) -> tuple[list[QueueItem], list[Unschedulable]]:
+    """Admit workloads in order while their team stays under its GPU limit."""
+    if not req.team_gpu_limit_milli:
+        return items, []
+    used = dict(req.team_gpu_in_use_milli)
+    kept: list[QueueItem] = []
+    out: list[Unschedulable] = []
+    for item in items:
+        team = req.team_of.get(item.name)
+        limit = req.team_gpu_limit_milli.get(team) if team is not None else None
+        if team is not None and limit is not None:
+            pods = item.pods if isinstance(item, GangSpec) else (item,)
+            milli = sum(p.gpu_milli_total for p in pods)
+            if used.get(team, 0) + milli > limit:
+                out.append(Unschedulable(item.name, Block.TEAM_LIMIT))
+                continue
+            used[team] = used.get(team, 0) + milli
+        kept.append(item)
+    return kept, out
+
+
+def _record(res: PlacementResult, allocs: dict[str, Allocation]) -> None:
+    """Add the placed pods of a run to `allocs` (pod name -> allocation)."""
+    for i in np.flatnonzero(res.placed).tolist():
+        node = res.node(i)
+        if node is not None:
+            allocs[res.pod_names[i]] = Allocation(
+                node,
+                int(res.cpu_millicores[i]),
+                int(res.memory_bytes[i]),
+                res.gpu_indices(i),
+                int(res.gpu_milli_per_gpu[i]),
+            )
+
+
+def _commit_by_name(work: Fleet, sub: Fleet, res: PlacementResult) -> None:
+    """Commit a placement computed on `sub` into `work`, whose nodes have the same names
+    (and the same GPU layout): slots are translated by name, all or nothing."""
+    sel = res.placed
+    if not sel.any():
+        return
+    to_work = np.full(sub.n_slots, -1, np.int64)
+    for slot in np.flatnonzero(sub.live_mask()).tolist():
+        to_work[slot] = work.slot(sub.name_of(slot))
+    work.allocate_many(
+        to_work[res.node_slot[sel]],
+        res.cpu_millicores[sel],
+        res.memory_bytes[sel],
+        res.gpu_mask[sel],
+        res.gpu_milli_per_gpu[sel],
+    )
+
+
+def _all_allocated(item: QueueItem, allocs: Mapping[str, Allocation]) -> bool:
+    pods = item.pods if isinstance(item, GangSpec) else (item,)
+    return all(p.name in allocs for p in pods)
 
 
 def _gang_fits_some_pool(

@@ -97,17 +97,21 @@ def test_scale_up_unblocks_what_it_claims(
     reported = set(plan.fits_now) | set(plan.unblocked) | {u.workload for u in plan.unschedulable}
     assert reported == set(names)
     assert not set(plan.unblocked) & {u.workload for u in plan.unschedulable}
-    # Applying the plan and placing the queue fits every claimed workload.
+    # The plan's allocations are one valid simultaneous assignment on the applied fleet,
+    # and they cover every pod of every workload it claims to unblock or fit now.
     fleet = apply_scale_up(Fleet(), plan)
-    res = place(fleet, plan.queue)
-    placed_pods = {res.pod_names[i] for i in range(len(res)) if res.placed[i]}
+    allocs = dict(plan.allocations)
+    for _, alloc in plan.allocations:
+        fleet.allocate(alloc)  # AllocationError if anything overlaps or overflows
     for item in plan.queue:
-        if item.name in plan.unblocked:
+        if item.name in plan.unblocked or item.name in plan.fits_now:
             pods = item.pods if isinstance(item, GangSpec) else (item,)
-            assert all(p.name in placed_pods for p in pods), item.name
+            assert all(p.name in allocs for p in pods), item.name
+            if isinstance(item, GangSpec):
+                zones = {int(fleet.zone_id[fleet.slot(allocs[p.name].node)]) for p in pods}
+                assert len(zones) == 1
     # No node is added that nothing uses.
-    used = {fleet.name_of(int(s)) for s in res.node_slot[res.placed].tolist()}
-    assert {n.name for n in plan.new_nodes} <= used
+    assert {n.name for n in plan.new_nodes} <= {a.node for a in allocs.values()}
 
 
 @st.composite
