@@ -254,6 +254,7 @@ class Sim:
         self.events: list[tuple[float, int, int, int, int, str]] = []
         self.seq = 0
         self.tick_at: float | None = None
+        self.expiry_due: float | None = None
         self.dirty_up = False
         self.dirty_down = False
         self.dirty_sched = False
@@ -446,6 +447,9 @@ class Autoscaler:
 
     name = ""
     options = ConsolidationOptions()
+    #: None: scale up on the tick grid (cluster-autoscaler scans every scan-interval);
+    #: a number: a tick that many seconds after pods start pending (Karpenter's batch window).
+    pending_batch_s: float | None = None
 
     def tick(self, sim: Sim) -> None:
         raise NotImplementedError
@@ -456,8 +460,14 @@ class FleetdAutoscaler(Autoscaler):
 
     name = "fleetd"
 
-    def __init__(self, options: ConsolidationOptions, replace_every_s: float = 1800.0) -> None:
+    def __init__(
+        self,
+        options: ConsolidationOptions,
+        replace_every_s: float = 1800.0,
+        pending_batch_s: float | None = None,
+    ) -> None:
         self.options = options
+        self.pending_batch_s = pending_batch_s
         # The replacement search is the expensive part: like Karpenter's multi-node
         # consolidation it runs at most this often; deletions run on every tick.
         self.replace_every_s = replace_every_s
@@ -496,7 +506,9 @@ class FleetdAutoscaler(Autoscaler):
                 if recheck(d, fresh) is not None:
                     continue
                 if d.kind is DecisionKind.REPLACE:
-                    new = sim.launch(sim.pool_of_name(d.pool), d.delta)
+                    new: list[str] = []
+                    for pool, count in d.add or ((d.pool, d.delta),):
+                        new += sim.launch(sim.pool_of_name(pool), count)
                     sim.replacements.append((d, set(new)))
                 else:
                     for n in d.remove_nodes:
@@ -642,6 +654,9 @@ def simulate(
             elif kind == TICK:
                 is_tick = True
                 sim.tick_at = None
+                if sim.expiry_due is not None and t >= sim.expiry_due:
+                    sim.dirty_down = True  # a stabilization window ran out
+                    sim.expiry_due = None
         if sim.dirty_sched:
             sim.schedule()
         if is_tick:
@@ -649,15 +664,18 @@ def simulate(
             autoscaler.tick(sim)
             if sim.dirty_sched:
                 sim.schedule()
-        # Next tick: on the tick grid, when something changed or a window runs out.
+        # Next tick: on the tick grid when something changed or a window runs out; an
+        # autoscaler that reacts to pending pods (batch window) gets a tick that soon.
         want: float | None = None
-        if (sim.dirty_up and sim.pending_pods()) or sim.dirty_down:
+        if sim.dirty_up and sim.pending_pods() and autoscaler.pending_batch_s is not None:
+            want = t + autoscaler.pending_batch_s
+        elif (sim.dirty_up and sim.pending_pods()) or sim.dirty_down:
             want = (math.floor(t / tick_s) + 1) * tick_s
         else:
             expiries = [s + w for s in sim.node_since.values() for w in windows if s + w > t]
             if expiries:
                 want = math.ceil(min(expiries) / tick_s) * tick_s
-                sim.dirty_down = True if want <= t + tick_s else sim.dirty_down
+                sim.expiry_due = want
         if want is not None and (sim.tick_at is None or want < sim.tick_at):
             sim.tick_at = want
             sim.push(want, TICK)
@@ -994,7 +1012,7 @@ def main(argv: Sequence[str]) -> int:
     ours = simulate(
         trace,
         pools,
-        FleetdAutoscaler(FLEETD_OPTIONS),
+        FleetdAutoscaler(FLEETD_OPTIONS, pending_batch_s=1.0),
         tick_s=args.tick_s,
         seed=args.seed,
         spot_mtbi_h=args.spot_mtbi_h,
@@ -1082,8 +1100,8 @@ def main(argv: Sequence[str]) -> int:
 
 #: fleetd's consolidation settings in the benchmark.
 FLEETD_OPTIONS = ConsolidationOptions(
-    stabilization_window_s=300.0,
-    empty_window_s=60.0,
+    stabilization_window_s=600.0,
+    empty_window_s=600.0,
     utilization_threshold=0.75,
     replace=True,
     max_replace_candidates=8,

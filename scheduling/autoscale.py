@@ -79,6 +79,8 @@ class ScaleDecision:
     cost_per_hour_delta: expected change of the fleet's price per hour.
     unblocks: pending workloads (pod or gang names) this lets run.
     moves: (pod, node) pairs: where displaced pods are expected to land (scale-down).
+    add: for REPLACE, every (pool, nodes) the replacement adds (`pool`/`delta` are the
+    first); the old nodes go once all of them are up.
     """
 
     id: str
@@ -91,6 +93,7 @@ class ScaleDecision:
     cost_per_hour_delta: float
     unblocks: tuple[str, ...] = ()
     moves: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, int], ...] = ()
 
     @staticmethod
     def make(
@@ -105,11 +108,13 @@ class ScaleDecision:
         target_size: int,
         unblocks: Sequence[str] = (),
         moves: Sequence[tuple[str, str]] = (),
+        add: Sequence[tuple[str, int]] = (),
     ) -> ScaleDecision:
         """Build a decision with its content-derived id."""
         removed = tuple(sorted(remove_nodes))
+        adds = tuple((str(p), int(n)) for p, n in add)
         key = json.dumps(
-            [kind.value, cluster, pool, int(target_size), int(delta), removed, reason.value],
+            [kind.value, cluster, pool, int(target_size), int(delta), removed, reason.value, adds],
             separators=(",", ":"),
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -124,6 +129,7 @@ class ScaleDecision:
             cost_per_hour_delta=round(float(cost_per_hour_delta), 6),
             unblocks=tuple(sorted(unblocks)),
             moves=tuple(sorted(moves)),
+            add=adds,
         )
 
 
@@ -1084,8 +1090,12 @@ def replacement_specs(decision: ScaleDecision, pools: Sequence[NodePool]) -> lis
     """Hypothetical nodes standing for the new nodes of a REPLACE decision."""
     if decision.kind is not DecisionKind.REPLACE:
         return []
-    pool = pools[pool_index(tuple(pools))[(decision.cluster, decision.pool)]]
-    return [pool.node_spec(f"+{pool.cluster}/{pool.name}/r{i}") for i in range(decision.delta)]
+    index = pool_index(tuple(pools))
+    out: list[NodeSpec] = []
+    for name, count in decision.add or ((decision.pool, decision.delta),):
+        pool = pools[index[(decision.cluster, name)]]
+        out += [pool.node_spec(f"+{pool.cluster}/{pool.name}/r{i}") for i in range(count)]
+    return out
 
 
 def apply_scale_down(
@@ -1115,8 +1125,9 @@ def _plan_replacement(
     policy: Policy,
 ) -> tuple[ScaleDecision, list[str], list[tuple[str, str]]] | None:
     """Karpenter's multi-node consolidation: the largest prefix of the candidates (in
-    disruption order) whose pods fit on the remaining nodes plus new nodes of ONE pool that
-    cost less than the nodes removed. Binary search over the prefix length."""
+    disruption order) whose pods fit on the remaining nodes plus new nodes (chosen by
+    `plan_scale_up`) that cost less than the nodes removed. The whole group is tried
+    first, then a binary search over the prefix length."""
     by_cluster: dict[str, list[_NodeFacts]] = {}
     for f in cands:
         by_cluster.setdefault(req.pools[f.pool].cluster, []).append(f)
@@ -1177,10 +1188,10 @@ def _replace_prefix(
             cluster_limits=req.cluster_limits,
         )
     )
-    if len(plan.decisions) != 1 or plan.unschedulable:
-        return None  # all pods on existing nodes is plain deletion; mixed pools: skip
+    if not plan.decisions or plan.unschedulable:
+        return None  # all pods fit on existing nodes: that is plain deletion
     up = plan.decisions[0]
-    saving = old_price - up.cost_per_hour_delta
+    saving = old_price - plan.cost_per_hour_delta
     if saving <= req.options.min_saving_per_hour + _EPS:
         return None
     names = [f.name for f in group]
@@ -1200,6 +1211,7 @@ def _replace_prefix(
         -saving,
         target_size=_status(req.status, pool).target_size,
         moves=moves,
+        add=[(d.pool, d.delta) for d in plan.decisions],
     )
     return saving, decision, names, moves
 
