@@ -335,7 +335,7 @@ class GpuPacking(_Builtin):
 
     def score(self, view: NodeView, c: Constraints, pick: I64) -> ScoreResult:
         r = len(view)
-        if c.gpus_per_pod == 0:
+        if c.gpus_per_pod == 0 or view.gpu_free_milli.shape[1] == 0:
             return ScoreResult(np.zeros(r))
         fully_free = view.gpu_fully_free
         if c.milli_per_gpu < GPU_MILLI:

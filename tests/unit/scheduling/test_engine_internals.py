@@ -11,13 +11,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import placement as placement_benchmark
-from scheduling import Allocation, Batch, GangSpec, Order, PodSpec, place
+from scheduling import Allocation, Batch, Fleet, GangSpec, NodeSpec, Order, PodSpec, place
 from scheduling.filters import Free, compile_pod
 from scheduling.placement import states_after
+from scheduling.reference import place_reference
 from scheduling.scoring import NodeView, default_gpu_pick
 from scheduling.synthetic import synthetic_fleet, synthetic_workload
+from scheduling.workload import QueueItem
 
 from .builders import GIB, fleet_of, gpu_node, pod
+
+BUILTIN_POLICIES = [
+    "least-allocated",
+    "most-allocated",
+    "best-fit",
+    "dot-product",
+    "gpu-packing",
+    "gpu-clustering",
+    "random",
+]
 
 
 @settings(max_examples=80, deadline=None)
@@ -104,3 +116,15 @@ def test_benchmark_runs_on_a_tiny_instance(capsys: pytest.CaptureFixture[str]) -
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["identical_decisions"] is True
     assert {"pods_per_s", "loop_pods_per_s", "speedup", "bytes_per_node"} <= out.keys()
+
+
+@pytest.mark.parametrize("policy", BUILTIN_POLICIES)
+def test_cpu_only_fleet_without_gpu_columns(policy: str) -> None:
+    f = Fleet(max_gpus=0)
+    f.add_node(NodeSpec("a", "c", cpu_millicores=4000, memory_bytes=GIB))
+    items: list[QueueItem] = [pod("g", gpu_milli=100), pod("w", num_gpu=1)]
+    items += [pod(f"q{i}", cpu_millicores=1000, memory_bytes=0) for i in range(5)]
+    r = place(f, items, policy)
+    assert r.decisions() == place_reference(f, items, policy).decisions()
+    # 4 cores fit 4 one-core pods; GPU pods have nowhere to go
+    assert [r.node(i) for i in range(7)] == [None, None, "a", "a", "a", "a", None]
