@@ -20,7 +20,7 @@ nodes sorted by score), with the deeper scores of each node computed in vectoriz
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +58,7 @@ class PlacementResult:
     GPU indices taken; gpu_milli_per_gpu: (P,) int64 share taken on each of those GPUs;
     cpu_millicores, memory_bytes: (P,) int64 requests; reason: (P,) int16 `Reason` (0 =
     placed); order: (P,) int64 pod indices in the order they were considered.
-    slot_names / slot_clusters: node and cluster name of every slot when placed.
+    slot_names / slot_clusters: node and cluster name of each slot used, when placed.
     """
 
     pod_names: tuple[str, ...]
@@ -69,8 +69,8 @@ class PlacementResult:
     memory_bytes: I64
     reason: NDArray[np.int16]
     order: I64
-    slot_names: tuple[str | None, ...]
-    slot_clusters: tuple[str | None, ...]
+    slot_names: Mapping[int, str | None]
+    slot_clusters: Mapping[int, str | None]
     fleet_version: int
 
     def __len__(self) -> int:
@@ -201,6 +201,8 @@ def gang_levels(gang: GangSpec) -> list[TopologyLevel]:
 _FIRST_DEPTH = 8
 #: Mean run length (pods per segment) from which nodes are scored per distinct state.
 _BY_STATE_RUN = 4
+#: ... and the batch has at least this many pods (the per-call set-up is O(nodes)).
+_BY_STATE_MIN_PODS = 64
 #: Room is counted up to this many pods per node (no practical limit).
 _NO_LIMIT = 1 << 40
 #: Untouched candidates get their deeper scores computed in chunks starting this large.
@@ -275,6 +277,20 @@ def states_after(base: NodeView, c: Constraints, depths: I64) -> NodeView:
     )
 
 
+def _row_ids(keys: NDArray[np.int64]) -> tuple[I64, I64]:
+    """Distinct rows of an int64 matrix: (index of each distinct row's first occurrence,
+    in order of first occurrence; id of each row's distinct row in that order)."""
+    if keys.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    flat = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1])))
+    _, first, inverse = np.unique(flat.reshape(-1), return_index=True, return_inverse=True)
+    # Renumber by first occurrence so ids do not depend on the byte order of the keys.
+    by_first = np.argsort(first, kind="stable")
+    renumber = np.empty(first.size, np.int64)
+    renumber[by_first] = np.arange(first.size, dtype=np.int64)
+    return first[by_first].astype(np.int64), renumber[inverse.reshape(-1)]
+
+
 class _States:
     """Distinct node states ("classes") met during one `place` call.
 
@@ -290,18 +306,19 @@ class _States:
         usable_mask = np.zeros(rows.size, np.int64)
         for i in range(g):
             usable_mask |= usable[rows, i].astype(np.int64) << i
-        static_key = np.stack(
-            [
-                fleet.cpu_allocatable_millicores[rows],
-                fleet.memory_allocatable_bytes[rows],
-                usable_mask,
-                fleet.gpu_model_id[rows].astype(np.int64),
-            ],
-            axis=1,
-        ).tolist()
-        types: dict[tuple[int, ...], int] = {}
+        static_key = np.ascontiguousarray(
+            np.stack(
+                [
+                    fleet.cpu_allocatable_millicores[rows],
+                    fleet.memory_allocatable_bytes[rows],
+                    usable_mask,
+                    fleet.gpu_model_id[rows].astype(np.int64),
+                ],
+                axis=1,
+            )
+        )
         self.static_type = np.full(n, -1, np.int64)
-        self.static_type[rows] = [types.setdefault(tuple(k), len(types)) for k in static_key]
+        self.static_type[rows] = _row_ids(static_key)[1]
         self.free = free
         self.gpus = g
         self.ids: dict[tuple[int, ...], int] = {}
@@ -312,16 +329,29 @@ class _States:
         self.gpu = np.zeros((cap, g), free.gpu_milli.dtype)
         self.n = 0
         self.of = np.full(n, -1, np.int64)
-        self.assign(rows)
+        # Initial classes in one vectorized pass; later moves go through `assign`.
+        keys = self._keys(rows)
+        first, inverse = _row_ids(keys)
+        ids = [
+            self._new(int(rows[i]), k)
+            for i, k in zip(first.tolist(), keys[first].tolist(), strict=True)
+        ]
+        for cid, k in zip(ids, keys[first].tolist(), strict=True):
+            self.ids[tuple(k)] = cid
+        self.of[rows] = np.asarray(ids, np.int64)[inverse] if ids else inverse
 
-    def assign(self, slots: I64) -> None:
-        """(Re)compute the class of `slots` from their current state."""
+    def _keys(self, slots: I64) -> NDArray[np.int64]:
         free = self.free
         keys = np.empty((slots.size, 3 + self.gpus), np.int64)
         keys[:, 0] = self.static_type[slots]
         keys[:, 1] = free.cpu_millicores[slots]
         keys[:, 2] = free.memory_bytes[slots]
         keys[:, 3:] = free.gpu_milli[slots]
+        return keys
+
+    def assign(self, slots: I64) -> None:
+        """(Re)compute the class of `slots` from their current state."""
+        keys = self._keys(slots)
         ids = self.ids
         out = []
         for slot, key in zip(slots.tolist(), keys.tolist(), strict=True):
@@ -859,7 +889,8 @@ def place(
     ends = [*bounds.tolist(), p]
     # Scoring per distinct node state pays off when runs are long; with FIFO-like queues
     # (runs of one pod) scoring only the changed rows is cheaper. Same decisions either way.
-    engine = _Engine(fleet, batch, policy, by_state=p >= _BY_STATE_RUN * len(starts))
+    by_state = p >= max(_BY_STATE_RUN * len(starts), _BY_STATE_MIN_PODS)
+    engine = _Engine(fleet, batch, policy, by_state=by_state)
     pending: list[tuple[I64, int]] = []  # unplaced pods whose reason is filled in at the end
     for a, b in zip(starts, ends, strict=True):
         if a >= b:
@@ -896,9 +927,7 @@ def place(
     cpu = np.array([sp.cpu_millicores for sp in shapes], np.int64)[shape_of]
     mem = np.array([sp.memory_bytes for sp in shapes], np.int64)[shape_of]
     milli = np.where(node_slot >= 0, milli, 0)
-    names = tuple(fleet.names)
-    cluster_names = fleet.clusters.names
-    cids = fleet.cluster_id[: fleet.n_slots].tolist()
+    slot_names, slot_clusters = slot_tables(fleet, node_slot)
     return PlacementResult(
         pod_names=batch.names,
         node_slot=node_slot,
@@ -908,9 +937,22 @@ def place(
         memory_bytes=mem,
         reason=reason,
         order=seq,
-        slot_names=names,
-        slot_clusters=tuple(cluster_names[c] if c >= 0 else None for c in cids),
+        slot_names=slot_names,
+        slot_clusters=slot_clusters,
         fleet_version=fleet.version,
+    )
+
+
+def slot_tables(
+    fleet: Fleet, node_slot: I64
+) -> tuple[dict[int, str | None], dict[int, str | None]]:
+    """Node and cluster names of the slots pods were placed on (a result's own copy)."""
+    used = np.unique(node_slot[node_slot >= 0]).tolist()
+    clusters = fleet.clusters.names
+    cids = fleet.cluster_id[used].tolist() if used else []
+    return (
+        {s: fleet.names[s] for s in used},
+        {s: (clusters[c] if c >= 0 else None) for s, c in zip(used, cids, strict=True)},
     )
 
 

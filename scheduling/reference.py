@@ -20,7 +20,7 @@ import numpy as np
 from scheduling.explain import Explanation, Reason
 from scheduling.filters import Constraints, compile_pod
 from scheduling.fleet import FLAG_CORDONED, FLAG_STALE, FLAG_UNHEALTHY, GPU_MILLI, Fleet
-from scheduling.placement import PlacementResult, gang_levels
+from scheduling.placement import PlacementResult, gang_levels, slot_tables
 from scheduling.scoring import (
     DEFAULT_POLICY,
     BestFit,
@@ -499,7 +499,7 @@ class ReferencePlacer:
             reason[m] = ref.reason(batch.pods[m])
         pods = batch.pods
         placed = node_slot >= 0
-        cids = fleet.cluster_id[: fleet.n_slots].tolist()
+        slot_names, slot_clusters = slot_tables(fleet, node_slot)
         return PlacementResult(
             pod_names=tuple(pod.name for pod in pods),
             node_slot=node_slot,
@@ -511,8 +511,8 @@ class ReferencePlacer:
             memory_bytes=np.array([pod.memory_bytes for pod in pods], np.int64),
             reason=reason,
             order=np.asarray(seq, np.int64),
-            slot_names=tuple(fleet.names),
-            slot_clusters=tuple(fleet.clusters.names[c] if c >= 0 else None for c in cids),
+            slot_names=slot_names,
+            slot_clusters=slot_clusters,
             fleet_version=fleet.version,
         )
 

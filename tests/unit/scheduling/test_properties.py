@@ -134,12 +134,12 @@ def test_engine_and_reference_loop_agree(
 ) -> None:
     # Both engine modes (scoring per distinct node state, or per changed row) must agree
     # with the plain loop.
-    saved = placement._BY_STATE_RUN
-    placement._BY_STATE_RUN = 0 if by_state else 1 << 30
+    saved = placement._BY_STATE_RUN, placement._BY_STATE_MIN_PODS
+    placement._BY_STATE_RUN = placement._BY_STATE_MIN_PODS = 0 if by_state else 1 << 30
     try:
         engine = place(f, items, policy, order=order)
     finally:
-        placement._BY_STATE_RUN = saved
+        placement._BY_STATE_RUN, placement._BY_STATE_MIN_PODS = saved
     reference = place_reference(f, items, policy, order=order)
     assert engine.decisions() == reference.decisions()
 
