@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -122,6 +123,8 @@ class Daemon:
         self._background: set[asyncio.Future[None]] = set()
         self._reload_changed = asyncio.Condition()
         self._started = False
+        #: Names of tasks that ignored cancellation at shutdown (serve() then exits hard).
+        self.stuck_tasks: list[str] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -268,11 +271,18 @@ class Daemon:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        for task, res in zip(tasks, results, strict=True):
-            if isinstance(res, BaseException) and not isinstance(res, asyncio.CancelledError):
+        if tasks:
+            # Bounded: a task that ignores cancellation is logged, not waited for forever.
+            _, pending = await asyncio.wait(tasks, timeout=self.config.server.shutdown_grace_s)
+            self.stuck_tasks = sorted(t.get_name() for t in pending)
+            if self.stuck_tasks:
+                log.error("tasks did not stop when cancelled", extra={"tasks": self.stuck_tasks})
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
                 log.error(
-                    "task failed during shutdown", extra={"task": task.get_name()}, exc_info=res
+                    "task failed during shutdown",
+                    extra={"task": task.get_name()},
+                    exc_info=task.exception(),
                 )
         self.metrics.close()
         if self.journal is not None:
@@ -359,4 +369,9 @@ async def serve(config: Config, config_path: Path | None) -> int:
         log.exception("startup failed")
         await daemon.stop()
         return 1
-    return await daemon.wait()
+    code = await daemon.wait()
+    if daemon.stuck_tasks:
+        # asyncio.run would wait for them forever: exit now, within the bounded shutdown.
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -321,3 +321,34 @@ async def test_a_dying_task_stops_the_daemon_with_exit_code_1(
     assert await asyncio.wait_for(daemon.wait(), 30) == 1
     text = generate_latest(daemon.metrics.registry).decode()
     assert 'fleetd_task_failures_total{task="source-crashes"} 1.0' in text
+
+
+async def test_shutdown_is_bounded_by_a_task_that_ignores_cancel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetd import config
+
+    from .conftest import daemon_config, write_config
+
+    let_go = asyncio.Event()
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if let_go.is_set():
+                    raise
+
+    monkeypatch.setattr(Daemon, "_external_sources", lambda self: [("source-stubborn", stubborn)])
+    data = daemon_config(tmp_path, server={"shutdown_grace_s": 0.2})
+    path = write_config(tmp_path / "fleetd.yaml", data)
+    daemon = Daemon(config.load(path), path)
+    await daemon.start()
+    await asyncio.wait_for(daemon.stop(), 10)
+    assert daemon.stuck_tasks == ["source-stubborn"]
+    let_go.set()
+    for task in [t for t in asyncio.all_tasks() if t.get_name() == "source-stubborn"]:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
