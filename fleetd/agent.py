@@ -225,7 +225,11 @@ async def run_agent(settings: AgentSettings, ready: asyncio.Event | None = None)
         publisher = TelemetryPublisher(producer, settings.topic)
         sink = ClusterPublisher(publisher, settings.cluster, settings.pools)
         source = KubernetesSource(
-            KubernetesSourceSettings(kubeconfig=settings.kubeconfig, contexts=(settings.context,)),
+            KubernetesSourceSettings(
+                kubeconfig=settings.kubeconfig,
+                contexts=(settings.context,),
+                node_resync_interval_s=None,  # the agent heartbeats on its own
+            ),
             sink,
         )
         async with asyncio.TaskGroup() as tasks:

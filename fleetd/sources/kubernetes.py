@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -40,7 +41,14 @@ from fleetd.sources import translate
 from fleetd.sources.base import Backoff, UpdateSink
 from fleetd.sources.memory import StateSink
 from fleetd.sources.metrics import SourceMetrics
-from fleetd.sources.updates import ClusterSynced, NodeRemoved, PodObserved, PodRemoved, Update
+from fleetd.sources.updates import (
+    ClusterSynced,
+    NodeRemoved,
+    NodeUpdate,
+    PodObserved,
+    PodRemoved,
+    Update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,11 @@ class KubernetesSourceSettings:
     backoff_max_s: float = 30.0
     #: Only pods bound to a node hold resources.
     pod_field_selector: str = "spec.nodeName!="
+    #: While a cluster's node watch is healthy, re-apply every node this often. A watch
+    #: reports changes only (kubelets update node status every 5 minutes or on change), so
+    #: without this a quiet node would look silent to fleetd's staleness sweep. None: off
+    #: (the agent, which heartbeats on its own).
+    node_resync_interval_s: float | None = 30.0
 
 
 class KubeconfigError(ValueError):
@@ -117,6 +130,9 @@ class KubernetesSource:
         self.synced: dict[str, asyncio.Event] = {}
         self._wall_clock = wall_clock
         self._watchers: list[_Watcher] = []
+        #: Overrides settings.node_resync_interval_s when set (the daemon derives it from
+        #: its hot-reloadable staleness limit).
+        self.resync_interval_fn: Callable[[], float | None] | None = None
 
     def resolve_clusters(self) -> list[str]:
         """The clusters (contexts) this source watches; raises KubeconfigError."""
@@ -166,8 +182,38 @@ class KubernetesSource:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(nodes.run(), name=f"kube-{cluster}-nodes")
                 tasks.create_task(pods.run(), name=f"kube-{cluster}-pods")
+                tasks.create_task(self._resync_nodes(nodes), name=f"kube-{cluster}-resync")
         finally:
             await asyncio.to_thread(api.close)
+
+    def _resync_interval_s(self) -> float | None:
+        if self.resync_interval_fn is not None:
+            return self.resync_interval_fn()
+        return self.settings.node_resync_interval_s
+
+    async def _resync_nodes(self, watcher: _Watcher) -> None:
+        while True:
+            interval_s = self._resync_interval_s()
+            if interval_s is None:
+                return
+            await asyncio.sleep(interval_s)
+            await self.resync(watcher)
+
+    async def resync(self, watcher: _Watcher) -> int:
+        """Re-apply every node the watcher knows, as observed now, if its watch is healthy
+        (connected and current); returns how many. They carry sequence 0 ("unordered"):
+        the same content as the last applied version, so no ordering question arises."""
+        if not watcher.healthy:
+            return 0
+        now_s = self.now_s()
+        updates: list[Update] = [
+            dataclasses.replace(node, sequence=0, observed_at_s=now_s)
+            for node in watcher.known.values()
+            if isinstance(node, NodeUpdate)
+        ]
+        if updates:
+            await self.sink.apply(updates)
+        return len(updates)
 
     def now_s(self) -> float:
         """Wall-clock time (Unix seconds) stamped on observed nodes."""
@@ -195,8 +241,10 @@ class _Watcher:
         self.list_fn = list_fn
         self.list_kwargs = list_kwargs
         self.rv: str | None = None
-        #: nodes: name -> None; pods: uid -> its last PodObserved (to report removals).
-        self.known: dict[str, PodObserved | None] = {}
+        #: nodes: name -> its last NodeUpdate; pods: uid -> its last PodObserved.
+        self.known: dict[str, NodeUpdate | PodObserved] = {}
+        #: True while the last list or watch request succeeded (the picture is current).
+        self.healthy = False
         s = source.settings
         self.backoff = Backoff(s.backoff_initial_s, s.backoff_max_s)
 
@@ -231,6 +279,7 @@ class _Watcher:
                 await self._after_error(exc)
 
     async def _after_error(self, exc: BaseException) -> None:
+        self.healthy = False
         if isinstance(exc, ApiException) and exc.status == 410:
             self.rv = None
         delay = self.backoff.next_delay_s()
@@ -288,10 +337,11 @@ class _Watcher:
                 continue
             if self.kind == NODES:
                 updates.append(NodeRemoved(cluster=self.cluster, name=key))
-            elif last is not None:
+            elif isinstance(last, PodObserved):
                 updates.append(_pod_gone(last))
         await self.source.sink.apply(updates)
         self.rv = rv
+        self.healthy = True
         log.info("kube %s/%s: listed %d at resourceVersion %s",
                  self.cluster, self.kind, len(items), rv)  # fmt: skip
 
@@ -322,6 +372,7 @@ class _Watcher:
                     _request_timeout=(s.request_timeout_s, s.watch_timeout_s + 30),
                 )
                 response.append(resp)
+                put(b"")  # connected: an empty line marks the stream open
                 try:
                     for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
                         if stop.is_set():
@@ -344,6 +395,9 @@ class _Watcher:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if not item:  # the stream is open: the picture is current again
+                    self.healthy = True
+                    continue
                 lines = [item]
                 while not queue.empty() and len(lines) < 1000:
                     nxt = queue.get_nowait()
@@ -419,7 +473,7 @@ class _Watcher:
             del self.known[removed.name]
             return [removed]
         node = translate.node_update(self.cluster, obj, observed_at_s=self.source.now_s())
-        self.known[node.name] = None
+        self.known[node.name] = node
         return [node]
 
     def _translate_pod(self, etype: str, obj: Any) -> list[Update]:
@@ -436,7 +490,7 @@ class _Watcher:
             return [update]
         previous = self.known.get(key)
         self.known[key] = update
-        if previous is not None and previous.node != update.node:
+        if isinstance(previous, PodObserved) and previous.node != update.node:
             # A pod never moves between nodes; a changed nodeName means a recreated pod.
             return [_pod_gone(previous), update]
         return [update]
@@ -476,6 +530,8 @@ def build(config: Any, state: Any, daemon_metrics: Any) -> Callable[[], Awaitabl
         StateSink(state),
         metrics=SourceMetrics.for_daemon(daemon_metrics),
     )
+    # Re-apply quiet nodes well inside the (hot-reloadable) staleness limit.
+    source.resync_interval_fn = lambda: min(30.0, state.config.staleness.node_stale_after_s / 4)
     for cluster in source.resolve_clusters():
         state.expect_source(SOURCE, cluster)
     return source.run

@@ -219,3 +219,27 @@ async def test_relist_reports_removed_nodes() -> None:
     await watcher._relist()
     assert NodeRemoved(cluster="c", name="n1") in log
     assert set(view.nodes) == {("c", "n2")}
+
+
+async def test_quiet_nodes_are_reapplied_only_while_the_watch_is_healthy() -> None:
+    api = ScriptedApi([kube_node("n1", rv="3"), kube_node("n2", rv="4")], "4", [])
+    watcher, view, _ = _watcher(api)
+    source = watcher.source
+    log: list[Any] = []
+    original = view.apply
+
+    async def recording(updates: Any) -> None:
+        log.extend(updates)
+        await original(updates)
+
+    view.apply = recording  # type: ignore[method-assign]
+    await watcher.initial_list()
+    log.clear()
+    assert await source.resync(watcher) == 2
+    # Same content, observed now, "unordered" (sequence 0): a state gate admits it.
+    assert [(u.name, u.sequence, u.observed_at_s) for u in log] == [
+        ("n1", 0, 100.0),
+        ("n2", 0, 100.0),
+    ]
+    await watcher._after_error(ApiException(status=500, reason="boom"))
+    assert await source.resync(watcher) == 0  # API server unreachable: let nodes go stale
