@@ -23,6 +23,7 @@ from fleetd.state import (
     FleetState,
     NotFound,
     NotReady,
+    OutOfRange,
     QueueFull,
     WorkloadRequest,
 )
@@ -374,3 +375,29 @@ async def test_decisions_survive_a_restart_for_resume(tmp_path: Path, clock: Fak
     assert got[2].explanation is not None
     assert got[2].explanation.reasons == before[-1].explanation.reasons  # type: ignore[union-attr]
     await stream.aclose()
+
+
+async def test_watch_out_of_range_and_slow_watchers(tmp_path: Path, clock: FakeClock) -> None:
+    state = make_state(tmp_path / "j.db", clock)
+    limits = state.config.limits.model_copy(update={"decision_history": 100})
+    server = state.config.server.model_copy(update={"max_stream_backlog": 16})
+    state.set_config(state.config.model_copy(update={"limits": limits, "server": server}))
+    for i in range(150):
+        state.place(request(f"w{i}", gpus=0, milli=100))
+    with pytest.raises(OutOfRange, match="oldest retained seq is 51"):
+        await anext(state.watch(after_seq=10))
+    # A watcher that stops reading is cut off once 16 decisions wait for it; what it did not
+    # read is dropped (it resumes from the last seq it saw).
+    slow = state.watch(after_seq=0, from_now=True)
+    first = asyncio.ensure_future(anext(slow))
+    await asyncio.sleep(0)  # let it subscribe
+    for i in range(20):
+        state.release(f"w{i}")
+
+    async def drain() -> None:
+        await first
+        for _ in range(40):
+            await anext(slow)
+
+    with pytest.raises(OutOfRange, match="fell behind"):
+        await drain()
