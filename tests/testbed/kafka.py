@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.testbed.build import Artefacts
-from tests.testbed.procs import Process, Supervisor, TestbedError, free_ports, wait_until
+from tests.testbed.procs import (
+    Process,
+    Supervisor,
+    TestbedError,
+    free_ports,
+    retry_on_port_clash,
+    wait_until,
+)
 
 #: Bounded waits; a broker on a warm machine is up in ~10 s.
 KAFKA_READY_TIMEOUT_S = 90.0
@@ -141,8 +148,14 @@ def start_kafka(arts: Artefacts, sup: Supervisor, run_dir: Path) -> KafkaBroker:
     java = shutil.which("java")
     if java is None:
         raise TestbedError("kafka: `java` (17+) is not on PATH")
+    return retry_on_port_clash(lambda: _start_kafka_once(arts, sup, run_dir, java))
+
+
+def _start_kafka_once(arts: Artefacts, sup: Supervisor, run_dir: Path, java: str) -> KafkaBroker:
     port, controller_port = free_ports(2)
     kdir = run_dir / "kafka"
+    if kdir.exists():  # a previous attempt lost a port: the storage names the old one
+        shutil.rmtree(kdir)
     data_dir = kdir / "data"
     data_dir.mkdir(parents=True)
     props = kdir / "server.properties"

@@ -16,6 +16,7 @@ import datetime
 import ipaddress
 import json
 import secrets
+import shutil
 import ssl
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +28,14 @@ import yaml
 
 from tests.testbed.build import Artefacts
 from tests.testbed.gpu_nodes import KWOK_ANNOTATION, KWOK_TOLERATION, gpu_node_manifest
-from tests.testbed.procs import Process, Supervisor, free_ports, wait_until
+from tests.testbed.procs import (
+    PortInUseError,
+    Process,
+    Supervisor,
+    free_ports,
+    retry_on_port_clash,
+    wait_until,
+)
 
 #: The clusters every test bed has; each name is also its kubeconfig context.
 CLUSTERS: tuple[str, ...] = ("cluster-a", "cluster-b")
@@ -131,6 +139,7 @@ class ClusterProcesses:
     kwok: Process | None = None
     scheduler: Process | None = None
     kubeconfig_path: Path = field(default_factory=Path)
+    etcd_url: str = ""
 
 
 def _kubeconfig(
@@ -435,7 +444,6 @@ def _wait_apiserver(c: ClusterProcesses, ca_path: Path, token: str) -> None:
 def _start_kwok(
     arts: Artefacts, sup: Supervisor, cluster: ClusterProcesses, kubeconfig: Path
 ) -> Process:
-    (port,) = free_ports(1)
     proc = sup.start(
         f"{cluster.name}-kwok",
         [
@@ -444,7 +452,8 @@ def _start_kwok(
             f"--config={arts.kwok_stages}",
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-            f"--server-address=127.0.0.1:{port}",
+            # No --server-address: its metrics/logs server is not needed, and one port
+            # fewer is one clash fewer.
             "--node-ip=10.244.0.1",
             # Pod IPs: the default /24 would run out at 254 running pods per cluster.
             "--cidr=10.128.0.0/14",
@@ -508,17 +517,39 @@ def start_kube(
     token_file.write_text(f'{token},{_ADMIN_USER},{_ADMIN_USER},"system:masters"\n')
     token_file.chmod(0o600)
 
+    def etcd_once(name: str) -> tuple[Process, str]:
+        data_dir = kdir / name / "etcd"
+        if data_dir.exists():  # a failed attempt's member data names the old peer port
+            shutil.rmtree(data_dir)
+        return _start_etcd(arts, sup, name, data_dir)
+
+    def etcd_ready(name: str) -> tuple[Process, str]:
+        proc, url = etcd_once(name)
+        _wait_etcd(name, proc, url)
+        return proc, url
+
+    def apiserver_ready(c: ClusterProcesses) -> None:
+        c.apiserver, c.server = _start_apiserver(arts, sup, c.name, c.etcd_url, tls, token_file)
+        _wait_apiserver(c, tls.cert_path, token)
+
     # The clusters start side by side (all etcds, then all apiservers) so that their
-    # start-ups overlap; readiness is awaited per component.
-    etcds = {name: _start_etcd(arts, sup, name, kdir / name / "etcd") for name in clusters}
+    # start-ups overlap; readiness is awaited per component. A component that lost a port
+    # to someone else between picking and binding is started again alone.
+    etcds = {name: etcd_once(name) for name in clusters}
     for name, (etcd, etcd_url) in etcds.items():
-        _wait_etcd(name, etcd, etcd_url)
+        try:
+            _wait_etcd(name, etcd, etcd_url)
+        except PortInUseError:
+            etcds[name] = retry_on_port_clash(lambda name=name: etcd_ready(name))
     running: list[ClusterProcesses] = []
     for name, (etcd, etcd_url) in etcds.items():
         apiserver, server = _start_apiserver(arts, sup, name, etcd_url, tls, token_file)
-        running.append(ClusterProcesses(name, server, etcd, apiserver))
+        running.append(ClusterProcesses(name, server, etcd, apiserver, etcd_url=etcd_url))
     for c in running:
-        _wait_apiserver(c, tls.cert_path, token)
+        try:
+            _wait_apiserver(c, tls.cert_path, token)
+        except PortInUseError:
+            retry_on_port_clash(lambda c=c: apiserver_ready(c))
 
     kubeconfig_path = kdir / "kubeconfig.yaml"
     servers = {c.name: c.server for c in running}
@@ -532,8 +563,10 @@ def start_kube(
             yaml.safe_dump(_kubeconfig({c.name: c.server}, tls.cert_path, token, c.name))
         )
         c.kwok = _start_kwok(arts, sup, c, c.kubeconfig_path)
-        c.scheduler = _start_scheduler(
-            arts, sup, c, c.kubeconfig_path, kdir / c.name / "scheduler-certs"
+        c.scheduler = retry_on_port_clash(
+            lambda c=c: _start_scheduler(
+                arts, sup, c, c.kubeconfig_path, kdir / c.name / "scheduler-certs"
+            )
         )
 
     kube = KubeTestbed(kubeconfig_path, running, tls.cert_path, token)

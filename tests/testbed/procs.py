@@ -43,6 +43,28 @@ class TestbedError(RuntimeError):
     __test__ = False  # not a pytest test class, despite the name
 
 
+class PortInUseError(TestbedError):
+    """A server exited because a port picked by :func:`free_ports` was taken meanwhile."""
+
+
+_PORT_ATTEMPTS = 3
+
+
+def retry_on_port_clash(start: Callable[[], T]) -> T:
+    """Call ``start`` (which picks fresh ports each call) again if a port clash killed it.
+
+    Ports are picked free and bound a moment later by the server; another test bed or an
+    outgoing connection may take one in between. That is rare, so three attempts suffice.
+    """
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
+        try:
+            return start()
+        except PortInUseError:
+            if attempt == _PORT_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct loopback TCP ports that are free right now.
 
@@ -89,12 +111,17 @@ class Process:
         return self.popen.poll() is None
 
     def check_alive(self) -> None:
-        """Raise TestbedError (with the log's tail) if the process has exited."""
+        """Raise TestbedError (with the log's tail) if the process has exited.
+
+        PortInUseError when its log says a port was taken (see :func:`retry_on_port_clash`).
+        """
         code = self.popen.poll()
         if code is not None:
-            raise TestbedError(
+            tail = log_tail(self.log_path)
+            error = PortInUseError if "address already in use" in tail.lower() else TestbedError
+            raise error(
                 f"{self.name} exited with code {code}; log: {self.log_path}\n"
-                f"--- last lines ---\n{log_tail(self.log_path)}"
+                f"--- last lines ---\n{tail}"
             )
 
 

@@ -1,6 +1,11 @@
-"""Pure checks of the test bed's builders (no servers): node manifests, go.mod parsing."""
+"""Checks of the test bed's parts without its servers: node manifests, go.mod parsing,
+process supervision (with tiny Python servers)."""
 
 from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +17,13 @@ from tests.testbed.gpu_nodes import (
     NODEPOOL_LABEL,
     ZONE_LABEL,
     gpu_node_manifest,
+)
+from tests.testbed.procs import (
+    PortInUseError,
+    Supervisor,
+    free_ports,
+    retry_on_port_clash,
+    wait_until,
 )
 from tests.testbed.versions import staging_version
 
@@ -82,3 +94,79 @@ replace (
 """
     assert staging_modules(go_mod) == ["k8s.io/api", "k8s.io/cri-streaming"]
     assert staging_version("v1.37.2") == "v0.37.2"
+
+
+_SERVE = (
+    "import socket, sys, time\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "print('listening', flush=True); time.sleep(600)\n"
+)
+
+
+def _listening(log: Path) -> bool:
+    # Not a connect probe: the port held by the test itself would answer it.
+    return "listening" in log.read_text().splitlines()[1:]  # line 0 is the command
+
+
+def test_port_clash_is_retried_on_fresh_ports(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path / "logs")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    offered = [taken.getsockname()[1]]  # the first attempt gets a port someone holds
+    attempts: list[int] = []
+
+    def start() -> int:
+        port = offered.pop() if offered else free_ports(1)[0]
+        attempts.append(port)
+        proc = sup.start("toy-server", [sys.executable, "-c", _SERVE, str(port)])
+        wait_until("toy server", lambda: _listening(proc.log_path), timeout_s=20, watch=[proc])
+        return port
+
+    try:
+        port = retry_on_port_clash(start)
+        assert attempts == [taken.getsockname()[1], port]
+    finally:
+        taken.close()
+        sup.stop_all()
+    assert all(not p.alive() for p in sup.processes)
+
+
+def test_port_clash_gives_up_after_three_attempts(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path / "logs")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    calls = 0
+
+    def start() -> None:
+        nonlocal calls
+        calls += 1
+        proc = sup.start("toy-server", [sys.executable, "-c", _SERVE, str(port)])
+        wait_until("toy server", lambda: None, timeout_s=20, watch=[proc])
+
+    try:
+        with pytest.raises(PortInUseError, match="toy-server exited"):
+            retry_on_port_clash(start)
+    finally:
+        taken.close()
+        sup.stop_all()
+    assert calls == 3
+
+
+def test_stop_all_kills_the_whole_process_group(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path / "logs")
+    pid_file = tmp_path / "grandchild.pid"
+    # A shell that ignores SIGTERM and leaves a grandchild behind: both must go.
+    script = f"trap '' TERM; sleep 600 & echo $! > {pid_file}; wait"
+    proc = sup.start("stubborn", ["bash", "-c", script])
+    grandchild = wait_until(
+        "grandchild pid", lambda: pid_file.read_text().strip() or None, timeout_s=10
+    )
+    sup.stop_all()
+    assert proc.popen.poll() is not None
+    assert (
+        not Path(f"/proc/{grandchild}").exists()
+        or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
+    )
