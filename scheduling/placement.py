@@ -14,7 +14,11 @@ Speed: identical pods placed consecutively form a *run*. For a run the static fi
 evaluated once per shape, every candidate is scored once, and because scores are
 node-local only the node that just took a pod needs a new score: the run is a k-way merge
 of per-node score sequences (a heap over touched nodes plus a pointer into the untouched
-nodes sorted by score), with the deeper scores of each node computed in vectorized chunks.
+nodes sorted by score), with the deeper scores of each node computed in vectorized chunks
+(in closed form when no plugin chooses GPUs, `states_after`). Scores are cached per shape
+across runs: per *state class* when every plugin is state-only (nodes in the same state
+share one score, and a class never changes, so its scores never go stale; `_States`), or
+per node with change stamps otherwise (and for FIFO-like queues of one-pod runs).
 """
 
 from __future__ import annotations
