@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "config" / "fleetd.yaml"
 
 #: Sections a hot reload may change without a restart.
-RELOADABLE_SECTIONS = ("scheduling", "teams", "reservations", "staleness", "limits")
+RELOADABLE_SECTIONS = (
+    "scheduling", "teams", "reservations", "staleness", "limits", "autoscaling",
+)  # fmt: skip
 
 #: GPU model names: product names such as "A100-SXM4-80GB", "H100", or openb codes "V100M32", "G1".
 GPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -197,6 +199,13 @@ class LimitsConfig(_Strict):
     )
 
 
+class AutoscalingConfig(_Strict):
+    """Scale-up planning for queued workloads (reloadable); decisions go to WatchScaleDecisions."""
+
+    enabled: bool = Field(True, description="Plan scale-ups while workloads are queued.")
+    interval_s: float = Field(10.0, gt=0, le=3600, description="How often to plan.")
+
+
 class SimPool(_Strict):
     """A simulated node pool."""
 
@@ -263,6 +272,12 @@ class SimulatedSourceConfig(_Strict):
     heartbeat_s: float = Field(
         10.0, gt=0, description="How often every simulated node reports (keeps it fresh)."
     )
+    apply_scale_decisions: bool = Field(
+        False, description="Play the pool manager: add the nodes scale-up decisions ask for."
+    )
+    provisioning_delay_s: float = Field(
+        5.0, ge=0, description="How long a simulated scale-up takes to bring its nodes up."
+    )
     confirm_after_s: float = Field(
         0.5,
         ge=0,
@@ -323,6 +338,7 @@ class Config(BaseSettings):
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     teams: TeamsConfig = Field(default_factory=TeamsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     reload_poll_s: float = Field(
         2.0, gt=0, description="How often the config file is checked for changes (restart)."

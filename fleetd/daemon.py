@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fleetd import config as cfgmod
 from fleetd.api.servicers import Edge, FleetServicer, NodePoolsServicer, PlacementServicer
+from fleetd.autoscaler import Autoscaler
 from fleetd.config import Config, ConfigError
 from fleetd.journal import Journal
 from fleetd.metrics import Metrics
@@ -123,6 +124,7 @@ class Daemon:
         self._background: set[asyncio.Future[None]] = set()
         self._reload_changed = asyncio.Condition()
         self._started = False
+        self.autoscaler: Autoscaler | None = None
         #: Names of tasks that ignored cancellation at shutdown (serve() then exits hard).
         self.stuck_tasks: list[str] = []
 
@@ -188,6 +190,8 @@ class Daemon:
         self._spawn(
             "metrics-refresh", self._every(lambda: 1.0, lambda: self.metrics.refresh(state))
         )
+        self.autoscaler = Autoscaler(state, lambda: self.config, self.clock)
+        self._spawn("autoscaler", self.autoscaler.run())
         if self.config_path is not None:
             self._spawn(
                 "config-watch", self._every(lambda: self.config.reload_poll_s, self._poll_config)

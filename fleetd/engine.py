@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 import scheduling
+import scheduling.pools
 from scheduling import Allocation, Fleet, Policy, TopologyLevel
 from scheduling.explain import REASON_TEXT, Reason
 from scheduling.fleet import FLAG_CORDONED, FLAG_STALE, FLAG_UNHEALTHY
@@ -26,8 +27,9 @@ from scheduling.fragmentation import TypicalPods, _model_columns, frag_milli, ty
 from scheduling.replay.policies import FRAGMENTATION_POLICIES, make_policy
 
 GPU_MILLI = scheduling.GPU_MILLI
-#: Label every node carries with its pool name, so that a pool scope is a node selector.
-POOL_LABEL = "fleetd.io/pool"
+#: Label every node carries with its pool name, so that a pool scope is a node selector (the
+#: core's label: nodes the autoscaler imagines carry it too).
+POOL_LABEL = scheduling.pools.POOL_LABEL
 
 Arr = npt.NDArray[Any]
 

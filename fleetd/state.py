@@ -928,6 +928,10 @@ class FleetState:
             priority=self.config.team_priority(req.team) + req.priority,
         )
 
+    def workload_item(self, req: WorkloadRequest) -> scheduling.PodSpec | scheduling.GangSpec:
+        """The core's queue item of a request (what the autoscaler plans for)."""
+        return self._workload(req).item()
+
     def _place(self, req: WorkloadRequest) -> engine.Outcome:
         return engine.place(self.fleet, self._workload(req), self.policy, self._fits_empty)
 

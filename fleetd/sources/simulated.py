@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from fleetd.config import SimCluster, SimulatedSourceConfig
+from fleetd.config import SimCluster, SimPool, SimulatedSourceConfig
 from fleetd.sources import updates as up
 from fleetd.state import POD_NAME_LABEL, WORKLOAD_LABEL, Decision, FleetState
 
@@ -42,6 +42,8 @@ class SimulatedFleet:
         self.state = state
         self.clock = clock
         self._seq = itertools.count(1)
+        #: Current size of every simulated pool (grows when scale decisions are applied).
+        self.sizes = {(c.name, p.name): p.nodes for c in config.clusters for p in c.pools}
         for cluster in config.clusters:
             state.expect_source(SOURCE, cluster.name)
 
@@ -59,7 +61,7 @@ class SimulatedFleet:
                 if pool.gpu_model
                 else {"topology.kubernetes.io/zone": pool.zone}
             )
-            for i in range(pool.nodes):
+            for i in range(self.sizes[(cluster.name, pool.name)]):
                 res = up.Resources(
                     cpu_millicores=pool.cpu_millicores,
                     memory_bytes=pool.memory_bytes,
@@ -82,32 +84,33 @@ class SimulatedFleet:
                 )
         return out
 
+    def _pool_update(self, cluster: SimCluster, pool: SimPool) -> up.NodePoolUpdate:
+        res = up.Resources(
+            cpu_millicores=pool.cpu_millicores,
+            memory_bytes=pool.memory_bytes,
+            gpus=pool.gpus_per_node if pool.gpu_model else 0,
+        )
+        return up.NodePoolUpdate(
+            cluster=cluster.name,
+            name=pool.name,
+            sequence=next(self._seq),
+            instance_type=f"sim-{pool.name}",
+            allocatable=res,
+            gpu_model=pool.gpu_model,
+            gpu_memory_bytes=pool.gpu_memory_bytes,
+            price_per_hour=pool.price_per_hour,
+            capacity_type=up.CapacityType(pool.capacity_type),
+            min_size=pool.min_size,
+            max_size=pool.max_size or pool.nodes,
+            current_size=self.sizes[(cluster.name, pool.name)],
+            zones=(pool.zone,) if pool.zone else (),
+        )
+
     async def sync(self) -> None:
         """Announce every pool and node, then mark each cluster synced."""
         for cluster in self.config.clusters:
             for pool in cluster.pools:
-                res = up.Resources(
-                    cpu_millicores=pool.cpu_millicores,
-                    memory_bytes=pool.memory_bytes,
-                    gpus=pool.gpus_per_node if pool.gpu_model else 0,
-                )
-                await self.state.apply(
-                    up.NodePoolUpdate(
-                        cluster=cluster.name,
-                        name=pool.name,
-                        sequence=next(self._seq),
-                        instance_type=f"sim-{pool.name}",
-                        allocatable=res,
-                        gpu_model=pool.gpu_model,
-                        gpu_memory_bytes=pool.gpu_memory_bytes,
-                        price_per_hour=pool.price_per_hour,
-                        capacity_type=up.CapacityType(pool.capacity_type),
-                        min_size=pool.min_size,
-                        max_size=pool.max_size or pool.nodes,
-                        current_size=pool.nodes,
-                        zones=(pool.zone,) if pool.zone else (),
-                    )
-                )
+                await self.state.apply(self._pool_update(cluster, pool))
             nodes = self._node_updates(cluster)
             for u in nodes:
                 await self.state.apply(u)
@@ -125,6 +128,31 @@ class SimulatedFleet:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._heartbeat(), name="simulated-heartbeat")
             tg.create_task(self._play_pods(), name="simulated-pods")
+            if self.config.apply_scale_decisions:
+                tg.create_task(self._play_pool_manager(), name="simulated-pool-manager")
+
+    async def _play_pool_manager(self) -> None:
+        """Bring up the nodes of scale-up decisions after `provisioning_delay_s`."""
+        pending: set[asyncio.Task[None]] = set()
+        async for event in self.state.scale.watch(0, from_now=True):
+            if event.decision.delta > 0:
+                task = asyncio.create_task(self._grow(event.decision.cluster, event.decision.pool,
+                                                      event.decision.delta))  # fmt: skip
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+    async def _grow(self, cluster_name: str, pool_name: str, delta: int) -> None:
+        await asyncio.sleep(self.config.provisioning_delay_s)
+        cluster = next(c for c in self.config.clusters if c.name == cluster_name)
+        pool = next(p for p in cluster.pools if p.name == pool_name)
+        key = (cluster_name, pool_name)
+        limit = pool.max_size or pool.nodes
+        self.sizes[key] = min(limit, self.sizes[key] + delta)
+        # New nodes first, then the pool's new size (as a cloud's node group reports it).
+        for u in self._node_updates(cluster):
+            await self.state.apply(u)
+        await self.state.apply(self._pool_update(cluster, pool))
+        log.info("simulated scale-up", extra={"pool": pool_name, "size": self.sizes[key]})
 
     async def _heartbeat(self) -> None:
         while True:

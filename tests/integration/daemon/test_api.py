@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fleetd.daemon import Daemon
 from fleetd.v1 import fleet_pb2, nodepools_pb2, placement_pb2, types_pb2
 
-from .conftest import Client
+from .conftest import Client, StartDaemon
 
 PLACED = types_pb2.DECISION_RESULT_PLACED
 QUEUED = types_pb2.DECISION_RESULT_QUEUED
@@ -284,3 +284,44 @@ async def test_cli_explain(
     assert code == 0
     assert out.startswith("unschedulable: 0/24 nodes are available")
     assert "GPU_MODEL" in out
+
+
+async def test_queued_work_scales_up_a_pool_and_then_runs(start_daemon: StartDaemon) -> None:
+    _, client = await start_daemon(
+        autoscaling={"interval_s": 0.05},
+        sources={
+            "simulated": {
+                "confirm_after_s": 3600,
+                "apply_scale_decisions": True,
+                "provisioning_delay_s": 0,
+            }
+        },
+    )
+    for i in range(4):  # sim-west/h100: 4 nodes x 8 GPUs, max_size 8
+        wl = pod_workload(f"fill{i}", gpus=8, cluster="sim-west", pool="h100")
+        assert (await place(client, wl)).result == PLACED
+    waiting = await place(client, pod_workload("waiting", gpus=8, cluster="sim-west", pool="h100"))
+    assert waiting.result == QUEUED
+    scale = client.pools.WatchScaleDecisions(nodepools_pb2.WatchScaleDecisionsRequest())
+    async for d in scale:
+        assert (d.kind, d.cluster, d.pool) == (
+            nodepools_pb2.ScaleDecision.KIND_SCALE_UP, "sim-west", "h100",
+        )  # fmt: skip
+        assert (d.from_size, d.to_size) == (4, 5)
+        assert list(d.workload_ids) == ["waiting"]
+        break
+    scale.cancel()
+    decisions = client.placement.WatchDecisions(
+        placement_pb2.WatchDecisionsRequest(after_seq=waiting.decision_seq)
+    )
+    async for d in decisions:
+        if d.workload_id == "waiting":
+            assert d.result == PLACED
+            assert d.placements[0].node == "sim-west-h100-0004"  # the new node
+            break
+    decisions.cancel()
+    pools = (
+        await client.pools.ListNodePools(nodepools_pb2.ListNodePoolsRequest(cluster="sim-west"))
+    ).pools
+    h100 = next(p for p in pools if p.name == "h100")
+    assert (h100.current_size, h100.nodes_ready) == (5, 5)

@@ -1,0 +1,134 @@
+"""The daemon's autoscaling loop: queued workloads -> the core's scale-up plan -> the stream.
+
+Every `autoscaling.interval_s` (when something is queued) it runs `scheduling.autoscale.
+plan_scale_up` on the live fleet, the queued workloads and the node pools the sources
+reported, and publishes each new decision on `NodePools.WatchScaleDecisions` (decision ids
+are content-derived, so a decision recomputed on the same state is not published twice).
+Decisions are advice to whatever manages the pools; the daemon counts the nodes it asked
+for as in flight (target size) until the pool reports them, so it does not ask twice. The
+simulated fleet can play the pool manager (`sources.simulated.apply_scale_decisions`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+from fleetd.config import Config
+from fleetd.sources import updates as up
+from fleetd.state import FleetState
+from scheduling.autoscale import ScaleDecision, ScaleUpRequest, plan_scale_up
+from scheduling.pools import CapacityType, NodePool, PoolStatus
+
+log = logging.getLogger("fleetd.autoscaler")
+
+
+def node_pool(u: up.NodePoolUpdate) -> NodePool | None:
+    """The core's NodePool of a reported pool (None when it cannot make nodes)."""
+    try:
+        capacity = CapacityType(u.capacity_type.value)
+    except ValueError:
+        capacity = CapacityType.ON_DEMAND
+    gpus = u.allocatable.gpus
+    try:
+        return NodePool(
+            name=u.name,
+            cluster=u.cluster,
+            cpu_millicores=u.allocatable.cpu_millicores,
+            memory_bytes=u.allocatable.memory_bytes,
+            price_per_hour=u.price_per_hour,
+            gpu_count=gpus,
+            gpu_model=u.gpu_model if gpus else "",
+            gpu_memory_mib=u.gpu_memory_bytes // 2**20,
+            zone=u.zones[0] if u.zones else "",
+            capacity_type=capacity,
+            min_size=min(u.min_size, u.max_size),
+            max_size=max(u.max_size, u.current_size),
+        )
+    except ValueError as exc:
+        log.warning("node pool cannot be autoscaled", extra={"pool": u.name, "error": str(exc)})
+        return None
+
+
+class Autoscaler:
+    """Plans scale-ups for queued workloads and streams them (runs on the state's loop)."""
+
+    def __init__(
+        self, state: FleetState, config: Callable[[], Config], clock: Callable[[], float]
+    ) -> None:
+        """`config` returns the live (hot-reloaded) configuration."""
+        self.state = state
+        self.config = config
+        self.clock = clock
+        #: Pool key -> the size fleetd asked for (until the pool reports at least that).
+        self.targets: dict[tuple[str, str], int] = {}
+        self.published: set[str] = set()
+        self._last_inputs: object = None
+
+    def step(self) -> list[ScaleDecision]:
+        """One planning round; returns the decisions it published."""
+        state = self.state
+        if not state.queue or not state.pools or not state.ready:
+            return []
+        pools = [p for p in (node_pool(u) for u in state.pools.values()) if p is not None]
+        status = {}
+        for p in pools:
+            current = state.pools[p.key].current_size
+            target = max(current, self.targets.get(p.key, 0))
+            if target == current:
+                self.targets.pop(p.key, None)
+            status[p.key] = PoolStatus(current_size=current, target_size=target)
+        # Same queue, same pools, same fleet structure: the same plan (already published).
+        inputs = (
+            tuple(sorted(state.queue)),
+            tuple(sorted((k, u.current_size, u.max_size) for k, u in state.pools.items())),
+            len(state.nodes),
+            tuple(sorted(self.targets.items())),
+        )
+        if inputs == self._last_inputs:
+            return []
+        self._last_inputs = inputs
+        queued = sorted(state.queue.values(), key=lambda q: (-q.priority, q.seq))
+        pending = tuple(state.workload_item(q.request) for q in queued)
+        # The core names a pod by its pod name and a gang by its name: map back to workloads.
+        workload_of = {
+            item.name: q.request.workload_id for item, q in zip(pending, queued, strict=True)
+        }
+        plan = plan_scale_up(
+            ScaleUpRequest(
+                fleet=state.fleet,
+                pending=pending,
+                pools=tuple(pools),
+                status=status,
+                now_s=self.clock(),
+                policy=state.policy,
+            )
+        )
+        out = []
+        for decision in plan.decisions:
+            if decision.id in self.published:
+                continue
+            self.published.add(decision.id)
+            decision = replace(
+                decision,
+                unblocks=tuple(sorted({workload_of.get(n, n) for n in decision.unblocks})),
+            )
+            key = (decision.cluster, decision.pool)
+            self.targets[key] = status[key].target_size + decision.delta
+            state.publish_scale(decision)
+            out.append(decision)
+            log.info(
+                "scale decision",
+                extra={"id": decision.id, "cluster": decision.cluster, "pool": decision.pool,
+                       "delta": decision.delta, "unblocks": len(decision.unblocks)},
+            )  # fmt: skip
+        return out
+
+    async def run(self) -> None:
+        """Plan every `autoscaling.interval_s` while enabled (until cancelled)."""
+        while True:
+            await asyncio.sleep(self.config().autoscaling.interval_s)
+            if self.config().autoscaling.enabled:
+                self.step()
