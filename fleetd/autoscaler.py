@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from fleetd.config import Config
+from fleetd.metrics import Metrics
 from fleetd.sources import updates as up
 from fleetd.state import FleetState
 from scheduling.autoscale import ScaleDecision, ScaleUpRequest, plan_scale_up
@@ -56,9 +57,14 @@ class Autoscaler:
     """Plans scale-ups for queued workloads and streams them (runs on the state's loop)."""
 
     def __init__(
-        self, state: FleetState, config: Callable[[], Config], clock: Callable[[], float]
+        self,
+        state: FleetState,
+        config: Callable[[], Config],
+        clock: Callable[[], float],
+        metrics: Metrics | None = None,
     ) -> None:
         """`config` returns the live (hot-reloaded) configuration."""
+        self.metrics = metrics
         self.state = state
         self.config = config
         self.clock = clock
@@ -119,11 +125,15 @@ class Autoscaler:
             self.targets[key] = status[key].target_size + decision.delta
             state.publish_scale(decision)
             out.append(decision)
+            if self.metrics is not None:
+                self.metrics.scale_decisions.labels(decision.kind.value).inc()
             log.info(
                 "scale decision",
                 extra={"id": decision.id, "cluster": decision.cluster, "pool": decision.pool,
                        "delta": decision.delta, "unblocks": len(decision.unblocks)},
             )  # fmt: skip
+        if out and self.metrics is not None:
+            self.metrics.scale_cost.set(sum(d.cost_per_hour_delta for d in out))
         return out
 
     async def run(self) -> None:

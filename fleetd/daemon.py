@@ -190,7 +190,7 @@ class Daemon:
         self._spawn(
             "metrics-refresh", self._every(lambda: 1.0, lambda: self.metrics.refresh(state))
         )
-        self.autoscaler = Autoscaler(state, lambda: self.config, self.clock)
+        self.autoscaler = Autoscaler(state, lambda: self.config, self.clock, self.metrics)
         self._spawn("autoscaler", self.autoscaler.run())
         if self.config_path is not None:
             self._spawn(

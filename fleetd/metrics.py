@@ -125,6 +125,17 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.scale_decisions = Counter(
+            "fleetd_scale_decisions_total",
+            "Scale decisions streamed, by kind (scale-up, scale-down, replace).",
+            ["kind"],
+            registry=r,
+        )
+        self.scale_cost = Gauge(
+            "fleetd_scale_planned_cost_per_hour",
+            "Expected change of the fleet's price per hour of the decisions of the last plan.",
+            registry=r,
+        )
         self.ready = Gauge(
             "fleetd_ready", "1 once every source finished its initial sync.", registry=r
         )

@@ -491,4 +491,5 @@ def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.
     snap.reservations_pending = pending
     snap.reservations_confirmed = confirmed
     snap.workloads_queued = queued
+    snap.scale_decisions.extend(scale_decision_pb(e) for e in list(state.scale.history)[-20:])
     return snap

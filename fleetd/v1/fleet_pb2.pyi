@@ -197,6 +197,7 @@ class Snapshot(_message.Message):
     RESERVATIONS_PENDING_FIELD_NUMBER: _builtins.int
     RESERVATIONS_CONFIRMED_FIELD_NUMBER: _builtins.int
     WORKLOADS_QUEUED_FIELD_NUMBER: _builtins.int
+    SCALE_DECISIONS_FIELD_NUMBER: _builtins.int
     fragmentation_ratio: _builtins.float
     """Fleet-wide fragmentation: fragmented GPU milli / unallocated GPU milli (0..1)."""
     reservations_pending: _builtins.int
@@ -212,6 +213,10 @@ class Snapshot(_message.Message):
     def capacity(self) -> _containers.RepeatedCompositeFieldContainer[Global___Capacity]: ...
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]: ...
+    @_builtins.property
+    def scale_decisions(self) -> _containers.RepeatedCompositeFieldContainer[_nodepools_pb2.ScaleDecision]:
+        """The most recent scale decisions (at most 20, newest last)."""
+
     def __init__(
         self,
         *,
@@ -224,10 +229,11 @@ class Snapshot(_message.Message):
         reservations_pending: _builtins.int = ...,
         reservations_confirmed: _builtins.int = ...,
         workloads_queued: _builtins.int = ...,
+        scale_decisions: _abc.Iterable[_nodepools_pb2.ScaleDecision] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "clusters", b"clusters", "fragmentation_ratio", b"fragmentation_ratio", "nodes", b"nodes", "pools", b"pools", "reservations_confirmed", b"reservations_confirmed", "reservations_pending", b"reservations_pending", "time", b"time", "workloads_queued", b"workloads_queued"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "clusters", b"clusters", "fragmentation_ratio", b"fragmentation_ratio", "nodes", b"nodes", "pools", b"pools", "reservations_confirmed", b"reservations_confirmed", "reservations_pending", b"reservations_pending", "scale_decisions", b"scale_decisions", "time", b"time", "workloads_queued", b"workloads_queued"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -320,6 +320,8 @@ async def test_queued_work_scales_up_a_pool_and_then_runs(start_daemon: StartDae
             assert d.placements[0].node == "sim-west-h100-0004"  # the new node
             break
     decisions.cancel()
+    snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest())
+    assert [d.pool for d in snap.scale_decisions] == ["h100"]
     pools = (
         await client.pools.ListNodePools(nodepools_pb2.ListNodePoolsRequest(cluster="sim-west"))
     ).pools
