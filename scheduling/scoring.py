@@ -140,10 +140,16 @@ def pick_bits(pick: I64, gpus: int) -> NDArray[np.int64]:
 def row_sum(a: NDArray[Any]) -> I64:
     """(R, G) -> (R,) int64 sums over the GPU axis. numpy reduces a short trailing axis
     slowly, so this adds the G columns instead (G is small)."""
+    if a.shape[0] < _SMALL:  # few rows: one call beats G calls
+        return np.asarray(a.sum(axis=1, dtype=np.int64), np.int64)
     out = np.zeros(a.shape[0], np.int64)
     for i in range(a.shape[1]):
         out += a[:, i]
     return out
+
+
+#: Below this many rows, 2-D numpy calls (fewer, each slower per element) are cheaper.
+_SMALL = 512
 
 
 def row_any(a: NDArray[np.bool_]) -> NDArray[np.bool_]:
@@ -167,15 +173,24 @@ def default_gpu_pick(view: NodeView, c: Constraints) -> I64:
         # min over GPUs of (free * 64 + index) among those that fit: least free share,
         # then lowest index, in one comparison per column.
         none = np.int64(1) << 40
-        best = np.full(r, none, np.int64)
-        for i in range(g):
-            col = free[:, i].astype(np.int64)
-            np.minimum(best, np.where(col >= c.milli_per_gpu, col * 64 + i, none), out=best)
+        if r < _SMALL:
+            f64 = free.astype(np.int64)
+            key = np.where(f64 >= c.milli_per_gpu, f64 * 64 + np.arange(g), none)
+            best = key.min(axis=1) if g else np.full(r, none, np.int64)
+        else:
+            best = np.full(r, none, np.int64)
+            for i in range(g):
+                col = free[:, i].astype(np.int64)
+                np.minimum(best, np.where(col >= c.milli_per_gpu, col * 64 + i, none), out=best)
         return np.where(best < none, np.left_shift(np.int64(1), best & 63), 0).astype(np.int64)
     # Whole GPUs: bitmask of entirely free GPUs, then its lowest `gpus_per_pod` set bits.
-    whole = np.zeros(r, np.int64)
-    for i in range(g):
-        whole |= (free[:, i] == GPU_MILLI).astype(np.int64) << i
+    if r < _SMALL:
+        weights = np.left_shift(np.int64(1), np.arange(g, dtype=np.int64))
+        whole = (free == GPU_MILLI).astype(np.int64) @ weights
+    else:
+        whole = np.zeros(r, np.int64)
+        for i in range(g):
+            whole |= (free[:, i] == GPU_MILLI).astype(np.int64) << i
     pick = np.zeros(r, np.int64)
     rest = whole
     for _ in range(c.gpus_per_pod):
