@@ -223,7 +223,8 @@ def _go_env(root: Path) -> dict[str, str]:
         # The machine's toolchain only: never download another one behind our back.
         GOTOOLCHAIN="local",
         CGO_ENABLED="0",
-        GOFLAGS="-mod=mod -buildvcs=false",
+        # -modcacherw: leave the module cache writable, so `rm -rf` of the cache just works.
+        GOFLAGS="-mod=mod -modcacherw -buildvcs=false",
     )
     return env
 
