@@ -53,6 +53,8 @@ from fleetd.sources.updates import (
 log = logging.getLogger(__name__)
 
 SOURCE = "kubernetes"
+#: How long a stopping watch waits for its reader thread (stuck connecting, at worst).
+THREAD_JOIN_TIMEOUT_S = 5.0
 NODES = "nodes"
 PODS = "pods"
 
@@ -410,10 +412,14 @@ class _Watcher:
                 await self._handle(lines)
         finally:
             stop.set()
-            if thread.is_alive() and response:
-                # Unblock the reader thread's socket read (urllib3 >= 2.3).
-                with contextlib.suppress(Exception):
-                    response[0].shutdown()
+            if thread.is_alive():
+                if response:
+                    # Unblock the reader thread's socket read (urllib3 >= 2.3).
+                    with contextlib.suppress(Exception):
+                        response[0].shutdown()
+                # Let it finish before we go: a daemon thread still logging while the
+                # interpreter shuts down aborts the process.
+                await asyncio.to_thread(thread.join, THREAD_JOIN_TIMEOUT_S)
 
     async def _handle(self, lines: Sequence[bytes | str]) -> None:
         updates: list[Update] = []
