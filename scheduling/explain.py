@@ -62,6 +62,16 @@ REASON_TEXT: Mapping[Reason, str] = {
 
 N_REASONS = len(Reason)
 
+#: Reasons that only capacity would fix (the node meets every constraint of the pod).
+RESOURCE_REASONS = frozenset(
+    {
+        Reason.INSUFFICIENT_CPU,
+        Reason.INSUFFICIENT_MEMORY,
+        Reason.INSUFFICIENT_GPU,
+        Reason.INSUFFICIENT_GPU_SHARE,
+    }
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Explanation:
@@ -81,12 +91,16 @@ class Explanation:
 
     @property
     def dominant(self) -> Reason:
-        """The reason that excluded the most nodes (OK if some node fits, NO_NODES if none)."""
+        """The one reason to report for the pod: OK if some node fits, NO_NODES if there
+        are no nodes; if some nodes meet every constraint of the pod, the shortage most of
+        them have (that is what capacity would fix); otherwise the constraint that excluded
+        the most nodes. Ties go to the lower code."""
         if self.n_feasible:
             return Reason.OK
         if not self.counts:
             return Reason.NO_NODES
-        return self.counts[0][0]
+        short = [rc for rc in self.counts if rc[0] in RESOURCE_REASONS]
+        return (short or list(self.counts))[0][0]
 
     def text(self) -> str:
         """kube-scheduler style: "0/10 nodes are available: 6 Insufficient cpu, ..."."""

@@ -121,17 +121,21 @@ def test_reasons_for_unplaced_pods() -> None:
             pod("nodes", clusters=("elsewhere",)),
         ],
     )
-    # each pod's reason is the one charged to most nodes (b is always "unschedulable")
+    # no node meets every constraint: each pod's reason is the one charged to most nodes
     assert r.reason.tolist() == [
         Reason.GPU_MODEL,
         Reason.INSUFFICIENT_CPU,
         Reason.CLUSTER_NOT_ALLOWED,
     ]
-    # a tie goes to the lower code: 1 node cordoned vs 1 node short of CPU
-    r2 = placed(
-        fleet_of(gpu_node("a"), cpu_node("b", cordoned=True)), [pod("huge", cpu_millicores=10**6)]
+    # a shortage on nodes that meet every constraint wins over the constraints: 3 nodes of
+    # the wrong model, 1 cordoned, 1 H100 node with too few GPUs -> Insufficient GPU
+    f2 = fleet_of(
+        *(gpu_node(f"m{i}", model="A100") for i in range(3)),
+        gpu_node("h", gpus=2),
+        cpu_node("b", cordoned=True),
     )
-    assert r2.reason.tolist() == [Reason.NODE_UNSCHEDULABLE]
+    r2 = placed(f2, [pod("big", num_gpu=4, gpu_models=("H100",))])
+    assert r2.reason.tolist() == [Reason.INSUFFICIENT_GPU]
     empty = place(Fleet(), [pod("p")])
     assert empty.reason.tolist() == [Reason.NO_NODES]
 
