@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--trace: shuffle and tune arrivals to this x the fleet's GPUs, as the FGD "
         "artifact does (0 = the trace as is, in creation order)",
     )
-    demo.add_argument("--concurrency", type=int, default=16, help="concurrent gRPC clients")
+    demo.add_argument("--concurrency", type=int, default=4, help="concurrent gRPC clients")
     demo.add_argument(
         "--chart", type=Path, default=Path("out/demo-allocation.png"), help="PNG chart path"
     )
