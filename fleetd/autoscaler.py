@@ -123,7 +123,7 @@ class Autoscaler:
             )
             key = (decision.cluster, decision.pool)
             self.targets[key] = status[key].target_size + decision.delta
-            state.publish_scale(decision)
+            state.publish_scale(decision, from_size=status[key].target_size)
             out.append(decision)
             if self.metrics is not None:
                 self.metrics.scale_decisions.labels(decision.kind.value).inc()

@@ -1120,11 +1120,12 @@ class FleetState:
             _signal(sub, _CLOSED)
         self.scale.close()
 
-    def publish_scale(self, decision: ScaleDecision) -> ScaleEvent:
-        """Stream one autoscaler decision (sizes from the pool's last reported size)."""
+    def publish_scale(self, decision: ScaleDecision, from_size: int | None = None) -> ScaleEvent:
+        """Stream one autoscaler decision. `from_size`: the pool's target size before it
+        (default: its last reported size); to_size = from_size + delta."""
         self._check_owner()
         pool = self.pools.get((decision.cluster, decision.pool))
-        size = pool.current_size if pool is not None else 0
+        size = from_size if from_size is not None else pool.current_size if pool else 0
         self.scale.seq += 1
         event = ScaleEvent(
             self.scale.seq, self.clock(), decision, size, max(0, size + decision.delta)
