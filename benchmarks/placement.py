@@ -67,8 +67,9 @@ def gpu_alloc_pct(fleet: Fleet, r: PlacementResult) -> float:
 
 def time_engine(
     fleet: Fleet, batch: Batch, policy: Policy, order: Order, repeats: int
-) -> tuple[float, float, PlacementResult]:
-    """Median wall seconds and median CPU seconds of `place`, and the last result."""
+) -> tuple[float, float, PlacementResult, float]:
+    """Median wall seconds and median CPU seconds of `place`, the last result, and the
+    fastest wall time (the box is shared: the minimum shows the engine without waiting)."""
     walls, cpus = [], []
     result = None
     for _ in range(repeats):
@@ -77,7 +78,7 @@ def time_engine(
         cpus.append(time.process_time() - c0)
         walls.append(time.perf_counter() - w0)
     assert result is not None
-    return statistics.median(walls), statistics.median(cpus), result
+    return statistics.median(walls), statistics.median(cpus), result, min(walls)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -98,12 +99,12 @@ def main(argv: Sequence[str]) -> int:
         f"(built in {t1 - t0:.1f}s; Batch.of {batch_s * 1e3:.0f} ms)"
     )
 
-    wall, cpu, result = time_engine(fleet, batch, policy, order, args.repeats)
+    wall, cpu, result, best = time_engine(fleet, batch, policy, order, args.repeats)
     pods_per_s = len(batch) / wall
     reasons = Counter(int(r) for r in result.reason[result.reason > 0])
     say(
         f"engine: {wall:.3f}s median of {args.repeats} ({cpu:.3f}s CPU) -> {pods_per_s:,.0f} "
-        f"pods/s; placed {result.n_placed}/{len(batch)}, GPU allocation "
+        f"pods/s (fastest {len(batch) / best:,.0f}); placed {result.n_placed}/{len(batch)}, GPU allocation "
         f"{gpu_alloc_pct(fleet, result):.1f}%"
     )
     for code, count in reasons.most_common(4):
@@ -149,7 +150,7 @@ def main(argv: Sequence[str]) -> int:
     if args.ladder:
         for n in LADDER:
             f = synthetic_fleet(n, np.random.default_rng(args.seed))
-            w, c, r = time_engine(f, batch, policy, order, 1)
+            w, c, r, _ = time_engine(f, batch, policy, order, 1)
             ladder.append(
                 {
                     "nodes": n,
@@ -177,6 +178,8 @@ def main(argv: Sequence[str]) -> int:
                     "pods_per_s": round(pods_per_s),
                     "cpu_pods_per_s": round(len(batch) / cpu),
                     "engine_s": round(wall, 4),
+                    "engine_best_s": round(best, 4),
+                    "best_pods_per_s": round(len(batch) / best),
                     "loop_pods_per_s": round(loop_pods_per_s, 2),
                     "speedup": round(speedup, 1),
                     "bytes_per_node": round(bytes_per_node),
