@@ -24,12 +24,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from aiokafka.errors import KafkaError
 
+from fleetd.sources.base import Backoff
 from fleetd.sources.kubernetes import (
     KubeconfigError,
     KubernetesSource,
@@ -105,6 +107,7 @@ class ClusterPublisher:
         self.synced = asyncio.Event()
         #: The cluster name the watches report (the context); published as `cluster`.
         self._watched = ""
+        self._lock = asyncio.Lock()
 
     async def apply(self, updates: Sequence[Update]) -> None:
         """Fold `updates` in and publish the nodes and pools they touched."""
@@ -123,23 +126,46 @@ class ClusterPublisher:
             elif isinstance(u, ClusterSynced):
                 self.synced.set()
         await self.view.apply(updates)
-        for name in sorted(removed):
-            await self.publisher.publish_node_deleted(self.cluster, name)
-        for name in sorted(dirty):
-            report = self.node_report(name)
-            if report is not None:
-                await self.publisher.publish_node(report)
-        await self._publish_pools(force=False)
-        await self.publisher.flush()
+
+        async def publish() -> None:
+            for name in sorted(removed):
+                await self.publisher.publish_node_deleted(self.cluster, name)
+            for name in sorted(dirty):
+                report = self.node_report(name)
+                if report is not None:
+                    await self.publisher.publish_node(report)
+            await self._publish_pools(force=False)
+
+        await self._publish(publish)
 
     async def resync(self) -> None:
         """Publish every node and pool again (the heartbeat)."""
-        for _, name in sorted(self.view.nodes):
-            report = self.node_report(name)
-            if report is not None:
-                await self.publisher.publish_node(report)
-        await self._publish_pools(force=True)
-        await self.publisher.flush()
+
+        async def publish() -> None:
+            for _, name in sorted(self.view.nodes):
+                report = self.node_report(name)
+                if report is not None:
+                    await self.publisher.publish_node(report)
+            await self._publish_pools(force=True)
+
+        await self._publish(publish)
+
+    async def _publish(self, publish: Callable[[], Awaitable[None]]) -> None:
+        """Run `publish` and wait for the broker's acknowledgement, retrying with backoff
+        while Kafka is unreachable (reports are snapshots: publishing again is harmless,
+        and each attempt reads the current picture). One publication at a time, so the
+        sequence order of a node's records is the order of their content."""
+        backoff = Backoff(0.2, 10.0)
+        async with self._lock:
+            while True:
+                try:
+                    await publish()
+                    await self.publisher.flush()
+                    return
+                except KafkaError as exc:
+                    delay_s = backoff.next_delay_s()
+                    log.warning("agent: publishing failed (%s); retry in %.1fs", exc, delay_s)
+                    await asyncio.sleep(delay_s)
 
     def node_report(self, name: str) -> NodeUpdate | None:
         """The node as published: under the agent's cluster name, with its pods."""
@@ -213,14 +239,24 @@ async def run_agent(settings: AgentSettings, ready: asyncio.Event | None = None)
     publication (the initial list of nodes and pods)."""
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=5,
-        **settings.client_options,
-    )
-    await producer.start()
+    backoff = Backoff(0.2, 10.0)
+    while True:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            **settings.client_options,
+        )
+        try:
+            await producer.start()
+            break
+        except KafkaError as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            delay_s = backoff.next_delay_s()
+            log.warning("agent: cannot reach Kafka (%s); retry in %.1fs", exc, delay_s)
+            await asyncio.sleep(delay_s)
     try:
         publisher = TelemetryPublisher(producer, settings.topic)
         sink = ClusterPublisher(publisher, settings.cluster, settings.pools)
