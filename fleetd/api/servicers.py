@@ -146,7 +146,8 @@ class Edge:
         context: grpc.aio.ServicerContext,
         handler: Callable[[], R | Awaitable[R]],
     ) -> R:
-        """Run a synchronous handler with deadline check, error mapping and latency metric."""
+        """Run a handler (synchronous, or a coroutine for Place) with the shutdown and
+        deadline checks, the error-to-status mapping and the latency metric."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -175,9 +176,10 @@ class Edge:
 
 
 def _rpc(method: str) -> Callable[[Any], Any]:
-    """Decorate a servicer method whose body returns a zero-argument synchronous handler.
+    """Decorate a servicer method whose body returns a zero-argument handler.
 
-    The handler runs synchronously on the loop: validation, then one state-owner call.
+    The handler runs on the loop: validation, then one state-owner call (Place awaits its
+    batch, see `FleetState.submit`).
     """
 
     def wrap(fn: Callable[..., Callable[[], R]]) -> Callable[..., Awaitable[R]]:
