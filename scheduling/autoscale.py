@@ -449,49 +449,72 @@ def _choose_nodes(
         gang_pool[gid] = k
         budget.take(k, float(nodes[k]))
     left = counts.astype(np.int64).copy()
+    # Shapes that fit the same pools form a group, costed together: several small shapes
+    # may fill a large node that none of them would pay for alone. Groups go in the order
+    # of their first shape (constrained first).
+    groups: dict[tuple[bool, ...], list[int]] = {}
     for s in shape_order:
-        n = int(left[s])
-        while n > 0:
-            c = cap[s].astype(np.float64)
-            ok = c > 0
-            if not ok.any():
-                break
+        sig = tuple((cap[s] > 0).tolist())
+        if left[s] > 0 and any(sig):
+            groups.setdefault(sig, []).append(s)
+    for members in groups.values():
+        ss = np.asarray(members, np.int64)
+        inv = 1.0 / np.maximum(cap[ss], 1).astype(np.float64)  # (m, K) node share per pod
+        ok = cap[ss[0]] > 0
+        while left[ss].sum() > 0:
             opened = np.ceil(used - _EPS)
-            # Free room in nodes already opened costs nothing.
-            spare = np.where(ok, np.floor((opened - used) * c + _EPS), 0.0)
-            if spare.max() >= 1:
-                k = int(np.argmax(spare))
-                m = int(min(n, spare[k]))
-                used[k] += m / c[k]
-                assign[s, k] += m
-                n -= m
+            spare = np.where(ok, opened - used, 0.0)
+            # Room in nodes already opened costs nothing.
+            filled = False
+            for k in np.flatnonzero(spare > _EPS).tolist():
+                took, usage = _fill(left[ss], inv[:, k], float(spare[k]))
+                if took.any():
+                    assign[ss, k] += took
+                    left[ss] -= took
+                    used[k] += usage
+                    filled = True
+            if filled:
                 continue
             room = budget.pool_room()
-            avail = np.where(ok, np.floor(room * c + _EPS), 0.0)
-            if avail.max() < 1:
-                break
-            # Two options per pool: serve all it can of the n, or only whole nodes' worth.
-            m_all = np.minimum(float(n), avail)
-            full = np.floor(m_all / np.maximum(c, 1)) * c
-            best = (np.inf, np.inf, 0, 0)
-            for k in np.flatnonzero(avail >= 1).tolist():
-                for m in {int(m_all[k]), int(full[k])}:
-                    if m < 1:
+            total = (left[ss][:, None] * inv).sum(axis=0)  # (K,) nodes for all of the group
+            best: tuple[float, float, int, int] | None = None
+            for k in np.flatnonzero(ok & (room >= 1)).tolist():
+                whole = math.floor(total[k] + _EPS)
+                for n_new in {min(room[k], math.ceil(total[k] - _EPS)), min(room[k], whole)}:
+                    if n_new < 1:
                         continue
-                    nodes = math.ceil(m / c[k] - _EPS)
-                    per_pod = nodes * prices[k] / m
-                    cand = (per_pod, nodes * prices[k], k, m)
-                    if cand[:3] < best[:3]:
+                    took, _ = _fill(left[ss], inv[:, k], float(n_new))
+                    served = int(took.sum())
+                    if served == 0:
+                        continue
+                    spend = float(n_new * prices[k])
+                    cand = (spend / served, spend, k, int(n_new))
+                    if best is None or cand[:3] < best[:3]:
                         best = cand
-            _, _, k, m = best
-            nodes = math.ceil(m / c[k] - _EPS)
-            used[k] += m / c[k]
-            assign[s, k] += m
-            budget.take(k, float(nodes))
-            n -= m
-        left[s] = n
+            if best is None:
+                break
+            _, _, k, n_open = best
+            took, usage = _fill(left[ss], inv[:, k], float(n_open))
+            assign[ss, k] += took
+            left[ss] -= took
+            used[k] = math.ceil(used[k] - _EPS) + usage
+            budget.take(k, float(n_open))
     nodes_out = np.ceil(used - _EPS).astype(np.int64) + gang_nodes
     return nodes_out, assign, gang_pool
+
+
+def _fill(counts: I64, share: F64, room: float) -> tuple[I64, float]:
+    """Take pods (counts per member, in order) while their node shares fit in `room`
+    nodes. Returns (taken per member, node share used)."""
+    took = np.zeros(counts.size, np.int64)
+    left = room
+    for j in range(counts.size):
+        if counts[j] <= 0 or share[j] > left + _EPS:
+            continue
+        m = min(int(counts[j]), math.floor(left / share[j] + _EPS))
+        took[j] = m
+        left -= m * share[j]
+    return took, room - left
 
 
 def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
