@@ -1012,7 +1012,7 @@ def main(argv: Sequence[str]) -> int:
     ours = simulate(
         trace,
         pools,
-        FleetdAutoscaler(FLEETD_OPTIONS, pending_batch_s=1.0),
+        FleetdAutoscaler(FLEETD_OPTIONS, REPLACE_EVERY_S, pending_batch_s=1.0),
         tick_s=args.tick_s,
         seed=args.seed,
         spot_mtbi_h=args.spot_mtbi_h,
@@ -1102,7 +1102,10 @@ def main(argv: Sequence[str]) -> int:
 FLEETD_OPTIONS = ConsolidationOptions(
     stabilization_window_s=600.0,
     empty_window_s=600.0,
-    utilization_threshold=0.75,
+    utilization_threshold=0.5,
     replace=True,
     max_replace_candidates=8,
+    min_saving_per_hour=2.0,
 )
+#: How often (simulated seconds) fleetd searches for replacements.
+REPLACE_EVERY_S = 7200.0
