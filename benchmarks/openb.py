@@ -267,8 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--policy",
         type=parse_policies,
-        default=parse_policies("fgd,fgd-cpu,fgd-plus"),
-        help="comma-separated fleetd policies (default: fgd,fgd-cpu,fgd-plus)",
+        default=parse_policies("fgd-plus,fgd-cpu,fgd"),
+        help="comma-separated fleetd policies (default: fgd-plus,fgd-cpu,fgd; the JSON line reports the first)",
     )
     parser.add_argument(
         "--seeds",
