@@ -20,10 +20,21 @@ from fleetd.config import Config
 from fleetd.metrics import Metrics
 from fleetd.sources import updates as up
 from fleetd.state import FleetState
-from scheduling.autoscale import ScaleDecision, ScaleUpRequest, plan_scale_up
+from scheduling import GPU_MILLI, Allocation, PodSpec
+from scheduling.autoscale import (
+    ConsolidationOptions,
+    RunningPod,
+    ScaleDecision,
+    ScaleDownRequest,
+    ScaleUpRequest,
+    plan_scale_down,
+    plan_scale_up,
+)
 from scheduling.pools import CapacityType, NodePool, PoolStatus
 
 log = logging.getLogger("fleetd.autoscaler")
+#: Pods with this label set to "true" are never moved by consolidation (Karpenter's).
+DO_NOT_DISRUPT_LABEL = "karpenter.sh/do-not-disrupt"
 
 
 def node_pool(u: up.NodePoolUpdate) -> NodePool | None:
@@ -136,9 +147,89 @@ class Autoscaler:
             self.metrics.scale_cost.set(sum(d.cost_per_hour_delta for d in out))
         return out
 
+    def step_down(self) -> list[ScaleDecision]:
+        """One scale-down / consolidation round (advice); returns the decisions it published.
+
+        Running pods are what reservations and observed pods hold; re-placement is simulated
+        with their resources (a reservation's model and selector constraints are not kept).
+        """
+        state = self.state
+        cfg = self.config().autoscaling
+        if not state.pools or not state.ready:
+            return []
+        pools = [p for p in (node_pool(u) for u in state.pools.values()) if p is not None]
+        status = {
+            p.key: PoolStatus(
+                current_size=state.pools[p.key].current_size,
+                target_size=max(state.pools[p.key].current_size, self.targets.get(p.key, 0)),
+            )
+            for p in pools
+        }
+        plan = plan_scale_down(
+            ScaleDownRequest(
+                fleet=state.fleet,
+                running=running_pods(state),
+                pools=tuple(pools),
+                status=status,
+                node_since_s=dict(state.node_since),
+                now_s=self.clock(),
+                policy=state.policy,
+                options=ConsolidationOptions(
+                    stabilization_window_s=cfg.scale_down_after_s,
+                    utilization_threshold=cfg.scale_down_utilization,
+                ),
+            )
+        )
+        out = []
+        for decision in plan.decisions:
+            if decision.id in self.published:
+                continue
+            self.published.add(decision.id)
+            key = (decision.cluster, decision.pool)
+            state.publish_scale(
+                decision, from_size=status[key].target_size if key in status else None
+            )
+            out.append(decision)
+            if self.metrics is not None:
+                self.metrics.scale_decisions.labels(decision.kind.value).inc()
+        return out
+
     async def run(self) -> None:
         """Plan every `autoscaling.interval_s` while enabled (until cancelled)."""
         while True:
             await asyncio.sleep(self.config().autoscaling.interval_s)
-            if self.config().autoscaling.enabled:
+            cfg = self.config().autoscaling
+            if cfg.enabled:
                 self.step()
+                if cfg.scale_down:
+                    self.step_down()
+
+
+def _spec(name: str, alloc: Allocation) -> PodSpec:
+    """A PodSpec holding exactly `alloc` (for re-placement simulations)."""
+    n = len(alloc.gpu_indices)
+    if n and alloc.gpu_milli_per_gpu >= GPU_MILLI:
+        return PodSpec(name, alloc.cpu_millicores, alloc.memory_bytes, num_gpu=n)
+    if n:
+        return PodSpec(
+            name, alloc.cpu_millicores, alloc.memory_bytes, gpu_milli=alloc.gpu_milli_per_gpu
+        )
+    return PodSpec(name, alloc.cpu_millicores, alloc.memory_bytes)
+
+
+def running_pods(state: FleetState) -> tuple[RunningPod, ...]:
+    """What runs on the fleet: reservation pods (a gang's pods are never moved) and the
+    observed pods fleetd did not place (`karpenter.sh/do-not-disrupt: "true"` honoured)."""
+    out = []
+    for wid, held in state.held.items():
+        gang = wid if len(held.record.pods) > 1 else ""
+        for rp, alloc in zip(held.record.pods, held.slots, strict=True):
+            if alloc is not None:
+                out.append(RunningPod(_spec(f"{wid}/{rp.pod_name}", alloc), alloc.node,
+                                      alloc.gpu_indices, gang=gang))  # fmt: skip
+    for (_, uid), pod in state.pods.items():
+        if pod.slot is not None and pod.reservation is None:
+            dnd = pod.labels.get(DO_NOT_DISRUPT_LABEL) == "true"
+            out.append(RunningPod(_spec(uid, pod.slot), pod.slot.node, pod.slot.gpu_indices,
+                                  do_not_disrupt=dnd))  # fmt: skip
+    return tuple(out)

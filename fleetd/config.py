@@ -204,6 +204,15 @@ class AutoscalingConfig(_Strict):
 
     enabled: bool = Field(True, description="Plan scale-ups while workloads are queued.")
     interval_s: float = Field(10.0, gt=0, le=3600, description="How often to plan.")
+    scale_down: bool = Field(
+        False, description="Also plan scale-down and consolidation (advice on the same stream)."
+    )
+    scale_down_after_s: float = Field(
+        600.0, ge=0, description="Stabilization window: a node unchanged this long is a candidate."
+    )
+    scale_down_utilization: float = Field(
+        0.5, ge=0, le=1, description="Non-empty nodes below this utilization are candidates."
+    )
 
 
 class SimPool(_Strict):

@@ -291,6 +291,9 @@ class FleetState:
         self._fits_cache: dict[object, bool] = {}
         self._fits_cache_version = -1
         self.pods: dict[tuple[str, str], _ObservedPod] = {}
+        #: Node key -> when it last changed (added, a pod placed or gone): the autoscaler's
+        #: stabilization window for scale-down counts from here.
+        self.node_since: dict[str, float] = {}
         #: (cluster, node) -> uids of self.pods on it: node updates touch their own pods
         #: without scanning every pod of the fleet.
         self._pods_on: dict[tuple[str, str], set[str]] = {}
@@ -420,6 +423,8 @@ class FleetState:
             )
             new = key not in self.fleet
             self.fleet.upsert_node(spec)
+            if new:
+                self.node_since[key] = now
             self._structure_version += 1
         except ValueError as exc:
             self.invalid_updates += 1
@@ -467,7 +472,7 @@ class FleetState:
                         key, pod.cpu_millicores, pod.memory_bytes, pod.gpu_indices, pod.gpu_milli
                     )
                     try:
-                        self.fleet.allocate(alloc)
+                        self._allocate(alloc)
                     except AllocationError as exc:
                         # The node came back smaller (or its GPUs unhealthy): the reservation
                         # cannot be honoured; end it rather than oversubscribe.
@@ -488,7 +493,7 @@ class FleetState:
                 fake = up.PodObserved(cluster, "", "", "", node, pod.request)
                 alloc = self._observed_allocation(key, fake, pod.labels.get(GPU_MILLI_LABEL, ""))
                 try:
-                    self.fleet.allocate(alloc)
+                    self._allocate(alloc)
                     pod.slot = alloc
                 except AllocationError:
                     self.metrics.update_ignored("observed_pod_does_not_fit")
@@ -503,6 +508,7 @@ class FleetState:
             if any(a is not None and a.node == key for a in held.slots):
                 self._end(wid, "expire", "expired", now, reason=f"node {key} removed")
         self.fleet.remove_node(key)
+        self.node_since.pop(key, None)
         self._structure_version += 1
         del self.nodes[key]
 
@@ -552,7 +558,7 @@ class FleetState:
         if nkey in self.nodes:
             alloc = self._observed_allocation(nkey, p, labels.get(GPU_MILLI_LABEL, ""))
             try:
-                self.fleet.allocate(alloc)
+                self._allocate(alloc)
             except AllocationError:
                 # The cluster runs more than fleet state thinks fits (e.g. a reservation and
                 # a foreign pod raced): the node is full either way; count it, hold nothing.
@@ -602,7 +608,7 @@ class FleetState:
             if not on_node:
                 del self._pods_on[(cluster, pod.node)]
         if pod.slot is not None:
-            self.fleet.free(pod.slot)
+            self._free(pod.slot)
         if pod.reservation is not None:
             wid, idx = pod.reservation
             held = self.held.get(wid)
@@ -612,7 +618,7 @@ class FleetState:
                 held.observed[idx] = None
                 alloc = held.slots[idx]
                 if alloc is not None:
-                    self.fleet.free(alloc)
+                    self._free(alloc)
                     held.slots[idx] = None
                 if held.record.state == "confirmed" and all(s is None for s in held.slots):
                     self._end(wid, "release", "released", now, reason="every pod finished")
@@ -940,11 +946,11 @@ class FleetState:
         done: list[Allocation] = []
         try:
             for alloc in slots:
-                self.fleet.allocate(alloc)  # re-checked by the core: never oversubscribes
+                self._allocate(alloc)  # re-checked by the core: never oversubscribes
                 done.append(alloc)
         except AllocationError:
             for alloc in done:
-                self.fleet.free(alloc)
+                self._free(alloc)
             raise
         ttl_s = min(
             req.ttl_s or self.config.reservations.default_ttl_s, self.config.reservations.max_ttl_s
@@ -978,7 +984,7 @@ class FleetState:
         except Exception:
             # Not durable means not granted: undo the allocation exactly.
             for alloc in slots:
-                self.fleet.free(alloc)
+                self._free(alloc)
             raise
         self.held[req.workload_id] = _Held(record, list(slots), [None] * len(pods))
         return self._publish(decision)
@@ -1016,7 +1022,7 @@ class FleetState:
                 pod.slot = slot
                 pod.reservation = None
             else:
-                self.fleet.free(slot)
+                self._free(slot)
         seq = self._next_seq()
         expl = Explanation(0, 0, (), reason)
         decision = Decision(
@@ -1132,6 +1138,16 @@ class FleetState:
         )
         self.scale.publish(event)
         return event
+
+    def _allocate(self, alloc: Allocation) -> None:
+        """The one place fleet usage grows (the core re-checks it); stamps the node."""
+        self.fleet.allocate(alloc)
+        self.node_since[alloc.node] = self.clock()
+
+    def _free(self, alloc: Allocation) -> None:
+        """The exact inverse of `_allocate`; stamps the node."""
+        self.fleet.free(alloc)
+        self.node_since[alloc.node] = self.clock()
 
     def _check_owner(self) -> None:
         if threading.get_ident() != self._owner:

@@ -60,3 +60,31 @@ def test_scale_up_once_then_in_flight(tmp_path: Path) -> None:
     [second] = scaler.step()
     assert second.delta == 1
     assert [e.to_size for e in state.scale.history] == [2, 3]
+
+
+def test_scale_down_removes_idle_nodes_but_never_a_gang(tmp_path: Path) -> None:
+    clock = [1000.0]
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), lambda: clock[0])
+    state.expect_source("t", "c1")
+    state.apply_now(pool_update(4))
+    for i in range(4):
+        state.apply_now(
+            up.NodeUpdate("c1", f"n{i}", 1, RES, RES, gpu_model="A100", node_pool="a100")
+        )
+    state.apply_now(up.ClusterSynced("c1", "t"))
+    gang = WorkloadRequest(
+        "g", "ml", 0, tuple(PodRequest(f"g-{j}", 1000, GIB, gpu_count=8) for j in range(2)),
+        gang=True, fingerprint="g",
+    )  # fmt: skip
+    assert state.place(gang).result == "placed"
+    gang_nodes = {a.node for a in state.held["g"].slots if a is not None}
+    scaler = Autoscaler(state, lambda: state.config, lambda: clock[0])
+    assert scaler.step_down() == []  # inside the stabilization window: nothing
+    clock[0] += state.config.autoscaling.scale_down_after_s + 1
+    decisions = scaler.step_down()
+    removed = {n for d in decisions for n in d.remove_nodes}
+    # Idle nodes only (as many as the pool's disruption budget allows at once).
+    assert removed
+    assert removed <= {f"c1/n{i}" for i in range(4)} - gang_nodes
+    assert all(d.kind.value == "scale-down" for d in decisions)
+    assert scaler.step_down() == []  # the same advice is not streamed twice
