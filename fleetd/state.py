@@ -502,6 +502,9 @@ class FleetState:
         key = node_key(cluster, node)
         if key not in self.nodes:
             return
+        # Cordon first: freeing the node's pods and reservations retries the queue, which
+        # must not place anything on the node that is about to go.
+        self.fleet.set_flags(key, cordoned=True)
         for uid in list(self._pods_on.get((cluster, node), ())):
             self._pod_removed(cluster, uid, now)
         for wid, held in list(self.held.items()):
