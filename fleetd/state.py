@@ -524,6 +524,11 @@ class FleetState:
             ]
             for name in gone:
                 self._node_removed(u.cluster, name, now)
+            # Reservations restored from the journal onto nodes the cluster no longer has
+            # would otherwise wait forever (a confirmed one has no TTL).
+            for wid, held in list(self.held.items()):
+                if any(p.cluster == u.cluster and p.node not in u.nodes for p in held.record.pods):
+                    self._end(wid, "expire", "expired", now, reason="its node is gone")
         info = self.sources.setdefault((u.source, u.cluster), _SourceInfo())
         info.synced = True
         info.last_update_s = now

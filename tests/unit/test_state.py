@@ -401,3 +401,21 @@ async def test_watch_out_of_range_and_slow_watchers(tmp_path: Path, clock: FakeC
 
     with pytest.raises(OutOfRange, match="fell behind"):
         await drain()
+
+
+def test_restored_reservation_on_a_vanished_node_ends_at_sync(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "j.db"
+    state = make_state(path, clock)
+    d = state.place(request("w", gpus=2))
+    node_name = d.placements[0].node
+    restarted = FleetState(Config(), Journal(path), clock)
+    restarted.expect_source("test", "c1")
+    survivors = [n for n in ("n0", "n1") if n != node_name]
+    for n in survivors:
+        restarted.apply_now(node(n, seq=1))
+    restarted.apply_now(up.ClusterSynced("c1", "test", frozenset(survivors)))
+    assert "w" not in restarted.held
+    assert restarted.history[-1].kind == "expire"
+    assert sum(map(sum, gpu_usage(restarted))) == 0
