@@ -7,14 +7,16 @@ as Karpenter's provisioner and disruption controller both run `Scheduler.Solve`:
   plus the nodes already being provisioned (in flight). For the rest, a capacity matrix
   "how many pods of shape s fit on one empty node of pool k" is computed once on a
   template fleet holding one node per pool (the same static and resource filters), and a
-  greedy chooses the cheapest node additions (price per pod served, counting partly used
-  new nodes). The choice is then *verified* by placing the workloads on the fleet plus the
-  hypothetical nodes; unused hypothetical nodes are dropped, and misses (packing worse than
-  the estimate) get another round. What a decision claims to unblock is what that run placed.
+  greedy chooses the cheapest node additions (shapes that fit the same pools costed
+  together; price per pod served, counting partly used new nodes). The choice is then
+  *verified* by placing, pool by pool, the workloads sent to each pool on its new nodes,
+  then any leftovers on everything; misses get another round and unused hypothetical
+  nodes are dropped. The plan's allocations are the assignment those runs found.
 * Scale-down (`plan_scale_down`): empty nodes first, then under-utilized ones, each removal
   simulated by releasing the node's pods and placing them on the remaining nodes; then
-  replacement of several under-utilized nodes by fewer or cheaper new ones (Karpenter's
-  multi-node consolidation, searched by binary search over a prefix of candidates).
+  replacement of several nodes by fewer or cheaper new ones (Karpenter's multi-node
+  consolidation: the whole candidate group, then a binary search over its prefixes); a
+  final joint placement of every displaced pod checks the whole plan.
 * `recheck` re-validates a disruptive decision against a fresh snapshot before it is emitted.
 
 Inputs are values (fleet, pending workloads, pools, their status, `now_s`); outputs are
@@ -226,10 +228,6 @@ class ScaleUpPlan:
     def unblocked(self) -> tuple[str, ...]:
         """Every workload some decision unblocks."""
         return tuple(sorted({w for d in self.decisions for w in d.unblocks}))
-
-
-def _workload_name(item: QueueItem) -> str:
-    return item.name
 
 
 def _status(status: Mapping[tuple[str, str], PoolStatus], pool: NodePool) -> PoolStatus:
@@ -807,22 +805,6 @@ def _pool_of(pools: Sequence[NodePool], spec: NodeSpec) -> int:
         if pool.cluster == spec.cluster and pool.name == spec.node_pool:
             return k
     raise KeyError(f"node {spec.name!r} belongs to no known pool")
-
-
-def _item_pod_ranges(batch: Batch) -> list[range]:
-    """Pod index ranges of each queue item of a batch (gang members are contiguous)."""
-    out: list[range] = []
-    i = 0
-    n = len(batch.pods)
-    while i < n:
-        g = int(batch.gang_of[i])
-        j = i + 1
-        if g >= 0:
-            while j < n and int(batch.gang_of[j]) == g:
-                j += 1
-        out.append(range(i, j))
-        i = j
-    return out
 
 
 def _items_placed(batch: Batch, result: PlacementResult) -> list[bool]:
