@@ -412,13 +412,16 @@ def _choose_nodes(
     cap: I64,
     budget: _Budget,
     shape_order: Sequence[int],
+    domains: Mapping[TopologyLevel, I64],
 ) -> tuple[I64, I64, dict[int, int]]:
     """Greedy cheapest node additions for pod counts per shape and whole gangs.
 
     Fractional model: a pod of shape s uses 1/cap[s,k] of a node of pool k, and pods of
     several shapes share opened nodes (the verification runs check the real packing).
     Shapes are taken in `shape_order` (constrained first, as the simulation order).
-    Returns (nodes per pool (K,), pods assigned per shape and pool (S, K), gang -> pool).
+    Returns (nodes per pool (K,), pods assigned per shape and pool (S, K), gang -> pool
+    for gangs on one pool; gangs spread over several pools of one domain are left to the
+    verification's shared run). domains: per level, the (K,) domain id of each pool.
     """
     k_pools = cap.shape[1]
     used = np.zeros(k_pools, np.float64)  # fractional nodes used on each pool
@@ -440,6 +443,13 @@ def _choose_nodes(
         room = budget.pool_room()
         ok = np.isfinite(nodes) & (nodes <= room)
         if not ok.any():
+            # No single pool holds it: several pools of one domain of its level may.
+            if level is not TopologyLevel.NODE:
+                spread = _gang_spread(need, cap, room, prices, domains[level])
+                if spread is not None:
+                    gang_nodes += spread
+                    for k in np.flatnonzero(spread).tolist():
+                        budget.take(k, float(spread[k]))
             continue
         cost = np.where(ok, nodes * prices, np.inf)
         k = int(np.lexsort((np.arange(k_pools), nodes, cost))[0])
@@ -544,6 +554,7 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     gidx = {sh.shape_key: s for s, sh in enumerate(shapes_all)}
     n_fit_rows = (capm.cap > 0).sum(axis=1).tolist()
     queue = simulation_order(queue, {key: int(n_fit_rows[s]) for key, s in gidx.items()})
+    domains = pool_domains(pools)
     allocs: dict[str, Allocation] = {}
     work = base
     rest = queue
@@ -593,7 +604,7 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         np.minimum.at(first_at, tb.shape_of, np.arange(len(tb.pods)))
         shape_order = np.argsort(first_at, kind="stable").tolist()
         nodes, assign, gang_pool = _choose_nodes(
-            counts.astype(np.int64), gangs, tb.shapes, tcap, budget, shape_order
+            counts.astype(np.int64), gangs, tb.shapes, tcap, budget, shape_order, domains
         )
         # Slack: the estimate assumes perfect mixing; a few spare nodes avoid another
         # round and are dropped if unused.
@@ -699,7 +710,9 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
             continue
         pods = it.pods if isinstance(it, GangSpec) else (it,)
         fits_k = np.flatnonzero(capm.cap[gidx[pods[0].shape_key]] > 0)
-        if isinstance(it, GangSpec) and not _gang_fits_some_pool(it, gidx, capm.cap, pools):
+        if isinstance(it, GangSpec) and not _gang_fits_some_pool(
+            it, gidx, capm.cap, pools, domains
+        ):
             unsched.append(Unschedulable(it.name, Block.GANG_NO_POOL))
             continue
         room = _budget(req, pools, nodes_by_pool).pool_room()
@@ -780,8 +793,14 @@ def _all_allocated(item: QueueItem, allocs: Mapping[str, Allocation]) -> bool:
 
 
 def _gang_fits_some_pool(
-    gang: GangSpec, index: Mapping[tuple[object, ...], int], cap: I64, pools: Sequence[NodePool]
+    gang: GangSpec,
+    index: Mapping[tuple[object, ...], int],
+    cap: I64,
+    pools: Sequence[NodePool],
+    domains: Mapping[TopologyLevel, I64],
 ) -> bool:
+    """Whether some pool, or some pools of one domain of the gang's level, could hold the
+    whole gang at their max sizes (if not, it is permanently infeasible)."""
     need: dict[int, int] = {}
     for p in gang.pods:
         s = index[p.shape_key]
@@ -797,7 +816,58 @@ def _gang_fits_some_pool(
             continue
         if math.ceil(frac - _EPS) <= pool.max_size:
             return True
-    return False
+    if gang.required_level is TopologyLevel.NODE:
+        return False
+    max_room = np.array([p.max_size for p in pools], np.float64)
+    prices = np.array([p.price_per_hour for p in pools], np.float64)
+    return _gang_spread(need, cap, max_room, prices, domains[gang.required_level]) is not None
+
+
+def pool_domains(pools: Sequence[NodePool]) -> dict[TopologyLevel, I64]:
+    """Per topology level, the (K,) domain id of each pool's nodes (a gang's domain)."""
+    out: dict[TopologyLevel, I64] = {}
+    keys: dict[TopologyLevel, list[tuple[str, ...]]] = {
+        TopologyLevel.CLUSTER: [(p.cluster,) for p in pools],
+        TopologyLevel.ZONE: [(p.cluster, p.zone) for p in pools],
+        TopologyLevel.RACK: [(p.cluster, p.zone, p.rack) for p in pools],
+    }
+    for level, ks in keys.items():
+        ids: dict[tuple[str, ...], int] = {}
+        out[level] = np.array([ids.setdefault(k, len(ids)) for k in ks], np.int64)
+    out[TopologyLevel.NODE] = np.arange(len(pools), dtype=np.int64)
+    return out
+
+
+def _gang_spread(need: Mapping[int, int], cap: I64, room: F64, prices: F64, dom: I64) -> I64 | None:
+    """The cheapest way to hold a whole gang on several pools of ONE domain: per domain,
+    fill its pools cheapest first (by what the whole gang would cost on each) up to their
+    room. Returns nodes per pool (K,), or None when no domain can hold it."""
+    shapes = sorted(need)
+    counts = np.array([need[s] for s in shapes], np.int64)
+    sub = cap[shapes].astype(np.float64)  # (m, K)
+    with np.errstate(divide="ignore"):
+        share = np.where(sub > 0, 1.0 / np.maximum(sub, 1.0), np.inf)
+    units = (counts[:, None] * share).sum(axis=0)
+    # (K,) cost of the whole gang on each pool alone (inf where some member does not fit)
+    whole = np.where(np.isfinite(units), units * prices, np.inf)
+    best: tuple[float, I64] | None = None
+    for d in np.unique(dom).tolist():
+        left = counts.copy()
+        nodes = np.zeros(cap.shape[1], np.int64)
+        ks = np.flatnonzero((dom == d) & (room >= 1) & (sub > 0).any(axis=0))
+        for k in sorted(ks.tolist(), key=lambda k: (whole[k], k)):
+            took, usage = _fill(left, share[:, k], float(room[k]))
+            if took.any():
+                nodes[k] = math.ceil(usage - _EPS)
+                left -= took
+            if not left.any():
+                break
+        if left.any():
+            continue
+        cost = float((nodes * prices).sum())
+        if best is None or cost < best[0]:
+            best = (cost, nodes)
+    return None if best is None else best[1]
 
 
 def _pool_of(pools: Sequence[NodePool], spec: NodeSpec) -> int:

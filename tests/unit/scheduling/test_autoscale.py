@@ -171,6 +171,22 @@ def test_gang_gets_all_nodes_in_one_zone() -> None:
     assert len(zones) == 1
 
 
+def test_gang_spans_pools_of_one_zone() -> None:
+    # No single pool holds 8 nodes; zone "a" has two pools of 4, zone "b" one pool of 3.
+    pools = (
+        gpu_pool("a8", 8, 7.0, zone="a", max_size=4),
+        gpu_pool("a8-big", 8, 7.5, zone="a", max_size=4),
+        gpu_pool("b8", 8, 6.0, zone="b", max_size=3),
+    )
+    gang = GangSpec("train", gpu_pods(8, "m", gpus=8), required_level=TopologyLevel.ZONE)
+    plan = plan_scale_up(ScaleUpRequest(Fleet(), (gang,), pools))
+    assert deltas(plan.decisions) == {"a8": 4, "a8-big": 4}
+    assert plan.unblocked == ("train",)
+    fleet = apply_scale_up(Fleet(), plan)
+    zones = {int(fleet.zone_id[fleet.slot(a.node)]) for _, a in plan.allocations}
+    assert len(zones) == 1
+
+
 def test_gang_larger_than_any_pool_is_permanent() -> None:
     pools = (gpu_pool("a8", 8, 7.0, max_size=2),)
     gang = GangSpec("big", gpu_pods(4, "m", gpus=8), required_level=TopologyLevel.ZONE)
