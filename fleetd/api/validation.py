@@ -26,6 +26,7 @@ TAINT_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
 MAX_PRIORITY = 1_000_000
 MAX_SELECTOR_TERMS = 64
 MAX_GPU_MODELS = 64
+MAX_TOLERATIONS = 64
 
 
 class InvalidArgument(ValueError):
@@ -91,6 +92,8 @@ def pod_request(
     for key, value in sorted(pod.node_selector.items()):
         _check_name(key, f"{field}.node_selector[{key[:80]!r}]", LABEL_KEY_RE, "label key")
         _check_name(value, f"{field}.node_selector[{key!r}]", LABEL_VALUE_RE, "label value")
+    if len(pod.tolerations) > MAX_TOLERATIONS:
+        raise InvalidArgument(f"{field}.tolerations", f"more than {MAX_TOLERATIONS} tolerations")
     tolerations = []
     for i, t in enumerate(pod.tolerations):
         tf = f"{field}.tolerations[{i}]"

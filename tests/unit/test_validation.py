@@ -57,6 +57,11 @@ def gang(*pods: dict[str, Any], same: str = "") -> types_pb2.GangSpec:
             "workload.pod.tolerations[0].operator",
             id="toleration-operator",
         ),
+        pytest.param(
+            wl({"gpu_count": 1, "tolerations": [types_pb2.Toleration(operator="Exists")] * 65}),
+            "workload.pod.tolerations",
+            id="too-many-tolerations",
+        ),
         pytest.param(wl(gang=gang()), "workload.gang.pods", id="empty-gang"),
         pytest.param(
             wl(gang=gang({"gpu_count": 1}, {"gpu_count": 1, "gpu_milli": 3})),
