@@ -35,6 +35,7 @@ from fleetd.loadgen import node_records, produce, synthetic_fleet
 from fleetd.sources.base import UpdateSink
 from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
 from fleetd.sources.memory import FleetView, StateSink
+from fleetd.sources.metrics import SourceMetrics
 
 PARTITIONS = 3
 
@@ -83,15 +84,19 @@ async def raw_rate(bootstrap: str, topic: str, n_records: int) -> float:
     return n_records / (done_at - first_at)
 
 
-async def source_rate(bootstrap: str, topic: str, n_records: int, sink: UpdateSink) -> float:
-    """Records per second through fleetd's KafkaSource into `sink`."""
+async def source_rate(
+    bootstrap: str, topic: str, n_records: int, sink: UpdateSink
+) -> tuple[float, dict[str, int]]:
+    """Records per second through fleetd's KafkaSource into `sink`, and the records by
+    outcome (applied, superseded: coalesced into a newer snapshot of their node, ...)."""
     settings = KafkaSourceSettings(
         bootstrap_servers=bootstrap,
         topic=topic,
         dead_letter_topic=f"{topic}.dlq",
         group_id=f"bench-fleetd-{uuid.uuid4().hex[:8]}",
     )
-    source = KafkaSource(settings, sink)
+    metrics = SourceMetrics()
+    source = KafkaSource(settings, sink, metrics=metrics)
     task = asyncio.ensure_future(source.run())
     try:
         waiter = asyncio.ensure_future(source.wait_handled(n_records))
@@ -103,7 +108,11 @@ async def source_rate(bootstrap: str, topic: str, n_records: int, sink: UpdateSi
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert source.first_batch_at is not None
-    return n_records / (done_at - source.first_batch_at)
+    outcomes = {
+        outcome: int(metrics.telemetry_records.labels(outcome)._value.get())
+        for outcome in ("applied", "superseded", "duplicate", "dead_lettered")
+    }
+    return n_records / (done_at - source.first_batch_at), outcomes
 
 
 def _fleet_state(tmp: Path) -> Any:
@@ -125,10 +134,10 @@ async def run(bootstrap: str, n_nodes: int, n_records: int, seed: int) -> dict[s
     await produce(bootstrap, topic, records)
     raw = await raw_rate(bootstrap, topic, n_records)
     view = FleetView()
-    view_rate = await source_rate(bootstrap, topic, n_records, view)
+    view_rate, _ = await source_rate(bootstrap, topic, n_records, view)
     with tempfile.TemporaryDirectory() as tmp:
         state = _fleet_state(Path(tmp))
-        state_rate = await source_rate(bootstrap, topic, n_records, StateSink(state))
+        state_rate, outcomes = await source_rate(bootstrap, topic, n_records, StateSink(state))
         nodes_in_state = len(state.nodes)
         state.journal.close()
     return {
@@ -143,6 +152,8 @@ async def run(bootstrap: str, n_nodes: int, n_records: int, seed: int) -> dict[s
         "ratio": round(state_rate / raw, 3),
         "target_ratio": 0.5,
         "nodes_in_state": nodes_in_state,
+        "applied_updates": outcomes["applied"],
+        "superseded_records": outcomes["superseded"],
     }
 
 
@@ -179,7 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  raw aiokafka consume   {result['raw_per_s']:>10,} records/s\n"
         f"  KafkaSource -> view    {result['view_updates_per_s']:>10,} updates/s\n"
         f"  KafkaSource -> state   {result['updates_per_s']:>10,} updates/s "
-        f"({result['ratio']:.2f} x raw; target >= 0.5)"
+        f"({result['ratio']:.2f} x raw; target >= 0.5)\n"
+        f"  into state: {result['applied_updates']:,} node updates applied, "
+        f"{result['superseded_records']:,} records superseded by a newer one of their node "
+        "in the same poll"
     )
     if args.json:
         print(json.dumps(result))

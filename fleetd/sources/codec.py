@@ -365,12 +365,13 @@ def _expected_key(record: pb.TelemetryRecord, kind: str) -> bytes:
     return key
 
 
-def parse(key: bytes | None, value: bytes | None) -> pb.TelemetryRecord:
-    """The cheap half of `decode`: the value parses as a TelemetryRecord with a payload, a
-    cluster, a sequence and the key it must have. Raises InvalidTelemetry.
+def parse(value: bytes | None) -> pb.TelemetryRecord:
+    """The cheap half of `decode`: the value parses as a TelemetryRecord with a payload,
+    a valid cluster name and a sequence. Raises InvalidTelemetry.
 
-    The consumer parses every record of a poll this far and converts (`to_update`) only the
-    newest of each key: the older ones' content would be replaced anyway.
+    The consumer parses every record of a poll this far (so undecodable ones always reach
+    the dead-letter topic) and converts (`to_update`) only the newest of each key: the
+    older ones' content would be replaced anyway.
     """
     if not value:
         raise InvalidTelemetry("empty", "record has no value")
@@ -379,8 +380,7 @@ def parse(key: bytes | None, value: bytes | None) -> pb.TelemetryRecord:
         record.ParseFromString(value)
     except DecodeError as exc:
         raise InvalidTelemetry("undecodable", f"not a TelemetryRecord: {exc}") from exc
-    kind = record.WhichOneof("payload")
-    if kind is None:
+    if record.WhichOneof("payload") is None:
         raise InvalidTelemetry("no-payload", "record has no payload")
     cluster = record.cluster
     if cluster not in _VALID_CLUSTERS:
@@ -389,17 +389,19 @@ def parse(key: bytes | None, value: bytes | None) -> pb.TelemetryRecord:
             _VALID_CLUSTERS.add(cluster)
     if record.sequence == 0:
         raise InvalidTelemetry("no-sequence", "sequence must be > 0")
+    return record
+
+
+def to_update(key: bytes | None, record: pb.TelemetryRecord) -> Update:
+    """A parsed record's payload as an update value, validated, including that it was
+    published under the key its content implies. Raises InvalidTelemetry."""
+    cluster, sequence = record.cluster, record.sequence
+    kind = record.WhichOneof("payload")
+    assert kind is not None  # parse() checked
     if key is not None:
         expected = _expected_key(record, kind)
         if key != expected:
             raise InvalidTelemetry("key-mismatch", f"key {key[:120]!r} != {expected!r}")
-    return record
-
-
-def to_update(record: pb.TelemetryRecord) -> Update:
-    """A parsed record's payload as an update value, validated. Raises InvalidTelemetry."""
-    cluster, sequence = record.cluster, record.sequence
-    kind = record.WhichOneof("payload")
     if kind == "node":
         return _node(record, cluster, sequence, record.observed_unix_ms / 1000.0)
     if kind == "node_deleted":
@@ -417,4 +419,4 @@ def decode(key: bytes | None, value: bytes | None) -> Update:
     Raises InvalidTelemetry when the value is not a TelemetryRecord, misses a required
     field, holds an impossible value, or does not match its key.
     """
-    return to_update(parse(key, value))
+    return to_update(key, parse(value))

@@ -37,6 +37,8 @@ from fleetd.sources.updates import ClusterSynced, SequenceGate, Update
 log = logging.getLogger(__name__)
 
 SOURCE = "kafka"
+#: Records parsed between two yields to the event loop.
+YIELD_EVERY_RECORDS = 2000
 DLQ_REASON_HEADER = "fleetd-dlq-reason"
 DLQ_DETAIL_HEADER = "fleetd-dlq-detail"
 DLQ_ORIGIN_HEADER = "fleetd-dlq-origin"
@@ -167,20 +169,6 @@ class KafkaSource:
         updates: list[Update] = []
         dead: list[tuple[int, Any, InvalidTelemetry]] = []
         offsets: dict[TopicPartition, int] = {}
-        # Records are snapshots of their key (node or pool): of several records of one key
-        # in a poll only the one with the highest valid sequence is applied (what a compacted
-        # topic would keep). Every record is parsed (undecodable ones are dead-lettered);
-        # newer invalid ones are dead-lettered too; older ones count as superseded.
-        by_key: dict[object, list[tuple[int, Any]]] = {}
-        position = 0
-        for tp, records in batches.items():
-            for rec in records:
-                # Records without a key cannot be superseded: each is its own group.
-                group = rec.key if rec.key is not None else position
-                by_key.setdefault(group, []).append((position, rec))
-                position += 1
-            if records:
-                offsets[tp] = records[-1].offset + 1
         chosen: list[tuple[int, Update]] = []
         duplicates = superseded = 0
         # Decoding allocates some thirty acyclic objects per record; left on, the cyclic
@@ -190,28 +178,57 @@ class KafkaSource:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            for group_records in by_key.values():
-                candidates = []
-                for pos, rec in group_records:
+            # Records are snapshots of their key (node or pool): of several records of one
+            # key in a poll only the one with the highest valid sequence is applied (what a
+            # compacted topic would keep). Every record is parsed, so undecodable ones are
+            # dead-lettered; the newest of each key is validated in full.
+            best: dict[object, tuple[int, int, Any, Any]] = {}
+            parsed_ok = 0
+            position = 0
+            for tp, records in batches.items():
+                for rec in records:
+                    position += 1
+                    if position % YIELD_EVERY_RECORDS == 0:
+                        # A large poll is ~0.1 s of CPU: let RPCs in between.
+                        await asyncio.sleep(0)
                     try:
-                        candidates.append((parse(rec.key, rec.value), pos, rec))
+                        parsed = parse(rec.value)
                     except InvalidTelemetry as exc:
-                        dead.append((pos, rec, exc))
-                if len(candidates) > 1:
-                    candidates.sort(key=lambda c: (c[0].sequence, c[1]), reverse=True)
-                for i, (parsed, pos, rec) in enumerate(candidates):
-                    try:
-                        update = to_update(parsed)
-                    except InvalidTelemetry as exc:
-                        dead.append((pos, rec, exc))
+                        dead.append((position, rec, exc))
                         continue
-                    superseded += len(candidates) - i - 1
+                    parsed_ok += 1
+                    # Records without a key cannot be superseded: each is its own group.
+                    group = rec.key if rec.key is not None else -position
+                    seq = parsed.sequence
+                    current = best.get(group)
+                    if current is None or seq >= current[0]:
+                        best[group] = (seq, position, rec, parsed)
+                if records:
+                    offsets[tp] = records[-1].offset + 1
+            fallback: dict[object, list[tuple[int, int, Any, Any]]] | None = None
+            rejected = 0
+            for group, newest in best.items():
+                candidate: tuple[int, int, Any, Any] | None = newest
+                while candidate is not None:
+                    _, pos, rec, parsed = candidate
+                    try:
+                        update = to_update(rec.key, parsed)
+                    except InvalidTelemetry as exc:
+                        # The newest is invalid: dead-letter it and try the next newest
+                        # (rare: the poll is indexed by key only when it happens).
+                        dead.append((pos, rec, exc))
+                        rejected += 1
+                        if fallback is None:
+                            fallback = _index_by_key(batches)
+                        candidate = _next_newest(fallback.get(group, []), pos)
+                        continue
                     if self._gate.admit(update):
                         chosen.append((pos, update))
                         self._seen_clusters.add(update.cluster)
                     else:
                         duplicates += 1
                     break
+            superseded = parsed_ok - len(chosen) - duplicates - rejected
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -343,6 +360,36 @@ class KafkaSource:
         """Wait until at least `count` records were handled (tests, benchmarks)."""
         async with self.progress:
             await self.progress.wait_for(lambda: self.records_handled >= count)
+
+
+def _index_by_key(
+    batches: Mapping[TopicPartition, list[Any]],
+) -> dict[object, list[tuple[int, int, Any, Any]]]:
+    """Every parseable record of a poll by key, with its sequence and position."""
+    index: dict[object, list[tuple[int, int, Any, Any]]] = {}
+    position = 0
+    for records in batches.values():
+        for rec in records:
+            position += 1
+            try:
+                parsed = parse(rec.value)
+            except InvalidTelemetry:
+                continue
+            group = rec.key if rec.key is not None else -position
+            index.setdefault(group, []).append((parsed.sequence, position, rec, parsed))
+    return index
+
+
+def _next_newest(
+    candidates: list[tuple[int, int, Any, Any]], below_position: int
+) -> tuple[int, int, Any, Any] | None:
+    """The newest candidate older than the one at `below_position` (by sequence, then
+    position), or None."""
+    ranked = sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True)
+    for i, c in enumerate(ranked):
+        if c[1] == below_position:
+            return ranked[i + 1] if i + 1 < len(ranked) else None
+    return None
 
 
 async def _stop_quietly(*clients: AIOKafkaConsumer | AIOKafkaProducer) -> None:

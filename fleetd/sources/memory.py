@@ -27,6 +27,9 @@ from fleetd.sources.updates import (
 
 log = logging.getLogger(__name__)
 
+#: Updates applied to the state between two yields to the event loop (~50 ms of work).
+YIELD_EVERY_UPDATES = 500
+
 
 class FleetView:
     """The latest state of every node, pod and pool a source reported (an UpdateSink)."""
@@ -108,9 +111,16 @@ class StateSink:
         self.on_rejected = on_rejected
 
     async def apply(self, updates: Sequence[Update]) -> None:
-        """Apply `updates` in order; one the state refuses (ValueError) is logged and skipped."""
+        """Apply `updates` in order; one the state refuses (ValueError) is logged and skipped.
+
+        Every update is one complete mutation of the single writer; between batches of
+        YIELD_EVERY_UPDATES the event loop serves other work (Place calls), so catching up
+        on a telemetry backlog does not stall the API.
+        """
         apply_now = self.state.apply_now
-        for update in updates:
+        for i, update in enumerate(updates):
+            if i and i % YIELD_EVERY_UPDATES == 0:
+                await asyncio.sleep(0)
             try:
                 apply_now(update)
             except ValueError as exc:

@@ -149,3 +149,26 @@ async def test_resuming_from_an_old_resource_version_catches_up(kube: Any) -> No
     async with running(watcher.run):
         await view.wait_for(lambda: (a, new) in view.nodes and (a, gone) not in view.nodes)
     await asyncio.to_thread(kube.delete_node, a, new)
+
+
+async def test_a_malformed_node_is_counted_and_skipped(kube: Any) -> None:
+    """The API server accepts any label value; a GPU memory label that is not a number makes
+    the node unusable for fleetd: it is counted and skipped, and the watch goes on."""
+    view = RecordingView()
+    metrics = SourceMetrics()
+    a = kube.contexts[0]
+    settings = KubernetesSourceSettings(kubeconfig=str(kube.kubeconfig_path), contexts=(a,))
+    source = KubernetesSource(settings, view, metrics=metrics)
+    bad, good = unique("bad-label"), unique("good")
+    async with running(source.run):
+        await asyncio.wait_for(source.ready.wait(), AWAIT_S)
+        await asyncio.to_thread(
+            kube.create_gpu_node, a, bad, gpus=1, labels={"nvidia.com/gpu.memory": "80GB"},
+            wait_ready=False,
+        )  # fmt: skip
+        await asyncio.to_thread(kube.create_gpu_node, a, good, gpus=1, wait_ready=False)
+        await view.wait_for(lambda: (a, good) in view.nodes, AWAIT_S)
+        assert (a, bad) not in view.nodes
+        assert metrics.kube_invalid_objects.labels(a, "nodes", "bad-gpu-label")._value.get() >= 1
+    await asyncio.to_thread(kube.delete_node, a, bad)
+    await asyncio.to_thread(kube.delete_node, a, good)

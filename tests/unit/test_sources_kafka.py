@@ -131,3 +131,19 @@ async def test_highest_sequence_wins_within_a_poll_whatever_the_offset_order() -
     assert isinstance(a, NodeUpdate)
     assert a.sequence == 7
     assert view.applied == 1
+
+
+async def test_falls_back_past_several_invalid_newest_records() -> None:
+    view = FleetView()
+    metrics = SourceMetrics()
+    source = KafkaSource(KafkaSourceSettings(), view, metrics=metrics)
+    mismatched = _report("other", 4)[1]  # a valid record of node "other" under a's key
+    _, producer = await _poll(
+        source, [_report("a", 1), _broken("a", 2), _broken("a", 3), (b"c1/a", mismatched)]
+    )
+    a = view.node("c1", "a")
+    assert isinstance(a, NodeUpdate)
+    assert a.sequence == 1
+    reasons = [dict(h)[DLQ_REASON_HEADER] for _, _, h in producer.sent]
+    assert reasons == [b"bad-gpus", b"bad-gpus", b"key-mismatch"]  # in offset order
+    assert metrics.telemetry_records.labels("superseded")._value.get() == 0
