@@ -1,2 +1,2 @@
 """Telemetry sources: each turns a cluster's view (Kafka, Kubernetes watches, the simulated
-fleet) into the update values of `fleetd.updates` and hands them to the state owner."""
+fleet) into the update values of `fleetd.sources.updates` and hands them to the state owner."""
