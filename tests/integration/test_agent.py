@@ -136,3 +136,34 @@ async def test_fleetd_agent_command(kube: Any, kafka_bootstrap: str, tmp_path: P
             proc.kill()
             await proc.wait()
         await asyncio.to_thread(kube.delete_node, context, node)
+
+
+async def test_agent_and_consumer_wait_for_a_broker_that_is_down(
+    kube: Any, kafka_bootstrap: str, testbed_run: Any
+) -> None:
+    """Both ends start while Kafka is down, retry with backoff, and work once it is back."""
+    topic = unique("agent-outage")
+    await create_topic(kafka_bootstrap, topic)
+    context = kube.contexts[0]
+    node = unique("outage")
+    settings = AgentSettings(
+        context=context,
+        cluster="outage",
+        bootstrap_servers=kafka_bootstrap,
+        kubeconfig=str(kube.kubeconfig_path),
+        topic=topic,
+        resync_interval_s=3600,
+    )
+    source, view = _kafka_view(kafka_bootstrap, topic)
+    await asyncio.to_thread(testbed_run.stop_kafka)
+    try:
+        ready = asyncio.Event()
+        async with running(lambda: run_agent(settings, ready)), running(source.run):
+            await asyncio.to_thread(testbed_run.restart_kafka)
+            await asyncio.wait_for(ready.wait(), AWAIT_S)
+            await asyncio.to_thread(kube.create_gpu_node, context, node, gpus=1, wait_ready=False)
+            await view.wait_for(lambda: ("outage", node) in view.nodes, AWAIT_S)
+    finally:
+        if not await asyncio.to_thread(lambda: testbed_run.kafka().process.alive()):
+            await asyncio.to_thread(testbed_run.restart_kafka)
+        await asyncio.to_thread(kube.delete_node, context, node)
