@@ -196,6 +196,14 @@ class ScaleUpRequest:
     max_rounds: int = 3
     estimate_slack: float = 0.03
 
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise ValueError("max_rounds must be >= 1")
+        if not 0 <= self.estimate_slack <= 1:
+            raise ValueError("estimate_slack must be in 0..1")
+        if not math.isfinite(self.now_s):
+            raise ValueError("now_s must be finite")
+
 
 @dataclass(frozen=True, eq=False)
 class ScaleUpPlan:
@@ -948,6 +956,16 @@ class ConsolidationOptions:
     replace: bool = True
     min_saving_per_hour: float = 0.0
     max_replace_candidates: int = 16
+
+    def __post_init__(self) -> None:
+        if self.stabilization_window_s < 0 or (self.empty_window_s or 0) < 0:
+            raise ValueError("stabilization windows must be >= 0")
+        if not 0 <= self.utilization_threshold <= 1:
+            raise ValueError("utilization_threshold must be in 0..1")
+        if self.delay_after_scale_up_s < 0 or self.min_saving_per_hour < 0:
+            raise ValueError("delay_after_scale_up_s and min_saving_per_hour must be >= 0")
+        if self.max_replace_candidates < 1:
+            raise ValueError("max_replace_candidates must be >= 1")
 
 
 @dataclass(frozen=True, eq=False)

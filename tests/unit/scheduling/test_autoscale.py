@@ -17,6 +17,7 @@ from scheduling.autoscale import (
     ScaleDecision,
     ScaleDownRequest,
     ScaleUpRequest,
+    apply_scale_down,
     apply_scale_up,
     plan_scale_down,
     plan_scale_up,
@@ -458,3 +459,40 @@ def test_unmanaged_nodes_are_never_removed() -> None:
         ScaleDownRequest(req.fleet, req.running, (other,), {}, req.node_since_s, now_s=req.now_s)
     )
     assert plan.removed == ()
+
+
+def test_replace_decision_recheck_and_apply() -> None:
+    # One 4-GPU node at 1/4 gives way to a 1-GPU node; the recheck counts the new node.
+    small = gpu_pool("g1", 1, 1.0)
+    req = down_request(P4, [1], options=ConsolidationOptions(replace=True), pools=(P4, small))
+    plan = plan_scale_down(req)
+    (d,) = plan.decisions
+    assert d.add == (("g1", 1),)
+    assert recheck(d, req) is None
+    after, pods = apply_scale_down(req.fleet, req.running, plan, req.pools)
+    assert [p.name for p in pods] == ["g4-0-p0"]
+    assert "g4-0" not in after
+    assert len(after) == 1  # the replacement node
+    # Without the small pool the replacement cannot be re-checked.
+    fresh = down_request(P4, [1], pools=(P4,))
+    assert recheck(d, fresh) is RecheckFailure.UNKNOWN_POOL
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"utilization_threshold": 1.5},
+        {"stabilization_window_s": -1.0},
+        {"max_replace_candidates": 0},
+    ],
+)
+def test_bad_options_are_clear_errors(kw: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        ConsolidationOptions(**kw)  # type: ignore[arg-type]
+
+
+def test_bad_request_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="max_rounds"):
+        ScaleUpRequest(Fleet(), (), (), max_rounds=0)
+    with pytest.raises(ValueError, match="duplicate node pool"):
+        plan_scale_up(ScaleUpRequest(Fleet(), gpu_pods(1), (G1, G1)))
