@@ -587,6 +587,10 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         else:
             feasible.append(it)
     added: list[NodeSpec] = []
+    # New nodes and per-pool runs not yet copied into `work` (only the shared leftover
+    # run needs them there, so the copy is skipped when nothing is left over).
+    pending_specs: list[NodeSpec] = []
+    pending_runs: list[tuple[Fleet, PlacementResult]] = []
     serial = 0
     todo = feasible
     for _ in range(max(1, req.max_rounds)):
@@ -629,8 +633,8 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
             for _ in range(int(nodes[k])):
                 round_specs.append(pool.node_spec(f"+{pool.cluster}/{pool.name}/{serial}"))
                 serial += 1
-        work = with_nodes(work, round_specs)
         added += round_specs
+        pending_specs += round_specs
         # Which workloads the choice sent to which pool: the first assign[s, k] solo pods
         # of shape s (in queue order) to pool k, and each gang to its pool.
         to_pool: dict[int, list[QueueItem]] = {}
@@ -654,21 +658,25 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
                 quota[s_, ks[0]] -= 1
                 to_pool.setdefault(ks[0], []).append(it)
         # Each pool's share runs on a small fleet of just that pool's new (empty) nodes:
-        # the same engine, a fraction of the rows; its result is committed into `work`.
+        # the same engine, a fraction of the rows.
+        specs_of: dict[int, list[NodeSpec]] = {}
+        for sp in round_specs:
+            specs_of.setdefault(_pool_of(pools, sp), []).append(sp)
         for k in sorted(to_pool):
-            specs_k = [
-                sp
-                for sp in round_specs
-                if sp.node_pool == pools[k].name and sp.cluster == pools[k].cluster
-            ]
+            specs_k = specs_of.get(k, [])
             if not specs_k:
                 continue
-            sub = with_nodes(Fleet(max_gpus=work.max_gpus, initial_capacity=len(specs_k)), specs_k)
+            sub = with_nodes(Fleet(max_gpus=base.max_gpus, initial_capacity=len(specs_k)), specs_k)
             res = place(sub, to_pool[k], policy)
-            _commit_by_name(work, sub, res)
+            pending_runs.append((sub, res))
             _record(res, allocs)
         leftover = [it for it in todo if not _all_allocated(it, allocs)]
         if leftover:
+            # The shared run needs every node and every allocation so far in one fleet.
+            work = with_nodes(work, pending_specs)
+            for sub, res in pending_runs:
+                _commit_by_name(work, sub, res)
+            pending_specs, pending_runs = [], []
             res = place(work, leftover, policy)
             commit(work, res)
             _record(res, allocs)
