@@ -112,11 +112,15 @@ class TestbedRun:
         return result
 
     def close(self, keep: bool = False) -> None:
-        """Stop every process; remove the run folder unless a start failed or ``keep``."""
+        """Stop every process; remove the run folder unless ``keep`` or a start failed.
+
+        A kept folder holds a ``KEPT`` file; the sweep of later runs leaves it alone.
+        """
         if isinstance(self._kube, KubeTestbed):
             self._kube.close()
         self.supervisor.stop_all()
-        if keep or self._failed:
+        has_logs = any(self.supervisor.log_dir.iterdir())
+        if keep or (self._failed and has_logs):  # nothing started: nothing worth keeping
             (self.run_dir / _KEEP_FILE).write_text("kept for its logs\n")
         else:
             shutil.rmtree(self.run_dir, ignore_errors=True)
