@@ -733,8 +733,10 @@ def lower_bound_cost(
     """Lower bounds on the cost of any fleet that runs the trace's pods at their real times.
 
     1. Pooled LP (the relaxation in the issue): at every instant between events, fractional
-       nodes whose total GPU, CPU and memory cover the demand, and whose on-demand part
-       covers the demand of pods that do not tolerate spot.
+       nodes whose total GPU, CPU and memory cover the demand; and for every set of pools
+       that is some pod's fit set (shape fits, spot only if tolerated), the pools of that
+       set cover the demand of the pods that fit nowhere else (e.g. on-demand pools cover
+       the pods that do not tolerate spot; the 8-GPU shape covers the 8-GPU pods).
     2. Class LP: pods rounded *down* to a grid of classes (so every class fits wherever its
        pods fit); fractional nodes of each pool must cover, resource by resource, the pods
        assigned to that pool; a class may only use pools its pods fit on (spot only for
@@ -760,7 +762,6 @@ def lower_bound_cost(
             for p in pods
         ]
     )
-    od = ~trace.spot_ok
     i0 = np.searchsorted(times, start)
     i1 = np.searchsorted(times, end)
     k = len(pools)
@@ -778,25 +779,45 @@ def lower_bound_cost(
             raise RuntimeError(f"lower-bound LP failed: {out.message}")
         return np.asarray(out.x, np.float64)
 
-    # -- 1. pooled, exact per instant (identical demand vectors share one block)
-    demand = np.zeros((m + 1, 6))
-    np.add.at(demand, i0, np.hstack([req, req * od[:, None]]))
-    np.add.at(demand, i1, -np.hstack([req, req * od[:, None]]))
+    # -- 1. pooled, exact per instant (identical demand vectors share one block). One
+    # covering constraint per resource for each "fit set" F (the pools a pod can run on,
+    # spot only if it tolerates it): pods whose fit set lies inside F can only be covered
+    # by pools in F (Hall's condition; F = every pool is the plain pooled bound).
+    whole_gpu = np.array([p.num_gpu > 0 for p in pods])
+    fit = (
+        (req[:, None, 1] <= capv[None, :, 1])
+        & (req[:, None, 2] <= capv[None, :, 2])
+        & np.where(
+            whole_gpu[:, None],
+            req[:, None, 0] <= capv[None, :, 0],
+            (req[:, None, 0] == 0) | (capv[None, :, 0] >= 1),
+        )
+        & (trace.spot_ok[:, None] | is_od[None, :])
+    )  # (P, K)
+    sets = np.unique(np.vstack([fit, np.ones((1, k), bool)]), axis=0)  # (F, K)
+    inside = (fit[:, None, :] <= sets[None, :, :]).all(axis=2)  # (P, F) fit set within F
+    n_sets = sets.shape[0]
+    contrib = (inside[:, :, None] * req[:, None, :]).reshape(len(pods), n_sets * 3)
+    demand = np.zeros((m + 1, n_sets * 3))
+    np.add.at(demand, i0, contrib)
+    np.add.at(demand, i1, -contrib)
     demand = np.round(np.cumsum(demand, axis=0)[:m], 6)
     demand[demand < 0] = 0.0
     uniq, inverse = np.unique(demand, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     nb = uniq.shape[0]
+    nr = n_sets * 3
     rows, cols, vals = [], [], []
-    for r in range(6):
-        res = r % 3
-        ok = (np.ones(k, bool) if r < 3 else is_od) & (capv[:, res] > 0)
-        for kk in np.flatnonzero(ok).tolist():
-            rows.append(np.arange(nb) * 6 + r)
-            cols.append(np.arange(nb) * k + kk)
-            vals.append(np.full(nb, -capv[kk, res]))
+    for f in range(n_sets):
+        for res in range(3):
+            r = f * 3 + res
+            for kk in np.flatnonzero(sets[f] & (capv[:, res] > 0)).tolist():
+                rows.append(np.arange(nb) * nr + r)
+                cols.append(np.arange(nb) * k + kk)
+                vals.append(np.full(nb, -capv[kk, res]))
     a = coo_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(nb * 6, nb * k)
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(nb * nr, nb * k),
     ).tocsr()
     hours_b = np.bincount(inverse, weights=dt_h, minlength=nb)
     x = solve((hours_b[:, None] * price[None, :]).reshape(-1), a, -uniq.reshape(-1))
