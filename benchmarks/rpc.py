@@ -30,7 +30,7 @@ from fleetd.demo import free_port, wait_serving
 from fleetd.v1 import placement_pb2, placement_pb2_grpc, types_pb2
 
 
-def fleet_config(nodes: int, tmp: Path, port: int) -> dict[str, object]:
+def fleet_config(nodes: int, tmp: Path, port: int, policy: str = "") -> dict[str, object]:
     """Embedded defaults with a simulated fleet of `nodes` A100/H100 nodes in two clusters."""
     cfg = cfgmod.Config().model_dump(mode="json")
     half = nodes // 2
@@ -51,6 +51,8 @@ def fleet_config(nodes: int, tmp: Path, port: int) -> dict[str, object]:
     cfg["server"].update(grpc_listen=f"127.0.0.1:{port}", metrics_listen="127.0.0.1:0")
     cfg["journal"]["path"] = str(tmp / "journal.sqlite3")
     cfg["logging"]["level"] = "WARNING"
+    if policy:
+        cfg["scheduling"]["policy"] = policy
     return cfg
 
 
@@ -87,12 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--policy", default="", help="scheduling.policy (default: the config's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="fleetd-bench-rpc-") as tmp:
         cfg_path = Path(tmp) / "fleetd.yaml"
-        cfg_path.write_text(yaml.safe_dump(fleet_config(args.nodes, Path(tmp), port)))
+        cfg_path.write_text(yaml.safe_dump(fleet_config(args.nodes, Path(tmp), port, args.policy)))
         log = open(Path(tmp) / "daemon.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "fleetd.cli", "serve", "--config", str(cfg_path)], stderr=log
@@ -109,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "rpc",
         "nodes": args.nodes,
         "calls": args.calls,
+        "policy": args.policy or cfgmod.Config().scheduling.policy,
         "place_p50_ms": round(float(np.percentile(place_ms, 50)), 3),
         "place_p99_ms": round(float(np.percentile(place_ms, 99)), 3),
         "noop_p50_ms": round(float(np.percentile(noop_ms, 50)), 3),
