@@ -736,7 +736,9 @@ def lower_bound_cost(
        nodes whose total GPU, CPU and memory cover the demand; and for every set of pools
        that is some pod's fit set (shape fits, spot only if tolerated), the pools of that
        set cover the demand of the pods that fit nowhere else (e.g. on-demand pools cover
-       the pods that do not tolerate spot; the 8-GPU shape covers the 8-GPU pods).
+       the pods that do not tolerate spot; the 8-GPU shape covers the 8-GPU pods), with
+       at least one (fractional) node of the set while any such pod runs: the only
+       integrality kept, valid because a pod needs a whole node.
     2. Class LP: pods rounded *down* to a grid of classes (so every class fits wherever its
        pods fit); fractional nodes of each pool must cover, resource by resource, the pods
        assigned to that pool; a class may only use pools its pods fit on (spot only for
@@ -797,24 +799,31 @@ def lower_bound_cost(
     sets = np.unique(np.vstack([fit, np.ones((1, k), bool)]), axis=0)  # (F, K)
     inside = (fit[:, None, :] <= sets[None, :, :]).all(axis=2)  # (P, F) fit set within F
     n_sets = sets.shape[0]
-    contrib = (inside[:, :, None] * req[:, None, :]).reshape(len(pods), n_sets * 3)
-    demand = np.zeros((m + 1, n_sets * 3))
+    # Per set: GPU, CPU, memory of the pods inside it, and how many such pods there are.
+    ones = np.ones((len(pods), 1))
+    contrib = (inside[:, :, None] * np.hstack([req, ones])[:, None, :]).reshape(
+        len(pods), n_sets * 4
+    )
+    demand = np.zeros((m + 1, n_sets * 4))
     np.add.at(demand, i0, contrib)
     np.add.at(demand, i1, -contrib)
     demand = np.round(np.cumsum(demand, axis=0)[:m], 6)
     demand[demand < 0] = 0.0
+    # Integrality, the one cut kept: pods that need a pool of F need at least one node of F.
+    demand[:, 3::4] = np.minimum(demand[:, 3::4], 1.0)
     uniq, inverse = np.unique(demand, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     nb = uniq.shape[0]
-    nr = n_sets * 3
+    nr = n_sets * 4
     rows, cols, vals = [], [], []
     for f in range(n_sets):
-        for res in range(3):
-            r = f * 3 + res
-            for kk in np.flatnonzero(sets[f] & (capv[:, res] > 0)).tolist():
+        for res in range(4):
+            r = f * 4 + res
+            coef = capv[:, res] if res < 3 else np.ones(k)
+            for kk in np.flatnonzero(sets[f] & (coef > 0)).tolist():
                 rows.append(np.arange(nb) * nr + r)
                 cols.append(np.arange(nb) * k + kk)
-                vals.append(np.full(nb, -capv[kk, res]))
+                vals.append(np.full(nb, -coef[kk]))
     a = coo_matrix(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
         shape=(nb * nr, nb * k),
