@@ -933,6 +933,46 @@ def scale_up_speed(
     return best, best_cpu, added
 
 
+def scale_down_speed(seed: int = 0, n_nodes: int = 2_000) -> tuple[float, int]:
+    """Wall seconds (best of 3) for one plan_scale_down over `n_nodes` 8-GPU nodes with
+    0-8 one-GPU pods each (a 50% budget, windows passed), and the nodes it removes."""
+    rng = np.random.default_rng(seed)
+    pool = NodePool(
+        "a10-8", "c0", cpu_millicores=192_000, memory_bytes=768 * GIB, gpu_count=8,
+        gpu_model="A10G", price_per_hour=16.288, disruption_budget=DisruptionBudget(max_percent=50),
+    )  # fmt: skip
+    small = NodePool(
+        "a10-1", "c0", cpu_millicores=32_000, memory_bytes=128 * GIB, gpu_count=1,
+        gpu_model="A10G", price_per_hour=2.448,
+    )  # fmt: skip
+    fleet = Fleet(max_gpus=8)
+    running = []
+    for i in range(n_nodes):
+        name = f"a10-8-{i}"
+        fleet.add_node(pool.node_spec(name))
+        for j in range(int(rng.choice([0, 1, 2, 3, 6, 8, 8, 8]))):
+            pod = PodSpec(f"{name}-p{j}", cpu_millicores=8_000, memory_bytes=32 * GIB, num_gpu=1)
+            rp = RunningPod(pod, name, (j,))
+            fleet.allocate(rp.allocation)
+            running.append(rp)
+    req = ScaleDownRequest(
+        fleet,
+        tuple(running),
+        (pool, small),
+        {pool.key: PoolStatus(n_nodes, n_nodes)},
+        {n: 0.0 for n in fleet.node_names()},
+        now_s=3_600.0,
+    )
+    best = math.inf
+    removed = 0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        plan = plan_scale_down(req)
+        best = min(best, time.perf_counter() - t0)
+        removed = len(plan.removed)
+    return best, removed
+
+
 def speed_request(seed: int, n_pods: int, n_pools: int) -> ScaleUpRequest:
     """The pending pods (mixed whole, shared and CPU-only; some spot-tolerant, some
     restricted to a GPU model) and pools (SHAPES in several zones) of the speed test."""
@@ -1064,6 +1104,7 @@ def main(argv: Sequence[str]) -> int:
     speed_s, speed_cpu_s, speed_nodes = (
         (math.nan, math.nan, 0) if args.skip_speed else scale_up_speed(args.seed)
     )
+    down_s, down_nodes = (math.nan, 0) if args.skip_speed else scale_down_speed(args.seed)
     days = float(trace.arrival_s.max() - trace.arrival_s.min()) / 86400 if len(trace.pods) else 0.0
     print(f"trace {path.name}: {len(trace.pods)} pods over {days:.0f} days; {len(pools)} pools")
     for r in (ours, base):
@@ -1087,6 +1128,7 @@ def main(argv: Sequence[str]) -> int:
             f"scale-up of 10,000 pending pods over 50 pools: {speed_s:.3f} s wall, "
             f"{speed_cpu_s:.3f} s CPU ({speed_nodes} nodes)"
         )
+        print(f"scale-down over 2,000 8-GPU nodes: {down_s:.3f} s ({down_nodes} nodes removed)")
     if args.plot:
         plot([ours, base], args.plot)
         print(f"wrote {args.plot}")
@@ -1130,6 +1172,7 @@ def main(argv: Sequence[str]) -> int:
             "infeasible": ours.infeasible,
             "scale_up_10k_pods_50_pools_s": None if args.skip_speed else round(speed_s, 3),
             "scale_up_10k_pods_50_pools_cpu_s": None if args.skip_speed else round(speed_cpu_s, 3),
+            "scale_down_2k_nodes_s": None if args.skip_speed else round(down_s, 3),
             "sim_wall_s": round(ours.wall_s + base.wall_s, 1),
         }
         print(json.dumps(line))
