@@ -539,8 +539,8 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
 
     Steps: (1) place on the fleet plus in-flight nodes; (2) report workloads no pool fits;
     (3) choose node additions on the capacity matrix; (4) verify by placing, pool by pool,
-    the workloads the choice sent to each pool on that pool's new nodes only (the other
-    nodes masked), then whatever is left on every node; (5) repeat (3)-(4) for the rest;
+    the workloads the choice sent to each pool on a small fleet of that pool's new nodes,
+    then whatever is left on every node together; (5) repeat (3)-(4) for the rest;
     drop new nodes nothing landed on. The result's `allocations` are one valid
     simultaneous assignment of every placed pod on fleet + in-flight + new nodes.
     """
@@ -551,9 +551,7 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     )
     inflight = in_flight_specs(pools, req.status)
     base = with_nodes(req.fleet, inflight)
-    items = _admit_teams(req, list(req.pending))
-    unsched: list[Unschedulable] = items[1]
-    queue = items[0]
+    queue, unsched = _admit_teams(req, list(req.pending))
     if not queue:
         return ScaleUpPlan((), (), tuple(inflight), (), tuple(unsched), (), ())
     # One capacity matrix for every pending shape, reused by every step below.
