@@ -117,6 +117,17 @@ class Artefacts:
         """kwok's stage definitions, concatenated into one ``--config`` file."""
         return self.kwok_dir / "stages.yaml"
 
+    @property
+    def grpctools_dir(self) -> Path:
+        """Folder of the stock gRPC clients (grpcurl, grpc-health-probe)."""
+        return (
+            self.root / f"grpctools-{versions.GRPCURL_VERSION}-{versions.GRPC_HEALTH_PROBE_VERSION}"
+        )
+
+    def grpc_tool(self, name: str) -> Path:
+        """Path of ``grpcurl`` or ``grpc-health-probe`` in the cache (built or not)."""
+        return self.grpctools_dir / "bin" / name
+
     def missing(self) -> list[str]:
         """Names of the components not yet built (empty when the test bed can start)."""
         return [name for name, folder in self._components() if not _is_complete(folder)]
@@ -127,6 +138,7 @@ class Artefacts:
             ("etcd", self.etcd_dir),
             ("kubernetes", self.kubernetes_dir),
             ("kwok", self.kwok_dir),
+            ("grpctools", self.grpctools_dir),
         ]
 
 
@@ -383,11 +395,35 @@ def _build_kafka(arts: Artefacts, log: _Log) -> None:
     )
 
 
+def _build_grpctools(arts: Artefacts, log: _Log) -> None:
+    # Both modules carry no replace directives, so `go install module@version` works as is.
+    env = _go_env(arts.root)
+    env["GOBIN"] = str(arts.grpctools_dir / "bin")
+    arts.grpctools_dir.mkdir(parents=True, exist_ok=True)
+    for module in (
+        f"github.com/fullstorydev/grpcurl/cmd/grpcurl@{versions.GRPCURL_VERSION}",
+        f"github.com/grpc-ecosystem/grpc-health-probe@{versions.GRPC_HEALTH_PROBE_VERSION}",
+    ):
+        log.run(
+            ["go", "install", "-trimpath", "-ldflags", "-s -w", module],
+            cwd=arts.grpctools_dir,
+            env=env,
+        )
+    _mark_complete(
+        arts.grpctools_dir,
+        {
+            "grpcurl": versions.GRPCURL_VERSION,
+            "grpc-health-probe": versions.GRPC_HEALTH_PROBE_VERSION,
+        },
+    )
+
+
 _BUILDERS: dict[str, tuple[str, Callable[[Artefacts, _Log], None]]] = {
     "kafka": (versions.KAFKA_VERSION, _build_kafka),
     "etcd": (versions.ETCD_VERSION, _build_etcd),
     "kubernetes": (versions.KUBERNETES_VERSION, _build_kubernetes),
     "kwok": (versions.KWOK_VERSION, _build_kwok),
+    "grpctools": (versions.GRPCURL_VERSION, _build_grpctools),
 }
 
 
@@ -396,7 +432,7 @@ def ensure_built(
 ) -> Artefacts:
     """Build every missing component (a no-op taking milliseconds when the cache is warm).
 
-    ``only`` restricts the build to some of ``kafka``, ``etcd``, ``kubernetes``, ``kwok``.
+    ``only`` restricts the build to some of ``kafka``, ``etcd``, ``kubernetes``, ``kwok``, ``grpctools``.
     Raises BuildError naming the component, with the tail and the path of its build log.
     """
     arts = artefacts()

@@ -17,6 +17,9 @@ KUBERNETES_VERSION = "v1.37.2"
 ETCD_VERSION = "v3.6.16"
 #: kwok (``sigs.k8s.io/kwok``): fakes kubelets for nodes and pods.
 KWOK_VERSION = "v0.8.0"
+#: Stock gRPC clients the tests drive fleetd's server with (reflection, health checking).
+GRPCURL_VERSION = "v1.9.3"
+GRPC_HEALTH_PROBE_VERSION = "v0.4.62"
 
 
 def staging_version(kubernetes_version: str) -> str:

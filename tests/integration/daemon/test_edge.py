@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from prometheus_client import generate_latest
 
 from fleetd.daemon import Daemon
 from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
+from tests.testbed.build import artefacts
 
 from .conftest import Client, StartDaemon
 
@@ -153,47 +155,53 @@ def _tool(name: str) -> str | None:
     if found:
         return found
     cached = sorted(Path.home().glob(f".cache/fleetd-testbed/**/bin/{name}"))
-    cached += [p for p in [Path.home() / "go" / "bin" / name] if p.exists()]
     return str(cached[-1]) if cached else None
+
+
+def _grpc_tool(name: str) -> str:
+    """grpcurl or grpc-health-probe, as `make testbed` builds them into the test-bed cache."""
+    path = artefacts().grpc_tool(name)
+    if path.exists():
+        return str(path)
+    reason = f"{name} is not built: run `make testbed` (expected at {path})"
+    if os.environ.get("FLEETD_TESTBED") == "required":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 async def test_stock_clients(fleetd: tuple[Daemon, Client]) -> None:
     daemon, _ = fleetd
-    grpcurl, probe = _tool("grpcurl"), _tool("grpc-health-probe")
-    if grpcurl is None and probe is None:
-        pytest.skip("neither grpcurl nor grpc-health-probe is installed")
+    grpcurl, probe = _grpc_tool("grpcurl"), _grpc_tool("grpc-health-probe")
     addr = f"127.0.0.1:{daemon.grpc_port}"
-    if grpcurl:
-        out = await asyncio.to_thread(
-            subprocess.run, [grpcurl, "-plaintext", addr, "list"], capture_output=True, text=True
-        )
-        assert "fleetd.v1.Placement" in out.stdout
-        body = '{"workload": {"workload_id": "curl-1", "team": "ml", "pod": {"gpu_count": 2}}}'
-        out = await asyncio.to_thread(
-            subprocess.run,
-            [grpcurl, "-plaintext", "-d", body, addr, "fleetd.v1.Placement/Place"],
-            capture_output=True,
-            text=True,
-        )
-        assert out.returncode == 0, out.stderr
-        reply = json.loads(out.stdout)
-        assert reply["result"] == "DECISION_RESULT_PLACED"
-        pod = reply["placements"][0]
-        assert len(pod.get("gpuIndices", pod.get("gpu_indices", []))) == 2
-        out = await asyncio.to_thread(
-            subprocess.run,
-            [grpcurl, "-plaintext", "-d", '{"workload": {"workload_id": "x"}}', addr,
-             "fleetd.v1.Placement/Place"],
-            capture_output=True,
-            text=True,
-        )  # fmt: skip
-        assert "InvalidArgument" in out.stderr
-        assert "workload.team" in out.stderr
-    if probe:
-        out = await asyncio.to_thread(
-            subprocess.run, [probe, "-addr", addr], capture_output=True, text=True
-        )
-        assert out.returncode == 0, out.stderr
+    out = await asyncio.to_thread(
+        subprocess.run, [grpcurl, "-plaintext", addr, "list"], capture_output=True, text=True
+    )
+    assert "fleetd.v1.Placement" in out.stdout
+    body = '{"workload": {"workload_id": "curl-1", "team": "ml", "pod": {"gpu_count": 2}}}'
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [grpcurl, "-plaintext", "-d", body, addr, "fleetd.v1.Placement/Place"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    assert reply["result"] == "DECISION_RESULT_PLACED"
+    pod = reply["placements"][0]
+    assert len(pod.get("gpuIndices", pod.get("gpu_indices", []))) == 2
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [grpcurl, "-plaintext", "-d", '{"workload": {"workload_id": "x"}}', addr,
+         "fleetd.v1.Placement/Place"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert "InvalidArgument" in out.stderr
+    assert "workload.team" in out.stderr
+    out = await asyncio.to_thread(
+        subprocess.run, [probe, "-addr", addr], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
 
 
 def scrape(daemon: Daemon) -> str:
