@@ -29,6 +29,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from fleetd import config as cfgmod
+from fleetd.api.parsing import ParseRequests
 from fleetd.api.servicers import Edge, FleetServicer, NodePoolsServicer, PlacementServicer
 from fleetd.autoscaler import Autoscaler
 from fleetd.config import Config, ConfigError
@@ -150,10 +151,11 @@ class Daemon:
         sources += self._external_sources()
 
         server = grpc.aio.server(
+            interceptors=[ParseRequests(self._malformed_request)],
             options=[
                 ("grpc.max_receive_message_length", cfg.server.max_receive_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         edge = Edge(state, lambda: self.config, self.metrics, self.stopping)
         placement_pb2_grpc.add_PlacementServicer_to_server(PlacementServicer(edge), server)
@@ -200,6 +202,12 @@ class Daemon:
             self._spawn(
                 "config-watch", self._every(lambda: self.config.reload_poll_s, self._poll_config)
             )
+
+    def _malformed_request(self, method: str, seconds: float) -> None:
+        """Count a request body that did not parse (answered INVALID_ARGUMENT)."""
+        service, _, name = method.lstrip("/").rpartition("/")
+        label = name if service in SERVICE_NAMES else method
+        self.metrics.rpc_duration.labels(label, "INVALID_ARGUMENT").observe(seconds)
 
     def _external_sources(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
         """Kafka and Kubernetes sources, when enabled (fleetd/sources/kafka.py, kubernetes.py)."""

@@ -114,12 +114,68 @@ async def test_oversized_and_garbage_requests_do_not_hurt(fleetd: tuple[Daemon, 
     for garbage in (b"\xff\xff\xff\xff", b"\x0a\x05abc"):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await raw(garbage)
-        # grpcio's deserializer answers UNKNOWN ("Wire format was corrupt") before fleetd runs.
-        assert err.value.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INVALID_ARGUMENT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "fleetd.v1.PlaceRequest" in (err.value.details() or "")
     # Still serving, state intact.
     wl = types_pb2.Workload(workload_id="ok", team="t", pod=pod(gpu_count=1))
     resp = await client.placement.Place(placement_pb2.PlaceRequest(workload=wl))
     assert resp.result == types_pb2.DECISION_RESULT_PLACED
+    assert daemon.exit_code == 0
+
+
+#: Every RPC the server offers, with how it is called and its request message type.
+EVERY_RPC = [
+    ("/fleetd.v1.Placement/Place", "unary", "fleetd.v1.PlaceRequest"),
+    ("/fleetd.v1.Placement/Release", "unary", "fleetd.v1.ReleaseRequest"),
+    ("/fleetd.v1.Placement/Explain", "unary", "fleetd.v1.ExplainRequest"),
+    ("/fleetd.v1.Placement/WatchDecisions", "stream", "fleetd.v1.WatchDecisionsRequest"),
+    ("/fleetd.v1.NodePools/ListNodePools", "unary", "fleetd.v1.ListNodePoolsRequest"),
+    (
+        "/fleetd.v1.NodePools/WatchScaleDecisions",
+        "stream",
+        "fleetd.v1.WatchScaleDecisionsRequest",
+    ),
+    ("/fleetd.v1.Fleet/GetSnapshot", "unary", "fleetd.v1.GetSnapshotRequest"),
+    ("/fleetd.v1.Fleet/GetStatus", "unary", "fleetd.v1.GetStatusRequest"),
+    ("/grpc.health.v1.Health/Check", "unary", "grpc.health.v1.HealthCheckRequest"),
+    ("/grpc.health.v1.Health/Watch", "stream", "grpc.health.v1.HealthCheckRequest"),
+    (
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "bidi",
+        "grpc.reflection.v1alpha.ServerReflectionRequest",
+    ),
+]
+
+
+async def _call_raw(channel: grpc.aio.Channel, method: str, kind: str, body: bytes) -> None:
+    """Send `body` unparsed to `method` and read the whole reply."""
+    if kind == "unary":
+        await channel.unary_unary(method)(body, timeout=10)
+    elif kind == "stream":
+        async for _ in channel.unary_stream(method)(body, timeout=10):
+            pass
+    else:
+        async for _ in channel.stream_stream(method)(iter([body]), timeout=10):
+            pass
+
+
+async def test_malformed_body_is_invalid_argument_for_every_rpc(
+    fleetd: tuple[Daemon, Client],
+) -> None:
+    """Raw bytes that do not parse as the request message, over a real channel."""
+    daemon, client = fleetd
+    # A truncated length-delimited field, and a field with an invalid wire type (7).
+    for garbage in (b"\x0a\x05abc", b"\x0f"):
+        for method, kind, message in EVERY_RPC:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _call_raw(client.channel, method, kind, garbage)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err.value)
+            assert f"not a valid {message}" in (err.value.details() or ""), method
+    text = generate_latest(daemon.metrics.registry).decode()
+    assert 'fleetd_rpc_duration_seconds_count{code="INVALID_ARGUMENT",method="Place"} 2.0' in text
+    # The server is unharmed: a well-formed call on the same channel works.
+    status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+    assert status.ready
     assert daemon.exit_code == 0
 
 
