@@ -7,13 +7,23 @@ are content-derived, so a decision recomputed on the same state is not published
 Decisions are advice to whatever manages the pools; the daemon counts the nodes it asked
 for as in flight (target size) until the pool reports them, so it does not ask twice. The
 simulated fleet can play the pool manager (`sources.simulated.apply_scale_decisions`).
+
+With `autoscaling.scale_down` it also plans scale-down and consolidation. Every disruptive
+decision is re-checked (`scheduling.autoscale.recheck`) against a fresh snapshot of fleet
+state taken when it is about to be emitted, after the decisions emitted before it: their
+nodes take no displaced pods and count against their pool's disruption budget until they
+are gone (Karpenter validates a consolidation command the same way before executing it).
+
+With `autoscaling.dry_run` every decision is still computed and streamed, marked
+`dry_run`, but the daemon neither counts it as in flight nor as disrupting, and pool
+managers (the simulated one included) ignore it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from fleetd.config import Config
@@ -23,12 +33,14 @@ from fleetd.state import FleetState
 from scheduling import GPU_MILLI, Allocation, PodSpec
 from scheduling.autoscale import (
     ConsolidationOptions,
+    RecheckFailure,
     RunningPod,
     ScaleDecision,
     ScaleDownRequest,
     ScaleUpRequest,
     plan_scale_down,
     plan_scale_up,
+    recheck,
 )
 from scheduling.pools import CapacityType, NodePool, PoolStatus
 
@@ -81,15 +93,46 @@ class Autoscaler:
         self.clock = clock
         #: Pool key -> the size fleetd asked for (until the pool reports at least that).
         self.targets: dict[tuple[str, str], int] = {}
+        #: Node -> pool key of nodes a streamed (not dry-run) scale-down or replacement
+        #: removes, until they are gone: they count against the pool's disruption budget,
+        #: take no displaced pods and are not advised again.
+        self.disrupting: dict[str, tuple[str, str]] = {}
+        #: Why disruptive decisions were dropped by the re-check (reason -> count).
+        self.recheck_failures: dict[RecheckFailure, int] = {}
         self.published: set[str] = set()
         self._last_inputs: object = None
+
+    def _pools(self) -> list[NodePool]:
+        return [p for p in (node_pool(u) for u in self.state.pools.values()) if p is not None]
+
+    def _publish(self, decision: ScaleDecision, from_size: int | None, dry_run: bool) -> None:
+        self.published.add(decision.id)
+        self.state.publish_scale(decision, from_size=from_size, dry_run=dry_run)
+        if self.metrics is not None:
+            self.metrics.scale_decisions.labels(
+                decision.kind.value, "true" if dry_run else "false"
+            ).inc()
+        log.info(
+            "scale decision",
+            extra={"id": decision.id, "kind": decision.kind.value, "cluster": decision.cluster,
+                   "pool": decision.pool, "delta": decision.delta,
+                   "remove": len(decision.remove_nodes), "unblocks": len(decision.unblocks),
+                   "cost_per_hour_delta": decision.cost_per_hour_delta, "dry_run": dry_run},
+        )  # fmt: skip
+
+    def _record_cost(self, decisions: list[ScaleDecision], dry_run: bool) -> None:
+        if decisions and self.metrics is not None:
+            self.metrics.scale_cost.labels("true" if dry_run else "false").set(
+                sum(d.cost_per_hour_delta for d in decisions)
+            )
 
     def step(self) -> list[ScaleDecision]:
         """One planning round; returns the decisions it published."""
         state = self.state
+        dry_run = self.config().autoscaling.dry_run
         if not state.queue or not state.pools or not state.ready:
             return []
-        pools = [p for p in (node_pool(u) for u in state.pools.values()) if p is not None]
+        pools = self._pools()
         status = {}
         for p in pools:
             current = state.pools[p.key].current_size
@@ -103,6 +146,7 @@ class Autoscaler:
             tuple(sorted((k, u.current_size, u.max_size) for k, u in state.pools.items())),
             len(state.nodes),
             tuple(sorted(self.targets.items())),
+            dry_run,
         )
         if inputs == self._last_inputs:
             return []
@@ -127,72 +171,117 @@ class Autoscaler:
         for decision in plan.decisions:
             if decision.id in self.published:
                 continue
-            self.published.add(decision.id)
             decision = replace(
                 decision,
                 unblocks=tuple(sorted({workload_of.get(n, n) for n in decision.unblocks})),
             )
             key = (decision.cluster, decision.pool)
-            self.targets[key] = status[key].target_size + decision.delta
-            state.publish_scale(decision, from_size=status[key].target_size)
+            if not dry_run:  # a dry-run decision is not in flight: nobody acts on it
+                self.targets[key] = status[key].target_size + decision.delta
+            self._publish(decision, status[key].target_size, dry_run)
             out.append(decision)
-            if self.metrics is not None:
-                self.metrics.scale_decisions.labels(decision.kind.value).inc()
-            log.info(
-                "scale decision",
-                extra={"id": decision.id, "cluster": decision.cluster, "pool": decision.pool,
-                       "delta": decision.delta, "unblocks": len(decision.unblocks)},
-            )  # fmt: skip
-        if out and self.metrics is not None:
-            self.metrics.scale_cost.set(sum(d.cost_per_hour_delta for d in out))
+        self._record_cost(out, dry_run)
         return out
 
-    def step_down(self) -> list[ScaleDecision]:
-        """One scale-down / consolidation round (advice); returns the decisions it published.
+    def down_request(self) -> ScaleDownRequest:
+        """A scale-down request on the current state: running pods, pool sizes, nodes
+        being removed (counted as `disrupting` and cordoned in a copy of the fleet).
 
         Running pods are what reservations and observed pods hold; re-placement is simulated
         with their resources (a reservation's model and selector constraints are not kept).
         """
         state = self.state
         cfg = self.config().autoscaling
-        if not state.pools or not state.ready:
-            return []
-        pools = [p for p in (node_pool(u) for u in state.pools.values()) if p is not None]
+        # Nodes of earlier decisions that are gone (or whose pool is) are done disrupting.
+        live = set(state.fleet.node_names())
+        self.disrupting = {n: k for n, k in self.disrupting.items() if n in live}
+        fleet = state.fleet
+        if self.disrupting:
+            fleet = fleet.copy()
+            for name in self.disrupting:
+                fleet.set_flags(name, cordoned=True)
+        busy: dict[tuple[str, str], int] = {}
+        for key in self.disrupting.values():
+            busy[key] = busy.get(key, 0) + 1
+        pools = self._pools()
         status = {
             p.key: PoolStatus(
                 current_size=state.pools[p.key].current_size,
                 target_size=max(state.pools[p.key].current_size, self.targets.get(p.key, 0)),
+                disrupting=busy.get(p.key, 0),
             )
             for p in pools
         }
-        plan = plan_scale_down(
-            ScaleDownRequest(
-                fleet=state.fleet,
-                running=running_pods(state),
-                pools=tuple(pools),
-                status=status,
-                node_since_s=dict(state.node_since),
-                now_s=self.clock(),
-                policy=state.policy,
-                options=ConsolidationOptions(
-                    stabilization_window_s=cfg.scale_down_after_s,
-                    utilization_threshold=cfg.scale_down_utilization,
-                ),
-            )
+        return ScaleDownRequest(
+            fleet=fleet,
+            running=running_pods(state),
+            pools=tuple(pools),
+            status=status,
+            node_since_s=dict(state.node_since),
+            now_s=self.clock(),
+            policy=state.policy,
+            options=ConsolidationOptions(
+                stabilization_window_s=cfg.scale_down_after_s,
+                utilization_threshold=cfg.scale_down_utilization,
+            ),
         )
+
+    def step_down(self) -> list[ScaleDecision]:
+        """One scale-down / consolidation round (advice); returns the decisions it published."""
+        state = self.state
+        if not state.pools or not state.ready:
+            return []
+        plan = plan_scale_down(self.down_request())
+        return self.emit_down(plan.decisions)
+
+    def emit_down(self, decisions: Sequence[ScaleDecision]) -> list[ScaleDecision]:
+        """Stream disruptive decisions, each re-checked first against a fresh snapshot of
+        the state that counts the decisions streamed before it; the ones no longer valid
+        are dropped (counted by reason)."""
+        dry_run = self.config().autoscaling.dry_run
         out = []
-        for decision in plan.decisions:
+        # Decisions accepted in this round, for the re-check of the next ones (dry-run too).
+        accepted: dict[str, tuple[str, str]] = {}
+        kept = dict(self.disrupting)
+        for decision in decisions:
             if decision.id in self.published:
                 continue
-            self.published.add(decision.id)
+            if any(n in self.disrupting or n in accepted for n in decision.remove_nodes):
+                continue  # already being removed
+            self.disrupting = {**kept, **accepted}
+            fresh = self.down_request()
+            failure = recheck(decision, fresh)
+            if failure is not None:
+                self.recheck_failures[failure] = self.recheck_failures.get(failure, 0) + 1
+                if self.metrics is not None:
+                    self.metrics.scale_recheck_failures.labels(failure.value).inc()
+                log.info(
+                    "scale decision dropped by re-check",
+                    extra={"id": decision.id, "reason": failure.value},
+                )
+                continue
             key = (decision.cluster, decision.pool)
-            state.publish_scale(
-                decision, from_size=status[key].target_size if key in status else None
-            )
+            for node in decision.remove_nodes:
+                accepted[node] = self._pool_of_node(node, key)
+            status = fresh.status.get(key)
+            self._publish(decision, status.target_size if status else None, dry_run)
             out.append(decision)
-            if self.metrics is not None:
-                self.metrics.scale_decisions.labels(decision.kind.value).inc()
+        # Only decisions someone may act on hold their nodes as disrupting.
+        self.disrupting = kept if dry_run else {**kept, **accepted}
+        self._record_cost(out, dry_run)
         return out
+
+    def _pool_of_node(self, node: str, default: tuple[str, str]) -> tuple[str, str]:
+        """The pool key of a fleet node (a REPLACE removes nodes of other pools too)."""
+        fleet = self.state.fleet
+        try:
+            slot = fleet.slot(node)
+        except KeyError:
+            return default
+        return (
+            fleet.clusters.names[int(fleet.cluster_id[slot])],
+            fleet.pools.names[int(fleet.pool_id[slot])],
+        )
 
     async def run(self) -> None:
         """Plan every `autoscaling.interval_s` while enabled (until cancelled)."""

@@ -213,6 +213,11 @@ class AutoscalingConfig(_Strict):
     scale_down_utilization: float = Field(
         0.5, ge=0, le=1, description="Non-empty nodes below this utilization are candidates."
     )
+    dry_run: bool = Field(
+        False,
+        description="Compute and stream decisions marked dry_run, but never count them as in "
+        "flight (targets unchanged) and let no pool manager act on them.",
+    )
 
 
 class SimPool(_Strict):

@@ -127,13 +127,21 @@ class Metrics:
         )
         self.scale_decisions = Counter(
             "fleetd_scale_decisions_total",
-            "Scale decisions streamed, by kind (scale-up, scale-down, replace).",
-            ["kind"],
+            "Scale decisions streamed, by kind (scale-up, scale-down, replace) and dry_run.",
+            ["kind", "dry_run"],
             registry=r,
         )
         self.scale_cost = Gauge(
             "fleetd_scale_planned_cost_per_hour",
-            "Expected change of the fleet's price per hour of the decisions of the last plan.",
+            "Expected change of the fleet's price per hour of the decisions the last planning "
+            "round streamed (scale-up or scale-down round), by dry_run.",
+            ["dry_run"],
+            registry=r,
+        )
+        self.scale_recheck_failures = Counter(
+            "fleetd_scale_recheck_failures_total",
+            "Disruptive scale decisions dropped by the re-check on a fresh snapshot, by reason.",
+            ["reason"],
             registry=r,
         )
         self.ready = Gauge(

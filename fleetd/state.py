@@ -207,6 +207,8 @@ class ScaleEvent:
     decision: ScaleDecision
     from_size: int
     to_size: int
+    #: Computed in dry-run mode: shown, never acted on.
+    dry_run: bool = False
 
 
 class Broadcast(Generic[T]):
@@ -1134,15 +1136,18 @@ class FleetState:
             _signal(sub, _CLOSED)
         self.scale.close()
 
-    def publish_scale(self, decision: ScaleDecision, from_size: int | None = None) -> ScaleEvent:
+    def publish_scale(
+        self, decision: ScaleDecision, from_size: int | None = None, *, dry_run: bool = False
+    ) -> ScaleEvent:
         """Stream one autoscaler decision. `from_size`: the pool's target size before it
-        (default: its last reported size); to_size = from_size + delta."""
+        (default: its last reported size); to_size = from_size + delta. `dry_run`: marked
+        as computed in dry-run mode (nobody acts on it)."""
         self._check_owner()
         pool = self.pools.get((decision.cluster, decision.pool))
         size = from_size if from_size is not None else pool.current_size if pool else 0
         self.scale.seq += 1
         event = ScaleEvent(
-            self.scale.seq, self.clock(), decision, size, max(0, size + decision.delta)
+            self.scale.seq, self.clock(), decision, size, max(0, size + decision.delta), dry_run
         )
         self.scale.publish(event)
         return event

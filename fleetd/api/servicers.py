@@ -322,6 +322,7 @@ def scale_decision_pb(event: ScaleEvent) -> nodepools_pb2.ScaleDecision:
         reason=d.reason.value,
         price_per_hour_delta=d.cost_per_hour_delta,
         id=d.id,
+        dry_run=event.dry_run,
     )
 
 

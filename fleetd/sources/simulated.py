@@ -135,7 +135,7 @@ class SimulatedFleet:
         """Bring up the nodes of scale-up decisions after `provisioning_delay_s`."""
         pending: set[asyncio.Task[None]] = set()
         async for event in self.state.scale.watch(0, from_now=True):
-            if event.decision.delta > 0:
+            if event.decision.delta > 0 and not event.dry_run:  # dry-run: shown, not acted on
                 task = asyncio.create_task(self._grow(event.decision.cluster, event.decision.pool,
                                                       event.decision.delta))  # fmt: skip
                 pending.add(task)

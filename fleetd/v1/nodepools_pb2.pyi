@@ -171,6 +171,7 @@ class ScaleDecision(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     PRICE_PER_HOUR_DELTA_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     cluster: _builtins.str
     pool: _builtins.str
@@ -181,6 +182,10 @@ class ScaleDecision(_message.Message):
     price_per_hour_delta: _builtins.float
     id: _builtins.str
     """Content-derived id: the same decision on the same state has the same id (idempotent)."""
+    dry_run: _builtins.bool
+    """Dry-run mode (autoscaling.dry_run): computed and streamed for review only; the daemon
+    does not count it as in flight and a pool manager must not act on it.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -206,10 +211,11 @@ class ScaleDecision(_message.Message):
         reason: _builtins.str = ...,
         price_per_hour_delta: _builtins.float = ...,
         id: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "from_size", b"from_size", "id", b"id", "kind", b"kind", "nodes", b"nodes", "pool", b"pool", "price_per_hour_delta", b"price_per_hour_delta", "reason", b"reason", "seq", b"seq", "time", b"time", "to_size", b"to_size", "workload_ids", b"workload_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "dry_run", b"dry_run", "from_size", b"from_size", "id", b"id", "kind", b"kind", "nodes", b"nodes", "pool", b"pool", "price_per_hour_delta", b"price_per_hour_delta", "reason", b"reason", "seq", b"seq", "time", b"time", "to_size", b"to_size", "workload_ids", b"workload_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fleetd.autoscaler import Autoscaler, node_pool
+from prometheus_client import generate_latest
+
+from fleetd.autoscaler import DO_NOT_DISRUPT_LABEL, Autoscaler, node_pool
 from fleetd.config import Config
 from fleetd.engine import PodRequest
 from fleetd.journal import Journal
+from fleetd.metrics import Metrics
 from fleetd.sources import updates as up
 from fleetd.state import FleetState, WorkloadRequest
+from scheduling.autoscale import RecheckFailure, plan_scale_down
 
 GIB = 1024**3
 RES = up.Resources(cpu_millicores=64_000, memory_bytes=512 * GIB, gpus=8)
@@ -87,4 +91,111 @@ def test_scale_down_removes_idle_nodes_but_never_a_gang(tmp_path: Path) -> None:
     assert removed
     assert removed <= {f"c1/n{i}" for i in range(4)} - gang_nodes
     assert all(d.kind.value == "scale-down" for d in decisions)
+    assert scaler.step_down() == []  # the same advice is not streamed twice
+
+
+def idle_pool_state(tmp_path: Path, clock: list[float], nodes: int = 4) -> FleetState:
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), lambda: clock[0])
+    state.expect_source("t", "c1")
+    state.apply_now(pool_update(nodes))
+    for i in range(nodes):
+        state.apply_now(
+            up.NodeUpdate("c1", f"n{i}", 1, RES, RES, gpu_model="A100", node_pool="a100")
+        )
+    state.apply_now(up.ClusterSynced("c1", "t"))
+    return state
+
+
+def test_dry_run_streams_marked_decisions_and_keeps_targets(tmp_path: Path) -> None:
+    state = state_with_one_full_node(tmp_path)
+    config = Config.model_validate({"autoscaling": {"dry_run": True}})
+    metrics = Metrics()
+    scaler = Autoscaler(state, lambda: config, lambda: 1000.0, metrics)
+    assert state.place(gpus("fill", 8)).result == "placed"
+    assert state.place(gpus("wait", 8)).result == "queued"
+    [decision] = scaler.step()
+    assert (decision.pool, decision.delta) == ("a100", 1)
+    [event] = state.scale.history
+    assert event.dry_run
+    assert (event.from_size, event.to_size) == (1, 2)
+    assert scaler.targets == {}  # not in flight: nobody acts on a dry-run decision
+    # A second queued workload: nothing was counted in flight, so the plan asks for 2 now.
+    assert state.place(gpus("wait2", 8)).result == "queued"
+    [second] = scaler.step()
+    assert second.delta == 2
+    assert [(e.from_size, e.to_size, e.dry_run) for e in state.scale.history] == [
+        (1, 2, True), (1, 3, True),
+    ]  # fmt: skip
+    text = generate_latest(metrics.registry).decode()
+    assert 'fleetd_scale_decisions_total{dry_run="true",kind="scale-up"} 2.0' in text
+    # The last round's expected cost: two 30 $/h nodes.
+    assert 'fleetd_scale_planned_cost_per_hour{dry_run="true"} 60.0' in text
+
+
+def test_scale_up_metrics(tmp_path: Path) -> None:
+    state = state_with_one_full_node(tmp_path)
+    metrics = Metrics()
+    scaler = Autoscaler(state, lambda: state.config, lambda: 1000.0, metrics)
+    assert state.place(gpus("fill", 8)).result == "placed"
+    assert state.place(gpus("wait", 8)).result == "queued"
+    [decision] = scaler.step()
+    assert decision.unblocks == ("wait",)
+    assert not state.scale.history[-1].dry_run
+    text = generate_latest(metrics.registry).decode()
+    assert 'fleetd_scale_decisions_total{dry_run="false",kind="scale-up"} 1.0' in text
+    assert 'fleetd_scale_planned_cost_per_hour{dry_run="false"} 30.0' in text
+
+
+def test_scale_down_is_rechecked_on_a_fresh_snapshot(tmp_path: Path) -> None:
+    clock = [1000.0]
+    state = idle_pool_state(tmp_path, clock)
+    metrics = Metrics()
+    scaler = Autoscaler(state, lambda: state.config, lambda: clock[0], metrics)
+    clock[0] += state.config.autoscaling.scale_down_after_s + 1
+    plan = plan_scale_down(scaler.down_request())
+    [decision] = plan.decisions  # the pool's budget (10% of 4, rounded up): one node
+    [node] = decision.remove_nodes
+    # Between planning and emitting, a pod that must not be disrupted lands on that node.
+    dnd = up.PodObserved(
+        "c1", "ns", "keep", "uid-keep", node.split("/", 1)[1], up.Resources(1000, GIB),
+        labels=((DO_NOT_DISRUPT_LABEL, "true"),),
+    )  # fmt: skip
+    assert state.apply_now(dnd)
+    assert scaler.emit_down(plan.decisions) == []
+    assert scaler.recheck_failures == {RecheckFailure.DO_NOT_DISRUPT: 1}
+    assert list(state.scale.history) == []
+    text = generate_latest(metrics.registry).decode()
+    assert 'fleetd_scale_recheck_failures_total{reason="do-not-disrupt"} 1.0' in text
+    # Planned again on the new state, another idle node is advised instead.
+    [again] = scaler.step_down()
+    assert again.remove_nodes != decision.remove_nodes
+
+
+def test_emitted_scale_down_holds_budget_until_its_node_is_gone(tmp_path: Path) -> None:
+    clock = [1000.0]
+    state = idle_pool_state(tmp_path, clock)
+    scaler = Autoscaler(state, lambda: state.config, lambda: clock[0])
+    clock[0] += state.config.autoscaling.scale_down_after_s + 1
+    [first] = scaler.step_down()
+    [node] = first.remove_nodes
+    assert set(scaler.disrupting) == {node}
+    # Nobody removed it yet: it still uses the pool's budget of one node at a time.
+    assert scaler.step_down() == []
+    state.apply_now(up.NodeRemoved("c1", node.split("/", 1)[1], 2))
+    state.apply_now(pool_update(3, seq=2))
+    [second] = scaler.step_down()
+    assert second.remove_nodes != first.remove_nodes
+    assert set(scaler.disrupting) == set(second.remove_nodes)
+
+
+def test_dry_run_scale_down_holds_nothing(tmp_path: Path) -> None:
+    clock = [1000.0]
+    state = idle_pool_state(tmp_path, clock)
+    config = Config.model_validate({"autoscaling": {"dry_run": True, "scale_down": True}})
+    scaler = Autoscaler(state, lambda: config, lambda: clock[0])
+    clock[0] += config.autoscaling.scale_down_after_s + 1
+    [first] = scaler.step_down()
+    assert first.kind.value == "scale-down"
+    assert scaler.disrupting == {}
+    assert state.scale.history[-1].dry_run
     assert scaler.step_down() == []  # the same advice is not streamed twice
