@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build or reuse the cached components")
-    build.add_argument("components", nargs="*", help="kafka, etcd, kubernetes, kwok (default: all)")
+    build.add_argument(
+        "components",
+        nargs="*",
+        help="kafka, etcd, kubernetes, kwok, grpctools, promtool (default: all)",
+    )
     sub.add_parser("up", help="start the test bed until Ctrl-C")
     args = parser.parse_args(argv)
     if args.command == "build":

@@ -6,6 +6,8 @@ Layout of the cache (``$FLEETD_TESTBED_CACHE``, default ``~/.cache/fleetd-testbe
     etcd-v3.6.16/bin/etcd               built from a consumer module in .../src
     kubernetes-v1.37.2/bin/kube-apiserver, kube-scheduler
     kwok-v0.8.0/bin/kwok, stages.yaml   kwok and the stages shipped in its module
+    grpctools-v1.9.3-v0.4.62/bin/grpcurl, grpc-health-probe
+    prometheus-2.42.0+ds-5+deb12u1/bin/promtool   from Debian's package (apt-get download)
     go/mod, go/build                    GOMODCACHE and GOCACHE shared by the Go builds
     logs/<component>-<version>.log      output of the last build of each component
 
@@ -128,6 +130,16 @@ class Artefacts:
         """Path of ``grpcurl`` or ``grpc-health-probe`` in the cache (built or not)."""
         return self.grpctools_dir / "bin" / name
 
+    @property
+    def prometheus_dir(self) -> Path:
+        """Folder of promtool, unpacked from Debian's ``prometheus`` package."""
+        return self.root / f"prometheus-{versions.PROMETHEUS_DEB_VERSION}"
+
+    @property
+    def promtool(self) -> Path:
+        """The ``promtool`` binary (``promtool check metrics`` lints the exposition)."""
+        return self.prometheus_dir / "bin" / "promtool"
+
     def missing(self) -> list[str]:
         """Names of the components not yet built (empty when the test bed can start)."""
         return [name for name, folder in self._components() if not _is_complete(folder)]
@@ -139,6 +151,7 @@ class Artefacts:
             ("kubernetes", self.kubernetes_dir),
             ("kwok", self.kwok_dir),
             ("grpctools", self.grpctools_dir),
+            ("promtool", self.prometheus_dir),
         ]
 
 
@@ -418,12 +431,37 @@ def _build_grpctools(arts: Artefacts, log: _Log) -> None:
     )
 
 
+def _build_promtool(arts: Artefacts, log: _Log) -> None:
+    # No root needed: `apt-get download` fetches the .deb into the working folder and
+    # `dpkg-deb -x` unpacks it anywhere; only promtool is kept (the server is ~100 MB).
+    folder = arts.prometheus_dir
+    work = folder / "download"
+    shutil.rmtree(folder, ignore_errors=True)
+    work.mkdir(parents=True)
+    package = f"prometheus={versions.PROMETHEUS_DEB_VERSION}"
+    try:
+        log.run(["apt-get", "download", package], cwd=work)
+    except BuildError as exc:
+        raise BuildError(
+            f"{exc}\nIf Debian no longer serves {package}, set PROMETHEUS_DEB_VERSION in "
+            "tests/testbed/versions.py to the version `apt-cache policy prometheus` shows."
+        ) from exc
+    [deb] = sorted(work.glob("prometheus_*.deb"))
+    log.run(["dpkg-deb", "-x", str(deb), str(work / "root")], cwd=work)
+    (folder / "bin").mkdir()
+    shutil.move(work / "root" / "usr" / "bin" / "promtool", arts.promtool)
+    shutil.rmtree(work)
+    log.run([str(arts.promtool), "--version"], cwd=folder)
+    _mark_complete(folder, {"prometheus": versions.PROMETHEUS_DEB_VERSION})
+
+
 _BUILDERS: dict[str, tuple[str, Callable[[Artefacts, _Log], None]]] = {
     "kafka": (versions.KAFKA_VERSION, _build_kafka),
     "etcd": (versions.ETCD_VERSION, _build_etcd),
     "kubernetes": (versions.KUBERNETES_VERSION, _build_kubernetes),
     "kwok": (versions.KWOK_VERSION, _build_kwok),
     "grpctools": (versions.GRPCURL_VERSION, _build_grpctools),
+    "promtool": (versions.PROMETHEUS_DEB_VERSION, _build_promtool),
 }
 
 
@@ -432,7 +470,8 @@ def ensure_built(
 ) -> Artefacts:
     """Build every missing component (a no-op taking milliseconds when the cache is warm).
 
-    ``only`` restricts the build to some of ``kafka``, ``etcd``, ``kubernetes``, ``kwok``, ``grpctools``.
+    ``only`` restricts the build to some of ``kafka``, ``etcd``, ``kubernetes``, ``kwok``, ``grpctools``,
+    ``promtool``.
     Raises BuildError naming the component, with the tail and the path of its build log.
     """
     arts = artefacts()

@@ -20,6 +20,10 @@ KWOK_VERSION = "v0.8.0"
 #: Stock gRPC clients the tests drive fleetd's server with (reflection, health checking).
 GRPCURL_VERSION = "v1.9.3"
 GRPC_HEALTH_PROBE_VERSION = "v0.4.62"
+#: Debian bookworm's ``prometheus`` package, for its ``promtool check metrics`` (fetched with
+#: ``apt-get download``, unpacked without root). A Debian point release that replaces this
+#: version makes the download fail with a message naming this constant: bump it then.
+PROMETHEUS_DEB_VERSION = "2.42.0+ds-5+deb12u1"
 
 
 def staging_version(kubernetes_version: str) -> str:
