@@ -1,0 +1,238 @@
+"""Autoscaling against the test bed: a real daemon (gRPC on 127.0.0.1) fed by the real Kafka
+broker. Node pools and nodes (with the pods that fill them) arrive as telemetry published with
+the project's publisher; pending work queues through `Place` (telemetry carries only pods
+bound to a node: an unbound pod holds nothing). A client on `NodePools.WatchScaleDecisions`
+sees each scale-up decision with the workloads it unblocks, resumes from a sequence number,
+and the same decisions show in `Fleet.GetSnapshot` and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from aiokafka import AIOKafkaProducer
+
+from fleetd import config
+from fleetd.daemon import Daemon
+from fleetd.sources.publisher import TelemetryPublisher
+from fleetd.sources.updates import NodePoolUpdate, NodeUpdate, PodObserved, Resources
+from fleetd.v1 import (
+    fleet_pb2,
+    fleet_pb2_grpc,
+    nodepools_pb2,
+    nodepools_pb2_grpc,
+    placement_pb2,
+    placement_pb2_grpc,
+    types_pb2,
+)
+from tests.integration.sources_support import AWAIT_S, create_topic, unique
+
+pytestmark = pytest.mark.testbed
+
+GIB = 1024**3
+NODE = Resources(cpu_millicores=96_000, memory_bytes=768 * GIB, gpus=8, pods=110)
+SCALE_UP = nodepools_pb2.ScaleDecision.KIND_SCALE_UP
+PLACED = types_pb2.DECISION_RESULT_PLACED
+QUEUED = types_pb2.DECISION_RESULT_QUEUED
+
+
+class Client:
+    """The stubs these tests use, over one channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.fleet = fleet_pb2_grpc.FleetStub(channel)
+        self.placement = placement_pb2_grpc.PlacementStub(channel)
+        self.pools = nodepools_pb2_grpc.NodePoolsStub(channel)
+
+
+Start = Callable[..., Awaitable[tuple[Daemon, Client]]]
+
+
+@pytest.fixture
+async def start(tmp_path: Path) -> AsyncIterator[Start]:
+    """Start a daemon on `sections` (no simulated fleet); await its readiness."""
+    started: list[tuple[Daemon, grpc.aio.Channel]] = []
+
+    async def go(**sections: Any) -> tuple[Daemon, Client]:
+        sections.setdefault("sources", {}).setdefault("simulated", {"enabled": False})
+        data = {
+            "server": {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
+            "journal": {"path": str(tmp_path / "journal.sqlite3")},
+            "logging": {"level": "WARNING"},
+            **sections,
+        }
+        path = tmp_path / "fleetd.yaml"
+        path.write_text(yaml.safe_dump(data))
+        daemon = Daemon(config.load(path), path)
+        await daemon.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{daemon.grpc_port}")
+        started.append((daemon, channel))
+        assert daemon.state is not None
+        await asyncio.wait_for(daemon.state.ready_event.wait(), AWAIT_S)
+        return daemon, Client(channel)
+
+    yield go
+    for daemon, channel in started:
+        await channel.close()
+        await daemon.stop()
+
+
+@pytest.fixture
+async def publisher(kafka_bootstrap: str) -> AsyncIterator[TelemetryPublisher]:
+    """The project's telemetry publisher on a fresh topic of the session's broker."""
+    topic = unique("autoscale-telemetry")
+    await create_topic(kafka_bootstrap, topic)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True
+    )
+    await producer.start()
+    try:
+        yield TelemetryPublisher(producer, topic)
+    finally:
+        await producer.stop()
+
+
+def kafka_section(bootstrap: str, topic: str, cluster: str) -> dict[str, Any]:
+    return {
+        "enabled": True,
+        "bootstrap_servers": bootstrap,
+        "topic": topic,
+        "dead_letter_topic": f"{topic}.dlq",
+        "group_id": unique("fleetd"),
+        "clusters": [cluster],
+    }
+
+
+def pool(cluster: str, current: int, max_size: int = 4) -> NodePoolUpdate:
+    """An 8 x A100 pool at 30 $/h per node."""
+    return NodePoolUpdate(
+        cluster, "a100", 0, "p4d.24xlarge", NODE, gpu_model="A100", gpu_memory_bytes=80 * GIB,
+        price_per_hour=30.0, min_size=0, max_size=max_size, current_size=current, zones=("z1",),
+    )  # fmt: skip
+
+
+def node(cluster: str, name: str, busy_gpus: int) -> NodeUpdate:
+    """A node of the pool with pods fleetd did not place holding `busy_gpus` GPUs."""
+    pods = tuple(
+        PodObserved(cluster, "batch", f"{name}-job{i}", f"{name}-uid{i}", name,
+                    Resources(cpu_millicores=1000, memory_bytes=GIB, gpus=1))
+        for i in range(busy_gpus)
+    )  # fmt: skip
+    return NodeUpdate(
+        cluster, name, 0, NODE, NODE, node_pool="a100", zone="z1", gpu_model="A100",
+        gpu_memory_bytes=80 * GIB, pods=pods,
+    )  # fmt: skip
+
+
+def workload(wid: str, cluster: str) -> placement_pb2.PlaceRequest:
+    pod = types_pb2.PodSpec(cpu_millicores=8000, memory_bytes=64 * GIB, gpu_count=8)
+    return placement_pb2.PlaceRequest(
+        workload=types_pb2.Workload(workload_id=wid, team="ml", pod=pod, cluster=cluster)
+    )
+
+
+async def next_decision(
+    stream: AsyncIterator[nodepools_pb2.ScaleDecision],
+) -> nodepools_pb2.ScaleDecision:
+    async with asyncio.timeout(AWAIT_S):
+        return await anext(stream)
+
+
+def metrics_text(daemon: Daemon) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics") as resp:
+        return str(resp.read().decode())
+
+
+async def test_scale_up_decisions_stream_as_telemetry_and_pending_work_arrive(
+    start: Start, publisher: TelemetryPublisher, kafka_bootstrap: str
+) -> None:
+    cluster = unique("edge-as")
+    # The cluster's one node is full of pods fleetd did not place (readiness waits for it).
+    await publisher.publish_node(node(cluster, "n0", busy_gpus=8))
+    await publisher.flush()
+    daemon, client = await start(
+        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, cluster)},
+        autoscaling={"interval_s": 0.05},
+    )
+    stream = client.pools.WatchScaleDecisions(nodepools_pb2.WatchScaleDecisionsRequest())
+    # Pending work: it fits the fleet's capacity, not now.
+    first_wl = await client.placement.Place(workload("train-1", cluster))
+    assert first_wl.result == QUEUED
+    # The pool definition arrives as telemetry: the autoscaler can now ask for a node.
+    await publisher.publish_pool(pool(cluster, current=1))
+    await publisher.flush()
+    first = await next_decision(aiter(stream))
+    assert (first.kind, first.cluster, first.pool) == (SCALE_UP, cluster, "a100")
+    assert (first.from_size, first.to_size) == (1, 2)
+    assert list(first.workload_ids) == ["train-1"]
+    assert first.price_per_hour_delta == 30.0
+    assert first.reason == "pending-workloads"
+    assert not first.dry_run
+    # More pending work: the node asked for is in flight, so the next decision adds one more.
+    assert (await client.placement.Place(workload("train-2", cluster))).result == (QUEUED)
+    second = await next_decision(aiter(stream))
+    assert (second.pool, second.from_size, second.to_size) == ("a100", 2, 3)
+    assert list(second.workload_ids) == ["train-2"]
+    assert second.seq > first.seq
+    stream.cancel()
+    # Resumable: after first.seq the stream starts with the second decision, same id.
+    resumed = client.pools.WatchScaleDecisions(
+        nodepools_pb2.WatchScaleDecisionsRequest(after_seq=first.seq)
+    )
+    again = await next_decision(aiter(resumed))
+    assert (again.seq, again.id) == (second.seq, second.id)
+    resumed.cancel()
+    # Exposed in the snapshot and counted in the metrics.
+    snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest())
+    assert [d.id for d in snap.scale_decisions] == [first.id, second.id]
+    text = await asyncio.to_thread(metrics_text, daemon)
+    assert 'fleetd_scale_decisions_total{dry_run="false",kind="scale-up"} 2.0' in text
+    assert 'fleetd_scale_planned_cost_per_hour{dry_run="false"} 30.0' in text
+    # The pool manager brings the node up (telemetry): the first workload runs there.
+    watch = client.placement.WatchDecisions(
+        placement_pb2.WatchDecisionsRequest(after_seq=first_wl.decision_seq)
+    )
+    await publisher.publish_node(node(cluster, "n1", busy_gpus=0))
+    await publisher.publish_pool(pool(cluster, current=2))
+    await publisher.flush()
+    async with asyncio.timeout(AWAIT_S):
+        async for d in watch:
+            if d.workload_id == "train-1":
+                assert d.result == PLACED
+                assert d.placements[0].node == "n1"
+                break
+    watch.cancel()
+
+
+async def test_dry_run_decisions_are_marked_and_not_counted_in_flight(
+    start: Start, publisher: TelemetryPublisher, kafka_bootstrap: str
+) -> None:
+    cluster = unique("edge-dry")
+    await publisher.publish_node(node(cluster, "n0", busy_gpus=8))
+    await publisher.publish_pool(pool(cluster, current=1))
+    await publisher.flush()
+    daemon, client = await start(
+        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, cluster)},
+        autoscaling={"interval_s": 0.05, "dry_run": True},
+    )
+    stream = aiter(client.pools.WatchScaleDecisions(nodepools_pb2.WatchScaleDecisionsRequest()))
+    assert (await client.placement.Place(workload("dry-1", cluster))).result == (QUEUED)
+    first = await next_decision(stream)
+    assert first.dry_run
+    assert (first.from_size, first.to_size, list(first.workload_ids)) == (1, 2, ["dry-1"])
+    assert (await client.placement.Place(workload("dry-2", cluster))).result == (QUEUED)
+    # Nothing was counted in flight: the plan for both workloads asks for two nodes at once.
+    second = await next_decision(stream)
+    assert second.dry_run
+    assert (second.from_size, second.to_size) == (1, 3)
+    assert sorted(second.workload_ids) == ["dry-1", "dry-2"]
+    snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest())
+    assert [d.dry_run for d in snap.scale_decisions] == [True, True]
+    text = await asyncio.to_thread(metrics_text, daemon)
+    assert 'fleetd_scale_decisions_total{dry_run="true",kind="scale-up"} 2.0' in text
