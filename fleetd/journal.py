@@ -1,9 +1,10 @@
-"""Durable reservations: an embedded SQLite journal in WAL mode.
+"""Durable reservations and queue: an embedded SQLite journal in WAL mode.
 
-Every reservation the state owner grants is written (and committed) before the Place reply
-leaves the daemon, so after `kill -9` and a restart every reservation that was neither
-released nor expired is reloaded and re-allocated before the first new Place is answered:
-nothing is allocated twice. WAL with synchronous=NORMAL survives a process crash (the OS
+Every reservation the state owner grants, and every workload it queues, is written (and
+committed) before the Place reply leaves the daemon, so after `kill -9` and a restart every
+reservation that was neither released nor expired is reloaded and re-allocated before the
+first new Place is answered (nothing is allocated twice), and every queued workload is back
+in the queue in its old order. WAL with synchronous=NORMAL survives a process crash (the OS
 keeps the written pages); FULL also survives power loss at the price of an fsync per commit.
 
 The journal is only ever called from the state owner's serialized path; it is synchronous
@@ -19,7 +20,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Older schemas this code upgrades in place (2 added the queue table, created above).
+_UPGRADABLE = {"1"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reservations (
@@ -36,6 +39,12 @@ CREATE TABLE IF NOT EXISTS reservations (
 CREATE TABLE IF NOT EXISTS decisions (
     seq   INTEGER PRIMARY KEY,
     body  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queue (
+    workload_id   TEXT PRIMARY KEY,
+    seq           INTEGER NOT NULL,
+    since_s       REAL NOT NULL,
+    request       TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -78,6 +87,20 @@ class Reservation:
     pods: tuple[ReservedPod, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedWorkload:
+    """A QUEUED workload: waits for capacity, retried in (priority, seq) order.
+
+    `request` is the validated request as JSON (the state owner encodes and decodes it, so
+    the journal knows nothing of its shape); `seq` is the decision that queued it.
+    """
+
+    workload_id: str
+    seq: int
+    since_s: float
+    request: str
+
+
 class JournalError(RuntimeError):
     """The journal file cannot be opened or has an unknown schema."""
 
@@ -99,7 +122,7 @@ class Journal:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
             version = self.get_meta("schema_version")
-            if version is None:
+            if version is None or version in _UPGRADABLE:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
             elif version != str(SCHEMA_VERSION):
                 raise JournalError(
@@ -129,10 +152,15 @@ class Journal:
     #: Decisions kept for WatchDecisions resume across restarts (set from the config).
     retain_decisions = 100_000
 
-    def put(self, res: Reservation, last_seq: int, decision: str = "") -> None:
-        """Insert or replace a reservation with its decision (JSON), atomically."""
+    def put(
+        self, res: Reservation, last_seq: int, decision: str = "", dequeue: bool = False
+    ) -> None:
+        """Insert or replace a reservation with its decision (JSON), atomically; `dequeue`:
+        the workload was queued until now (its queue entry goes in the same transaction)."""
         pods = json.dumps([asdict(p) for p in res.pods], separators=(",", ":"))
         with self._transaction():
+            if dequeue:
+                self._db.execute("DELETE FROM queue WHERE workload_id = ?", (res.workload_id,))
             self._db.execute(
                 "INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -154,6 +182,26 @@ class Journal:
         with self._transaction():
             self._db.execute("DELETE FROM reservations WHERE workload_id = ?", (workload_id,))
             self._set_seq(last_seq, decision)
+
+    def enqueue(self, item: QueuedWorkload, decision: str = "") -> None:
+        """Queue a workload with the decision that queued it (seq = item.seq), atomically."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO queue VALUES (?, ?, ?, ?)",
+                (item.workload_id, item.seq, item.since_s, item.request),
+            )
+            self._set_seq(item.seq, decision)
+
+    def dequeue(self, workload_id: str, last_seq: int, decision: str = "") -> None:
+        """Drop a queued workload (released by its client) with its decision, atomically."""
+        with self._transaction():
+            self._db.execute("DELETE FROM queue WHERE workload_id = ?", (workload_id,))
+            self._set_seq(last_seq, decision)
+
+    def queued(self) -> list[QueuedWorkload]:
+        """Every queued workload, in the order it was queued."""
+        rows = self._db.execute("SELECT * FROM queue ORDER BY seq").fetchall()
+        return [QueuedWorkload(str(r[0]), int(r[1]), float(r[2]), str(r[3])) for r in rows]
 
     def record_seq(self, last_seq: int, decision: str = "") -> None:
         """Record a decision that holds nothing (queued, unschedulable, ...)."""

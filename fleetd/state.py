@@ -31,7 +31,7 @@ import scheduling
 from fleetd import engine
 from fleetd.config import Config
 from fleetd.engine import PodRequest, node_key
-from fleetd.journal import Journal, Reservation, ReservedPod
+from fleetd.journal import Journal, QueuedWorkload, Reservation, ReservedPod
 from fleetd.sources import updates as up
 from scheduling import Allocation, AllocationError, Fleet, NodeSpec
 from scheduling.autoscale import ScaleDecision
@@ -327,6 +327,14 @@ class FleetState:
             self.held[record.workload_id] = _Held(
                 record, [None] * len(record.pods), [None] * len(record.pods)
             )
+        self._restore_queue()
+
+    def _restore_queue(self) -> None:
+        """Queued workloads from the journal, in their old order; retried once ready."""
+        for item in self.journal.queued():
+            req = decode_request(item.request)
+            priority = self.config.team_priority(req.team) + req.priority
+            self.queue[item.workload_id] = _Queued(req, priority, item.seq, item.since_s)
 
     # -- readiness and sources ---------------------------------------------------------------
 
@@ -746,8 +754,8 @@ class FleetState:
                 if allocs is None:
                     failed.append((i, w, reasons))
                     continue
-                self.queue.pop(reqs[i].workload_id, None)
-                results[i] = self._grant(reqs[i], allocs, now)
+                dequeue = self.queue.pop(reqs[i].workload_id, None) is not None
+                results[i] = self._grant(reqs[i], allocs, now, dequeue=dequeue)
             # Reasons describe the fleet after the batch's grants (as the core's do).
             for i, w, reasons in failed:
                 outcome = engine.failure(self.fleet, w, reasons, self.policy, self._fits_empty)
@@ -810,9 +818,6 @@ class FleetState:
                 "(limits.max_queued_workloads); retry later"
             )
         seq = self._next_seq()
-        if enqueue:
-            priority = self.config.team_priority(req.team) + req.priority
-            self.queue[req.workload_id] = _Queued(req, priority, seq, now)
         decision = Decision(
             seq=seq,
             time_s=now,
@@ -823,7 +828,14 @@ class FleetState:
             explanation=explanation,
             replayed=was_queued,
         )
-        self.journal.record_seq(seq, encode_decision(decision))
+        if enqueue:
+            # Durable before the reply, like a reservation: kill -9 keeps the queue.
+            item = QueuedWorkload(req.workload_id, seq, now, encode_request(req))
+            self.journal.enqueue(item, encode_decision(decision))
+            priority = self.config.team_priority(req.team) + req.priority
+            self.queue[req.workload_id] = _Queued(req, priority, seq, now)
+        else:
+            self.journal.record_seq(seq, encode_decision(decision))
         return self._publish(decision)
 
     def submit(self, req: WorkloadRequest) -> asyncio.Future[Decision]:
@@ -896,7 +908,7 @@ class FleetState:
             raise NotFound(f"workload_id {workload_id!r} holds no reservation and is not queued")
         seq = self._next_seq()
         decision = Decision(seq, now, "release", workload_id, queued.request.team, "", ())
-        self.journal.record_seq(seq, encode_decision(decision))
+        self.journal.dequeue(workload_id, seq, encode_decision(decision))
         return self._publish(decision)
 
     def _build_policy(self, config: Config) -> scheduling.Policy:
@@ -951,7 +963,10 @@ class FleetState:
     def _place(self, req: WorkloadRequest) -> engine.Outcome:
         return engine.place(self.fleet, self._workload(req), self.policy, self._fits_empty)
 
-    def _grant(self, req: WorkloadRequest, allocs: Iterable[Allocation], now: float) -> Decision:
+    def _grant(
+        self, req: WorkloadRequest, allocs: Iterable[Allocation], now: float, dequeue: bool = False
+    ) -> Decision:
+        """Allocate, journal and publish a reservation (`dequeue`: it leaves the queue)."""
         slots = tuple(allocs)
         done: list[Allocation] = []
         try:
@@ -990,7 +1005,7 @@ class FleetState:
             expires_at_s=record.expires_at_s,
         )
         try:
-            self.journal.put(record, seq, encode_decision(decision))
+            self.journal.put(record, seq, encode_decision(decision), dequeue=dequeue)
         except Exception:
             # Not durable means not granted: undo the allocation exactly.
             for alloc in slots:
@@ -1062,7 +1077,7 @@ class FleetState:
                 failed.add(shape)
             if outcome.allocations is not None:
                 del self.queue[req.workload_id]
-                self._grant(req, outcome.allocations, now)
+                self._grant(req, outcome.allocations, now, dequeue=True)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -1208,6 +1223,28 @@ def decode_decision(body: str) -> Decision:
         expl["reasons"] = tuple(tuple(r) for r in expl["reasons"])
         raw["explanation"] = Explanation(**expl)
     return Decision(**raw)
+
+
+def encode_request(req: WorkloadRequest) -> str:
+    """A validated request as compact JSON (the journal keeps queued ones)."""
+    return json.dumps(asdict(req), separators=(",", ":"))
+
+
+def decode_request(body: str) -> WorkloadRequest:
+    """The inverse of `encode_request`."""
+    raw = json.loads(body)
+    raw["pods"] = tuple(
+        PodRequest(
+            **{
+                **p,
+                "gpu_models": tuple(p["gpu_models"]),
+                "node_selector": tuple(tuple(kv) for kv in p["node_selector"]),
+                "tolerations": tuple(tuple(t) for t in p["tolerations"]),
+            }
+        )
+        for p in raw["pods"]
+    )
+    return WorkloadRequest(**raw)
 
 
 def fingerprint(payload: bytes) -> str:

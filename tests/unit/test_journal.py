@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetd.journal import Journal, JournalError, Reservation, ReservedPod
+from fleetd.journal import Journal, JournalError, QueuedWorkload, Reservation, ReservedPod
 
 
 def reservation(wid: str, seq: int) -> Reservation:
@@ -51,3 +51,31 @@ def test_decisions_are_kept_for_resume(tmp_path: Path) -> None:
     assert again.decisions(2) == ['{"seq": 1028}', '{"seq": 1029}']
     # Pruned now and then (every 1024 seqs) down to the retained window.
     assert len(again.decisions(10_000)) == 1029 - 1024 + 3
+
+
+def test_queue_round_trip_and_dequeue_with_the_grant(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path)
+    j.enqueue(QueuedWorkload("q2", 2, 11.0, '{"b": 1}'), '{"seq": 2}')
+    j.enqueue(QueuedWorkload("q1", 1, 10.0, '{"a": 1}'), '{"seq": 1}')
+    j.enqueue(QueuedWorkload("q3", 3, 12.0, "{}"))
+    j.dequeue("q3", last_seq=4)
+    j.put(reservation("q2", 5), last_seq=5, dequeue=True)
+    again = Journal(path)
+    assert again.queued() == [QueuedWorkload("q1", 1, 10.0, '{"a": 1}')]
+    assert [r.workload_id for r in again.reservations()] == ["q2"]
+    assert again.last_seq() == 5
+
+
+def test_version_1_journal_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '1');"
+    )
+    db.commit()
+    db.close()
+    j = Journal(path)
+    assert j.get_meta("schema_version") == "2"
+    assert j.queued() == []

@@ -179,6 +179,46 @@ def test_restore_after_kill(tmp_path: Path, clock: FakeClock) -> None:
     assert sum(map(sum, gpu_usage(restarted))) == 6000 + 6000
 
 
+def test_queue_survives_a_kill_in_order(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "j.db"
+    state = make_state(path, clock, nodes=1)
+    assert state.place(request("big", gpus=8)).result == "placed"
+    for wid in ("q1", "q2", "q3"):
+        assert state.place(request(wid, gpus=4)).result == "queued"
+    state.release("q2")  # dropped from the queue, durably
+    # "kill -9": the old connection is never closed; a new process opens the same file.
+    restarted = make_state(path, clock, nodes=1)
+    assert list(restarted.queue) == ["q1", "q3"]
+    assert restarted.queue["q1"].request == request("q1", gpus=4)
+    replay = restarted.place(request("q1", gpus=4))
+    assert (replay.result, replay.replayed) == ("queued", True)
+    with pytest.raises(Conflict):
+        restarted.place(request("q1", gpus=2))
+    # Capacity frees: both run, oldest first; placed ones leave the durable queue.
+    restarted.release("big")
+    assert set(restarted.held) == {"q1", "q3"}
+    again = make_state(path, clock, nodes=1)
+    assert not again.queue
+    assert set(again.held) == {"q1", "q3"}
+
+
+def test_restored_queue_waits_for_the_sync(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "j.db"
+    state = make_state(path, clock, nodes=2)
+    state.place(request("big0", gpus=8))
+    state.place(request("big1", gpus=8))
+    assert state.place(request("q", gpus=8, n=2)).result == "queued"  # a gang: 2 nodes
+    restarted = FleetState(Config(), Journal(path), clock)
+    restarted.expect_source("test", "c1")
+    for i in range(4):  # the cluster grew while fleetd was down
+        restarted.apply_now(node(f"n{i}", seq=1))
+    assert "q" in restarted.queue  # not retried before every source synced
+    restarted.apply_now(up.ClusterSynced("c1", "test"))
+    assert set(restarted.held) == {"big0", "big1", "q"}
+    assert not restarted.queue
+    assert sum(map(sum, gpu_usage(restarted))) == 32 * 1000
+
+
 def test_restore_skips_expired(tmp_path: Path, clock: FakeClock) -> None:
     path = tmp_path / "j.db"
     state = make_state(path, clock)

@@ -19,6 +19,7 @@ from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
 from .conftest import Client, daemon_config, write_config
 
 PLACED = types_pb2.DECISION_RESULT_PLACED
+QUEUED = types_pb2.DECISION_RESULT_QUEUED
 
 
 class DaemonProcess:
@@ -151,6 +152,74 @@ async def test_kill9_then_restart_restores_every_reservation(config_path: Path) 
     finally:
         restarted.signal(signal.SIGTERM)
         assert await restarted.wait() == 0
+
+
+def h100_workload(wid: str, priority: int = 0) -> placement_pb2.PlaceRequest:
+    pod = types_pb2.PodSpec(cpu_millicores=1000, memory_bytes=1 << 30, gpu_count=8)
+    wl = types_pb2.Workload(
+        workload_id=wid, team="t", pod=pod, cluster="sim-west", pool="h100", priority=priority
+    )
+    return placement_pb2.PlaceRequest(workload=wl)
+
+
+async def test_kill9_then_restart_keeps_the_queue(config_path: Path) -> None:
+    daemon = DaemonProcess(config_path)
+    await daemon.start()
+    try:
+        channel, client = await daemon.client()
+        # sim-west/h100: 4 nodes x 8 GPUs. Fill them; three more wait in the queue.
+        for i in range(4):
+            assert (await client.placement.Place(h100_workload(f"fill{i}"))).result == PLACED
+        for wid in ("q1", "q2", "q3"):
+            resp = await client.placement.Place(h100_workload(wid, priority=int(wid == "q3")))
+            assert resp.result == QUEUED
+        await client.placement.Release(placement_pb2.ReleaseRequest(workload_id="q2"))
+        await channel.close()
+    finally:
+        await daemon.kill()  # SIGKILL: no shutdown path runs
+    restarted = DaemonProcess(config_path)
+    await restarted.start()
+    try:
+        channel, client = await restarted.client()
+        snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest())
+        assert snap.workloads_queued == 2
+        assert snap.reservations_pending == 4
+        replay = await client.placement.Place(h100_workload("q1"))
+        assert (replay.result, replay.replayed) == (QUEUED, True)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.placement.Release(placement_pb2.ReleaseRequest(workload_id="q2"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # Capacity frees: the queue is retried in its order (priority, then arrival).
+        rel = await client.placement.Release(placement_pb2.ReleaseRequest(workload_id="fill0"))
+        await client.placement.Release(placement_pb2.ReleaseRequest(workload_id="fill1"))
+        stream = client.placement.WatchDecisions(
+            placement_pb2.WatchDecisionsRequest(after_seq=rel.decision_seq)
+        )
+        placed = []
+        async for d in stream:
+            if d.kind == types_pb2.Decision.KIND_PLACE and d.result == PLACED:
+                placed.append(d.workload_id)
+                if len(placed) == 2:
+                    break
+        stream.cancel()
+        assert placed == ["q3", "q1"]
+        snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest())
+        assert (snap.workloads_queued, snap.reservations_pending) == (0, 4)
+        await channel.close()
+    finally:
+        await restarted.kill()
+    # The grants left the durable queue: nothing is queued (or placed twice) after another kill.
+    again = DaemonProcess(config_path)
+    await again.start()
+    try:
+        channel, client = await again.client()
+        snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest())
+        assert (snap.workloads_queued, snap.reservations_pending) == (0, 4)
+        assert await allocated_gpu_milli(client) == 4 * 8 * 1000
+        await channel.close()
+    finally:
+        again.signal(signal.SIGTERM)
+        assert await again.wait() == 0
 
 
 async def test_sigterm_drains_in_flight_rpcs_and_exits_0(config_path: Path) -> None:
