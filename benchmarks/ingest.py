@@ -1,18 +1,27 @@
-"""Telemetry ingest: node updates per second from Kafka into fleet state, next to the raw
+"""Telemetry ingest: node reports per second from Kafka into fleet state, next to the raw
 aiokafka consume rate of the same records.
 
-    python -m benchmarks ingest [--json] [--nodes 2000] [--records 100000] [--seed 1]
+    python -m benchmarks ingest [--json] [--nodes 10000] [--rounds 20] [--changed-fraction 0.05]
+                                [--repeats 3] [--ladder 2000,10000,40000] [--seed 1]
                                 [--bootstrap-servers HOST:PORT]
 
-One seeded stream of node reports (`fleetd.loadgen`: 2 clusters, GPU shapes, a few pods per
-report) is produced once to a fresh 3-partition topic. Then, each with its own consumer group:
+The message mix (`fleetd.loadgen.periodic_reports`) is what agents send: a synthetic GPU
+fleet (2 clusters, H100/A100/L4/T4/CPU shapes, 0-3 pods per node) reports every node once per
+round (a 30 s resync). Round 0 is every node in full; in each later round a report repeats
+its node's last content (a heartbeat) except with probability `--changed-fraction`, when
+pods came or went, a GPU's health flipped or the node was (un)cordoned. The records are
+produced once to a fresh 3-partition topic. Then, per repeat and side by side, each with its
+own consumer group and the same fetch sizes:
 - raw: an AIOKafkaConsumer polls every record (getmany) and does nothing with it;
-- view: fleetd's KafkaSource decodes, validates, gates, applies into an in-memory view and
-  commits offsets after each batch;
-- state: the same into the daemon's FleetState (the single writer in front of the node table).
-Each rate is records / (time of the last record - time the first poll returned), so consumer
-group joins are not counted. Target: state rate >= half the raw rate. Without
-`--bootstrap-servers` (or FLEETD_KAFKA_BOOTSTRAP) the test bed's broker is started.
+- view: fleetd's KafkaSource validates, gates, applies into an in-memory view and commits;
+- state: the same into the daemon's FleetState (the single writer in front of the node
+  table), which is checked afterwards to hold every node at its last produced sequence.
+A rate is records / (time of the last record - time the first poll returned), so consumer
+group joins are not counted; `updates_per_s` counts the records that were validated and
+are reflected in state (new content applied, or a heartbeat's sequence and freshness; not
+the few superseded within a poll or dropped as duplicates). Target: `ratio` (the median of
+the per-repeat state/raw ratios) >= 0.5. Without `--bootstrap-servers` (or
+FLEETD_KAFKA_BOOTSTRAP) the test bed's broker is started.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -31,13 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from fleetd.loadgen import node_records, produce, synthetic_fleet
+from fleetd.loadgen import periodic_reports, produce, synthetic_fleet
 from fleetd.sources.base import UpdateSink
 from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
 from fleetd.sources.memory import FleetView, StateSink
 from fleetd.sources.metrics import SourceMetrics
 
 PARTITIONS = 3
+OUTCOMES = ("applied", "unchanged", "superseded", "duplicate", "dead_lettered")
 
 
 async def _create_topic(bootstrap: str, topic: str) -> None:
@@ -84,11 +95,11 @@ async def raw_rate(bootstrap: str, topic: str, n_records: int) -> float:
     return n_records / (done_at - first_at)
 
 
-async def source_rate(
+async def source_run(
     bootstrap: str, topic: str, n_records: int, sink: UpdateSink
 ) -> tuple[float, dict[str, int]]:
-    """Records per second through fleetd's KafkaSource into `sink`, and the records by
-    outcome (applied, superseded: coalesced into a newer snapshot of their node, ...)."""
+    """Seconds fleetd's KafkaSource takes to handle every record into `sink` (from its first
+    poll), and the records by outcome."""
     settings = KafkaSourceSettings(
         bootstrap_servers=bootstrap,
         topic=topic,
@@ -109,10 +120,9 @@ async def source_rate(
         await asyncio.gather(task, return_exceptions=True)
     assert source.first_batch_at is not None
     outcomes = {
-        outcome: int(metrics.telemetry_records.labels(outcome)._value.get())
-        for outcome in ("applied", "superseded", "duplicate", "dead_lettered")
+        outcome: int(metrics.telemetry_records.labels(outcome)._value.get()) for outcome in OUTCOMES
     }
-    return n_records / (done_at - source.first_batch_at), outcomes
+    return done_at - source.first_batch_at, outcomes
 
 
 def _fleet_state(tmp: Path) -> Any:
@@ -124,36 +134,108 @@ def _fleet_state(tmp: Path) -> Any:
     return FleetState(cfg, Journal(tmp / "journal.sqlite3"))
 
 
-async def run(bootstrap: str, n_nodes: int, n_records: int, seed: int) -> dict[str, Any]:
-    """Produce the stream once, then measure raw, view and state rates."""
+def _last_sequences(
+    records: Sequence[tuple[bytes, bytes]], first_sequence: int
+) -> dict[tuple[str, str], int]:
+    """(cluster, node) -> its last sequence (the records are numbered in order)."""
+    last: dict[tuple[str, str], int] = {}
+    for i, (key, _) in enumerate(records):
+        cluster, name = key.decode().split("/", 1)
+        last[(cluster, name)] = first_sequence + i
+    return last
+
+
+async def measure(
+    bootstrap: str,
+    n_nodes: int,
+    rounds: int,
+    changed_fraction: float,
+    repeats: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Produce one mix, then measure raw, view and state `repeats` times, side by side."""
     rng = np.random.default_rng(seed)
     fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=n_nodes // 2)
-    records = list(node_records(fleet, n_records, rng))
+    mix: dict[str, Any] = {}
+    records = list(
+        periodic_reports(fleet, rounds, rng, changed_fraction=changed_fraction, stats=mix)
+    )
+    expected = _last_sequences(records, 1)
+    n_records = len(records)
     topic = f"bench-ingest-{uuid.uuid4().hex[:8]}"
     await _create_topic(bootstrap, topic)
     await produce(bootstrap, topic, records)
-    raw = await raw_rate(bootstrap, topic, n_records)
-    view = FleetView()
-    view_rate, _ = await source_rate(bootstrap, topic, n_records, view)
-    with tempfile.TemporaryDirectory() as tmp:
-        state = _fleet_state(Path(tmp))
-        state_rate, outcomes = await source_rate(bootstrap, topic, n_records, StateSink(state))
-        nodes_in_state = len(state.nodes)
-        state.journal.close()
+    del records
+    runs = []
+    for _ in range(repeats):
+        raw = await raw_rate(bootstrap, topic, n_records)
+        view_s, _ = await source_run(bootstrap, topic, n_records, FleetView())
+        with tempfile.TemporaryDirectory() as tmp:
+            state = _fleet_state(Path(tmp))
+            state_s, outcomes = await source_run(bootstrap, topic, n_records, StateSink(state))
+            verified = len(state.nodes) == len(expected) and all(
+                state.gate.last(cluster, "node", name) == seq
+                for (cluster, name), seq in expected.items()
+            )
+            state.journal.close()
+        reflected = outcomes["applied"] + outcomes["unchanged"]
+        runs.append(
+            {
+                "raw_per_s": raw,
+                "view_records_per_s": n_records / view_s,
+                "records_per_s": n_records / state_s,
+                "updates_per_s": reflected / state_s,
+                "ratio": reflected / state_s / raw,
+                "outcomes": outcomes,
+                "verified": verified,
+            }
+        )
+
+    def median(name: str) -> float:
+        return float(statistics.median(r[name] for r in runs))
+
+    last = runs[-1]["outcomes"]
+    return {
+        "nodes": n_nodes,
+        "rounds": rounds,
+        "records": n_records,
+        "changed_fraction": changed_fraction,
+        "mix_unchanged": mix["unchanged"],
+        "mix_changed": mix["changed"],
+        "raw_per_s": round(median("raw_per_s")),
+        "view_records_per_s": round(median("view_records_per_s")),
+        "records_per_s": round(median("records_per_s")),
+        "updates_per_s": round(median("updates_per_s")),
+        "ratio": round(median("ratio"), 3),
+        "ratios": [round(r["ratio"], 3) for r in runs],
+        "applied_updates": last["applied"],
+        "unchanged_records": last["unchanged"],
+        "superseded_records": last["superseded"],
+        "duplicate_records": last["duplicate"],
+        "verified": all(r["verified"] for r in runs),
+    }
+
+
+async def run(
+    bootstrap: str,
+    sizes: Sequence[int],
+    rounds: int,
+    changed_fraction: float,
+    repeats: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The JSON result: the first size's figures at top level, every size under `ladder`."""
+    ladder = [await measure(bootstrap, n, rounds, changed_fraction, repeats, seed) for n in sizes]
+    load1, _, _ = os.getloadavg()
     return {
         "benchmark": "ingest",
-        "nodes": n_nodes,
-        "records": n_records,
+        **ladder[0],
         "seed": seed,
+        "repeats": repeats,
         "partitions": PARTITIONS,
-        "raw_per_s": round(raw),
-        "view_updates_per_s": round(view_rate),
-        "updates_per_s": round(state_rate),
-        "ratio": round(state_rate / raw, 3),
         "target_ratio": 0.5,
-        "nodes_in_state": nodes_in_state,
-        "applied_updates": outcomes["applied"],
-        "superseded_records": outcomes["superseded"],
+        "load_avg_1m": round(load1, 2),
+        "ladder": ladder if len(ladder) > 1 else [],
     }
 
 
@@ -161,11 +243,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m benchmarks ingest [--json] ...`"""
     parser = argparse.ArgumentParser(prog="python -m benchmarks ingest", description=__doc__)
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--nodes", type=int, default=2000)
-    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--nodes", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=20, help="reports per node")
+    parser.add_argument("--changed-fraction", type=float, default=0.05)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--ladder", default="", help="comma-separated fleet sizes instead of --nodes"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--bootstrap-servers", default=os.environ.get("FLEETD_KAFKA_BOOTSTRAP", ""))
     args = parser.parse_args(argv)
+    sizes = [int(n) for n in args.ladder.split(",") if n.strip()] or [args.nodes]
+    if min(sizes) < 2 or args.rounds < 1 or args.repeats < 1:
+        parser.error("--nodes/--ladder >= 2, --rounds >= 1 and --repeats >= 1")
+    if not 0.0 <= args.changed_fraction <= 1.0:
+        parser.error("--changed-fraction must be within 0..1")
     testbed = None
     bootstrap = args.bootstrap_servers
     if not bootstrap:
@@ -180,21 +272,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ingest: no Kafka broker: {exc}", file=sys.stderr)
             return 2
     try:
-        result = asyncio.run(run(bootstrap, args.nodes, args.records, args.seed))
+        result = asyncio.run(
+            run(bootstrap, sizes, args.rounds, args.changed_fraction, args.repeats, args.seed)
+        )
     finally:
         if testbed is not None:
             testbed.close()
-    print(
-        f"ingest of {result['records']} node reports ({result['nodes']} nodes, "
-        f"{PARTITIONS} partitions):\n"
-        f"  raw aiokafka consume   {result['raw_per_s']:>10,} records/s\n"
-        f"  KafkaSource -> view    {result['view_updates_per_s']:>10,} updates/s\n"
-        f"  KafkaSource -> state   {result['updates_per_s']:>10,} updates/s "
-        f"({result['ratio']:.2f} x raw; target >= 0.5)\n"
-        f"  into state: {result['applied_updates']:,} node updates applied, "
-        f"{result['superseded_records']:,} records superseded by a newer one of their node "
-        "in the same poll"
-    )
+    for r in result["ladder"] or [result]:
+        print(
+            f"ingest of {r['records']:,} node reports ({r['nodes']:,} nodes x {r['rounds']} "
+            f"rounds, {r['mix_unchanged']:,} unchanged, changed {r['mix_changed']}; "
+            f"{PARTITIONS} partitions; medians of {args.repeats}):\n"
+            f"  raw aiokafka consume   {r['raw_per_s']:>10,} records/s\n"
+            f"  KafkaSource -> view    {r['view_records_per_s']:>10,} records/s\n"
+            f"  KafkaSource -> state   {r['updates_per_s']:>10,} updates/s "
+            f"({r['ratio']:.2f} x raw, per repeat {r['ratios']}; target >= 0.5)\n"
+            f"  into state: {r['applied_updates']:,} with new content, "
+            f"{r['unchanged_records']:,} unchanged, {r['superseded_records']:,} superseded, "
+            f"{r['duplicate_records']:,} duplicates; every node at its last sequence: "
+            f"{r['verified']}"
+        )
+    print(f"load average (1 min) {result['load_avg_1m']}")
     if args.json:
         print(json.dumps(result))
     return 0

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,116 @@ def node_records(
         report = _varied(node, current, rng)
         record = encode_node(report, sequence=first_sequence + i, observed_unix_ms=ms)
         yield node_key(node.cluster, node.name), record.SerializeToString()
+
+
+#: Report interval of the periodic mix (agents resync every 30 s by default).
+REPORT_INTERVAL_MS = 30_000
+#: What a changed report changes, with weights: a pod replaced by another, a pod started
+#: (or, on a node with pods, one finished), a GPU's health flipped (an XID 79 "fallen off
+#: the bus" and back), the node cordoned or uncordoned.
+CHANGE_KINDS: tuple[tuple[str, float], ...] = (
+    ("pod-replaced", 0.6),
+    ("pod-started-or-finished", 0.25),
+    ("gpu-health", 0.1),
+    ("cordon", 0.05),
+)
+
+
+def _changed(node: NodeUpdate, kind: str, round_no: int, rng: np.random.Generator) -> NodeUpdate:
+    pods = node.pods or ()
+    if kind == "pod-replaced" and pods:
+        slot = int(rng.integers(0, len(pods)))
+        new = _pod(node, slot, round_no)
+        return replace(node, pods=(*pods[:slot], new, *pods[slot + 1 :]))
+    if kind in ("pod-replaced", "pod-started-or-finished"):
+        if pods and (len(pods) >= 4 or rng.random() < 0.5):
+            slot = int(rng.integers(0, len(pods)))
+            return replace(node, pods=pods[:slot] + pods[slot + 1 :])
+        return replace(node, pods=(*pods, _pod(node, len(pods), round_no)))
+    if kind == "gpu-health" and node.gpus:
+        g = int(rng.integers(0, len(node.gpus)))
+        dev = node.gpus[g]
+        flipped = replace(dev, healthy=not dev.healthy, xid_errors=() if not dev.healthy else (79,))
+        return replace(node, gpus=(*node.gpus[:g], flipped, *node.gpus[g + 1 :]))
+    return replace(node, unschedulable=not node.unschedulable)
+
+
+def periodic_reports(
+    fleet: Sequence[NodeUpdate],
+    rounds: int,
+    rng: np.random.Generator,
+    *,
+    changed_fraction: float = 0.05,
+    first_sequence: int = 1,
+    observed_unix_ms: int = 1_700_000_000_000,
+    stats: dict[str, Any] | None = None,
+) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) node reports of a fleet that reports periodically, as agents do.
+
+    Round 0 reports every node in full (0-3 pods each). In each later round every node
+    reports once, in a random order; a report repeats the node's last content (a periodic
+    resync: same pods, GPUs, labels; only sequence and time are new) except with
+    probability `changed_fraction`, when something changed since (`CHANGE_KINDS`: pods come
+    and go, a GPU turns unhealthy or recovers, a cordon). GPU utilization is not sampled
+    (the `fleetd agent` reads the Kubernetes API, which has none); a DCGM-fed agent that
+    reports it would make every report a change: `changed_fraction=1.0`.
+
+    Sequences count up from `first_sequence`; round r is observed at `observed_unix_ms +
+    r * REPORT_INTERVAL_MS`. If `stats` is given, it receives the counts ("unchanged",
+    "changed" by kind) once the generator is exhausted.
+    """
+    kinds = [k for k, _ in CHANGE_KINDS]
+    weights = np.asarray([w for _, w in CHANGE_KINDS])
+    weights = weights / weights.sum()
+    current: list[NodeUpdate] = []
+    tails: list[bytes] = []
+    unchanged = 0
+    changed = dict.fromkeys(kinds, 0)
+    seq = first_sequence
+    for node in fleet:
+        pods = tuple(_pod(node, slot, 0) for slot in range(int(rng.integers(0, 4))))
+        report = replace(node, pods=pods)
+        record = encode_node(report, sequence=seq, observed_unix_ms=observed_unix_ms)
+        value = record.SerializeToString(deterministic=True)
+        current.append(report)
+        tails.append(value[len(_envelope(record)) :])
+        seq += 1
+        yield node_key(node.cluster, node.name), value
+    for round_no in range(1, rounds):
+        ms = observed_unix_ms + round_no * REPORT_INTERVAL_MS
+        order = rng.permutation(len(fleet))
+        change = rng.random(len(fleet)) < changed_fraction
+        for idx in order.tolist():
+            node = current[idx]
+            if change[idx]:
+                kind = kinds[int(rng.choice(len(kinds), p=weights))]
+                changed[kind] += 1
+                node = current[idx] = _changed(node, kind, round_no, rng)
+                record = encode_node(node, sequence=seq, observed_unix_ms=ms)
+                value = record.SerializeToString(deterministic=True)
+                tails[idx] = value[len(_envelope(record)) :]
+            else:
+                unchanged += 1
+                envelope = pb.TelemetryRecord(
+                    cluster=node.cluster, sequence=seq, observed_unix_ms=ms
+                )
+                # The same bytes an encoder writes for the same content (fields in number
+                # order, maps sorted): what a real agent's resync sends.
+                value = envelope.SerializeToString() + tails[idx]
+            seq += 1
+            yield node_key(node.cluster, node.name), value
+    if stats is not None:
+        stats["records"] = len(fleet) * max(rounds, 1)
+        stats["unchanged"] = unchanged
+        stats["changed"] = changed
+
+
+def _envelope(record: pb.TelemetryRecord) -> bytes:
+    return pb.TelemetryRecord(
+        cluster=record.cluster,
+        sequence=record.sequence,
+        observed_unix_ms=record.observed_unix_ms,
+    ).SerializeToString()
 
 
 def malformed_records() -> list[tuple[bytes, bytes, str]]:

@@ -160,6 +160,10 @@ class _NodeInfo:
     last_seen_s: float = 0.0
     #: The last update without its sequence and time: a repeat of it is a heartbeat.
     last_update: up.NodeUpdate | None = None
+    #: What of the last applied update the node table holds (`_spec_signature`).
+    spec_signature: tuple[object, ...] | None = None
+    #: `content_token` of the last applied NodeUpdate: NodeHeartbeats entries must match it.
+    content_token: bytes = b""
 
 
 @dataclass(slots=True)
@@ -369,6 +373,8 @@ class FleetState:
         now = self.clock()
         if isinstance(update, up.NodeUpdate):
             self._node_update(update, now)
+        elif isinstance(update, up.NodeHeartbeats):
+            return self._node_heartbeats(update, now) > 0
         elif isinstance(update, up.NodeRemoved):
             self._node_removed(update.cluster, update.name, now)
         elif isinstance(update, up.NodeStale):
@@ -399,9 +405,69 @@ class FleetState:
         if observed_at_s:
             self.metrics.telemetry_lag(cluster, max(0.0, now - observed_at_s))
 
+    def _node_heartbeats(self, u: up.NodeHeartbeats, now: float) -> int:
+        """Reports whose content is the node's last applied one: only sequence and freshness
+        move (no node-table write unless a stale node comes back). Returns entries applied."""
+        nodes, gate, cluster = self.nodes, self.gate, u.cluster
+        applied = 0
+        latest_observed_s = 0.0
+        for name, seq, observed_s, token in zip(
+            u.names, u.sequences, u.observed_at_s, u.content_tokens, strict=True
+        ):
+            key = f"{cluster}/{name}"  # engine.node_key, inlined: this loop is the hot path
+            info = nodes.get(key)
+            if info is None or not token or info.content_token != token:
+                # The content it repeats was never applied here (refused, or the node was
+                # removed since): nothing to refresh. The source sends full content again
+                # when the node changes.
+                self.invalid_updates += 1
+                self.metrics.update_ignored("heartbeat_of_unapplied_content")
+                continue
+            if not gate.admit_sequence((cluster, "node", name), seq):
+                self.ignored_updates += 1
+                self.metrics.update_ignored("stale_sequence")
+                continue
+            info.last_seen_s = now
+            if info.stale:
+                info.stale = False
+                self.fleet.set_flags(key, stale=False)
+            applied += 1
+            if observed_s > latest_observed_s:
+                latest_observed_s = observed_s
+        if applied:
+            self._touch(cluster, now, latest_observed_s)
+        return applied
+
+    def _node_refresh_pods(self, key: str, info: _NodeInfo, u: up.NodeUpdate, now: float) -> None:
+        """A report whose node-table part equals the applied one (`_spec_signature`): the
+        node table is left alone; freshness moves and the pods are reconciled."""
+        info.last_seen_s = now
+        info.content_token = u.content_token
+        if info.stale:
+            info.stale = False
+            self.fleet.set_flags(key, stale=False)
+        self._touch(u.cluster, now, u.observed_at_s)
+        self._reconcile_pods(u, now)
+
+    def _reconcile_pods(self, u: up.NodeUpdate, now: float) -> None:
+        """The source reports the node's complete pod set (u.pods): reconcile against it."""
+        if u.pods is None:
+            return
+        current = {p.uid or f"{p.namespace}/{p.name}" for p in u.pods}
+        for uid in list(self._pods_on.get((u.cluster, u.name), ())):
+            if uid not in current:
+                self._pod_removed(u.cluster, uid, now)
+        for p in u.pods:
+            self._pod_observed(p, now)
+
     def _node_update(self, u: up.NodeUpdate, now: float) -> None:
         key = node_key(u.cluster, u.name)
         info = self.nodes.get(key)
+        signature = _spec_signature(u)
+        if info is not None and u.pods is not None and info.spec_signature == signature:
+            # Pods came or went, utilization moved: the node table has nothing to change.
+            self._node_refresh_pods(key, info, u, now)
+            return
         if info is not None and u.pods is None:
             # Heartbeats repeat the node unchanged: only freshness moves (cheap at 10^4 nodes).
             same = replace(u, sequence=0, observed_at_s=0.0)
@@ -456,19 +522,14 @@ class FleetState:
             cordoned=u.unschedulable,
             last_seen_s=now,
             last_update=replace(u, sequence=0, observed_at_s=0.0, pods=None),
+            spec_signature=signature,
+            content_token=u.content_token,
         )
         self._touch(u.cluster, now, u.observed_at_s)
         if new:
             self._restore_on(key, now)
             self._allocate_waiting_pods(key, u.cluster, u.name)
-        if u.pods is not None:
-            # The source reports the node's complete pod set: reconcile against it.
-            current = {p.uid or f"{p.namespace}/{p.name}" for p in u.pods}
-            for uid in list(self._pods_on.get((u.cluster, u.name), ())):
-                if uid not in current:
-                    self._pod_removed(u.cluster, uid, now)
-            for p in u.pods:
-                self._pod_observed(p, now)
+        self._reconcile_pods(u, now)
         if new:
             self._retry_queue(now)
 
@@ -1205,6 +1266,23 @@ class FleetState:
     def nodes_stale(self) -> int:
         """Nodes currently marked stale."""
         return sum(1 for info in self.nodes.values() if info.stale)
+
+
+def _spec_signature(u: up.NodeUpdate) -> tuple[object, ...]:
+    """Everything of a node update that the node table and `_NodeInfo` hold (not pods,
+    sequence, time, capacity, utilization): equal signatures need no node-table write."""
+    return (
+        u.allocatable,
+        u.labels,
+        u.taints,
+        u.unschedulable,
+        u.ready,
+        u.node_pool,
+        u.zone,
+        u.gpu_model,
+        u.gpu_memory_bytes,
+        tuple([(g.index, g.healthy) for g in u.gpus]),
+    )
 
 
 def encode_decision(d: Decision) -> str:

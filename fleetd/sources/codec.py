@@ -245,7 +245,13 @@ def _taints(items: object, what: str) -> tuple[Taint, ...]:
     return tuple(taints)
 
 
-def _node(record: pb.TelemetryRecord, cluster: str, sequence: int, observed_s: float) -> NodeUpdate:
+def _node(
+    record: pb.TelemetryRecord,
+    cluster: str,
+    sequence: int,
+    observed_s: float,
+    content_token: bytes = b"",
+) -> NodeUpdate:
     n = record.node
     name = _check_name(n.name, "node.name")
     labels = dict(n.labels)
@@ -316,6 +322,7 @@ def _node(record: pb.TelemetryRecord, cluster: str, sequence: int, observed_s: f
         gpus=tuple(gpus),
         pods=tuple(pods),
         observed_at_s=observed_s,
+        content_token=content_token,
     )
 
 
@@ -392,9 +399,13 @@ def parse(value: bytes | None) -> pb.TelemetryRecord:
     return record
 
 
-def to_update(key: bytes | None, record: pb.TelemetryRecord) -> Update:
+def to_update(
+    key: bytes | None, record: pb.TelemetryRecord, *, content_token: bytes = b""
+) -> Update:
     """A parsed record's payload as an update value, validated, including that it was
-    published under the key its content implies. Raises InvalidTelemetry."""
+    published under the key its content implies. Raises InvalidTelemetry.
+
+    `content_token` is passed on to a NodeUpdate (see `node_content_tail`)."""
     cluster, sequence = record.cluster, record.sequence
     kind = record.WhichOneof("payload")
     assert kind is not None  # parse() checked
@@ -403,7 +414,7 @@ def to_update(key: bytes | None, record: pb.TelemetryRecord) -> Update:
         if key != expected:
             raise InvalidTelemetry("key-mismatch", f"key {key[:120]!r} != {expected!r}")
     if kind == "node":
-        return _node(record, cluster, sequence, record.observed_unix_ms / 1000.0)
+        return _node(record, cluster, sequence, record.observed_unix_ms / 1000.0, content_token)
     if kind == "node_deleted":
         name = _check_name(record.node_deleted.name, "node_deleted.name")
         return NodeRemoved(cluster=cluster, name=name, sequence=sequence)
@@ -420,3 +431,64 @@ def decode(key: bytes | None, value: bytes | None) -> Update:
     field, holds an impossible value, or does not match its key.
     """
     return to_update(key, parse(value))
+
+
+# ---------------------------------------------------------------------------- unchanged reports
+#
+# Agents report every node periodically and most reports repeat the node's last one. A
+# TelemetryRecord is serialized as its envelope (cluster, sequence, observed_unix_ms: fields
+# 1-3) followed by the payload (field 10 for a NodeReport), so a repeated report ends with the
+# same bytes as the last one. Protobuf parses a concatenation of two messages as their merge
+# (Protocol Buffers encoding guide, "Last One Wins" and merging of embedded messages): if a
+# record is `envelope + tail`, `envelope` parses alone as a record without a payload and
+# `tail` is exactly one `node` field, then the record's node is the one in `tail`, byte for
+# byte. Its content was validated when `tail` was first seen in full; what is new (cluster,
+# sequence) is checked on the envelope alone, a few dozen bytes.
+
+#: TelemetryRecord.node: field 10, wire type 2 (length-delimited).
+_NODE_FIELD_TAG = (10 << 3) | 2
+
+
+def node_content_tail(value: bytes, record: pb.TelemetryRecord) -> bytes | None:
+    """The suffix of `value` (the parsed `record`, a node report) that is exactly its `node`
+    field (tag, length and bytes), when the rest is the record's envelope as fleetd's
+    publisher writes it; None otherwise (such records are always decoded in full)."""
+    envelope = pb.TelemetryRecord(
+        cluster=record.cluster,
+        sequence=record.sequence,
+        observed_unix_ms=record.observed_unix_ms,
+    ).SerializeToString()
+    if not value.startswith(envelope):
+        return None
+    tail = value[len(envelope) :]
+    if len(tail) < 2 or tail[0] != _NODE_FIELD_TAG:
+        return None
+    length, shift, i = 0, 0, 1
+    while i < len(tail) and i <= 10:
+        byte = tail[i]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        i += 1
+        if not byte & 0x80:
+            return tail if i + length == len(tail) else None
+    return None
+
+
+def unchanged_envelope(value: bytes, tail: bytes) -> pb.TelemetryRecord | None:
+    """When `value` ends with `tail` (a `node_content_tail`) and the bytes before it parse as
+    a record without a payload, that envelope (cluster, sequence, observed_unix_ms): `value`
+    is then the node report of `tail` with this envelope. None otherwise (decode in full).
+
+    The caller still checks the envelope: its cluster must be the one `tail` was published
+    with, and its sequence above 0 (and above the last applied one)."""
+    cut = len(value) - len(tail)
+    if cut <= 0 or not value.endswith(tail):
+        return None
+    envelope = pb.TelemetryRecord()
+    try:
+        envelope.ParseFromString(value[:cut])
+    except DecodeError:
+        return None
+    if envelope.WhichOneof("payload") is not None:
+        return None
+    return envelope

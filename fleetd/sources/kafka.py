@@ -27,12 +27,26 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from google.protobuf.message import DecodeError
 
 from fleetd.sources.base import Backoff, UpdateSink
-from fleetd.sources.codec import InvalidTelemetry, parse, to_update
+from fleetd.sources.codec import (
+    InvalidTelemetry,
+    node_content_tail,
+    parse,
+    to_update,
+)
 from fleetd.sources.memory import StateSink
 from fleetd.sources.metrics import SourceMetrics
-from fleetd.sources.updates import ClusterSynced, SequenceGate, Update
+from fleetd.sources.updates import (
+    ClusterSynced,
+    NodeHeartbeats,
+    NodeRemoved,
+    NodeUpdate,
+    SequenceGate,
+    Update,
+)
+from fleetd.v1 import telemetry_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +81,34 @@ class KafkaSourceSettings:
     client_options: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class _Content:
+    """A node's last applied content, by Kafka key: its report's `node` field bytes."""
+
+    cluster: str
+    name: str
+    subject: tuple[str, str, str]
+    tail: bytes
+
+
+@dataclass(slots=True)
+class _Beats:
+    """One cluster's unchanged reports of a poll, as columns (NodeHeartbeats)."""
+
+    names: list[str] = field(default_factory=list)
+    sequences: list[int] = field(default_factory=list)
+    observed_at_s: list[float] = field(default_factory=list)
+    tokens: list[bytes] = field(default_factory=list)
+
+
+def _content_token(rec: Any, parsed: Any) -> bytes:
+    """The content token of a node report: its `node` field bytes (b"" for other records
+    and for records laid out otherwise than fleetd's publisher writes them)."""
+    if parsed.WhichOneof("payload") != "node" or not rec.value:
+        return b""
+    return node_content_tail(rec.value, parsed) or b""
+
+
 class KafkaSource:
     """A supervised long-lived task: `await source.run()` until cancelled.
 
@@ -96,6 +138,8 @@ class KafkaSource:
         #: perf_counter() when the first non-empty poll returned (benchmarks time from it).
         self.first_batch_at: float | None = None
         self.progress = asyncio.Condition()
+        #: Kafka key -> the node content last applied under it (the unchanged-report path).
+        self._contents: dict[bytes, _Content] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,11 +210,11 @@ class KafkaSource:
         producer: AIOKafkaProducer,
     ) -> None:
         """Decode, dead-letter, apply and commit one poll's worth of records."""
-        updates: list[Update] = []
         dead: list[tuple[int, Any, InvalidTelemetry]] = []
         offsets: dict[TopicPartition, int] = {}
-        chosen: list[tuple[int, Update]] = []
-        duplicates = superseded = 0
+        chosen: list[tuple[int, Update, bytes | None]] = []
+        beats: dict[str, _Beats] = {}
+        duplicates = superseded = unchanged = unchanged_duplicates = 0
         # Decoding allocates some thirty acyclic objects per record; left on, the cyclic
         # collector runs many times per poll and each full run walks the whole fleet state
         # (measured: up to twice the poll's time). Reference counting frees what the poll
@@ -183,6 +227,9 @@ class KafkaSource:
             # compacted topic would keep). Every record is parsed, so undecodable ones are
             # dead-lettered; the newest of each key is validated in full.
             best: dict[object, tuple[int, int, Any, Any]] = {}
+            contents = self._contents
+            gate_last = self._gate.last_by_subject
+            from_string = pb.TelemetryRecord.FromString
             parsed_ok = 0
             position = 0
             for tp, records in batches.items():
@@ -191,6 +238,41 @@ class KafkaSource:
                     if position % YIELD_EVERY_RECORDS == 0:
                         # A large poll is ~0.1 s of CPU: let RPCs in between.
                         await asyncio.sleep(0)
+                    key = rec.key
+                    memo = contents.get(key) if key is not None else None
+                    if memo is not None and key not in best:
+                        # The node's last applied content, repeated (a periodic report)?
+                        # Then only the envelope is new: validate and apply just that
+                        # (`codec.unchanged_envelope`, inlined: most records come this way).
+                        value = rec.value
+                        tail = memo.tail
+                        cut = len(value) - len(tail) if value else 0
+                        if cut > 0 and value.endswith(tail):
+                            try:
+                                envelope = from_string(value[:cut])
+                            except DecodeError:
+                                envelope = None
+                            if (
+                                envelope is not None
+                                and envelope.cluster == memo.cluster
+                                and envelope.sequence > 0
+                                and envelope.WhichOneof("payload") is None
+                            ):
+                                seq = envelope.sequence
+                                last = gate_last.get(memo.subject)
+                                if last is None or seq > last:
+                                    gate_last[memo.subject] = seq
+                                    column = beats.get(memo.cluster)
+                                    if column is None:
+                                        column = beats[memo.cluster] = _Beats()
+                                    column.names.append(memo.name)
+                                    column.sequences.append(seq)
+                                    column.observed_at_s.append(envelope.observed_unix_ms / 1000.0)
+                                    column.tokens.append(tail)
+                                    unchanged += 1
+                                else:
+                                    unchanged_duplicates += 1
+                                continue
                     try:
                         parsed = parse(rec.value)
                     except InvalidTelemetry as exc:
@@ -198,7 +280,7 @@ class KafkaSource:
                         continue
                     parsed_ok += 1
                     # Records without a key cannot be superseded: each is its own group.
-                    group = rec.key if rec.key is not None else -position
+                    group = key if key is not None else -position
                     seq = parsed.sequence
                     current = best.get(group)
                     if current is None or seq >= current[0]:
@@ -212,7 +294,9 @@ class KafkaSource:
                 while candidate is not None:
                     _, pos, rec, parsed = candidate
                     try:
-                        update = to_update(rec.key, parsed)
+                        update = to_update(
+                            rec.key, parsed, content_token=_content_token(rec, parsed)
+                        )
                     except InvalidTelemetry as exc:
                         # The newest is invalid: dead-letter it and try the next newest
                         # (rare: the poll is indexed by key only when it happens).
@@ -223,17 +307,31 @@ class KafkaSource:
                         candidate = _next_newest(fallback.get(group, []), pos)
                         continue
                     if self._gate.admit(update):
-                        chosen.append((pos, update))
+                        chosen.append((pos, update, rec.key))
                         self._seen_clusters.add(update.cluster)
                     else:
                         duplicates += 1
                     break
             superseded = parsed_ok - len(chosen) - duplicates - rejected
+            duplicates += unchanged_duplicates
         finally:
             if gc_was_enabled:
                 gc.enable()
         chosen.sort(key=lambda item: item[0])
-        updates = [u for _, u in chosen]
+        # Unchanged reports first: a key with a full record in this poll took no unchanged
+        # report after it (see above), so every unchanged report is older than its key's
+        # full records here and applying them first keeps each node's order.
+        updates: list[Update] = [
+            NodeHeartbeats(
+                cluster,
+                tuple(b.names),
+                tuple(b.sequences),
+                tuple(b.observed_at_s),
+                tuple(b.tokens),
+            )
+            for cluster, b in beats.items()
+        ]
+        updates += [u for _, u, _ in chosen]
         dead.sort(key=lambda item: item[0])
         if self.ready.is_set():
             # After the initial sync, a cluster's first records make it synced at once.
@@ -242,11 +340,13 @@ class KafkaSource:
             await self._dead_letter(producer, [(rec, exc) for _, rec, exc in dead])
         if updates:
             await self.sink.apply(updates)
+        self._remember_contents(chosen)
         await self._commit(consumer, offsets)
         self._next_offset.update(offsets)
         self._record_metrics(
             consumer,
             applied=len(chosen),
+            unchanged=unchanged,
             duplicates=duplicates,
             superseded=superseded,
             dead=len(dead),
@@ -254,6 +354,22 @@ class KafkaSource:
         async with self.progress:
             self.records_handled += sum(len(r) for r in batches.values())
             self.progress.notify_all()
+
+    def _remember_contents(self, chosen: list[tuple[int, Update, bytes | None]]) -> None:
+        """After apply: each node's applied content, so that repeats of it take the
+        unchanged path (`codec.unchanged_envelope`); a removed node's is forgotten."""
+        contents = self._contents
+        for _, update, key in chosen:
+            if key is not None and isinstance(update, NodeUpdate | NodeRemoved):
+                if isinstance(update, NodeUpdate) and update.content_token:
+                    contents[key] = _Content(
+                        update.cluster,
+                        update.name,
+                        (update.cluster, "node", update.name),
+                        update.content_token,
+                    )
+                else:
+                    contents.pop(key, None)
 
     async def _dead_letter(
         self, producer: AIOKafkaProducer, dead: list[tuple[Any, InvalidTelemetry]]
@@ -312,6 +428,7 @@ class KafkaSource:
         consumer: AIOKafkaConsumer,
         *,
         applied: int,
+        unchanged: int,
         duplicates: int,
         superseded: int,
         dead: int,
@@ -319,6 +436,7 @@ class KafkaSource:
         m = self.metrics
         for outcome, n in (
             ("applied", applied),
+            ("unchanged", unchanged),
             ("duplicate", duplicates),
             ("superseded", superseded),
             ("dead_lettered", dead),

@@ -15,6 +15,7 @@ from typing import Any
 
 from fleetd.sources.updates import (
     ClusterSynced,
+    NodeHeartbeats,
     NodePoolRemoved,
     NodePoolUpdate,
     NodeRemoved,
@@ -41,6 +42,10 @@ class FleetView:
         self.pools: dict[tuple[str, str], NodePoolUpdate] = {}
         self.stale: set[tuple[str, str]] = set()
         self.synced: set[tuple[str, str]] = set()
+        #: (cluster, node) -> (sequence, observed_at_s) of its latest unchanged report.
+        self.heartbeats: dict[tuple[str, str], tuple[int, float]] = {}
+        #: NodeHeartbeats entries whose content token matched no applied node report.
+        self.refused_heartbeats = 0
         self.applied = 0
         self._changed = asyncio.Condition()
 
@@ -50,11 +55,29 @@ class FleetView:
         if isinstance(update, NodeUpdate):
             key = (update.cluster, update.name)
             self.nodes[key] = update
+            self.heartbeats.pop(key, None)
             if update.pods is not None:
                 self.pods[key] = {_pod_key(p): p for p in update.pods}
+        elif isinstance(update, NodeHeartbeats):
+            self.applied -= 1  # counted per entry
+            nodes, beats, cluster = self.nodes, self.heartbeats, update.cluster
+            for name, seq, observed_s, token in zip(
+                update.names,
+                update.sequences,
+                update.observed_at_s,
+                update.content_tokens,
+                strict=True,
+            ):
+                known = nodes.get((cluster, name))
+                if known is None or not token or known.content_token != token:
+                    self.refused_heartbeats += 1
+                    continue
+                beats[(cluster, name)] = (seq, observed_s)
+                self.applied += 1
         elif isinstance(update, NodeRemoved):
             key = (update.cluster, update.name)
             self.nodes.pop(key, None)
+            self.heartbeats.pop(key, None)
             self.pods.pop(key, None)
             self.stale.discard(key)
         elif isinstance(update, NodeStale):
@@ -89,8 +112,16 @@ class FleetView:
             await self._changed.wait_for(predicate)
 
     def node(self, cluster: str, name: str) -> NodeUpdate | None:
-        """The latest report of a node, if it is known."""
+        """The latest report of a node with new content, if it is known."""
         return self.nodes.get((cluster, name))
+
+    def sequence(self, cluster: str, name: str) -> int | None:
+        """The sequence of a node's latest report (a heartbeat's when newer), if known."""
+        node = self.nodes.get((cluster, name))
+        if node is None:
+            return None
+        beat = self.heartbeats.get((cluster, name))
+        return max(node.sequence, beat[0]) if beat is not None else node.sequence
 
     def pods_on(self, cluster: str, node: str) -> tuple[PodObserved, ...]:
         """The pods on a node, sorted by namespace and name."""

@@ -40,9 +40,10 @@ class SourceMetrics:
         )
         self.telemetry_records = Counter(
             "fleetd_telemetry_records",
-            "Telemetry records consumed from Kafka, by outcome: applied, duplicate (sequence "
-            "already applied), superseded (a newer record of its key came in the same poll), "
-            "dead_lettered.",
+            "Telemetry records consumed from Kafka, by outcome: applied (new content), "
+            "unchanged (the node's last applied content again: sequence and freshness "
+            "applied), duplicate (sequence already applied), superseded (a newer record of "
+            "its key came in the same poll), dead_lettered.",
             ["outcome"],
             registry=r,
         )

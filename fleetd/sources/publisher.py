@@ -68,9 +68,13 @@ class TelemetryPublisher:
         return self.sequences.next(), int(self._wall_clock() * 1000)
 
     async def publish_record(self, record: pb.TelemetryRecord) -> None:
-        """Queue one record under its key."""
+        """Queue one record under its key.
+
+        Serialized deterministically (map entries sorted): a report that repeats a node's
+        content repeats its bytes too, which the consumer's unchanged-report path relies on
+        (`fleetd.sources.codec.unchanged_envelope`)."""
         future = await self.producer.send(
-            self.topic, value=record.SerializeToString(), key=record_key(record)
+            self.topic, value=record.SerializeToString(deterministic=True), key=record_key(record)
         )
         self._pending.append(future)
 

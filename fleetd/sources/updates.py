@@ -130,11 +130,33 @@ class NodeUpdate:
     pods: tuple[PodObserved, ...] | None = None
     observed_at_s: float = 0.0
     """When the source observed this state, Unix epoch seconds (0 when unknown)."""
+    content_token: bytes = field(default=b"", compare=False)
+    """Identifies the reported content (Kafka: the node's telemetry bytes), so that a later
+    `NodeHeartbeats` entry can say "unchanged since this update"; b"" when not used."""
 
     @property
     def schedulable(self) -> bool:
         """Cordoned or not Ready nodes take no new pods."""
         return self.ready and not self.unschedulable
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHeartbeats:
+    """Reports of one cluster's nodes whose content did not change: columnar, one entry per
+    report (`names[i]`, `sequences[i]`, `observed_at_s[i]`, `content_tokens[i]`).
+
+    Each entry stands for a `NodeUpdate` with the same content as the node's last applied
+    one, the one whose `content_token` equals `content_tokens[i]`: applying it only moves the
+    node's sequence and freshness. An entry whose token does not match the node's last
+    applied content (the node is unknown, or that update was refused) is refused too.
+    Periodic telemetry is mostly such reports, so they travel without per-node objects.
+    """
+
+    cluster: str
+    names: tuple[str, ...]
+    sequences: tuple[int, ...]
+    observed_at_s: tuple[float, ...]
+    content_tokens: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +222,7 @@ class ClusterSynced:
 
 Update = (
     NodeUpdate
+    | NodeHeartbeats
     | NodeRemoved
     | NodeStale
     | PodObserved
@@ -248,6 +271,20 @@ class SequenceGate:
             return False
         self._last[subject] = sequence
         return True
+
+    def admit_sequence(self, subject: tuple[str, str, str], sequence: int) -> bool:
+        """`admit` for a bare (subject, sequence): the heartbeat path, without an update value."""
+        last = self._last.get(subject)
+        if last is not None and sequence <= last:
+            return False
+        self._last[subject] = sequence
+        return True
+
+    @property
+    def last_by_subject(self) -> dict[tuple[str, str, str], int]:
+        """The subject -> last admitted sequence table itself, for hot loops that inline
+        `admit_sequence` (a dict get and set per record instead of a call)."""
+        return self._last
 
     def filter(self, updates: Iterable[Update]) -> list[Update]:
         """The admitted subset of `updates`, in order."""

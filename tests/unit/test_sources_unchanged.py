@@ -1,0 +1,246 @@
+"""Unchanged reports (periodic resyncs) take the envelope-only path: what it accepts, what it
+refuses, and that it leaves fleet state exactly as decoding every record in full would."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiokafka import TopicPartition
+
+from fleetd.config import Config
+from fleetd.journal import Journal
+from fleetd.loadgen import periodic_reports, synthetic_fleet
+from fleetd.sources import updates as up
+from fleetd.sources.codec import (
+    decode,
+    encode_node,
+    node_content_tail,
+    node_key,
+    parse,
+    unchanged_envelope,
+)
+from fleetd.sources.kafka import DLQ_REASON_HEADER, KafkaSource, KafkaSourceSettings
+from fleetd.sources.memory import FleetView, StateSink
+from fleetd.sources.metrics import SourceMetrics
+from fleetd.state import FleetState
+from fleetd.v1 import telemetry_pb2 as pb
+from tests.unit.test_sources_codec import gpu_node
+from tests.unit.test_sources_kafka import Consumer, Producer, Rec
+
+TP = TopicPartition("t", 0)
+
+
+def _value(node: up.NodeUpdate, seq: int, ms: int = 1_000, cluster: str | None = None) -> bytes:
+    record = encode_node(node, sequence=seq, observed_unix_ms=ms)
+    if cluster is not None:
+        record.cluster = cluster
+    return record.SerializeToString(deterministic=True)
+
+
+def _rec(name: str, value: bytes, offset: int) -> Rec:
+    return Rec(node_key("c1", name), value, offset)
+
+
+# ---------------------------------------------------------------------------- codec
+
+
+def test_tail_is_the_node_field_and_a_new_envelope_is_recognised() -> None:
+    node = gpu_node("a")
+    first = _value(node, 5, ms=1_000)
+    tail = node_content_tail(first, parse(first))
+    assert tail is not None
+    assert tail[0] == (10 << 3) | 2
+    assert pb.TelemetryRecord.FromString(tail).node == parse(first).node
+    again = _value(node, 6, ms=31_000)
+    envelope = unchanged_envelope(again, tail)
+    assert envelope is not None
+    assert (envelope.cluster, envelope.sequence, envelope.observed_unix_ms) == ("c1", 6, 31_000)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(
+            lambda n, t: _value(dataclasses.replace(n, unschedulable=True), 6), id="changed"
+        ),
+        pytest.param(lambda n, t: b"\xff\xff" + t, id="garbage-envelope"),
+        pytest.param(
+            lambda n, t: (
+                pb.TelemetryRecord(cluster="c1", sequence=6).SerializeToString()
+                + pb.TelemetryRecord(node_deleted=pb.NodeDeleted(name="a")).SerializeToString()
+                + t
+            ),
+            id="envelope-with-a-payload",
+        ),
+        pytest.param(lambda n, t: t, id="tail-alone"),
+    ],
+)
+def test_anything_else_is_not_taken_as_unchanged(make: object) -> None:
+    node = gpu_node("a")
+    first = _value(node, 5)
+    tail = node_content_tail(first, parse(first))
+    assert tail is not None
+    assert unchanged_envelope(make(node, tail), tail) is None  # type: ignore[operator]
+
+
+def test_records_laid_out_differently_have_no_tail() -> None:
+    node = gpu_node("a")
+    record = encode_node(node, sequence=5, observed_unix_ms=1)
+    # The node first, the envelope after: valid protobuf, but not what the publisher writes.
+    swapped = (
+        pb.TelemetryRecord(node=record.node).SerializeToString()
+        + pb.TelemetryRecord(cluster="c1", sequence=5, observed_unix_ms=1).SerializeToString()
+    )
+    assert decode(node_key("c1", "a"), swapped).sequence == 5  # type: ignore[union-attr]
+    assert node_content_tail(swapped, parse(swapped)) is None
+
+
+# ---------------------------------------------------------------------------- source
+
+
+async def _process(source: KafkaSource, recs: list[Rec]) -> Producer:
+    producer = Producer()
+    await source.process({TP: recs}, Consumer(), producer)
+    return producer
+
+
+async def test_unchanged_reports_move_sequence_and_freshness_only() -> None:
+    view, metrics = FleetView(), SourceMetrics()
+    source = KafkaSource(KafkaSourceSettings(), view, metrics=metrics)
+    a, b = gpu_node("a"), gpu_node("b")
+    await _process(source, [_rec("a", _value(a, 1), 0), _rec("b", _value(b, 2), 1)])
+    await _process(source, [_rec("a", _value(a, 3, ms=31_000), 2), _rec("b", _value(b, 4), 3)])
+    assert view.sequence("c1", "a") == 3
+    assert view.heartbeats[("c1", "a")] == (3, 31.0)
+    assert view.sequence("c1", "b") == 4
+    outcome = metrics.telemetry_records.labels
+    assert outcome("applied")._value.get() == 2
+    assert outcome("unchanged")._value.get() == 2
+    # Redelivered: duplicates, nothing moves.
+    await _process(source, [_rec("a", _value(a, 3), 2)])
+    assert outcome("duplicate")._value.get() == 1
+    assert view.sequence("c1", "a") == 3
+
+
+async def test_unchanged_content_with_a_bad_envelope_is_still_dead_lettered() -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    a = gpu_node("a")
+    await _process(source, [_rec("a", _value(a, 1), 0)])
+    no_sequence = _value(a, 0)
+    other_cluster = _value(a, 7, cluster="c2")  # under key c1/a
+    producer = await _process(source, [_rec("a", no_sequence, 1), _rec("a", other_cluster, 2)])
+    reasons = [dict(h)[DLQ_REASON_HEADER] for _, _, h in producer.sent]
+    assert reasons == [b"no-sequence", b"key-mismatch"]
+    assert view.sequence("c1", "a") == 1
+
+
+async def test_a_change_and_its_revert_in_one_poll_end_in_the_newest() -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    a = gpu_node("a")
+    cordoned = dataclasses.replace(a, unschedulable=True)
+    await _process(source, [_rec("a", _value(a, 1), 0)])
+    await _process(
+        source,
+        [
+            _rec("a", _value(a, 2), 1),  # unchanged
+            _rec("a", _value(cordoned, 3), 2),  # changed
+            _rec("a", _value(a, 4), 3),  # back: equal to the content before the poll
+        ],
+    )
+    node = view.node("c1", "a")
+    assert node is not None
+    assert node.sequence == 4
+    assert not node.unschedulable
+    # The newest content is remembered: its repeats are unchanged reports again.
+    await _process(source, [_rec("a", _value(a, 5), 4)])
+    assert view.heartbeats[("c1", "a")][0] == 5
+
+
+# ---------------------------------------------------------------------------- state
+
+
+def _state(tmp: Path) -> FleetState:
+    cfg = Config(**{"sources": {"simulated": {"enabled": False}}})  # type: ignore[arg-type]
+    return FleetState(cfg, Journal(tmp / "journal.sqlite3"), clock=lambda: 1_000_000.0)
+
+
+def test_heartbeats_of_unapplied_content_are_refused(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    state.apply_now(dataclasses.replace(gpu_node("a"), sequence=1, content_token=b"A"))
+    beats = up.NodeHeartbeats(
+        "c1", ("a", "a", "zz"), (2, 3, 4), (1.0, 2.0, 3.0), (b"A", b"B", b"A")
+    )
+    assert state.apply_now(beats)
+    assert state.gate.last("c1", "node", "a") == 2  # the b"B" entry was refused
+    assert state.gate.last("c1", "node", "zz") is None
+    assert state.invalid_updates == 2
+
+
+def test_a_heartbeat_brings_a_stale_node_back(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    state.apply_now(dataclasses.replace(gpu_node("a"), sequence=1, content_token=b"A"))
+    state.nodes["c1/a"].last_seen_s = 0.0
+    assert state.mark_stale() == 1
+    state.apply_now(up.NodeHeartbeats("c1", ("a",), (2,), (1.0,), (b"A",)))
+    assert state.mark_stale() == 0
+    assert not state.nodes["c1/a"].stale
+
+
+class _AlwaysInFull(KafkaSource):
+    """The source with the unchanged path off: every record decoded in full."""
+
+    def _remember_contents(self, chosen: object) -> None:
+        pass
+
+
+def _through(source_type: type[KafkaSource], state: FleetState, records: list, poll: int) -> None:
+    async def run() -> None:
+        source = source_type(KafkaSourceSettings(), StateSink(state))
+        recs = [Rec(k, v, i) for i, (k, v) in enumerate(records)]
+        for i in range(0, len(recs), poll):
+            await source.process({TP: recs[i : i + poll]}, Consumer(), Producer())
+
+    asyncio.run(run())
+
+
+def _mix(seed: int) -> list[tuple[bytes, bytes]]:
+    rng = np.random.default_rng(seed)
+    fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=15)
+    return list(periodic_reports(fleet, 12, rng, changed_fraction=0.3))
+
+
+def _assert_same(a: FleetState, b: FleetState) -> None:
+    assert a.fleet.state_equal(b.fleet)
+    assert {k: (p.node, p.slot) for k, p in a.pods.items()} == {
+        k: (p.node, p.slot) for k, p in b.pods.items()
+    }
+    assert a.gate._last == b.gate._last
+    assert {k: (i.cordoned, i.labels, i.last_seen_s) for k, i in a.nodes.items()} == {
+        k: (i.cordoned, i.labels, i.last_seen_s) for k, i in b.nodes.items()
+    }
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_record_by_record_the_state_equals_decoding_in_full(tmp_path: Path, seed: int) -> None:
+    records = _mix(seed)
+    fast, full = _state(tmp_path / "a"), _state(tmp_path / "b")
+    for key, value in records:
+        full.apply_now(decode(key, value))
+    _through(KafkaSource, fast, records, poll=1)
+    _assert_same(fast, full)
+
+
+@pytest.mark.parametrize(("seed", "poll"), [(1, 7), (2, 50), (3, 400)])
+def test_in_polls_the_state_equals_decoding_in_full(tmp_path: Path, seed: int, poll: int) -> None:
+    """With coalescing too (several records of a node in one poll)."""
+    records = _mix(seed)
+    fast, full = _state(tmp_path / "a"), _state(tmp_path / "b")
+    _through(KafkaSource, fast, records, poll)
+    _through(_AlwaysInFull, full, records, poll)
+    _assert_same(fast, full)
