@@ -107,6 +107,74 @@ def build_policy(spec: str, typical: TypicalPods | None) -> Policy:
     return make_policy(spec, typical)
 
 
+#: The target workload is replaced only when it moved by more than this total variation
+#: distance (half the summed absolute change of the pod types' popularity, a type absent
+#: from one side counting as 0) from the one in use: e.g. 5 % of the pods changing type.
+TARGET_TOLERANCE = 0.05
+
+
+def target_distance(a: TypicalPods, b: TypicalPods) -> float:
+    """Total variation distance between two target workloads' type distributions (0..1).
+
+    A type is (CPU, per-GPU milli, GPU count, allowed models); model columns must be the
+    same fleet ids on both sides (a different number of columns makes every type differ).
+    """
+
+    def types(t: TypicalPods) -> dict[tuple[int, int, int, bytes], float]:
+        out: dict[tuple[int, int, int, bytes], float] = {}
+        allowed = np.ascontiguousarray(t.model_allowed)
+        for i in range(t.n_types):
+            key = (
+                int(t.cpu_milli[i]),
+                int(t.gpu_milli[i]),
+                int(t.num_gpu[i]),
+                allowed.shape[1].to_bytes(4, "little") + allowed[i].tobytes(),
+            )
+            out[key] = out.get(key, 0.0) + float(t.freq[i])
+        return out
+
+    fa, fb = types(a), types(b)
+    return 0.5 * sum(abs(fa.get(k, 0.0) - fb.get(k, 0.0)) for k in fa.keys() | fb.keys())
+
+
+class PolicyMemo:
+    """Builds the core policy, and keeps handing out the same Policy object while the spec
+    is unchanged and the target workload stays within TARGET_TOLERANCE of the one in use.
+
+    The core's PlacementCache keeps scores per Policy object: rebuilding the policy on every
+    re-estimate (every `target_refresh_pods` requests) would re-score the whole fleet each
+    time, although a sliding window's estimate barely moves. A materially different target
+    gives a new Policy, which drops the cached scores.
+    """
+
+    def __init__(self, tolerance: float = TARGET_TOLERANCE) -> None:
+        """`tolerance`: total variation distance from which a new target replaces the old."""
+        self.tolerance = tolerance
+        self.spec: str | None = None
+        #: The target workload of the policy in use (None: none needed or none known yet).
+        self.typical: TypicalPods | None = None
+        self.policy: Policy | None = None
+        self.builds = 0
+
+    def build(self, spec: str, typical: TypicalPods | None) -> Policy:
+        """The policy for `spec` with target `typical` (see the class docstring)."""
+        if (
+            self.policy is not None
+            and spec == self.spec
+            and (typical is None) == (self.typical is None)
+            and (
+                typical is None
+                or self.typical is None
+                or target_distance(typical, self.typical) <= self.tolerance
+            )
+        ):
+            return self.policy
+        self.policy = build_policy(spec, typical)
+        self.spec, self.typical = spec, typical
+        self.builds += 1
+        return self.policy
+
+
 def check_policy(spec: str) -> None:
     """ValueError when `spec` names unknown plugins or bad weights (config validation)."""
     one_gpu = TypicalPods(
@@ -226,16 +294,21 @@ FitsEmpty = Callable[[scheduling.PodSpec | scheduling.GangSpec], bool]
 
 
 def place_many(
-    fleet: Fleet, workloads: Sequence[Workload], policy: Policy
+    fleet: Fleet,
+    workloads: Sequence[Workload],
+    policy: Policy,
+    cache: scheduling.PlacementCache | None = None,
 ) -> list[tuple[tuple[Allocation, ...] | None, tuple[int, ...]]]:
     """Place a batch with ONE core call (never mutates `fleet`).
 
     Per workload, in input order: its allocations (None unless every pod was placed) and
     the core's per-pod reason codes. The core places the batch sequentially (priority
     first, identical shapes together), so committing the successes in order is consistent.
+    `cache`: the caller's PlacementCache for `fleet` (a call then re-scores only the nodes
+    changed since the previous one).
     """
     items = [w.item() for w in workloads]
-    result = scheduling.place(fleet, items, policy)
+    result = scheduling.place(fleet, items, policy, cache=cache)
     allocs = result.allocations()
     reasons = result.reason.tolist()
     out: list[tuple[tuple[Allocation, ...] | None, tuple[int, ...]]] = []
@@ -283,14 +356,19 @@ def failure(
 
 
 def place(
-    fleet: Fleet, workload: Workload, policy: Policy, fits_empty: FitsEmpty | None = None
+    fleet: Fleet,
+    workload: Workload,
+    policy: Policy,
+    fits_empty: FitsEmpty | None = None,
+    cache: scheduling.PlacementCache | None = None,
 ) -> Outcome:
     """Place one workload (dry run: never mutates `fleet`); the reasons when it does not fit.
 
     `fits_empty` answers "would it fit the empty fleet" when it does not fit now (the state
     memoizes it: the answer changes only when nodes do); default `fits_empty_fleet`.
+    `cache`: as for `place_many`.
     """
-    [(allocs, reasons)] = place_many(fleet, [workload], policy)
+    [(allocs, reasons)] = place_many(fleet, [workload], policy, cache)
     if allocs is not None:
         return Outcome(allocs, len(fleet), len(fleet), (), "", True)
     return failure(fleet, workload, reasons, policy, fits_empty)

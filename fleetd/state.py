@@ -288,6 +288,9 @@ class FleetState:
         self.nodes: dict[str, _NodeInfo] = {}
         self.target = engine.TargetWorkload(config.scheduling.target_window_pods)
         self._target_seen = 0
+        self._policies = engine.PolicyMemo()
+        #: Scores kept across Place calls (the core re-scores only nodes changed since).
+        self.placement_cache = scheduling.PlacementCache()
         self.policy = self._build_policy(config)
         self.pools: dict[tuple[str, str], up.NodePoolUpdate] = {}
         self.gate = up.SequenceGate()
@@ -809,7 +812,7 @@ class FleetState:
                     was_queued.add(req.workload_id)
         if fresh:
             workloads = [self._workload(reqs[i]) for i in fresh]
-            placed = engine.place_many(self.fleet, workloads, self.policy)
+            placed = engine.place_many(self.fleet, workloads, self.policy, self.placement_cache)
             failed = []
             for i, w, (allocs, reasons) in zip(fresh, workloads, placed, strict=True):
                 if allocs is None:
@@ -975,10 +978,13 @@ class FleetState:
     def _build_policy(self, config: Config) -> scheduling.Policy:
         spec = engine.policy_spec(config.scheduling.policy, config.scheduling.weights)
         typical = self.target.typical(self.fleet) if engine.needs_target(spec) else None
-        #: The current target workload (fragmentation in snapshots and metrics uses it).
-        self.typical = typical
-        self._fits_cache_version = -1  # the answers may depend on the policy's GPU picks
-        return engine.build_policy(spec, typical)
+        # The same Policy object while the target moves little: cached scores stay valid.
+        policy = self._policies.build(spec, typical)
+        #: The target workload in use (fragmentation in snapshots and metrics uses it).
+        self.typical = self._policies.typical
+        if policy is not getattr(self, "policy", None):
+            self._fits_cache_version = -1  # the answers may depend on the policy's GPU picks
+        return policy
 
     def _learn(self, req: WorkloadRequest) -> None:
         """Feed FGD's target workload; re-derive the policy every target_refresh_pods pods."""
@@ -1022,7 +1028,9 @@ class FleetState:
         return self._workload(req).item()
 
     def _place(self, req: WorkloadRequest) -> engine.Outcome:
-        return engine.place(self.fleet, self._workload(req), self.policy, self._fits_empty)
+        return engine.place(
+            self.fleet, self._workload(req), self.policy, self._fits_empty, self.placement_cache
+        )
 
     def _grant(
         self, req: WorkloadRequest, allocs: Iterable[Allocation], now: float, dequeue: bool = False

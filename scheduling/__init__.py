@@ -5,7 +5,7 @@ Public surface (see each module):
   workload   PodSpec, GangSpec, Batch, Order, TopologyLevel, LabelRequirement, LabelOp, Toleration
   filters    Constraints, Free, compile_pod, static filters and resource filters
   scoring    Policy, register_scorer, make_scorer, NodeView, ScoreResult, ScorePlugin
-  placement  place, commit, release, explain, PlacementResult
+  placement  place, commit, release, explain, PlacementResult, PlacementCache
   explain    Reason, Explanation, REASON_TEXT
   reference  place_reference (the plain-loop reference with the same semantics)
   fragmentation  FGD's fragmentation measure; registers the "fgd" and "fgd-cpu" scorers
@@ -14,7 +14,14 @@ Public surface (see each module):
 from scheduling import fragmentation as fragmentation  # registers "fgd", "fgd-cpu"
 from scheduling.explain import REASON_TEXT, Explanation, Reason
 from scheduling.fleet import GPU_MILLI, Allocation, AllocationError, Fleet, NodeSpec, Taint
-from scheduling.placement import PlacementResult, commit, explain, place, release
+from scheduling.placement import (
+    PlacementCache,
+    PlacementResult,
+    commit,
+    explain,
+    place,
+    release,
+)
 from scheduling.scoring import (
     DEFAULT_POLICY,
     NodeView,
@@ -51,6 +58,7 @@ __all__ = [
     "NodeSpec",
     "NodeView",
     "Order",
+    "PlacementCache",
     "PlacementResult",
     "PodSpec",
     "Policy",

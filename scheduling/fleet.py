@@ -12,6 +12,12 @@ adding a node costs amortized O(1) and updating or removing one costs O(1).
 Check, then commit: `fits` and the filter masks never mutate; `allocate` and `free` are the
 only functions that change allocated resources, and they are exact inverses (integer
 arithmetic only).
+
+Change stamps: every mutation bumps `version` and stamps the slots it touched
+(`slot_version`: anything changed; `attr_version`: attributes the static filters read), so
+a cache of derived values (`scheduling.placement.PlacementCache`) can refresh exactly the
+slots changed since it last looked. Mutate a fleet only through its methods, or call
+`touch` after writing its arrays directly.
 """
 
 from __future__ import annotations
@@ -175,6 +181,8 @@ class Fleet:
       label_values: {label key id: (cap,) int32 value id in `label_values_interner`, -1 absent}
       taint_bits: (cap, words) uint64 bit t set = node has blocking taint id t
       flags: (cap,) uint8 FLAG_* bits; 0 = schedulable
+      slot_version, attr_version: (cap,) int64 `version` when the slot last changed (any
+        change / a change of what static filters read: attributes, flags, GPU health)
     """
 
     def __init__(self, max_gpus: int = 8, initial_capacity: int = 1024) -> None:
@@ -201,6 +209,10 @@ class Fleet:
         self.label_values: dict[int, NDArray[np.int32]] = {}
         self.taint_bits = np.zeros((cap, 1), np.uint64)
         self.flags = np.full(cap, FLAG_EMPTY_SLOT, np.uint8)
+        # Change stamps (not state: `state_equal` ignores them): the `version` at which the
+        # slot last changed at all, and last changed an attribute static filters read.
+        self.slot_version = np.zeros(cap, np.int64)
+        self.attr_version = np.zeros(cap, np.int64)
         self.clusters = Interner()
         self.zones = Interner()
         self.racks = Interner()
@@ -242,6 +254,26 @@ class Fleet:
             "flags",
         ]
 
+    @staticmethod
+    def _stamp_columns() -> tuple[str, str]:
+        return ("slot_version", "attr_version")
+
+    def _stamp(self, slot: int, *, attr: bool) -> None:
+        """Bump `version` and stamp `slot` as changed (and its attributes, if `attr`)."""
+        self.version += 1
+        self.slot_version[slot] = self.version
+        if attr:
+            self.attr_version[slot] = self.version
+
+    def touch(self, slots: NDArray[np.int64] | None = None) -> None:
+        """Stamp `slots` (all slots if None) as changed in every way: call after writing the
+        arrays directly, so that caches of derived values see the change."""
+        self.version += 1
+        n = self.n_slots
+        sel = slice(0, n) if slots is None else np.asarray(slots, np.int64)
+        self.slot_version[sel] = self.version
+        self.attr_version[sel] = self.version
+
     def _grow(self, need: int) -> None:
         new_cap = self.capacity
         while new_cap < need:
@@ -257,6 +289,8 @@ class Fleet:
             setattr(self, name, np.concatenate([old, pad]))
         for key, col in self.label_values.items():
             self.label_values[key] = np.concatenate([col, np.full(extra, -1, np.int32)])
+        for name in self._stamp_columns():
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra, np.int64)]))
         self.capacity = new_cap
 
     def _ensure_gpu_width(self, gpus: int) -> None:
@@ -268,6 +302,7 @@ class Fleet:
     def nbytes(self) -> int:
         """Bytes held by the columns, the name table and the slot index (interners excluded)."""
         total = sum(getattr(self, name).nbytes for name in self._columns())
+        total += sum(getattr(self, name).nbytes for name in self._stamp_columns())
         total += sum(col.nbytes for col in self.label_values.values())
         total += sys.getsizeof(self.names) + sys.getsizeof(self._slot_of)
         total += sum(sys.getsizeof(n) for n in self._slot_of)
@@ -319,7 +354,7 @@ class Fleet:
         self.gpu_free_milli[slot, : spec.gpu_count] = GPU_MILLI
         self.gpu_unhealthy_mask[slot] = 0
         self._write_spec(slot, spec)
-        self.version += 1
+        self._stamp(slot, attr=True)
         return slot
 
     def update_node(self, spec: NodeSpec) -> int:
@@ -343,7 +378,7 @@ class Fleet:
             self._ensure_gpu_width(spec.gpu_count)
             self.gpu_free_milli[slot, old_count : spec.gpu_count] = GPU_MILLI
         self._write_spec(slot, spec)
-        self.version += 1
+        self._stamp(slot, attr=True)
         return slot
 
     def upsert_node(self, spec: NodeSpec) -> int:
@@ -377,7 +412,7 @@ class Fleet:
             values[slot] = -1
         self.flags[slot] = FLAG_EMPTY_SLOT
         heapq.heappush(self._free_slots, slot)
-        self.version += 1
+        self._stamp(slot, attr=True)
 
     def _taint_id(self, taint: Taint) -> int:
         tid = self._taint_ids.get(taint)
@@ -437,8 +472,9 @@ class Fleet:
                 flags = (flags | bit) if value else (flags & ~bit)
         if stale is not None:
             flags = (flags | FLAG_STALE) if stale else (flags & ~FLAG_STALE)
-        self.flags[slot] = flags
-        self.version += 1
+        if flags != int(self.flags[slot]):
+            self.flags[slot] = flags
+            self._stamp(slot, attr=True)
 
     def set_gpu_health(self, name: str, gpu_index: int, healthy: bool) -> None:
         """Mark one GPU healthy or unhealthy. An unhealthy GPU is never allocated; pods
@@ -448,8 +484,10 @@ class Fleet:
             raise ValueError(f"node {name!r} has no GPU {gpu_index}")
         bit = 1 << gpu_index
         mask = int(self.gpu_unhealthy_mask[slot])
-        self.gpu_unhealthy_mask[slot] = (mask & ~bit) if healthy else (mask | bit)
-        self.version += 1
+        new = (mask & ~bit) if healthy else (mask | bit)
+        if new != mask:
+            self.gpu_unhealthy_mask[slot] = new
+            self._stamp(slot, attr=True)
 
     # ---- derived views --------------------------------------------------------------
 
@@ -509,7 +547,7 @@ class Fleet:
         self.memory_allocated_bytes[slot] += alloc.memory_bytes
         for g in alloc.gpu_indices:
             self.gpu_free_milli[slot, g] -= alloc.gpu_milli_per_gpu
-        self.version += 1
+        self._stamp(slot, attr=False)
 
     def free(self, alloc: Allocation) -> None:
         """Release one allocation: the exact inverse of `allocate`.
@@ -533,7 +571,7 @@ class Fleet:
         self.memory_allocated_bytes[slot] -= alloc.memory_bytes
         for g in alloc.gpu_indices:
             self.gpu_free_milli[slot, g] += alloc.gpu_milli_per_gpu
-        self.version += 1
+        self._stamp(slot, attr=False)
 
     def allocate_many(
         self,
@@ -593,6 +631,7 @@ class Fleet:
         self.memory_allocated_bytes[:n] += sign * mem
         self.gpu_free_milli[:n] -= (sign * gpus).astype(np.int16)
         self.version += 1
+        self.slot_version[np.unique(slots)] = self.version
 
     # ---- copies and equality --------------------------------------------------------
 
@@ -600,7 +639,7 @@ class Fleet:
         """A deep, independent copy (what-if simulations run on copies)."""
         other = Fleet.__new__(Fleet)
         other.__dict__.update(self.__dict__)
-        for name in self._columns():
+        for name in (*self._columns(), *self._stamp_columns()):
             setattr(other, name, getattr(self, name).copy())
         other.label_values = {k: v.copy() for k, v in self.label_values.items()}
         for name in ("clusters", "zones", "racks", "pools", "gpu_models", "label_keys"):

@@ -24,7 +24,9 @@ per node with change stamps otherwise (and for FIFO-like queues of one-pod runs)
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,12 +42,13 @@ from scheduling.filters import (
     resource_first_failure,
     static_first_failure,
 )
-from scheduling.fleet import GPU_MILLI, Allocation, AllocationError, Fleet
+from scheduling.fleet import FLAG_EMPTY_SLOT, GPU_MILLI, Allocation, AllocationError, Fleet
 from scheduling.scoring import (
     DEFAULT_POLICY,
     NodeView,
     Policy,
     gpu_usable_matrix,
+    gpu_usable_rows,
     pick_bits,
     row_sum,
 )
@@ -400,19 +403,233 @@ class _States:
         )
 
 
+#: A shape's scores across calls: (static-ok live rows, room, scores, picks, step they are
+#: valid at, static generation of the row set). Rows without room hold -inf and pick 0.
+_ScoreEntry = tuple[I64, I64, NDArray[np.float64], I64, int, int]
+
+
+class PlacementCache:
+    """Fleet-derived arrays and per-shape scores kept from one `place` call to the next.
+
+    The daemon places one workload at a time on a fleet of 10,000 nodes or more: without a
+    cache each call snapshots the free resources, evaluates the static filters and scores
+    every node again. With one, a call refreshes only the slots the fleet stamped as changed
+    since the previous call (`Fleet.slot_version` / `attr_version`) and those the previous
+    call changed in its scratch state, re-scores only those rows, and places a single pod
+    with an argmax over cached scores.
+
+    Correct because plugins are node-local (scoring.py): a row's score depends only on that
+    row's state, the pod shape and the policy's constants, so it stays valid until the row
+    changes. A cache follows one Fleet object (another fleet, a copy included, or a fleet
+    whose interners grew starts it afresh) and one Policy object (another policy drops the
+    scores; build a new Policy when parameters change, e.g. FGD's target workload, and never
+    mutate one in use). Write fleet arrays only through Fleet methods (or `Fleet.touch`).
+    Decisions are identical with and without a cache (tests/unit/scheduling).
+
+    Memory: per cached shape about 32 bytes per candidate node plus 2 per slot; the least
+    recently used shapes are dropped beyond `max_shapes` or `max_bytes`.
+    """
+
+    def __init__(self, max_shapes: int = 64, max_bytes: int = 64 << 20) -> None:
+        """Keep scores of at most `max_shapes` shapes and about `max_bytes` bytes of them."""
+        if max_shapes < 1 or max_bytes < 0:
+            raise ValueError("max_shapes must be >= 1 and max_bytes >= 0")
+        self.max_shapes = max_shapes
+        self.max_bytes = max_bytes
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything (the next call rebuilds from the fleet)."""
+        self._fleet: weakref.ref[Fleet] | None = None
+        self._policy: weakref.ref[Policy] | None = None
+        self._parsed: dict[str, Policy] = {}
+        self._sig: tuple[int, ...] = ()
+        self._version = -1
+        self._touched: list[I64] = []
+        self.n = 0
+        self.step = 0
+        #: Bumped whenever static filter inputs changed: score entries re-derive their rows.
+        self.static_gen = 0
+        self.free = Free(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.int32))
+        self.usable = np.zeros((0, 0), np.bool_)
+        self.gpu_total = np.zeros(0, np.int64)
+        self.live = np.zeros(0, np.bool_)
+        self.live_rows = np.zeros(0, np.int64)
+        self.dirty_at = np.zeros(0, np.int64)
+        self.constraints: OrderedDict[Hashable, Constraints] = OrderedDict()
+        self.static: OrderedDict[Hashable, NDArray[np.int16]] = OrderedDict()
+        self.scores: OrderedDict[Hashable, _ScoreEntry] = OrderedDict()
+
+    def policy_for(self, spec: str) -> Policy:
+        """The parsed policy of a spec string, the same object every time (scores stay)."""
+        policy = self._parsed.get(spec)
+        if policy is None:
+            policy = self._parsed[spec] = Policy.parse(spec)
+        return policy
+
+    @staticmethod
+    def _signature(fleet: Fleet) -> tuple[int, ...]:
+        # Compiled constraints depend on the interners; arrays on the GPU and taint widths.
+        return (
+            fleet.max_gpus,
+            int(fleet.taint_bits.shape[1]),
+            len(fleet.clusters),
+            len(fleet.gpu_models),
+            len(fleet.label_keys),
+            len(fleet.label_values_interner),
+            len(fleet.taints),
+        )
+
+    def sync(self, fleet: Fleet, policy: Policy) -> None:
+        """Bring the cache up to date with `fleet` (called by `place`)."""
+        n = fleet.n_slots
+        sig = self._signature(fleet)
+        if self._fleet is None or self._fleet() is not fleet or sig != self._sig or n < self.n:
+            self._reset(fleet, sig)
+        else:
+            if n > self.n:
+                self._extend(n)
+            changed = np.flatnonzero(fleet.slot_version[:n] > self._version)
+            if self._touched:
+                changed = np.union1d(changed, np.concatenate(self._touched))
+            if changed.size:
+                self.step += 1
+                self._refresh(fleet, changed)
+                self.dirty_at[changed] = self.step
+            attr = np.flatnonzero(fleet.attr_version[:n] > self._version)
+            if attr.size:
+                self.static_gen += 1
+                self.live_rows = np.flatnonzero(self.live).astype(np.int64)
+                for key, codes in self.static.items():
+                    codes[attr] = static_first_failure(fleet, self.constraints[key], attr)
+        if self._policy is None or self._policy() is not policy:
+            self.scores.clear()
+            self._policy = weakref.ref(policy)
+        self._version = fleet.version
+        self._touched = []
+
+    def _reset(self, fleet: Fleet, sig: tuple[int, ...]) -> None:
+        max_shapes, max_bytes, parsed = self.max_shapes, self.max_bytes, self._parsed
+        self.clear()
+        self.max_shapes, self.max_bytes, self._parsed = max_shapes, max_bytes, parsed
+        self._fleet = weakref.ref(fleet)
+        self._sig = sig
+        self.n = fleet.n_slots
+        self.free = Free.of(fleet)
+        self.usable = gpu_usable_matrix(fleet)
+        self.gpu_total = row_sum(self.free.gpu_milli)
+        self.live = fleet.live_mask()
+        self.live_rows = np.flatnonzero(self.live).astype(np.int64)
+        self.dirty_at = np.zeros(self.n, np.int64)
+
+    def _extend(self, n: int) -> None:
+        extra = n - self.n
+        f = self.free
+        g = f.gpu_milli.shape[1]
+        self.free = Free(
+            np.concatenate([f.cpu_millicores, np.zeros(extra, np.int64)]),
+            np.concatenate([f.memory_bytes, np.zeros(extra, np.int64)]),
+            np.concatenate([f.gpu_milli, np.zeros((extra, g), f.gpu_milli.dtype)]),
+        )
+        self.usable = np.concatenate([self.usable, np.zeros((extra, g), np.bool_)])
+        self.gpu_total = np.concatenate([self.gpu_total, np.zeros(extra, np.int64)])
+        self.live = np.concatenate([self.live, np.zeros(extra, np.bool_)])
+        self.dirty_at = np.concatenate([self.dirty_at, np.zeros(extra, np.int64)])
+        for key, codes in self.static.items():
+            self.static[key] = np.concatenate([codes, np.zeros(extra, np.int16)])
+        self.n = n  # the new slots are stamped in the fleet: the caller refreshes them
+
+    def _refresh(self, fleet: Fleet, slots: I64) -> None:
+        f = self.free
+        f.cpu_millicores[slots] = (
+            fleet.cpu_allocatable_millicores[slots] - fleet.cpu_allocated_millicores[slots]
+        )
+        f.memory_bytes[slots] = (
+            fleet.memory_allocatable_bytes[slots] - fleet.memory_allocated_bytes[slots]
+        )
+        gpu = fleet.usable_gpu_free_milli(slots)
+        f.gpu_milli[slots] = gpu
+        self.usable[slots] = gpu_usable_rows(fleet, slots)
+        self.gpu_total[slots] = row_sum(gpu)
+        self.live[slots] = (fleet.flags[slots] & FLAG_EMPTY_SLOT) == 0
+
+    def _finish(self, step: int, touched: list[I64]) -> None:
+        self.step = step
+        self._touched = touched
+
+    def constraints_of(self, fleet: Fleet, pod: PodSpec) -> Constraints:
+        """The pod shape compiled against the fleet (kept while the interners stay)."""
+        key = pod.shape_key
+        c = self.constraints.get(key)
+        if c is None:
+            c = self.constraints[key] = compile_pod(fleet, pod)
+            while len(self.constraints) > 16 * self.max_shapes:
+                old, _ = self.constraints.popitem(last=False)
+                self.static.pop(old, None)
+                self.scores.pop(old, None)
+        else:
+            self.constraints.move_to_end(key)
+        return c
+
+    def static_codes(self, fleet: Fleet, pod: PodSpec) -> NDArray[np.int16]:
+        """(n_slots,) int16 first failing static filter per slot (live slots valid)."""
+        key = pod.shape_key
+        codes = self.static.get(key)
+        if codes is None:
+            c = self.constraints_of(fleet, pod)
+            codes = np.zeros(self.n, np.int16)
+            codes[self.live_rows] = static_first_failure(fleet, c, self.live_rows)
+            self.static[key] = codes
+            while len(self.static) > 4 * self.max_shapes:
+                self.static.popitem(last=False)
+        else:
+            self.static.move_to_end(key)
+        return codes
+
+    def store_scores(self, key: Hashable, entry: _ScoreEntry) -> None:
+        """Keep a shape's scores (least recently used shapes go first)."""
+        self.scores[key] = entry
+        self.scores.move_to_end(key)
+        rows = sum(int(e[0].size) for e in self.scores.values())
+        while len(self.scores) > 1 and (
+            len(self.scores) > self.max_shapes or 32 * rows > self.max_bytes
+        ):
+            _, old = self.scores.popitem(last=False)
+            rows -= int(old[0].size)
+
+
 class _Engine:
-    """One `place` call: scratch free resources and per-shape caches."""
+    """One `place` call: scratch free resources and per-shape caches (the scratch arrays
+    are a `PlacementCache`'s when one is given: they are resynced after the call)."""
 
     def __init__(
-        self, fleet: Fleet, batch: Batch, policy: Policy, *, by_state: bool = True
+        self,
+        fleet: Fleet,
+        batch: Batch,
+        policy: Policy,
+        *,
+        by_state: bool = True,
+        cache: PlacementCache | None = None,
     ) -> None:
         self.fleet = fleet
         self.batch = batch
         self.policy = policy
-        self.free = Free.of(fleet)
-        self.live_rows = np.flatnonzero(fleet.live_mask()).astype(np.int64)
-        self.usable = gpu_usable_matrix(fleet)
-        self.gpu_total = row_sum(self.free.gpu_milli)  # (n_slots,) free milli-GPU per node
+        self.xc = cache
+        self.touched: list[I64] = []  # slots whose scratch state changed (for the cache)
+        if cache is not None:
+            self.free = cache.free
+            self.live_rows = cache.live_rows
+            self.usable = cache.usable
+            self.gpu_total = cache.gpu_total
+            self.dirty_at = cache.dirty_at
+            self.step = cache.step
+        else:
+            self.free = Free.of(fleet)
+            self.live_rows = np.flatnonzero(fleet.live_mask()).astype(np.int64)
+            self.usable = gpu_usable_matrix(fleet)
+            self.gpu_total = row_sum(self.free.gpu_milli)  # (n_slots,) free milli-GPU
+            self.dirty_at = np.zeros(fleet.n_slots, np.int64)
+            self.step = 0
         self.constraints: dict[int, Constraints] = {}
         # Candidate rows per shape: passes static filters and had room at the last look.
         # Within one call free resources only shrink (trials are rolled back exactly),
@@ -422,11 +639,9 @@ class _Engine:
         self.exhausted: set[int] = set()
         # Per-shape cache of (rows, room, scores, picks, step) and per-slot change stamps.
         self.cache: dict[int, tuple[I64, I64, NDArray[np.float64], I64, int]] = {}
-        self.step = 0
         self.in_trial = False
         self.last_cls = np.zeros(0, np.int64)  # classes of the rows _scored_by_state returned
         self._topology: dict[TopologyLevel, I64] = {}
-        self.dirty_at = np.zeros(fleet.n_slots, np.int64)
         # Without a GPU-choosing plugin, deeper states have a closed form (states_after).
         self.closed_form = not any(p.chooses_gpus for p, _ in policy.terms)
         # With state-only plugins, score each distinct node state once (_States).
@@ -447,14 +662,24 @@ class _Engine:
     def cons(self, shape: int) -> Constraints:
         c = self.constraints.get(shape)
         if c is None:
-            c = self.constraints[shape] = compile_pod(self.fleet, self.batch.shapes[shape])
+            pod = self.batch.shapes[shape]
+            c = (
+                compile_pod(self.fleet, pod)
+                if self.xc is None
+                else self.xc.constraints_of(self.fleet, pod)
+            )
+            self.constraints[shape] = c
         return c
 
     def static_codes(self, shape: int) -> NDArray[np.int16]:
         """First failing static filter per live row for the shape (0 = passes), cached."""
         codes = self.static.get(shape)
         if codes is None:
-            codes = static_first_failure(self.fleet, self.cons(shape), self.live_rows)
+            if self.xc is None:
+                codes = static_first_failure(self.fleet, self.cons(shape), self.live_rows)
+            else:
+                dense = self.xc.static_codes(self.fleet, self.batch.shapes[shape])
+                codes = dense[self.live_rows]
             self.static[shape] = codes
         return codes
 
@@ -490,7 +715,9 @@ class _Engine:
         if self.states is not None:
             return self._scored_by_state(shape, c)
         entry = self.cache.get(shape)
-        if entry is None:
+        if entry is None and self.xc is not None:
+            rows, cap, s0, p0 = self._scored_across_calls(shape, c)
+        elif entry is None:
             rows = self.candidate_rows(shape)
             cap = pod_capacity(self.free, c, rows, _NO_LIMIT)
             if not self.in_trial:
@@ -513,6 +740,46 @@ class _Engine:
         if self.in_trial and not cap.all():
             keep = cap > 0
             return rows[keep], cap[keep], s0[keep], p0[keep]
+        return rows, cap, s0, p0
+
+    def _scored_across_calls(
+        self, shape: int, c: Constraints
+    ) -> tuple[I64, I64, NDArray[np.float64], I64]:
+        """The first look at a shape in this call, from the PlacementCache: every static-ok
+        row with its room and scores, re-scoring only rows changed since they were cached
+        (rows without room hold -inf; the caller drops them)."""
+        xc = self.xc
+        assert xc is not None
+        key = self.batch.shapes[shape].shape_key
+        rows = self.candidate_rows(shape)
+        old = xc.scores.get(key)
+        todo: I64
+        if old is None:
+            cap = np.zeros(rows.size, np.int64)
+            s0 = np.full(rows.size, -np.inf)
+            p0 = np.zeros(rows.size, np.int64)
+            todo = np.arange(rows.size, dtype=np.int64)
+        else:
+            o_rows, cap, s0, p0, stamp, gen = old
+            if gen == xc.static_gen or np.array_equal(o_rows, rows):
+                todo = np.flatnonzero(self.dirty_at[rows] > stamp)
+            else:  # the static filters' row set changed: keep what is still there
+                pos = np.minimum(np.searchsorted(o_rows, rows), max(o_rows.size - 1, 0))
+                hit = (o_rows[pos] == rows) if o_rows.size else np.zeros(rows.size, np.bool_)
+                cap = np.where(hit, cap[pos] if o_rows.size else 0, 0).astype(np.int64)
+                s0 = np.where(hit, s0[pos] if o_rows.size else -np.inf, -np.inf)
+                p0 = np.where(hit, p0[pos] if o_rows.size else 0, 0).astype(np.int64)
+                todo = np.flatnonzero(~hit | (self.dirty_at[rows] > stamp))
+        if todo.size:
+            sub = rows[todo]
+            room = pod_capacity(self.free, c, sub, _NO_LIMIT)
+            cap[todo] = room
+            s0[todo] = -np.inf
+            p0[todo] = 0
+            fit = todo[room > 0]
+            if fit.size:
+                s0[fit], p0[fit] = self._evaluate(rows[fit], c)
+        xc.store_scores(key, (rows, cap, s0, p0, self.step, xc.static_gen))
         return rows, cap, s0, p0
 
     def _scored_by_state(
@@ -779,6 +1046,8 @@ class _Engine:
             return
         self.step += 1
         self.dirty_at[slots] = self.step
+        if self.xc is not None:
+            self.touched.append(slots)
         free = self.free
         if c.cpu_millicores:
             np.add.at(free.cpu_millicores, slots, sign * c.cpu_millicores)
@@ -869,17 +1138,34 @@ def place(
     policy: Policy | str | None = None,
     *,
     order: Order = Order.LARGEST_FIRST,
+    cache: PlacementCache | None = None,
 ) -> PlacementResult:
     """Place a queue of pods and gangs on the fleet without mutating it.
 
     `policy` is a Policy, a spec string for `Policy.parse`, or None (DEFAULT_POLICY).
     `order` chooses GROUPED (priority, then identical shapes together: fast) or FIFO
     (priority, then exact input order). Apply the result with `commit`.
+    `cache`: a PlacementCache kept by the caller across calls on this fleet, so that a call
+    only re-scores what changed since the last one (same decisions, faster).
     """
     if not isinstance(batch, Batch):
         batch = Batch.of(batch)
     if not isinstance(policy, Policy):
-        policy = Policy.parse(policy or DEFAULT_POLICY)
+        spec = policy or DEFAULT_POLICY
+        policy = Policy.parse(spec) if cache is None else cache.policy_for(spec)
+    if cache is None:
+        return _place(fleet, batch, policy, order, None)
+    cache.sync(fleet, policy)
+    try:
+        return _place(fleet, batch, policy, order, cache)
+    except BaseException:
+        cache.clear()  # the scratch state may be half-applied: start afresh next time
+        raise
+
+
+def _place(
+    fleet: Fleet, batch: Batch, policy: Policy, order: Order, cache: PlacementCache | None
+) -> PlacementResult:
     p = len(batch)
     node_slot = np.full(p, -1, np.int64)
     gpu_mask = np.zeros(p, np.int64)
@@ -894,7 +1180,7 @@ def place(
     # Scoring per distinct node state pays off when runs are long; with FIFO-like queues
     # (runs of one pod) scoring only the changed rows is cheaper. Same decisions either way.
     by_state = p >= max(_BY_STATE_RUN * len(starts), _BY_STATE_MIN_PODS)
-    engine = _Engine(fleet, batch, policy, by_state=by_state)
+    engine = _Engine(fleet, batch, policy, by_state=by_state, cache=cache)
     pending: list[tuple[I64, int]] = []  # unplaced pods whose reason is filled in at the end
     for a, b in zip(starts, ends, strict=True):
         if a >= b:
@@ -925,6 +1211,8 @@ def place(
         if s_ not in reasons_of:
             reasons_of[s_] = engine.reason_for(s_)
         reason[pods_] = reasons_of[s_]
+    if cache is not None:  # the scratch changes are undone by resyncing those slots
+        cache._finish(engine.step, engine.touched)
     shapes = batch.shapes
     shape_of = batch.shape_of
     milli = np.array([sp.milli_per_gpu for sp in shapes], np.int64)[shape_of]

@@ -132,6 +132,15 @@ def gpu_usable_matrix(fleet: Fleet) -> NDArray[np.bool_]:
     return np.asarray(usable, np.bool_)
 
 
+def gpu_usable_rows(fleet: Fleet, rows: I64) -> NDArray[np.bool_]:
+    """(R, max_gpus) bool: `gpu_usable_matrix` for the slots `rows` only."""
+    count = fleet.gpu_count[rows].astype(np.int64)
+    bad = fleet.gpu_unhealthy_mask[rows]
+    idx = np.arange(fleet.max_gpus, dtype=np.int64)
+    usable = (idx[None, :] < count[:, None]) & (((bad[:, None] >> idx[None, :]) & 1) == 0)
+    return np.asarray(usable, np.bool_)
+
+
 def pick_bits(pick: I64, gpus: int) -> NDArray[np.int64]:
     """(R, gpus) 0/1 matrix of the GPU bitmasks `pick`."""
     return (pick[:, None] >> np.arange(gpus, dtype=np.int64)[None, :]) & 1

@@ -1,0 +1,57 @@
+"""fleetd.engine.PolicyMemo: the daemon keeps one Policy object (and so the core's cached
+scores) while FGD's target workload moves less than TARGET_TOLERANCE."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fleetd import engine
+from scheduling import Fleet, NodeSpec
+
+GIB = 1 << 30
+
+
+def _fleet() -> Fleet:
+    f = Fleet()
+    f.add_node(NodeSpec("c/n0", "c", 64_000, 256 * GIB, 8, "A100", 81_920))
+    return f
+
+
+def _target(one_gpu: int, share: int) -> engine.TargetWorkload:
+    t = engine.TargetWorkload(window=1000)
+    t.observe([engine.PodRequest("a", 2000, GIB, gpu_count=1)] * one_gpu)
+    t.observe([engine.PodRequest("b", 1000, GIB, gpu_milli=500)] * share)
+    return t
+
+
+def test_target_distance_is_total_variation() -> None:
+    f = _fleet()
+    a = _target(80, 20).typical(f)
+    b = _target(70, 30).typical(f)
+    c = _target(100, 0).typical(f)
+    assert a is not None
+    assert b is not None
+    assert c is not None
+    # 0.5 * (|0.8 - 0.7| + |0.2 - 0.3|) = 0.1; a type missing on one side counts as 0:
+    # 0.5 * (|0.8 - 1.0| + |0.2 - 0|) = 0.2
+    assert np.isclose(engine.target_distance(a, b), 0.1)
+    assert np.isclose(engine.target_distance(a, c), 0.2)
+    assert engine.target_distance(a, a) == 0.0
+
+
+def test_same_policy_object_until_the_target_moves_materially() -> None:
+    f = _fleet()
+    memo = engine.PolicyMemo(tolerance=0.05)
+    first = memo.build("fgd-plus", _target(80, 20).typical(f))
+    # 0.5 * (0.03 + 0.03) = 0.03 <= 0.05: the same object, the first target kept.
+    assert memo.build("fgd-plus", _target(77, 23).typical(f)) is first
+    assert memo.builds == 1
+    # 0.5 * (0.1 + 0.1) = 0.1 from the target in use (drift accumulates): a new policy.
+    moved = memo.build("fgd-plus", _target(70, 30).typical(f))
+    assert moved is not first
+    assert memo.typical is not None
+    assert np.isclose(engine.target_distance(memo.typical, _target(70, 30).typical(f)), 0.0)  # type: ignore[arg-type]
+    # Another spec always rebuilds; no target yet falls back to the default policy.
+    assert memo.build("fgd", memo.typical) is not moved
+    assert memo.build("fgd", None) is not None
+    assert memo.typical is None
