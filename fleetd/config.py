@@ -313,6 +313,14 @@ class KafkaSourceConfig(_Strict):
     clusters: list[Name] = Field(
         default_factory=list, description="Clusters whose initial sync readiness waits for."
     )
+    sync_lost_after_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "The broker unreachable this long: every Kafka cluster loses its sync (readiness "
+            "drops, Place answers UNAVAILABLE) until the consumer is back and caught up."
+        ),
+    )
 
 
 class KubernetesSourceConfig(_Strict):
@@ -322,6 +330,14 @@ class KubernetesSourceConfig(_Strict):
     kubeconfig: str = Field("~/.kube/config", description="Kubeconfig; every context a cluster.")
     contexts: list[str] = Field(
         default_factory=list, description="Contexts to watch (empty = every context)."
+    )
+    sync_lost_after_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "A cluster whose watches cannot reconnect or relist this long loses its sync "
+            "(readiness drops, Place answers UNAVAILABLE) until they are current again."
+        ),
     )
 
 

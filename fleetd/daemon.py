@@ -57,6 +57,8 @@ _RESERVED_LOG_ATTRS = set(vars(logging.makeLogRecord({})))
 #: Fleet gauges are recomputed this often: a few ms at 10^4 nodes on the loop, so not every
 #: second (Prometheus scrapes every 15-60 s).
 METRICS_REFRESH_S = 5.0
+#: How often sources that reported a lost connection are checked against sync_lost_after_s.
+SOURCE_CHECK_S = 1.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -192,6 +194,9 @@ class Daemon:
             "staleness",
             self._every(lambda: self.config.staleness.check_interval_s, state.mark_stale),
         )
+        # Sources report connection changes as they happen; this turns "down for longer
+        # than sync_lost_after_s" into lost sync (readiness drops).
+        self._spawn("source-sync", self._every(lambda: SOURCE_CHECK_S, state.check_sources))
         self._spawn(
             "metrics-refresh",
             self._every(lambda: METRICS_REFRESH_S, lambda: self.metrics.refresh(state)),
@@ -249,12 +254,21 @@ class Daemon:
             fn()
 
     async def _readiness(self) -> None:
-        """Flip grpc.health.v1 to SERVING once every source has synced, then stay."""
-        assert self.state is not None
-        await self.state.ready_event.wait()
-        await self._set_health(True)
-        log.info("ready: every source synced")
-        await self.stopping.wait()
+        """Keep grpc.health.v1 equal to readiness: SERVING while every source is synced,
+        NOT_SERVING before the initial sync and while a source has lost its sync."""
+        state = self.state
+        assert state is not None
+        serving = False
+        while True:
+            state.readiness_changed.clear()
+            if state.ready != serving:
+                serving = state.ready
+                await self._set_health(serving)
+                if serving:
+                    log.info("ready: every source synced")
+                else:
+                    log.warning("not ready", extra={"reason": state.not_ready_reason()})
+            await state.readiness_changed.wait()
 
     async def _set_health(self, ready: bool) -> None:
         status = (

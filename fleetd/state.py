@@ -171,6 +171,11 @@ class _SourceInfo:
     synced: bool = False
     last_update_s: float = 0.0
     last_observed_s: float = 0.0
+    #: When the source last reported losing its connection (0: connected), and why.
+    down_since_s: float = 0.0
+    down_reason: str = ""
+    #: Down for longer than the source's `sync_lost_after_s`: its sync is lost (not ready).
+    lost: bool = False
 
 
 _OVERFLOW = "overflow"
@@ -322,9 +327,11 @@ class FleetState:
         self._owner = threading.get_ident()
         self.ignored_updates = 0
         self.invalid_updates = 0
-        #: Set once every expected source has synced (set now: none expected yet).
+        #: Set while every expected source is synced (set now: none expected yet).
         self.ready_event = asyncio.Event()
         self.ready_event.set()
+        #: Set on every change of `ready` (the daemon flips grpc.health.v1 on it, then clears).
+        self.readiness_changed = asyncio.Event()
         journal.retain_decisions = config.limits.decision_history
         # Decisions made before a restart stay resumable (WatchDecisions after_seq).
         self.history.extend(
@@ -347,18 +354,94 @@ class FleetState:
 
     def expect_source(self, source: str, cluster: str) -> None:
         """Readiness waits for `ClusterSynced(cluster, source)`."""
-        if not self.sources.setdefault((source, cluster), _SourceInfo()).synced:
-            self.ready_event.clear()
+        was = self.ready
+        self.sources.setdefault((source, cluster), _SourceInfo())
+        self._readiness_update(was)
 
     @property
     def ready(self) -> bool:
-        """True once every expected (source, cluster) has finished its initial sync."""
-        return all(s.synced for s in self.sources.values())
+        """True while every expected (source, cluster) is synced: its initial sync is done
+        and it has not lost its connection for longer than its `sync_lost_after_s`."""
+        return all(s.synced and not s.lost for s in self.sources.values())
+
+    def source_reason(self, source: str, cluster: str) -> str:
+        """Why (source, cluster) is not synced ('' when it is)."""
+        s = self.sources.get((source, cluster))
+        if s is None:
+            return ""
+        if s.lost:
+            since = max(0.0, self.clock() - s.down_since_s)
+            return f"sync lost {since:.0f} s ago: {s.down_reason}"
+        if not s.synced:
+            extra = f" ({s.down_reason})" if s.down_since_s else ""
+            return "waiting for the initial sync" + extra
+        return ""
 
     def not_ready_reason(self) -> str:
-        """Which sources readiness still waits for ('' when ready)."""
-        waiting = sorted(f"{src}/{cl}" for (src, cl), s in self.sources.items() if not s.synced)
-        return "" if not waiting else "waiting for initial sync of " + ", ".join(waiting)
+        """Which sources readiness waits for, and why ('' when ready)."""
+        waiting = [
+            f"{src}/{cl}: {self.source_reason(src, cl)}"
+            for (src, cl), s in sorted(self.sources.items())
+            if not s.synced or s.lost
+        ]
+        return "; ".join(waiting)
+
+    def source_connection(self, source: str, cluster: str, ok: bool, reason: str = "") -> None:
+        """A source's connection to a cluster (`cluster` '': to all of its clusters) went
+        down (`ok` False, with the reason) or is current again (re-listed, caught up).
+
+        Down for longer than the source's `sync_lost_after_s` (see `check_sources`) loses the
+        sync: readiness drops until the source reports it current again.
+        """
+        self._check_owner()
+        was = self.ready
+        now = self.clock()
+        for (src, cl), info in self.sources.items():
+            if src != source or (cluster and cl != cluster):
+                continue
+            if ok:
+                info.down_since_s, info.down_reason = 0.0, ""
+                info.lost = False
+            else:
+                if not info.down_since_s:
+                    info.down_since_s = now
+                info.down_reason = reason
+        if self._readiness_update(was):
+            self._retry_queue(now)  # placements held back while not ready
+        if not ok:
+            self.check_sources()
+
+    def check_sources(self) -> int:
+        """Mark sources down longer than their `sync_lost_after_s` as lost; returns how many
+        are lost (the daemon sweeps this every second)."""
+        self._check_owner()
+        was = self.ready
+        now = self.clock()
+        lost = 0
+        for (src, _), info in self.sources.items():
+            bound_s = self._sync_lost_after_s(src)
+            if info.down_since_s and bound_s is not None and now - info.down_since_s >= bound_s:
+                info.lost = True
+            lost += info.lost
+        self._readiness_update(was)
+        return lost
+
+    def _sync_lost_after_s(self, source: str) -> float | None:
+        section = getattr(self.config.sources, source, None)
+        bound = getattr(section, "sync_lost_after_s", None)
+        return float(bound) if bound is not None else None
+
+    def _readiness_update(self, was_ready: bool) -> bool:
+        """After a change of source state: flip the ready event and tell watchers; True
+        when it just became ready."""
+        now_ready = self.ready
+        if now_ready:
+            self.ready_event.set()
+        else:
+            self.ready_event.clear()
+        if now_ready != was_ready:
+            self.readiness_changed.set()
+        return now_ready and not was_ready
 
     # -- updates from sources ---------------------------------------------------------------
 
@@ -603,11 +686,14 @@ class FleetState:
             for wid, held in list(self.held.items()):
                 if any(p.cluster == u.cluster and p.node not in u.nodes for p in held.record.pods):
                     self._end(wid, "expire", "expired", now, reason="its node is gone")
+        was = self.ready
         info = self.sources.setdefault((u.source, u.cluster), _SourceInfo())
         info.synced = True
         info.last_update_s = now
+        # A (re)sync is current by definition: whatever outage came before is over.
+        info.down_since_s, info.down_reason, info.lost = 0.0, "", False
+        self._readiness_update(was)
         if self.ready:
-            self.ready_event.set()
             self._retry_queue(now)
 
     def _pod_observed(self, p: up.PodObserved, now: float) -> None:
@@ -1264,7 +1350,7 @@ class FleetState:
             (
                 src,
                 cl,
-                s.synced,
+                s.synced and not s.lost,
                 (now - s.last_update_s) if s.last_update_s else -1.0,
                 s.last_observed_s,
             )

@@ -385,6 +385,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                         synced=synced,
                         last_update_age_s=age,
                         last_update=timestamp(now - age) if age >= 0 else None,
+                        reason=state.source_reason(src, cl),
                     )
                     for src, cl, synced, age, _ in state.source_status()
                 ],

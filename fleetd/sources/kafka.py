@@ -77,6 +77,10 @@ class KafkaSourceSettings:
     poll_timeout_ms: int = 200
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
+    #: Broker liveness: a metadata round trip (end offsets) at most this often while
+    #: consuming, failing after `probe_timeout_s` (reported through `on_connection`).
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 5.0
     #: Extra keyword arguments for both aiokafka clients (security settings and the like).
     client_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -140,6 +144,13 @@ class KafkaSource:
         self.progress = asyncio.Condition()
         #: Kafka key -> the node content last applied under it (the unchanged-report path).
         self._contents: dict[bytes, _Content] = {}
+        #: Told (ok, reason) on every change of the broker connection: False when the broker
+        #: cannot be reached, True once it is back and the consumer caught up with the end
+        #: offsets it saw on return (the daemon's readiness; see `_probe`).
+        self.on_connection: Callable[[bool, str], None] | None = None
+        self._connected: bool | None = None
+        self._next_probe_s = 0.0
+        self._resync_end: dict[TopicPartition, int] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -170,6 +181,7 @@ class KafkaSource:
                 await producer.start()
             except KafkaError as exc:
                 delay = backoff.next_delay_s()
+                self._connection(False, f"cannot connect to {s.bootstrap_servers}: {exc!r}")
                 log.warning("kafka: cannot connect to %s (%s); retry in %.1fs",
                             s.bootstrap_servers, exc, delay)  # fmt: skip
                 await _stop_quietly(consumer, producer)
@@ -183,6 +195,7 @@ class KafkaSource:
                 # Non-retriable client errors: start over with fresh clients; what was not
                 # committed is redelivered and the sequence gate drops what was applied.
                 delay = backoff.next_delay_s()
+                self._connection(False, f"consumer failed: {exc!r}")
                 log.warning("kafka: consumer failed (%s); restarting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
             finally:
@@ -202,6 +215,48 @@ class KafkaSource:
                 await self.process(batches, consumer, producer)
             if not self.ready.is_set():
                 await self._check_initial_sync(consumer)
+            elif self.on_connection is not None:
+                await self._probe(consumer)
+
+    # ------------------------------------------------------------------ connection
+
+    def _connection(self, ok: bool, reason: str = "") -> None:
+        """Report a change of the broker connection to `on_connection`."""
+        if ok != self._connected:
+            self._connected = ok
+            if not ok:
+                self._resync_end = None
+            if self.on_connection is not None:
+                self.on_connection(ok, reason)
+
+    async def _probe(self, consumer: AIOKafkaConsumer) -> None:
+        """aiokafka retries a lost broker silently (polls just return nothing), so ask it
+        for the end offsets now and then. Down: reported at once (the daemon applies its
+        time bound). Back: reported once the consumer reached the end offsets it saw on
+        return, i.e. it has resynced."""
+        now_s = time.monotonic()
+        if now_s < self._next_probe_s:
+            return
+        self._next_probe_s = now_s + self.settings.probe_interval_s
+        assignment = list(consumer.assignment())
+        if not assignment:
+            return
+        try:
+            end = await asyncio.wait_for(
+                consumer.end_offsets(assignment), self.settings.probe_timeout_s
+            )
+            if self._connected is True:
+                return
+            if self._resync_end is None:
+                self._resync_end = end
+            for tp, offset in self._resync_end.items():
+                if await consumer.position(tp) < offset:
+                    return
+        except (KafkaError, IllegalStateError, TimeoutError) as exc:
+            self._connection(False, f"broker {self.settings.bootstrap_servers} unreachable: "
+                             f"{exc!r}")  # fmt: skip
+            return
+        self._connection(True)
 
     async def process(
         self,
@@ -537,4 +592,6 @@ def build(config: Any, state: Any, daemon_metrics: Any) -> Callable[[], Awaitabl
         state.expect_source(SOURCE, cluster)
     metrics = SourceMetrics.for_daemon(daemon_metrics)
     sink = StateSink(state, lambda kind: metrics.telemetry_records.labels("rejected").inc())
-    return KafkaSource(settings, sink, metrics=metrics).run
+    source = KafkaSource(settings, sink, metrics=metrics)
+    source.on_connection = lambda ok, reason: state.source_connection(SOURCE, "", ok, reason)
+    return source.run

@@ -135,6 +135,11 @@ class KubernetesSource:
         #: Overrides settings.node_resync_interval_s when set (the daemon derives it from
         #: its hot-reloadable staleness limit).
         self.resync_interval_fn: Callable[[], float | None] | None = None
+        #: Told (cluster, ok, reason) when a cluster's watches stop being current (a list
+        #: or watch request failed: the API server cannot be reached or refuses) and when
+        #: they are current again (re-listed, or a watch resumed) (the daemon's readiness).
+        self.on_connection: Callable[[str, bool, str], None] | None = None
+        self._cluster_ok: dict[str, bool] = {}
 
     def resolve_clusters(self) -> list[str]:
         """The clusters (contexts) this source watches; raises KubeconfigError."""
@@ -217,6 +222,14 @@ class KubernetesSource:
             await self.sink.apply(updates)
         return len(updates)
 
+    def _watch_health(self, cluster: str, reason: str = "") -> None:
+        """Report a change of a cluster's watch health (all its watchers current or not)."""
+        ok = all(w.healthy for w in self._watchers if w.cluster == cluster)
+        if self._cluster_ok.get(cluster) != ok:
+            self._cluster_ok[cluster] = ok
+            if self.on_connection is not None:
+                self.on_connection(cluster, ok, reason)
+
     def now_s(self) -> float:
         """Wall-clock time (Unix seconds) stamped on observed nodes."""
         return self._wall_clock()
@@ -282,6 +295,7 @@ class _Watcher:
 
     async def _after_error(self, exc: BaseException) -> None:
         self.healthy = False
+        self.source._watch_health(self.cluster, f"{self.kind}: {type(exc).__name__}: {_short(exc)}")
         if isinstance(exc, ApiException) and exc.status == 410:
             self.rv = None
         delay = self.backoff.next_delay_s()
@@ -344,6 +358,7 @@ class _Watcher:
         await self.source.sink.apply(updates)
         self.rv = rv
         self.healthy = True
+        self.source._watch_health(self.cluster)
         log.info("kube %s/%s: listed %d at resourceVersion %s",
                  self.cluster, self.kind, len(items), rv)  # fmt: skip
 
@@ -399,6 +414,7 @@ class _Watcher:
                     raise item
                 if not item:  # the stream is open: the picture is current again
                     self.healthy = True
+                    self.source._watch_health(self.cluster)
                     continue
                 lines = [item]
                 while not queue.empty() and len(lines) < 1000:
@@ -538,6 +554,9 @@ def build(config: Any, state: Any, daemon_metrics: Any) -> Callable[[], Awaitabl
     )
     # Re-apply quiet nodes well inside the (hot-reloadable) staleness limit.
     source.resync_interval_fn = lambda: min(30.0, state.config.staleness.node_stale_after_s / 4)
+    source.on_connection = lambda cluster, ok, why: state.source_connection(
+        SOURCE, cluster, ok, why
+    )
     for cluster in source.resolve_clusters():
         state.expect_source(SOURCE, cluster)
     return source.run

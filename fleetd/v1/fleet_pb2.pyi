@@ -263,12 +263,18 @@ class SourceStatus(_message.Message):
     SYNCED_FIELD_NUMBER: _builtins.int
     LAST_UPDATE_AGE_S_FIELD_NUMBER: _builtins.int
     LAST_UPDATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     """"simulated", "kafka", "kubernetes"."""
     cluster: _builtins.str
     synced: _builtins.bool
     last_update_age_s: _builtins.float
     """Seconds since the last update from this source for this cluster."""
+    reason: _builtins.str
+    """Why not synced ('' when synced): "waiting for the initial sync", or "sync lost N s ago:
+    <cause>" after the source could not reach the cluster for longer than its
+    sync_lost_after_s (e.g. the Kafka broker unreachable, a watch unable to reconnect).
+    """
     @_builtins.property
     def last_update(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -279,10 +285,11 @@ class SourceStatus(_message.Message):
         synced: _builtins.bool = ...,
         last_update_age_s: _builtins.float = ...,
         last_update: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_update", b"last_update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "last_update", b"last_update", "last_update_age_s", b"last_update_age_s", "source", b"source", "synced", b"synced"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "last_update", b"last_update", "last_update_age_s", b"last_update_age_s", "reason", b"reason", "source", b"source", "synced", b"synced"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

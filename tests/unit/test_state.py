@@ -110,6 +110,60 @@ def test_not_ready_until_synced(tmp_path: Path, clock: FakeClock) -> None:
     assert state.place(request("w")).result == "placed"
 
 
+def test_lost_source_drops_readiness_until_it_resyncs(tmp_path: Path, clock: FakeClock) -> None:
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), clock)
+    state.expect_source("kafka", "c1")
+    state.expect_source("kafka", "c2")
+    state.expect_source("kubernetes", "k1")
+    state.apply_now(node("n0", seq=1))
+    for cluster, source in (("c1", "kafka"), ("c2", "kafka"), ("k1", "kubernetes")):
+        state.apply_now(up.ClusterSynced(cluster, source))
+    assert state.ready
+    state.place(request("big", gpus=8))
+    assert state.place(request("q", gpus=4)).result == "queued"
+    state.readiness_changed.clear()
+    # Down, but not yet for sync_lost_after_s (30 s by default): still ready.
+    state.source_connection("kafka", "", False, "broker unreachable: KafkaConnectionError")
+    clock.now_s += 29
+    assert state.check_sources() == 0
+    assert state.ready
+    assert not state.readiness_changed.is_set()
+    clock.now_s += 1
+    assert state.check_sources() == 2  # every cluster of the Kafka source
+    assert not state.ready
+    assert not state.ready_event.is_set()
+    assert state.readiness_changed.is_set()
+    assert state.source_reason("kafka", "c2") == (
+        "sync lost 30 s ago: broker unreachable: KafkaConnectionError"
+    )
+    assert state.source_reason("kubernetes", "k1") == ""
+    assert "kafka/c1: sync lost" in state.not_ready_reason()
+    with pytest.raises(NotReady, match="kafka/c2: sync lost 30 s ago"):
+        state.place(request("w", gpus=1))
+    # Capacity frees while not ready: the queue waits (fleet state may be out of date) ...
+    state.release("big")
+    assert "q" in state.queue
+    # ... and is retried once the source is current again.
+    state.source_connection("kafka", "", True)
+    assert state.ready
+    assert state.ready_event.is_set()
+    assert "q" in state.held
+    # A kube cluster down briefly and back before the bound never drops readiness.
+    state.source_connection("kubernetes", "k1", False, "nodes: HTTP 503")
+    state.source_connection("kubernetes", "k1", True)
+    clock.now_s += 3600
+    assert state.check_sources() == 0
+    assert state.ready
+    # A relist (ClusterSynced) also ends a lost sync.
+    state.source_connection("kubernetes", "k1", False, "pods: MaxRetryError")
+    clock.now_s += 31
+    state.check_sources()
+    assert not state.ready
+    assert [s[2] for s in state.source_status()] == [True, True, False]
+    state.apply_now(up.ClusterSynced("k1", "kubernetes"))
+    assert state.ready
+
+
 def test_idempotent_and_conflict(tmp_path: Path, clock: FakeClock) -> None:
     state = make_state(tmp_path / "j.db", clock)
     first = state.place(request("w", gpus=2))

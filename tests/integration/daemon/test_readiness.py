@@ -1,0 +1,256 @@
+"""Readiness follows the sources, against the real test bed: the Kafka broker stopped and
+restarted, a kube-apiserver cut off (through a TCP proxy in front of it) and reachable again.
+
+grpc.health.v1 goes NOT_SERVING and GetStatus names the source, the cluster and the cause
+once a source has been unable to reach its cluster for `sync_lost_after_s`; Place answers
+UNAVAILABLE meanwhile; both come back when the source has resynced. Every wait is on an
+event (the health Watch stream), not on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fleetd.loadgen import produce
+from fleetd.sources.codec import encode_node, node_key
+from fleetd.sources.updates import GpuDevice, NodeUpdate, Resources
+from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
+from tests.integration.sources_support import AWAIT_S, create_topic, unique
+from tests.testbed.kube import KubeTestbed
+from tests.testbed.procs import async_wait_until
+from tests.testbed.runner import TestbedRun
+
+from .conftest import Client, StartDaemon
+
+pytestmark = pytest.mark.testbed
+
+GIB = 1024**3
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthWatch:
+    """grpc.health.v1 Watch on the daemon: each status change is an event to await."""
+
+    def __init__(self, client: Client) -> None:
+        stub = health_pb2_grpc.HealthStub(client.channel)
+        self.call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+
+    async def next_status(self, wanted: int) -> None:
+        """Read the stream until it reports `wanted` (at most AWAIT_S)."""
+        async with asyncio.timeout(AWAIT_S):
+            async for resp in self.call:
+                if resp.status == wanted:
+                    return
+        raise AssertionError("health stream ended")
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+def _report(cluster: str, name: str, seq: int) -> tuple[bytes, bytes]:
+    res = Resources(cpu_millicores=96_000, memory_bytes=768 * GIB, gpus=8, pods=110)
+    node = NodeUpdate(
+        cluster=cluster, name=name, sequence=seq, capacity=res, allocatable=res,
+        node_pool="h100", zone="z1", gpu_model="H100",
+        gpus=tuple(GpuDevice(i, "H100", 80 * GIB, True) for i in range(8)), pods=(),
+    )  # fmt: skip
+    record = encode_node(node, sequence=seq, observed_unix_ms=1)
+    return node_key(cluster, name), record.SerializeToString()
+
+
+def _place(wid: str, cluster: str) -> placement_pb2.PlaceRequest:
+    pod = types_pb2.PodSpec(cpu_millicores=1000, memory_bytes=GIB, gpu_count=1)
+    wl = types_pb2.Workload(workload_id=wid, team="t", pod=pod, cluster=cluster)
+    return placement_pb2.PlaceRequest(workload=wl)
+
+
+async def test_kafka_broker_outage_drops_readiness_until_resynced(
+    start_daemon: StartDaemon, kafka_bootstrap: str, testbed_run: TestbedRun
+) -> None:
+    topic, cluster = unique("ready"), unique("edge")
+    await create_topic(kafka_bootstrap, topic)
+    await produce(kafka_bootstrap, topic, [_report(cluster, "n0", 1)])
+    daemon, client = await start_daemon(
+        sources={
+            "simulated": {"enabled": False},
+            "kafka": {
+                "enabled": True,
+                "bootstrap_servers": kafka_bootstrap,
+                "topic": topic,
+                "dead_letter_topic": f"{topic}.dlq",
+                "group_id": unique("fleetd"),
+                "clusters": [cluster],
+                "sync_lost_after_s": 1,
+            },
+        }
+    )
+    health = HealthWatch(client)
+    try:
+        await health.next_status(SERVING)
+        await asyncio.to_thread(testbed_run.stop_kafka)
+        try:
+            await health.next_status(NOT_SERVING)
+            status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+            assert not status.ready
+            [src] = [s for s in status.sources if s.cluster == cluster]
+            assert (src.source, src.synced) == ("kafka", False)
+            assert src.reason.startswith("sync lost")
+            assert kafka_bootstrap in src.reason
+            assert f"kafka/{cluster}: sync lost" in status.not_ready_reason
+            # Not ready: Place is refused with the reason; Explain (a dry run) still answers.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.placement.Place(_place("while-down", cluster))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"kafka/{cluster}" in (err.value.details() or "")
+            explain = await client.placement.Explain(
+                placement_pb2.ExplainRequest(workload=_place("x", cluster).workload)
+            )
+            assert explain.fits
+        finally:
+            await asyncio.to_thread(testbed_run.restart_kafka)
+        # A report published while fleetd was cut off arrives once it is back.
+        await produce(kafka_bootstrap, topic, [_report(cluster, "n1", 2)])
+        await health.next_status(SERVING)
+        status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+        assert status.ready
+        assert all(s.synced and not s.reason for s in status.sources)
+        resp = await client.placement.Place(_place("after", cluster))
+        assert resp.result == types_pb2.DECISION_RESULT_PLACED
+    finally:
+        health.close()
+    assert daemon.exit_code == 0
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 in front of a real server; `cut()` refuses and resets
+    every connection (a network partition), `heal()` listens again on the same port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.listen_port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.listen_port)
+        self.listen_port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+        self._server = None
+
+    async def heal(self) -> None:
+        await self.start()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            await self.cut()
+
+
+@contextlib.asynccontextmanager
+async def proxied_kubeconfig(
+    kube: KubeTestbed, context: str, path: Path
+) -> AsyncIterator[TcpProxy]:
+    """A kubeconfig whose `context` reaches its kube-apiserver through a TcpProxy."""
+    server = urlsplit(kube.servers[context])
+    assert server.hostname is not None
+    assert server.port is not None
+    proxy = TcpProxy(server.hostname, server.port)
+    await proxy.start()
+    data: dict[str, Any] = yaml.safe_load(await asyncio.to_thread(kube.kubeconfig_path.read_text))
+    for entry in data["clusters"]:
+        if entry["name"] == context:
+            entry["cluster"]["server"] = f"https://127.0.0.1:{proxy.listen_port}"
+    await asyncio.to_thread(path.write_text, yaml.safe_dump(data))
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+async def test_kube_apiserver_unreachable_drops_readiness_until_relisted(
+    start_daemon: StartDaemon, kube: KubeTestbed, tmp_path: Path
+) -> None:
+    context = kube.contexts[0]
+    async with proxied_kubeconfig(kube, context, tmp_path / "kubeconfig") as proxy:
+        daemon, client = await start_daemon(
+            sources={
+                "simulated": {"enabled": False},
+                "kubernetes": {
+                    "enabled": True,
+                    "kubeconfig": str(tmp_path / "kubeconfig"),
+                    "contexts": [context],
+                    "sync_lost_after_s": 1,
+                },
+            }
+        )
+        health = HealthWatch(client)
+        try:
+            await health.next_status(SERVING)
+            await proxy.cut()
+            await health.next_status(NOT_SERVING)
+            status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+            assert not status.ready
+            [src] = list(status.sources)
+            assert (src.source, src.cluster, src.synced) == ("kubernetes", context, False)
+            assert src.reason.startswith("sync lost")
+            assert f"kubernetes/{context}: sync lost" in status.not_ready_reason
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.placement.Place(_place("while-cut", ""))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            # A node added while fleetd cannot see the cluster is there once it can.
+            name = unique("cut")
+            await asyncio.to_thread(kube.create_gpu_node, context, name, gpus=2, wait_ready=False)
+            await proxy.heal()
+            await health.next_status(SERVING)
+            status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+            assert status.ready
+            assert all(s.synced and not s.reason for s in status.sources)
+
+            async def node_seen() -> bool:
+                snap = await client.fleet.GetSnapshot(
+                    fleet_pb2.GetSnapshotRequest(cluster=context, include_nodes=True)
+                )
+                return any(n.name == name for n in snap.nodes)
+
+            await async_wait_until(f"{name} in fleet state", node_seen, timeout_s=AWAIT_S)
+            await asyncio.to_thread(kube.delete_node, context, name)
+        finally:
+            health.close()
+        assert daemon.exit_code == 0
