@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 from aiokafka.errors import KafkaError
 
+from fleetd.sources import security
 from fleetd.sources.base import Backoff
 from fleetd.sources.kubernetes import (
     KubeconfigError,
@@ -254,8 +255,9 @@ async def run_agent(settings: AgentSettings, ready: asyncio.Event | None = None)
         except KafkaError as exc:
             with contextlib.suppress(Exception):
                 await producer.stop()
+            cause = await security.diagnose(settings.bootstrap_servers, settings.client_options)
             delay_s = backoff.next_delay_s()
-            log.warning("agent: cannot reach Kafka (%s); retry in %.1fs", exc, delay_s)
+            log.warning("agent: cannot reach Kafka (%s); retry in %.1fs", cause or exc, delay_s)
             await asyncio.sleep(delay_s)
     try:
         publisher = TelemetryPublisher(producer, settings.topic)
@@ -306,6 +308,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="republish every node and pool this often (keep it below fleetd's staleness limit)",
     )
     parser.add_argument("--pools", type=Path, help="YAML: pool -> price_per_hour, min/max_size")
+    security.add_arguments(parser)
     return parser
 
 
@@ -324,6 +327,8 @@ def main(args: argparse.Namespace) -> int:
         elif context not in kubeconfig_contexts(args.kubeconfig):
             raise KubeconfigError(f"kubeconfig {args.kubeconfig}: no context {context}")
         pools = load_pool_policies(args.pools) if args.pools else {}
+        kafka_security = security.from_arguments(args)
+        client_options = kafka_security.client_options()
     except (KubeconfigError, ValueError, OSError) as exc:
         print(f"fleetd agent: {exc}", file=sys.stderr)
         return 2
@@ -335,7 +340,9 @@ def main(args: argparse.Namespace) -> int:
         topic=args.topic,
         resync_interval_s=args.resync_interval_s,
         pools=pools,
+        client_options=client_options,
     )
+    log.info("agent: publishing to %s (%s)", args.bootstrap_servers, kafka_security.describe())
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_until_signalled(settings))
     return 0

@@ -302,6 +302,50 @@ class SimulatedSourceConfig(_Strict):
     )
 
 
+class KafkaSecurity(_Strict):
+    """TLS and SASL of fleetd's Kafka clients (fleetd/sources/security.py; restart to change).
+
+    Secrets never live in this file: the SASL password is read from `sasl_password_file`,
+    or else from the environment variable named by `sasl_password_env`, and never logged.
+    """
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol: TLS (SSL), SASL, both, or neither."
+    )
+    ssl_ca_file: str = Field(
+        "", description="CA certificates (PEM) that verify the brokers; '' = system trust store."
+    )
+    ssl_cert_file: str = Field("", description="Client certificate (PEM) for mutual TLS.")
+    ssl_key_file: str = Field("", description="Client private key (PEM) for mutual TLS.")
+    ssl_check_hostname: bool = Field(
+        True, description="Check that a broker's certificate names the host connected to."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism (SASL_PLAINTEXT, SASL_SSL)."
+    )
+    sasl_username: str = Field("", description="SASL user name.")
+    sasl_password_file: str = Field(
+        "", description="File whose first line is the SASL password (takes precedence)."
+    )
+    sasl_password_env: str = Field(
+        "FLEETD_KAFKA_SASL_PASSWORD",
+        description="Environment variable holding the SASL password when no file is named.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecurity:
+        sasl = self.protocol.startswith("SASL_")
+        if sasl and not self.sasl_username:
+            raise ValueError(f"protocol {self.protocol} needs sasl_username")
+        if bool(self.ssl_cert_file) != bool(self.ssl_key_file):
+            raise ValueError("ssl_cert_file and ssl_key_file go together")
+        if self.protocol in ("PLAINTEXT", "SASL_PLAINTEXT") and (
+            self.ssl_ca_file or self.ssl_cert_file
+        ):
+            raise ValueError(f"TLS files are set but protocol {self.protocol} does not use TLS")
+        return self
+
+
 class KafkaSourceConfig(_Strict):
     """Telemetry from Kafka (fleetd/sources/kafka.py)."""
 
@@ -320,6 +364,9 @@ class KafkaSourceConfig(_Strict):
             "The broker unreachable this long: every Kafka cluster loses its sync (readiness "
             "drops, Place answers UNAVAILABLE) until the consumer is back and caught up."
         ),
+    )
+    security: KafkaSecurity = Field(
+        default_factory=KafkaSecurity, description="TLS and SASL of the Kafka clients."
     )
 
 

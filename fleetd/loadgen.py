@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fleetd.sources import security
 from fleetd.sources.codec import encode_node, node_key
 from fleetd.sources.updates import (
     CapacityType,
@@ -350,14 +351,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--malformed", action="store_true", help="also publish bad records")
+    parser.add_argument(
+        "--changed-fraction",
+        type=float,
+        default=None,
+        help="publish the periodic mix (periodic_reports: --records / nodes rounds) with "
+        "this share of changed reports instead of the cycling stream",
+    )
+    security.add_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        client_options = security.from_arguments(args).client_options()
+    except ValueError as exc:
+        print(f"loadgen: {exc}", file=sys.stderr)
+        return 2
     rng = np.random.default_rng(args.seed)
     fleet = synthetic_fleet(rng, clusters=args.clusters, nodes_per_cluster=args.nodes)
-    records: list[tuple[bytes, bytes]] = list(node_records(fleet, args.records, rng))
+    if args.changed_fraction is None:
+        records: list[tuple[bytes, bytes]] = list(node_records(fleet, args.records, rng))
+    else:
+        rounds = max(1, args.records // max(1, len(fleet)))
+        records = list(periodic_reports(fleet, rounds, rng, changed_fraction=args.changed_fraction))
     if args.malformed:
         records += [(k, v) for k, v, _ in malformed_records()]
     started = time.perf_counter()
-    count = asyncio.run(produce(args.bootstrap_servers, args.topic, records))
+    count = asyncio.run(produce(args.bootstrap_servers, args.topic, records, **client_options))
     elapsed_s = time.perf_counter() - started
     print(json.dumps({"records": count, "seconds": round(elapsed_s, 3),
                       "records_per_s": round(count / elapsed_s)}))  # fmt: skip

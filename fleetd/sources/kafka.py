@@ -38,6 +38,8 @@ from fleetd.sources.codec import (
 )
 from fleetd.sources.memory import StateSink
 from fleetd.sources.metrics import SourceMetrics
+from fleetd.sources.security import KafkaSecurity, KafkaSecurityError, diagnose
+from fleetd.sources.security import from_config as security_from_config
 from fleetd.sources.updates import (
     ClusterSynced,
     NodeHeartbeats,
@@ -81,8 +83,20 @@ class KafkaSourceSettings:
     #: consuming, failing after `probe_timeout_s` (reported through `on_connection`).
     probe_interval_s: float = 1.0
     probe_timeout_s: float = 5.0
-    #: Extra keyword arguments for both aiokafka clients (security settings and the like).
+    #: TLS and SASL of both clients (`fleetd.sources.security`).
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    #: When set, called before every connection attempt instead of using `security`: a
+    #: rotated password file is picked up on reconnect, and a missing one is an error the
+    #: source logs and retries (readiness stays false) rather than a crash.
+    security_loader: Callable[[], KafkaSecurity] | None = None
+    #: Extra keyword arguments for both aiokafka clients.
     client_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def resolve_security(self) -> tuple[KafkaSecurity, dict[str, Any]]:
+        """The security settings and every aiokafka keyword argument they and
+        `client_options` make. Raises KafkaSecurityError."""
+        security = self.security_loader() if self.security_loader else self.security
+        return security, {**security.client_options(), **self.client_options}
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +156,9 @@ class KafkaSource:
         #: perf_counter() when the first non-empty poll returned (benchmarks time from it).
         self.first_batch_at: float | None = None
         self.progress = asyncio.Condition()
+        #: Why the last connection attempt failed ('' once connected): status and tests.
+        self.last_connect_error = ""
+        self.connect_failures = 0
         #: Kafka key -> the node content last applied under it (the unchanged-report path).
         self._contents: dict[bytes, _Content] = {}
         #: Told (ok, reason) on every change of the broker connection: False when the broker
@@ -159,6 +176,15 @@ class KafkaSource:
         s = self.settings
         backoff = Backoff(s.backoff_initial_s, s.backoff_max_s)
         while True:
+            try:
+                security, options = s.resolve_security()
+            except KafkaSecurityError as exc:
+                await self._connect_failed(str(exc))
+                delay = backoff.next_delay_s()
+                self._connection(False, f"kafka security settings: {exc}")
+                log.error("kafka: security settings: %s; retry in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
             consumer = AIOKafkaConsumer(
                 s.topic,
                 bootstrap_servers=s.bootstrap_servers,
@@ -167,27 +193,33 @@ class KafkaSource:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 max_partition_fetch_bytes=s.max_partition_fetch_bytes,
-                **s.client_options,
+                **options,
             )
             producer = AIOKafkaProducer(
                 bootstrap_servers=s.bootstrap_servers,
                 client_id=f"{s.client_id}-dlq",
                 acks="all",
                 enable_idempotence=True,
-                **s.client_options,
+                **options,
             )
             try:
                 await consumer.start()
                 await producer.start()
             except KafkaError as exc:
-                delay = backoff.next_delay_s()
-                self._connection(False, f"cannot connect to {s.bootstrap_servers}: {exc!r}")
-                log.warning("kafka: cannot connect to %s (%s); retry in %.1fs",
-                            s.bootstrap_servers, exc, delay)  # fmt: skip
                 await _stop_quietly(consumer, producer)
+                # aiokafka says only "Unable to bootstrap": one direct connection tells
+                # refused, TLS verification or SASL authentication apart.
+                cause = await diagnose(s.bootstrap_servers, options) or str(exc)
+                await self._connect_failed(cause)
+                delay = backoff.next_delay_s()
+                self._connection(False, f"cannot connect to {s.bootstrap_servers}: {cause}")
+                log.warning("kafka: cannot connect to %s (%s): %s; retry in %.1fs",
+                            s.bootstrap_servers, security.describe(), cause, delay)  # fmt: skip
                 await asyncio.sleep(delay)
                 continue
-            log.info("kafka: consuming %s as group %s", s.topic, s.group_id)
+            self.last_connect_error = ""
+            log.info("kafka: consuming %s as group %s (%s)",
+                     s.topic, s.group_id, security.describe())  # fmt: skip
             backoff.reset()
             try:
                 await self._consume(consumer, producer)
@@ -529,6 +561,17 @@ class KafkaSource:
         self._synced_clusters.update(fresh)
         return [ClusterSynced(cluster=c, source=SOURCE) for c in fresh]
 
+    async def _connect_failed(self, cause: str) -> None:
+        self.last_connect_error = cause
+        self.connect_failures += 1
+        async with self.progress:
+            self.progress.notify_all()
+
+    async def wait_connect_failures(self, count: int) -> None:
+        """Wait until at least `count` connection attempts failed (tests)."""
+        async with self.progress:
+            await self.progress.wait_for(lambda: self.connect_failures >= count)
+
     async def wait_handled(self, count: int) -> None:
         """Wait until at least `count` records were handled (tests, benchmarks)."""
         async with self.progress:
@@ -579,6 +622,7 @@ def settings_from_config(config: Any) -> KafkaSourceSettings:
         dead_letter_topic=config.dead_letter_topic,
         group_id=config.group_id,
         required_clusters=frozenset(config.clusters),
+        security_loader=lambda: security_from_config(config.security),
     )
 
 

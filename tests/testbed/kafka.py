@@ -1,9 +1,18 @@
-"""A single-node Apache Kafka 4 broker (KRaft, combined broker + controller) on 127.0.0.1."""
+"""A single-node Apache Kafka 4 broker (KRaft, combined broker + controller) on 127.0.0.1.
+
+Two client listeners: PLAINTEXT (``bootstrap``) and SASL_SSL (``secure``): TLS with a
+self-signed CA made at start (PEM files in the run folder) and SASL with SCRAM-SHA-256,
+SCRAM-SHA-512 (credentials stored by ``kafka-storage format --add-scram``, KIP-900) and
+PLAIN, for one user whose password is drawn at start.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime
+import ipaddress
+import secrets
 import shutil
 import signal
 import subprocess
@@ -38,18 +47,35 @@ logger.apache.level = INFO
 """
 
 
+#: The SASL user of the SASL_SSL listener.
+SASL_USERNAME = "fleetd"
+
+
+@dataclass(frozen=True)
+class SecureListener:
+    """The SASL_SSL listener: where it is, the CA file that verifies its certificate (for
+    127.0.0.1 and localhost) and the one user it knows (SCRAM-SHA-256/512 and PLAIN)."""
+
+    bootstrap: str
+    ca_file: Path
+    username: str
+    password: str
+
+
 @dataclass
 class KafkaBroker:
     """A running broker: ``bootstrap`` is ``"127.0.0.1:<port>"`` for any Kafka client.
 
     ``process`` is the current broker process (replaced by :func:`restart_kafka`);
     ``argv`` its command line, reused on restart (same ports, same data).
+    ``secure`` is the SASL_SSL listener.
     """
 
     bootstrap: str
     process: Process
     data_dir: Path
     argv: list[str]
+    secure: SecureListener
 
 
 def stop_kafka(broker: KafkaBroker, *, timeout_s: float = 60.0) -> None:
@@ -89,8 +115,91 @@ def _wait_ready(broker: KafkaBroker) -> None:
     )
 
 
-def _server_properties(port: int, controller_port: int, data_dir: Path) -> str:
-    listeners = f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}"
+def _make_tls(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1/localhost that is its own CA (as the kube
+    test bed's): returns (CA file for clients, broker keystore: PKCS#8 key and certificate
+    in one PEM file, Kafka's ``ssl.keystore.type=PEM``; the key is not encrypted because
+    the test bed's JDK has no PBES2, and the file is readable by its owner only)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleetd-testbed-kafka")])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(cert_pem)
+    keystore = directory / "broker-keystore.pem"
+    keystore.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        + cert_pem
+    )
+    keystore.chmod(0o600)
+    return ca_file, keystore
+
+
+def _server_properties(
+    port: int,
+    controller_port: int,
+    data_dir: Path,
+    *,
+    secure_port: int,
+    keystore: Path,
+    sasl_password: str,
+) -> str:
+    listeners = (
+        f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port},"
+        f"SASL_SSL://127.0.0.1:{secure_port}"
+    )
+    scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    plain = (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'user_{SASL_USERNAME}="{sasl_password}";'
+    )
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
@@ -101,7 +210,17 @@ def _server_properties(port: int, controller_port: int, data_dir: Path) -> str:
         "advertised.listeners": listeners,
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "listener.security.protocol.map": (
+            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL"
+        ),
+        # SASL_SSL: per-listener settings (`listener.name.<listener>.<mechanism>.` and
+        # `listener.name.<listener>.ssl.`, lower case); inter-broker traffic stays PLAINTEXT.
+        "sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512,PLAIN",
+        "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram,
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
+        "listener.name.sasl_ssl.plain.sasl.jaas.config": plain,
+        "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
+        "listener.name.sasl_ssl.ssl.keystore.location": str(keystore),
         "log.dirs": str(data_dir),
         "num.partitions": "1",
         "auto.create.topics.enable": "true",
@@ -152,14 +271,26 @@ def start_kafka(arts: Artefacts, sup: Supervisor, run_dir: Path) -> KafkaBroker:
 
 
 def _start_kafka_once(arts: Artefacts, sup: Supervisor, run_dir: Path, java: str) -> KafkaBroker:
-    port, controller_port = free_ports(2)
+    port, controller_port, secure_port = free_ports(3)
     kdir = run_dir / "kafka"
     if kdir.exists():  # a previous attempt lost a port: the storage names the old one
         shutil.rmtree(kdir)
     data_dir = kdir / "data"
     data_dir.mkdir(parents=True)
+    sasl_password = secrets.token_urlsafe(16)
+    ca_file, keystore = _make_tls(kdir / "tls")
     props = kdir / "server.properties"
-    props.write_text(_server_properties(port, controller_port, data_dir))
+    props.write_text(
+        _server_properties(
+            port,
+            controller_port,
+            data_dir,
+            secure_port=secure_port,
+            keystore=keystore,
+            sasl_password=sasl_password,
+        )
+    )
+    props.chmod(0o600)
     log4j = kdir / "log4j2.properties"
     log4j.write_text(_LOG4J2)
     classpath = f"{arts.kafka_libs}/*"
@@ -195,6 +326,10 @@ def _start_kafka_once(arts: Artefacts, sup: Supervisor, run_dir: Path, java: str
                     "--standalone",
                     "-t",
                     cluster_id,
+                    "--add-scram",
+                    f"SCRAM-SHA-256=[name={SASL_USERNAME},password={sasl_password}]",
+                    "--add-scram",
+                    f"SCRAM-SHA-512=[name={SASL_USERNAME},password={sasl_password}]",
                     "-c",
                     str(props),
                 ],
@@ -208,6 +343,7 @@ def _start_kafka_once(arts: Artefacts, sup: Supervisor, run_dir: Path, java: str
             f"kafka: formatting the storage failed ({exc}); log: {format_log}"
         ) from exc
     argv = [*jvm, "kafka.Kafka", str(props)]
-    broker = KafkaBroker(f"127.0.0.1:{port}", sup.start("kafka", argv), data_dir, argv)
+    secure = SecureListener(f"127.0.0.1:{secure_port}", ca_file, SASL_USERNAME, sasl_password)
+    broker = KafkaBroker(f"127.0.0.1:{port}", sup.start("kafka", argv), data_dir, argv, secure)
     _wait_ready(broker)
     return broker

@@ -1,0 +1,147 @@
+"""Kafka over TLS and SASL against the test bed's SASL_SSL listener (self-signed CA made at
+start; SCRAM-SHA-256/512 and PLAIN): the daemon ingests over it; wrong credentials or an
+untrusted certificate give a clear error and readiness stays false, without a crash."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetd import config
+from fleetd.loadgen import produce
+from fleetd.sources.kafka import KafkaSource, settings_from_config
+from fleetd.sources.memory import FleetView
+from fleetd.sources.security import KafkaSecurity
+from tests.integration.sources_support import AWAIT_S, create_topic, running, unique
+from tests.integration.test_sources_daemon import Start, _nodes, _report, _until, start
+from tests.testbed.kafka import SecureListener
+from tests.testbed.procs import TestbedError
+from tests.testbed.runner import TestbedRun
+
+pytestmark = pytest.mark.testbed
+__all__ = ["start"]  # the daemon fixture, shared with test_sources_daemon
+
+
+@pytest.fixture(scope="session")
+def kafka_secure(testbed_run: TestbedRun) -> SecureListener:
+    """The session broker's SASL_SSL listener (fails, not skips, when the bed cannot start
+    under FLEETD_TESTBED=required: the kafka_bootstrap fixture's rules)."""
+    from tests.integration.conftest import _unavailable
+
+    try:
+        return testbed_run.kafka().secure
+    except TestbedError as exc:
+        error = exc
+    _unavailable(error)
+
+
+def _security(secure: SecureListener, password_file: Path, **overrides: Any) -> dict[str, Any]:
+    return {
+        "protocol": "SASL_SSL",
+        "ssl_ca_file": str(secure.ca_file),
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_username": secure.username,
+        "sasl_password_file": str(password_file),
+        **overrides,
+    }
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"])
+async def test_daemon_ingests_over_sasl_ssl(
+    start: Start,
+    kafka_bootstrap: str,
+    kafka_secure: SecureListener,
+    tmp_path: Path,
+    mechanism: str,
+) -> None:
+    topic = unique("secure-telemetry")
+    await create_topic(kafka_bootstrap, topic)
+    # The agent side publishes over the same listener (its own mechanism: PLAIN).
+    publisher = KafkaSecurity(
+        protocol="SASL_SSL",
+        ssl_ca_file=str(kafka_secure.ca_file),
+        sasl_mechanism="PLAIN",
+        sasl_username=kafka_secure.username,
+        sasl_password=kafka_secure.password,
+    )
+    await produce(
+        kafka_secure.bootstrap,
+        topic,
+        [_report("edge-s", f"n{i}", 1 + i) for i in range(3)],
+        **publisher.client_options(),
+    )
+    password_file = tmp_path / "sasl-password"
+    password_file.write_text(kafka_secure.password + "\n")
+    _, client = await start(
+        sources={
+            "kafka": {
+                "enabled": True,
+                "bootstrap_servers": kafka_secure.bootstrap,
+                "topic": topic,
+                "dead_letter_topic": f"{topic}.dlq",
+                "group_id": unique("fleetd"),
+                "clusters": ["edge-s"],
+                "security": _security(kafka_secure, password_file, sasl_mechanism=mechanism),
+            }
+        }
+    )
+
+    async def arrived() -> bool:
+        return set(await _nodes(client, "edge-s")) == {"n0", "n1", "n2"}
+
+    await _until("three nodes reported over SASL_SSL", arrived)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        pytest.param({"password": "wrong"}, "Authentication failed", id="wrong-password"),
+        pytest.param({"username": "nobody"}, "Authentication failed", id="unknown-user"),
+        pytest.param({"ssl_ca_file": ""}, "CERTIFICATE_VERIFY_FAILED", id="untrusted-cert"),
+    ],
+)
+async def test_bad_credentials_are_a_clear_error_and_never_ready(
+    kafka_secure: SecureListener, tmp_path: Path, overrides: dict[str, str], expected: str
+) -> None:
+    password_file = tmp_path / "sasl-password"
+    password_file.write_text(overrides.pop("password", kafka_secure.password))
+    security = _security(kafka_secure, password_file, sasl_mechanism="SCRAM-SHA-256")
+    if "username" in overrides:
+        security["sasl_username"] = overrides.pop("username")
+    security.update(overrides)
+    section = config.KafkaSourceConfig(
+        enabled=True,
+        bootstrap_servers=kafka_secure.bootstrap,
+        topic=unique("secure-telemetry"),
+        group_id=unique("fleetd"),
+        clusters=["edge-s"],
+        security=config.KafkaSecurity(**security),
+    )
+    source = KafkaSource(settings_from_config(section), FleetView())
+    async with running(source.run) as task:
+        # Twice: the source keeps retrying (with backoff) instead of dying.
+        await asyncio.wait_for(source.wait_connect_failures(2), AWAIT_S)
+        assert expected in source.last_connect_error
+        assert kafka_secure.password not in source.last_connect_error
+        assert not source.ready.is_set()
+        assert not task.done()
+
+
+async def test_a_missing_password_file_is_retried_not_fatal(tmp_path: Path) -> None:
+    section = config.KafkaSourceConfig(
+        enabled=True,
+        bootstrap_servers="127.0.0.1:1",
+        security=config.KafkaSecurity(
+            protocol="SASL_PLAINTEXT",
+            sasl_username="fleetd",
+            sasl_password_file=str(tmp_path / "not-yet-mounted"),
+        ),
+    )
+    source = KafkaSource(settings_from_config(section), FleetView())
+    async with running(source.run) as task:
+        await asyncio.wait_for(source.wait_connect_failures(1), AWAIT_S)
+        assert "not-yet-mounted" in source.last_connect_error
+        assert not task.done()
