@@ -42,7 +42,13 @@ from benchmarks.traces import (
 )
 from scheduling.replay.policies import RANDOM_NODE_ORDER, fleet_typical_pods, make_policy
 from scheduling.replay.recorder import alloc_curve
-from scheduling.replay.simulator import ReplayResult, build_fleet, fleet_model_ids, replay
+from scheduling.replay.simulator import (
+    ReplayResult,
+    build_fleet,
+    fleet_model_gpus,
+    fleet_model_ids,
+    replay,
+)
 from scheduling.replay.trace import arrival_order
 from scheduling.scoring import scorer_names
 
@@ -123,7 +129,7 @@ def run_seed(
     slot_node = node_order if random_order else np.arange(nodes.trace.n_nodes, dtype=np.int64)
     fleet = build_fleet(nodes.trace, nodes.names, slot_node)
     model_ids = fleet_model_ids(fleet, nodes.trace.models)
-    typical = fleet_typical_pods(p, model_ids, len(fleet.gpu_models))
+    typical = fleet_typical_pods(p, model_ids, len(fleet.gpu_models), fleet_model_gpus(fleet))
     chosen = make_policy(name, typical)
     start = time.perf_counter()
     result = replay(fleet, slot_node, p, pods.specs, order, chosen)

@@ -242,61 +242,127 @@ def load_published(workload: str, path: Path | None = None) -> PublishedCurves |
     return PublishedCurves(total_gpus=total_gpus, curves=curves)
 
 
-VARIANTS = ("cpu250", "multigpu50", "gpushare100", "gpuspec33")
-"""Synthetic variants of the default trace, to check that a policy is not tuned to the five
-shipped traces (the artifact's 17 workloads vary the same knobs; these are fleetd's own
-derivations, not the artifact's files):
-- cpu250: 2.5 x as many CPU-only pods (clones of the trace's CPU-only pods);
-- multigpu50: 5 x as many multi-GPU pods (clones);
-- gpushare100: every single whole-GPU pod becomes a share, its milli drawn from the trace's
-  shares;
-- gpuspec33: a third of the GPU pods require one GPU model, drawn by the fleet's GPU count
-  per model.
-Deterministic: numpy PCG64 seeded with 0."""
+VARIANTS = (
+    "cpu250",
+    "multigpu50",
+    "gpushare100",
+    "gpuspec33",
+    "gpuspec60",
+    "pin10-T4",
+    "pin3-P100",
+    "pair40",
+    "gpucpu200",
+    "gpucpu50",
+    "gpuspec33+gpushare60",
+    "gpuspec20+multigpu30+cpu200",
+)
+"""The variants `--trace variants` replays: synthetic workloads derived from the default trace,
+to check that a policy is not tuned to the five shipped traces (the artifact's 17 workloads
+vary the same knobs; these are fleetd's own derivations, not the artifact's files). A variant
+is one or more steps joined by "+", applied in order (see `derive_variant`)."""
+
+VARIANT_STEPS = {
+    "cpuN": "N % as many CPU-only pods (N >= 100; clones of the trace's CPU-only pods)",
+    "multigpuN": "N/10 x as many multi-GPU pods (N >= 10; clones)",
+    "gpushareN": "N % of the single whole-GPU pods become a share drawn from the trace's shares",
+    "gpuspecN": "N % of the GPU pods require one GPU model, drawn by the fleet's GPUs per model",
+    "pinN-MODEL": "N % of the GPU pods require MODEL",
+    "pairN": "N % of the GPU pods accept two models, drawn by the fleet's GPUs per model",
+    "gpucpuN": "every GPU pod's CPU request x N/100",
+}
+"""Variant steps (N an integer). Deterministic: step i draws from numpy's PCG64 seeded i."""
+
+
+def _parse_step(step: str) -> tuple[str, int, str]:
+    """("gpuspec", 33, "") for "gpuspec33", ("pin", 10, "T4") for "pin10-T4"."""
+    head, _, model = step.partition("-")
+    for prefix in ("multigpu", "gpushare", "gpuspec", "gpucpu", "pair", "pin", "cpu"):
+        if head.startswith(prefix) and head[len(prefix) :].isdigit():
+            if bool(model) != (prefix == "pin"):
+                break
+            return prefix, int(head[len(prefix) :]), model
+    steps = "; ".join(f"{k}: {v}" for k, v in VARIANT_STEPS.items())
+    raise TraceError(f"unknown variant step {step!r}; steps: {steps}")
+
+
+def _require(
+    specs: list[str],
+    spec_id: np.ndarray,
+    chosen: np.ndarray,
+    wanted: list[str],
+    models: tuple[str, ...],
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Give the pods `chosen` the spec strings `wanted`; returns specs, spec ids, spec_allowed."""
+    new_specs = sorted(set(specs) | set(wanted))
+    old_to_new = np.array([new_specs.index(s) for s in specs], dtype=np.int32)
+    spec_id = old_to_new[spec_id]
+    spec_id[chosen] = np.array([new_specs.index(w) for w in wanted], dtype=np.int32)
+    allowed = np.zeros((len(new_specs), len(models)), dtype=bool)
+    for i, s in enumerate(new_specs):
+        parts = [x for x in s.split("|") if x]
+        allowed[i] = True if not parts else [m in parts for m in models]
+    return new_specs, spec_id, allowed
 
 
 def derive_variant(pods: LoadedPods, kind: str, nodes: NodeTrace) -> LoadedPods:
-    """The `kind` variant of a pod list (see VARIANTS); dump rows point at the source rows."""
-    if kind not in VARIANTS:
-        raise TraceError(f"unknown variant {kind!r}; known: {', '.join(VARIANTS)}")
-    rng = np.random.default_rng(0)
+    """The `kind` variant of a pod list (steps of `VARIANT_STEPS` joined by "+", applied in
+    order); dump rows point at the source rows."""
+    steps = [_parse_step(step) for step in kind.split("+")]
+    for i, (name, n, model) in enumerate(steps):
+        pods = _derive_step(pods, name, n, model, nodes, np.random.default_rng(i))
+    return pods
+
+
+def _derive_step(
+    pods: LoadedPods, kind: str, n: int, model: str, nodes: NodeTrace, rng: np.random.Generator
+) -> LoadedPods:
     p = pods.trace
     rows = np.arange(p.n_pods)
     num_gpu, gpu_milli, spec_id = p.num_gpu.copy(), p.gpu_milli.copy(), p.spec_id.copy()
+    cpu_milli = p.cpu_milli.copy()
     specs, spec_allowed = list(p.specs), p.spec_allowed
-    if kind in ("cpu250", "multigpu50"):
-        pool = np.flatnonzero(p.num_gpu == 0) if kind == "cpu250" else np.flatnonzero(p.num_gpu > 1)
-        extra = round((1.5 if kind == "cpu250" else 4.0) * float(pool.size))
+    gpu_nodes = nodes.model_id >= 0
+    per_model = np.bincount(
+        nodes.model_id[gpu_nodes], weights=nodes.num_gpus[gpu_nodes], minlength=len(nodes.models)
+    )
+    present = np.flatnonzero(per_model > 0)
+    by_gpus = per_model[present] / per_model[present].sum()
+    if kind in ("cpu", "multigpu"):
+        if (kind == "cpu" and n < 100) or (kind == "multigpu" and n < 10):
+            raise TraceError(f"variant step {kind}{n}: only adds pods (cpu >= 100, multigpu >= 10)")
+        pool = np.flatnonzero(p.num_gpu == 0) if kind == "cpu" else np.flatnonzero(p.num_gpu > 1)
+        extra = round((n / 100 - 1 if kind == "cpu" else n / 10 - 1) * float(pool.size))
         rows = np.concatenate([rows, rng.choice(pool, size=extra, replace=True)])
         num_gpu, gpu_milli, spec_id = num_gpu[rows], gpu_milli[rows], spec_id[rows]
-    elif kind == "gpushare100":
+        cpu_milli = cpu_milli[rows]
+    elif kind == "gpushare":
         shares = p.gpu_milli[(p.num_gpu == 1) & (p.gpu_milli < 1000)]
         whole = np.flatnonzero((p.num_gpu == 1) & (p.gpu_milli == 1000))
+        whole = rng.choice(whole, size=round(whole.size * min(n, 100) / 100), replace=False)
         if shares.size:
             gpu_milli[whole] = rng.choice(shares, size=whole.size, replace=True)
+    elif kind == "gpucpu":
+        gpu = p.num_gpu > 0
+        cpu_milli[gpu] = (cpu_milli[gpu] * n) // 100
     else:
         gpu_pods = np.flatnonzero(p.num_gpu > 0)
-        chosen = rng.choice(gpu_pods, size=gpu_pods.size // 3, replace=False)
-        gpu_nodes = nodes.model_id >= 0
-        per_model = np.bincount(
-            nodes.model_id[gpu_nodes],
-            weights=nodes.num_gpus[gpu_nodes],
-            minlength=len(nodes.models),
-        )
-        present = np.flatnonzero(per_model > 0)
-        weights = per_model[present]
-        models = rng.choice(present, size=chosen.size, replace=True, p=weights / weights.sum())
-        extra_specs = [
-            nodes.models[m] for m in range(len(nodes.models)) if nodes.models[m] not in specs
-        ]
-        specs = sorted(set(specs) | set(extra_specs))
-        old_to_new = np.array([specs.index(s) for s in p.specs], dtype=np.int32)
-        spec_id = old_to_new[spec_id]
-        spec_id[chosen] = np.array([specs.index(nodes.models[m]) for m in models], dtype=np.int32)
-        spec_allowed = np.zeros((len(specs), len(nodes.models)), dtype=bool)
-        for i, s in enumerate(specs):
-            parts = [x for x in s.split("|") if x]
-            spec_allowed[i] = True if not parts else [m in parts for m in nodes.models]
+        chosen = rng.choice(gpu_pods, size=gpu_pods.size * min(n, 100) // 100, replace=False)
+        if kind == "pin":
+            if model not in nodes.models:
+                raise TraceError(f"variant step pin{n}-{model}: no such GPU model in the node list")
+            wanted = [model] * chosen.size
+        elif kind == "gpuspec":
+            picks = rng.choice(present, size=chosen.size, replace=True, p=by_gpus)
+            wanted = [nodes.models[m] for m in picks]
+        else:
+            wanted = [
+                "|".join(
+                    nodes.models[m]
+                    for m in sorted(rng.choice(present, 2, replace=False, p=by_gpus))
+                )
+                for _ in range(chosen.size)
+            ]
+        specs, spec_id, spec_allowed = _require(specs, spec_id, chosen, wanted, nodes.models)
     names = [
         pods.names[r] if i < p.n_pods else f"{pods.names[r]}-x{i - p.n_pods}"
         for i, r in enumerate(rows.tolist())
@@ -304,7 +370,7 @@ def derive_variant(pods: LoadedPods, kind: str, nodes: NodeTrace) -> LoadedPods:
     order = sorted(range(len(names)), key=names.__getitem__)
     idx = np.array(order, dtype=np.int64)
     trace = PodTrace(
-        cpu_milli=p.cpu_milli[rows][idx],
+        cpu_milli=cpu_milli[idx],
         memory_bytes=p.memory_bytes[rows][idx],
         num_gpu=num_gpu[idx],
         gpu_milli=gpu_milli[idx],

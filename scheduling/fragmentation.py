@@ -6,7 +6,8 @@ either usable by t or a fragment for t:
 
 - t requests no GPU: every idle GPU milli of the node counts as a fragment (the artifact's
   `XLSatisfied` / `XRLackCPU` cases, both outside Q3);
-- the node's GPU model is not allowed for t: every idle GPU milli is a fragment (`NoAccess`);
+- the node's GPU model is not allowed for t: every idle GPU milli is a fragment (`NoAccess`),
+  or, constraint-aware (fleetd's refinement), t does not count on this node at all;
 - the node can host t (at least `num_gpu` GPUs with `gpu_milli` free each, and enough CPU):
   only the GPUs with less than t's per-GPU milli free are fragments (Q3, partly Q2);
 - otherwise (GPU or CPU lacking, Q1/Q2/Q4): every idle GPU milli is a fragment.
@@ -17,7 +18,8 @@ FGD places a pod where this grows least, and a fractional pod on the GPU where i
 
 `typical_pods` builds the target workload exactly as the artifact's `GetTypicalPods` does with
 the configuration of its published runs (CPU-only pods included, popularity threshold 95 %,
-increase step 1, no GPU weighting).
+increase step 1, no GPU weighting), and, given the fleet's GPUs per model, each model's
+pressure (`model_pressure`): the share of its GPUs that model-constrained pods need.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class TypicalPods:
     num_gpu: (n_types,) int64 GPUs requested.
     model_allowed: (n_types, n_models) bool, node models the type may use.
     freq: (n_types,) float64 popularity, summing to 1.
+    model_pressure: (n_models,) float64 in [0, 1] or None (unknown): the share of each
+        model's GPUs that model-constrained pods need (see `model_pressure`).
     """
 
     cpu_milli: IntArray
@@ -57,6 +61,7 @@ class TypicalPods:
     num_gpu: IntArray
     model_allowed: BoolArray
     freq: FloatArray
+    model_pressure: FloatArray | None = None
     distinct_gpu_milli: IntArray = field(init=False, repr=False, compare=False)
     """Sorted distinct per-GPU requests (derived)."""
     distinct_index: IntArray = field(init=False, repr=False, compare=False)
@@ -81,6 +86,7 @@ def typical_pods(
     spec_allowed: BoolArray,
     popularity_threshold_pct: float = 95.0,
     include_cpu_pods: bool = True,
+    model_gpus: NDArray[np.integer] | NDArray[np.floating] | None = None,
 ) -> TypicalPods:
     """The most popular pod shapes covering `popularity_threshold_pct` % of the pods.
 
@@ -92,6 +98,9 @@ def typical_pods(
 
     cpu_milli, gpu_milli, num_gpu, spec_id: (n_pods,) per pod, as in `PodTrace`.
     spec_allowed: (n_specs, n_models) bool.
+    model_gpus: (n_models,) GPUs of each model in the fleet; when given, `model_pressure` is
+    computed from *all* the pods (the 95 % cut drops rare shapes, and the shapes pinned to a
+    small model are rare however scarce that model is).
     """
     cpu = np.where(np.asarray(cpu_milli) == 0, DEFAULT_MILLI_CPU_REQUEST, cpu_milli).astype(
         np.int64
@@ -107,6 +116,12 @@ def typical_pods(
     # Descending count, then descending (cpu, gpu, num, spec): lexsort's last key is primary.
     order = np.lexsort((-shapes[:, 3], -shapes[:, 2], -shapes[:, 1], -shapes[:, 0], -counts))
     shapes, counts = shapes[order], counts[order].astype(np.float64)
+    allowed = np.asarray(spec_allowed, dtype=bool)
+    pressure = None
+    if model_gpus is not None:
+        pressure = model_pressure(
+            shapes[:, 1], shapes[:, 2], allowed[shapes[:, 3]], counts, np.asarray(model_gpus)
+        )
     total = float(counts.sum())
     expected = popularity_threshold_pct * total / 100.0
     cumulative = np.cumsum(counts)
@@ -117,9 +132,49 @@ def typical_pods(
         cpu_milli=shapes[:, 0].copy(),
         gpu_milli=shapes[:, 1].copy(),
         num_gpu=shapes[:, 2].copy(),
-        model_allowed=np.asarray(spec_allowed, dtype=bool)[shapes[:, 3]],
+        model_allowed=allowed[shapes[:, 3]],
         freq=counts / counts.sum(),
+        model_pressure=pressure,
     )
+
+
+def model_pressure(
+    gpu_milli: NDArray[np.integer],
+    num_gpu: NDArray[np.integer],
+    model_allowed: BoolArray,
+    count: NDArray[np.integer] | NDArray[np.floating],
+    model_gpus: NDArray[np.integer] | NDArray[np.floating],
+) -> FloatArray:
+    """(n_models,) the share of each model's GPUs that model-constrained pods need, in [0, 1].
+
+    Each constrained GPU type t (it accepts some but not all of the fleet's GPUs) spreads its
+    share of the GPU demand over the models it accepts in proportion to their GPUs; model k's
+    pressure is what lands on it per GPU of k when the total demand equals the fleet's GPUs:
+        pressure_k = min(1, sum over constrained t accepting k of
+                            (demand_t / demand) x (GPUs / GPUs accepted by t)).
+    E.g. 10 % of the GPU demand pinned to a model holding 25 % of the GPUs: 0.1 x 4 = 0.4.
+    Unconstrained types are left out: they can go anywhere, so they add the same to every
+    model. A pure function of the workload and the fleet's capacity, never of its state.
+
+    gpu_milli, num_gpu: (n_types,) per-GPU milli and GPU count; model_allowed: (n_types,
+    n_models); count: (n_types,) pods of each type; model_gpus: (n_models,) GPUs per model.
+    """
+    n_models = model_allowed.shape[1]
+    gpus = np.asarray(model_gpus, dtype=np.float64)[:n_models]
+    total_gpus = float(gpus.sum())
+    gpu_type = np.asarray(gpu_milli) > 0
+    demand = np.asarray(count, dtype=np.float64) * np.asarray(gpu_milli) * np.asarray(num_gpu)
+    total_demand = float(demand[gpu_type].sum())
+    if total_gpus <= 0 or total_demand <= 0:
+        return np.zeros(n_models)
+    allowed = np.asarray(model_allowed, dtype=np.float64)
+    reach = allowed @ gpus
+    constrained = gpu_type & (reach > 0) & (reach < total_gpus)
+    density = np.where(
+        constrained, demand / total_demand * total_gpus / np.where(reach > 0, reach, 1.0), 0.0
+    )
+    pressure: FloatArray = np.minimum(density @ allowed, 1.0)
+    return pressure
 
 
 def frag_milli(
@@ -127,12 +182,15 @@ def frag_milli(
     gpu_left_milli: IntArray,
     node_model: NDArray[np.integer],
     typical: TypicalPods,
+    constraint_aware: bool = False,
 ) -> FloatArray:
     """Expected fragmented GPU milli of each node state (FGD's F_n(M)), vectorized.
 
     cpu_left_milli: (n,) free CPU of each state.
     gpu_left_milli: (n, max_gpus) free milli of each GPU (0 for absent GPUs).
     node_model: (n,) GPU model index of each state (-1 = no GPU; such a node has no idle GPU).
+    constraint_aware: a GPU type that may not use the node's model adds nothing (it will never
+        be offered this node) instead of all the node's idle GPU (the artifact's `NoAccess`).
     Returns (n,) float64 fragmented milli-GPU.
     """
     left = np.asarray(gpu_left_milli, dtype=np.int64)
@@ -156,6 +214,11 @@ def frag_milli(
         & (np.asarray(cpu_left_milli, dtype=np.int64)[:, None] >= typical.cpu_milli[None, :])
     )
     per_type = np.where(hosts, milli_below, total[:, None])
+    if constraint_aware:
+        # Why: the artifact's NoAccess fragment rewards every placement on a model by the
+        # popularity of the types pinned elsewhere, so it steers flexible pods towards the
+        # models the fewest pods are pinned to, however small (scarcity is `model_pressure`).
+        per_type = np.where(accessible | (typical.gpu_milli[None, :] == 0), per_type, 0.0)
     result: FloatArray = per_type @ typical.freq
     return result
 
@@ -204,6 +267,7 @@ def frag_after(
     pod_cpu_milli: int,
     pod_gpu_milli: int,
     pod_num_gpu: int,
+    constraint_aware: bool = False,
 ) -> FloatArray:
     """Fragmentation of each node after placing the pod each possible way.
 
@@ -214,7 +278,9 @@ def frag_after(
     )
     n, c, max_gpus = gpu_after.shape
     model = np.repeat(np.asarray(node_model, dtype=np.int64), c)
-    frag = frag_milli(cpu_after.reshape(-1), gpu_after.reshape(n * c, max_gpus), model, typical)
+    frag = frag_milli(
+        cpu_after.reshape(-1), gpu_after.reshape(n * c, max_gpus), model, typical, constraint_aware
+    )
     out: FloatArray = np.where(valid, frag.reshape(n, c), np.inf)
     return out
 
@@ -310,9 +376,11 @@ class FragmentationMemo:
     of `frag_milli` / `frag_after`; the memo only avoids recomputing them.
     """
 
-    def __init__(self, typical: TypicalPods) -> None:
-        """typical: the target workload (model columns indexed by the fleet's model ids)."""
+    def __init__(self, typical: TypicalPods, constraint_aware: bool = False) -> None:
+        """typical: the target workload (model columns indexed by the fleet's model ids);
+        constraint_aware: as in `frag_milli`."""
         self.typical = typical
+        self.constraint_aware = constraint_aware
         self._capacity = 0
         self._gpus = -1
         self._clock = 0
@@ -371,8 +439,9 @@ class FragmentationMemo:
         stale = slots[self._now_at[slots] < self._changed_at[slots]]
         if stale.size:
             self._now[stale] = frag_milli(
-                self._cpu[stale], self._gpu[stale], self._model[stale], self.typical
-            )
+                self._cpu[stale], self._gpu[stale], self._model[stale], self.typical,
+                self.constraint_aware,
+            )  # fmt: skip
             self._now_at[stale] = self._clock
         result: FloatArray = self._now[slots]
         return result
@@ -395,7 +464,7 @@ class FragmentationMemo:
         if stale.size:
             values[stale] = frag_after(
                 self._cpu[stale], self._gpu[stale], self._model[stale], self.typical,
-                pod_cpu_milli, pod_gpu_milli, pod_num_gpu,
+                pod_cpu_milli, pod_gpu_milli, pod_num_gpu, self.constraint_aware,
             )  # fmt: skip
             computed_at[stale] = self._clock
         result: FloatArray = values[slots]
@@ -414,12 +483,17 @@ def _model_columns(typical: TypicalPods, n_models: int) -> TypicalPods:
         else np.ones(typical.n_types, dtype=bool)
     )
     pad = np.repeat(unconstrained[:, None], n_models - have, axis=1)
+    pressure = typical.model_pressure
+    if pressure is not None:
+        # A model the workload did not know: no constrained type needs it.
+        pressure = np.concatenate([pressure[:have], np.zeros(n_models - have)])
     return TypicalPods(
         cpu_milli=typical.cpu_milli,
         gpu_milli=typical.gpu_milli,
         num_gpu=typical.num_gpu,
         model_allowed=np.concatenate([typical.model_allowed, pad], axis=1),
         freq=typical.freq,
+        model_pressure=pressure,
     )
 
 
@@ -436,8 +510,12 @@ class FragmentationScorer:
     - `cpu_stranding_weight` x the increase of `cpu_stranded_gpu_milli` (idle GPU milli the
       node's free CPU can no longer feed at the workload's CPU-per-GPU ratio);
     - `lookahead_weight` x the increase of the GPUs' `eventual_waste_milli` (what the GPUs
-      taken will end up wasting when filled by the workload's pods).
-    "fgd" uses neither, "fgd-cpu" the first, "fgd-plus" (fleetd's default) both.
+      taken will end up wasting when filled by the workload's pods);
+    - `scarcity_weight` x the GPU milli taken x (the node model's `model_pressure` - the
+      lowest pressure among the models the pod accepts): a pod with a choice of models
+      pays for taking GPUs that pinned pods need (0 for a pod pinned to one model).
+    and with `constraint_aware` F counts only the types that may use the node's model.
+    "fgd" uses none of them, "fgd-cpu" the CPU term, "fgd-plus" (fleetd's default) all.
 
     Node-local (a node's score depends on its state, the pod and `typical` only), as the
     engine requires. `typical.model_allowed` columns are the fleet's GPU model ids.
@@ -451,11 +529,14 @@ class FragmentationScorer:
         cpu_stranding_weight: float = 0.0,
         name: str = "fgd",
         lookahead_weight: float = 0.0,
+        scarcity_weight: float = 0.0,
+        constraint_aware: bool = False,
     ) -> None:
-        """typical: target workload; weights of fleetd's two refinements (0 = plain FGD)."""
+        """typical: target workload; weights of fleetd's refinements (0 / False = plain FGD)."""
         for label, weight in (
             ("cpu_stranding_weight", cpu_stranding_weight),
             ("lookahead_weight", lookahead_weight),
+            ("scarcity_weight", scarcity_weight),
         ):
             if not np.isfinite(weight) or weight < 0:
                 raise ValueError(f"{name}: {label} must be finite and >= 0")
@@ -465,9 +546,12 @@ class FragmentationScorer:
         self.typical = typical
         self.cpu_stranding_weight = float(cpu_stranding_weight)
         self.lookahead_weight = float(lookahead_weight)
+        self.scarcity_weight = float(scarcity_weight)
+        self.constraint_aware = bool(constraint_aware)
         self.cpu_per_gpu_milli = cpu_milli_per_gpu_milli(typical)
         self.eventual_waste = eventual_waste_milli(typical)
-        self.memo = FragmentationMemo(typical)
+        self.memo = FragmentationMemo(typical, self.constraint_aware)
+        self.pressure = _pressure_of(typical)
 
     def score(self, view: NodeView, c: Constraints, pick: IntArray) -> ScoreResult:
         """Integer FGD scores (as float64) and the GPU bitmask each node would give the pod."""
@@ -478,7 +562,9 @@ class FragmentationScorer:
         model = np.asarray(view.gpu_model_id, dtype=np.int64)
         n_models = int(model.max()) + 1 if model.size else 0
         if n_models > self.memo.typical.model_allowed.shape[1]:
-            self.memo = FragmentationMemo(_model_columns(self.typical, n_models))
+            padded = _model_columns(self.typical, n_models)
+            self.memo = FragmentationMemo(padded, self.constraint_aware)
+            self.pressure = _pressure_of(padded)
         cpu_left = np.asarray(view.cpu_free_millicores, dtype=np.int64)
         gpu_left = np.asarray(view.gpu_free_milli, dtype=np.int64)
         self.memo.sync(slots, cpu_left, gpu_left, model)
@@ -503,6 +589,12 @@ class FragmentationScorer:
                 after = after + self.lookahead_weight * np.where(fits, delta, 0.0)
             else:
                 after = after - self.lookahead_weight * pod_num * waste[MILLI_PER_GPU]
+        if self.scarcity_weight and pod_num and self.pressure.any():
+            after = (
+                after
+                + self.scarcity_weight
+                * scarcity_milli(self.pressure, model, c.model_ids, pod_milli * pod_num)[:, None]
+            )
         scores = fgd_score(now[:, None], after)
         best = scores.max(axis=1)
         if pod_num == 0:
@@ -520,6 +612,35 @@ class FragmentationScorer:
         )
 
 
+def _pressure_of(typical: TypicalPods) -> FloatArray:
+    if typical.model_pressure is None:
+        return np.zeros(typical.model_allowed.shape[1])
+    return np.asarray(typical.model_pressure, dtype=np.float64)
+
+
+def scarcity_milli(
+    pressure: FloatArray,
+    node_model: NDArray[np.integer],
+    pod_model_ids: NDArray[np.integer] | None,
+    request_milli: int,
+) -> FloatArray:
+    """(n,) GPU milli of pinned demand a pod displaces on each node: request x (pressure of
+    the node's model - the lowest pressure among the models the pod accepts).
+
+    pressure: (n_models,) `model_pressure`; node_model: (n,) model id per node;
+    pod_model_ids: models the pod accepts (None = any; ids < 0 unknown to the fleet).
+    A pod pinned to one model pays 0 everywhere: it has no choice to make.
+    """
+    n_models = pressure.shape[0]
+    accepted = np.arange(n_models) if pod_model_ids is None else np.asarray(pod_model_ids)
+    accepted = accepted[(accepted >= 0) & (accepted < n_models)]
+    floor = float(pressure[accepted].min()) if accepted.size else 0.0
+    model = np.asarray(node_model, dtype=np.int64)
+    here = np.where(model >= 0, pressure[np.clip(model, 0, max(n_models - 1, 0))], floor)
+    out: FloatArray = float(request_milli) * np.maximum(here - floor, 0.0)
+    return out
+
+
 def _fgd(typical: TypicalPods) -> FragmentationScorer:
     return FragmentationScorer(typical, 0.0, name="fgd")
 
@@ -529,9 +650,16 @@ def _fgd_cpu(typical: TypicalPods, cpu_stranding_weight: float = 1.0) -> Fragmen
 
 
 def _fgd_plus(
-    typical: TypicalPods, cpu_stranding_weight: float = 1.0, lookahead_weight: float = 0.25
+    typical: TypicalPods,
+    cpu_stranding_weight: float = 1.0,
+    lookahead_weight: float = 0.25,
+    scarcity_weight: float = 1.0,
+    constraint_aware: bool = True,
 ) -> FragmentationScorer:
-    return FragmentationScorer(typical, cpu_stranding_weight, "fgd-plus", lookahead_weight)
+    return FragmentationScorer(
+        typical, cpu_stranding_weight, "fgd-plus", lookahead_weight, scarcity_weight,
+        constraint_aware,
+    )  # fmt: skip
 
 
 register_scorer("fgd", _fgd, replace=True)

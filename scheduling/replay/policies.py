@@ -9,8 +9,10 @@
   practice FGD packs onto the nodes first in that order.
 - "fgd-cpu": FGD plus the CPU-stranding term (`scheduling.fragmentation.cpu_stranded_gpu_milli`);
   nodes in trace order.
-- "fgd-plus": fleetd's default on GPU-sharing fleets: FGD plus the CPU-stranding term plus the
-  per-GPU lookahead (`scheduling.fragmentation.eventual_waste_milli`, weight 0.25); nodes in
+- "fgd-plus": fleetd's default on GPU-sharing fleets: constraint-aware FGD (a pod type counts
+  only on nodes of models it accepts) plus the CPU-stranding term, the per-GPU lookahead
+  (`scheduling.fragmentation.eventual_waste_milli`, weight 0.25) and the per-model scarcity
+  term (`scheduling.fragmentation.model_pressure`, from the fleet's GPUs per model); nodes in
   trace order.
 - any other name is a policy of the engine's registry, e.g. "best-fit", "gpu-packing" or
   "gpu-packing:1+best-fit:1" ("+" joins weighted terms), nodes in trace order.
@@ -36,16 +38,22 @@ RANDOM_NODE_ORDER = frozenset({"fgd"})
 
 
 def fleet_typical_pods(
-    pods: PodTrace, model_ids: NDArray[np.int64], n_fleet_models: int
+    pods: PodTrace,
+    model_ids: NDArray[np.int64],
+    n_fleet_models: int,
+    model_gpus: NDArray[np.int64] | None = None,
 ) -> TypicalPods:
     """FGD's target workload of `pods`, with model columns in the fleet's GPU model ids.
 
+    model_gpus: (n_fleet_models,) the fleet's GPUs per model id, for `model_pressure`.
     model_ids: (n_trace_models,) fleet id of each trace model (-1 if the fleet lacks it).
     """
     allowed = np.zeros((pods.spec_allowed.shape[0], n_fleet_models), dtype=bool)
     present = model_ids >= 0
     allowed[:, model_ids[present]] = pods.spec_allowed[:, present]
-    return typical_pods(pods.cpu_milli, pods.gpu_milli, pods.num_gpu, pods.spec_id, allowed)
+    return typical_pods(
+        pods.cpu_milli, pods.gpu_milli, pods.num_gpu, pods.spec_id, allowed, model_gpus=model_gpus
+    )
 
 
 def make_policy(name: str, typical: TypicalPods) -> Policy:

@@ -16,6 +16,8 @@ from scheduling.fragmentation import (
     fgd_score,
     frag_after,
     frag_milli,
+    model_pressure,
+    scarcity_milli,
     typical_pods,
 )
 
@@ -61,6 +63,133 @@ def state(cpu: int, gpus: list[int]) -> tuple[np.ndarray, np.ndarray]:
 def test_frag_milli_table(cpu: int, gpus: list[int], model: int, expected: float) -> None:
     cpu_left, gpu_left = state(cpu, gpus)
     assert frag_milli(cpu_left, gpu_left, np.array([model]), TYPICAL)[0] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "model", "artifact", "aware"),
+    [
+        # Model 1, idle: C may not use it. Artifact (NoAccess): C counts all 2000 idle,
+        # F = 0.5*0 + 0.25*2000 + 0.25*2000 = 1000; constraint-aware: C counts 0, F = 500.
+        ([1000, 1000], 1, 1000.0, 500.0),
+        # Model 1, GPU0 300 left: A 300, B 1300, C 1300 (artifact) or 0 (aware).
+        # Artifact 150 + 325 + 325 = 800; aware 150 + 325 = 475.
+        ([300, 1000], 1, 800.0, 475.0),
+        # Model 0: every type may use it, both measures agree (the share-remnant row above).
+        ([300, 1000], 0, 800.0, 800.0),
+    ],
+    ids=["idle-no-access", "remnant-no-access", "accessible"],
+)
+def test_constraint_aware_frag_counts_only_types_that_may_use_the_node(
+    gpus: list[int], model: int, artifact: float, aware: float
+) -> None:
+    cpu_left, gpu_left = state(16000, gpus)
+    models = np.array([model])
+    assert frag_milli(cpu_left, gpu_left, models, TYPICAL)[0] == pytest.approx(artifact)
+    assert frag_milli(cpu_left, gpu_left, models, TYPICAL, True)[0] == pytest.approx(aware)
+
+
+@pytest.mark.parametrize(
+    ("pinned_count", "expected"),
+    [
+        # Fleet: model 0 has 6 GPUs, model 1 has 2 (8 in all). Types: U 1 x 1000 any model,
+        # 5 pods (5000 milli); R 2 x 1000 on model 0 only, 1 pod (2000); CPU-only, 10 pods
+        # (no GPU demand); P 1 x 1000 on model 1 only, `pinned_count` pods.
+        # 2 P pods: demand 9000. P: 2000/9000 x 8/2 = 0.889 on model 1;
+        #   R: 2000/9000 x 8/6 = 0.296 on model 0. U accepts every model: left out.
+        (2, [0.2963, 0.8889]),
+        # 5 P pods: demand 12000. P: 5000/12000 x 4 = 1.667, clipped to 1;
+        #   R: 2000/12000 x 8/6 = 0.222.
+        (5, [0.2222, 1.0]),
+    ],
+    ids=["pinned-small-model", "oversubscribed-clipped"],
+)
+def test_model_pressure_table(pinned_count: int, expected: list[float]) -> None:
+    allowed = np.array([[True, True], [True, False], [True, True], [False, True]])
+    pressure = model_pressure(
+        gpu_milli=np.array([1000, 1000, 0, 1000]),
+        num_gpu=np.array([1, 2, 0, 1]),
+        model_allowed=allowed,
+        count=np.array([5, 1, 10, pinned_count]),
+        model_gpus=np.array([6, 2]),
+    )
+    assert pressure.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_model_pressure_of_an_unconstrained_workload_is_zero() -> None:
+    pressure = model_pressure(
+        np.array([500]), np.array([1]), np.ones((1, 3), bool), np.array([7]), np.array([8, 8, 2])
+    )
+    assert pressure.tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("accepts", "expected"),
+    [
+        # Pressure [0.3, 0.9, 0.0]; nodes of models 0, 1, 2 and a GPU-less node (-1); a pod of
+        # 1000 milli. Any model: floor 0.0 -> 1000 x [0.3, 0.9, 0.0, 0] = [300, 900, 0, 0].
+        (None, [300.0, 900.0, 0.0, 0.0]),
+        # Models 0 and 1: floor 0.3 -> [0, 600]; model 2 is below the floor: 0.
+        ([0, 1], [0.0, 600.0, 0.0, 0.0]),
+        # Pinned to model 1: floor 0.9, nothing to choose: 0 everywhere.
+        ([1], [0.0, 0.0, 0.0, 0.0]),
+        # A model id unknown to the fleet (-1) is ignored: as pinned to model 0.
+        ([0, -1], [0.0, 600.0, 0.0, 0.0]),
+    ],
+    ids=["any-model", "two-models", "pinned", "unknown-model"],
+)
+def test_scarcity_milli_table(accepts: list[int] | None, expected: list[float]) -> None:
+    pressure = np.array([0.3, 0.9, 0.0])
+    ids = None if accepts is None else np.array(accepts)
+    got = scarcity_milli(pressure, np.array([0, 1, 2, -1]), ids, 1000)
+    assert got.tolist() == pytest.approx(expected)
+
+
+def test_typical_pods_pressure_counts_every_pod_not_only_the_typical_ones() -> None:
+    # 19 unconstrained whole-GPU pods and 1 pinned to model 1 (2 of the fleet's 10 GPUs).
+    # The 95 % cut keeps only the unconstrained shape, but the pressure still sees the pinned
+    # pod: 1000/20000 x 10/2 = 0.25 on model 1.
+    spec = np.array([0] * 19 + [1])
+    typical = typical_pods(
+        cpu_milli=np.full(20, 1000),
+        gpu_milli=np.full(20, 1000),
+        num_gpu=np.ones(20, int),
+        spec_id=spec,
+        spec_allowed=np.array([[True, True], [False, True]]),
+        model_gpus=np.array([8, 2]),
+    )
+    assert typical.n_types == 1
+    assert typical.model_pressure is not None
+    assert typical.model_pressure.tolist() == pytest.approx([0.0, 0.25])
+
+
+def test_fgd_plus_keeps_flexible_pods_off_a_model_pinned_pods_need() -> None:
+    # Fleet: n0 model "B" (id 0), n1 model "A" (id 1), 2 idle GPUs each, CPU plenty.
+    # Workload: U (1 GPU, any model) and P (1 GPU, B only), one pod each: P's 1000 of the
+    # 2000 demand lands on B's 2 of 4 GPUs: pressure B = 0.5 x 4/2 = 1.0, A = 0.
+    # A U pod: FGD's measure stays 0 on both nodes (U and P still fit), so both score
+    # int(100 s(0)) = 50 and a tie goes to n0 (B). The scarcity term adds 1000 x 1.0 against
+    # B: int(100 s(-1)) = 26, so fgd-plus takes n1 (A).
+    fleet = Fleet(max_gpus=2)
+    for name, model in (("n0", "B"), ("n1", "A")):
+        fleet.add_node(NodeSpec(name, "c", 64000, 64 << 30, gpu_count=2, gpu_model=model))
+    typical = typical_pods(
+        cpu_milli=np.array([1000, 1000]),
+        gpu_milli=np.array([1000, 1000]),
+        num_gpu=np.array([1, 1]),
+        spec_id=np.array([0, 1]),
+        spec_allowed=np.array([[True, True], [True, False]]),
+        model_gpus=np.array([2, 2]),
+    )
+    pod = [PodSpec("u", cpu_millicores=1000, num_gpu=1)]
+    without = {"typical": typical, "scarcity_weight": 0.0}
+    with_scarcity = {"typical": typical}
+    assert place(fleet, pod, Policy.parse("fgd-plus", {"fgd-plus": without})).node(0) == "n0"
+    assert place(fleet, pod, Policy.parse("fgd-plus", {"fgd-plus": with_scarcity})).node(0) == "n1"
+    # A pod pinned to B has no choice and pays nothing for it.
+    pinned = [PodSpec("p", cpu_millicores=1000, num_gpu=1, gpu_models=("B",))]
+    assert (
+        place(fleet, pinned, Policy.parse("fgd-plus", {"fgd-plus": with_scarcity})).node(0) == "n0"
+    )
 
 
 def test_frag_milli_is_vectorized_over_nodes() -> None:

@@ -14,6 +14,7 @@ import pytest
 from benchmarks import openb
 from benchmarks.traces import TraceError, load_pods, openb_dir
 from scheduling.replay.recorder import alloc_curve
+from scheduling.replay.trace import PodTrace
 from scheduling.replay.trace import arrival_order
 
 # --- tuneUp / tuneDown ------------------------------------------------------------------------
@@ -215,16 +216,46 @@ def test_variants_change_only_what_they_say() -> None:
     base = load_pods(resolve_pod_list("default")[1], nodes.trace.models)
     b = base.trace
     cpu_only, multi = int((b.num_gpu == 0).sum()), int((b.num_gpu > 1).sum())
-    for kind in VARIANTS:
-        v = derive_variant(base, kind, nodes.trace).trace
-        if kind == "cpu250":
-            assert int((v.num_gpu == 0).sum()) == round(2.5 * cpu_only)
-        elif kind == "multigpu50":
-            assert int((v.num_gpu > 1).sum()) == 5 * multi
-        elif kind == "gpushare100":
-            assert int(((v.num_gpu == 1) & (v.gpu_milli == 1000)).sum()) == 0
-        else:
-            constrained = ~v.spec_allowed[v.spec_id].all(axis=1)
-            assert int(constrained.sum()) == int((b.num_gpu > 0).sum()) // 3
-    with pytest.raises(TraceError, match="unknown variant"):
-        derive_variant(base, "nope", nodes.trace)
+    gpu_pods = int((b.num_gpu > 0).sum())
+    whole = int(((b.num_gpu == 1) & (b.gpu_milli == 1000)).sum())
+
+    def constrained(v: PodTrace) -> np.ndarray:
+        return ~v.spec_allowed[v.spec_id].all(axis=1)
+
+    def derive(kind: str) -> PodTrace:
+        return derive_variant(base, kind, nodes.trace).trace
+
+    assert int((derive("cpu250").num_gpu == 0).sum()) == round(2.5 * cpu_only)
+    assert int((derive("multigpu50").num_gpu > 1).sum()) == 5 * multi
+    assert (
+        int(
+            ((derive("gpushare100").num_gpu == 1) & (derive("gpushare100").gpu_milli == 1000)).sum()
+        )
+        == 0
+    )
+    assert int(constrained(derive("gpuspec33")).sum()) == gpu_pods * 33 // 100
+    pinned = derive("pin10-T4")
+    t4 = nodes.trace.models.index("T4")
+    rows = constrained(pinned)
+    assert int(rows.sum()) == gpu_pods * 10 // 100
+    assert pinned.spec_allowed[pinned.spec_id[rows]].sum(axis=1).tolist() == [1] * int(rows.sum())
+    assert pinned.spec_allowed[pinned.spec_id[rows], t4].all()
+    pairs = derive("pair40")
+    rows = constrained(pairs)
+    assert set(pairs.spec_allowed[pairs.spec_id[rows]].sum(axis=1).tolist()) == {2}
+    heavy = derive("gpucpu200")
+    gpu = b.num_gpu > 0
+    assert (heavy.cpu_milli[gpu] == 2 * b.cpu_milli[gpu]).all()
+    assert (heavy.cpu_milli[~gpu] == b.cpu_milli[~gpu]).all()
+    # Steps compose in order: pins, then 60 % of the whole single GPUs become shares.
+    mix = derive("gpuspec33+gpushare60")
+    assert int(constrained(mix).sum()) == gpu_pods * 33 // 100
+    assert int(((mix.num_gpu == 1) & (mix.gpu_milli == 1000)).sum()) == whole - round(whole * 0.6)
+    # Deterministic, and every shipped variant parses.
+    assert (derive("pair40").spec_id == pairs.spec_id).all()
+    assert all(derive(kind).n_pods >= b.n_pods for kind in VARIANTS)
+    for bad in ("nope", "gpuspec", "pin10", "cpu50", "gpuspec33+x"):
+        with pytest.raises(TraceError, match="variant"):
+            derive_variant(base, bad, nodes.trace)
+    with pytest.raises(TraceError, match="no such GPU model"):
+        derive_variant(base, "pin10-H100", nodes.trace)
