@@ -14,8 +14,7 @@ import pytest
 from benchmarks import openb
 from benchmarks.traces import TraceError, load_pods, openb_dir
 from scheduling.replay.recorder import alloc_curve
-from scheduling.replay.trace import PodTrace
-from scheduling.replay.trace import arrival_order
+from scheduling.replay.trace import PodTrace, arrival_order
 
 # --- tuneUp / tuneDown ------------------------------------------------------------------------
 
