@@ -264,6 +264,7 @@ class Daemon:
             if state.ready != serving:
                 serving = state.ready
                 await self._set_health(serving)
+                self.metrics.ready.set(1 if serving else 0)
                 if serving:
                     log.info("ready: every source synced")
                 else:

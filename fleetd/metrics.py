@@ -145,7 +145,9 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge(
-            "fleetd_ready", "1 once every source finished its initial sync.", registry=r
+            "fleetd_ready",
+            "1 while every source is synced (initial sync done, none has lost its sync).",
+            registry=r,
         )
         self.task_failures = Counter(
             "fleetd_task_failures_total",

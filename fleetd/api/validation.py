@@ -105,6 +105,9 @@ def pod_request(
             _check_name(t.key, f"{tf}.key", LABEL_KEY_RE, "taint key")
         elif t.operator != "Exists":
             raise InvalidArgument(f"{tf}.key", "an empty key needs operator Exists")
+        if t.operator == "Exists" and t.value:
+            raise InvalidArgument(f"{tf}.value", "must be empty with operator Exists")
+        _check_name(t.value, f"{tf}.value", LABEL_VALUE_RE, "taint value")
         tolerations.append((t.key, t.operator or "Equal", t.value, t.effect))
     return PodRequest(
         name=name,

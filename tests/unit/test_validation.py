@@ -58,6 +58,21 @@ def gang(*pods: dict[str, Any], same: str = "") -> types_pb2.GangSpec:
             id="toleration-operator",
         ),
         pytest.param(
+            wl({"gpu_count": 1, "tolerations": [types_pb2.Toleration(key="k", value="v" * 64)]}),
+            "workload.pod.tolerations[0].value",
+            id="toleration-value-too-long",
+        ),
+        pytest.param(
+            wl(
+                {
+                    "gpu_count": 1,
+                    "tolerations": [types_pb2.Toleration(key="k", operator="Exists", value="v")],
+                }
+            ),
+            "workload.pod.tolerations[0].value",
+            id="toleration-exists-with-value",
+        ),
+        pytest.param(
             wl({"gpu_count": 1, "tolerations": [types_pb2.Toleration(operator="Exists")] * 65}),
             "workload.pod.tolerations",
             id="too-many-tolerations",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ import yaml
 from fleetd import config
 from fleetd.daemon import Daemon
 from fleetd.v1 import fleet_pb2_grpc, nodepools_pb2_grpc, placement_pb2_grpc
+from tests.testbed.build import artefacts
 
 
 def daemon_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
@@ -85,3 +89,27 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
 async def fleetd(start_daemon: StartDaemon) -> tuple[Daemon, Client]:
     """One daemon on the embedded simulated fleet; pods never start (reservations stay pending)."""
     return await start_daemon(sources={"simulated": {"confirm_after_s": 3600}})
+
+
+def promtool() -> str:
+    """promtool as `make testbed` unpacks it from Debian's prometheus package into the cache.
+
+    Under FLEETD_TESTBED=required (make test) a missing one fails the test; otherwise one on
+    PATH will do, and without any the test is skipped.
+    """
+    path = artefacts().promtool
+    if path.exists():
+        return str(path)
+    reason = f"promtool is not installed: run `make testbed` (expected at {path})"
+    if os.environ.get("FLEETD_TESTBED") == "required":
+        pytest.fail(reason)
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip(reason)
+    return found
+
+
+def scrape(daemon: Daemon) -> str:
+    """The daemon's /metrics exposition (blocking: call through asyncio.to_thread)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics") as resp:
+        return str(resp.read().decode())

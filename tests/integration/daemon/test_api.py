@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fleetd.daemon import Daemon
 from fleetd.v1 import fleet_pb2, nodepools_pb2, placement_pb2, types_pb2
+from tests.testbed.procs import async_wait_until
 
 from .conftest import Client, StartDaemon
 
@@ -172,6 +173,36 @@ async def test_watch_resumes_from_seq(fleetd: tuple[Daemon, Client]) -> None:
     assert got == [(seqs[2], "r2"), (seqs[3], "r3"), (seqs[4], "r4")]
 
 
+async def test_stream_deadline_ends_the_watch(fleetd: tuple[Daemon, Client]) -> None:
+    """A Watch call's deadline is honoured: the stream ends DEADLINE_EXCEEDED, and the
+    server drops its subscription (no leaked watcher)."""
+    daemon, client = fleetd
+    assert daemon.state is not None
+    await place(client, pod_workload("before-deadline"))
+    others = len(daemon.state.subscribers)  # the simulated fleet watches decisions too
+    stream = client.placement.WatchDecisions(
+        placement_pb2.WatchDecisionsRequest(after_seq=0), timeout=1.0
+    )
+    seen: list[str] = []
+
+    async def read_all() -> None:
+        async for d in stream:
+            seen.append(d.workload_id)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await read_all()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert seen == ["before-deadline"]
+    # The server cancels the handler when the deadline passes; no event marks the end of
+    # its cleanup, so poll for it (bounded).
+    state = daemon.state
+
+    async def unsubscribed() -> bool:
+        return len(state.subscribers) == others
+
+    await async_wait_until("the watcher unsubscribed", unsubscribed, timeout_s=30)
+
+
 async def test_unknown_cluster_and_pool_are_not_found(fleetd: tuple[Daemon, Client]) -> None:
     _, client = fleetd
     for kw in ({"cluster": "nowhere"}, {"pool": "nopool"}, {"cluster": "sim-east", "pool": "h100"}):
@@ -203,14 +234,24 @@ async def test_list_pools_and_status(fleetd: tuple[Daemon, Client]) -> None:
 
 
 async def test_concurrent_places_never_oversubscribe(fleetd: tuple[Daemon, Client]) -> None:
-    _, client = fleetd
+    daemon, client = fleetd
+    # 200 clients, each on its own connection.
+    channels = [
+        grpc.aio.insecure_channel(
+            f"127.0.0.1:{daemon.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(200)
+    ]
 
     # 128 GPUs in the simulated fleet; 200 clients ask for 1 whole GPU or a 300-milli share.
     async def one(i: int) -> placement_pb2.PlaceResponse:
         wl = pod_workload(f"c{i}", gpus=0 if i % 3 == 0 else 1, milli=300 if i % 3 == 0 else 0)
-        return await place(client, wl)
+        return await place(Client(channels[i]), wl)
 
-    replies = await asyncio.gather(*(one(i) for i in range(200)))
+    try:
+        replies = await asyncio.gather(*(one(i) for i in range(200)))
+    finally:
+        await asyncio.gather(*(c.close() for c in channels))
     used: dict[tuple[str, str, int], int] = {}
     for r in replies:
         for p in r.placements:

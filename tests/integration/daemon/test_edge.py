@@ -6,9 +6,7 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -22,7 +20,7 @@ from fleetd.daemon import Daemon
 from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
 from tests.testbed.build import artefacts
 
-from .conftest import Client, StartDaemon
+from .conftest import Client, StartDaemon, promtool, scrape
 
 GIB = 1024**3
 
@@ -252,29 +250,6 @@ async def test_stock_clients(fleetd: tuple[Daemon, Client]) -> None:
     assert out.returncode == 0, out.stderr
 
 
-def _promtool() -> str:
-    """promtool as `make testbed` unpacks it from Debian's prometheus package into the cache.
-
-    Under FLEETD_TESTBED=required (make test) a missing one fails the test; otherwise one on
-    PATH will do, and without any the test is skipped.
-    """
-    path = artefacts().promtool
-    if path.exists():
-        return str(path)
-    reason = f"promtool is not installed: run `make testbed` (expected at {path})"
-    if os.environ.get("FLEETD_TESTBED") == "required":
-        pytest.fail(reason)
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.skip(reason)
-    return found
-
-
-def scrape(daemon: Daemon) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics") as resp:
-        return str(resp.read().decode())
-
-
 async def test_metrics_endpoint(fleetd: tuple[Daemon, Client]) -> None:
     daemon, client = fleetd
     wl = types_pb2.Workload(workload_id="m", team="t", pod=pod(gpu_count=2))
@@ -290,7 +265,7 @@ async def test_metrics_endpoint(fleetd: tuple[Daemon, Client]) -> None:
     assert "fleetd_ready 1.0" in text
     out = await asyncio.to_thread(
         subprocess.run,
-        [_promtool(), "check", "metrics"],
+        [promtool(), "check", "metrics"],
         input=text,
         capture_output=True,
         text=True,

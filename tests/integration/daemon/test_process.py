@@ -30,6 +30,8 @@ class DaemonProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self.lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        #: stderr lines that were not JSON objects (structured logs: there should be none).
+        self.not_json: list[str] = []
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -46,9 +48,13 @@ class DaemonProcess:
         assert self.proc.stderr is not None
         async for raw in self.proc.stderr:
             try:
-                await self.lines.put(json.loads(raw))
+                line = json.loads(raw)
             except json.JSONDecodeError:
-                await self.lines.put({"msg": raw.decode(errors="replace")})
+                line = None
+            if not isinstance(line, dict) or not {"ts", "level", "logger", "msg"} <= set(line):
+                self.not_json.append(raw.decode(errors="replace"))
+                line = {"msg": raw.decode(errors="replace")}
+            await self.lines.put(line)
 
     async def wait_log(self, msg: str, timeout_s: float = 60) -> dict[str, Any]:
         async def find() -> dict[str, Any]:
@@ -244,6 +250,7 @@ async def test_sigterm_drains_in_flight_rpcs_and_exits_0(config_path: Path) -> N
     code = await daemon.wait(timeout_s=30)
     await channel.close()
     assert code == 0
+    assert daemon.not_json == []  # every log line, drain included, is structured
     kinds = {r for r, _ in results}
     # Calls that reach the server after the drain began are refused (UNAVAILABLE from fleetd,
     # or CANCELLED from grpc core once the server stopped); none fails any other way.

@@ -1,0 +1,91 @@
+"""The daemon's metrics with the real Kafka source: consumer lag, telemetry lag and age,
+dead letters and record outcomes in one exposition that `promtool check metrics` accepts."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+
+import pytest
+
+from fleetd.loadgen import produce
+from fleetd.sources.codec import encode_node, node_key
+from fleetd.sources.updates import GpuDevice, NodeUpdate, Resources
+from fleetd.v1 import fleet_pb2
+from tests.integration.sources_support import AWAIT_S, create_topic, unique
+from tests.testbed.procs import async_wait_until
+
+from .conftest import StartDaemon, promtool, scrape
+
+pytestmark = pytest.mark.testbed
+
+GIB = 1024**3
+
+
+def _report(cluster: str, name: str, seq: int) -> tuple[bytes, bytes]:
+    res = Resources(cpu_millicores=96_000, memory_bytes=768 * GIB, gpus=8, pods=110)
+    node = NodeUpdate(
+        cluster=cluster, name=name, sequence=seq, capacity=res, allocatable=res,
+        node_pool="h100", zone="z1", gpu_model="H100",
+        gpus=tuple(GpuDevice(i, "H100", 80 * GIB, True) for i in range(8)), pods=(),
+    )  # fmt: skip
+    record = encode_node(node, sequence=seq, observed_unix_ms=int(time.time() * 1000))
+    return node_key(cluster, name), record.SerializeToString()
+
+
+async def test_kafka_metrics_are_exposed_and_promtool_clean(
+    start_daemon: StartDaemon, kafka_bootstrap: str
+) -> None:
+    topic, cluster = unique("metrics"), unique("edge")
+    await create_topic(kafka_bootstrap, topic)
+    key, good = _report(cluster, "n0", 1)
+    # A record that is not a TelemetryRecord, then a good one of the same key: one partition,
+    # in this order, so the dead letter is handled before the node shows up.
+    await produce(kafka_bootstrap, topic, [(key, b"\xff\x00garbage"), (key, good)])
+    daemon, client = await start_daemon(
+        sources={
+            "simulated": {"enabled": False},
+            "kafka": {
+                "enabled": True,
+                "bootstrap_servers": kafka_bootstrap,
+                "topic": topic,
+                "dead_letter_topic": f"{topic}.dlq",
+                "group_id": unique("fleetd"),
+                "clusters": [cluster],
+            },
+        }
+    )
+
+    async def node_seen() -> bool:
+        snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest(cluster=cluster))
+        return snap.clusters[0].gpus == 8 if snap.clusters else False
+
+    await async_wait_until(f"{cluster}/n0 in fleet state", node_seen, timeout_s=AWAIT_S)
+    assert daemon.state is not None
+    daemon.metrics.refresh(daemon.state)
+    text = await asyncio.to_thread(scrape, daemon)
+    lag = re.findall(
+        rf'^fleetd_kafka_consumer_lag_messages\{{partition="\d+",topic="{topic}"\}} (\S+)$',
+        text,
+        re.MULTILINE,
+    )
+    assert lag
+    assert all(float(v) == 0.0 for v in lag)  # caught up
+    assert re.search(rf'^fleetd_telemetry_lag_seconds\{{cluster="{cluster}"\}} ', text, re.M)
+    assert re.search(
+        rf'^fleetd_telemetry_age_seconds\{{cluster="{cluster}",source="kafka"\}} ', text, re.M
+    )
+    assert re.search(r'^fleetd_dead_letters_total\{reason="[a-z_-]+"\} 1\.0$', text, re.M)
+    assert 'fleetd_telemetry_records_total{outcome="applied"} 1.0' in text
+    assert f'fleetd_gpus{{cluster="{cluster}",gpu_model="H100"}} 8.0' in text
+    assert "fleetd_ready 1.0" in text
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [promtool(), "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
