@@ -284,7 +284,9 @@ class Batch:
         """(P,) pod indices in placement order (stable: ties keep input order)."""
         n = len(self.pods)
         idx = np.arange(n, dtype=np.int64)
-        if order is Order.FIFO or n == 0:
+        if n <= 1:
+            return idx
+        if order is Order.FIFO:
             return idx[np.argsort(-self.priority, kind="stable")]
         # A gang is its own group, placed where its first pod appears; solo pods group by
         # shape and priority. Groups are sorted (few), then pods by group, stably.
