@@ -214,6 +214,7 @@ _BY_STATE_MIN_PODS = 64
 _NO_LIMIT = 1 << 40
 #: Untouched candidates get their deeper scores computed in chunks starting this large.
 _FIRST_CHUNK = 32
+_NO_PICK = np.zeros(1, np.int64)
 
 
 class _Chunk:
@@ -640,7 +641,6 @@ class _Engine:
         # Per-shape cache of (rows, room, scores, picks, step) and per-slot change stamps.
         self.cache: dict[int, tuple[I64, I64, NDArray[np.float64], I64, int]] = {}
         self.in_trial = False
-        self.last_cls = np.zeros(0, np.int64)  # classes of the rows _scored_by_state returned
         self._topology: dict[TopologyLevel, I64] = {}
         # Without a GPU-choosing plugin, deeper states have a closed form (states_after).
         self.closed_form = not any(p.chooses_gpus for p, _ in policy.terms)
@@ -782,13 +782,13 @@ class _Engine:
         xc.store_scores(key, (rows, cap, s0, p0, self.step, xc.static_gen))
         return rows, cap, s0, p0
 
-    def _scored_by_state(
-        self, shape: int, c: Constraints
-    ) -> tuple[I64, I64, NDArray[np.float64], I64]:
+    def _class_table(
+        self, shape: int, c: Constraints, ids: I64
+    ) -> tuple[NDArray[np.float64], I64, I64]:
+        """Per state class id: the shape's score, GPU pick and room, computed for `ids` if
+        not yet (a class never changes state, so its values never go stale)."""
         states = self.states
         assert states is not None
-        rows = self.candidate_rows(shape)
-        cls = states.of[rows]
         entry = self.class_cache.get(shape)
         if entry is None or entry[0].size < states.n:
             size = max(64, 2 * states.n)
@@ -800,54 +800,104 @@ class _Engine:
                 score[:m], pick[:m], room[:m] = entry
             entry = self.class_cache[shape] = (score, pick, room)
         score, pick, room = entry
-        sc = score[cls]
-        missing = np.isnan(sc)
-        if missing.any():
-            mark = np.zeros(states.n, np.bool_)
-            mark[cls[missing]] = True
-            todo = np.flatnonzero(mark)
-            s, p = self.policy.evaluate(states.view(self.fleet, self.usable, todo), c)
+        todo = ids[np.isnan(score[ids])]
+        if todo.size:
+            view = states.view(self.fleet, self.usable, todo)
+            room[todo] = pod_capacity(states.free_of(), c, todo, _NO_LIMIT)
+            s, p = self.policy.evaluate(view, c)
             score[todo] = np.where(s == s, s, -np.inf)  # a NaN score never wins
             pick[todo] = p
-            room[todo] = pod_capacity(states.free_of(), c, todo, _NO_LIMIT)
-            sc = score[cls]
+        return score, pick, room
+
+    def _scored_by_state(
+        self, shape: int, c: Constraints
+    ) -> tuple[I64, I64, NDArray[np.float64], I64]:
+        states = self.states
+        assert states is not None
+        rows = self.candidate_rows(shape)
+        cls = states.of[rows]
+        present = np.flatnonzero(np.bincount(cls, minlength=states.n))
+        score, pick, room = self._class_table(shape, c, present)
         cap = room[cls]
         keep = cap > 0
         if not keep.all():
-            rows, cls, cap, sc = rows[keep], cls[keep], cap[keep], sc[keep]
+            rows, cls, cap = rows[keep], cls[keep], cap[keep]
             if not self.in_trial:
                 # Outside gang trials free resources only shrink: a full row stays full.
                 self.rows[shape] = rows
-        self.last_cls = cls
-        return rows, cap, sc, pick[cls]
+        return rows, cap, score[cls], pick[cls]
 
-    def _order_by_state(self, cls: I64, shape: int, k: int) -> I64:
-        """Positions of the best rows (score desc, slot asc), at least k of them if there
-        are: nodes of one state class share a score, so rank the few classes, then sort
-        rows by rank with a stable (radix) sort of small integers."""
+    def _run_by_state(
+        self, shape: int, c: Constraints, k: int, domain: tuple[I64, int] | None
+    ) -> tuple[I64, I64]:
+        """`run` when nodes are scored per state class: rank the classes present among the
+        candidates, then touch only the rows of the best classes (at least k rows)."""
         states = self.states
         assert states is not None
-        score = self.class_cache[shape][0]
-        present = np.flatnonzero(np.bincount(cls, minlength=states.n))
+        rows = self.candidate_rows(shape)
+        if domain is not None:
+            rows = rows[domain[0][rows] == domain[1]]
+        cls = states.of[rows]
+        counts = np.bincount(cls, minlength=states.n)
+        present = np.flatnonzero(counts)
+        score, pick, room = self._class_table(shape, c, present)
+        has = room[present] > 0
+        if not has.all():
+            if domain is None and not self.in_trial and 4 * counts[present[~has]].sum() > rows.size:
+                # Free resources only shrink outside gang trials: drop rows without room.
+                keep = room[cls] > 0
+                rows, cls = rows[keep], cls[keep]
+                self.rows[shape] = rows
+            present = present[has]
+        none = np.zeros(0, np.int64)
+        if present.size == 0 or k <= 0:
+            return none, none
         sc = score[present]
-        o = np.argsort(-sc, kind="stable")
-        ss = sc[o]
-        dense = np.cumsum(np.concatenate(([0], (ss[1:] != ss[:-1]).astype(np.int64))))
-        rank_of = np.zeros(states.n, np.int32)
-        rank_of[present[o]] = dense
-        row_rank = rank_of[cls]
-        if k < row_rank.size // 4:
-            per_rank = np.cumsum(np.bincount(row_rank))
-            cut = int(np.searchsorted(per_rank, k))  # first rank reaching k rows
-            sel = np.flatnonzero(row_rank <= cut)
-            return sel[np.argsort(row_rank[sel], kind="stable")]
-        return np.argsort(row_rank, kind="stable")
+        if k == 1:
+            tied = present[sc == sc.max()]
+            if tied.size == 1:
+                j = int(np.argmax(cls == tied[0]))  # rows ascending: the lowest slot
+            else:
+                mark = np.zeros(states.n, np.bool_)
+                mark[tied] = True
+                j = int(np.argmax(mark[cls]))
+            slots = rows[j : j + 1].copy()
+            picks = pick[cls[j : j + 1]]
+        else:
+            # Classes by score (ties share a rank), then the first ranks holding k rows.
+            o = np.argsort(-sc, kind="stable")
+            ranked = present[o]
+            ss = sc[o]
+            dense = np.zeros(ss.size, np.int64)
+            np.cumsum(ss[1:] != ss[:-1], out=dense[1:])
+            reach = np.cumsum(np.bincount(dense, weights=counts[ranked]))
+            cut = int(np.searchsorted(reach, k))  # first rank reaching k rows (or the last)
+            rank_of = np.full(states.n, cut + 1, np.int64)
+            take = dense <= cut
+            rank_of[ranked[take]] = dense[take]
+            row_rank = rank_of[cls]
+            sel = np.flatnonzero(row_rank <= cut)  # ascending: slots ascending
+            sel = sel[np.argsort(row_rank[sel], kind="stable")][:k]
+            sel_cls = cls[sel]
+            slots, picks = self._merge(
+                c,
+                k,
+                rows[sel],
+                np.minimum(room[sel_cls], k),
+                score[sel_cls],
+                pick[sel_cls],
+                np.arange(sel.size, dtype=np.int64),
+            )
+        self.apply(c, slots, picks, sign=-1)
+        return slots, picks
 
     def run(self, shape: int, k: int, domain: tuple[I64, int] | None = None) -> tuple[I64, I64]:
         """Place up to k pods of one shape (only on nodes whose topology column `domain[0]`
         equals `domain[1]`, if given), applying them to the scratch state. Returns (slots,
         gpu masks) of the pods placed, in order."""
         c = self.cons(shape)
+        if self.states is not None:
+            return self._run_by_state(shape, c, k, domain)
         rows, cap, s0, p0 = self._scored(shape, c)
         if domain is not None:
             inside = domain[0][rows] == domain[1]
@@ -859,10 +909,7 @@ class _Engine:
             j = int(np.argmax(s0))  # first maximum: rows ascending, so the lowest slot
             slots, picks = rows[j : j + 1].copy(), p0[j : j + 1].copy()
         else:
-            if self.states is not None:
-                cls = self.last_cls if domain is None else self.last_cls[inside]
-                order = self._order_by_state(cls, shape, k)
-            elif k < n // 4:
+            if k < n // 4:
                 # Only the best k untouched nodes can be reached: sort just those (and ties).
                 kth = np.partition(s0, n - k)[n - k]
                 top = np.flatnonzero(s0 >= kth)
@@ -994,9 +1041,8 @@ class _Engine:
             s = np.where(s == s, s, -np.inf)
             s_rows = s.reshape(len(new), steps).tolist()
             p_rows = p.reshape(len(new), steps).tolist()
-            first = {cid: j for j, cid in reversed(list(enumerate(cl)))}
             for j, cid in enumerate(new):
-                chunk = _Chunk(None, p0[idx[first[cid]] : idx[first[cid]] + 1], cid=cid)
+                chunk = _Chunk(None, _NO_PICK, cid=cid)  # closed form: no stepwise picks
                 chunk.scores[0].extend(s_rows[j])
                 chunk.picks[0].extend(p_rows[j])
                 chunk.depth = steps
