@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,54 @@ def test_every_option_is_documented() -> None:
     nested = [config.SimCluster, config.SimPool]
     undocumented = walk(config.Config, "") + [m for n in nested for m in walk(n, n.__name__ + ".")]
     assert undocumented == []
+
+
+def _commented_keys(text: str) -> dict[str, bool]:
+    """Option path (list items as `[]`) -> whether some line defining it has a comment."""
+    stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing keys
+    out: dict[str, bool] = {}
+    for raw in text.splitlines():
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        indent = len(raw) - len(raw.lstrip(" "))
+        body = raw.strip()
+        if body.startswith("- "):  # a list item: its key is the list's entry, not a sibling
+            body = body[2:]
+            while stack and stack[-1][0] > indent:
+                stack.pop()
+            if not stack[-1][1].endswith("[]"):
+                stack[-1] = (stack[-1][0], stack[-1][1] + "[]")
+            indent += 2
+        m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*):(.*)$", body)
+        if not m:
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m.group(1)))
+        path = ".".join(k for _, k in stack)
+        out[path] = out.get(path, False) or "#" in m.group(2)
+    return out
+
+
+def _option_paths(model: type[config.BaseModel], prefix: str) -> list[str]:
+    paths = []
+    for name, info in model.model_fields.items():
+        paths.append(prefix + name)
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, config.BaseModel):
+            paths += _option_paths(ann, f"{prefix}{name}.")
+    return paths
+
+
+def test_every_option_is_commented_in_the_shipped_yaml() -> None:
+    keys = _commented_keys(config.SHIPPED_CONFIG.read_text())
+    options = (
+        _option_paths(config.Config, "")
+        + _option_paths(config.SimCluster, "sources.simulated.clusters[].")
+        + _option_paths(config.SimPool, "sources.simulated.clusters[].pools[].")
+    )
+    assert [p for p in options if p not in keys] == []  # spelled out
+    assert [p for p in options if not keys.get(p, True)] == []  # with a comment
 
 
 def test_good_file_overrides_defaults(tmp_path: Path) -> None:

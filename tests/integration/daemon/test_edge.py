@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 from fleetd.daemon import Daemon
 from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
 from tests.testbed.build import artefacts
+from tests.testbed.procs import async_wait_until
 
 from .conftest import Client, StartDaemon, promtool, scrape
 
@@ -296,6 +297,52 @@ async def test_hot_reload_good_then_bad(start_daemon: StartDaemon, tmp_path: Pat
     text = await asyncio.to_thread(scrape, daemon)
     assert 'fleetd_config_reloads_total{result="error"} 1.0' in text
     assert 'fleetd_config_reloads_total{result="ok"} 1.0' in text
+
+
+async def test_hot_reload_takes_effect_on_priorities_and_staleness(
+    start_daemon: StartDaemon,
+) -> None:
+    daemon, client = await start_daemon(sources={"simulated": {"confirm_after_s": 3600}})
+    path = daemon.config_path
+    assert path is not None
+    data = yaml.safe_load(path.read_text())
+
+    async def reload(ok: int, **sections: object) -> None:
+        data.update(sections)
+        await asyncio.to_thread(path.write_text, yaml.safe_dump(data))
+        await asyncio.wait_for(daemon.reloads_reached(ok=ok), 30)
+
+    # Team priorities: a later workload of a now-privileged team overtakes the queue.
+    await reload(1, teams={"priorities": {"vip": 10}})
+
+    def h100(wid: str, team: str) -> placement_pb2.PlaceRequest:
+        wl = types_pb2.Workload(
+            workload_id=wid, team=team, pod=pod(gpu_count=8), cluster="sim-west", pool="h100"
+        )
+        return placement_pb2.PlaceRequest(workload=wl)
+
+    for i in range(4):
+        await client.placement.Place(h100(f"fill{i}", "t"))
+    for wid, team in (("plain", "t"), ("vip-job", "vip")):
+        resp = await client.placement.Place(h100(wid, team))
+        assert resp.result == types_pb2.DECISION_RESULT_QUEUED
+    rel = await client.placement.Release(placement_pb2.ReleaseRequest(workload_id="fill0"))
+    stream = client.placement.WatchDecisions(
+        placement_pb2.WatchDecisionsRequest(after_seq=rel.decision_seq)
+    )
+    async for d in stream:
+        if d.kind == types_pb2.Decision.KIND_PLACE:
+            assert d.workload_id == "vip-job"
+            break
+    stream.cancel()
+    # Staleness: nodes silent longer than the new limit (they heartbeat every 10 s) go stale.
+    await reload(2, staleness={"node_stale_after_s": 0.2, "check_interval_s": 0.1})
+
+    async def stale() -> bool:
+        status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+        return status.nodes_stale > 0
+
+    await async_wait_until("nodes stale under the reloaded limit", stale, timeout_s=30)
 
 
 class NeverSyncs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,8 +26,10 @@ QUEUED = types_pb2.DECISION_RESULT_QUEUED
 class DaemonProcess:
     """A `fleetd serve --config` subprocess; its JSON log lines are read as events."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path | None, env: dict[str, str] | None = None) -> None:
+        """`fleetd serve --config config_path` (None: no arguments), `env` added."""
         self.config_path = config_path
+        self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self.lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -35,9 +38,11 @@ class DaemonProcess:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        args = ["--config", str(self.config_path)] if self.config_path is not None else []
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fleetd.cli", "serve", "--config", str(self.config_path),
+            sys.executable, "-m", "fleetd.cli", "serve", *args,
             stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **self.env} if self.env is not None else None,
         )  # fmt: skip
         self._reader = asyncio.create_task(self._read())
         serving = await self.wait_log("fleetd serving")
@@ -295,3 +300,53 @@ async def test_sighup_reloads_the_config(config_path: Path) -> None:
     finally:
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait() == 0
+
+
+async def test_serve_without_arguments_runs_on_embedded_defaults(tmp_path: Path) -> None:
+    """`fleetd serve` with no arguments: the shipped fleet, simulated, no Kafka or Kubernetes
+    (only the ports and the journal are moved, through FLEETD_* environment overrides)."""
+    daemon = DaemonProcess(
+        None,
+        env={
+            "FLEETD_SERVER__GRPC_LISTEN": "127.0.0.1:0",
+            "FLEETD_SERVER__METRICS_LISTEN": "127.0.0.1:0",
+            "FLEETD_JOURNAL__PATH": str(tmp_path / "journal.sqlite3"),
+        },
+    )
+    await daemon.start()
+    try:
+        channel, client = await daemon.client()
+        status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+        assert status.ready
+        assert {(s.source, s.cluster) for s in status.sources} == {
+            ("simulated", "sim-east"),
+            ("simulated", "sim-west"),
+        }
+        snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest())
+        assert (sum(c.nodes for c in snap.clusters), sum(c.gpus for c in snap.clusters)) == (
+            24,
+            128,
+        )
+        assert (await client.placement.Place(workload("w", gpus=2))).result == PLACED
+        await channel.close()
+    finally:
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+    assert (tmp_path / "journal.sqlite3").exists()
+
+
+async def test_demo_drives_the_daemon_and_writes_a_chart(tmp_path: Path) -> None:
+    """`fleetd demo` (what `make demo` runs), on a small synthetic workload."""
+    chart = tmp_path / "demo.png"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fleetd.cli", "demo", "--scale", "1", "--pods", "60",
+        "--chart", str(chart), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 300)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    for line in ("GPU allocation", "decisions", "Place latency", "p50", "p99", "results"):
+        assert line in text, (line, text)
+    assert "60/60 pods (100%)" in text
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
