@@ -295,6 +295,34 @@ def pod_capacity(free: Free, c: Constraints, rows: Rows, limit: int) -> NDArray[
     return cap
 
 
+def static_profiles(fleet: Fleet, rows: Rows) -> tuple[Rows, Rows]:
+    """Group `rows` by everything the static filters read (condition flags, cluster, every
+    label, blocking taints, GPU model, count and memory): nodes of one profile pass or fail
+    each static filter together, so a shape's filters need evaluating once per profile.
+
+    Returns (one representative row per profile, in order of first appearance; the
+    profile index of each row). Keep in step with STATIC_FILTERS.
+    """
+    if rows.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cols = [
+        (fleet.flags[rows] & (FLAG_CORDONED | FLAG_UNHEALTHY | FLAG_STALE)).astype(np.int64),
+        fleet.cluster_id[rows].astype(np.int64),
+        fleet.gpu_model_id[rows].astype(np.int64),
+        fleet.gpu_count[rows].astype(np.int64),
+        fleet.gpu_memory_mib[rows].astype(np.int64),
+    ]
+    cols.extend(fleet.label_values[k][rows].astype(np.int64) for k in sorted(fleet.label_values))
+    cols.extend(fleet.taint_bits[rows, w].view(np.int64) for w in range(fleet.taint_bits.shape[1]))
+    keys = np.ascontiguousarray(np.stack(cols, axis=1))
+    flat = keys.view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1]))).reshape(-1)
+    _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+    by_first = np.argsort(first, kind="stable")
+    renumber = np.empty(first.size, np.int64)
+    renumber[by_first] = np.arange(first.size, dtype=np.int64)
+    return rows[first[by_first]].astype(np.int64), renumber[inverse.reshape(-1)]
+
+
 def static_first_failure(fleet: Fleet, c: Constraints, rows: Rows) -> NDArray[np.int16]:
     """(rows,) int16: the first static filter each node fails, 0 if it passes them all."""
     out = np.zeros(rows.size, np.int16)

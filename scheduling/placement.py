@@ -41,6 +41,7 @@ from scheduling.filters import (
     pod_capacity,
     resource_first_failure,
     static_first_failure,
+    static_profiles,
 )
 from scheduling.fleet import FLAG_EMPTY_SLOT, GPU_MILLI, Allocation, AllocationError, Fleet
 from scheduling.scoring import (
@@ -210,6 +211,8 @@ _FIRST_DEPTH = 8
 _BY_STATE_RUN = 4
 #: ... and the batch has at least this many pods (the per-call set-up is O(nodes)).
 _BY_STATE_MIN_PODS = 64
+#: From this many shapes in a batch, static filters run once per node profile.
+_BY_PROFILE_SHAPES = 8
 #: Room is counted up to this many pods per node (no practical limit).
 _NO_LIMIT = 1 << 40
 #: Untouched candidates get their deeper scores computed in chunks starting this large.
@@ -637,11 +640,13 @@ class _Engine:
         # so a row without room never gets room back.
         self.rows: dict[int, I64] = {}
         self.static: dict[int, NDArray[np.int16]] = {}
+        self._profiles: tuple[I64, I64] | None = None  # filters.static_profiles of live rows
         self.exhausted: set[int] = set()
         # Per-shape cache of (rows, room, scores, picks, step) and per-slot change stamps.
         self.cache: dict[int, tuple[I64, I64, NDArray[np.float64], I64, int]] = {}
         self.in_trial = False
         self._topology: dict[TopologyLevel, I64] = {}
+        self._n_domains: dict[TopologyLevel, int] = {}
         # Without a GPU-choosing plugin, deeper states have a closed form (states_after).
         self.closed_form = not any(p.chooses_gpus for p, _ in policy.terms)
         # With state-only plugins, score each distinct node state once (_States).
@@ -657,6 +662,7 @@ class _Engine:
         col = self._topology.get(level)
         if col is None:
             col = self._topology[level] = _topology_column(self.fleet, level)
+            self._n_domains[level] = int(col.max()) + 1 if col.size else 0
         return col
 
     def cons(self, shape: int) -> Constraints:
@@ -675,7 +681,12 @@ class _Engine:
         """First failing static filter per live row for the shape (0 = passes), cached."""
         codes = self.static.get(shape)
         if codes is None:
-            if self.xc is None:
+            if self.xc is None and len(self.batch.shapes) >= _BY_PROFILE_SHAPES:
+                if self._profiles is None:
+                    self._profiles = static_profiles(self.fleet, self.live_rows)
+                reps, profile_of = self._profiles
+                codes = static_first_failure(self.fleet, self.cons(shape), reps)[profile_of]
+            elif self.xc is None:
                 codes = static_first_failure(self.fleet, self.cons(shape), self.live_rows)
             else:
                 dense = self.xc.static_codes(self.fleet, self.batch.shapes[shape])
@@ -712,8 +723,6 @@ class _Engine:
         gang members) re-scores only the rows changed since (scores are node-local).
         With state-only plugins, scores are computed once per distinct node state.
         """
-        if self.states is not None:
-            return self._scored_by_state(shape, c)
         entry = self.cache.get(shape)
         if entry is None and self.xc is not None:
             rows, cap, s0, p0 = self._scored_across_calls(shape, c)
@@ -809,23 +818,24 @@ class _Engine:
             pick[todo] = p
         return score, pick, room
 
-    def _scored_by_state(
-        self, shape: int, c: Constraints
-    ) -> tuple[I64, I64, NDArray[np.float64], I64]:
+    def _rooms(self, shape: int, c: Constraints) -> tuple[I64, I64]:
+        """Rows with room for the shape and their room (for gangs: no scores needed)."""
         states = self.states
-        assert states is not None
+        if states is None:
+            rows, cap, _, _ = self._scored(shape, c)
+            return rows, cap
         rows = self.candidate_rows(shape)
         cls = states.of[rows]
         present = np.flatnonzero(np.bincount(cls, minlength=states.n))
-        score, pick, room = self._class_table(shape, c, present)
+        room = self._class_table(shape, c, present)[2]
         cap = room[cls]
         keep = cap > 0
         if not keep.all():
-            rows, cls, cap = rows[keep], cls[keep], cap[keep]
+            rows, cap = rows[keep], cap[keep]
             if not self.in_trial:
                 # Outside gang trials free resources only shrink: a full row stays full.
                 self.rows[shape] = rows
-        return rows, cap, score[cls], pick[cls]
+        return rows, cap
 
     def _run_by_state(
         self, shape: int, c: Constraints, k: int, domain: tuple[I64, int] | None
@@ -1129,7 +1139,7 @@ class _Engine:
             need[s] = need.get(s, 0) + cnt
         caps: dict[int, tuple[I64, I64]] = {}
         for s in need:
-            rows, cap, _, _ = self._scored(s, self.cons(s))
+            rows, cap = self._rooms(s, self.cons(s))
             caps[s] = (rows, np.minimum(cap, need[s]))
         hopeless = [s for s in need if caps[s][0].size == 0]
         if hopeless:
@@ -1144,7 +1154,7 @@ class _Engine:
             cand = np.unique(np.concatenate([rows for rows, _ in caps.values()]))
         for level in gang_levels(gang):
             dom = self.topology(level)
-            n_dom = int(dom.max()) + 1 if dom.size else 0
+            n_dom = self._n_domains[level]
             ok = np.ones(n_dom, bool)
             for s, (rows, cap) in caps.items():
                 room = np.bincount(dom[rows], weights=cap, minlength=n_dom)
@@ -1152,15 +1162,22 @@ class _Engine:
             gfree = np.bincount(dom[cand], weights=self.gpu_total[cand], minlength=n_dom)
             cfree = np.bincount(dom[cand], weights=self.free.cpu_millicores[cand], minlength=n_dom)
             doms = np.flatnonzero(ok)
-            doms = doms[np.lexsort((doms, cfree[doms], gfree[doms]))]
-            for d in doms.tolist():
+            g, cf = gfree[doms], cfree[doms]
+            while doms.size:
+                # The tightest domain left (least GPU, then CPU, then lowest id): two minimum
+                # scans rather than a sort, as the first domain tried usually takes the gang.
+                best = np.flatnonzero(g == g.min())
+                if best.size > 1:
+                    best = best[cf[best] == cf[best].min()]
+                i = int(best[0])
                 self.in_trial = True
                 try:
-                    placed = self._trial(runs, dom, d)
+                    placed = self._trial(runs, dom, int(doms[i]))
                 finally:
                     self.in_trial = False
                 if placed is not None:
                     return placed[0], placed[1], np.zeros(m, np.int64)
+                doms, g, cf = np.delete(doms, i), np.delete(g, i), np.delete(cf, i)
         return none, np.zeros(m, np.int64), np.full(m, int(Reason.GANG_TOPOLOGY), np.int64)
 
     def _trial(self, runs: list[tuple[int, int]], dom: I64, d: int) -> tuple[I64, I64] | None:

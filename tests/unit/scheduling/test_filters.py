@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from scheduling import (
     Allocation,
+    Fleet,
     LabelOp,
     LabelRequirement,
     NodeSpec,
@@ -20,10 +23,18 @@ from scheduling import (
     Toleration,
     explain,
 )
-from scheduling.filters import Free, compile_pod, first_failure, pod_capacity
+from scheduling.filters import (
+    Free,
+    compile_pod,
+    first_failure,
+    pod_capacity,
+    static_first_failure,
+    static_profiles,
+)
 from scheduling.reference import _nodes, first_failure_one
 
 from .builders import GIB, cpu_node, fleet_of, gpu_node, pod
+from .test_properties import fleets, pods
 
 IN, NOT_IN, EXISTS, ABSENT = LabelOp.IN, LabelOp.NOT_IN, LabelOp.EXISTS, LabelOp.DOES_NOT_EXIST
 NOSCHED = Taint("dedicated", "ml")
@@ -238,3 +249,19 @@ def test_explain_counts_like_kube_scheduler() -> None:
         "0/5 nodes are available: 3 Insufficient nvidia.com/gpu, "
         "1 node(s) had untolerated taint, 1 node(s) didn't match GPU model."
     )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fleets(), st.lists(pods("p"), min_size=1, max_size=4))
+def test_static_filters_per_profile_equal_per_node(f: Fleet, shapes: list[PodSpec]) -> None:
+    # Nodes with the same static profile pass or fail each static filter together, so the
+    # engine may evaluate them once per profile (batches with many shapes).
+    f.add_node(cpu_node("extra", labels={"pool": "b", "zone-x": "1"}, taints=(Taint("t", "1"),)))
+    rows = np.flatnonzero(f.live_mask()).astype(np.int64)
+    reps, profile_of = static_profiles(f, rows)
+    assert reps.size == int(profile_of.max()) + 1
+    assert (rows[np.unique(profile_of, return_index=True)[1]] == reps).all()
+    for p in shapes:
+        c = compile_pod(f, p)
+        direct = static_first_failure(f, c, rows)
+        assert (static_first_failure(f, c, reps)[profile_of] == direct).all()

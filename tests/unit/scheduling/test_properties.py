@@ -134,12 +134,18 @@ def test_engine_and_reference_loop_agree(
 ) -> None:
     # Both engine modes (scoring per distinct node state, or per changed row) must agree
     # with the plain loop.
-    saved = placement._BY_STATE_RUN, placement._BY_STATE_MIN_PODS
+    # (The first mode also evaluates static filters once per node profile.)
+    saved = placement._BY_STATE_RUN, placement._BY_STATE_MIN_PODS, placement._BY_PROFILE_SHAPES
     placement._BY_STATE_RUN = placement._BY_STATE_MIN_PODS = 0 if by_state else 1 << 30
+    placement._BY_PROFILE_SHAPES = 1 if by_state else 1 << 30
     try:
         engine = place(f, items, policy, order=order)
     finally:
-        placement._BY_STATE_RUN, placement._BY_STATE_MIN_PODS = saved
+        (
+            placement._BY_STATE_RUN,
+            placement._BY_STATE_MIN_PODS,
+            placement._BY_PROFILE_SHAPES,
+        ) = saved
     reference = place_reference(f, items, policy, order=order)
     assert engine.decisions() == reference.decisions()
 
