@@ -205,10 +205,25 @@ async def test_stream_deadline_ends_the_watch(fleetd: tuple[Daemon, Client]) -> 
 
 async def test_unknown_cluster_and_pool_are_not_found(fleetd: tuple[Daemon, Client]) -> None:
     _, client = fleetd
-    for kw in ({"cluster": "nowhere"}, {"pool": "nopool"}, {"cluster": "sim-east", "pool": "h100"}):
+    for kw, named in (
+        ({"cluster": "nowhere"}, "cluster 'nowhere'"),
+        ({"pool": "nopool"}, "pool 'nopool'"),
+        ({"cluster": "sim-east", "pool": "h100"}, "pool 'h100' in cluster 'sim-east'"),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await place(client, pod_workload("nf", **kw))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND, kw
+        assert named in (err.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.placement.Explain(
+                placement_pb2.ExplainRequest(workload=pod_workload("nf", **kw))
+            )
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, kw
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.placement.Release(placement_pb2.ReleaseRequest(workload_id="never-placed"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest())
+    assert sum(c.gpu_milli_allocated for c in snap.capacity) == 0
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await client.pools.ListNodePools(nodepools_pb2.ListNodePoolsRequest(cluster="nowhere"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

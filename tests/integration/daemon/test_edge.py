@@ -79,6 +79,35 @@ def pod(**kw: object) -> types_pb2.PodSpec:
         ),
         pytest.param(
             placement_pb2.PlaceRequest(
+                workload=types_pb2.Workload(
+                    workload_id="a",
+                    team="t",
+                    gang=types_pb2.GangSpec(pods=[pod(gpu_milli=100)] * 1025),
+                )
+            ),
+            "workload.gang.pods",
+            id="oversized-gang",
+        ),
+        pytest.param(
+            placement_pb2.PlaceRequest(
+                workload=types_pb2.Workload(
+                    workload_id="a",
+                    team="t",
+                    pod=pod(gpu_count=1, node_selector={f"k{i}": "v" for i in range(65)}),
+                )
+            ),
+            "workload.pod.node_selector",
+            id="oversized-selector",
+        ),
+        pytest.param(
+            placement_pb2.PlaceRequest(
+                workload=types_pb2.Workload(workload_id="a" * 300, team="t", pod=pod(gpu_count=1))
+            ),
+            "workload.workload_id",
+            id="oversized-id",
+        ),
+        pytest.param(
+            placement_pb2.PlaceRequest(
                 workload=types_pb2.Workload(workload_id="a", team="t", pod=pod(gpu_count=1)),
                 ttl_s=10**9,
             ),
