@@ -136,6 +136,14 @@ class _Queued:
 
 
 @dataclass(slots=True)
+class _RetryRound:
+    """One capacity-freeing event's pass over the queue, possibly over several loop turns."""
+
+    considered: set[str] = field(default_factory=set)
+    failed: set[tuple[object, ...]] = field(default_factory=set)
+
+
+@dataclass(slots=True)
 class _ObservedPod:
     cluster: str
     node: str
@@ -1213,26 +1221,48 @@ class FleetState:
         self._retry_queue(now)
         return decision
 
-    def _retry_queue(self, now: float) -> None:
-        """Try queued workloads again (highest priority, then oldest, first) after capacity freed."""
+    def _retry_queue(self, now: float, round_: _RetryRound | None = None) -> None:
+        """Try queued workloads again (highest priority, then oldest, first) after capacity freed.
+
+        One capacity-freeing event considers at most QUEUE_RETRY_BUDGET queued workloads.
+        On the event loop the work is also cut into slices of QUEUE_RETRY_BUDGET_S, each
+        continuing the same round on a later turn of the loop, so a Release never holds the
+        loop for long, yet which workloads get placed does not depend on the machine's speed.
+        """
         if not self.queue or not self.ready:
             return
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # synchronous use (tests, tools): the whole round now
+        r = round_ if round_ is not None else _RetryRound()
         order = sorted(self.queue.values(), key=lambda q: (-q.priority, q.seq))
         deadline = time.perf_counter() + QUEUE_RETRY_BUDGET_S  # a work budget, not a clock
-        failed: set[tuple[object, ...]] = set()
-        for item in order[:QUEUE_RETRY_BUDGET]:
+        attempted = 0
+        for item in order:
             req = item.request
+            if req.workload_id in r.considered:
+                continue
+            if len(r.considered) >= QUEUE_RETRY_BUDGET:
+                return
+            if loop is not None and attempted and time.perf_counter() > deadline:
+                # Continue this round on the next turn of the loop (RPCs run in between).
+                loop.call_soon(self._continue_retry, r)
+                return
+            r.considered.add(req.workload_id)
             shape = (req.pods, req.gang, req.same, req.cluster, req.pool)
-            if shape in failed:
+            if shape in r.failed:
                 continue  # an identical workload just failed: this one would too
-            if time.perf_counter() > deadline:
-                break
+            attempted += 1
             outcome = self._place(req)
             if outcome.allocations is None:
-                failed.add(shape)
-            if outcome.allocations is not None:
+                r.failed.add(shape)
+            else:
                 del self.queue[req.workload_id]
                 self._grant(req, outcome.allocations, now, dequeue=True)
+
+    def _continue_retry(self, round_: _RetryRound) -> None:
+        self._retry_queue(self.clock(), round_)
 
     # -- helpers --------------------------------------------------------------------------------
 

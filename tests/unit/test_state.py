@@ -256,6 +256,26 @@ def test_queue_survives_a_kill_in_order(tmp_path: Path, clock: FakeClock) -> Non
     assert set(again.held) == {"q1", "q3"}
 
 
+async def test_queue_retry_round_continues_on_later_loop_turns(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fleetd.state
+
+    # Every slice of retry work is over budget at once: one placement per turn of the loop.
+    monkeypatch.setattr(fleetd.state, "QUEUE_RETRY_BUDGET_S", 0.0)
+    state = make_state(tmp_path / "j.db", clock, nodes=1)
+    state.place(request("big", gpus=8))
+    for wid in ("q1", "q2", "q3"):
+        assert state.place(request(wid, gpus=2)).result == "queued"
+    state.release("big")
+    assert set(state.held) == {"q1"}
+    await asyncio.sleep(0)  # one turn of the loop: the round goes on
+    assert set(state.held) == {"q1", "q2"}
+    await asyncio.sleep(0)
+    assert set(state.held) == {"q1", "q2", "q3"}
+    assert not state.queue
+
+
 def test_restored_queue_waits_for_the_sync(tmp_path: Path, clock: FakeClock) -> None:
     path = tmp_path / "j.db"
     state = make_state(path, clock, nodes=2)

@@ -137,6 +137,9 @@ def test_usage_is_exactly_what_is_held(ops: list[tuple[int | str, ...]]) -> None
                     for g in a.gpu_indices:
                         held_only[a.node][g] += a.gpu_milli_per_gpu
         restarted = FleetState(Config(), Journal(path), clock)
+        # As in the daemon, the source is declared before its first update: the restored
+        # queue is retried only after the sync, so usage is what reservations hold.
+        restarted.expect_source("t", "c")
         for key in sorted(state.nodes):
             restarted.apply_now(node(int(key.split("/n")[1]), 1))
         assert usage(restarted) == held_only
