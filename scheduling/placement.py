@@ -707,7 +707,15 @@ class _Engine:
             return int(Reason.NO_NODES)
         ff = self.static_codes(shape).copy()
         ok = ff == 0
-        ff[ok] = resource_first_failure(self.free, self.cons(shape), self.live_rows[ok])
+        rows = self.live_rows[ok]
+        if self.states is None:
+            ff[ok] = resource_first_failure(self.free, self.cons(shape), rows)
+        else:  # nodes of one state class fail the same resource filter: once per class
+            cls = self.states.of[rows]
+            per = np.zeros(self.states.n, np.int16)
+            present = np.flatnonzero(np.bincount(cls, minlength=self.states.n))
+            per[present] = resource_first_failure(self.states.free_of(), self.cons(shape), present)
+            ff[ok] = per[cls]
         return int(Explanation.from_first_failures(ff).dominant) or int(Reason.INSUFFICIENT_CPU)
 
     # -- one run of identical pods -------------------------------------------------------
@@ -811,11 +819,13 @@ class _Engine:
         score, pick, room = entry
         todo = ids[np.isnan(score[ids])]
         if todo.size:
-            view = states.view(self.fleet, self.usable, todo)
-            room[todo] = pod_capacity(states.free_of(), c, todo, _NO_LIMIT)
-            s, p = self.policy.evaluate(view, c)
-            score[todo] = np.where(s == s, s, -np.inf)  # a NaN score never wins
-            pick[todo] = p
+            room[todo] = r = pod_capacity(states.free_of(), c, todo, _NO_LIMIT)
+            score[todo] = -np.inf  # no room: never placed on, so never scored
+            todo = todo[r > 0]
+            if todo.size:
+                s, p = self.policy.evaluate(states.view(self.fleet, self.usable, todo), c)
+                score[todo] = np.where(s == s, s, -np.inf)  # a NaN score never wins
+                pick[todo] = p
         return score, pick, room
 
     def _rooms(self, shape: int, c: Constraints) -> tuple[I64, I64]:

@@ -148,25 +148,26 @@ def pick_bits(pick: I64, gpus: int) -> NDArray[np.int64]:
 
 def row_sum(a: NDArray[Any]) -> I64:
     """(R, G) -> (R,) int64 sums over the GPU axis. numpy reduces a short trailing axis
-    slowly, so this adds the G columns instead (G is small)."""
-    if a.shape[0] < _SMALL:  # few rows: one call beats G calls
-        return np.asarray(a.sum(axis=1, dtype=np.int64), np.int64)
-    out = np.zeros(a.shape[0], np.int64)
-    for i in range(a.shape[1]):
-        out += a[:, i]
-    return out
+    slowly (`sum(axis=1)`); an integer matrix product with ones is exact and several times
+    faster."""
+    return np.asarray(a @ _ones(a.shape[1]), np.int64)
 
 
+def _ones(g: int) -> I64:
+    ones = _ONES.get(g)
+    if ones is None:
+        ones = _ONES[g] = np.ones(g, np.int64)
+    return ones
+
+
+_ONES: dict[int, I64] = {}
 #: Below this many rows, 2-D numpy calls (fewer, each slower per element) are cheaper.
 _SMALL = 512
 
 
 def row_any(a: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    """(R, G) bool -> (R,) bool: any over the GPU axis (column by column, see row_sum)."""
-    out = np.zeros(a.shape[0], np.bool_)
-    for i in range(a.shape[1]):
-        out |= a[:, i]
-    return out
+    """(R, G) bool -> (R,) bool: any over the GPU axis (see row_sum)."""
+    return np.asarray(row_sum(a) > 0, np.bool_)
 
 
 def default_gpu_pick(view: NodeView, c: Constraints) -> I64:
