@@ -42,6 +42,9 @@ WORKLOAD_LABEL = "fleetd.io/workload-id"
 POD_NAME_LABEL = "fleetd.io/pod-name"
 GPU_MILLI_LABEL = "fleetd.io/gpu-milli"
 
+#: The "cluster" of a source's readiness entry when it does not know its clusters up front.
+SOURCE_WIDE = "*"
+
 #: Place requests per batch (one core call); more wait for the next turn of the loop.
 MAX_BATCH = 256
 
@@ -365,6 +368,24 @@ class FleetState:
         was = self.ready
         self.sources.setdefault((source, cluster), _SourceInfo())
         self._readiness_update(was)
+
+    def expect_source_wide(self, source: str) -> None:
+        """Readiness waits for `source_synced(source)`: a source that does not know its
+        clusters up front (Kafka without a cluster list) gates readiness as a whole; it
+        shows in GetStatus as cluster SOURCE_WIDE."""
+        self.expect_source(source, SOURCE_WIDE)
+
+    def source_synced(self, source: str) -> None:
+        """The source-wide initial sync of `source` is done (see `expect_source_wide`)."""
+        self._check_owner()
+        was = self.ready
+        now = self.clock()
+        info = self.sources.setdefault((source, SOURCE_WIDE), _SourceInfo())
+        info.synced = True
+        info.last_update_s = now
+        info.down_since_s, info.down_reason, info.lost = 0.0, "", False
+        if self._readiness_update(was):
+            self._retry_queue(now)
 
     @property
     def ready(self) -> bool:

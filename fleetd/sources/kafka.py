@@ -629,7 +629,8 @@ def settings_from_config(config: Any) -> KafkaSourceSettings:
 def build(config: Any, state: Any, daemon_metrics: Any) -> Callable[[], Awaitable[None]]:
     """The daemon's hook: a Kafka source feeding `state`; returns its `run` coroutine function.
 
-    Readiness waits for `ClusterSynced(cluster, "kafka")` of every configured cluster.
+    Readiness waits for `ClusterSynced(cluster, "kafka")` of every configured cluster, or,
+    with no cluster listed, for the consumer's initial catch-up (`source.ready`).
     """
     settings = settings_from_config(config)
     for cluster in sorted(settings.required_clusters):
@@ -638,4 +639,19 @@ def build(config: Any, state: Any, daemon_metrics: Any) -> Callable[[], Awaitabl
     sink = StateSink(state, lambda kind: metrics.telemetry_records.labels("rejected").inc())
     source = KafkaSource(settings, sink, metrics=metrics)
     source.on_connection = lambda ok, reason: state.source_connection(SOURCE, "", ok, reason)
-    return source.run
+    if settings.required_clusters:
+        return source.run
+    state.expect_source_wide(SOURCE)
+
+    async def run() -> None:
+        async def synced() -> None:
+            await source.ready.wait()
+            state.source_synced(SOURCE)
+
+        marker = asyncio.ensure_future(synced())
+        try:
+            await source.run()
+        finally:
+            marker.cancel()
+
+    return run

@@ -164,6 +164,26 @@ def test_lost_source_drops_readiness_until_it_resyncs(tmp_path: Path, clock: Fak
     assert state.ready
 
 
+def test_source_wide_sync_gates_readiness(tmp_path: Path, clock: FakeClock) -> None:
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), clock)
+    state.expect_source_wide("kafka")
+    assert not state.ready
+    assert state.not_ready_reason() == "kafka/*: waiting for the initial sync"
+    state.apply_now(node("n0", seq=1, cluster="seen"))
+    state.apply_now(up.ClusterSynced("seen", "kafka"))
+    assert not state.ready  # a cluster it saw is synced; the source's catch-up is not done
+    state.source_synced("kafka")
+    assert state.ready
+    assert [(s[0], s[1], s[2]) for s in state.source_status()] == [
+        ("kafka", "*", True),
+        ("kafka", "seen", True),
+    ]
+    # A broker outage covers the source-wide entry as well.
+    state.source_connection("kafka", "", False, "broker down")
+    clock.now_s += 60
+    assert state.check_sources() == 2
+
+
 def test_idempotent_and_conflict(tmp_path: Path, clock: FakeClock) -> None:
     state = make_state(tmp_path / "j.db", clock)
     first = state.place(request("w", gpus=2))

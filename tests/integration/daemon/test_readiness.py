@@ -132,6 +132,36 @@ async def test_kafka_broker_outage_drops_readiness_until_resynced(
     assert daemon.exit_code == 0
 
 
+async def test_kafka_without_a_cluster_list_is_ready_only_after_catching_up(
+    start_daemon: StartDaemon, kafka_bootstrap: str
+) -> None:
+    topic, cluster = unique("ready-all"), unique("edge")
+    await create_topic(kafka_bootstrap, topic)
+    await produce(kafka_bootstrap, topic, [_report(cluster, f"n{i}", 1) for i in range(20)])
+    # start_daemon returns once the daemon is ready.
+    _, client = await start_daemon(
+        sources={
+            "simulated": {"enabled": False},
+            "kafka": {
+                "enabled": True,
+                "bootstrap_servers": kafka_bootstrap,
+                "topic": topic,
+                "dead_letter_topic": f"{topic}.dlq",
+                "group_id": unique("fleetd"),
+            },
+        }
+    )
+    status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+    assert status.ready
+    assert {(s.source, s.cluster, s.synced) for s in status.sources} == {
+        ("kafka", "*", True),
+        ("kafka", cluster, True),
+    }
+    # Ready means caught up: every node published before the start is in fleet state.
+    snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest(cluster=cluster))
+    assert snap.clusters[0].nodes == 20
+
+
 class TcpProxy:
     """A TCP forwarder on 127.0.0.1 in front of a real server; `cut()` refuses and resets
     every connection (a network partition), `heal()` listens again on the same port."""
