@@ -9,6 +9,10 @@ model- and selector-constrained pods, gangs with topology). Measured in the same
   (`scheduling.reference.ReferencePlacer`) on the first --loop-pods pods of the workload;
 - an identical-decisions check of both on a small instance (--check-nodes/--check-pods);
 - bytes per node of a 100,000-node fleet with 8 GPUs per node;
+- single-pod placement latency as the daemon sees it (one pod placed and committed at a
+  time, --single-calls pods, policy --single-policy, fgd-plus by default with the
+  workload's target): with a `PlacementCache` kept across calls and without one,
+  alternating on two copies of the fleet, checking both make the same decisions;
 - with --ladder, the engine's cost from 1,000 to 100,000 nodes at the same pod count.
 
 The last line (with --json) is one JSON object with pods_per_s, loop_pods_per_s, speedup,
@@ -28,12 +32,24 @@ from typing import Any
 
 import numpy as np
 
-from scheduling import REASON_TEXT, Batch, Order, Policy, Reason, place
+from fleetd import engine
+from scheduling import (
+    REASON_TEXT,
+    Batch,
+    Order,
+    PlacementCache,
+    PodSpec,
+    Policy,
+    Reason,
+    commit,
+    place,
+)
 from scheduling.fleet import Fleet
 from scheduling.placement import PlacementResult
 from scheduling.reference import ReferencePlacer
 from scheduling.scoring import DEFAULT_POLICY
 from scheduling.synthetic import synthetic_fleet, synthetic_workload
+from scheduling.workload import QueueItem
 
 LADDER = (1_000, 3_000, 10_000, 30_000, 100_000)
 
@@ -50,6 +66,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--check-nodes", type=int, default=200)
     p.add_argument("--check-pods", type=int, default=2_000)
     p.add_argument("--memory-nodes", type=int, default=100_000, help="fleet size for bytes/node")
+    p.add_argument("--single-calls", type=int, default=300, help="pods placed one at a time")
+    p.add_argument("--single-policy", default="fgd-plus", help="policy of the single-pod test")
+    p.add_argument("--single-shapes", type=int, default=8, help="most popular shapes used")
     p.add_argument("--ladder", action="store_true", help="engine cost from 1k to 100k nodes")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     args = p.parse_args(argv)
@@ -79,6 +98,61 @@ def time_engine(
         walls.append(time.perf_counter() - w0)
     assert result is not None
     return statistics.median(walls), statistics.median(cpus), result, min(walls)
+
+
+def single_pod_latency(
+    fleet: Fleet, items: Sequence[QueueItem], spec: str, calls: int, shapes: int
+) -> dict[str, Any]:
+    """Place `calls` single pods one at a time, committing each (the daemon's Place), with a
+    PlacementCache and without, alternating on two copies of `fleet`. The pods are those of
+    `items` with one of its `shapes` most popular shapes; latencies exclude each shape's
+    first pod (nothing cached yet). Fragmentation policies get the target workload of
+    those pods (as the daemon estimates it from its requests)."""
+    solo = [p for p in items if isinstance(p, PodSpec)]
+    # A daemon's steady state: a mix of the workload's `shapes` most popular pod shapes.
+    popular = {k for k, _ in Counter(p.shape_key for p in solo).most_common(shapes)}
+    pods = [p for p in solo if p.shape_key in popular][:calls]
+    target = engine.TargetWorkload(window=10_000)
+    target.observe(
+        [
+            engine.PodRequest(
+                p.name, p.cpu_millicores, p.memory_bytes, p.num_gpu, p.gpu_milli, p.gpu_models
+            )
+            for p in pods
+        ]
+    )
+    typical = target.typical(fleet) if engine.needs_target(spec) else None
+    # Two policy objects: plugins may memoize per node (FGD does), and each side must pay
+    # for its own scoring.
+    policy, plain_policy = engine.build_policy(spec, typical), engine.build_policy(spec, typical)
+    cached_fleet, plain_fleet = fleet.copy(), fleet.copy()
+    cache = PlacementCache()
+    cached_s, plain_s = [], []
+    same = True
+    seen: set[tuple[object, ...]] = set()
+    for p in pods:
+        t0 = time.perf_counter()
+        a = place(cached_fleet, [p], policy, cache=cache)
+        t1 = time.perf_counter()
+        b = place(plain_fleet, [p], plain_policy)
+        t2 = time.perf_counter()
+        if p.shape_key in seen:
+            cached_s.append(t1 - t0)
+            plain_s.append(t2 - t1)
+        seen.add(p.shape_key)
+        same = same and a.decisions() == b.decisions()
+        commit(cached_fleet, a)
+        commit(plain_fleet, b)
+    return {
+        "policy": spec,
+        "calls": len(pods),
+        "shapes": len(seen),
+        "cached_p50_ms": round(1e3 * float(np.percentile(cached_s, 50)), 3),
+        "cached_p99_ms": round(1e3 * float(np.percentile(cached_s, 99)), 3),
+        "uncached_p50_ms": round(1e3 * float(np.percentile(plain_s, 50)), 3),
+        "uncached_p99_ms": round(1e3 * float(np.percentile(plain_s, 99)), 3),
+        "identical_decisions": same,
+    }
 
 
 def main(argv: Sequence[str]) -> int:
@@ -146,6 +220,18 @@ def main(argv: Sequence[str]) -> int:
     say(f"memory: {bytes_per_node:.0f} bytes per node at {len(big)} nodes x 8 GPUs")
     del big
 
+    single = single_pod_latency(
+        fleet, items, args.single_policy, args.single_calls, args.single_shapes
+    )
+    say(
+        f"single pods ({single['policy']}, {single['calls']} placed one at a time, "
+        f"{single['shapes']} shapes): "
+        f"with PlacementCache p50 {single['cached_p50_ms']} ms, p99 {single['cached_p99_ms']} "
+        f"ms; without p50 {single['uncached_p50_ms']} ms, p99 {single['uncached_p99_ms']} ms; "
+        f"identical decisions: {'yes' if single['identical_decisions'] else 'NO'}"
+    )
+    same = same and bool(single["identical_decisions"])
+
     ladder: list[dict[str, Any]] = []
     if args.ladder:
         for n in LADDER:
@@ -187,6 +273,7 @@ def main(argv: Sequence[str]) -> int:
                     "placed": result.n_placed,
                     "gpu_alloc_pct": round(gpu_alloc_pct(fleet, result), 2),
                     "batch_build_s": round(batch_s, 4),
+                    "single_pod": single,
                     "ladder": ladder,
                 }
             )
