@@ -1039,8 +1039,13 @@ class FleetState:
         if self._pending:
             self._drain_scheduled = True
             asyncio.get_running_loop().call_soon(self._drain)
-        # A caller that went away (deadline, cancel) still gets its decision made: a retry
-        # with the same workload id replays it.
+        # A caller that went away before its turn (its deadline passed, it cancelled) is
+        # not decided: it was answered DEADLINE_EXCEEDED or CANCELLED, so nothing is held on
+        # its behalf. One that goes away after the decision keeps it: a retry with the same
+        # workload id replays it.
+        batch = [(req, fut) for req, fut in batch if not fut.done()]
+        if not batch:
+            return
         try:
             results = self.place_batch([req for req, _ in batch])
         except Exception as exc:  # the callers see INTERNAL; the daemon stays up

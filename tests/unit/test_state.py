@@ -296,6 +296,19 @@ async def test_queue_retry_round_continues_on_later_loop_turns(
     assert not state.queue
 
 
+async def test_a_caller_gone_before_its_batch_is_not_decided(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    state = make_state(tmp_path / "j.db", clock, nodes=1)
+    gone = state.submit(request("gone", gpus=4))
+    kept = state.submit(request("kept", gpus=4))
+    gone.cancel()  # what grpc does to the handler when the call's deadline passes
+    decision = await kept
+    assert decision.result == "placed"
+    assert set(state.held) == {"kept"}
+    assert [d.workload_id for d in state.history] == ["kept"]
+
+
 def test_restored_queue_waits_for_the_sync(tmp_path: Path, clock: FakeClock) -> None:
     path = tmp_path / "j.db"
     state = make_state(path, clock, nodes=2)
