@@ -149,6 +149,13 @@ class Metrics:
             "1 while every source is synced (initial sync done, none has lost its sync).",
             registry=r,
         )
+        self.source_synced = Gauge(
+            "fleetd_source_synced",
+            "1 while a source is synced for a cluster, 0 before its initial sync or after it "
+            "lost its sync (GetStatus says why).",
+            ["source", "cluster"],
+            registry=r,
+        )
         self.task_failures = Counter(
             "fleetd_task_failures_total",
             "Supervised tasks that died, by task.",
@@ -232,7 +239,8 @@ class Metrics:
         self.reservations.labels("confirmed").set(confirmed)
         self.queued.set(queued)
         self.ready.set(1 if state.ready else 0)
-        for source, cluster, _synced, age_s, _ in state.source_status():
+        for source, cluster, synced, age_s, _ in state.source_status():
+            self.source_synced.labels(source, cluster).set(1 if synced else 0)
             if age_s >= 0:
                 self.telemetry_age.labels(source, cluster).set(age_s)
 

@@ -30,7 +30,7 @@ from tests.testbed.kube import KubeTestbed
 from tests.testbed.procs import async_wait_until
 from tests.testbed.runner import TestbedRun
 
-from .conftest import Client, StartDaemon
+from .conftest import Client, StartDaemon, scrape
 
 pytestmark = pytest.mark.testbed
 
@@ -113,6 +113,11 @@ async def test_kafka_broker_outage_drops_readiness_until_resynced(
                 await client.placement.Place(_place("while-down", cluster))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert f"kafka/{cluster}" in (err.value.details() or "")
+            assert daemon.state is not None
+            daemon.metrics.refresh(daemon.state)
+            text = await asyncio.to_thread(scrape, daemon)
+            assert f'fleetd_source_synced{{cluster="{cluster}",source="kafka"}} 0.0' in text
+            assert "fleetd_ready 0.0" in text
             explain = await client.placement.Explain(
                 placement_pb2.ExplainRequest(workload=_place("x", cluster).workload)
             )
