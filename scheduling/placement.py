@@ -1166,11 +1166,13 @@ class _Engine:
             dom = self.topology(level)
             n_dom = self._n_domains[level]
             ok = np.ones(n_dom, bool)
+            dom_cand = dom[cand]
             for s, (rows, cap) in caps.items():
-                room = np.bincount(dom[rows], weights=cap, minlength=n_dom)
+                dom_rows = dom_cand if rows is cand else dom[rows]
+                room = np.bincount(dom_rows, weights=cap, minlength=n_dom)
                 ok &= room >= need[s]
-            gfree = np.bincount(dom[cand], weights=self.gpu_total[cand], minlength=n_dom)
-            cfree = np.bincount(dom[cand], weights=self.free.cpu_millicores[cand], minlength=n_dom)
+            gfree = np.bincount(dom_cand, weights=self.gpu_total[cand], minlength=n_dom)
+            cfree = np.bincount(dom_cand, weights=self.free.cpu_millicores[cand], minlength=n_dom)
             doms = np.flatnonzero(ok)
             g, cf = gfree[doms], cfree[doms]
             while doms.size:

@@ -189,3 +189,41 @@ def test_bytes_per_node_is_small() -> None:
         f.add_node(gpu_node(f"node-{i:06d}", rack=f"r{i % 50}", labels={"pool": "a", "tier": "x"}))
     # Columns ~110 B + name table ~150 B per node; the target is <= 2 KB at 100k x 8 GPUs.
     assert f.nbytes() / len(f) < 1024
+
+
+def test_change_stamps_name_the_slots_each_mutation_touched() -> None:
+    # slot_version: any change of the slot; attr_version: what static filters read.
+    f = fleet_of(gpu_node("n0", gpus=2), gpu_node("n1", gpus=2))
+    v = f.version
+    f.allocate(Allocation("n1", 1000, GIB, (0,), 500))
+    assert f.slot_version[1] == f.version > v
+    assert f.attr_version[1] <= v  # usage only
+    assert f.slot_version[0] <= v
+    v = f.version
+    f.set_flags("n0", cordoned=True)
+    assert f.attr_version[0] == f.slot_version[0] == f.version > v
+    v = f.version
+    f.set_flags("n0", cordoned=True)  # no change: no stamp
+    f.set_gpu_health("n1", 1, healthy=True)
+    assert f.version == v
+    f.set_gpu_health("n1", 1, healthy=False)
+    assert f.attr_version[1] == f.version > v
+    v = f.version
+    f.allocate_many(
+        np.array([0, 0]), np.array([1, 1]), np.array([0, 0]), np.array([0, 0]), np.array([0, 0])
+    )
+    assert f.slot_version[0] == f.version > v
+    assert f.slot_version[1] < f.version
+    f.gpu_free_milli[1, 0] = 1000  # written directly: only `touch` stamps it
+    v = f.version
+    f.touch(np.array([1]))
+    assert f.slot_version[1] == f.attr_version[1] == f.version > v
+    g = f.copy()
+    assert g.state_equal(f)
+    assert (g.slot_version == f.slot_version).all()
+    # Stamps are bookkeeping, not state: fleets built differently can still be equal.
+    assert fleet_of(gpu_node("n0")).state_equal(fleet_of(gpu_node("n0")))
+    h = fleet_of(gpu_node("n0"))
+    h.allocate(Allocation("n0", 1000, GIB))
+    h.free(Allocation("n0", 1000, GIB))
+    assert h.state_equal(fleet_of(gpu_node("n0")))
