@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -95,22 +96,14 @@ async def raw_rate(bootstrap: str, topic: str, n_records: int) -> float:
     return n_records / (done_at - first_at)
 
 
-async def source_run(
-    bootstrap: str, topic: str, n_records: int, sink: UpdateSink
-) -> tuple[float, dict[str, int]]:
-    """Seconds fleetd's KafkaSource takes to handle every record into `sink` (from its first
-    poll), and the records by outcome."""
-    settings = KafkaSourceSettings(
-        bootstrap_servers=bootstrap,
-        topic=topic,
-        dead_letter_topic=f"{topic}.dlq",
-        group_id=f"bench-fleetd-{uuid.uuid4().hex[:8]}",
-    )
-    metrics = SourceMetrics()
-    source = KafkaSource(settings, sink, metrics=metrics)
+async def source_run(source: KafkaSource, n_records: int) -> tuple[float, dict[str, int]]:
+    """Run `source` until it handled `n_records` more records; the seconds from its first
+    poll, and its records by outcome so far."""
+    start_count = source.records_handled
+    source.first_batch_at = None
     task = asyncio.ensure_future(source.run())
     try:
-        waiter = asyncio.ensure_future(source.wait_handled(n_records))
+        waiter = asyncio.ensure_future(source.wait_handled(start_count + n_records))
         done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             task.result()  # the source died: raise its error
@@ -119,10 +112,30 @@ async def source_run(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert source.first_batch_at is not None
+    metrics = source.metrics
     outcomes = {
         outcome: int(metrics.telemetry_records.labels(outcome)._value.get()) for outcome in OUTCOMES
     }
     return done_at - source.first_batch_at, outcomes
+
+
+async def warm_then_measure(
+    bootstrap: str, warm_topic: str, topic: str, n_warm: int, n_records: int, sink: UpdateSink
+) -> tuple[float, float, dict[str, int]]:
+    """One KafkaSource into `sink`: first the initial sync (every node in full, `warm_topic`),
+    then the steady state (`topic`), each timed from its first poll. Returns (initial sync
+    seconds, steady-state seconds, steady-state records by outcome)."""
+    settings = KafkaSourceSettings(
+        bootstrap_servers=bootstrap,
+        topic=warm_topic,
+        dead_letter_topic=f"{topic}.dlq",
+        group_id=f"bench-fleetd-{uuid.uuid4().hex[:8]}",
+    )
+    source = KafkaSource(settings, sink, metrics=SourceMetrics())
+    warm_s, before = await source_run(source, n_warm)
+    source.settings = dataclasses.replace(settings, topic=topic)
+    steady_s, after = await source_run(source, n_records)
+    return warm_s, steady_s, {k: after[k] - before[k] for k in OUTCOMES}
 
 
 def _fleet_state(tmp: Path) -> Any:
@@ -158,21 +171,29 @@ async def measure(
     fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=n_nodes // 2)
     mix: dict[str, Any] = {}
     records = list(
-        periodic_reports(fleet, rounds, rng, changed_fraction=changed_fraction, stats=mix)
+        periodic_reports(fleet, rounds + 1, rng, changed_fraction=changed_fraction, stats=mix)
     )
+    n_warm = len(fleet)
     expected = _last_sequences(records, 1)
-    n_records = len(records)
+    warm_topic = f"bench-ingest-{uuid.uuid4().hex[:8]}-sync"
     topic = f"bench-ingest-{uuid.uuid4().hex[:8]}"
-    await _create_topic(bootstrap, topic)
-    await produce(bootstrap, topic, records)
+    for name in (warm_topic, topic):
+        await _create_topic(bootstrap, name)
+    await produce(bootstrap, warm_topic, records[:n_warm])
+    await produce(bootstrap, topic, records[n_warm:])
+    n_records = len(records) - n_warm
     del records
     runs = []
     for _ in range(repeats):
         raw = await raw_rate(bootstrap, topic, n_records)
-        view_s, _ = await source_run(bootstrap, topic, n_records, FleetView())
+        _, view_s, _ = await warm_then_measure(
+            bootstrap, warm_topic, topic, n_warm, n_records, FleetView()
+        )
         with tempfile.TemporaryDirectory() as tmp:
             state = _fleet_state(Path(tmp))
-            state_s, outcomes = await source_run(bootstrap, topic, n_records, StateSink(state))
+            warm_s, state_s, outcomes = await warm_then_measure(
+                bootstrap, warm_topic, topic, n_warm, n_records, StateSink(state)
+            )
             verified = len(state.nodes) == len(expected) and all(
                 state.gate.last(cluster, "node", name) == seq
                 for (cluster, name), seq in expected.items()
@@ -186,6 +207,7 @@ async def measure(
                 "records_per_s": n_records / state_s,
                 "updates_per_s": reflected / state_s,
                 "ratio": reflected / state_s / raw,
+                "initial_sync_s": warm_s,
                 "outcomes": outcomes,
                 "verified": verified,
             }
@@ -208,6 +230,7 @@ async def measure(
         "updates_per_s": round(median("updates_per_s")),
         "ratio": round(median("ratio"), 3),
         "ratios": [round(r["ratio"], 3) for r in runs],
+        "initial_sync_s": round(median("initial_sync_s"), 2),
         "applied_updates": last["applied"],
         "unchanged_records": last["unchanged"],
         "superseded_records": last["superseded"],
@@ -244,7 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks ingest", description=__doc__)
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--nodes", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=20, help="reports per node")
+    parser.add_argument(
+        "--rounds", type=int, default=20, help="measured reports per node (after the sync)"
+    )
     parser.add_argument("--changed-fraction", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -290,7 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  into state: {r['applied_updates']:,} with new content, "
             f"{r['unchanged_records']:,} unchanged, {r['superseded_records']:,} superseded, "
             f"{r['duplicate_records']:,} duplicates; every node at its last sequence: "
-            f"{r['verified']}"
+            f"{r['verified']}\n"
+            f"  initial sync before (every node in full, not in the rates): "
+            f"{r['initial_sync_s']} s"
         )
     print(f"load average (1 min) {result['load_avg_1m']}")
     if args.json:

@@ -25,8 +25,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Generic, TypeVar
 
-import numpy as np
-
 import scheduling
 from fleetd import engine
 from fleetd.config import Config
@@ -171,8 +169,10 @@ class _NodeInfo:
     last_seen_s: float = 0.0
     #: The last update without its sequence and time: a repeat of it is a heartbeat.
     last_update: up.NodeUpdate | None = None
-    #: What of the last applied update the node table holds (`_spec_signature`).
+    #: What of the last applied update the node table holds (`_spec_signature`), and that
+    #: update (a source that builds the next one from it shares its field objects).
     spec_signature: tuple[object, ...] | None = None
+    spec_update: up.NodeUpdate | None = None
     #: `content_token` of the last applied NodeUpdate: NodeHeartbeats entries must match it.
     content_token: bytes = b""
 
@@ -322,6 +322,8 @@ class FleetState:
         #: (cluster, node) -> uids of self.pods on it: node updates touch their own pods
         #: without scanning every pod of the fleet.
         self._pods_on: dict[tuple[str, str], set[str]] = {}
+        #: cluster -> node name -> (node key, gate subject): the NodeHeartbeats hot loop.
+        self._heartbeat_keys: dict[str, dict[str, tuple[str, tuple[str, str, str]]]] = {}
         self.sources: dict[tuple[str, str], _SourceInfo] = {}
         self.history: collections.deque[Decision] = collections.deque(
             maxlen=config.limits.decision_history
@@ -523,32 +525,47 @@ class FleetState:
     def _node_heartbeats(self, u: up.NodeHeartbeats, now: float) -> int:
         """Reports whose content is the node's last applied one: only sequence and freshness
         move (no node-table write unless a stale node comes back). Returns entries applied."""
-        nodes, gate, cluster = self.nodes, self.gate, u.cluster
-        applied = 0
+        nodes, gate_last, cluster = self.nodes, self.gate.last_by_subject, u.cluster
+        # Node key and gate subject of each name, made once per node (this loop runs for
+        # most telemetry records: a dict lookup instead of two allocations per entry).
+        names = self._heartbeat_keys.get(cluster)
+        if names is None:
+            names = self._heartbeat_keys[cluster] = {}
+        applied = refused = stale_seq = 0
         latest_observed_s = 0.0
         for name, seq, observed_s, token in zip(
             u.names, u.sequences, u.observed_at_s, u.content_tokens, strict=True
         ):
-            key = f"{cluster}/{name}"  # engine.node_key, inlined: this loop is the hot path
-            info = nodes.get(key)
+            keys = names.get(name)
+            if keys is None:
+                keys = names[name] = (node_key(cluster, name), (cluster, "node", name))
+            info = nodes.get(keys[0])
             if info is None or not token or info.content_token != token:
                 # The content it repeats was never applied here (refused, or the node was
                 # removed since): nothing to refresh. The source sends full content again
                 # when the node changes.
-                self.invalid_updates += 1
-                self.metrics.update_ignored("heartbeat_of_unapplied_content")
+                refused += 1
                 continue
-            if not gate.admit_sequence((cluster, "node", name), seq):
-                self.ignored_updates += 1
-                self.metrics.update_ignored("stale_sequence")
+            last = gate_last.get(keys[1])
+            if last is not None and seq <= last:
+                stale_seq += 1
                 continue
+            gate_last[keys[1]] = seq
             info.last_seen_s = now
             if info.stale:
                 info.stale = False
-                self.fleet.set_flags(key, stale=False)
+                self.fleet.set_flags(keys[0], stale=False)
             applied += 1
             if observed_s > latest_observed_s:
                 latest_observed_s = observed_s
+        if refused:
+            self.invalid_updates += refused
+            for _ in range(refused):
+                self.metrics.update_ignored("heartbeat_of_unapplied_content")
+        if stale_seq:
+            self.ignored_updates += stale_seq
+            for _ in range(stale_seq):
+                self.metrics.update_ignored("stale_sequence")
         if applied:
             self._touch(cluster, now, latest_observed_s)
         return applied
@@ -558,6 +575,7 @@ class FleetState:
         node table is left alone; freshness moves and the pods are reconciled."""
         info.last_seen_s = now
         info.content_token = u.content_token
+        info.spec_update = u
         if info.stale:
             info.stale = False
             self.fleet.set_flags(key, stale=False)
@@ -578,11 +596,11 @@ class FleetState:
     def _node_update(self, u: up.NodeUpdate, now: float) -> None:
         key = node_key(u.cluster, u.name)
         info = self.nodes.get(key)
-        signature = _spec_signature(u)
-        if info is not None and u.pods is not None and info.spec_signature == signature:
+        if info is not None and u.pods is not None and _same_spec(info, u):
             # Pods came or went, utilization moved: the node table has nothing to change.
             self._node_refresh_pods(key, info, u, now)
             return
+        signature = _spec_signature(u)
         if info is not None and u.pods is None:
             # Heartbeats repeat the node unchanged: only freshness moves (cheap at 10^4 nodes).
             same = replace(u, sequence=0, observed_at_s=0.0)
@@ -638,6 +656,7 @@ class FleetState:
             last_seen_s=now,
             last_update=replace(u, sequence=0, observed_at_s=0.0, pods=None),
             spec_signature=signature,
+            spec_update=u,
             content_token=u.content_token,
         )
         self._touch(u.cluster, now, u.observed_at_s)
@@ -778,21 +797,26 @@ class FleetState:
 
     def _observed_allocation(self, key: str, p: up.PodObserved, milli_label: str) -> Allocation:
         """Devices for a pod fleetd did not place: the freest healthy ones (cluster truth)."""
-        slot = self.fleet.slot(key)
-        free = self.fleet.usable_gpu_free_milli(np.asarray([slot]))[
-            0, : int(self.fleet.gpu_count[slot])
-        ]
-        order = np.argsort(-free, kind="stable")
+        fleet = self.fleet
+        slot = fleet.slot(key)
+        count = int(fleet.gpu_count[slot])
+        # One node: plain Python over its few GPUs (numpy per call costs more here). Free
+        # milli-GPU per GPU, 0 when unhealthy, freest first, lowest index on ties (what a
+        # stable argsort of -free gives).
+        row = fleet.gpu_free_milli[slot, :count].tolist()
+        unhealthy = int(fleet.gpu_unhealthy_mask[slot])
+        free = [0 if (unhealthy >> g) & 1 else row[g] for g in range(count)]
+        order = sorted(range(count), key=lambda g: -free[g])
         cpu, mem = p.requests.cpu_millicores, p.requests.memory_bytes
         if p.requests.gpus > 0:
-            devices = tuple(sorted(int(d) for d in order[: p.requests.gpus]))
+            devices = tuple(sorted(order[: p.requests.gpus]))
             return Allocation(key, cpu, mem, devices, engine.GPU_MILLI)
         try:
             milli = int(milli_label)
         except ValueError:
             milli = 0
-        if 0 < milli < engine.GPU_MILLI and free.size:
-            return Allocation(key, cpu, mem, (int(order[0]),), milli)
+        if 0 < milli < engine.GPU_MILLI and count:
+            return Allocation(key, cpu, mem, (order[0],), milli)
         return Allocation(key, cpu, mem)
 
     def _pod_removed(self, cluster: str, uid: str, now: float) -> None:
@@ -1416,6 +1440,27 @@ class FleetState:
     def nodes_stale(self) -> int:
         """Nodes currently marked stale."""
         return sum(1 for info in self.nodes.values() if info.stale)
+
+
+def _same_spec(info: _NodeInfo, u: up.NodeUpdate) -> bool:
+    """Whether `u` leaves the node table as it is: the same field objects as the last
+    applied update (cheap, the usual case), or else an equal `_spec_signature`."""
+    prev = info.spec_update
+    if (
+        prev is not None
+        and u.allocatable is prev.allocatable
+        and u.labels is prev.labels
+        and u.taints is prev.taints
+        and u.gpus is prev.gpus
+        and u.unschedulable == prev.unschedulable
+        and u.ready == prev.ready
+        and u.node_pool == prev.node_pool
+        and u.zone == prev.zone
+        and u.gpu_model == prev.gpu_model
+        and u.gpu_memory_bytes == prev.gpu_memory_bytes
+    ):
+        return True
+    return info.spec_signature == _spec_signature(u)
 
 
 def _spec_signature(u: up.NodeUpdate) -> tuple[object, ...]:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
+import numpy as np
 from google.protobuf.message import DecodeError
+from numpy.typing import NDArray
 
 from fleetd.sources.translate import (
     LABEL_INSTANCE_TYPES,
@@ -283,24 +286,7 @@ def _node(
         )
     if any(gpus[i].index > gpus[i + 1].index for i in range(len(gpus) - 1)):
         gpus.sort(key=lambda d: d.index)
-    pods = []
-    for p in n.pods:
-        pod_name, namespace = p.name, p.namespace
-        if not pod_name or not namespace:
-            raise InvalidTelemetry("bad-pods", f"node {name}: pod without name or namespace")
-        pods.append(
-            PodObserved(
-                cluster,
-                namespace,
-                pod_name,
-                p.uid,
-                name,
-                _resources(p.requests, "pod.requests"),
-                p.phase or "Running",
-                tuple(sorted(p.labels.items())) if p.labels else (),
-                sequence,
-            )
-        )
+    pods = _pods(n, cluster, name, sequence)
     return NodeUpdate(
         cluster=cluster,
         name=name,
@@ -324,6 +310,30 @@ def _node(
         observed_at_s=observed_s,
         content_token=content_token,
     )
+
+
+def _pods(n: pb.NodeReport, cluster: str, name: str, sequence: int) -> list[PodObserved]:
+    if len(n.pods) > MAX_PODS_PER_NODE:
+        raise InvalidTelemetry("bad-pods", f"node {name}: {len(n.pods)} pods")
+    pods = []
+    for p in n.pods:
+        pod_name, namespace = p.name, p.namespace
+        if not pod_name or not namespace:
+            raise InvalidTelemetry("bad-pods", f"node {name}: pod without name or namespace")
+        pods.append(
+            PodObserved(
+                cluster,
+                namespace,
+                pod_name,
+                p.uid,
+                name,
+                _resources(p.requests, "pod.requests"),
+                p.phase or "Running",
+                tuple(sorted(p.labels.items())) if p.labels else (),
+                sequence,
+            )
+        )
+    return pods
 
 
 def _pool(record: pb.TelemetryRecord, cluster: str, sequence: int) -> NodePoolUpdate:
@@ -492,3 +502,175 @@ def unchanged_envelope(value: bytes, tail: bytes) -> pb.TelemetryRecord | None:
     if envelope.WhichOneof("payload") is not None:
         return None
     return envelope
+
+
+def envelope_head(cluster: str) -> bytes:
+    """The bytes a canonical record of `cluster` starts with, up to its sequence's value:
+    the cluster field and the sequence field's tag (see `decode_envelope_rests`)."""
+    return pb.TelemetryRecord(cluster=cluster).SerializeToString() + bytes([(2 << 3) | 0])
+
+
+def _varint_values(payload: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Values of varints laid out one per row, least significant group first (k, length)."""
+    shifts = 7 * np.arange(payload.shape[1], dtype=np.int64)
+    return np.asarray((payload << shifts[None, :]).sum(axis=1), dtype=np.int64)
+
+
+def decode_envelope_rests(
+    rests: list[bytes],
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.bool_]]:
+    """Decode many envelope rests at once: each is what follows `envelope_head(cluster)` in a
+    canonical record up to its node field, i.e. varint(sequence) optionally followed by the
+    observed_unix_ms field (tag 0x18, varint), and nothing else.
+
+    Returns (sequences, observed_unix_ms, ok), each (len(rests),). ok is False for anything
+    else (a zero sequence, a varint of more than 9 bytes, i.e. above 2^63 - 1 or a negative
+    time, other fields, trailing bytes): the caller decodes such records in full and
+    dead-letters what is bad. This runs for most telemetry records, so it is vectorized:
+    rests are grouped by length and by where their varints end (in a poll nearly all share
+    one layout: sequences and times of one magnitude), and each group is decoded as a byte
+    matrix.
+    """
+    n = len(rests)
+    seq = np.zeros(n, np.int64)
+    ms = np.zeros(n, np.int64)
+    ok = np.zeros(n, np.bool_)
+    if n == 0:
+        return seq, ms, ok
+    lens = np.fromiter(map(len, rests), np.int64, n)
+    order = np.argsort(lens, kind="stable")
+    sorted_lens = lens[order]
+    joined = np.frombuffer(b"".join([rests[i] for i in order.tolist()]), np.uint8)
+    bounds = np.flatnonzero(np.diff(sorted_lens)) + 1
+    offset = 0
+    for group in np.split(np.arange(n), bounds):
+        length = int(sorted_lens[group[0]])
+        rows = order[group]
+        size = length * len(group)
+        matrix = joined[offset : offset + size].reshape(len(group), length)
+        offset += size
+        if not 1 <= length <= 19:
+            continue
+        cont = matrix >= 0x80
+        # Rows by where their continuation bits are: one layout each.
+        layout = cont.astype(np.int64) @ (1 << np.arange(length, dtype=np.int64))
+        for bits in np.unique(layout).tolist():
+            members = layout == bits
+            flags = [(bits >> k) & 1 for k in range(length)]
+            end1 = flags.index(0) if 0 in flags else length  # last byte of the sequence
+            if end1 > 8:
+                continue
+            sub = matrix[members].astype(np.int64)
+            good = np.ones(len(sub), np.bool_)
+            values = _varint_values(sub[:, : end1 + 1] & 0x7F)
+            times = np.zeros(len(sub), np.int64)
+            if end1 + 1 < length:
+                # tag 0x18 (never has its continuation bit), then one varint to the end
+                end2 = length - 1
+                if (
+                    end1 + 2 > end2
+                    or flags[end2]
+                    or not all(flags[end1 + 2 : end2])
+                    or end2 - (end1 + 2) > 8
+                ):
+                    continue
+                good &= sub[:, end1 + 1] == 0x18
+                times = _varint_values(sub[:, end1 + 2 :] & 0x7F)
+            good &= values > 0
+            idx = rows[members]
+            seq[idx] = values
+            ms[idx] = times
+            ok[idx] = good
+    return seq, ms, ok
+
+
+# ---------------------------------------------------------------------------- changed pods only
+#
+# Most changed reports differ from the node's last one only in its pods (pods come and go).
+# A canonical NodeReport ends with its pods (field 11, the highest number), so such a report
+# shares every byte before its first pod with the last one. If `node[:spec_len]` of the last
+# report parses alone without pods and the new report's bytes after the same prefix are
+# nothing but pod fields, the new report is the last one's node with the new pods (merge
+# semantics again): only the pods need converting and validating.
+
+#: NodeReport.pods: field 11, wire type 2.
+_PODS_FIELD_TAG = (11 << 3) | 2
+
+
+def _varint_at(data: bytes, i: int) -> tuple[int, int]:
+    """(value, index after it) of the varint at data[i]; (-1, i) if it is not one."""
+    value, shift, start = 0, 0, i
+    while i < len(data) and i - start < 10:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        i += 1
+        if not byte & 0x80:
+            return value, i
+    return -1, start
+
+
+def node_bytes_of_tail(tail: bytes) -> bytes:
+    """The NodeReport bytes inside a `node_content_tail` (after its tag and length)."""
+    _, start = _varint_at(tail, 1)
+    return tail[start:]
+
+
+def only_pod_fields(node: bytes, start: int) -> bool:
+    """True when node[start:] is a sequence of complete `pods` fields and nothing else."""
+    i = start
+    while i < len(node):
+        if node[i] != _PODS_FIELD_TAG:
+            return False
+        length, after = _varint_at(node, i + 1)
+        if length < 0 or after + length > len(node):
+            return False
+        i = after + length
+    return i == len(node)
+
+
+def pods_start(node: bytes, record: pb.TelemetryRecord) -> int:
+    """Where the pods begin in `node` (the parsed `record`'s NodeReport bytes), when the
+    bytes before parse alone as a NodeReport without pods and the rest is only pods; -1
+    otherwise (then every change of the node is converted in full)."""
+    size = 0
+    for p in record.node.pods:
+        n = p.ByteSize()
+        size += 1 + len(_varint_bytes(n)) + n
+    start = len(node) - size
+    if start < 0 or not only_pod_fields(node, start):
+        return -1
+    try:
+        head = pb.NodeReport.FromString(node[:start])
+    except DecodeError:
+        return -1
+    return -1 if head.pods else start
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def with_new_pods(
+    previous: NodeUpdate, record: pb.TelemetryRecord, content_token: bytes
+) -> NodeUpdate:
+    """`previous` (the node's last applied update) with the pods, sequence and time of
+    `record`, whose node differs from it in its pods only (the caller checked the bytes).
+    Validates the pods (InvalidTelemetry)."""
+    sequence = record.sequence
+    pods = _pods(record.node, previous.cluster, previous.name, sequence)
+    return replace(
+        previous,
+        sequence=sequence,
+        observed_at_s=record.observed_unix_ms / 1000.0,
+        pods=tuple(pods),
+        content_token=content_token,
+    )

@@ -39,6 +39,9 @@ class Consumer:
     def highwater(self, tp: TopicPartition) -> int:
         return 100
 
+    def assignment(self) -> set[TopicPartition]:
+        return {TP}
+
 
 class Producer:
     def __init__(self) -> None:

@@ -17,7 +17,9 @@ from fleetd.loadgen import periodic_reports, synthetic_fleet
 from fleetd.sources import updates as up
 from fleetd.sources.codec import (
     decode,
+    decode_envelope_rests,
     encode_node,
+    envelope_head,
     node_content_tail,
     node_key,
     parse,
@@ -244,3 +246,37 @@ def test_in_polls_the_state_equals_decoding_in_full(tmp_path: Path, seed: int, p
     _through(KafkaSource, fast, records, poll)
     _through(_AlwaysInFull, full, records, poll)
     _assert_same(fast, full)
+
+
+def test_envelope_rests_decode_like_protobuf() -> None:
+    rng = np.random.default_rng(7)
+    head = envelope_head("c1")
+    rests, expected = [], []
+    for _ in range(3000):
+        seq = int(rng.choice([1, 127, 128, 2**20, 2**50 + int(rng.integers(10**6)), 2**63 - 1]))
+        ms = int(rng.choice([0, 1, 1_700_000_000_000, 2**40]))
+        value = pb.TelemetryRecord(cluster="c1", sequence=seq, observed_unix_ms=ms)
+        raw = value.SerializeToString()
+        assert raw.startswith(head)
+        rests.append(raw[len(head) :])
+        expected.append((seq, ms))
+    sequences, times, ok = decode_envelope_rests(rests)
+    assert ok.all()
+    assert list(zip(sequences.tolist(), times.tolist(), strict=True)) == expected
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        b"\x00",  # sequence 0
+        b"\x80",  # truncated varint
+        b"\x01\x19\x01",  # another field after the sequence
+        b"\x01\x18",  # time tag without a value
+        b"\x01\x18\x01\x00",  # trailing byte
+        b"\xff" * 9 + b"\x01",  # a 10-byte sequence (>= 2^63)
+        b"\x01\x18" + b"\xff" * 9 + b"\x01",  # a negative time (10-byte varint)
+    ],
+)
+def test_other_envelopes_are_left_to_the_full_decoder(rest: bytes) -> None:
+    _, _, ok = decode_envelope_rests([b"\x05\x18\x07", rest])
+    assert ok.tolist() == [True, False]
