@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import replace
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -610,14 +609,18 @@ def _varint_at(data: bytes, i: int) -> tuple[int, int]:
     return -1, start
 
 
-def node_bytes_of_tail(tail: bytes) -> bytes:
-    """The NodeReport bytes inside a `node_content_tail` (after its tag and length)."""
-    _, start = _varint_at(tail, 1)
-    return tail[start:]
+def node_offset_in_tail(tail: bytes) -> int:
+    """Where the NodeReport bytes begin inside a `node_content_tail` (after its tag and its
+    length varint, whose size follows from the tail's length)."""
+    size = 1
+    while len(tail) - 1 - size >= 1 << (7 * size):
+        size += 1
+    return 1 + size
 
 
 def only_pod_fields(node: bytes, start: int) -> bool:
-    """True when node[start:] is a sequence of complete `pods` fields and nothing else."""
+    """True when node[start:] is a sequence of complete `pods` fields and nothing else
+    (`node` may also be a whole tail: the pods end where it ends)."""
     i = start
     while i < len(node):
         if node[i] != _PODS_FIELD_TAG:
@@ -666,11 +669,26 @@ def with_new_pods(
     `record`, whose node differs from it in its pods only (the caller checked the bytes).
     Validates the pods (InvalidTelemetry)."""
     sequence = record.sequence
-    pods = _pods(record.node, previous.cluster, previous.name, sequence)
-    return replace(
-        previous,
-        sequence=sequence,
-        observed_at_s=record.observed_unix_ms / 1000.0,
-        pods=tuple(pods),
-        content_token=content_token,
+    p = previous
+    return NodeUpdate(
+        p.cluster,
+        p.name,
+        sequence,
+        p.capacity,
+        p.allocatable,
+        p.labels,
+        p.taints,
+        p.unschedulable,
+        p.ready,
+        p.node_pool,
+        p.zone,
+        p.region,
+        p.instance_type,
+        p.capacity_type,
+        p.gpu_model,
+        p.gpu_memory_bytes,
+        p.gpus,
+        tuple(_pods(record.node, p.cluster, p.name, sequence)),
+        record.observed_unix_ms / 1000.0,
+        content_token,
     )

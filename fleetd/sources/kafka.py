@@ -33,8 +33,8 @@ from fleetd.sources.codec import (
     InvalidTelemetry,
     decode_envelope_rests,
     envelope_head,
-    node_bytes_of_tail,
     node_content_tail,
+    node_offset_in_tail,
     only_pod_fields,
     parse,
     pods_start,
@@ -479,35 +479,42 @@ class KafkaSource:
         token = _content_token(rec, parsed)
         if not token:
             return to_update(rec.key, parsed), -1
-        node = node_bytes_of_tail(token)
+        at = node_offset_in_tail(token)
         memo = self._contents.get(rec.key) if rec.key is not None else None
         if (
             memo is not None
             and memo.spec is not None
             and parsed.cluster == memo.cluster
-            and node.startswith(memo.spec)
-            and only_pod_fields(node, len(memo.spec))
+            and token.startswith(memo.spec, at)
+            and only_pod_fields(token, at + len(memo.spec))
         ):
             return with_new_pods(memo.update, parsed, token), len(memo.spec)
-        return to_update(rec.key, parsed, content_token=token), pods_start(node, parsed)
+        update = to_update(rec.key, parsed, content_token=token)
+        return update, pods_start(token[at:], parsed)
 
     def _remember_contents(self, chosen: list[tuple[int, Update, bytes | None, int]]) -> None:
         """After apply: each node's applied content, so that repeats of it take the
         unchanged path (`codec.decode_envelope_rests`) and changes of its pods the short
         one (`_convert`); a removed node's is forgotten."""
         contents = self._contents
+        heads: dict[str, bytes] = {}
         for _, update, key, spec_end in chosen:
             if key is not None and isinstance(update, NodeUpdate | NodeRemoved):
                 if isinstance(update, NodeUpdate) and update.content_token:
                     tail = update.content_token
+                    cluster = update.cluster
+                    head = heads.get(cluster)
+                    if head is None:
+                        head = heads[cluster] = envelope_head(cluster)
+                    at = node_offset_in_tail(tail)
                     contents[key] = _Content(
-                        update.cluster,
+                        cluster,
                         update.name,
-                        (update.cluster, "node", update.name),
+                        (cluster, "node", update.name),
                         tail,
-                        envelope_head(update.cluster),
+                        head,
                         update,
-                        node_bytes_of_tail(tail)[:spec_end] if spec_end >= 0 else None,
+                        tail[at : at + spec_end] if spec_end >= 0 else None,
                     )
                 else:
                     contents.pop(key, None)
