@@ -69,6 +69,9 @@ class DecisionReason(enum.Enum):
     EMPTY = "empty"
     UNDERUTILIZED = "underutilized"
     CHEAPER_REPLACEMENT = "cheaper-replacement"
+    # Several nodes (busy ones too) whose pods all fit on the rest of the fleet: Karpenter's
+    # multi-node consolidation by deletion, which has no utilization threshold.
+    CONSOLIDATION = "consolidation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +184,17 @@ class ScaleUpRequest:
     now_s: the injected clock (cooldowns and backoffs compare against it).
     team_of: workload name -> team; team_gpu_limit_milli: team -> max GPU milli the team
     may hold; team_gpu_in_use_milli: team -> GPU milli it holds now.
+    anticipated: pods expected to arrive while the new nodes live (e.g. the pods that
+    became pending during the last few minutes: the caller's sample of the arrival rate).
+    They add no node and are never placed; they only take part in the *choice of pool*:
+    the room a new node has left after the pending pods counts as serving as many of them
+    as fit (weighted by `anticipation_weight`). A lone 1-GPU pod then gets a 4-GPU node at
+    $0.98 per GPU-hour when more pods are on the way, rather than a 1-GPU node at $2.18.
+    replaceable: running nodes (in disruption order, see `replace_candidates`) whose pods
+    the new nodes may take along when capacity must be bought anyway (consolidation on
+    scale-up): a prefix of them is retired when buying for the pending pods and theirs
+    together saves more than `replace_min_saving_per_hour` against buying for the pending
+    pods alone and keeping them; the plan's `replace` says which. Single-cluster requests.
     """
 
     fleet: Fleet
@@ -195,10 +209,18 @@ class ScaleUpRequest:
     team_gpu_in_use_milli: Mapping[str, int] = field(default_factory=dict)
     max_rounds: int = 3
     estimate_slack: float = 0.03
+    anticipated: tuple[PodSpec, ...] = ()
+    anticipation_weight: float = 1.0
+    replaceable: tuple[ReplaceCandidate, ...] = ()
+    replace_min_saving_per_hour: float = 0.25
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1:
             raise ValueError("max_rounds must be >= 1")
+        if not 0 <= self.anticipation_weight <= 1:
+            raise ValueError("anticipation_weight must be in 0..1")
+        if self.replace_min_saving_per_hour < 0:
+            raise ValueError("replace_min_saving_per_hour must be >= 0")
         if not 0 <= self.estimate_slack <= 1:
             raise ValueError("estimate_slack must be in 0..1")
         if not math.isfinite(self.now_s):
@@ -217,6 +239,9 @@ class ScaleUpPlan:
     allocations: (pod, Allocation) for every pod the plan places: one valid simultaneous
     assignment on fleet + in-flight + new nodes (what the claims rest on).
     queue: the pending workloads in the order they were simulated (`simulation_order`).
+    replace: with `replaceable`, a REPLACE decision retiring the running nodes whose pods
+    the new nodes also take (remove them once the new nodes are up, after `recheck`);
+    the decisions and allocations then include those pods.
     """
 
     decisions: tuple[ScaleDecision, ...]
@@ -226,10 +251,11 @@ class ScaleUpPlan:
     unschedulable: tuple[Unschedulable, ...]
     allocations: tuple[tuple[str, Allocation], ...] = ()
     queue: tuple[QueueItem, ...] = ()
+    replace: ScaleDecision | None = None
 
     @property
     def cost_per_hour_delta(self) -> float:
-        """Expected added price per hour."""
+        """Expected added price per hour (of the scale-up decisions)."""
         return float(sum(d.cost_per_hour_delta for d in self.decisions))
 
     @property
@@ -421,6 +447,8 @@ def _choose_nodes(
     budget: _Budget,
     shape_order: Sequence[int],
     domains: Mapping[TopologyLevel, I64],
+    ahead: tuple[I64, I64] | None = None,
+    ahead_weight: float = 1.0,
 ) -> tuple[I64, I64, dict[int, int]]:
     """Greedy cheapest node additions for pod counts per shape and whole gangs.
 
@@ -430,6 +458,9 @@ def _choose_nodes(
     Returns (nodes per pool (K,), pods assigned per shape and pool (S, K), gang -> pool
     for gangs on one pool; gangs spread over several pools of one domain are left to the
     verification's shared run). domains: per level, the (K,) domain id of each pool.
+    ahead: (counts (A,), cap (A, K)) of anticipated pods: a new node's room left after the
+    pending pods serves as many of them as fit (weight `ahead_weight`) when pools are
+    compared; what one choice counts on is not counted again by the next.
     """
     k_pools = cap.shape[1]
     used = np.zeros(k_pools, np.float64)  # fractional nodes used on each pool
@@ -465,6 +496,23 @@ def _choose_nodes(
         gang_pool[gid] = k
         budget.take(k, float(nodes[k]))
     left = counts.astype(np.int64).copy()
+    ahead_left = ahead[0].astype(np.int64).copy() if ahead is not None else None
+    ahead_inv = (
+        np.where(ahead[1] > 0, 1.0 / np.maximum(ahead[1], 1), np.inf) if ahead is not None else None
+    )
+
+    def expected_extra(k: int, room_left: float) -> tuple[I64 | None, int]:
+        """Anticipated pods the room left on new nodes of pool k would serve."""
+        if ahead_left is None or ahead_inv is None or room_left <= _EPS:
+            return None, 0
+        fits_k = np.isfinite(ahead_inv[:, k]) & (ahead_left > 0)
+        if not fits_k.any():
+            return None, 0
+        took_a = np.zeros(ahead_left.size, np.int64)
+        got, _ = _fill(ahead_left[fits_k], ahead_inv[fits_k, k], room_left)
+        took_a[fits_k] = got
+        return took_a, int(got.sum())
+
     # Shapes that fit the same pools form a group, costed together: several small shapes
     # may fill a large node that none of them would pay for alone. Groups go in the order
     # of their first shape (constrained first).
@@ -499,18 +547,22 @@ def _choose_nodes(
                 for n_new in {min(room[k], math.ceil(total[k] - _EPS)), min(room[k], whole)}:
                     if n_new < 1:
                         continue
-                    took, _ = _fill(left[ss], inv[:, k], float(n_new))
+                    took, usage = _fill(left[ss], inv[:, k], float(n_new))
                     served = int(took.sum())
                     if served == 0:
                         continue
+                    _, extra = expected_extra(k, n_new - usage)
                     spend = float(n_new * prices[k])
-                    cand = (spend / served, spend, k, int(n_new))
+                    cand = (spend / (served + ahead_weight * extra), spend, k, int(n_new))
                     if best is None or cand[:3] < best[:3]:
                         best = cand
             if best is None:
                 break
             _, _, k, n_open = best
             took, usage = _fill(left[ss], inv[:, k], float(n_open))
+            taken_ahead, _ = expected_extra(k, n_open - usage)
+            if taken_ahead is not None and ahead_left is not None:
+                ahead_left -= taken_ahead
             assign[ss, k] += took
             left[ss] -= took
             used[k] = math.ceil(used[k] - _EPS) + usage
@@ -534,6 +586,67 @@ def _fill(counts: I64, share: F64, room: float) -> tuple[I64, float]:
 
 
 def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
+    """The cheapest node additions (see `_plan_scale_up`), and with `req.replaceable` the
+    best consolidation on scale-up: for each prefix of the candidates (up to every one),
+    plan for the pending pods plus the prefix's pods on the fleet without those nodes;
+    keep the prefix that saves most (old nodes' price + the plain plan's cost - the joint
+    plan's cost), if it saves more than `replace_min_saving_per_hour`, moves every pod of
+    the prefix and leaves no more pending pods without capacity than the plain plan."""
+    plan = _plan_scale_up(req)
+    clusters = {p.cluster for p in req.pools}
+    if not req.replaceable or not plan.decisions or len(clusters) != 1:
+        return plan
+    (cluster,) = clusters
+    plain_cost = plan.cost_per_hour_delta
+    blocked = {u.workload for u in plan.unschedulable}
+    drained = req.fleet.copy()
+    moved: list[PodSpec] = []
+    taken: list[ReplaceCandidate] = []
+    best: tuple[float, ScaleUpPlan, list[ReplaceCandidate]] | None = None
+    for cand in req.replaceable:
+        if cand.cluster != cluster or cand.node not in drained:
+            continue
+        for rp in cand.pods:
+            drained.free(rp.allocation)
+            moved.append(rp.pod)
+        drained.set_flags(cand.node, cordoned=True)
+        taken.append(cand)
+        joint = _plan_scale_up(
+            replace(req, fleet=drained, pending=(*req.pending, *moved), replaceable=())
+        )
+        unsched = {u.workload for u in joint.unschedulable}
+        if not joint.decisions or unsched - blocked or any(p.name in unsched for p in moved):
+            continue
+        saving = sum(c.price_per_hour for c in taken) + plain_cost - joint.cost_per_hour_delta
+        if saving > req.replace_min_saving_per_hour + _EPS and (best is None or saving > best[0]):
+            best = (saving, joint, list(taken))
+    if best is None:
+        return plan
+    saving, joint, retired = best
+    names = {rp.pod.name for c in retired for rp in c.pods}
+    pending_names = {it.name for it in req.pending}
+    first = joint.decisions[0]
+    status = _status(req.status, next(p for p in req.pools if p.name == first.pool))
+    retire = ScaleDecision.make(
+        DecisionKind.REPLACE,
+        cluster,
+        first.pool,
+        first.delta,
+        [c.node for c in retired],
+        DecisionReason.CHEAPER_REPLACEMENT,
+        -saving,
+        target_size=status.target_size,
+        moves=[(p, a.node) for p, a in joint.allocations if p in names],
+        add=[(d.pool, d.delta) for d in joint.decisions],
+    )
+    decisions = tuple(
+        replace(d, unblocks=tuple(w for w in d.unblocks if w in pending_names))
+        for d in joint.decisions
+    )
+    return replace(joint, decisions=decisions, replace=retire)
+
+
+def _plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     """The cheapest node additions (found greedily, verified by placement) that let the
     pending workloads run; infeasible and blocked workloads are reported with reasons.
 
@@ -558,6 +671,13 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     shapes_all = Batch.of(queue).shapes
     capm = capacity_matrix(pools, shapes_all)
     gidx = {sh.shape_key: s for s, sh in enumerate(shapes_all)}
+    ahead: tuple[I64, I64] | None = None
+    if req.anticipated and req.anticipation_weight > 0:
+        ab = Batch.of(list(req.anticipated))
+        ahead = (
+            np.bincount(ab.shape_of, minlength=len(ab.shapes)).astype(np.int64),
+            capacity_matrix(pools, ab.shapes).cap,
+        )
     n_fit_rows = (capm.cap > 0).sum(axis=1).tolist()
     queue = simulation_order(queue, {key: int(n_fit_rows[s]) for key, s in gidx.items()})
     domains = pool_domains(pools)
@@ -614,8 +734,9 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         np.minimum.at(first_at, tb.shape_of, np.arange(len(tb.pods)))
         shape_order = np.argsort(first_at, kind="stable").tolist()
         nodes, assign, gang_pool = _choose_nodes(
-            counts.astype(np.int64), gangs, tb.shapes, tcap, budget, shape_order, domains
-        )
+            counts.astype(np.int64), gangs, tb.shapes, tcap, budget, shape_order, domains,
+            ahead, req.anticipation_weight,
+        )  # fmt: skip
         # Slack: the estimate assumes perfect mixing; a few spare nodes avoid another
         # round and are dropped if unused.
         nodes = np.where(
@@ -1068,6 +1189,46 @@ def _stable(req: ScaleDownRequest, node: _NodeFacts) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReplaceCandidate:
+    """A running node a scale-up may retire by taking its pods along (`replaceable`)."""
+
+    node: str
+    cluster: str
+    pool: str
+    price_per_hour: float
+    pods: tuple[RunningPod, ...]
+
+
+def replace_candidates(req: ScaleDownRequest, limit: int = 4) -> tuple[ReplaceCandidate, ...]:
+    """The nodes consolidation could move now (pool nodes, stable for the window, no
+    do-not-disrupt or gang pod, not empty: empty ones are plain deletions), most expensive
+    per unit in use first, at most each pool's disruption allowance and `limit` in all."""
+    facts = _facts(req)
+    left = []
+    for pool in req.pools:
+        st = _status(req.status, pool)
+        size = max(st.target_size, st.current_size)
+        budget = pool.disruption_budget.allowed(size) - st.disrupting
+        left.append(max(0, min(budget, st.target_size - pool.min_size)))
+    cands = sorted(
+        (f for f in facts.values() if f.movable and f.pods and _stable(req, f)),
+        key=lambda f: (-req.pools[f.pool].price_per_hour / max(f.utilization, 1e-3), f.slot),
+    )
+    out: list[ReplaceCandidate] = []
+    for f in cands:
+        if len(out) >= limit:
+            break
+        if left[f.pool] <= 0:
+            continue
+        left[f.pool] -= 1
+        pool = req.pools[f.pool]
+        out.append(
+            ReplaceCandidate(f.name, pool.cluster, pool.name, pool.price_per_hour, tuple(f.pods))
+        )
+    return tuple(out)
+
+
 def _try_drain(
     work: Fleet, nodes: Sequence[_NodeFacts], policy: Policy, extra: Sequence[NodeSpec] = ()
 ) -> tuple[Fleet, list[tuple[str, str]]] | None:
@@ -1162,7 +1323,7 @@ def plan_scale_down(req: ScaleDownRequest) -> ScaleDownPlan:
         )
         rep = _plan_replacement(req, work, rest, allowance, policy)
         if rep is not None:
-            decisions.append(rep[0])
+            decisions.extend(rep[0])
     # Final check, one placement run of every displaced pod on the fleet after the whole
     # plan (the steps above were checked one at a time); drop decisions from the end until
     # it holds. Its result gives the expected moves.
@@ -1222,15 +1383,16 @@ def _plan_replacement(
     cands: list[_NodeFacts],
     allowance: list[int],
     policy: Policy,
-) -> tuple[ScaleDecision, list[str], list[tuple[str, str]]] | None:
+) -> tuple[list[ScaleDecision], list[str], list[tuple[str, str]]] | None:
     """Karpenter's multi-node consolidation: the largest prefix of the candidates (in
     disruption order) whose pods fit on the remaining nodes plus new nodes (chosen by
-    `plan_scale_up`) that cost less than the nodes removed. The whole group is tried
-    first, then a binary search over the prefix length."""
+    `plan_scale_up`) that cost less than the nodes removed, or on the remaining nodes
+    alone (deletion, one SCALE_DOWN per pool). The whole group is tried first, then a
+    binary search over the prefix length."""
     by_cluster: dict[str, list[_NodeFacts]] = {}
     for f in cands:
         by_cluster.setdefault(req.pools[f.pool].cluster, []).append(f)
-    best: tuple[float, ScaleDecision, list[str], list[tuple[str, str]]] | None = None
+    best: tuple[float, list[ScaleDecision], list[str], list[tuple[str, str]]] | None = None
     for cluster in sorted(by_cluster):
         group: list[_NodeFacts] = []
         left = list(allowance)
@@ -1266,7 +1428,7 @@ def _replace_prefix(
     group: list[_NodeFacts],
     cluster: str,
     policy: Policy,
-) -> tuple[float, ScaleDecision, list[str], list[tuple[str, str]]] | None:
+) -> tuple[float, list[ScaleDecision], list[str], list[tuple[str, str]]] | None:
     old_price = sum(req.pools[f.pool].price_per_hour for f in group)
     drained = work.copy()
     pods: list[PodSpec] = []
@@ -1287,8 +1449,36 @@ def _replace_prefix(
             cluster_limits=req.cluster_limits,
         )
     )
-    if not plan.decisions or plan.unschedulable:
-        return None  # all pods fit on existing nodes: that is plain deletion
+    if plan.unschedulable:
+        return None
+    if not plan.decisions:
+        # Every pod fits on the remaining nodes: delete the group (busy nodes too: four
+        # full 1-GPU nodes whose pods fit in free room elsewhere cost $8.70/h for nothing).
+        if old_price <= req.options.min_saving_per_hour + _EPS:
+            return None
+        out = _try_drain(work, group, policy)
+        if out is None:
+            return None
+        _, moves = out
+        by_pool: dict[int, list[str]] = {}
+        for f in group:
+            by_pool.setdefault(f.pool, []).append(f.name)
+        deletions = [
+            ScaleDecision.make(
+                DecisionKind.SCALE_DOWN,
+                cluster,
+                req.pools[k].name,
+                -len(names),
+                names,
+                DecisionReason.CONSOLIDATION,
+                -len(names) * req.pools[k].price_per_hour,
+                target_size=_status(req.status, req.pools[k]).target_size,
+                moves=[(p, n) for p, n in moves if p in {rp.pod.name for f in group
+                                                         if f.name in names for rp in f.pods}],
+            )
+            for k, names in sorted(by_pool.items())
+        ]  # fmt: skip
+        return old_price, deletions, [f.name for f in group], moves
     up = plan.decisions[0]
     saving = old_price - plan.cost_per_hour_delta
     if saving <= req.options.min_saving_per_hour + _EPS:
@@ -1312,7 +1502,7 @@ def _replace_prefix(
         moves=moves,
         add=[(d.pool, d.delta) for d in plan.decisions],
     )
-    return saving, decision, names, moves
+    return saving, [decision], names, moves
 
 
 # ---- re-check before emitting -----------------------------------------------------------
@@ -1377,6 +1567,7 @@ __all__ = [
     "DecisionReason",
     "Reason",
     "RecheckFailure",
+    "ReplaceCandidate",
     "RunningPod",
     "ScaleDecision",
     "ScaleDownPlan",
@@ -1391,5 +1582,6 @@ __all__ = [
     "plan_scale_down",
     "plan_scale_up",
     "recheck",
+    "replace_candidates",
     "with_nodes",
 ]

@@ -11,6 +11,7 @@ from benchmarks.autoscale import (
     FleetdAutoscaler,
     LeastWasteBaseline,
     benchmark_pools,
+    fleetd_autoscaler,
     load_timed_pods,
     lower_bound_cost,
     simulate,
@@ -66,3 +67,27 @@ def test_bad_trace_is_a_clear_error(tmp_path: Path) -> None:
     bad = write_trace(tmp_path, ["p0,abc,1,0,0,,LS,Running,0,10,0"])
     with pytest.raises(TraceError, match="bad number"):
         load_timed_pods(bad)
+
+
+def test_whole_node_bound_is_tighter_than_the_lp_and_exact_on_a_tiny_case(
+    tmp_path: Path,
+) -> None:
+    # Two 1-GPU pods (8 cores, 16 GiB) for 2 hours, on-demand only. Whole nodes: one t4-4
+    # ($3.912/h) beats two t4-1 ($2.176/h each): $7.824. The LP mixes 2/3 of a t4-1 with
+    # 1/3 of a t4-4 (one node, two GPUs): $2.755/h, $5.51.
+    rows = [f"p{i},8000,16384,1,1000,,LS,Running,0,7200,0" for i in range(2)]
+    trace = load_timed_pods(write_trace(tmp_path, rows))
+    bound = lower_bound_cost(trace, benchmark_pools())
+    assert bound.pooled_cost == pytest.approx(2 * 3.912)
+    assert bound.cost == pytest.approx(2 * 3.912)
+    assert bound.pooled_lp_cost == pytest.approx(2 * (2 / 3 * 2.176 + 1 / 3 * 3.912))
+    lp_only = lower_bound_cost(trace, benchmark_pools(), integer=False)
+    assert lp_only.cost == pytest.approx(bound.plain_lp_cost)
+    assert lp_only.cost < bound.cost
+
+
+def test_fleetd_settings_replay_the_tiny_trace(trace_path: Path) -> None:
+    trace = load_timed_pods(trace_path)
+    ours = simulate(trace, benchmark_pools(), fleetd_autoscaler(), seed=1)
+    assert ours.never_started == 0
+    assert ours.cost >= lower_bound_cost(trace, benchmark_pools()).cost > 0

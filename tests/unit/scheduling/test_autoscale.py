@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -22,6 +23,7 @@ from scheduling.autoscale import (
     plan_scale_down,
     plan_scale_up,
     recheck,
+    replace_candidates,
 )
 from scheduling.fleet import Allocation
 from scheduling.pools import (
@@ -496,3 +498,105 @@ def test_bad_request_is_a_clear_error() -> None:
         ScaleUpRequest(Fleet(), (), (), max_rounds=0)
     with pytest.raises(ValueError, match="duplicate node pool"):
         plan_scale_up(ScaleUpRequest(Fleet(), gpu_pods(1), (G1, G1)))
+
+
+# ---- anticipation, consolidation by deletion, consolidation on scale-up -------------------
+
+
+def test_anticipated_pods_choose_the_node_they_would_fill() -> None:
+    # One pending 1-GPU pod: alone, g1 ($1) beats g8 ($7 for 8 GPUs).
+    alone = plan_scale_up(ScaleUpRequest(Fleet(), gpu_pods(1), (G1, G8)))
+    assert deltas(alone.decisions) == {"g1": 1}
+    # Seven more were seen arriving: g8 serves 1 pending + 7 expected = $0.875 a pod.
+    ahead = plan_scale_up(
+        ScaleUpRequest(Fleet(), gpu_pods(1), (G1, G8), anticipated=gpu_pods(7, "seen"))
+    )
+    assert deltas(ahead.decisions) == {"g8": 1}
+    assert ahead.unblocked == ("p0",)  # anticipated pods are never placed nor claimed
+    # Three expected: g8 at $7 / 4 pods = $1.75 a pod still loses to g1.
+    few = plan_scale_up(
+        ScaleUpRequest(Fleet(), gpu_pods(1), (G1, G8), anticipated=gpu_pods(3, "seen"))
+    )
+    assert deltas(few.decisions) == {"g1": 1}
+    # Weight 0 turns it off.
+    off = plan_scale_up(
+        ScaleUpRequest(
+            Fleet(), gpu_pods(1), (G1, G8), anticipated=gpu_pods(7, "s"), anticipation_weight=0
+        )
+    )
+    assert deltas(off.decisions) == {"g1": 1}
+
+
+def test_busy_nodes_whose_pods_fit_elsewhere_are_consolidated_by_deletion() -> None:
+    # A full 1-GPU node (100% used: never "under-utilized") next to a 4-GPU node with 3
+    # free GPUs (its own pod must stay): deleting the 1-GPU node saves its $1/h, one move.
+    fleet = Fleet()
+    fleet.add_node(P4.node_spec("g4-0"))
+    fleet.add_node(G1.node_spec("g1-0"))
+    running = []
+    for node, gpu in (("g4-0", 0), ("g1-0", 0)):
+        pod = PodSpec(f"{node}-p", cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=1)
+        rp = RunningPod(pod, node, (gpu,), do_not_disrupt=node == "g4-0")
+        fleet.allocate(rp.allocation)
+        running.append(rp)
+    req = ScaleDownRequest(
+        fleet, tuple(running), (P4, G1), {P4.key: PoolStatus(1, 1), G1.key: PoolStatus(1, 1)},
+        {n: 0.0 for n in fleet.node_names()}, now_s=10_000.0,
+        options=ConsolidationOptions(replace=True, min_saving_per_hour=0.5),
+    )  # fmt: skip
+    plan = plan_scale_down(req)
+    (d,) = plan.decisions
+    assert (d.kind, d.reason, d.pool, d.remove_nodes) == (
+        DecisionKind.SCALE_DOWN, DecisionReason.CONSOLIDATION, "g1", ("g1-0",),
+    )  # fmt: skip
+    assert d.moves == (("g1-0-p", "g4-0"),)
+    assert d.cost_per_hour_delta == pytest.approx(-1.0)
+    assert recheck(d, req) is None
+    # Below the minimum saving it stays.
+    dear = replace(req, options=ConsolidationOptions(replace=True, min_saving_per_hour=1.0))
+    assert plan_scale_down(dear).decisions == ()
+
+
+def test_scale_up_takes_along_pods_of_expensive_nodes() -> None:
+    # Three stable 1-GPU nodes ($1 each, full) and one more pod pending. Alone: a 4th g1
+    # ($1). With consolidation on scale-up: one g4 ($4 for 4 GPUs here would not pay), so
+    # use a cheap g4 at $2.5: 4 pods on it, the three g1 retired: 3 + 1 - 2.5 = $1.5/h saved.
+    g4 = gpu_pool("g4", 4, 2.5)
+    fleet = Fleet()
+    running = []
+    for i in range(3):
+        fleet.add_node(G1.node_spec(f"g1-{i}"))
+        pod = PodSpec(f"old{i}", cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=1)
+        rp = RunningPod(pod, f"g1-{i}", (0,))
+        fleet.allocate(rp.allocation)
+        running.append(rp)
+    status = {G1.key: PoolStatus(3, 3), g4.key: PoolStatus(0, 0)}
+    down = ScaleDownRequest(
+        fleet, tuple(running), (G1, g4), status, {n: 0.0 for n in fleet.node_names()},
+        now_s=10_000.0,
+    )  # fmt: skip
+    cands = replace_candidates(down, limit=3)
+    assert [c.node for c in cands] == ["g1-0", "g1-1", "g1-2"]
+    plain = plan_scale_up(ScaleUpRequest(fleet, gpu_pods(1), (G1, g4), status))
+    assert deltas(plain.decisions) == {"g1": 1}
+    assert plain.replace is None
+    plan = plan_scale_up(ScaleUpRequest(fleet, gpu_pods(1), (G1, g4), status, replaceable=cands))
+    assert deltas(plan.decisions) == {"g4": 1}
+    assert plan.unblocked == ("p0",)  # moved pods are not pending work
+    assert plan.replace is not None
+    r = plan.replace
+    assert (r.kind, r.remove_nodes, r.add) == (
+        DecisionKind.REPLACE, ("g1-0", "g1-1", "g1-2"), (("g4", 1),),
+    )  # fmt: skip
+    assert r.cost_per_hour_delta == pytest.approx(-1.5)
+    new = {sp.name for sp in plan.new_nodes}
+    assert {n for _, n in r.moves} <= new
+    assert {p for p, _ in r.moves} == {"old0", "old1", "old2"}
+    # Not worth it below the minimum saving.
+    strict = plan_scale_up(
+        ScaleUpRequest(
+            fleet, gpu_pods(1), (G1, g4), status, replaceable=cands, replace_min_saving_per_hour=2
+        )
+    )
+    assert strict.replace is None
+    assert deltas(strict.decisions) == {"g1": 1}
