@@ -1,5 +1,6 @@
-"""A reservation's life against a real cluster: Place -> the pod appears on its node (kube
-watch) -> CONFIRMED -> the pod is deleted -> released, each step awaited on WatchDecisions."""
+"""A reservation's life against real sources: Place -> the pod appears on its node (a kube
+watch, or a Kafka telemetry report) -> CONFIRMED -> the pod goes -> released, each step
+awaited on WatchDecisions."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from typing import Any
 import grpc
 import pytest
 
+from fleetd.loadgen import produce
+from fleetd.sources.codec import encode_node, node_key
+from fleetd.sources.updates import GpuDevice, NodeUpdate, PodObserved, Resources, labels_of
 from fleetd.v1 import placement_pb2, types_pb2
-from tests.integration.sources_support import AWAIT_S, unique
+from tests.integration.sources_support import AWAIT_S, create_topic, unique
 from tests.testbed.gpu_nodes import KWOK_TOLERATION
 from tests.testbed.kube import KubeTestbed
 from tests.testbed.procs import async_wait_until
@@ -116,3 +120,76 @@ async def test_reservation_confirmed_by_the_watch_and_released_when_the_pod_goes
     assert daemon.state is not None
     assert wid not in daemon.state.held
     await asyncio.to_thread(kube.delete_node, context, node)
+
+
+def _report(
+    cluster: str, name: str, seq: int, pods: tuple[PodObserved, ...]
+) -> tuple[bytes, bytes]:
+    res = Resources(cpu_millicores=96_000, memory_bytes=768 * GIB, gpus=8, pods=110)
+    node = NodeUpdate(
+        cluster=cluster, name=name, sequence=seq, capacity=res, allocatable=res,
+        node_pool="h100", zone="z1", gpu_model="H100",
+        gpus=tuple(GpuDevice(i, "H100", 80 * GIB, True) for i in range(8)), pods=pods,
+    )  # fmt: skip
+    record = encode_node(node, sequence=seq, observed_unix_ms=1)
+    return node_key(cluster, name), record.SerializeToString()
+
+
+async def test_reservation_confirmed_by_kafka_telemetry_and_released_when_the_pod_goes(
+    start_daemon: StartDaemon, kafka_bootstrap: str
+) -> None:
+    topic, cluster = unique("confirm"), unique("edge")
+    await create_topic(kafka_bootstrap, topic)
+    await produce(kafka_bootstrap, topic, [_report(cluster, "n0", 1, ())])
+    _, client = await start_daemon(
+        sources={
+            "simulated": {"enabled": False},
+            "kafka": {
+                "enabled": True,
+                "bootstrap_servers": kafka_bootstrap,
+                "topic": topic,
+                "dead_letter_topic": f"{topic}.dlq",
+                "group_id": unique("fleetd"),
+                "clusters": [cluster],
+            },
+        }
+    )
+    wid = unique("job")
+    spec = types_pb2.PodSpec(cpu_millicores=4000, memory_bytes=16 * GIB, gpu_count=4)
+    wl = types_pb2.Workload(workload_id=wid, team="ml", pod=spec, cluster=cluster)
+    resp = await client.placement.Place(placement_pb2.PlaceRequest(workload=wl))
+    assert resp.result == types_pb2.DECISION_RESULT_PLACED
+    [where] = resp.placements
+    stream = client.placement.WatchDecisions(
+        placement_pb2.WatchDecisionsRequest(after_seq=resp.decision_seq)
+    )
+    # The cluster's agent reports the node with the pod the client started there.
+    pod = PodObserved(
+        cluster=cluster,
+        namespace="default",
+        name=where.pod_name,
+        uid=unique("uid"),
+        node=where.node,
+        requests=Resources(cpu_millicores=4000, memory_bytes=16 * GIB, gpus=4),
+        phase="Running",
+        labels=labels_of({"fleetd.io/workload-id": wid}),
+    )
+    await produce(kafka_bootstrap, topic, [_report(cluster, "n0", 2, (pod,))])
+    confirm = await _next_decision(stream, wid, types_pb2.Decision.KIND_CONFIRM)
+    assert confirm.reservation_state == types_pb2.RESERVATION_STATE_CONFIRMED
+    # The next report has no pod: the workload finished, its GPUs are free again.
+    await produce(kafka_bootstrap, topic, [_report(cluster, "n0", 3, ())])
+    done = await _next_decision(stream, wid, types_pb2.Decision.KIND_RELEASE)
+    assert done.reservation_state == types_pb2.RESERVATION_STATE_RELEASED
+    stream.cancel()
+    again = await client.placement.Explain(
+        placement_pb2.ExplainRequest(
+            workload=types_pb2.Workload(
+                workload_id="probe",
+                team="ml",
+                pod=types_pb2.PodSpec(cpu_millicores=1000, gpu_count=8),
+                cluster=cluster,
+            )
+        )
+    )
+    assert again.fits
