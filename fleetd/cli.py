@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fleetd` script; returns the exit code."""
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        # grpc core writes its own log lines to stderr, outside the JSON logs: keep them to
+        # errors (set before grpc initializes; an explicit GRPC_VERBOSITY wins).
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         from fleetd import config, daemon
 
         try:
