@@ -213,6 +213,9 @@ _BY_STATE_RUN = 4
 _BY_STATE_MIN_PODS = 64
 #: From this many shapes in a batch, static filters run once per node profile.
 _BY_PROFILE_SHAPES = 8
+#: A PlacementCache keeps this many syncs' worth of attribute changes before it drops its
+#: static filter codes (rebuilt on demand) rather than replaying them.
+_ATTR_LOG_MAX = 256
 #: Room is counted up to this many pods per node (no practical limit).
 _NO_LIMIT = 1 << 40
 #: Untouched candidates get their deeper scores computed in chunks starting this large.
@@ -461,7 +464,9 @@ class PlacementCache:
         self.live_rows = np.zeros(0, np.int64)
         self.dirty_at = np.zeros(0, np.int64)
         self.constraints: OrderedDict[Hashable, Constraints] = OrderedDict()
-        self.static: OrderedDict[Hashable, NDArray[np.int16]] = OrderedDict()
+        # Per shape: dense static codes, and how many _attr_log entries they include.
+        self.static: OrderedDict[Hashable, tuple[NDArray[np.int16], int]] = OrderedDict()
+        self._attr_log: list[I64] = []  # slots whose static attributes changed, per sync
         self.scores: OrderedDict[Hashable, _ScoreEntry] = OrderedDict()
 
     def policy_for(self, spec: str) -> Policy:
@@ -502,10 +507,13 @@ class PlacementCache:
                 self.dirty_at[changed] = self.step
             attr = np.flatnonzero(fleet.attr_version[:n] > self._version)
             if attr.size:
-                self.static_gen += 1
+                # Static codes are brought up to date lazily, per shape, when next used.
                 self.live_rows = np.flatnonzero(self.live).astype(np.int64)
-                for key, codes in self.static.items():
-                    codes[attr] = static_first_failure(fleet, self.constraints[key], attr)
+                if len(self._attr_log) >= _ATTR_LOG_MAX:
+                    self.static.clear()
+                    self._attr_log.clear()
+                self._attr_log.append(attr)
+                self.static_gen += 1
         if self._policy is None or self._policy() is not policy:
             self.scores.clear()
             self._policy = weakref.ref(policy)
@@ -539,8 +547,8 @@ class PlacementCache:
         self.gpu_total = np.concatenate([self.gpu_total, np.zeros(extra, np.int64)])
         self.live = np.concatenate([self.live, np.zeros(extra, np.bool_)])
         self.dirty_at = np.concatenate([self.dirty_at, np.zeros(extra, np.int64)])
-        for key, codes in self.static.items():
-            self.static[key] = np.concatenate([codes, np.zeros(extra, np.int16)])
+        for key, (codes, gen) in self.static.items():
+            self.static[key] = (np.concatenate([codes, np.zeros(extra, np.int16)]), gen)
         self.n = n  # the new slots are stamped in the fleet: the caller refreshes them
 
     def _refresh(self, fleet: Fleet, slots: I64) -> None:
@@ -578,16 +586,24 @@ class PlacementCache:
     def static_codes(self, fleet: Fleet, pod: PodSpec) -> NDArray[np.int16]:
         """(n_slots,) int16 first failing static filter per slot (live slots valid)."""
         key = pod.shape_key
-        codes = self.static.get(key)
-        if codes is None:
-            c = self.constraints_of(fleet, pod)
+        entry = self.static.get(key)
+        c = self.constraints_of(fleet, pod)
+        if entry is None:
             codes = np.zeros(self.n, np.int16)
             codes[self.live_rows] = static_first_failure(fleet, c, self.live_rows)
-            self.static[key] = codes
-            while len(self.static) > 4 * self.max_shapes:
+            self.static[key] = (codes, len(self._attr_log))
+            limit = min(
+                4 * self.max_shapes, max(self.max_shapes, self.max_bytes // (2 * self.n + 1))
+            )
+            while len(self.static) > limit:
                 self.static.popitem(last=False)
-        else:
-            self.static.move_to_end(key)
+            return codes
+        codes, gen = entry
+        if gen < len(self._attr_log):
+            changed = np.unique(np.concatenate(self._attr_log[gen:]))
+            codes[changed] = static_first_failure(fleet, c, changed)
+            self.static[key] = (codes, len(self._attr_log))
+        self.static.move_to_end(key)
         return codes
 
     def store_scores(self, key: Hashable, entry: _ScoreEntry) -> None:
