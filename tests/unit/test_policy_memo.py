@@ -3,6 +3,8 @@ scores) while FGD's target workload moves less than TARGET_TOLERANCE."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from fleetd import engine
@@ -55,3 +57,23 @@ def test_same_policy_object_until_the_target_moves_materially() -> None:
     assert memo.build("fgd", memo.typical) is not moved
     assert memo.build("fgd", None) is not None
     assert memo.typical is None
+
+
+def test_the_daemon_keeps_its_policy_while_requests_look_alike(tmp_path: Path) -> None:
+    # fgd-plus (the default) re-estimates its target every target_refresh_pods requests;
+    # identical requests do not move it, so the Policy object (and the core's cached
+    # scores) stay; a different mix gives a new one.
+    from .test_state import FakeClock, make_state, request
+
+    state = make_state(tmp_path / "j.sqlite3", FakeClock(), nodes=4)
+    refresh = state.config.scheduling.target_refresh_pods
+    state.place(request("w0"))
+    first = state.policy
+    for i in range(1, 2 * refresh + 1):
+        state.place(request(f"w{i}"))
+        state.release(f"w{i}")
+    assert state.policy is first
+    for i in range(2 * refresh + 1, 3 * refresh + 2):
+        state.place(request(f"s{i}", gpus=0, milli=500))
+        state.release(f"s{i}")
+    assert state.policy is not first
