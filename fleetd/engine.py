@@ -187,18 +187,28 @@ def check_policy(spec: str) -> None:
     make_policy(spec, one_gpu)
 
 
+Shape = tuple[int, int, int, tuple[str, ...]]
+
+
 class TargetWorkload:
     """FGD's target workload, estimated from the shapes of the last `window` requested pods.
 
     The paper takes it from the cluster's workload; a daemon learns it from what it is asked
     to place. Shapes are (CPU, per-GPU share, GPU count, allowed models), as in the artifact.
+    The estimate is recomputed only when the window's shape distribution moved by more than
+    `tolerance` (total variation distance) since it was last computed: a sliding window
+    barely moves between two refreshes, and an unchanged estimate keeps the policy (and the
+    core's cached scores) valid.
     """
 
-    def __init__(self, window: int) -> None:
-        self.shapes: collections.deque[tuple[int, int, int, tuple[str, ...]]] = collections.deque(
-            maxlen=window
-        )
+    def __init__(self, window: int, tolerance: float = TARGET_TOLERANCE) -> None:
+        """`window` pods; `tolerance`: see the class docstring (0: recompute on any change)."""
+        self.shapes: collections.deque[Shape] = collections.deque(maxlen=window)
         self.observed = 0
+        self.tolerance = tolerance
+        self._counts: collections.Counter[Shape] = collections.Counter()
+        self._counted = 0  # len(self.shapes) the counts describe (shapes may be extended)
+        self._last: tuple[dict[Shape, int], int, int, TypicalPods] | None = None
 
     def observe(self, pods: Sequence[PodRequest]) -> None:
         """Record the shapes of one request's pods."""
@@ -209,20 +219,48 @@ class TargetWorkload:
                 shape = (p.cpu_millicores, p.gpu_milli, 1, p.gpu_models)
             else:
                 shape = (p.cpu_millicores, 0, 0, p.gpu_models)
+            if len(self.shapes) == self.shapes.maxlen:
+                self._counts[self.shapes[0]] -= 1  # about to leave the window
+                self._counted -= 1
             self.shapes.append(shape)
+            self._counts[shape] += 1
+            self._counted += 1
             self.observed += 1
 
     def typical(self, fleet: Fleet) -> TypicalPods | None:
         """The most popular shapes (95% of pods) with model columns in the fleet's ids."""
         if not self.shapes:
             return None
+        if self._counted != len(self.shapes):  # the deque was filled directly
+            self._counts = collections.Counter(self.shapes)
+            self._counted = len(self.shapes)
+        counts = {k: v for k, v in self._counts.items() if v > 0}
+        total = len(self.shapes)
+        n_models = len(fleet.gpu_models)
+        last = self._last
+        if last is not None and last[2] == n_models:
+            old, old_total = last[0], last[1]
+            moved = 0.5 * sum(
+                abs(counts.get(k, 0) / total - old.get(k, 0) / old_total)
+                for k in counts.keys() | old.keys()
+            )
+            if moved <= self.tolerance:
+                return last[3]
+        typical = self._estimate(counts, fleet)
+        self._last = (counts, total, n_models, typical)
+        return typical
+
+    @staticmethod
+    def _estimate(counts: Mapping[Shape, int], fleet: Fleet) -> TypicalPods:
+        # typical_pods reads a multiset of pods: each distinct shape repeated by its count.
         specs: dict[tuple[str, ...], int] = {}
-        cpu, gpu, num, spec_id = [], [], [], []
-        for c, g, n, models in self.shapes:
+        cpu, gpu, num, spec_id, reps = [], [], [], [], []
+        for (c, g, n, models), k in counts.items():
             cpu.append(c)
             gpu.append(g)
             num.append(n)
             spec_id.append(specs.setdefault(models, len(specs)))
+            reps.append(k)
         n_models = len(fleet.gpu_models)
         allowed = np.zeros((len(specs), n_models), dtype=bool)
         for models, sid in specs.items():
@@ -235,8 +273,13 @@ class TargetWorkload:
         order = sorted(specs, key=lambda m: "|".join(m))
         remap = np.array([order.index(m) for m in specs], dtype=np.int64)
         allowed = allowed[np.argsort(remap)]
+        r = np.asarray(reps, np.int64)
         return typical_pods(
-            np.asarray(cpu), np.asarray(gpu), np.asarray(num), remap[np.asarray(spec_id)], allowed
+            np.repeat(np.asarray(cpu, np.int64), r),
+            np.repeat(np.asarray(gpu, np.int64), r),
+            np.repeat(np.asarray(num, np.int64), r),
+            np.repeat(remap[np.asarray(spec_id, np.int64)], r),
+            allowed,
         )
 
 

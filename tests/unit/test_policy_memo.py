@@ -77,3 +77,25 @@ def test_the_daemon_keeps_its_policy_while_requests_look_alike(tmp_path: Path) -
         state.place(request(f"s{i}", gpus=0, milli=500))
         state.release(f"s{i}")
     assert state.policy is not first
+
+
+def test_target_is_recomputed_only_when_the_window_moved() -> None:
+    f = _fleet()
+    t = engine.TargetWorkload(window=100, tolerance=0.05)
+    t.observe([engine.PodRequest("a", 2000, GIB, gpu_count=1)] * 100)
+    first = t.typical(f)
+    # 3 of 100 pods replaced: 0.5 * (0.03 + 0.03) = 0.03 <= 0.05, the same estimate.
+    t.observe([engine.PodRequest("b", 1000, GIB, gpu_milli=500)] * 3)
+    assert t.typical(f) is first
+    # 3 more (drift counts from the estimate in use): 0.06 > 0.05, a new estimate.
+    t.observe([engine.PodRequest("b", 1000, GIB, gpu_milli=500)] * 3)
+    second = t.typical(f)
+    assert second is not first
+    assert second is not None
+    assert np.isclose(sorted(second.freq.tolist())[0], 0.06)
+    # A window filled directly (as a config reload does) is recounted.
+    moved = engine.TargetWorkload(window=100, tolerance=0.0)
+    moved.shapes.extend(t.shapes)
+    again = moved.typical(f)
+    assert again is not None
+    assert engine.target_distance(again, second) == 0.0
