@@ -592,7 +592,9 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     keep the prefix that saves most (old nodes' price + the plain plan's cost - the joint
     plan's cost), if it saves more than `replace_min_saving_per_hour`, moves every pod of
     the prefix and leaves no more pending pods without capacity than the plain plan."""
-    plan = _plan_scale_up(req)
+    # Capacity rows per pod shape, shared by the plain and the joint plans (same pools).
+    rows: dict[tuple[object, ...], tuple[I64, NDArray[np.int16]]] = {}
+    plan = _plan_scale_up(req, rows)
     clusters = {p.cluster for p in req.pools}
     if not req.replaceable or not plan.decisions or len(clusters) != 1:
         return plan
@@ -612,7 +614,7 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         drained.set_flags(cand.node, cordoned=True)
         taken.append(cand)
         joint = _plan_scale_up(
-            replace(req, fleet=drained, pending=(*req.pending, *moved), replaceable=())
+            replace(req, fleet=drained, pending=(*req.pending, *moved), replaceable=()), rows
         )
         unsched = {u.workload for u in joint.unschedulable}
         if not joint.decisions or unsched - blocked or any(p.name in unsched for p in moved):
@@ -646,7 +648,9 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     return replace(joint, decisions=decisions, replace=retire)
 
 
-def _plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
+def _plan_scale_up(
+    req: ScaleUpRequest, cap_rows: dict[tuple[object, ...], tuple[I64, NDArray[np.int16]]]
+) -> ScaleUpPlan:
     """The cheapest node additions (found greedily, verified by placement) that let the
     pending workloads run; infeasible and blocked workloads are reported with reasons.
 
@@ -669,7 +673,19 @@ def _plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         return ScaleUpPlan((), (), tuple(inflight), (), tuple(unsched), (), ())
     # One capacity matrix for every pending shape, reused by every step below.
     shapes_all = Batch.of(queue).shapes
-    capm = capacity_matrix(pools, shapes_all)
+    missing = [sh for sh in shapes_all if sh.shape_key not in cap_rows]
+    if missing:
+        fresh = capacity_matrix(pools, missing)
+        for i, sh in enumerate(missing):
+            cap_rows[sh.shape_key] = (fresh.cap[i], fresh.first_failure[i])
+    capm = _Capacity(
+        np.array([cap_rows[sh.shape_key][0] for sh in shapes_all], np.int64).reshape(
+            len(shapes_all), len(pools)
+        ),
+        np.array([cap_rows[sh.shape_key][1] for sh in shapes_all], np.int16).reshape(
+            len(shapes_all), len(pools)
+        ),
+    )
     gidx = {sh.shape_key: s for s, sh in enumerate(shapes_all)}
     ahead: tuple[I64, I64] | None = None
     if req.anticipated and req.anticipation_weight > 0:
