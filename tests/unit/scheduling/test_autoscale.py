@@ -592,6 +592,18 @@ def test_scale_up_takes_along_pods_of_expensive_nodes() -> None:
     new = {sp.name for sp in plan.new_nodes}
     assert {n for _, n in r.moves} <= new
     assert {p for p, _ in r.moves} == {"old0", "old1", "old2"}
+    # The plan's allocations hold together on the fleet after it: old nodes gone with
+    # their pods, new nodes added.
+    after = fleet.copy()
+    for rp in running:
+        after.free(rp.allocation)
+    for node in r.remove_nodes:
+        after.remove_node(node)
+    for spec in (*plan.in_flight_nodes, *plan.new_nodes):
+        after.add_node(spec)
+    for _, alloc in plan.allocations:
+        after.allocate(alloc)
+    assert {p for p, _ in plan.allocations} == {"p0", "old0", "old1", "old2"}
     # Not worth it below the minimum saving.
     strict = plan_scale_up(
         ScaleUpRequest(
