@@ -467,6 +467,8 @@ class PlacementCache:
         # Per shape: dense static codes, and how many _attr_log entries they include.
         self.static: OrderedDict[Hashable, tuple[NDArray[np.int16], int]] = OrderedDict()
         self._attr_log: list[I64] = []  # slots whose static attributes changed, per sync
+        # Per shape: live slots passing its static filters, and the static_gen they are of.
+        self.candidates: OrderedDict[Hashable, tuple[I64, int]] = OrderedDict()
         self.scores: OrderedDict[Hashable, _ScoreEntry] = OrderedDict()
 
     def policy_for(self, spec: str) -> Policy:
@@ -606,6 +608,21 @@ class PlacementCache:
         self.static.move_to_end(key)
         return codes
 
+    def candidate_rows(self, fleet: Fleet, pod: PodSpec) -> I64:
+        """Live slots passing every static filter for the pod's shape (ascending)."""
+        key = pod.shape_key
+        entry = self.candidates.get(key)
+        if entry is not None and entry[1] == self.static_gen:
+            self.candidates.move_to_end(key)
+            return entry[0]
+        codes = self.static_codes(fleet, pod)
+        rows: I64 = self.live_rows[codes[self.live_rows] == 0]
+        self.candidates[key] = (rows, self.static_gen)
+        self.candidates.move_to_end(key)
+        while len(self.candidates) > len(self.static):
+            self.candidates.popitem(last=False)
+        return rows
+
     def store_scores(self, key: Hashable, entry: _ScoreEntry) -> None:
         """Keep a shape's scores (least recently used shapes go first)."""
         self.scores[key] = entry
@@ -714,7 +731,11 @@ class _Engine:
         """Live rows passing every static filter for the shape, cached."""
         rows = self.rows.get(shape)
         if rows is None:
-            rows = self.rows[shape] = self.live_rows[self.static_codes(shape) == 0]
+            if self.xc is not None:
+                rows = self.xc.candidate_rows(self.fleet, self.batch.shapes[shape])
+            else:
+                rows = self.live_rows[self.static_codes(shape) == 0]
+            self.rows[shape] = rows
         return rows
 
     def reason_for(self, shape: int) -> int:
@@ -740,12 +761,14 @@ class _Engine:
         s0, p0 = self.policy.evaluate(NodeView.of(self.fleet, self.free, rows, self.usable), c)
         return np.where(s0 == s0, s0, -np.inf), p0  # NaN never wins
 
-    def _scored(self, shape: int, c: Constraints) -> tuple[I64, I64, NDArray[np.float64], I64]:
-        """Rows with room for the shape, their room, depth-0 scores and GPU picks.
+    def _scored(
+        self, shape: int, c: Constraints, compact: bool = True
+    ) -> tuple[I64, I64, NDArray[np.float64], I64]:
+        """Rows with room for the shape, their room, depth-0 scores and GPU picks (with
+        `compact=False`, rows without room may remain, with room 0 and score -inf).
 
         Cached per shape; a later run of the same shape (another priority, FIFO order,
         gang members) re-scores only the rows changed since (scores are node-local).
-        With state-only plugins, scores are computed once per distinct node state.
         """
         entry = self.cache.get(shape)
         if entry is None and self.xc is not None:
@@ -765,7 +788,7 @@ class _Engine:
                     sub = rows[changed]
                     cap[changed] = pod_capacity(self.free, c, sub, _NO_LIMIT)
                     s0[changed], p0[changed] = self._evaluate(sub, c)
-        if not self.in_trial and not cap.all():
+        if compact and not self.in_trial and not cap.all():
             # Outside gang trials free resources only shrink: a full row stays full.
             keep = cap > 0
             rows, cap, s0, p0 = rows[keep], cap[keep], s0[keep], p0[keep]
@@ -934,6 +957,21 @@ class _Engine:
         c = self.cons(shape)
         if self.states is not None:
             return self._run_by_state(shape, c, k, domain)
+        if k == 1 and domain is None and self.xc is not None:
+            # One pod (the daemon's Place): an argmax over the cached rows, full ones masked.
+            rows, cap, s0, p0 = self._scored(shape, c, compact=False)
+            if rows.size == 0:
+                return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            room = cap > 0
+            masked = np.where(room, s0, -np.inf)
+            j = int(np.argmax(masked))  # first maximum: rows ascending, so the lowest slot
+            if not room[j]:  # no row with room, or every one scores -inf: the lowest slot
+                if not room.any():
+                    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+                j = int(np.argmax(room))
+            slots, picks = rows[j : j + 1].copy(), p0[j : j + 1].copy()
+            self.apply(c, slots, picks, sign=-1)
+            return slots, picks
         rows, cap, s0, p0 = self._scored(shape, c)
         if domain is not None:
             inside = domain[0][rows] == domain[1]
