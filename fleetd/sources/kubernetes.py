@@ -81,6 +81,11 @@ class KubernetesSourceSettings:
     #: without this a quiet node would look silent to fleetd's staleness sweep. None: off
     #: (the agent, which heartbeats on its own).
     node_resync_interval_s: float | None = 30.0
+    #: With `on_connection` set (the daemon), ask each API server for its version this
+    #: often, failing after `probe_timeout_s`: a watch on a silently dropped connection
+    #: would only notice at its read timeout (minutes). None: off.
+    probe_interval_s: float | None = 5.0
+    probe_timeout_s: float = 5.0
 
 
 class KubeconfigError(ValueError):
@@ -140,6 +145,8 @@ class KubernetesSource:
         #: they are current again (re-listed, or a watch resumed) (the daemon's readiness).
         self.on_connection: Callable[[str, bool, str], None] | None = None
         self._cluster_ok: dict[str, bool] = {}
+        #: cluster -> why its last version probe failed (absent: it answered).
+        self._probe_failed: dict[str, str] = {}
 
     def resolve_clusters(self) -> list[str]:
         """The clusters (contexts) this source watches; raises KubeconfigError."""
@@ -190,6 +197,8 @@ class KubernetesSource:
                 tasks.create_task(nodes.run(), name=f"kube-{cluster}-nodes")
                 tasks.create_task(pods.run(), name=f"kube-{cluster}-pods")
                 tasks.create_task(self._resync_nodes(nodes), name=f"kube-{cluster}-resync")
+                if self.on_connection is not None and s.probe_interval_s is not None:
+                    tasks.create_task(self._probe(api, cluster), name=f"kube-{cluster}-probe")
         finally:
             await asyncio.to_thread(api.close)
 
@@ -210,7 +219,7 @@ class KubernetesSource:
         """Re-apply every node the watcher knows, as observed now, if its watch is healthy
         (connected and current); returns how many. They carry sequence 0 ("unordered"):
         the same content as the last applied version, so no ordering question arises."""
-        if not watcher.healthy:
+        if not watcher.healthy or watcher.cluster in self._probe_failed:
             return 0
         now_s = self.now_s()
         updates: list[Update] = [
@@ -222,9 +231,26 @@ class KubernetesSource:
             await self.sink.apply(updates)
         return len(updates)
 
+    async def _probe(self, api: Any, cluster: str) -> None:
+        """Ask the API server for its version every probe_interval_s (see the setting)."""
+        s = self.settings
+        version = k8s_client.VersionApi(api)
+        while True:
+            await asyncio.sleep(s.probe_interval_s or 0.0)
+            try:
+                await asyncio.to_thread(version.get_code, _request_timeout=s.probe_timeout_s)
+            except _RETRYABLE as exc:
+                self._probe_failed[cluster] = f"probe: {type(exc).__name__}: {_short(exc)}"
+            else:
+                self._probe_failed.pop(cluster, None)
+            self._watch_health(cluster, self._probe_failed.get(cluster, ""))
+
     def _watch_health(self, cluster: str, reason: str = "") -> None:
-        """Report a change of a cluster's watch health (all its watchers current or not)."""
-        ok = all(w.healthy for w in self._watchers if w.cluster == cluster)
+        """Report a change of a cluster's watch health (all its watchers current, and its
+        API server answering probes, or not)."""
+        ok = cluster not in self._probe_failed and all(
+            w.healthy for w in self._watchers if w.cluster == cluster
+        )
         if self._cluster_ok.get(cluster) != ok:
             self._cluster_ok[cluster] = ok
             if self.on_connection is not None:

@@ -168,21 +168,24 @@ async def test_kafka_without_a_cluster_list_is_ready_only_after_catching_up(
 
 
 class TcpProxy:
-    """A TCP forwarder on 127.0.0.1 in front of a real server; `cut()` refuses and resets
-    every connection (a network partition), `heal()` listens again on the same port."""
+    """A TCP forwarder on 127.0.0.1 in front of a real server. `cut()` refuses and resets
+    every connection, `heal()` listens again on the same port; `freeze()` silently stops
+    forwarding (a partition that drops packets: nothing errors), `thaw()` resumes."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.listen_port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.listen_port)
         self.listen_port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
         except OSError:
@@ -194,6 +197,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
@@ -212,6 +216,12 @@ class TcpProxy:
 
     async def heal(self) -> None:
         await self.start()
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -289,3 +299,38 @@ async def test_kube_apiserver_unreachable_drops_readiness_until_relisted(
         finally:
             health.close()
         assert daemon.exit_code == 0
+
+
+async def test_kube_apiserver_silently_partitioned_drops_readiness(
+    start_daemon: StartDaemon, kube: KubeTestbed, tmp_path: Path
+) -> None:
+    """Packets dropped, nothing reset: the watch would only notice at its read timeout
+    (minutes); the source's version probe notices within seconds."""
+    context = kube.contexts[1]
+    async with proxied_kubeconfig(kube, context, tmp_path / "kubeconfig") as proxy:
+        _, client = await start_daemon(
+            sources={
+                "simulated": {"enabled": False},
+                "kubernetes": {
+                    "enabled": True,
+                    "kubeconfig": str(tmp_path / "kubeconfig"),
+                    "contexts": [context],
+                    "sync_lost_after_s": 1,
+                },
+            }
+        )
+        health = HealthWatch(client)
+        try:
+            await health.next_status(SERVING)
+            proxy.freeze()
+            try:
+                await health.next_status(NOT_SERVING)
+                status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+                [src] = list(status.sources)
+                assert (src.cluster, src.synced) == (context, False)
+                assert "probe" in src.reason
+            finally:
+                proxy.thaw()
+            await health.next_status(SERVING)
+        finally:
+            health.close()
