@@ -23,6 +23,7 @@ from fleetd.sources.codec import (
     node_content_tail,
     node_key,
     parse,
+    pods_start,
     unchanged_envelope,
 )
 from fleetd.sources.kafka import DLQ_REASON_HEADER, KafkaSource, KafkaSourceSettings
@@ -280,3 +281,37 @@ def test_envelope_rests_decode_like_protobuf() -> None:
 def test_other_envelopes_are_left_to_the_full_decoder(rest: bytes) -> None:
     _, _, ok = decode_envelope_rests([b"\x05\x18\x07", rest])
     assert ok.tolist() == [True, False]
+
+
+def test_pods_start_only_for_the_canonical_layout() -> None:
+    record = encode_node(gpu_node("a", pods=2), sequence=5, observed_unix_ms=1)
+    node = record.node.SerializeToString(deterministic=True)
+    start = pods_start(node, record)
+    assert start > 0
+    assert pb.NodeReport.FromString(node[:start]).pods == []
+    # Pods first, then the rest: valid protobuf, but the prefix is not "everything but pods".
+    pods_first = (
+        pb.NodeReport(pods=record.node.pods).SerializeToString()
+        + pb.NodeReport(name="a", gpus=record.node.gpus).SerializeToString()
+    )
+    swapped = pb.TelemetryRecord(cluster="c1", sequence=5)
+    swapped.node.ParseFromString(pods_first)
+    assert pods_start(pods_first, swapped) == -1
+
+
+async def test_a_pods_only_change_with_a_bad_pod_is_dead_lettered() -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    a = gpu_node("a", pods=1)
+    await _process(source, [_rec("a", _value(a, 1), 0)])
+    assert a.pods
+    nameless = dataclasses.replace(a.pods[0], name="", uid="u-2")
+    bad = dataclasses.replace(a, pods=(*a.pods, nameless))
+    moved = dataclasses.replace(a, pods=())
+    producer = await _process(source, [_rec("a", _value(bad, 2), 1)])
+    assert [dict(h)[DLQ_REASON_HEADER] for _, _, h in producer.sent] == [b"bad-pods"]
+    await _process(source, [_rec("a", _value(moved, 3), 2)])  # the short path again
+    node = view.node("c1", "a")
+    assert node is not None
+    assert node.sequence == 3
+    assert node.pods == ()
