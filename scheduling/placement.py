@@ -17,8 +17,14 @@ of per-node score sequences (a heap over touched nodes plus a pointer into the u
 nodes sorted by score), with the deeper scores of each node computed in vectorized chunks
 (in closed form when no plugin chooses GPUs, `states_after`). Scores are cached per shape
 across runs: per *state class* when every plugin is state-only (nodes in the same state
-share one score, and a class never changes, so its scores never go stale; `_States`), or
-per node with change stamps otherwise (and for FIFO-like queues of one-pod runs).
+share one score, and a class never changes, so its scores never go stale; `_States`; a
+run ranks the classes present and touches only the rows of the best ones), or per node
+with change stamps otherwise (and for FIFO-like queues of one-pod runs). In batches of many
+shapes the static filters run once per node profile (`filters.static_profiles`).
+
+Across calls: a `PlacementCache` passed to successive calls on one fleet keeps the free
+resources, static filter codes and per-node scores, refreshed from the fleet's per-slot
+change stamps, so placing one pod re-scores only the nodes changed since the last call.
 """
 
 from __future__ import annotations
