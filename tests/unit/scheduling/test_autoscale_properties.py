@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +18,7 @@ from scheduling.autoscale import (
     apply_scale_up,
     plan_scale_down,
     plan_scale_up,
+    replace_candidates,
 )
 from scheduling.pools import SPOT_TOLERATION, CapacityType, DisruptionBudget, NodePool, PoolStatus
 from scheduling.workload import QueueItem
@@ -180,3 +184,73 @@ def test_scale_down_displaced_pods_still_fit(
     assert res.placed.all()
     # Consolidation saves money.
     assert plan.cost_per_hour_delta <= 0
+
+
+@SETTINGS
+@given(case=running_st(), pending=st.integers(1, 6), saving=st.sampled_from([0.0, 0.25, 2.0]))
+def test_consolidation_on_scale_up_holds_together(
+    case: tuple[NodePool, tuple[int, ...], tuple[int, ...]], pending: int, saving: float
+) -> None:
+    pool, loads, dnd = case
+    # Retiring 4-GPU nodes pays off against 1-GPU nodes dearer per GPU.
+    small = NodePool(
+        "g1", "c0", cpu_millicores=16_000, memory_bytes=64 * GIB, gpu_count=1,
+        gpu_model="T4", price_per_hour=1.5,
+    )  # fmt: skip
+    fleet = Fleet()
+    running = []
+    for i, load in enumerate(loads):
+        name = f"g4-{i}"
+        fleet.add_node(pool.node_spec(name))
+        for j in range(load):
+            p = PodSpec(f"{name}-p{j}", cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=1)
+            rp = RunningPod(p, name, (j,), do_not_disrupt=i in dnd)
+            fleet.allocate(rp.allocation)
+            running.append(rp)
+    n = len(loads)
+    status = {pool.key: PoolStatus(n, n)}
+    down = ScaleDownRequest(
+        fleet, tuple(running), (pool, small), status, {m: 0.0 for m in fleet.node_names()},
+        now_s=1_000.0, options=ConsolidationOptions(stabilization_window_s=60.0),
+    )  # fmt: skip
+    cands = replace_candidates(down, limit=4)
+    waiting = tuple(
+        PodSpec(f"w{i}", cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=2)
+        for i in range(pending)
+    )
+    req = ScaleUpRequest(
+        fleet, waiting, (pool, small), status, replaceable=cands,
+        replace_min_saving_per_hour=saving,
+    )  # fmt: skip
+    plain = plan_scale_up(replace(req, replaceable=()))
+    plan = plan_scale_up(req)
+    # Candidates never include do-not-disrupt nodes, and respect the pool's budget.
+    assert not {c.node for c in cands} & {f"g4-{i}" for i in dnd}
+    assert len(cands) <= (pool.disruption_budget.max_nodes or n)
+    if plan.replace is None:
+        assert plan.cost_per_hour_delta == plain.cost_per_hour_delta
+        return
+    r = plan.replace
+    # It saves what it says against the plain plan, above the minimum.
+    retired = sum(c.price_per_hour for c in cands if c.node in r.remove_nodes)
+    expected = retired + plain.cost_per_hour_delta - plan.cost_per_hour_delta
+    assert -r.cost_per_hour_delta == pytest.approx(expected)
+    assert expected > saving
+    # The same pending work is unblocked, and every pod (pending or moved) holds together
+    # on the fleet after it: retired nodes gone with their pods, new nodes added.
+    assert set(plan.unblocked) | set(plan.fits_now) >= set(plain.unblocked)
+    after = fleet.copy()
+    for rp in running:
+        if rp.node in r.remove_nodes:
+            after.free(rp.allocation)
+    for node in r.remove_nodes:
+        after.remove_node(node)
+    for spec in (*plan.in_flight_nodes, *plan.new_nodes):
+        after.add_node(spec)
+    placed = dict(plan.allocations)
+    for rp in running:
+        if rp.node in r.remove_nodes:
+            after.allocate(placed[rp.pod.name])
+    for name, alloc in plan.allocations:
+        if name.startswith("w"):
+            after.allocate(alloc)
