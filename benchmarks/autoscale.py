@@ -481,7 +481,7 @@ class FleetdAutoscaler(Autoscaler):
         pending_batch_s: float | None = None,
         anticipation_window_s: float = 0.0,
         scale_up_replace_nodes: int = 0,
-        scale_up_replace_min_saving_per_hour: float = 0.25,
+        scale_up_replace_min_saving_per_hour: float = 1.0,
     ) -> None:
         self.options = options
         self.pending_batch_s = pending_batch_s

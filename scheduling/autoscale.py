@@ -212,7 +212,7 @@ class ScaleUpRequest:
     anticipated: tuple[PodSpec, ...] = ()
     anticipation_weight: float = 1.0
     replaceable: tuple[ReplaceCandidate, ...] = ()
-    replace_min_saving_per_hour: float = 0.25
+    replace_min_saving_per_hour: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1:
