@@ -719,6 +719,8 @@ class FleetState:
         self.node_since.pop(key, None)
         self._structure_version += 1
         del self.nodes[key]
+        # Autoscaled nodes come and go under new names: keep the heartbeat cache bounded.
+        self._heartbeat_keys.get(cluster, {}).pop(node, None)
 
     def _cluster_synced(self, u: up.ClusterSynced, now: float) -> None:
         if u.nodes:

@@ -120,6 +120,15 @@ class _Content:
     update: NodeUpdate
     #: Its node bytes before the pods (`codec.pods_start`), or None.
     spec: bytes | None
+    head_len: int = 0
+    tail_len: int = 0
+    #: A repeat is longer than head and tail together.
+    min_len: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "head_len", len(self.head))
+        object.__setattr__(self, "tail_len", len(self.tail))
+        object.__setattr__(self, "min_len", len(self.head) + len(self.tail))
 
 
 @dataclass(slots=True)
@@ -363,11 +372,13 @@ class KafkaSource:
 
             parsed_ok = 0
             position = 0
+            next_yield = YIELD_EVERY_RECORDS
             for tp, records in batches.items():
                 for rec in records:
                     position += 1
-                    if position % YIELD_EVERY_RECORDS == 0:
+                    if position == next_yield:
                         # A large poll is ~0.1 s of CPU: let RPCs in between.
+                        next_yield += YIELD_EVERY_RECORDS
                         await asyncio.sleep(0)
                     key = rec.key
                     memo = contents.get(key) if key is not None else None
@@ -376,38 +387,45 @@ class KafkaSource:
                         # Then only the envelope is new: it is decoded for all such records
                         # at once below (`codec.decode_envelope_rests`).
                         value = rec.value
-                        tail = memo.tail
-                        cut = len(value) - len(tail) if value else 0
-                        head = memo.head
-                        if cut > len(head) and value.endswith(tail) and value.startswith(head):
+                        if (
+                            value is not None
+                            and len(value) > memo.min_len
+                            and value.endswith(memo.tail)
+                            and value.startswith(memo.head)
+                        ):
                             candidates.append((position, rec, memo))
-                            rests.append(value[len(head) : cut])
+                            rests.append(value[memo.head_len : len(value) - memo.tail_len])
                             continue
                     parsed_ok += take_in_full(position, rec)
                 if records:
                     offsets[tp] = records[-1].offset + 1
             if rests:
                 sequences, times, decoded = decode_envelope_rests(rests)
-                for (position, rec, memo), seq, ms, good in zip(
-                    candidates, sequences.tolist(), times.tolist(), decoded.tolist(), strict=True
+                for (position, rec, memo), seq, observed_s, good in zip(
+                    candidates,
+                    sequences.tolist(),
+                    (times / 1000.0).tolist(),
+                    decoded.tolist(),
+                    strict=True,
                 ):
                     if not good:
                         # Not the usual envelope (or a bad one): the full path decides.
                         parsed_ok += take_in_full(position, rec)
                         continue
-                    last = gate_last.get(memo.subject)
+                    subject = memo.subject
+                    last = gate_last.get(subject)
                     if last is not None and seq <= last:
                         unchanged_duplicates += 1
                         continue
-                    gate_last[memo.subject] = seq
+                    gate_last[subject] = seq
                     column = beats.get(memo.cluster)
                     if column is None:
                         column = beats[memo.cluster] = _Beats()
                     column.names.append(memo.name)
                     column.sequences.append(seq)
-                    column.observed_at_s.append(ms / 1000.0)
+                    column.observed_at_s.append(observed_s)
                     column.tokens.append(memo.tail)
-                    unchanged += 1
+                unchanged = sum(len(b.names) for b in beats.values())
             fallback: dict[object, list[tuple[int, int, Any, Any]]] | None = None
             rejected = 0
             for group, newest in best.items():

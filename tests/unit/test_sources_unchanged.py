@@ -315,3 +315,15 @@ async def test_a_pods_only_change_with_a_bad_pod_is_dead_lettered() -> None:
     assert node is not None
     assert node.sequence == 3
     assert node.pods == ()
+
+
+def test_removed_nodes_leave_no_heartbeat_cache_entry(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    state.apply_now(dataclasses.replace(gpu_node("a"), sequence=1, content_token=b"A"))
+    state.apply_now(up.NodeHeartbeats("c1", ("a",), (2,), (1.0,), (b"A",)))
+    assert "a" in state._heartbeat_keys["c1"]
+    state.apply_now(up.NodeRemoved("c1", "a", sequence=3))
+    assert "a" not in state._heartbeat_keys["c1"]
+    # A heartbeat for the removed node's old content is refused, not applied.
+    state.apply_now(up.NodeHeartbeats("c1", ("a",), (4,), (1.0,), (b"A",)))
+    assert "c1/a" not in state.nodes
