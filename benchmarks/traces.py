@@ -253,7 +253,7 @@ VARIANTS = (
     "pair40",
     "gpucpu200",
     "gpucpu50",
-    "gpuspec33+gpushare60",
+    "gpuspec33+gpucpu150",
     "gpuspec20+multigpu30+cpu200",
 )
 """The variants `--trace variants` replays: synthetic workloads derived from the default trace,
