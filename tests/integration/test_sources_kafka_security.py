@@ -8,17 +8,21 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+import yaml
 
 from fleetd import config
+from fleetd.daemon import Daemon
 from fleetd.loadgen import produce
 from fleetd.sources.kafka import KafkaSource, settings_from_config
 from fleetd.sources.memory import FleetView
 from fleetd.sources.security import KafkaSecurity
+from fleetd.v1 import fleet_pb2, fleet_pb2_grpc
 from tests.integration.sources_support import AWAIT_S, create_topic, running, unique
 from tests.integration.test_sources_daemon import Start, _nodes, _report, _until, start
 from tests.testbed.kafka import SecureListener
-from tests.testbed.procs import TestbedError
+from tests.testbed.procs import TestbedError, async_wait_until
 from tests.testbed.runner import TestbedRun
 
 pytestmark = pytest.mark.testbed
@@ -145,3 +149,94 @@ async def test_a_missing_password_file_is_retried_not_fatal(tmp_path: Path) -> N
         await asyncio.wait_for(source.wait_connect_failures(1), AWAIT_S)
         assert "not-yet-mounted" in source.last_connect_error
         assert not task.done()
+
+
+async def test_daemon_with_a_wrong_password_serves_not_ready_with_the_reason(
+    kafka_secure: SecureListener, tmp_path: Path
+) -> None:
+    password_file = tmp_path / "sasl-password"
+    password_file.write_text("not-the-password")
+    data = {
+        "server": {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
+        "journal": {"path": str(tmp_path / "journal.sqlite3")},
+        "logging": {"level": "WARNING"},
+        "sources": {
+            "simulated": {"enabled": False},
+            "kafka": {
+                "enabled": True,
+                "bootstrap_servers": kafka_secure.bootstrap,
+                "topic": unique("secure-telemetry"),
+                "group_id": unique("fleetd"),
+                "clusters": ["edge-s"],
+                "security": _security(kafka_secure, password_file),
+            },
+        },
+    }
+    path = tmp_path / "fleetd.yaml"
+    path.write_text(yaml.safe_dump(data))
+    daemon = Daemon(config.load(path), path)
+    await daemon.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{daemon.grpc_port}")
+    try:
+        fleet = fleet_pb2_grpc.FleetStub(channel)
+
+        async def explained() -> bool:
+            status = await fleet.GetStatus(fleet_pb2.GetStatusRequest())
+            return "Authentication failed" in status.not_ready_reason
+
+        await async_wait_until(
+            "GetStatus names the SASL failure", explained, timeout_s=AWAIT_S, interval_s=0.1
+        )
+        status = await fleet.GetStatus(fleet_pb2.GetStatusRequest())
+        assert not status.ready
+        assert kafka_secure.password not in status.not_ready_reason
+        assert "not-the-password" not in status.not_ready_reason
+    finally:
+        await channel.close()
+        await daemon.stop()
+
+
+def test_loadgen_command_publishes_over_sasl_ssl(
+    kafka_secure: SecureListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command-line flags the agent shares (`security.add_arguments`), password from
+    the environment; what was published is read back over the same listener."""
+    from fleetd import loadgen
+
+    topic = unique("secure-loadgen")
+    monkeypatch.setenv("FLEETD_KAFKA_SASL_PASSWORD", kafka_secure.password)
+    argv = ["--bootstrap-servers", kafka_secure.bootstrap, "--topic", topic,
+            "--clusters", "1", "--nodes", "5", "--records", "10",
+            "--security-protocol", "SASL_SSL", "--ssl-ca-file", str(kafka_secure.ca_file),
+            "--sasl-mechanism", "SCRAM-SHA-256", "--sasl-username", kafka_secure.username]  # fmt: skip
+    assert loadgen.main(argv) == 0
+    security = KafkaSecurity(
+        protocol="SASL_SSL",
+        ssl_ca_file=str(kafka_secure.ca_file),
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username=kafka_secure.username,
+        sasl_password=kafka_secure.password,
+    )
+
+    async def read_back() -> int:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=kafka_secure.bootstrap,
+            group_id=unique("read"),
+            auto_offset_reset="earliest",
+            **security.client_options(),
+        )
+        await consumer.start()
+        seen = 0
+        try:
+            async with asyncio.timeout(AWAIT_S):
+                while seen < 10:
+                    batch = await consumer.getmany(timeout_ms=500)
+                    seen += sum(len(r) for r in batch.values())
+        finally:
+            await consumer.stop()
+        return seen
+
+    assert asyncio.run(read_back()) == 10
