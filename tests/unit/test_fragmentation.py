@@ -375,3 +375,25 @@ def test_fgd_plus_lookahead_prefers_the_remnant_that_can_be_filled() -> None:
     params = {"typical": TYPICAL}
     assert place(fleet, pod, Policy.parse("fgd", {"fgd": params})).node(0) == "n0"
     assert place(fleet, pod, Policy.parse("fgd-plus", {"fgd-plus": params})).node(0) == "n1"
+
+
+def test_model_refinements_change_nothing_without_model_constraints() -> None:
+    # Every type accepts every model: the constraint-aware measure equals the artifact's
+    # bit for bit, and the pressure is 0 everywhere, so fgd-plus on a workload without
+    # gpu_spec scores exactly as before the two refinements.
+    rng = np.random.default_rng(7)
+    free = rng.choice([0, 190, 530, 1000], size=(50, 4))
+    cpu = rng.integers(0, 64000, size=50)
+    model = rng.integers(0, 2, size=50)
+    typical = typical_pods(
+        cpu_milli=np.array([4000, 2000, 8000, 3000]),
+        gpu_milli=np.array([500, 0, 1000, 810]),
+        num_gpu=np.array([1, 0, 2, 1]),
+        spec_id=np.zeros(4, int),
+        spec_allowed=np.ones((1, 2), bool),
+        model_gpus=np.array([16, 4]),
+    )
+    artifact = frag_milli(cpu, free, model, typical)
+    assert np.array_equal(frag_milli(cpu, free, model, typical, True), artifact)
+    assert typical.model_pressure is not None
+    assert typical.model_pressure.tolist() == [0.0, 0.0]
