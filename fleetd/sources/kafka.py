@@ -352,6 +352,8 @@ class KafkaSource:
             contents = self._contents
             gate_last = self._gate.last_by_subject
             candidates: list[tuple[int, Any, _Content]] = []
+            #: Positions of the records parsed in full (the others were repeats).
+            full_positions: set[int] = set()
             rests: list[bytes] = []
 
             def take_in_full(position: int, rec: Any) -> int:
@@ -362,6 +364,7 @@ class KafkaSource:
                 except InvalidTelemetry as exc:
                     dead.append((position, rec, exc))
                     return 0
+                full_positions.add(position)
                 # Records without a key cannot be superseded: each is its own group.
                 group = rec.key if rec.key is not None else -position
                 seq = parsed.sequence
@@ -438,7 +441,7 @@ class KafkaSource:
                         # The newest is invalid: dead-letter it and try the next newest
                         # (rare: the poll is indexed by key only when it happens).
                         dead.append((pos, rec, exc))
-                        rejected += 1
+                        rejected += pos in full_positions
                         if fallback is None:
                             fallback = _index_by_key(batches)
                         candidate = _next_newest(fallback.get(group, []), pos)
@@ -446,10 +449,11 @@ class KafkaSource:
                     if self._gate.admit(update):
                         chosen.append((pos, update, rec.key, spec_end))
                         self._seen_clusters.add(update.cluster)
-                    else:
+                    elif pos in full_positions:
+                        # (A fallback to a repeat applied above is no new outcome.)
                         duplicates += 1
                     break
-            superseded = parsed_ok - len(chosen) - duplicates - rejected
+            superseded = max(0, parsed_ok - len(chosen) - duplicates - rejected)
             duplicates += unchanged_duplicates
         chosen.sort(key=lambda item: item[0])
         # Unchanged reports first: a key with a full record in this poll took no unchanged
@@ -607,7 +611,7 @@ class KafkaSource:
             ("superseded", superseded),
             ("dead_lettered", dead),
         ):
-            if n:
+            if n > 0:
                 m.telemetry_records.labels(outcome=outcome).inc(n)
         assigned = consumer.assignment()
         for tp, next_offset in self._next_offset.items():

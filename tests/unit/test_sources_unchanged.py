@@ -327,3 +327,23 @@ def test_removed_nodes_leave_no_heartbeat_cache_entry(tmp_path: Path) -> None:
     # A heartbeat for the removed node's old content is refused, not applied.
     state.apply_now(up.NodeHeartbeats("c1", ("a",), (4,), (1.0,), (b"A",)))
     assert "c1/a" not in state.nodes
+
+
+async def test_an_invalid_change_after_a_repeat_in_one_poll_falls_back_safely() -> None:
+    """The newest record of a key is invalid and the next newest is a repeat that was
+    already applied as such: dead letter, nothing applied twice, no crash."""
+    view, metrics = FleetView(), SourceMetrics()
+    source = KafkaSource(KafkaSourceSettings(), view, metrics=metrics)
+    a = gpu_node("a")
+    await _process(source, [_rec("a", _value(a, 1), 0)])
+    broken = encode_node(a, sequence=3, observed_unix_ms=1)
+    broken.node.gpus[0].utilization_ratio = 3.0
+    producer = await _process(
+        source,
+        [_rec("a", _value(a, 2), 1), _rec("a", broken.SerializeToString(deterministic=True), 2)],
+    )
+    assert [dict(h)[DLQ_REASON_HEADER] for _, _, h in producer.sent] == [b"bad-gpus"]
+    assert view.sequence("c1", "a") == 2
+    outcome = metrics.telemetry_records.labels
+    assert outcome("unchanged")._value.get() == 1
+    assert outcome("dead_lettered")._value.get() == 1
