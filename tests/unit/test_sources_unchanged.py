@@ -10,12 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aiokafka import TopicPartition
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fleetd.config import Config
 from fleetd.journal import Journal
 from fleetd.loadgen import periodic_reports, synthetic_fleet
 from fleetd.sources import updates as up
 from fleetd.sources.codec import (
+    InvalidTelemetry,
     decode,
     decode_envelope_rests,
     encode_node,
@@ -347,3 +350,95 @@ async def test_an_invalid_change_after_a_repeat_in_one_poll_falls_back_safely() 
     outcome = metrics.telemetry_records.labels
     assert outcome("unchanged")._value.get() == 1
     assert outcome("dead_lettered")._value.get() == 1
+
+
+_CONTENTS = {
+    "A": gpu_node("x", pods=1),
+    "B": gpu_node("x", pods=2),  # pods changed
+    "C": dataclasses.replace(gpu_node("x", pods=1), unschedulable=True),  # node changed
+}
+
+_op = st.one_of(
+    st.tuples(st.just("report"), st.integers(0, 2), st.sampled_from("ABC")),
+    st.tuples(st.just("redeliver"), st.integers(0, 30), st.just("")),
+    st.tuples(st.just("bad"), st.integers(0, 2), st.just("")),
+    st.tuples(st.just("garbage"), st.integers(0, 2), st.just("")),
+    st.tuples(st.just("zero-seq"), st.integers(0, 2), st.sampled_from("ABC")),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(_op, min_size=1, max_size=30), polls=st.lists(st.integers(1, 6), min_size=1))
+def test_any_stream_ends_where_decoding_every_record_would(
+    ops: list[tuple[str, int, str]], polls: list[int]
+) -> None:
+    """Repeats, changes, reverts, redeliveries, invalid and undecodable records, in polls of
+    any size: each node ends at its valid record of highest sequence, with its content;
+    records that do not even parse are always dead-lettered."""
+    records: list[tuple[bytes, bytes]] = []
+    seq = 0
+    for kind, n, variant in ops:
+        name = f"n{n}"
+        if kind == "redeliver":
+            if records:
+                records.append(records[n % len(records)])
+            continue
+        seq += 1
+        if kind == "report":
+            node = dataclasses.replace(_CONTENTS[variant], name=name)
+            node = dataclasses.replace(
+                node, pods=tuple(dataclasses.replace(p, node=name) for p in node.pods or ())
+            )
+            records.append((node_key("c1", name), _value(node, seq)))
+        elif kind == "bad":
+            record = encode_node(gpu_node(name), sequence=seq, observed_unix_ms=1)
+            record.node.gpus[0].utilization_ratio = 3.0
+            records.append((node_key("c1", name), record.SerializeToString(deterministic=True)))
+        elif kind == "garbage":
+            records.append((node_key("c1", name), b"\xff\xfe garbage"))
+        else:
+            node = dataclasses.replace(_CONTENTS[variant], name=name, pods=())
+            records.append((node_key("c1", name), _value(node, 0)))
+    # Reference: every record decoded in full, the highest valid sequence per node wins.
+    expected: dict[str, up.NodeUpdate] = {}
+    unparseable = 0
+    for key, value in records:
+        try:
+            parse(value)
+        except InvalidTelemetry:
+            unparseable += 1
+        try:
+            update = decode(key, value)
+        except InvalidTelemetry:
+            continue
+        assert isinstance(update, up.NodeUpdate)
+        if update.name not in expected or update.sequence > expected[update.name].sequence:
+            expected[update.name] = update
+
+    async def through_source() -> tuple[FleetView, list[bytes]]:
+        view = FleetView()
+        source = KafkaSource(KafkaSourceSettings(), view)
+        recs = [Rec(k, v, i) for i, (k, v) in enumerate(records)]
+        reasons: list[bytes] = []
+        i = 0
+        for size in polls * (len(recs) // len(polls) + 1):
+            if i >= len(recs):
+                break
+            producer = await _process(source, recs[i : i + size])
+            reasons += [dict(h)[DLQ_REASON_HEADER] for _, _, h in producer.sent]
+            i += size
+        return view, reasons
+
+    view, reasons = asyncio.run(through_source())
+
+    def content(u: up.NodeUpdate) -> object:
+        pods = tuple((p.uid, p.name, p.requests) for p in u.pods or ())
+        return dataclasses.replace(u, sequence=0, observed_at_s=0.0, pods=None), pods
+
+    assert set(view.nodes) == {("c1", name) for name in expected}
+    for name, update in expected.items():
+        assert view.sequence("c1", name) == update.sequence
+        got = view.node("c1", name)
+        assert got is not None
+        assert content(got) == content(update)
+    assert reasons.count(b"undecodable") + reasons.count(b"no-sequence") == unparseable
