@@ -53,6 +53,8 @@ SERVICE_NAMES = (
     nodepools_pb2.DESCRIPTOR.services_by_name["NodePools"].full_name,
     fleet_pb2.DESCRIPTOR.services_by_name["Fleet"].full_name,
 )
+#: grpc.health.v1 service name of one cluster ("cluster/cluster-a"): SERVING while synced.
+CLUSTER_HEALTH_PREFIX = "cluster/"
 _RESERVED_LOG_ATTRS = set(vars(logging.makeLogRecord({})))
 #: Fleet gauges are recomputed this often: a few ms at 10^4 nodes on the loop, so not every
 #: second (Prometheus scrapes every 15-60 s).
@@ -254,31 +256,40 @@ class Daemon:
             fn()
 
     async def _readiness(self) -> None:
-        """Keep grpc.health.v1 equal to readiness: SERVING while every source is synced,
-        NOT_SERVING before the initial sync and while a source has lost its sync."""
+        """Keep grpc.health.v1 equal to readiness. Service "" and every fleetd service:
+        SERVING once every source finished its initial sync, while at least one has not lost
+        its sync since; NOT_SERVING before the initial sync and when every source lost it.
+        Service "cluster/<name>": SERVING while that cluster's sources are synced (a lost
+        cluster only leaves placement, see `FleetState.lost_clusters`)."""
         state = self.state
         assert state is not None
-        serving = False
+        serving = False  # start() set NOT_SERVING
+        clusters: dict[str, bool] = {}
         while True:
             state.readiness_changed.clear()
-            if state.ready != serving:
-                serving = state.ready
+            ready, now_clusters = state.health()
+            if ready != serving:
+                serving = ready
                 await self._set_health(serving)
                 self.metrics.ready.set(1 if serving else 0)
                 if serving:
-                    log.info("ready: every source synced")
+                    log.info("ready: every source synced once, not every sync lost")
                 else:
                     log.warning("not ready", extra={"reason": state.not_ready_reason()})
+            for cluster, synced in now_clusters:
+                if clusters.get(cluster) != synced:
+                    clusters[cluster] = synced
+                    await self.health.set(CLUSTER_HEALTH_PREFIX + cluster, _status(synced))
+                    if not synced and serving:
+                        log.warning(
+                            "cluster excluded from placement: its sync is lost",
+                            extra={"cluster": cluster, "reason": state.not_ready_reason()},
+                        )
             await state.readiness_changed.wait()
 
     async def _set_health(self, ready: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, status)
+            await self.health.set(name, _status(ready))
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (signal handlers and failures call this)."""
@@ -406,3 +417,11 @@ async def serve(config: Config, config_path: Path | None) -> int:
         logging.shutdown()
         os._exit(code)
     return code
+
+
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )

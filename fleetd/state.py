@@ -189,6 +189,10 @@ class _SourceInfo:
     lost: bool = False
 
 
+#: Explain's reason for the nodes of a cluster whose source lost its sync.
+CLUSTER_SYNC_LOST = "CLUSTER_SYNC_LOST"
+CLUSTER_SYNC_LOST_TEXT = "node(s) in a cluster whose telemetry is lost"
+
 _OVERFLOW = "overflow"
 _CLOSED = "closed"
 
@@ -325,6 +329,12 @@ class FleetState:
         #: cluster -> node name -> (node key, gate subject): the NodeHeartbeats hot loop.
         self._heartbeat_keys: dict[str, dict[str, tuple[str, tuple[str, str, str]]]] = {}
         self.sources: dict[tuple[str, str], _SourceInfo] = {}
+        #: Clusters a source lost the sync of (after the initial sync): excluded from new
+        #: placements while here. Their nodes carry the core's stale flag on top of their own
+        #: staleness (`_stale_flag`); reservations on them are kept (see `_update_lost`).
+        self.lost_clusters: frozenset[str] = frozenset()
+        #: What grpc.health.v1 last heard (`health`): the daemon is told on every change.
+        self._health_seen: tuple[bool, tuple[tuple[str, bool], ...]] = (True, ())
         self.history: collections.deque[Decision] = collections.deque(
             maxlen=config.limits.decision_history
         )
@@ -391,9 +401,81 @@ class FleetState:
 
     @property
     def ready(self) -> bool:
-        """True while every expected (source, cluster) is synced: its initial sync is done
-        and it has not lost its connection for longer than its `sync_lost_after_s`."""
-        return all(s.synced and not s.lost for s in self.sources.values())
+        """True once every expected (source, cluster) finished its initial sync, while at
+        least one of them has not lost its sync since (a source down for longer than its
+        `sync_lost_after_s`). A cluster whose sync is lost only leaves placement
+        (`lost_clusters`); when every source has lost its sync the daemon is not ready."""
+        if not all(s.synced for s in self.sources.values()):
+            return False
+        return not self.sources or not all(s.lost for s in self.sources.values())
+
+    def cluster_synced(self) -> dict[str, bool]:
+        """Per cluster a source names (not SOURCE_WIDE), plus clusters lost through a
+        source-wide loss: True while every source of it is synced and none lost its sync."""
+        out: dict[str, bool] = {}
+        for (_, cl), s in self.sources.items():
+            if cl != SOURCE_WIDE:
+                out[cl] = out.get(cl, True) and s.synced and not s.lost
+        for cl in self.lost_clusters:
+            out[cl] = False
+        return out
+
+    def health(self) -> tuple[bool, tuple[tuple[str, bool], ...]]:
+        """(ready, sorted (cluster, synced) pairs): what grpc.health.v1 reports."""
+        return self.ready, tuple(sorted(self.cluster_synced().items()))
+
+    def _lost_now(self) -> frozenset[str]:
+        lost = {cl for (_, cl), s in self.sources.items() if s.lost and cl != SOURCE_WIDE}
+        if any(s.lost for (_, cl), s in self.sources.items() if cl == SOURCE_WIDE):
+            # A source-wide source (Kafka without a cluster list) serves every cluster no
+            # other source names: all of those are lost with it.
+            named = {cl for (_, cl) in self.sources if cl != SOURCE_WIDE}
+            known = {i.cluster for i in self.nodes.values()} | {c for c, _ in self.pools}
+            lost |= known - named
+        return frozenset(lost)
+
+    def _update_lost(self, now: float) -> None:
+        """Recompute `lost_clusters` after a change of source state; mask or unmask the
+        nodes of clusters that changed. A cluster coming back keeps each node's own
+        staleness (missing reports) and retries the queue."""
+        lost = self._lost_now()
+        if lost == self.lost_clusters:
+            return
+        changed = lost ^ self.lost_clusters
+        back = self.lost_clusters - lost
+        self.lost_clusters = lost
+        for key, info in self.nodes.items():
+            if info.cluster in changed:
+                self.fleet.set_flags(key, stale=info.stale or info.cluster in lost)
+        if back:
+            self._retry_queue(now)
+
+    def _stale_flag(self, cluster: str, stale: bool) -> bool:
+        """The core's stale flag of a node: its own staleness, or its cluster's lost sync."""
+        return stale or cluster in self.lost_clusters
+
+    def lost_scope(self, req: WorkloadRequest) -> str:
+        """Why `req` cannot be placed now because every cluster it is limited to (its
+        cluster, or every cluster holding its pool) lost its sync; '' when it can try."""
+        if not self.lost_clusters or not (req.cluster or req.pool):
+            return ""
+        if req.cluster:
+            scope = {req.cluster}
+        else:
+            scope = {i.cluster for i in self.nodes.values() if i.pool == req.pool}
+            scope |= {c for c, p in self.pools if p == req.pool}
+        if not scope or not scope <= self.lost_clusters:
+            return ""
+        why = [
+            f"{src}/{cl}: {self.source_reason(src, cl)}"
+            for (src, cl), s in sorted(self.sources.items())
+            if s.lost and (cl in scope or cl == SOURCE_WIDE)
+        ]
+        names = ", ".join(repr(c) for c in sorted(scope))
+        return (
+            f"cluster(s) {names} lost their sync and take no new placements until "
+            f"resynced ({'; '.join(why)})"
+        )
 
     def source_reason(self, source: str, cluster: str) -> str:
         """Why (source, cluster) is not synced ('' when it is)."""
@@ -463,14 +545,18 @@ class FleetState:
         return float(bound) if bound is not None else None
 
     def _readiness_update(self, was_ready: bool) -> bool:
-        """After a change of source state: flip the ready event and tell watchers; True
-        when it just became ready."""
+        """After a change of source state: update `lost_clusters`, flip the ready event and
+        tell watchers (readiness or a cluster's sync changed); True when it just became
+        ready."""
+        self._update_lost(self.clock())
         now_ready = self.ready
         if now_ready:
             self.ready_event.set()
         else:
             self.ready_event.clear()
-        if now_ready != was_ready:
+        seen = self.health()
+        if now_ready != was_ready or seen != self._health_seen:
+            self._health_seen = seen
             self.readiness_changed.set()
         return now_ready and not was_ready
 
@@ -498,7 +584,7 @@ class FleetState:
             key = node_key(update.cluster, update.name)
             if key in self.nodes:
                 self.nodes[key].stale = update.stale
-                self.fleet.set_flags(key, stale=update.stale)
+                self.fleet.set_flags(key, stale=self._stale_flag(update.cluster, update.stale))
         elif isinstance(update, up.PodObserved):
             self._pod_observed(update, now)
         elif isinstance(update, up.PodRemoved):
@@ -554,7 +640,7 @@ class FleetState:
             info.last_seen_s = now
             if info.stale:
                 info.stale = False
-                self.fleet.set_flags(keys[0], stale=False)
+                self.fleet.set_flags(keys[0], stale=cluster in self.lost_clusters)
             applied += 1
             if observed_s > latest_observed_s:
                 latest_observed_s = observed_s
@@ -578,7 +664,7 @@ class FleetState:
         info.spec_update = u
         if info.stale:
             info.stale = False
-            self.fleet.set_flags(key, stale=False)
+            self.fleet.set_flags(key, stale=u.cluster in self.lost_clusters)
         self._touch(u.cluster, now, u.observed_at_s)
         self._reconcile_pods(u, now)
 
@@ -608,7 +694,7 @@ class FleetState:
                 info.last_seen_s = now
                 if info.stale:
                     info.stale = False
-                    self.fleet.set_flags(key, stale=False)
+                    self.fleet.set_flags(key, stale=u.cluster in self.lost_clusters)
                 self._touch(u.cluster, now, u.observed_at_s)
                 return
         labels = dict(u.labels)
@@ -629,6 +715,7 @@ class FleetState:
                 taints=tuple(scheduling.Taint(t.key, t.value, t.effect) for t in u.taints),
                 cordoned=u.unschedulable,
                 unhealthy=not u.ready,
+                stale=u.cluster in self.lost_clusters,
             )
             new = key not in self.fleet
             self.fleet.upsert_node(spec)
@@ -878,7 +965,7 @@ class FleetState:
             stale = info.last_seen_s < limit
             if stale != info.stale:
                 info.stale = stale
-                self.fleet.set_flags(key, stale=stale)
+                self.fleet.set_flags(key, stale=self._stale_flag(info.cluster, stale))
             count += stale
         return count
 
@@ -889,7 +976,11 @@ class FleetState:
         due = [
             wid
             for wid, held in self.held.items()
-            if held.record.state == "pending" and held.record.expires_at_s <= now
+            if held.record.state == "pending"
+            and held.record.expires_at_s <= now
+            # A cluster that lost its sync cannot report the pods started: its reservations
+            # wait for the resync (their pods show then) rather than expire unseen.
+            and not any(p.cluster in self.lost_clusters for p in held.record.pods)
         ]
         for wid in due:
             self._end(wid, "expire", "expired", now, reason="TTL passed before the pods started")
@@ -944,6 +1035,10 @@ class FleetState:
             in_batch.add(req.workload_id)
             try:
                 results[i] = self._precheck(req)
+                if results[i] is None and req.workload_id not in self.queue:
+                    lost = self.lost_scope(req)
+                    if lost:
+                        raise NotReady(lost)
             except StateError as exc:
                 results[i] = exc
                 continue
@@ -1332,9 +1427,37 @@ class FleetState:
                 raise NotFound(f"pool {pool!r}{where} is not known to fleetd")
 
     def _explain(self, outcome: engine.Outcome) -> Explanation:
-        return Explanation(
-            outcome.nodes_total, outcome.nodes_feasible, outcome.reasons, outcome.summary
+        reasons, summary = outcome.reasons, outcome.summary
+        if self.lost_clusters:
+            reasons, summary = self._charge_lost(outcome)
+        return Explanation(outcome.nodes_total, outcome.nodes_feasible, reasons, summary)
+
+    def _charge_lost(self, outcome: engine.Outcome) -> tuple[tuple[tuple[str, int, str], ...], str]:
+        """Move the nodes of lost clusters from NODE_NOT_READY (the core sees them as stale)
+        to their own reason, CLUSTER_SYNC_LOST. Each uncordoned node of a lost cluster
+        carries the stale flag, so the core charged it to NODE_NOT_READY (a cordoned one
+        fails first on NODE_UNSCHEDULABLE and stays there)."""
+        lost_n = sum(
+            1 for i in self.nodes.values() if i.cluster in self.lost_clusters and not i.cordoned
         )
+        not_ready = next((n for c, n, _ in outcome.reasons if c == "NODE_NOT_READY"), 0)
+        moved = min(lost_n, not_ready)
+        if not moved:
+            return outcome.reasons, outcome.summary
+        node_level: list[tuple[str, int, str]] = []
+        for code, n, text in outcome.reasons:
+            if code == "NODE_NOT_READY":
+                if n > moved:
+                    node_level.append((code, n - moved, text))
+                node_level.append((CLUSTER_SYNC_LOST, moved, CLUSTER_SYNC_LOST_TEXT))
+            elif n:
+                node_level.append((code, n, text))
+        node_level.sort(key=lambda r: -r[1])  # stable: ties keep the core's order
+        pod_level = [r for r in outcome.reasons if not r[1]]
+        body = ", ".join(f"{n} {text}" for _, n, text in node_level)
+        summary = f"{outcome.nodes_feasible}/{outcome.nodes_total} nodes are available: {body}."
+        summary += "".join(f" {text.capitalize()}." for _, _, text in pod_level)
+        return (*node_level, *pod_level), summary
 
     def _next_seq(self) -> int:
         self.seq += 1

@@ -377,7 +377,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             now = state.clock()
             return fleet_pb2.Status(
                 ready=state.ready,
-                not_ready_reason=state.not_ready_reason(),
+                # A cluster that lost its sync while others are synced is not "not ready":
+                # its SourceStatus says why (synced false, reason "sync lost ...").
+                not_ready_reason="" if state.ready else state.not_ready_reason(),
                 sources=[
                     fleet_pb2.SourceStatus(
                         source=src,

@@ -17,6 +17,7 @@ from fleetd.engine import PodRequest, gpu_allocated_milli
 from fleetd.journal import Journal
 from fleetd.sources import updates as up
 from fleetd.state import (
+    CLUSTER_SYNC_LOST_TEXT,
     POD_NAME_LABEL,
     WORKLOAD_LABEL,
     Conflict,
@@ -110,58 +111,121 @@ def test_not_ready_until_synced(tmp_path: Path, clock: FakeClock) -> None:
     assert state.place(request("w")).result == "placed"
 
 
-def test_lost_source_drops_readiness_until_it_resyncs(tmp_path: Path, clock: FakeClock) -> None:
+def test_lost_cluster_leaves_placement_until_it_resyncs(tmp_path: Path, clock: FakeClock) -> None:
     state = FleetState(Config(), Journal(tmp_path / "j.db"), clock)
     state.expect_source("kafka", "c1")
     state.expect_source("kafka", "c2")
     state.expect_source("kubernetes", "k1")
     state.apply_now(node("n0", seq=1))
+    state.apply_now(node("m0", seq=1, cluster="k1"))
     for cluster, source in (("c1", "kafka"), ("c2", "kafka"), ("k1", "kubernetes")):
         state.apply_now(up.ClusterSynced(cluster, source))
     assert state.ready
-    state.place(request("big", gpus=8))
-    assert state.place(request("q", gpus=4)).result == "queued"
+    big = state.place(request("big", gpus=8, cluster="c1"))
+    assert big.placements[0].cluster == "c1"
+    assert state.place(request("q", gpus=4, cluster="c1")).result == "queued"
     state.readiness_changed.clear()
-    # Down, but not yet for sync_lost_after_s (30 s by default): still ready.
+    # Down, but not yet for sync_lost_after_s (30 s by default): nothing changes.
     state.source_connection("kafka", "", False, "broker unreachable: KafkaConnectionError")
     clock.now_s += 29
     assert state.check_sources() == 0
-    assert state.ready
+    assert state.lost_clusters == frozenset()
     assert not state.readiness_changed.is_set()
     clock.now_s += 1
     assert state.check_sources() == 2  # every cluster of the Kafka source
-    assert not state.ready
-    assert not state.ready_event.is_set()
-    assert state.readiness_changed.is_set()
+    # The Kafka clusters leave placement; k1 is synced, so the daemon stays ready.
+    assert state.lost_clusters == {"c1", "c2"}
+    assert state.ready
+    assert state.ready_event.is_set()
+    assert state.readiness_changed.is_set()  # the per-cluster health changed
+    assert state.health() == (True, (("c1", False), ("c2", False), ("k1", True)))
     assert state.source_reason("kafka", "c2") == (
         "sync lost 30 s ago: broker unreachable: KafkaConnectionError"
     )
     assert state.source_reason("kubernetes", "k1") == ""
-    assert "kafka/c1: sync lost" in state.not_ready_reason()
-    with pytest.raises(NotReady, match="kafka/c2: sync lost 30 s ago"):
-        state.place(request("w", gpus=1))
-    # Capacity frees while not ready: the queue waits (fleet state may be out of date) ...
+    # Anywhere: lands on the synced cluster. Limited to a lost one: NotReady (UNAVAILABLE).
+    anywhere = state.place(request("w", gpus=1))
+    assert [(p.cluster, p.node) for p in anywhere.placements] == [("k1", "m0")]
+    with pytest.raises(NotReady, match=r"cluster\(s\) 'c1' lost their sync.*kafka/c1: sync lost"):
+        state.place(request("only-c1", gpus=1, cluster="c1"))
+    with pytest.raises(NotReady, match="'c1'"):
+        state.place(request("pool-c1", gpus=1, pool="p1", cluster="c1"))
+    assert "only-c1" not in state.queue
+    assert "only-c1" not in state.held
+    # Explain says why, per node: c1's node is in a cluster whose telemetry is lost.
+    decision, fits = state.explain(request("only-c1", gpus=1, cluster="c1"))
+    assert not fits
+    assert decision.explanation is not None
+    assert ("CLUSTER_SYNC_LOST", 1, CLUSTER_SYNC_LOST_TEXT) in decision.explanation.reasons
+    assert "1 node(s) in a cluster whose telemetry is lost" in decision.explanation.summary
+    # A pending reservation on a lost cluster outlives its TTL until the cluster resyncs;
+    # one on a synced cluster expires as usual.
+    clock.now_s += 3600
+    assert state.expire_due() == 1
+    assert "big" in state.held
+    assert "w" not in state.held
+    # Capacity freed on the lost cluster is not used while it is lost ...
     state.release("big")
     assert "q" in state.queue
-    # ... and is retried once the source is current again.
+    # ... and is once the source is current again (the queue is retried).
     state.source_connection("kafka", "", True)
-    assert state.ready
-    assert state.ready_event.is_set()
-    assert "q" in state.held
-    # A kube cluster down briefly and back before the bound never drops readiness.
-    state.source_connection("kubernetes", "k1", False, "nodes: HTTP 503")
-    state.source_connection("kubernetes", "k1", True)
-    clock.now_s += 3600
-    assert state.check_sources() == 0
-    assert state.ready
-    # A relist (ClusterSynced) also ends a lost sync.
+    assert state.lost_clusters == frozenset()
+    assert state.health() == (True, (("c1", True), ("c2", True), ("k1", True)))
+    assert [p.cluster for p in state.held["q"].record.pods] == ["c1"]
+    assert state.place(request("only-c1", gpus=1, cluster="c1")).result == "placed"
+    # Every source lost: not ready at all; Place is refused naming them.
+    state.source_connection("kafka", "", False, "broker down")
     state.source_connection("kubernetes", "k1", False, "pods: MaxRetryError")
     clock.now_s += 31
     state.check_sources()
     assert not state.ready
-    assert [s[2] for s in state.source_status()] == [True, True, False]
+    assert not state.ready_event.is_set()
+    assert "kubernetes/k1: sync lost" in state.not_ready_reason()
+    with pytest.raises(NotReady, match="kafka/c1: sync lost"):
+        state.place(request("x", gpus=1))
+    assert [s[2] for s in state.source_status()] == [False, False, False]
+    # A relist (ClusterSynced) also ends a lost sync.
     state.apply_now(up.ClusterSynced("k1", "kubernetes"))
     assert state.ready
+    assert state.lost_clusters == {"c1", "c2"}
+    # A kube cluster down briefly and back before the bound never loses its sync.
+    state.source_connection("kubernetes", "k1", False, "nodes: HTTP 503")
+    state.source_connection("kubernetes", "k1", True)
+    clock.now_s += 3600
+    state.check_sources()
+    assert state.lost_clusters == {"c1", "c2"}
+
+
+def test_resync_keeps_per_node_staleness(tmp_path: Path, clock: FakeClock) -> None:
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), clock)
+    state.expect_source("kafka", "c1")
+    state.expect_source("kubernetes", "k1")
+    for name in ("n0", "n1"):
+        state.apply_now(node(name, seq=1))
+    state.apply_now(node("m0", seq=1, cluster="k1"))
+    state.apply_now(up.ClusterSynced("c1", "kafka"))
+    state.apply_now(up.ClusterSynced("k1", "kubernetes"))
+    state.apply_now(up.NodeStale("c1", "n0", True))  # n0 stopped reporting
+    state.source_connection("kafka", "", False, "broker down")
+    clock.now_s += 60
+    state.check_sources()
+    assert state.lost_clusters == {"c1"}
+    # A report that slips in while lost refreshes the node but does not unmask it.
+    state.apply_now(node("n1", seq=2))
+    state.apply_now(node("n2", seq=1))  # a new node of a lost cluster is masked too
+    decision, _ = state.explain(request("c1", gpus=1, cluster="c1"))
+    assert decision.explanation is not None
+    assert {r[0]: r[1] for r in decision.explanation.reasons}["CLUSTER_SYNC_LOST"] == 3
+    state.source_connection("kafka", "", True)
+    # n1 and n2 are schedulable again; n0 stays stale until it reports.
+    decision, _ = state.explain(request("c1", gpus=1, cluster="c1"))
+    assert decision.result == "placed"
+    placed = [state.place(request(f"w{i}", gpus=8, cluster="c1")) for i in range(3)]
+    assert sorted(p.placements[0].node for p in placed[:2]) == ["n1", "n2"]
+    assert placed[2].result == "queued"
+    assert placed[2].explanation is not None
+    assert {r[0] for r in placed[2].explanation.reasons} >= {"NODE_NOT_READY"}
+    assert "CLUSTER_SYNC_LOST" not in {r[0] for r in placed[2].explanation.reasons}
 
 
 def test_source_wide_sync_gates_readiness(tmp_path: Path, clock: FakeClock) -> None:
