@@ -1,16 +1,20 @@
 """Readiness follows the sources, against the real test bed: the Kafka broker stopped and
 restarted, a kube-apiserver cut off (through a TCP proxy in front of it) and reachable again.
 
-grpc.health.v1 goes NOT_SERVING and GetStatus names the source, the cluster and the cause
-once a source has been unable to reach its cluster for `sync_lost_after_s`; Place answers
-UNAVAILABLE meanwhile; both come back when the source has resynced. Every wait is on an
-event (the health Watch stream), not on time.
+Once a source has been unable to reach its cluster for `sync_lost_after_s` that cluster has
+lost its sync: GetStatus names the source, the cluster and the cause, grpc.health.v1
+service "cluster/<name>" goes NOT_SERVING, and the cluster takes no new placements (a Place
+limited to it answers UNAVAILABLE) while the other clusters keep placing. When every source
+lost its sync the daemon as a whole is NOT_SERVING and every Place answers UNAVAILABLE.
+All of it comes back when the source has resynced. Every wait is on an event (the health
+Watch stream), not on time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from tests.testbed.procs import async_wait_until
 from tests.testbed.runner import TestbedRun
 
 from .conftest import Client, StartDaemon, scrape
+from .test_edge import _grpc_tool
 
 pytestmark = pytest.mark.testbed
 
@@ -42,9 +47,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class HealthWatch:
     """grpc.health.v1 Watch on the daemon: each status change is an event to await."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, service: str = "") -> None:
         stub = health_pb2_grpc.HealthStub(client.channel)
-        self.call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        self.call = stub.Watch(health_pb2.HealthCheckRequest(service=service))
 
     async def next_status(self, wanted: int) -> None:
         """Read the stream until it reports `wanted` (at most AWAIT_S)."""
@@ -108,7 +113,8 @@ async def test_kafka_broker_outage_drops_readiness_until_resynced(
             assert src.reason.startswith("sync lost")
             assert kafka_bootstrap in src.reason
             assert f"kafka/{cluster}: sync lost" in status.not_ready_reason
-            # Not ready: Place is refused with the reason; Explain (a dry run) still answers.
+            # Every source lost (not ready): Place is refused with the reason; Explain (a dry
+            # run) still answers, and says why the cluster's node takes nothing now.
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await client.placement.Place(_place("while-down", cluster))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -121,7 +127,8 @@ async def test_kafka_broker_outage_drops_readiness_until_resynced(
             explain = await client.placement.Explain(
                 placement_pb2.ExplainRequest(workload=_place("x", cluster).workload)
             )
-            assert explain.fits
+            assert not explain.fits
+            assert [r.code for r in explain.explanation.reasons] == ["CLUSTER_SYNC_LOST"]
         finally:
             await asyncio.to_thread(testbed_run.restart_kafka)
         # A report published while fleetd was cut off arrives once it is back.
@@ -334,3 +341,123 @@ async def test_kube_apiserver_silently_partitioned_drops_readiness(
             await health.next_status(SERVING)
         finally:
             health.close()
+
+
+def _gpu_pod(wid: str, pool: str, cluster: str = "", gpus: int = 1) -> types_pb2.Workload:
+    pod = types_pb2.PodSpec(
+        cpu_millicores=1000,
+        memory_bytes=GIB,
+        gpu_count=gpus,
+        tolerations=[
+            types_pb2.Toleration(
+                key="kwok.x-k8s.io/node", operator="Equal", value="fake", effect="NoSchedule"
+            )
+        ],
+    )
+    return types_pb2.Workload(workload_id=wid, team="t", pod=pod, cluster=cluster, pool=pool)
+
+
+async def test_one_lost_cluster_leaves_placement_the_other_keeps_placing(
+    start_daemon: StartDaemon, kube: KubeTestbed, tmp_path: Path
+) -> None:
+    """cluster-a behind a TCP proxy that is cut; cluster-b stays reachable. Nodes of a pool
+    unique to this test in each, 2 GPUs each."""
+    lost, other = kube.contexts
+    pool = unique("lost")
+    node_a, node_b = unique("a"), unique("b")
+    await asyncio.to_thread(kube.create_gpu_node, lost, node_a, gpus=2, pool=pool)
+    await asyncio.to_thread(kube.create_gpu_node, other, node_b, gpus=2, pool=pool)
+    probe = _grpc_tool("grpc-health-probe")
+    try:
+        async with proxied_kubeconfig(kube, lost, tmp_path / "kubeconfig") as proxy:
+            daemon, client = await start_daemon(
+                sources={
+                    "simulated": {"enabled": False},
+                    "kubernetes": {
+                        "enabled": True,
+                        "kubeconfig": str(tmp_path / "kubeconfig"),
+                        "contexts": [lost, other],
+                        "sync_lost_after_s": 1,
+                    },
+                }
+            )
+            addr = f"127.0.0.1:{daemon.grpc_port}"
+
+            async def probe_rc(*args: str) -> int:
+                out = await asyncio.to_thread(
+                    subprocess.run, [probe, "-addr", addr, *args], capture_output=True
+                )
+                return out.returncode
+
+            health = HealthWatch(client, f"cluster/{lost}")
+            try:
+                await health.next_status(SERVING)
+                # A reservation on cluster-a's node (both GPUs), made before the outage.
+                held = await client.placement.Place(
+                    placement_pb2.PlaceRequest(workload=_gpu_pod("held-a", pool, lost, gpus=2))
+                )
+                assert held.result == types_pb2.DECISION_RESULT_PLACED
+                assert held.placements[0].node == node_a
+                await proxy.cut()
+                await health.next_status(NOT_SERVING)
+                # The daemon as a whole still serves: cluster-b is synced.
+                check = await health_pb2_grpc.HealthStub(client.channel).Check(
+                    health_pb2.HealthCheckRequest(service="")
+                )
+                assert check.status == SERVING
+                assert await probe_rc() == 0
+                assert await probe_rc("-service", f"cluster/{lost}") != 0
+                assert await probe_rc("-service", f"cluster/{other}") == 0
+                status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
+                assert status.ready
+                assert status.not_ready_reason == ""
+                by_cluster = {s.cluster: s for s in status.sources}
+                assert not by_cluster[lost].synced
+                assert by_cluster[lost].reason.startswith("sync lost")
+                assert by_cluster[other].synced
+                # Not limited to a cluster: lands on the synced one.
+                anywhere = await client.placement.Place(
+                    placement_pb2.PlaceRequest(workload=_gpu_pod("anywhere", pool))
+                )
+                assert anywhere.result == types_pb2.DECISION_RESULT_PLACED
+                assert (anywhere.placements[0].cluster, anywhere.placements[0].node) == (
+                    other,
+                    node_b,
+                )
+                # Limited to the lost cluster: UNAVAILABLE naming it; nothing is queued.
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await client.placement.Place(
+                        placement_pb2.PlaceRequest(workload=_gpu_pod("only-a", pool, lost))
+                    )
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                details = err.value.details() or ""
+                assert f"'{lost}' lost their sync" in details
+                assert f"kubernetes/{lost}: sync lost" in details
+                # Explain says why, per node.
+                explain = await client.placement.Explain(
+                    placement_pb2.ExplainRequest(workload=_gpu_pod("only-a", pool, lost))
+                )
+                assert not explain.fits
+                reasons = {r.code: r for r in explain.explanation.reasons}
+                assert reasons["CLUSTER_SYNC_LOST"].message == (
+                    "node(s) in a cluster whose telemetry is lost"
+                )
+                assert "in a cluster whose telemetry is lost" in explain.explanation.summary
+                await proxy.heal()
+                await health.next_status(SERVING)
+                # The reservation made before the outage is still there: cluster-a's node is
+                # full, so a new 1-GPU pod for it queues (nothing allocated twice) ...
+                after = _gpu_pod("after-a", pool, lost)
+                resp = await client.placement.Place(placement_pb2.PlaceRequest(workload=after))
+                assert resp.result == types_pb2.DECISION_RESULT_QUEUED
+                # ... and lands there once the reservation is released.
+                await client.placement.Release(placement_pb2.ReleaseRequest(workload_id="held-a"))
+                resp = await client.placement.Place(placement_pb2.PlaceRequest(workload=after))
+                assert resp.result == types_pb2.DECISION_RESULT_PLACED
+                assert (resp.placements[0].cluster, resp.placements[0].node) == (lost, node_a)
+            finally:
+                health.close()
+            assert daemon.exit_code == 0
+    finally:
+        await asyncio.to_thread(kube.delete_node, lost, node_a)
+        await asyncio.to_thread(kube.delete_node, other, node_b)
