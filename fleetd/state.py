@@ -11,6 +11,9 @@ must hop onto the loop, e.g. `asyncio.run_coroutine_threadsafe(state.apply(updat
 Reservations are written to the journal before a Place reply leaves; on start, the journal's
 reservations are restored and re-allocated as their nodes appear, and Place is refused
 (not ready) until every configured source has synced, so nothing is allocated twice.
+After that, a cluster whose source lost its sync only leaves placement (`lost_clusters`):
+its nodes carry the core's stale flag, its reservations are kept, and the daemon stays
+ready while any source is synced.
 """
 
 from __future__ import annotations
@@ -1004,7 +1007,9 @@ class FleetState:
     def place(self, req: WorkloadRequest) -> Decision:
         """Place a workload: PLACED (reservation held), QUEUED or UNSCHEDULABLE. Idempotent.
 
-        Raises NotReady before the initial sync, NotFound for an unknown cluster or pool,
+        Raises NotReady before the initial sync, when every source lost its sync, or when
+        the workload is limited to clusters that lost theirs; NotFound for an unknown
+        cluster or pool,
         Conflict when the workload id already holds a different request, QueueFull.
         """
         [result] = self.place_batch([req])
