@@ -268,7 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--trace",
         default="default",
-        help="trace name, 'all', a pod-list CSV path, 'variant:KIND' or 'variants' (default: default)",
+        help=(
+            "trace name, 'all', a pod-list CSV path, 'variant:STEP[+STEP...]' (e.g. "
+            "variant:gpuspec33+gpucpu150, see benchmarks.traces.VARIANT_STEPS) or 'variants' "
+            "(default: default)"
+        ),
     )
     parser.add_argument(
         "--policy",
