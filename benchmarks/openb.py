@@ -40,12 +40,12 @@ from benchmarks.traces import (
     load_published,
     resolve_pod_list,
 )
+from scheduling.fragmentation import fleet_model_gpus
 from scheduling.replay.policies import RANDOM_NODE_ORDER, fleet_typical_pods, make_policy
 from scheduling.replay.recorder import alloc_curve
 from scheduling.replay.simulator import (
     ReplayResult,
     build_fleet,
-    fleet_model_gpus,
     fleet_model_ids,
     replay,
 )

@@ -23,7 +23,13 @@ import scheduling.pools
 from scheduling import Allocation, Fleet, Policy, TopologyLevel
 from scheduling.explain import REASON_TEXT, Reason
 from scheduling.fleet import FLAG_CORDONED, FLAG_STALE, FLAG_UNHEALTHY
-from scheduling.fragmentation import TypicalPods, _model_columns, frag_milli, typical_pods
+from scheduling.fragmentation import (
+    TypicalPods,
+    _model_columns,
+    fleet_model_gpus,
+    frag_milli,
+    typical_pods,
+)
 from scheduling.replay.policies import FRAGMENTATION_POLICIES, make_policy
 
 GPU_MILLI = scheduling.GPU_MILLI
@@ -114,7 +120,8 @@ TARGET_TOLERANCE = 0.05
 
 
 def target_distance(a: TypicalPods, b: TypicalPods) -> float:
-    """Total variation distance between two target workloads' type distributions (0..1).
+    """Total variation distance between two target workloads' type distributions (0..1), or
+    the largest change of a model's scarcity (`model_pressure`) if that is larger.
 
     A type is (CPU, per-GPU milli, GPU count, allowed models); model columns must be the
     same fleet ids on both sides (a different number of columns makes every type differ).
@@ -134,7 +141,14 @@ def target_distance(a: TypicalPods, b: TypicalPods) -> float:
         return out
 
     fa, fb = types(a), types(b)
-    return 0.5 * sum(abs(fa.get(k, 0.0) - fb.get(k, 0.0)) for k in fa.keys() | fb.keys())
+    tv = 0.5 * sum(abs(fa.get(k, 0.0) - fb.get(k, 0.0)) for k in fa.keys() | fb.keys())
+    # fgd-plus's per-model scarcity (0..1 per model) counts too: the largest change of one.
+    pa, pb = a.model_pressure, b.model_pressure
+    if pa is None and pb is None:
+        return tv
+    if pa is None or pb is None or pa.shape != pb.shape:
+        return 1.0
+    return max(tv, float(np.abs(pa - pb).max(initial=0.0)))
 
 
 class PolicyMemo:
@@ -208,7 +222,8 @@ class TargetWorkload:
         self.tolerance = tolerance
         self._counts: collections.Counter[Shape] = collections.Counter()
         self._counted = 0  # len(self.shapes) the counts describe (shapes may be extended)
-        self._last: tuple[dict[Shape, int], int, int, TypicalPods] | None = None
+        #: (shape counts, total, GPU share of each model, estimate) of the last estimate.
+        self._last: tuple[dict[Shape, int], int, npt.NDArray[np.float64], TypicalPods] | None = None
 
     def observe(self, pods: Sequence[PodRequest]) -> None:
         """Record the shapes of one request's pods."""
@@ -236,22 +251,28 @@ class TargetWorkload:
             self._counted = len(self.shapes)
         counts = {k: v for k, v in self._counts.items() if v > 0}
         total = len(self.shapes)
-        n_models = len(fleet.gpu_models)
+        # The per-model scarcity term (fgd-plus) reads the fleet's GPUs per model: only their
+        # shares matter, so a fleet that grows evenly keeps the estimate.
+        model_gpus = fleet_model_gpus(fleet)
+        gpu_total = float(model_gpus.sum())
+        share = model_gpus / gpu_total if gpu_total > 0 else model_gpus.astype(np.float64)
         last = self._last
-        if last is not None and last[2] == n_models:
+        if last is not None and last[2].shape == share.shape:
             old, old_total = last[0], last[1]
             moved = 0.5 * sum(
                 abs(counts.get(k, 0) / total - old.get(k, 0) / old_total)
                 for k in counts.keys() | old.keys()
             )
-            if moved <= self.tolerance:
+            if moved <= self.tolerance and 0.5 * np.abs(share - last[2]).sum() <= self.tolerance:
                 return last[3]
-        typical = self._estimate(counts, fleet)
-        self._last = (counts, total, n_models, typical)
+        typical = self._estimate(counts, fleet, model_gpus)
+        self._last = (counts, total, share, typical)
         return typical
 
     @staticmethod
-    def _estimate(counts: Mapping[Shape, int], fleet: Fleet) -> TypicalPods:
+    def _estimate(
+        counts: Mapping[Shape, int], fleet: Fleet, model_gpus: npt.NDArray[np.int64]
+    ) -> TypicalPods:
         # typical_pods reads a multiset of pods: each distinct shape repeated by its count.
         specs: dict[tuple[str, ...], int] = {}
         cpu, gpu, num, spec_id, reps = [], [], [], [], []
@@ -280,6 +301,7 @@ class TargetWorkload:
             np.repeat(np.asarray(num, np.int64), r),
             np.repeat(remap[np.asarray(spec_id, np.int64)], r),
             allowed,
+            model_gpus=model_gpus,
         )
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from scheduling.filters import Constraints
+from scheduling.fleet import Fleet
 from scheduling.scoring import NodeView, ScoreResult, register_scorer
 
 MILLI_PER_GPU = 1000
@@ -175,6 +176,17 @@ def model_pressure(
     )
     pressure: FloatArray = np.minimum(density @ allowed, 1.0)
     return pressure
+
+
+def fleet_model_gpus(fleet: Fleet) -> NDArray[np.int64]:
+    """(n_models,) GPUs of each GPU model id over the fleet's live nodes."""
+    live = np.flatnonzero(fleet.live_mask())
+    model = fleet.gpu_model_id[live].astype(np.int64)
+    has = model >= 0
+    gpus: NDArray[np.int64] = np.bincount(
+        model[has], weights=fleet.gpu_count[live][has], minlength=len(fleet.gpu_models)
+    ).astype(np.int64)
+    return gpus
 
 
 def frag_milli(

@@ -56,17 +56,6 @@ def fleet_model_ids(fleet: Fleet, models: Sequence[str]) -> NDArray[np.int64]:
     return np.array([fleet.gpu_models.get(m) for m in models], dtype=np.int64)
 
 
-def fleet_model_gpus(fleet: Fleet) -> NDArray[np.int64]:
-    """(n_models,) GPUs of each GPU model id over the fleet's live nodes."""
-    live = np.flatnonzero(fleet.live_mask())
-    model = fleet.gpu_model_id[live].astype(np.int64)
-    has = model >= 0
-    gpus: NDArray[np.int64] = np.bincount(
-        model[has], weights=fleet.gpu_count[live][has], minlength=len(fleet.gpu_models)
-    ).astype(np.int64)
-    return gpus
-
-
 def pod_specs(pods: PodTrace, names: Sequence[str]) -> list[PodSpec]:
     """One PodSpec per pod row: whole GPUs as num_gpu, a share as gpu_milli, gpu_spec models."""
     specs = []

@@ -99,3 +99,33 @@ def test_target_is_recomputed_only_when_the_window_moved() -> None:
     again = moved.typical(f)
     assert again is not None
     assert engine.target_distance(again, second) == 0.0
+
+
+def test_daemon_target_carries_per_model_scarcity() -> None:
+    # fgd-plus's scarcity term needs the fleet's GPUs per model: half the GPU demand pinned
+    # to T4, which holds 8 of the fleet's 16 GPUs: pressure = 0.5 x 16 / 8 = 1.0 on T4;
+    # unconstrained pods add nothing, so A100 has 0.
+    f = _fleet()  # c/n0: 8 x A100 (model id 0)
+    f.add_node(NodeSpec("c/n1", "c", 64_000, 256 * GIB, 8, "T4", 16_384))
+    t = engine.TargetWorkload(window=100, tolerance=0.05)
+    t.observe([engine.PodRequest("p", 2000, GIB, gpu_count=1, gpu_models=("T4",))] * 50)
+    t.observe([engine.PodRequest("u", 2000, GIB, gpu_count=1)] * 50)
+    first = t.typical(f)
+    assert first is not None
+    assert first.model_pressure is not None
+    assert np.allclose(first.model_pressure, [0.0, 1.0])
+    # The same requests on a fleet whose GPUs are spread the same way: the same estimate.
+    assert t.typical(f) is first
+    # Three more T4 nodes (T4 now 32 of 40 GPUs; the model shares moved by 0.3 > 0.05):
+    # re-estimated, pressure 0.5 x 40 / 32 = 0.625, and the policy in use is replaced.
+    for i in range(2, 5):
+        f.add_node(NodeSpec(f"c/n{i}", "c", 64_000, 256 * GIB, 8, "T4", 16_384))
+    second = t.typical(f)
+    assert second is not None
+    assert second is not first
+    assert second.model_pressure is not None
+    assert np.allclose(second.model_pressure, [0.0, 0.625])
+    assert np.isclose(engine.target_distance(first, second), 0.375)
+    memo = engine.PolicyMemo(tolerance=0.05)
+    kept = memo.build("fgd-plus", first)
+    assert memo.build("fgd-plus", second) is not kept
