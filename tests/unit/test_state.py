@@ -242,10 +242,18 @@ def test_source_wide_sync_gates_readiness(tmp_path: Path, clock: FakeClock) -> N
         ("kafka", "*", True),
         ("kafka", "seen", True),
     ]
-    # A broker outage covers the source-wide entry as well.
+    # A cluster the source reported nodes of, but no ClusterSynced yet: served by it alone.
+    state.apply_now(node("n1", seq=1, cluster="unsynced"))
+    # A broker outage covers the source-wide entry as well, and so every cluster only this
+    # source reports.
     state.source_connection("kafka", "", False, "broker down")
     clock.now_s += 60
     assert state.check_sources() == 2
+    assert state.lost_clusters == {"seen", "unsynced"}
+    assert not state.ready
+    state.source_connection("kafka", "", True)
+    assert state.lost_clusters == frozenset()
+    assert state.ready
 
 
 def test_idempotent_and_conflict(tmp_path: Path, clock: FakeClock) -> None:
