@@ -42,11 +42,41 @@ from scheduling.autoscale import (
     plan_scale_up,
     recheck,
 )
+from scheduling.fleet import Taint
 from scheduling.pools import CapacityType, NodePool, PoolStatus
+from scheduling.workload import LabelOp, LabelRequirement, Toleration
 
 log = logging.getLogger("fleetd.autoscaler")
 #: Pods with this label set to "true" are never moved by consolidation (Karpenter's).
 DO_NOT_DISRUPT_LABEL = "karpenter.sh/do-not-disrupt"
+
+
+def pending_pod_spec(p: up.PendingPod) -> PodSpec | None:
+    """The core's PodSpec of a cluster's pending pod, limited to its cluster and named
+    `namespace/name` (None when its requests cannot be expressed: logged)."""
+    try:
+        return PodSpec(
+            name=p.key,
+            cpu_millicores=p.requests.cpu_millicores,
+            memory_bytes=p.requests.memory_bytes,
+            num_gpu=p.requests.gpus,
+            node_selector=p.node_selector,
+            affinity=tuple(
+                LabelRequirement(r.key, LabelOp(r.operator), r.values) for r in p.affinity
+            ),
+            tolerations=tuple(
+                Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+                for t in p.tolerations
+            ),
+            priority=p.priority,
+            clusters=(p.cluster,),
+        )
+    except ValueError as exc:
+        log.warning(
+            "pending pod cannot be planned for",
+            extra={"cluster": p.cluster, "pod": p.key, "error": str(exc)},
+        )
+        return None
 
 
 def node_pool(u: up.NodePoolUpdate) -> NodePool | None:
@@ -70,6 +100,10 @@ def node_pool(u: up.NodePoolUpdate) -> NodePool | None:
             capacity_type=capacity,
             min_size=min(u.min_size, u.max_size),
             max_size=max(u.max_size, u.current_size),
+            # The pool's nodes carry its labels and taints: pods' selectors and
+            # tolerations (pending pods from the clusters) are planned against them.
+            labels=dict(u.labels),
+            taints=tuple(Taint(t.key, t.value, t.effect) for t in u.taints),
         )
     except ValueError as exc:
         log.warning("node pool cannot be autoscaled", extra={"pool": u.name, "error": str(exc)})
@@ -130,7 +164,7 @@ class Autoscaler:
         """One planning round; returns the decisions it published."""
         state = self.state
         dry_run = self.config().autoscaling.dry_run
-        if not state.queue or not state.pools or not state.ready:
+        if not (state.queue or state.pending_pods) or not state.pools or not state.ready:
             return []
         pools = self._pools()
         status = {}
@@ -143,6 +177,7 @@ class Autoscaler:
         # Same queue, same pools, same fleet structure: the same plan (already published).
         inputs = (
             tuple(sorted(state.queue)),
+            state.pending_version,
             tuple(sorted((k, u.current_size, u.max_size) for k, u in state.pools.items())),
             len(state.nodes),
             tuple(sorted(self.targets.items())),
@@ -152,11 +187,19 @@ class Autoscaler:
             return []
         self._last_inputs = inputs
         queued = sorted(state.queue.values(), key=lambda q: (-q.priority, q.seq))
-        pending = tuple(state.workload_item(q.request) for q in queued)
+        items = [state.workload_item(q.request) for q in queued]
         # The core names a pod by its pod name and a gang by its name: map back to workloads.
         workload_of = {
-            item.name: q.request.workload_id for item, q in zip(pending, queued, strict=True)
+            item.name: q.request.workload_id for item, q in zip(items, queued, strict=True)
         }
+        # The clusters' unschedulable pods are pending work too (named namespace/name).
+        for pending_pod in state.pending_pod_list():
+            spec = pending_pod_spec(pending_pod)
+            if spec is not None:
+                items.append(spec)
+        # Highest priority first (stable: queued workloads before pods of equal priority).
+        items.sort(key=lambda item: -item.priority)
+        pending = tuple(items)
         plan = plan_scale_up(
             ScaleUpRequest(
                 fleet=state.fleet,

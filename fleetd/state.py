@@ -316,6 +316,10 @@ class FleetState:
         self.placement_cache = scheduling.PlacementCache()
         self.policy = self._build_policy(config)
         self.pools: dict[tuple[str, str], up.NodePoolUpdate] = {}
+        #: cluster -> "namespace/name" -> pods its scheduler could not place (not ours to
+        #: place: the autoscaler plans nodes for them). `pending_version` counts changes.
+        self.pending_pods: dict[str, dict[str, up.PendingPod]] = {}
+        self.pending_version = 0
         self.gate = up.SequenceGate()
         self.held: dict[str, _Held] = {}
         self.queue: dict[str, _Queued] = {}
@@ -598,9 +602,37 @@ class FleetState:
             self.pools[(update.cluster, update.name)] = update
         elif isinstance(update, up.NodePoolRemoved):
             self.pools.pop((update.cluster, update.name), None)
+        elif isinstance(update, up.PendingPod):
+            self.pending_pod_observed(update)
+        elif isinstance(update, up.PendingPodRemoved):
+            self.pending_pod_removed(update.cluster, update.namespace, update.name)
         elif isinstance(update, up.ClusterSynced):
             self._cluster_synced(update, now)
         return True
+
+    # -- pending pods (the clusters' unschedulable pods) -------------------------------------
+
+    def pending_pod_observed(self, p: up.PendingPod) -> None:
+        """Record (or refresh) a pod its cluster's scheduler could not place."""
+        pods = self.pending_pods.setdefault(p.cluster, {})
+        if pods.get(p.key) != p:
+            pods[p.key] = p
+            self.pending_version += 1
+
+    def pending_pod_removed(self, cluster: str, namespace: str, name: str) -> None:
+        """Forget a pending pod (bound, deleted, terminated); unknown ones are ignored."""
+        pods = self.pending_pods.get(cluster)
+        if pods is not None and pods.pop(f"{namespace}/{name}", None) is not None:
+            self.pending_version += 1
+            if not pods:
+                del self.pending_pods[cluster]
+
+    def pending_pod_list(self) -> list[up.PendingPod]:
+        """Every pending pod, highest priority first, then by cluster/namespace/name."""
+        return sorted(
+            (p for pods in self.pending_pods.values() for p in pods.values()),
+            key=lambda p: (-p.priority, p.cluster, p.namespace, p.name),
+        )
 
     def _touch(self, cluster: str, now: float, observed_at_s: float) -> None:
         for (_, cl), info in self.sources.items():

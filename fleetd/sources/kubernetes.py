@@ -45,6 +45,8 @@ from fleetd.sources.updates import (
     ClusterSynced,
     NodeRemoved,
     NodeUpdate,
+    PendingPod,
+    PendingPodRemoved,
     PodObserved,
     PodRemoved,
     Update,
@@ -57,6 +59,8 @@ SOURCE = "kubernetes"
 THREAD_JOIN_TIMEOUT_S = 5.0
 NODES = "nodes"
 PODS = "pods"
+#: Unbound pods: the ones the cluster's scheduler marked Unschedulable are pending work.
+PENDING = "pending-pods"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class KubernetesSourceSettings:
     backoff_max_s: float = 30.0
     #: Only pods bound to a node hold resources.
     pod_field_selector: str = "spec.nodeName!="
+    #: Pods not bound yet (pending work when marked Unschedulable). A pod that gets bound
+    #: leaves this selection: its watch reports it DELETED.
+    pending_pod_field_selector: str = "spec.nodeName="
     #: While a cluster's node watch is healthy, re-apply every node this often. A watch
     #: reports changes only (kubelets update node status every 5 minutes or on change), so
     #: without this a quiet node would look silent to fleetd's staleness sweep. None: off
@@ -184,11 +191,16 @@ class KubernetesSource:
             self, cluster, PODS, core.list_pod_for_all_namespaces,
             {"field_selector": s.pod_field_selector},
         )  # fmt: skip
-        self._watchers += [nodes, pods]
+        pending = _Watcher(
+            self, cluster, PENDING, core.list_pod_for_all_namespaces,
+            {"field_selector": s.pending_pod_field_selector},
+        )  # fmt: skip
+        self._watchers += [nodes, pods, pending]
         try:
             # Nodes first: the pods of the initial list then land on known nodes.
             await nodes.initial_list()
             await pods.initial_list()
+            await pending.initial_list()
             await self.sink.apply(
                 [ClusterSynced(cluster=cluster, source=SOURCE, nodes=frozenset(nodes.known))]
             )
@@ -196,6 +208,7 @@ class KubernetesSource:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(nodes.run(), name=f"kube-{cluster}-nodes")
                 tasks.create_task(pods.run(), name=f"kube-{cluster}-pods")
+                tasks.create_task(pending.run(), name=f"kube-{cluster}-pending")
                 tasks.create_task(self._resync_nodes(nodes), name=f"kube-{cluster}-resync")
                 if self.on_connection is not None and s.probe_interval_s is not None:
                     tasks.create_task(self._probe(api, cluster), name=f"kube-{cluster}-probe")
@@ -282,8 +295,9 @@ class _Watcher:
         self.list_fn = list_fn
         self.list_kwargs = list_kwargs
         self.rv: str | None = None
-        #: nodes: name -> its last NodeUpdate; pods: uid -> its last PodObserved.
-        self.known: dict[str, NodeUpdate | PodObserved] = {}
+        #: nodes: name -> its last NodeUpdate; pods: uid -> its last PodObserved; pending
+        #: pods: namespace/name -> its last PendingPod.
+        self.known: dict[str, NodeUpdate | PodObserved | PendingPod] = {}
         #: True while the last list or watch request succeeded (the picture is current).
         self.healthy = False
         s = source.settings
@@ -381,6 +395,8 @@ class _Watcher:
                 updates.append(NodeRemoved(cluster=self.cluster, name=key))
             elif isinstance(last, PodObserved):
                 updates.append(_pod_gone(last))
+            elif isinstance(last, PendingPod):
+                updates.append(PendingPodRemoved(last.cluster, last.namespace, last.name))
         await self.source.sink.apply(updates)
         self.rv = rv
         self.healthy = True
@@ -508,6 +524,8 @@ class _Watcher:
         try:
             if self.kind == NODES:
                 return self._translate_node(etype, obj)
+            if self.kind == PENDING:
+                return self._translate_pending(etype, obj)
             return self._translate_pod(etype, obj)
         except translate.InvalidObject as exc:
             self._invalid(exc.reason, exc.detail)
@@ -523,6 +541,20 @@ class _Watcher:
         node = translate.node_update(self.cluster, obj, observed_at_s=self.source.now_s())
         self.known[node.name] = node
         return [node]
+
+    def _translate_pending(self, etype: str, obj: Any) -> list[Update]:
+        if etype == "DELETED":
+            update: PendingPod | PendingPodRemoved = translate.pending_pod_removed(
+                self.cluster, obj
+            )
+        else:
+            update = translate.pending_pod(self.cluster, obj)
+        key = f"{update.namespace}/{update.name}"
+        if isinstance(update, PendingPodRemoved):
+            # Only pods reported pending need a removal (most unbound pods never were).
+            return [update] if self.known.pop(key, None) is not None else []
+        self.known[key] = update
+        return [update]
 
     def _translate_pod(self, etype: str, obj: Any) -> list[Update]:
         if etype == "DELETED":

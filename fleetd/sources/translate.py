@@ -16,7 +16,10 @@ What is understood:
   EKS `eks.amazonaws.com/nodegroup`, AKS `kubernetes.azure.com/agentpool` / `agentpool`;
 - capacity type: Karpenter `karpenter.sh/capacity-type`, EKS `eks.amazonaws.com/capacityType`,
   GKE `cloud.google.com/gke-spot` / `gke-preemptible`, AKS `kubernetes.azure.com/scalesetpriority`;
-- taints, cordon (`spec.unschedulable`) and the Ready condition.
+- taints, cordon (`spec.unschedulable`) and the Ready condition;
+- pending pods (unbound, PodScheduled=False with reason Unschedulable): their requests,
+  `nodeSelector`, required node affinity (one term of In / NotIn / Exists / DoesNotExist),
+  tolerations and `priority`.
 """
 
 from __future__ import annotations
@@ -33,9 +36,13 @@ from fleetd.sources.updates import (
     CapacityType,
     GpuDevice,
     NodeRemoved,
+    NodeRequirement,
     NodeUpdate,
+    PendingPod,
+    PendingPodRemoved,
     PodObserved,
     PodRemoved,
+    PodToleration,
     Resources,
     Taint,
     labels_of,
@@ -456,3 +463,132 @@ def pod_removed(cluster: str, obj: object) -> PodRemoved | None:
         cluster=cluster, namespace=namespace, name=meta["name"], uid=uid, node=node,
         sequence=sequence_of(resource_version(obj)),
     )  # fmt: skip
+
+
+AFFINITY_OPERATORS = frozenset({"In", "NotIn", "Exists", "DoesNotExist"})
+
+
+def unschedulable(status: Mapping[str, Any]) -> bool:
+    """Whether the scheduler marked the pod unschedulable (PodScheduled False, Unschedulable)."""
+    conditions = status.get("conditions")
+    if not isinstance(conditions, list):
+        return False
+    for cond in conditions:
+        if isinstance(cond, dict) and cond.get("type") == "PodScheduled":
+            return cond.get("status") == "False" and cond.get("reason") == "Unschedulable"
+    return False
+
+
+def parse_tolerations(raw: object, *, what: str = "spec.tolerations") -> tuple[PodToleration, ...]:
+    """spec.tolerations as PodToleration values, in their original order."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidObject("bad-toleration", f"{what}: expected a list")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise InvalidObject("bad-toleration", f"{what}: expected objects")
+        key, op = item.get("key", ""), item.get("operator", "Equal") or "Equal"
+        value, effect = item.get("value", ""), item.get("effect", "")
+        if not all(isinstance(x, str) for x in (key, op, value, effect)):
+            raise InvalidObject("bad-toleration", f"{what}: key, operator, value, effect")
+        if op not in ("Equal", "Exists") or (effect and effect not in TAINT_EFFECTS):
+            raise InvalidObject("bad-toleration", f"{what}: operator {op!r} / effect {effect!r}")
+        if (op == "Equal" and not key) or (op == "Exists" and value):
+            raise InvalidObject("bad-toleration", f"{what}: {op} with key {key!r} value {value!r}")
+        out.append(PodToleration(key=key, operator=op, value=value, effect=effect))
+    return tuple(out)
+
+
+def parse_required_affinity(spec: Mapping[str, Any]) -> tuple[NodeRequirement, ...]:
+    """The required node affinity of a pod spec as ANDed requirements.
+
+    Only one nodeSelectorTerm is understood (terms are ORed; fleetd's PodSpec ANDs); with
+    several, none is kept (the plan may then ask for a node the pod cannot use, never
+    miss one it can). matchFields and preferred terms are ignored.
+    """
+    affinity = _mapping(spec.get("affinity"), "spec.affinity")
+    node = _mapping(affinity.get("nodeAffinity"), "spec.affinity.nodeAffinity")
+    required = _mapping(
+        node.get("requiredDuringSchedulingIgnoredDuringExecution"),
+        "spec.affinity.nodeAffinity.required",
+    )
+    terms = required.get("nodeSelectorTerms")
+    if terms is None:
+        return ()
+    if not isinstance(terms, list):
+        raise InvalidObject("bad-affinity", "nodeSelectorTerms: expected a list")
+    if len(terms) != 1:
+        return ()
+    term = _mapping(terms[0], "nodeSelectorTerms[0]")
+    exprs = term.get("matchExpressions") or []
+    if not isinstance(exprs, list):
+        raise InvalidObject("bad-affinity", "matchExpressions: expected a list")
+    out = []
+    for expr in exprs:
+        if not isinstance(expr, dict):
+            raise InvalidObject("bad-affinity", "matchExpressions: expected objects")
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        if not isinstance(key, str) or not key or op not in AFFINITY_OPERATORS:
+            if op in ("Gt", "Lt") and isinstance(key, str):
+                continue  # not understood: dropped (see above)
+            raise InvalidObject("bad-affinity", f"matchExpressions: key {key!r} operator {op!r}")
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise InvalidObject("bad-affinity", f"matchExpressions {key!r}: values")
+        if (op in ("In", "NotIn")) != bool(values):
+            raise InvalidObject("bad-affinity", f"matchExpressions {key!r}: {op} and values")
+        out.append(NodeRequirement(key=key, operator=op, values=tuple(sorted(set(values)))))
+    return tuple(out)
+
+
+def pending_pod(cluster: str, obj: object) -> PendingPod | PendingPodRemoved:
+    """A Pod object as PendingPod when it is unbound, not terminated and marked
+    Unschedulable by the scheduler; otherwise PendingPodRemoved (it is not pending work)."""
+    meta = _metadata(obj, "Pod")
+    assert isinstance(obj, dict)
+    namespace = meta.get("namespace")
+    if not isinstance(namespace, str) or not _NAME_RE.match(namespace):
+        raise InvalidObject("bad-name", f"Pod: metadata.namespace {namespace!r}")
+    uid = meta.get("uid", "")
+    if not isinstance(uid, str):
+        raise InvalidObject("bad-structure", "Pod: metadata.uid must be a string")
+    spec = _mapping(obj.get("spec"), "spec")
+    status = _mapping(obj.get("status"), "status")
+    node = spec.get("nodeName") or ""
+    if not isinstance(node, str):
+        raise InvalidObject("bad-structure", "spec.nodeName must be a string")
+    phase = status.get("phase", "Pending")
+    if phase not in POD_PHASES:
+        raise InvalidObject("bad-structure", f"status.phase {phase!r}")
+    sequence = sequence_of(resource_version(obj))
+    if node or phase in TERMINAL_POD_PHASES or not unschedulable(status):
+        return PendingPodRemoved(cluster, namespace, meta["name"], sequence=sequence)
+    priority = spec.get("priority", 0)
+    if priority is None:
+        priority = 0
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise InvalidObject("bad-structure", "spec.priority must be an integer")
+    return PendingPod(
+        cluster=cluster,
+        namespace=namespace,
+        name=meta["name"],
+        uid=uid,
+        requests=pod_requests(spec),
+        node_selector=labels_of(_string_map(spec.get("nodeSelector"), "spec.nodeSelector")),
+        affinity=parse_required_affinity(spec),
+        tolerations=parse_tolerations(spec.get("tolerations")),
+        priority=priority,
+        sequence=sequence,
+    )
+
+
+def pending_pod_removed(cluster: str, obj: object) -> PendingPodRemoved:
+    """A deleted (or no longer unbound) Pod object as PendingPodRemoved."""
+    meta = _metadata(obj, "Pod")
+    namespace = meta.get("namespace")
+    if not isinstance(namespace, str):
+        raise InvalidObject("bad-structure", "Pod: metadata.namespace")
+    return PendingPodRemoved(
+        cluster, namespace, meta["name"], sequence=sequence_of(resource_version(obj))
+    )

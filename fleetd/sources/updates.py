@@ -208,6 +208,63 @@ class NodePoolRemoved:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeRequirement:
+    """One `key op values` term of a pod's required node affinity (In, NotIn, Exists,
+    DoesNotExist; Gt/Lt are not understood and never produced)."""
+
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PodToleration:
+    """A pod's toleration (Kubernetes semantics; operator Equal or Exists)."""
+
+    key: str = ""
+    operator: str = "Equal"
+    value: str = ""
+    effect: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPod:
+    """A pod the cluster's scheduler could not place (PodScheduled=False, Unschedulable):
+    pending work the autoscaler plans nodes for. fleetd does not place it; the cluster's
+    scheduler does once nodes arrive. Keyed by (cluster, namespace, name).
+
+    `node_selector` and `affinity` (required node affinity, one term: ANDed) constrain the
+    nodes it can use; `tolerations` the taints it accepts; larger `priority` plans first.
+    """
+
+    cluster: str
+    namespace: str
+    name: str
+    uid: str
+    requests: Resources
+    node_selector: Labels = ()
+    affinity: tuple[NodeRequirement, ...] = ()
+    tolerations: tuple[PodToleration, ...] = ()
+    priority: int = 0
+    sequence: int = 0
+
+    @property
+    def key(self) -> str:
+        """`namespace/name`: how scale decisions name it in `unblocks`."""
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPodRemoved:
+    """A pending pod is no longer pending (bound, deleted, terminated or schedulable)."""
+
+    cluster: str
+    namespace: str
+    name: str
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSynced:
     """A source finished listing a cluster: everything it holds for the cluster is now known.
 
@@ -229,6 +286,8 @@ Update = (
     | PodRemoved
     | NodePoolUpdate
     | NodePoolRemoved
+    | PendingPod
+    | PendingPodRemoved
     | ClusterSynced
 )
 
@@ -241,6 +300,8 @@ def subject_of(update: Update) -> tuple[str, str, str] | None:
         return (update.cluster, "pool", update.name)
     if isinstance(update, PodObserved | PodRemoved):
         return (update.cluster, "pod", update.uid or f"{update.namespace}/{update.name}")
+    if isinstance(update, PendingPod | PendingPodRemoved):
+        return (update.cluster, "pending", f"{update.namespace}/{update.name}")
     return None
 
 

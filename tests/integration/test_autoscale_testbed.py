@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from fleetd.v1 import (
     types_pb2,
 )
 from tests.integration.sources_support import AWAIT_S, create_topic, unique
+from tests.testbed.gpu_nodes import KWOK_TOLERATION
+from tests.testbed.procs import async_wait_until
 
 pytestmark = pytest.mark.testbed
 
@@ -236,3 +239,77 @@ async def test_dry_run_decisions_are_marked_and_not_counted_in_flight(
     assert [d.dry_run for d in snap.scale_decisions] == [True, True]
     text = await asyncio.to_thread(metrics_text, daemon)
     assert 'fleetd_scale_decisions_total{dry_run="true",kind="scale-up"} 2.0' in text
+
+
+def labelled_pool(cluster: str, label: tuple[str, str], current: int = 0) -> NodePoolUpdate:
+    """The a100 pool whose nodes carry `label` (what the pending pods select)."""
+    return replace(pool(cluster, current), labels=(label,))
+
+
+def unschedulable_pod(name: str, label: tuple[str, str]) -> dict[str, Any]:
+    """A pod asking for a whole 8-GPU node that carries `label` (kwok nodes tolerated)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "containers": [{"name": "train", "image": "busybox", "resources": {
+                "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "8"},
+                "limits": {"nvidia.com/gpu": "8"}}}],
+            "nodeSelector": dict([label]),
+            "tolerations": [KWOK_TOLERATION],
+        },
+    }  # fmt: skip
+
+
+async def test_kube_unschedulable_pod_gets_a_scale_up_and_is_bound_on_the_new_node(
+    start: Start, publisher: TelemetryPublisher, kafka_bootstrap: str, kube: Any
+) -> None:
+    # Nodes and pods come from the cluster's API server (the real kube-scheduler decides
+    # what is unschedulable); the node pool definition comes as telemetry from the pool
+    # manager (there is no pool configuration for Kubernetes clusters).
+    a = kube.contexts[0]
+    label = ("fleetd.test/run", unique("pending"))
+    await publisher.publish_pool(labelled_pool(a, label))
+    await publisher.flush()
+    daemon, client = await start(
+        sources={
+            "kafka": kafka_section(kafka_bootstrap, publisher.topic, a),
+            "kubernetes": {"enabled": True, "kubeconfig": str(kube.kubeconfig_path),
+                           "contexts": [a]},
+        },
+        autoscaling={"interval_s": 0.05},
+    )  # fmt: skip
+    stream = client.pools.WatchScaleDecisions(nodepools_pb2.WatchScaleDecisionsRequest())
+    name, node_name = unique("train"), unique("pending-node")
+    core = kube.core_v1(a)
+    await asyncio.to_thread(core.create_namespaced_pod, "default", unschedulable_pod(name, label))
+    try:
+        # No node carries the label: kube-scheduler marks the pod Unschedulable, the watch
+        # reports it, and the autoscaler asks the labelled pool for a node.
+        decision = await next_decision(aiter(stream))
+        assert (decision.kind, decision.cluster, decision.pool) == (SCALE_UP, a, "a100")
+        assert (decision.from_size, decision.to_size) == (0, 1)
+        assert list(decision.workload_ids) == [f"default/{name}"]
+        pod = await asyncio.to_thread(core.read_namespaced_pod, name, "default")
+        [cond] = [c for c in pod.status.conditions if c.type == "PodScheduled"]
+        assert (cond.status, cond.reason) == ("False", "Unschedulable")
+        assert daemon.state is not None
+        assert f"default/{name}" in daemon.state.pending_pods[a]
+        # The pool manager brings the node up: kube-scheduler binds the pod there and the
+        # pending entry goes away (the pod's watch reports it bound).
+        await asyncio.to_thread(
+            kube.create_gpu_node, a, node_name, gpus=8, labels=dict([label]), wait_ready=False
+        )
+        bound = await asyncio.to_thread(kube.wait_pod, a, name, phase="Running")
+        assert bound.spec.node_name == node_name
+        state = daemon.state
+
+        async def cleared() -> bool:
+            return f"default/{name}" not in state.pending_pods.get(a, {})
+
+        await async_wait_until("pending pod cleared", cleared, timeout_s=AWAIT_S, interval_s=0.05)
+    finally:
+        stream.cancel()
+        await asyncio.to_thread(core.delete_namespaced_pod, name, "default", grace_period_seconds=0)
+        await asyncio.to_thread(kube.delete_node, a, node_name)
