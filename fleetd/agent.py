@@ -6,6 +6,8 @@ It runs the same list+watch code as the daemon's Kubernetes source, keeps the cl
 picture in memory, and publishes to the telemetry topic:
 - a NodeReport (with every pod bound to the node) whenever the node or one of its pods
   changes, and NodeDeleted when the node goes;
+- a PendingPod for every pod the cluster's scheduler marked Unschedulable (pending work
+  for fleetd's autoscaler), and PendingPodDeleted once it is bound, deleted or done;
 - a NodePoolReport per node pool (grouped by the pool labels of Karpenter, GKE, EKS, AKS)
   whose shape comes from its nodes and whose price and size bounds come from `--pools`;
 - every node and pool again each `--resync-interval-s`: the heartbeat that keeps nodes
@@ -46,6 +48,8 @@ from fleetd.sources.updates import (
     NodePoolUpdate,
     NodeRemoved,
     NodeUpdate,
+    PendingPod,
+    PendingPodRemoved,
     PodObserved,
     PodRemoved,
     Update,
@@ -105,6 +109,8 @@ class ClusterPublisher:
         self.policies = dict(pools or {})
         self.view = FleetView()
         self._published_pools: dict[str, NodePoolUpdate] = {}
+        #: namespace/name -> the cluster's pending (Unschedulable) pods.
+        self.pending: dict[str, PendingPod] = {}
         self.synced = asyncio.Event()
         #: The cluster name the watches report (the context); published as `cluster`.
         self._watched = ""
@@ -114,6 +120,7 @@ class ClusterPublisher:
         """Fold `updates` in and publish the nodes and pools they touched."""
         dirty: set[str] = set()
         removed: set[str] = set()
+        pending_changed: set[str] = set()
         for u in updates:
             self._watched = u.cluster
             if isinstance(u, NodeUpdate):
@@ -124,6 +131,13 @@ class ClusterPublisher:
                 dirty.discard(u.name)
             elif isinstance(u, PodObserved | PodRemoved):
                 dirty.add(u.node)
+            elif isinstance(u, PendingPod):
+                self.pending[u.key] = dataclasses.replace(u, cluster=self.cluster, sequence=0)
+                pending_changed.add(u.key)
+            elif isinstance(u, PendingPodRemoved):
+                key = f"{u.namespace}/{u.name}"
+                self.pending.pop(key, None)
+                pending_changed.add(key)
             elif isinstance(u, ClusterSynced):
                 self.synced.set()
         await self.view.apply(updates)
@@ -136,6 +150,9 @@ class ClusterPublisher:
                 if report is not None:
                     await self.publisher.publish_node(report)
             await self._publish_pools(force=False)
+            # After the pools: a consumer then knows where the pending work could go.
+            for key in sorted(pending_changed):
+                await self._publish_pending(key)
 
         await self._publish(publish)
 
@@ -148,8 +165,18 @@ class ClusterPublisher:
                 if report is not None:
                     await self.publisher.publish_node(report)
             await self._publish_pools(force=True)
+            for key in sorted(self.pending):
+                await self._publish_pending(key)
 
         await self._publish(publish)
+
+    async def _publish_pending(self, key: str) -> None:
+        pod = self.pending.get(key)
+        if pod is not None:
+            await self.publisher.publish_pending_pod(pod)
+        else:
+            namespace, _, name = key.partition("/")
+            await self.publisher.publish_pending_pod_deleted(self.cluster, namespace, name)
 
     async def _publish(self, publish: Callable[[], Awaitable[None]]) -> None:
         """Run `publish` and wait for the broker's acknowledgement, retrying with backoff

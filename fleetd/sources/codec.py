@@ -30,8 +30,12 @@ from fleetd.sources.updates import (
     NodePoolRemoved,
     NodePoolUpdate,
     NodeRemoved,
+    NodeRequirement,
     NodeUpdate,
+    PendingPod,
+    PendingPodRemoved,
     PodObserved,
+    PodToleration,
     Resources,
     Taint,
     Update,
@@ -187,6 +191,11 @@ def record_key(record: pb.TelemetryRecord) -> bytes:
         return pool_key(record.cluster, record.node_pool.name)
     if kind == "node_pool_deleted":
         return pool_key(record.cluster, record.node_pool_deleted.name)
+    if kind == "pending_pod":
+        return pending_key(record.cluster, record.pending_pod.namespace, record.pending_pod.name)
+    if kind == "pending_pod_deleted":
+        gone = record.pending_pod_deleted
+        return pending_key(record.cluster, gone.namespace, gone.name)
     raise InvalidTelemetry("no-payload", "record has no payload")
 
 
@@ -418,6 +427,8 @@ def to_update(
     cluster, sequence = record.cluster, record.sequence
     kind = record.WhichOneof("payload")
     assert kind is not None  # parse() checked
+    if kind in _PENDING_KINDS:
+        return _pending_update(key, record, kind)
     if key is not None:
         expected = _expected_key(record, kind)
         if key != expected:
@@ -691,4 +702,87 @@ def with_new_pods(
         tuple(_pods(record.node, p.cluster, p.name, sequence)),
         record.observed_unix_ms / 1000.0,
         content_token,
+    )
+
+
+# ---------------------------------------------------------------------------- pending pods
+
+_PENDING_KINDS = frozenset({"pending_pod", "pending_pod_deleted"})
+_AFFINITY_OPERATORS = frozenset({"In", "NotIn", "Exists", "DoesNotExist"})
+
+
+def pending_key(cluster: str, namespace: str, name: str) -> bytes:
+    """The Kafka key of a pending pod's records."""
+    return f"{cluster}/pending/{namespace}/{name}".encode()
+
+
+def encode_pending_pod(
+    pod: PendingPod, *, sequence: int, observed_unix_ms: int
+) -> pb.TelemetryRecord:
+    """A PendingPod as a TelemetryRecord."""
+    record = pb.TelemetryRecord(
+        cluster=pod.cluster, sequence=sequence, observed_unix_ms=observed_unix_ms
+    )
+    out = record.pending_pod
+    out.namespace, out.name, out.uid, out.priority = pod.namespace, pod.name, pod.uid, pod.priority
+    _resources_pb(pod.requests, out.requests)
+    out.node_selector.update(dict(pod.node_selector))
+    for r in pod.affinity:
+        out.affinity.add(key=r.key, operator=r.operator, values=list(r.values))
+    for t in pod.tolerations:
+        out.tolerations.add(key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+    return record
+
+
+def encode_pending_pod_deleted(
+    cluster: str, namespace: str, name: str, *, sequence: int, observed_unix_ms: int
+) -> pb.TelemetryRecord:
+    """The end of a pending pod (bound, deleted, terminated) as a TelemetryRecord."""
+    record = pb.TelemetryRecord(
+        cluster=cluster, sequence=sequence, observed_unix_ms=observed_unix_ms
+    )
+    record.pending_pod_deleted.namespace = namespace
+    record.pending_pod_deleted.name = name
+    return record
+
+
+def _pending_update(
+    key: bytes | None, record: pb.TelemetryRecord, kind: str
+) -> PendingPod | PendingPodRemoved:
+    cluster, sequence = record.cluster, record.sequence
+    payload = record.pending_pod if kind == "pending_pod" else record.pending_pod_deleted
+    namespace = _check_name(payload.namespace, f"{kind}.namespace")
+    name = _check_name(payload.name, f"{kind}.name")
+    if key is not None and key != (expected := pending_key(cluster, namespace, name)):
+        raise InvalidTelemetry("key-mismatch", f"key {key[:120]!r} != {expected!r}")
+    if kind == "pending_pod_deleted":
+        return PendingPodRemoved(cluster, namespace, name, sequence=sequence)
+    p = record.pending_pod
+    affinity = []
+    for r in p.affinity:
+        values = tuple(sorted(set(r.values)))
+        if not r.key or r.operator not in _AFFINITY_OPERATORS:
+            raise InvalidTelemetry("bad-pending-pod", f"affinity {r.key!r} {r.operator!r}")
+        if (r.operator in ("In", "NotIn")) != bool(values):
+            raise InvalidTelemetry("bad-pending-pod", f"affinity {r.key!r}: {r.operator} values")
+        affinity.append(NodeRequirement(r.key, r.operator, values))
+    tolerations = []
+    for t in p.tolerations:
+        op = t.operator or "Equal"
+        if op not in ("Equal", "Exists") or (t.effect and t.effect not in TAINT_EFFECTS):
+            raise InvalidTelemetry("bad-pending-pod", f"toleration {t.key!r} {op!r} {t.effect!r}")
+        if (op == "Equal" and not t.key) or (op == "Exists" and t.value):
+            raise InvalidTelemetry("bad-pending-pod", f"toleration {t.key!r}: {op} {t.value!r}")
+        tolerations.append(PodToleration(t.key, op, t.value, t.effect))
+    return PendingPod(
+        cluster=cluster,
+        namespace=namespace,
+        name=name,
+        uid=p.uid,
+        requests=_resources(p.requests, "pending_pod.requests"),
+        node_selector=tuple(sorted(p.node_selector.items())),
+        affinity=tuple(affinity),
+        tolerations=tuple(tolerations),
+        priority=p.priority,
+        sequence=sequence,
     )

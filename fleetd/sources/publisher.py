@@ -21,11 +21,13 @@ from typing import Any
 from fleetd.sources.codec import (
     encode_node,
     encode_node_deleted,
+    encode_pending_pod,
+    encode_pending_pod_deleted,
     encode_pool,
     encode_pool_deleted,
     record_key,
 )
-from fleetd.sources.updates import NodePoolUpdate, NodeUpdate
+from fleetd.sources.updates import NodePoolUpdate, NodeUpdate, PendingPod
 from fleetd.v1 import telemetry_pb2 as pb
 
 DEFAULT_TOPIC = "fleet.telemetry.v1"
@@ -100,6 +102,18 @@ class TelemetryPublisher:
         seq, ms = self._stamp()
         await self.publish_record(
             encode_pool_deleted(cluster, name, sequence=seq, observed_unix_ms=ms)
+        )
+
+    async def publish_pending_pod(self, pod: PendingPod) -> None:
+        """Queue a pending pod (one its cluster's scheduler marked Unschedulable)."""
+        seq, ms = self._stamp()
+        await self.publish_record(encode_pending_pod(pod, sequence=seq, observed_unix_ms=ms))
+
+    async def publish_pending_pod_deleted(self, cluster: str, namespace: str, name: str) -> None:
+        """Queue the end of a pending pod (bound, deleted or terminated)."""
+        seq, ms = self._stamp()
+        await self.publish_record(
+            encode_pending_pod_deleted(cluster, namespace, name, sequence=seq, observed_unix_ms=ms)
         )
 
     async def flush(self) -> None:

@@ -4,8 +4,9 @@ isort:skip_file
 Telemetry that cluster-side agents publish to Kafka and fleetd consumes.
 
 Topic: fleet.telemetry.v1 (configurable). One TelemetryRecord per Kafka record; the
-Kafka key is "<cluster>/<node>" for node records and "<cluster>/pool/<pool>" for
-node-pool records, so every update of one subject lands on one partition, in order.
+Kafka key is "<cluster>/<node>" for node records, "<cluster>/pool/<pool>" for
+node-pool records and "<cluster>/pending/<namespace>/<name>" for pending-pod records,
+so every update of one subject lands on one partition, in order.
 
 Records are snapshots, not deltas: a NodeReport carries the whole state of its node,
 including every pod bound to it. Applying one twice, or applying an older one after a
@@ -78,6 +79,8 @@ class TelemetryRecord(_message.Message):
     NODE_DELETED_FIELD_NUMBER: _builtins.int
     NODE_POOL_FIELD_NUMBER: _builtins.int
     NODE_POOL_DELETED_FIELD_NUMBER: _builtins.int
+    PENDING_POD_FIELD_NUMBER: _builtins.int
+    PENDING_POD_DELETED_FIELD_NUMBER: _builtins.int
     cluster: _builtins.str
     """Cluster name, unique in the fleet (a kubeconfig context name, for instance)."""
     sequence: _builtins.int
@@ -94,6 +97,12 @@ class TelemetryRecord(_message.Message):
     def node_pool(self) -> Global___NodePoolReport: ...
     @_builtins.property
     def node_pool_deleted(self) -> Global___NodePoolDeleted: ...
+    @_builtins.property
+    def pending_pod(self) -> Global___PendingPod:
+        """Pending work: a pod the cluster's scheduler could not place, and its end."""
+
+    @_builtins.property
+    def pending_pod_deleted(self) -> Global___PendingPodDeleted: ...
     def __init__(
         self,
         *,
@@ -104,12 +113,14 @@ class TelemetryRecord(_message.Message):
         node_deleted: Global___NodeDeleted | None = ...,
         node_pool: Global___NodePoolReport | None = ...,
         node_pool_deleted: Global___NodePoolDeleted | None = ...,
+        pending_pod: Global___PendingPod | None = ...,
+        pending_pod_deleted: Global___PendingPodDeleted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "node_deleted", b"node_deleted", "node_pool", b"node_pool", "node_pool_deleted", b"node_pool_deleted", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "node_deleted", b"node_deleted", "node_pool", b"node_pool", "node_pool_deleted", b"node_pool_deleted", "payload", b"payload", "pending_pod", b"pending_pod", "pending_pod_deleted", b"pending_pod_deleted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "node", b"node", "node_deleted", b"node_deleted", "node_pool", b"node_pool", "node_pool_deleted", b"node_pool_deleted", "observed_unix_ms", b"observed_unix_ms", "payload", b"payload", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "node", b"node", "node_deleted", b"node_deleted", "node_pool", b"node_pool", "node_pool_deleted", b"node_pool_deleted", "observed_unix_ms", b"observed_unix_ms", "payload", b"payload", "pending_pod", b"pending_pod", "pending_pod_deleted", b"pending_pod_deleted", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["node", "node_deleted", "node_pool", "node_pool_deleted"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["node", "node_deleted", "node_pool", "node_pool_deleted", "pending_pod", "pending_pod_deleted"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -535,3 +546,164 @@ class NodePoolDeleted(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodePoolDeleted: _TypeAlias = NodePoolDeleted  # noqa: Y015
+
+@_typing.final
+class PodToleration(_message.Message):
+    """A toleration of a pending pod (Kubernetes semantics)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    EFFECT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    operator: _builtins.str
+    """"Equal" (default when empty) or "Exists"."""
+    value: _builtins.str
+    effect: _builtins.str
+    """NoSchedule, PreferNoSchedule, NoExecute, or empty for every effect."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        operator: _builtins.str = ...,
+        value: _builtins.str = ...,
+        effect: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effect", b"effect", "key", b"key", "operator", b"operator", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PodToleration: _TypeAlias = PodToleration  # noqa: Y015
+
+@_typing.final
+class NodeSelectorRequirement(_message.Message):
+    """One `key operator values` term of a pod's required node affinity (all ANDed)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    operator: _builtins.str
+    """In, NotIn, Exists or DoesNotExist."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        operator: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "operator", b"operator", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeSelectorRequirement: _TypeAlias = NodeSelectorRequirement  # noqa: Y015
+
+@_typing.final
+class PendingPod(_message.Message):
+    """A pod its cluster's scheduler could not place (not bound, not terminated, condition
+    PodScheduled=False with reason Unschedulable): pending work the autoscaler plans nodes
+    for. The cluster's scheduler places it once nodes arrive; fleetd never does.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    AFFINITY_FIELD_NUMBER: _builtins.int
+    TOLERATIONS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    name: _builtins.str
+    uid: _builtins.str
+    priority: _builtins.int
+    """spec.priority (from the pod's PriorityClass); larger is planned first."""
+    @_builtins.property
+    def requests(self) -> Global___Resources:
+        """Effective requests (init containers and overhead folded in as Kubernetes does)."""
+
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """spec.nodeSelector: node labels that must match exactly."""
+
+    @_builtins.property
+    def affinity(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeSelectorRequirement]:
+        """Required node affinity (one nodeSelectorTerm: its matchExpressions)."""
+
+    @_builtins.property
+    def tolerations(self) -> _containers.RepeatedCompositeFieldContainer[Global___PodToleration]: ...
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        uid: _builtins.str = ...,
+        requests: Global___Resources | None = ...,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        affinity: _abc.Iterable[Global___NodeSelectorRequirement] | None = ...,
+        tolerations: _abc.Iterable[Global___PodToleration] | None = ...,
+        priority: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "name", b"name", "namespace", b"namespace", "node_selector", b"node_selector", "priority", b"priority", "requests", b"requests", "tolerations", b"tolerations", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingPod: _TypeAlias = PendingPod  # noqa: Y015
+
+@_typing.final
+class PendingPodDeleted(_message.Message):
+    """The pod is no longer pending (bound, deleted, terminated or schedulable again)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingPodDeleted: _TypeAlias = PendingPodDeleted  # noqa: Y015

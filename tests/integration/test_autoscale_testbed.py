@@ -1,7 +1,8 @@
 """Autoscaling against the test bed: a real daemon (gRPC on 127.0.0.1) fed by the real Kafka
 broker. Node pools and nodes (with the pods that fill them) arrive as telemetry published with
-the project's publisher; pending work queues through `Place` (telemetry carries only pods
-bound to a node: an unbound pod holds nothing). A client on `NodePools.WatchScaleDecisions`
+the project's publisher; pending work queues through `Place`, or arrives from the clusters:
+pods their scheduler marked Unschedulable, as PendingPod telemetry or through the
+Kubernetes watches. A client on `NodePools.WatchScaleDecisions`
 sees each scale-up decision with the workloads it unblocks, resumes from a sequence number,
 and the same decisions show in `Fleet.GetSnapshot` and the metrics."""
 
@@ -21,8 +22,10 @@ from aiokafka import AIOKafkaProducer
 
 from fleetd import config
 from fleetd.daemon import Daemon
+from fleetd.sources.codec import encode_pending_pod_deleted
+from fleetd.sources.kafka import DLQ_REASON_HEADER
 from fleetd.sources.publisher import TelemetryPublisher
-from fleetd.sources.updates import NodePoolUpdate, NodeUpdate, PodObserved, Resources
+from fleetd.sources.updates import NodePoolUpdate, NodeUpdate, PendingPod, PodObserved, Resources
 from fleetd.v1 import (
     fleet_pb2,
     fleet_pb2_grpc,
@@ -32,7 +35,7 @@ from fleetd.v1 import (
     placement_pb2_grpc,
     types_pb2,
 )
-from tests.integration.sources_support import AWAIT_S, create_topic, unique
+from tests.integration.sources_support import AWAIT_S, create_topic, read_topic, unique
 from tests.testbed.gpu_nodes import KWOK_TOLERATION
 from tests.testbed.procs import async_wait_until
 
@@ -313,3 +316,47 @@ async def test_kube_unschedulable_pod_gets_a_scale_up_and_is_bound_on_the_new_no
         stream.cancel()
         await asyncio.to_thread(core.delete_namespaced_pod, name, "default", grace_period_seconds=0)
         await asyncio.to_thread(kube.delete_node, a, node_name)
+
+
+async def test_kafka_pending_pod_gets_a_scale_up_and_its_removal_clears_it(
+    start: Start, publisher: TelemetryPublisher, kafka_bootstrap: str
+) -> None:
+    cluster = unique("edge-pending")
+    await publisher.publish_node(node(cluster, "n0", busy_gpus=8))
+    await publisher.publish_pool(pool(cluster, current=1))
+    await publisher.flush()
+    daemon, client = await start(
+        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, cluster)},
+        autoscaling={"interval_s": 0.05},
+    )
+    assert daemon.state is not None
+    state = daemon.state
+    stream = client.pools.WatchScaleDecisions(nodepools_pb2.WatchScaleDecisionsRequest())
+    # A record that does not validate (published under another pod's key) is dead-lettered.
+    bad = encode_pending_pod_deleted(cluster, "ml", "x", sequence=1, observed_unix_ms=1)
+    await publisher.producer.send(
+        publisher.topic, value=bad.SerializeToString(), key=f"{cluster}/pending/ml/y".encode()
+    )
+    # The cluster's scheduler could not place an 8-GPU pod: the agent reports it pending.
+    pod = PendingPod(
+        cluster, "ml", "train-0", "uid-train-0",
+        Resources(cpu_millicores=8000, memory_bytes=64 * GIB, gpus=8), priority=100,
+    )  # fmt: skip
+    await publisher.publish_pending_pod(pod)
+    await publisher.flush()
+    decision = await next_decision(aiter(stream))
+    assert (decision.kind, decision.cluster, decision.pool) == (SCALE_UP, cluster, "a100")
+    assert (decision.from_size, decision.to_size) == (1, 2)
+    assert list(decision.workload_ids) == ["ml/train-0"]
+    [dead] = await read_topic(kafka_bootstrap, f"{publisher.topic}.dlq", 1)
+    assert dict(dead.headers)[DLQ_REASON_HEADER] == b"key-mismatch"
+    assert "ml/train-0" in state.pending_pods[cluster]
+    # Bound (or deleted) in the cluster: the removal clears it.
+    await publisher.publish_pending_pod_deleted(cluster, "ml", "train-0")
+    await publisher.flush()
+
+    async def cleared() -> bool:
+        return cluster not in state.pending_pods
+
+    await async_wait_until("pending pod cleared", cleared, timeout_s=AWAIT_S, interval_s=0.05)
+    stream.cancel()

@@ -19,6 +19,9 @@ from fleetd.sources.updates import (
     NodePoolUpdate,
     NodeRemoved,
     NodeUpdate,
+    PendingPod,
+    PendingPodRemoved,
+    Resources,
     Update,
 )
 from tests.unit.test_sources_translate import kube_node, kube_pod
@@ -95,3 +98,20 @@ async def test_cluster_publisher_reports_nodes_with_pods_and_pools() -> None:
     await sink.resync()
     after = [u.sequence for u in producer.sent if isinstance(u, NodeUpdate)][-1]
     assert after > before
+
+
+async def test_cluster_publisher_reports_pending_pods_and_their_end() -> None:
+    producer = _Producer()
+    sink = ClusterPublisher(TelemetryPublisher(producer), "edge")
+    pending = PendingPod("ctx", "ml", "train", "u1", Resources(gpus=8), priority=3, sequence=9)
+    await sink.apply([pending])
+    [sent] = producer.sent
+    assert isinstance(sent, PendingPod)
+    assert (sent.cluster, sent.key, sent.requests.gpus, sent.priority) == ("edge", "ml/train", 8, 3)
+    await sink.resync()  # the heartbeat repeats it
+    assert [type(u) for u in producer.sent] == [PendingPod, PendingPod]
+    producer.sent.clear()
+    await sink.apply([PendingPodRemoved("ctx", "ml", "train")])
+    [gone] = producer.sent
+    assert isinstance(gone, PendingPodRemoved)
+    assert (gone.cluster, gone.namespace, gone.name) == ("edge", "ml", "train")

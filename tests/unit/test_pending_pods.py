@@ -5,6 +5,7 @@ scale-ups for them next to queued workloads."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,11 @@ from fleetd.autoscaler import Autoscaler, pending_pod_spec
 from fleetd.config import Config
 from fleetd.engine import PodRequest
 from fleetd.journal import Journal
+from fleetd.sources import codec
 from fleetd.sources import updates as up
 from fleetd.sources.translate import InvalidObject, pending_pod, pending_pod_removed
 from fleetd.state import FleetState, WorkloadRequest
+from fleetd.v1 import telemetry_pb2 as pb
 from scheduling.workload import LabelOp
 
 GIB = 1024**3
@@ -216,3 +219,64 @@ def test_pending_pod_selector_must_match_a_pool(tmp_path: Path) -> None:
     state.apply_now(gpu_pod("mine", node_selector=(("team", "ml"),)))
     [decision] = scaler.step()
     assert decision.unblocks == ("ml/mine",)
+
+
+def test_pending_pod_telemetry_round_trips() -> None:
+    pod = up.PendingPod(
+        "c1", "ml", "train-0", "u-1", up.Resources(cpu_millicores=4000, memory_bytes=GIB, gpus=8),
+        node_selector=(("team", "ml"),),
+        affinity=(up.NodeRequirement("zone", "In", ("a", "b")),),
+        tolerations=(up.PodToleration("gpu", "Exists", "", "NoSchedule"),),
+        priority=-5,
+    )  # fmt: skip
+    record = codec.encode_pending_pod(pod, sequence=7, observed_unix_ms=1)
+    key = codec.record_key(record)
+    assert key == b"c1/pending/ml/train-0"
+    assert codec.decode(key, record.SerializeToString()) == replace(pod, sequence=7)
+    gone = codec.encode_pending_pod_deleted("c1", "ml", "train-0", sequence=8, observed_unix_ms=1)
+    assert codec.decode(codec.record_key(gone), gone.SerializeToString()) == (
+        up.PendingPodRemoved("c1", "ml", "train-0", sequence=8)
+    )
+
+
+def _record(**pending: Any) -> pb.TelemetryRecord:
+    record = pb.TelemetryRecord(cluster="c1", sequence=1)
+    record.pending_pod.namespace = "ml"
+    record.pending_pod.name = "p"
+    for field, value in pending.items():
+        getattr(record.pending_pod, field).extend(value)
+    return record
+
+
+@pytest.mark.parametrize(
+    ("record", "key", "reason"),
+    [
+        (_record(), b"c1/pending/ml/other", "key-mismatch"),
+        (_record(affinity=[pb.NodeSelectorRequirement(key="k", operator="Gt")]), None,
+         "bad-pending-pod"),
+        (_record(affinity=[pb.NodeSelectorRequirement(key="k", operator="In")]), None,
+         "bad-pending-pod"),
+        (_record(tolerations=[pb.PodToleration(operator="Equal", value="v")]), None,
+         "bad-pending-pod"),
+        (_record(tolerations=[pb.PodToleration(key="k", effect="Sometimes")]), None,
+         "bad-pending-pod"),
+    ],
+)  # fmt: skip
+def test_invalid_pending_pod_telemetry(record: pb.TelemetryRecord, key: bytes | None,
+                                       reason: str) -> None:  # fmt: skip
+    with pytest.raises(codec.InvalidTelemetry) as exc:
+        codec.decode(key, record.SerializeToString())
+    assert exc.value.reason == reason
+
+
+def test_invalid_pending_pod_names() -> None:
+    record = _record()
+    record.pending_pod.name = "bad/name"
+    with pytest.raises(codec.InvalidTelemetry) as exc:
+        codec.decode(None, record.SerializeToString())
+    assert exc.value.reason == "bad-name"
+    resources = _record()
+    resources.pending_pod.requests.gpus = -1
+    with pytest.raises(codec.InvalidTelemetry) as exc:
+        codec.decode(None, resources.SerializeToString())
+    assert exc.value.reason == "bad-resources"
