@@ -164,6 +164,8 @@ class Autoscaler:
         """One planning round; returns the decisions it published."""
         state = self.state
         dry_run = self.config().autoscaling.dry_run
+        # Reported pending pods go like silent nodes (see FleetState.expire_pending_pods).
+        state.expire_pending_pods(self.config().staleness.node_stale_after_s)
         if not (state.queue or state.pending_pods) or not state.pools or not state.ready:
             return []
         pools = self._pools()

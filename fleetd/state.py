@@ -320,6 +320,8 @@ class FleetState:
         #: place: the autoscaler plans nodes for them). `pending_version` counts changes.
         self.pending_pods: dict[str, dict[str, up.PendingPod]] = {}
         self.pending_version = 0
+        #: (cluster, "namespace/name") -> when the pending pod was last reported.
+        self._pending_seen_s: dict[tuple[str, str], float] = {}
         self.gate = up.SequenceGate()
         self.held: dict[str, _Held] = {}
         self.queue: dict[str, _Queued] = {}
@@ -615,17 +617,38 @@ class FleetState:
     def pending_pod_observed(self, p: up.PendingPod) -> None:
         """Record (or refresh) a pod its cluster's scheduler could not place."""
         pods = self.pending_pods.setdefault(p.cluster, {})
-        if pods.get(p.key) != p:
+        self._pending_seen_s[(p.cluster, p.key)] = self.clock()
+        old = pods.get(p.key)
+        # A periodic re-report (new sequence, same content) is no change to plan for.
+        if old is None or replace(old, sequence=p.sequence) != p:
             pods[p.key] = p
             self.pending_version += 1
 
     def pending_pod_removed(self, cluster: str, namespace: str, name: str) -> None:
         """Forget a pending pod (bound, deleted, terminated); unknown ones are ignored."""
         pods = self.pending_pods.get(cluster)
+        self._pending_seen_s.pop((cluster, f"{namespace}/{name}"), None)
         if pods is not None and pods.pop(f"{namespace}/{name}", None) is not None:
             self.pending_version += 1
             if not pods:
                 del self.pending_pods[cluster]
+
+    def expire_pending_pods(self, max_age_s: float) -> int:
+        """Forget pending pods not reported for `max_age_s` in clusters no Kubernetes watch
+        feeds (telemetry re-reports them every agent resync; an end the agent missed while
+        it was down would otherwise never come). A watch's relist is authoritative, so its
+        clusters' pods stay until removed. Returns how many were forgotten."""
+        deadline = self.clock() - max_age_s
+        watched = {c for s, c in self.sources if s == "kubernetes"}
+        old = [
+            key
+            for key, seen in self._pending_seen_s.items()
+            if seen < deadline and key[0] not in watched
+        ]
+        for cluster, key in old:
+            namespace, _, name = key.partition("/")
+            self.pending_pod_removed(cluster, namespace, name)
+        return len(old)
 
     def pending_pod_list(self) -> list[up.PendingPod]:
         """Every pending pod, highest priority first, then by cluster/namespace/name."""

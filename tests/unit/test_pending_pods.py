@@ -280,3 +280,22 @@ def test_invalid_pending_pod_names() -> None:
     with pytest.raises(codec.InvalidTelemetry) as exc:
         codec.decode(None, resources.SerializeToString())
     assert exc.value.reason == "bad-resources"
+
+
+def test_reported_pending_pods_expire_unless_a_watch_feeds_their_cluster(tmp_path: Path) -> None:
+    clock = [1000.0]
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), lambda: clock[0])
+    state.expect_source("kubernetes", "watched")
+    state.apply_now(gpu_pod("a", sequence=1))
+    state.apply_now(gpu_pod("w", "watched"))
+    version = state.pending_version
+    clock[0] += 100
+    state.apply_now(gpu_pod("a", sequence=2))  # the agent's periodic re-report
+    assert state.pending_version == version  # same content: nothing new to plan
+    clock[0] += 100
+    # "a" was re-reported 100 s ago; "w" (200 s) is kept: its cluster's watch relists.
+    assert state.expire_pending_pods(150.0) == 0
+    assert [p.key for p in state.pending_pod_list()] == ["ml/a", "ml/w"]
+    clock[0] += 100
+    assert state.expire_pending_pods(150.0) == 1
+    assert set(state.pending_pods) == {"watched"}
