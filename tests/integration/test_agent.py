@@ -15,7 +15,7 @@ import pytest
 
 from fleetd.agent import AgentSettings, PoolPolicy, run_agent
 from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
-from fleetd.sources.updates import CapacityType
+from fleetd.sources.updates import CapacityType, PendingPod, PendingPodRemoved
 from tests.integration.sources_support import (
     AWAIT_S,
     RecordingView,
@@ -167,3 +167,57 @@ async def test_agent_and_consumer_wait_for_a_broker_that_is_down(
         if not await asyncio.to_thread(lambda: testbed_run.kafka().process.alive()):
             await asyncio.to_thread(testbed_run.restart_kafka)
         await asyncio.to_thread(kube.delete_node, context, node)
+
+
+async def test_agent_publishes_unschedulable_pods_as_pending_work(
+    kube: Any, kafka_bootstrap: str
+) -> None:
+    from tests.testbed.gpu_nodes import KWOK_TOLERATION
+
+    topic = unique("agent-pending")
+    await create_topic(kafka_bootstrap, topic)
+    context = kube.contexts[1]
+    settings = AgentSettings(
+        context=context,
+        cluster="edge-pending",
+        bootstrap_servers=kafka_bootstrap,
+        kubeconfig=str(kube.kubeconfig_path),
+        topic=topic,
+        resync_interval_s=3600,
+    )
+    source, view = _kafka_view(kafka_bootstrap, topic)
+    name, selector = unique("wait"), {"fleetd.test/run": unique("none")}
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": selector,  # no node has it: kube-scheduler marks it Unschedulable
+            "tolerations": [KWOK_TOLERATION],
+            "containers": [{"name": "main", "image": "registry.invalid/train:0",
+                            "resources": {"limits": {"nvidia.com/gpu": "8"}}}],
+        },
+    }  # fmt: skip
+    core = kube.core_v1(context)
+    ready = asyncio.Event()
+    async with running(lambda: run_agent(settings, ready)), running(source.run):
+        await asyncio.wait_for(ready.wait(), AWAIT_S)
+        await asyncio.to_thread(core.create_namespaced_pod, "default", manifest)
+        try:
+
+            def reported() -> list[PendingPod]:
+                return [u for u in view.log if isinstance(u, PendingPod) and u.name == name]
+
+            await view.wait_for(lambda: bool(reported()), AWAIT_S)
+            [pod] = reported()
+            assert (pod.cluster, pod.namespace, pod.requests.gpus) == ("edge-pending", "default", 8)
+            assert pod.node_selector == tuple(selector.items())
+            assert pod.priority == 0  # from the (default) PriorityClass by admission
+        finally:
+            await asyncio.to_thread(
+                core.delete_namespaced_pod, name, "default", grace_period_seconds=0
+            )
+        await view.wait_for(
+            lambda: any(isinstance(u, PendingPodRemoved) and u.name == name for u in view.log),
+            AWAIT_S,
+        )
