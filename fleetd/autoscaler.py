@@ -137,7 +137,14 @@ class Autoscaler:
         self._last_inputs: object = None
 
     def _pools(self) -> list[NodePool]:
-        return [p for p in (node_pool(u) for u in self.state.pools.values()) if p is not None]
+        """The pools to plan with: none of a cluster whose sync is lost (its sizes and nodes
+        are not known to be current: no nodes are asked for there and none are removed)."""
+        lost = self.state.lost_clusters
+        return [
+            p
+            for p in (node_pool(u) for u in self.state.pools.values() if u.cluster not in lost)
+            if p is not None
+        ]
 
     def _publish(self, decision: ScaleDecision, from_size: int | None, dry_run: bool) -> None:
         self.published.add(decision.id)
@@ -183,6 +190,7 @@ class Autoscaler:
             tuple(sorted((k, u.current_size, u.max_size) for k, u in state.pools.items())),
             len(state.nodes),
             tuple(sorted(self.targets.items())),
+            tuple(sorted(state.lost_clusters)),
             dry_run,
         )
         if inputs == self._last_inputs:
@@ -196,6 +204,8 @@ class Autoscaler:
         }
         # The clusters' unschedulable pods are pending work too (named namespace/name).
         for pending_pod in state.pending_pod_list():
+            if pending_pod.cluster in state.lost_clusters:
+                continue  # its cluster's view is not current: it may be bound by now
             spec = pending_pod_spec(pending_pod)
             if spec is not None:
                 items.append(spec)

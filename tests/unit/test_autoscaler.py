@@ -199,3 +199,42 @@ def test_dry_run_scale_down_holds_nothing(tmp_path: Path) -> None:
     assert scaler.disrupting == {}
     assert state.scale.history[-1].dry_run
     assert scaler.step_down() == []  # the same advice is not streamed twice
+
+
+def test_no_plans_for_a_cluster_whose_sync_is_lost(tmp_path: Path) -> None:
+    # Two clusters, each one full 8-GPU node and a pool; c1's source loses its broker. Its
+    # pool sizes and nodes are no longer known to be current: nothing is asked for or
+    # removed there, and pending work goes to c2 until c1 is back.
+    clock = [1000.0]
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), lambda: clock[0])
+    for cluster, source in (("c1", "kafka"), ("c2", "kubernetes")):
+        state.expect_source(source, cluster)
+        pool = up.NodePoolUpdate(
+            cluster, "a100", 1, "p4d", RES, gpu_model="A100", price_per_hour=30.0,
+            min_size=0, max_size=4, current_size=2,
+        )  # fmt: skip
+        state.apply_now(pool)
+        for name in ("n0", "idle"):
+            state.apply_now(
+                up.NodeUpdate(cluster, name, 1, RES, RES, gpu_model="A100", node_pool="a100")
+            )
+        state.apply_now(up.ClusterSynced(cluster, source))
+        assert state.place(gpus(f"fill-{cluster}", 8)).result == "placed"
+        assert state.place(gpus(f"fill2-{cluster}", 8)).result == "placed"
+    state.source_connection("kafka", "", False, "broker down")
+    clock[0] += 3600  # past sync_lost_after_s and any stabilization window
+    state.check_sources()
+    assert state.lost_clusters == {"c1"}
+    assert state.place(gpus("wait", 8)).result == "queued"
+    scaler = Autoscaler(state, lambda: state.config, lambda: clock[0])
+    [up_decision] = scaler.step()
+    assert (up_decision.cluster, up_decision.unblocks) == ("c2", ("wait",))
+    for wid in ("wait", "fill-c1", "fill2-c1", "fill2-c2"):
+        state.release(wid)  # c1's nodes look empty, but c1 is lost: only c2's may go
+    clock[0] += 3600  # the releases' changes are older than the stabilization window
+    assert state.lost_clusters == {"c1"}
+    assert {d.cluster for d in scaler.step_down()} == {"c2"}
+    # c1 back: its pools are planned again (the same queue gives a new plan).
+    state.source_connection("kafka", "", True)
+    assert state.lost_clusters == frozenset()
+    assert any(d.cluster == "c1" for d in scaler.step_down())
