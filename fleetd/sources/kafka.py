@@ -190,6 +190,8 @@ class KafkaSource:
         self._connected: bool | None = None
         self._next_probe_s = 0.0
         self._resync_end: dict[TopicPartition, int] | None = None
+        #: The last poll's commit while the next poll is decoded and applied (`_consume`).
+        self._committing: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -253,6 +255,7 @@ class KafkaSource:
                 log.warning("kafka: consumer failed (%s); restarting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
             finally:
+                await self._abandon_commit()
                 await _stop_quietly(consumer, producer)
 
     # ------------------------------------------------------------------ consuming
@@ -266,7 +269,15 @@ class KafkaSource:
             if batches:
                 if self.first_batch_at is None:
                     self.first_batch_at = time.perf_counter()
-                await self.process(batches, consumer, producer)
+                offsets, n_records = await self._apply_poll(batches, consumer, producer)
+                # The commit of a poll (a broker round trip, ~5 ms) overlaps the decoding and
+                # applying of the next one: its offsets are still committed only after its
+                # records were applied, and at most one commit is in flight, so they reach
+                # the broker in order. The poll counts as handled once committed.
+                await self._settle_commit()
+                self._committing = asyncio.ensure_future(
+                    self._commit_and_count(consumer, offsets, n_records)
+                )
             if not self.ready.is_set():
                 await self._check_initial_sync(consumer)
             elif self.on_connection is not None:
@@ -319,6 +330,17 @@ class KafkaSource:
         producer: AIOKafkaProducer,
     ) -> None:
         """Decode, dead-letter, apply and commit one poll's worth of records."""
+        offsets, n_records = await self._apply_poll(batches, consumer, producer)
+        await self._commit_and_count(consumer, offsets, n_records)
+
+    async def _apply_poll(
+        self,
+        batches: Mapping[TopicPartition, list[Any]],
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+    ) -> tuple[dict[TopicPartition, int], int]:
+        """Decode, dead-letter and apply one poll's worth of records; returns the offsets to
+        commit and the number of records."""
         # A poll allocates some thirty acyclic objects per record decoded and replaces the
         # state's values for every changed node; left on, the cyclic collector runs many
         # times per poll and each full run walks the whole fleet state (measured: up to
@@ -327,7 +349,7 @@ class KafkaSource:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            await self._process(batches, consumer, producer)
+            return await self._process(batches, consumer, producer)
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -337,7 +359,7 @@ class KafkaSource:
         batches: Mapping[TopicPartition, list[Any]],
         consumer: AIOKafkaConsumer,
         producer: AIOKafkaProducer,
-    ) -> None:
+    ) -> tuple[dict[TopicPartition, int], int]:
         dead: list[tuple[int, Any, InvalidTelemetry]] = []
         offsets: dict[TopicPartition, int] = {}
         chosen: list[tuple[int, Update, bytes | None, int]] = []
@@ -479,7 +501,6 @@ class KafkaSource:
         if updates:
             await self.sink.apply(updates)
         self._remember_contents(chosen)
-        await self._commit(consumer, offsets)
         self._next_offset.update(offsets)
         self._record_metrics(
             consumer,
@@ -489,9 +510,33 @@ class KafkaSource:
             superseded=superseded,
             dead=len(dead),
         )
+        return offsets, sum(len(r) for r in batches.values())
+
+    async def _commit_and_count(
+        self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int], n_records: int
+    ) -> None:
+        """Commit an applied poll's offsets, then count its records as handled."""
+        await self._commit(consumer, offsets)
         async with self.progress:
-            self.records_handled += sum(len(r) for r in batches.values())
+            self.records_handled += n_records
             self.progress.notify_all()
+
+    async def _settle_commit(self) -> None:
+        """Wait for the previous poll's commit (its errors are raised here)."""
+        committing, self._committing = self._committing, None
+        if committing is not None:
+            await committing
+
+    async def _abandon_commit(self) -> None:
+        """Stopping: cancel a commit still in flight (as a cancelled poll's would be; its
+        records are redelivered and dropped by sequence)."""
+        committing, self._committing = self._committing, None
+        if committing is None:
+            return
+        committing.cancel()
+        await asyncio.wait({committing})
+        if not committing.cancelled() and committing.exception() is not None:
+            log.warning("kafka: last commit failed while stopping: %r", committing.exception())
 
     def _convert(self, rec: Any, parsed: Any) -> tuple[Update, int]:
         """A parsed record as an update (InvalidTelemetry if invalid), and for a node report
