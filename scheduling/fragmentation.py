@@ -379,107 +379,132 @@ def pod_candidate_shape(
 
 
 class FragmentationMemo:
-    """Caches fragmentation per fleet slot, recomputing only slots whose state changed.
+    """Caches fragmentation per distinct node *state*, computing each state once.
 
     The FGD score of a node for a pod shape depends only on the node's state (free CPU, free
-    milli per GPU, GPU model) and the shape, and one placement changes one node. The memo keeps
-    the last state it saw for each slot; a slot whose state differs is recomputed, whoever
-    changed it (a commit, or the engine scoring a hypothetical state). Values are exactly those
-    of `frag_milli` / `frag_after`; the memo only avoids recomputing them.
+    milli per GPU, GPU model) and the shape, never on which node it is. The memo interns each
+    state it is shown (`states`: one id per distinct (CPU, model, GPU row)) and keeps
+    `frag_milli` of each state and `frag_after` of each (state, pod shape): many nodes in one
+    state, a representative slot standing for them, or one node shown in several hypothetical
+    states all read the right values. Values are exactly those of `frag_milli` / `frag_after`;
+    the memo only avoids recomputing them. It forgets everything past `max_states` states (a
+    long-lived policy meets ever new states), then starts afresh.
     """
 
-    def __init__(self, typical: TypicalPods, constraint_aware: bool = False) -> None:
+    def __init__(
+        self, typical: TypicalPods, constraint_aware: bool = False, max_states: int = 1 << 18
+    ) -> None:
         """typical: the target workload (model columns indexed by the fleet's model ids);
-        constraint_aware: as in `frag_milli`."""
+        constraint_aware: as in `frag_milli`; max_states: states kept before starting afresh."""
+        if max_states < 1:
+            raise ValueError("max_states must be >= 1")
         self.typical = typical
         self.constraint_aware = constraint_aware
-        self._capacity = 0
-        self._gpus = -1
-        self._clock = 0
-        self._reset(0, 0)
+        self.max_states = max_states
+        self._reset(0)
 
-    def _reset(self, capacity: int, gpus: int) -> None:
-        self._capacity, self._gpus = capacity, gpus
-        self._cpu = np.full(capacity, -1, dtype=np.int64)
-        self._gpu = np.full((capacity, gpus), -1, dtype=np.int64)
-        self._model = np.full(capacity, -2, dtype=np.int64)
-        self._changed_at = np.zeros(capacity, dtype=np.int64)
-        self._now = np.zeros(capacity, dtype=np.float64)
-        self._now_at = np.full(capacity, -1, dtype=np.int64)
-        self._after: dict[Hashable, tuple[FloatArray, IntArray]] = {}
+    def _reset(self, gpus: int) -> None:
+        self._gpus = gpus
+        self._ids: dict[bytes, int] = {}
+        self._n = 0
+        self._cpu = np.zeros(0, dtype=np.int64)
+        self._gpu = np.zeros((0, gpus), dtype=np.int64)
+        self._model = np.zeros(0, dtype=np.int64)
+        self._now = np.zeros(0, dtype=np.float64)
+        self._now_done = np.zeros(0, dtype=np.bool_)
+        self._after: dict[Hashable, tuple[FloatArray, BoolArray]] = {}
 
-    def _grow(self, capacity: int) -> None:
-        extra = capacity - self._capacity
-        self._cpu = np.concatenate([self._cpu, np.full(extra, -1, dtype=np.int64)])
-        self._gpu = np.concatenate([self._gpu, np.full((extra, self._gpus), -1, dtype=np.int64)])
-        self._model = np.concatenate([self._model, np.full(extra, -2, dtype=np.int64)])
-        self._changed_at = np.concatenate([self._changed_at, np.zeros(extra, dtype=np.int64)])
+    def __len__(self) -> int:
+        """Number of distinct states interned."""
+        return self._n
+
+    def _grow(self, needed: int) -> None:
+        capacity = self._cpu.shape[0]
+        if needed <= capacity:
+            return
+        extra = max(needed, 2 * capacity, 64) - capacity
+        self._cpu = np.concatenate([self._cpu, np.zeros(extra, dtype=np.int64)])
+        self._gpu = np.concatenate([self._gpu, np.zeros((extra, self._gpus), dtype=np.int64)])
+        self._model = np.concatenate([self._model, np.zeros(extra, dtype=np.int64)])
         self._now = np.concatenate([self._now, np.zeros(extra)])
-        self._now_at = np.concatenate([self._now_at, np.full(extra, -1, dtype=np.int64)])
-        for key, (values, at) in list(self._after.items()):
+        self._now_done = np.concatenate([self._now_done, np.zeros(extra, dtype=np.bool_)])
+        for key, (values, done) in list(self._after.items()):
             self._after[key] = (
                 np.concatenate([values, np.zeros((extra, values.shape[1]))]),
-                np.concatenate([at, np.full(extra, -1, dtype=np.int64)]),
+                np.concatenate([done, np.zeros(extra, dtype=np.bool_)]),
             )
-        self._capacity = capacity
 
-    def sync(
-        self, slots: IntArray, cpu_left: IntArray, gpu_left: IntArray, model: IntArray
-    ) -> None:
-        """Record the current state of `slots`; slots whose state changed become stale."""
-        gpus = int(gpu_left.shape[1])
+    def states(self, cpu_left: IntArray, gpu_left: IntArray, model: IntArray) -> IntArray:
+        """(R,) the state id of each row (free CPU, free milli per GPU, GPU model), interning
+        states not seen yet. Ids stay valid until the next call (which may start afresh)."""
+        cpu = np.asarray(cpu_left, dtype=np.int64)
+        left = np.asarray(gpu_left, dtype=np.int64)
+        gpus = int(left.shape[1])
         if gpus != self._gpus:
-            self._reset(0, gpus)
-        top = int(slots.max()) + 1 if slots.size else 0
-        if top > self._capacity:
-            self._grow(max(top, 2 * self._capacity))
-        changed = (
-            (self._cpu[slots] != cpu_left)
-            | (self._model[slots] != model)
-            | (self._gpu[slots] != gpu_left).any(axis=1)
-        )
-        if changed.any():
-            self._clock += 1
-            moved = slots[changed]
-            self._changed_at[moved] = self._clock
-            self._cpu[moved] = cpu_left[changed]
-            self._gpu[moved] = gpu_left[changed]
-            self._model[moved] = model[changed]
+            self._reset(gpus)
+        rows = int(cpu.shape[0])
+        if rows == 0:
+            return np.zeros(0, dtype=np.int64)
+        keys = np.empty((rows, 2 + gpus), dtype=np.int64)
+        keys[:, 0] = cpu
+        keys[:, 1] = np.asarray(model, dtype=np.int64)
+        keys[:, 2:] = left
+        flat = keys.view(np.dtype((np.void, 8 * (2 + gpus)))).reshape(-1)
+        distinct, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+        if self._n + distinct.shape[0] > self.max_states:
+            self._reset(gpus)  # bounded memory; values are recomputed on demand
+        found = [self._ids.get(key) for key in distinct.tolist()]
+        new = [j for j, sid in enumerate(found) if sid is None]
+        if new:
+            self._grow(self._n + len(new))
+            for j in new:
+                found[j] = self._n
+                self._ids[distinct[j].tobytes()] = self._n
+                self._n += 1
+            ids_new = np.arange(self._n - len(new), self._n, dtype=np.int64)
+            src = first[np.asarray(new, dtype=np.int64)]
+            self._cpu[ids_new] = keys[src, 0]
+            self._model[ids_new] = keys[src, 1]
+            self._gpu[ids_new] = keys[src, 2:]
+        ids: IntArray = np.asarray(found, dtype=np.int64)[inverse.reshape(-1)]
+        return ids
 
-    def frag_now(self, slots: IntArray) -> FloatArray:
-        """(R,) current fragmentation of `slots` (call `sync` first)."""
-        stale = slots[self._now_at[slots] < self._changed_at[slots]]
-        if stale.size:
-            self._now[stale] = frag_milli(
-                self._cpu[stale], self._gpu[stale], self._model[stale], self.typical,
+    def frag_now(self, ids: IntArray) -> FloatArray:
+        """(R,) fragmentation of the states `ids` (from `states`)."""
+        todo = np.unique(ids[~self._now_done[ids]])
+        if todo.size:
+            self._now[todo] = frag_milli(
+                self._cpu[todo], self._gpu[todo], self._model[todo], self.typical,
                 self.constraint_aware,
             )  # fmt: skip
-            self._now_at[stale] = self._clock
-        result: FloatArray = self._now[slots]
+            self._now_done[todo] = True
+        result: FloatArray = self._now[ids]
         return result
 
     def frag_after(
-        self, slots: IntArray, pod_cpu_milli: int, pod_gpu_milli: int, pod_num_gpu: int
+        self, ids: IntArray, pod_cpu_milli: int, pod_gpu_milli: int, pod_num_gpu: int
     ) -> FloatArray:
-        """(R, c) fragmentation of `slots` after each candidate placement (see `frag_after`)."""
+        """(R, c) fragmentation of the states `ids` after each candidate placement (see
+        `frag_after`)."""
         key = (int(pod_cpu_milli), int(pod_gpu_milli), int(pod_num_gpu))
         columns = self._gpus if 0 < pod_gpu_milli < MILLI_PER_GPU else 1
         entry = self._after.get(key)
         if entry is None:
+            capacity = self._cpu.shape[0]
             entry = (
-                np.zeros((self._capacity, columns), dtype=np.float64),
-                np.full(self._capacity, -1, dtype=np.int64),
+                np.zeros((capacity, columns), dtype=np.float64),
+                np.zeros(capacity, dtype=np.bool_),
             )
             self._after[key] = entry
-        values, computed_at = entry
-        stale = slots[computed_at[slots] < self._changed_at[slots]]
-        if stale.size:
-            values[stale] = frag_after(
-                self._cpu[stale], self._gpu[stale], self._model[stale], self.typical,
+        values, done = entry
+        todo = np.unique(ids[~done[ids]])
+        if todo.size:
+            values[todo] = frag_after(
+                self._cpu[todo], self._gpu[todo], self._model[todo], self.typical,
                 pod_cpu_milli, pod_gpu_milli, pod_num_gpu, self.constraint_aware,
             )  # fmt: skip
-            computed_at[stale] = self._clock
-        result: FloatArray = values[slots]
+            done[todo] = True
+        result: FloatArray = values[ids]
         return result
 
 
@@ -530,10 +555,15 @@ class FragmentationScorer:
     "fgd" uses none of them, "fgd-cpu" the CPU term, "fgd-plus" (fleetd's default) all.
 
     Node-local (a node's score depends on its state, the pod and `typical` only), as the
-    engine requires. `typical.model_allowed` columns are the fleet's GPU model ids.
+    engine requires, and state-only: the score and the GPU choice are functions of the
+    node's free CPU, free milli per GPU and GPU model (memoized per distinct state), never
+    of its slot, so the engine scores each distinct node state once.
+    `typical.model_allowed` columns are the fleet's GPU model ids.
     """
 
     chooses_gpus = True
+    #: See `scheduling.scoring.ScorePlugin`: scores depend on the node's state only.
+    state_only = True
 
     def __init__(
         self,
@@ -567,8 +597,8 @@ class FragmentationScorer:
 
     def score(self, view: NodeView, c: Constraints, pick: IntArray) -> ScoreResult:
         """Integer FGD scores (as float64) and the GPU bitmask each node would give the pod."""
-        slots = np.asarray(view.slots, dtype=np.int64)
-        rows = int(slots.size)
+        # Never reads view.slots: the engine may pass one representative row per state.
+        rows = int(np.asarray(view.cpu_free_millicores).shape[0])
         if rows == 0:
             return ScoreResult(np.zeros(0), np.zeros(0, dtype=np.int64))
         model = np.asarray(view.gpu_model_id, dtype=np.int64)
@@ -579,12 +609,12 @@ class FragmentationScorer:
             self.pressure = _pressure_of(padded)
         cpu_left = np.asarray(view.cpu_free_millicores, dtype=np.int64)
         gpu_left = np.asarray(view.gpu_free_milli, dtype=np.int64)
-        self.memo.sync(slots, cpu_left, gpu_left, model)
+        ids = self.memo.states(cpu_left, gpu_left, model)
         pod_cpu, pod_milli, pod_num = pod_candidate_shape(
             c.cpu_millicores, c.gpus_per_pod, c.milli_per_gpu
         )
-        now = self.memo.frag_now(slots)
-        after = self.memo.frag_after(slots, pod_cpu, pod_milli, pod_num)
+        now = self.memo.frag_now(ids)
+        after = self.memo.frag_after(ids, pod_cpu, pod_milli, pod_num)
         if self.cpu_stranding_weight:
             idle = gpu_left.sum(axis=1)
             request = pod_milli * pod_num

@@ -289,20 +289,38 @@ def test_memo_matches_direct_computation_after_changes() -> None:
     gpus = rng.choice([0, 300, 500, 1000], size=(30, 4))
     model = rng.integers(0, 2, size=30)
     memo = FragmentationMemo(TYPICAL)
-    slots = np.arange(30)
     for step in range(5):
-        memo.sync(slots, cpu, gpus, model)
-        assert np.allclose(memo.frag_now(slots), frag_milli(cpu, gpus, model, TYPICAL))
+        ids = memo.states(cpu, gpus, model)
+        assert np.allclose(memo.frag_now(ids), frag_milli(cpu, gpus, model, TYPICAL))
         direct = frag_after(cpu, gpus, model, TYPICAL, 4000, 500, 1)
-        assert np.array_equal(memo.frag_after(slots, 4000, 500, 1), direct)
-        # A subset of the slots, in another order, as the engine's candidate rows.
-        sub = slots[::-3]
-        memo.sync(sub, cpu[sub], gpus[sub], model[sub])
-        assert np.array_equal(memo.frag_after(sub, 4000, 500, 1), direct[sub])
+        assert np.array_equal(memo.frag_after(ids, 4000, 500, 1), direct)
+        # A subset of the rows, in another order, as the engine's candidate rows.
+        sub = np.arange(30)[::-3]
+        sub_ids = memo.states(cpu[sub], gpus[sub], model[sub])
+        assert np.array_equal(sub_ids, ids[sub])
+        assert np.array_equal(memo.frag_after(sub_ids, 4000, 500, 1), direct[sub])
         node = step * 3
         cpu, gpus = cpu.copy(), gpus.copy()
         cpu[node] = max(0, cpu[node] - 1000)
         gpus[node, 0] = 0
+
+
+def test_memo_keys_states_not_rows_and_stays_bounded() -> None:
+    # Equal states share an id whatever row holds them; any field differing separates them.
+    cpu = np.array([8000, 8000, 8000, 8000, 4000])
+    gpus = np.array([[500, 1000], [500, 1000], [1000, 500], [500, 1000], [500, 1000]])
+    model = np.array([0, 0, 0, 1, 0])
+    memo = FragmentationMemo(TYPICAL, max_states=4)
+    ids = memo.states(cpu, gpus, model)
+    assert ids[0] == ids[1]
+    assert len(set(ids.tolist())) == 4
+    assert len(memo) == 4
+    assert np.array_equal(memo.frag_now(ids), frag_milli(cpu, gpus, model, TYPICAL))
+    # A fifth state exceeds max_states: the memo starts afresh and values stay exact.
+    more = memo.states(np.array([100]), np.array([[0, 0]]), np.array([0]))
+    assert len(memo) == 1
+    expected = frag_after(np.array([100]), np.array([[0, 0]]), np.array([0]), TYPICAL, 0, 0, 0)
+    assert np.array_equal(memo.frag_after(more, 0, 0, 0), expected)
 
 
 def two_node_fleet(cpu: tuple[int, int]) -> Fleet:

@@ -1,0 +1,149 @@
+"""The fragmentation scorers (fgd, fgd-cpu, fgd-plus) are state-only: their scores and GPU
+choices depend on a node's state, never on its slot, so the engine may score one
+representative row per distinct state, and a view may hold one slot several times in
+different hypothetical states (hypothesis)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scheduling import Fleet, PodSpec, Policy, place, placement
+from scheduling.filters import Free, compile_pod
+from scheduling.fragmentation import FragmentationScorer, TypicalPods, typical_pods
+from scheduling.reference import place_reference
+from scheduling.scoring import NodeView, gpu_usable_matrix
+from scheduling.workload import QueueItem
+
+from .test_properties import fleets, pods, queues
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+NAMES = ["fgd", "fgd-cpu", "fgd-plus"]
+
+
+def _typical() -> TypicalPods:
+    # Fleet model ids follow interning order ("A100" or "H100" first); spec 1 pins one of them,
+    # so constraint-awareness and model pressure (scarcity) are exercised.
+    return typical_pods(
+        np.array([1000, 2000, 4000, 500, 8000, 2000]),
+        np.array([1000, 500, 1000, 0, 250, 700]),
+        np.array([1, 1, 2, 0, 1, 1]),
+        np.array([0, 0, 0, 0, 1, 1]),
+        np.array([[True, True], [False, True]]),
+        model_gpus=np.array([8, 4]),
+    )
+
+
+def _policy(name: str) -> Policy:
+    return Policy.parse(name, {name: {"typical": _typical()}})
+
+
+def _scorer(name: str) -> FragmentationScorer:
+    plugin = _policy(name).terms[0][0]
+    assert isinstance(plugin, FragmentationScorer)
+    assert plugin.state_only
+    return plugin
+
+
+@SETTINGS
+@given(fleets(), queues(), st.sampled_from(NAMES), st.booleans())
+def test_engine_and_reference_loop_agree_with_fragmentation_policies(
+    f: Fleet, items: list[QueueItem], name: str, by_state: bool
+) -> None:
+    saved = placement._BY_STATE_RUN, placement._BY_STATE_MIN_PODS, placement._BY_PROFILE_SHAPES
+    placement._BY_STATE_RUN = placement._BY_STATE_MIN_PODS = 0 if by_state else 1 << 30
+    placement._BY_PROFILE_SHAPES = 1 if by_state else 1 << 30
+    try:
+        engine = place(f, items, _policy(name))
+    finally:
+        (
+            placement._BY_STATE_RUN,
+            placement._BY_STATE_MIN_PODS,
+            placement._BY_PROFILE_SHAPES,
+        ) = saved
+    reference = place_reference(f, items, _policy(name))
+    assert engine.decisions() == reference.decisions()
+
+
+def _rows(view: NodeView, index: np.ndarray, slots: np.ndarray) -> NodeView:
+    """Rows `index` of `view` (states and static attributes), labelled with `slots`."""
+    return NodeView(
+        slots=slots.astype(np.int64),
+        cpu_free_millicores=view.cpu_free_millicores[index],
+        memory_free_bytes=view.memory_free_bytes[index],
+        cpu_allocatable_millicores=view.cpu_allocatable_millicores[index],
+        memory_allocatable_bytes=view.memory_allocatable_bytes[index],
+        gpu_free_milli=view.gpu_free_milli[index],
+        gpu_usable=view.gpu_usable[index],
+        gpu_model_id=view.gpu_model_id[index],
+    )
+
+
+@SETTINGS
+@given(fleets(), st.lists(pods("p"), min_size=1, max_size=3), st.sampled_from(NAMES), st.data())
+def test_scores_depend_on_state_not_slot(
+    f: Fleet, shapes: list[PodSpec], name: str, data: st.DataObject
+) -> None:
+    rows = np.flatnonzero(f.live_mask()).astype(np.int64)
+    if rows.size == 0:
+        return
+    real = NodeView.of(f, Free.of(f), rows, gpu_usable_matrix(f))
+    # Hypothetical states: each node's GPUs partly taken (a pod's candidate states).
+    taken = real.gpu_free_milli - np.minimum(real.gpu_free_milli, 250)
+    states = replace(
+        _rows(real, np.arange(rows.size), rows),
+        cpu_free_millicores=real.cpu_free_millicores - 500,
+        gpu_free_milli=taken.astype(real.gpu_free_milli.dtype),
+    )
+    n = int(rows.size)
+    # Views mixing both: rows in random order and repeated, all labelled with one slot
+    # (a representative for many nodes, or one node in several hypothetical states).
+    index = np.asarray(data.draw(st.lists(st.integers(0, 2 * n - 1), min_size=1, max_size=12)))
+    label = np.full(index.size, rows[data.draw(st.integers(0, n - 1))])
+    both = [real, states]
+    for c in (compile_pod(f, p) for p in shapes):
+        pick = np.zeros(n, np.int64)
+        fresh = [_scorer(name).score(v, c, pick) for v in both]  # one fresh scorer per view
+        scorer = _scorer(name)  # shared: it sees the mixed views first
+        for k in range(2):
+            sub = index[(index >= n * k) & (index < n * (k + 1))] - n * k
+            mixed = scorer.score(_rows(both[k], sub, label[: sub.size]), c, pick[: sub.size])
+            assert np.array_equal(mixed.score, fresh[k].score[sub])
+            assert mixed.gpu_pick is not None
+            assert fresh[k].gpu_pick is not None
+            assert np.array_equal(mixed.gpu_pick, fresh[k].gpu_pick[sub])
+        # One view holding one slot in both its real and hypothetical states.
+        rep = np.concatenate([index % n, index % n])
+        views = np.concatenate([np.zeros(index.size, int), np.ones(index.size, int)])
+        merged = _concat(real, states, rep, views, label)
+        result = scorer.score(merged, c, np.zeros(rep.size, np.int64))
+        expect = np.concatenate([fresh[0].score[index % n], fresh[1].score[index % n]])
+        assert np.array_equal(result.score, expect)
+        for v in both:  # and the real nodes afterwards, by the shared scorer
+            again = scorer.score(v, c, pick)
+            assert np.array_equal(again.score, fresh[both.index(v)].score)
+            assert again.gpu_pick is not None
+            assert np.array_equal(again.gpu_pick, fresh[both.index(v)].gpu_pick)
+
+
+def _concat(
+    a: NodeView, b: NodeView, index: np.ndarray, which: np.ndarray, slots: np.ndarray
+) -> NodeView:
+    def pick(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.where(which.reshape(-1, *([1] * (x.ndim - 1))) == 0, x[index], y[index]).astype(
+            x.dtype
+        )
+
+    return NodeView(
+        slots=np.concatenate([slots, slots]).astype(np.int64),
+        cpu_free_millicores=pick(a.cpu_free_millicores, b.cpu_free_millicores),
+        memory_free_bytes=pick(a.memory_free_bytes, b.memory_free_bytes),
+        cpu_allocatable_millicores=pick(a.cpu_allocatable_millicores, b.cpu_allocatable_millicores),
+        memory_allocatable_bytes=pick(a.memory_allocatable_bytes, b.memory_allocatable_bytes),
+        gpu_free_milli=pick(a.gpu_free_milli, b.gpu_free_milli),
+        gpu_usable=pick(a.gpu_usable, b.gpu_usable),
+        gpu_model_id=pick(a.gpu_model_id, b.gpu_model_id),
+    )
