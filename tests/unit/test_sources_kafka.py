@@ -151,3 +151,50 @@ async def test_falls_back_past_several_invalid_newest_records() -> None:
     reasons = [dict(h)[DLQ_REASON_HEADER] for _, _, h in producer.sent]
     assert reasons == [b"bad-gpus", b"bad-gpus", b"key-mismatch"]  # in offset order
     assert metrics.telemetry_records.labels("superseded")._value.get() == 0
+
+
+class SlowCommitConsumer(Consumer):
+    """Hands out the given polls, then none; each commit waits for `release`."""
+
+    def __init__(self, polls: list[dict[TopicPartition, list[Rec]]]) -> None:
+        super().__init__()
+        self.polls = polls
+        self.release = asyncio.Event()
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Rec]]:
+        if self.polls:
+            return self.polls.pop(0)
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        await self.release.wait()
+        self.commits.append(offsets)
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 0 for tp in tps}
+
+    async def position(self, tp: TopicPartition) -> int:
+        return 0
+
+
+async def test_a_polls_commit_overlaps_the_next_poll_and_counts_once_committed() -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(dead_letter_topic="dlq"), view)
+    first = [Rec(k, v, offset=i) for i, (k, v) in enumerate([_report("a", 1), _report("b", 2)])]
+    second = [Rec(*_report("a", 3), offset=2)]
+    consumer = SlowCommitConsumer([{TP: first}, {TP: second}])
+    task = asyncio.ensure_future(source._consume(consumer, Producer()))
+    try:
+        # The second poll is applied while the first one's commit is still in flight...
+        await view.wait_for(lambda: view.sequence("c1", "a") == 3, 5)
+        assert consumer.commits == []
+        # ...and records count as handled only once their offsets are committed, in order.
+        assert source.records_handled == 0
+        consumer.release.set()
+        await asyncio.wait_for(source.wait_handled(3), 5)
+        assert consumer.commits == [{TP: 2}, {TP: 3}]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await source._abandon_commit()
