@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -387,21 +388,32 @@ class FragmentationMemo:
     `frag_milli` of each state and `frag_after` of each (state, pod shape): many nodes in one
     state, a representative slot standing for them, or one node shown in several hypothetical
     states all read the right values. Values are exactly those of `frag_milli` / `frag_after`;
-    the memo only avoids recomputing them. It forgets everything past `max_states` states (a
-    long-lived policy meets ever new states), then starts afresh.
+    the memo only avoids recomputing them. A long-lived policy meets ever new states: past
+    `max_states` states or about `max_bytes` of arrays the memo forgets everything and starts
+    afresh (about 72 bytes per state and pod shape seen, for 8-GPU nodes).
     """
 
     def __init__(
-        self, typical: TypicalPods, constraint_aware: bool = False, max_states: int = 1 << 18
+        self,
+        typical: TypicalPods,
+        constraint_aware: bool = False,
+        max_states: int = 1 << 18,
+        max_bytes: int = 128 << 20,
     ) -> None:
         """typical: the target workload (model columns indexed by the fleet's model ids);
-        constraint_aware: as in `frag_milli`; max_states: states kept before starting afresh."""
-        if max_states < 1:
-            raise ValueError("max_states must be >= 1")
+        constraint_aware: as in `frag_milli`; max_states, max_bytes: bounds before starting
+        afresh."""
+        if max_states < 1 or max_bytes < 0:
+            raise ValueError("max_states must be >= 1 and max_bytes >= 0")
         self.typical = typical
         self.constraint_aware = constraint_aware
         self.max_states = max_states
+        self.max_bytes = max_bytes
         self._reset(0)
+
+    def nbytes(self) -> int:
+        """Bytes held by the memo's arrays."""
+        return int(self._cpu.shape[0]) * self._row_bytes
 
     def _reset(self, gpus: int) -> None:
         self._gpus = gpus
@@ -413,6 +425,8 @@ class FragmentationMemo:
         self._now = np.zeros(0, dtype=np.float64)
         self._now_done = np.zeros(0, dtype=np.bool_)
         self._after: dict[Hashable, tuple[FloatArray, BoolArray]] = {}
+        # Bytes per state of the arrays above (grows by 8 x columns + 1 per pod shape seen).
+        self._row_bytes = 8 * (gpus + 3) + 1
 
     def __len__(self) -> int:
         """Number of distinct states interned."""
@@ -449,29 +463,35 @@ class FragmentationMemo:
         keys[:, 0] = cpu
         keys[:, 1] = np.asarray(model, dtype=np.int64)
         keys[:, 2:] = left
-        flat = keys.view(np.dtype((np.void, 8 * (2 + gpus)))).reshape(-1)
-        distinct, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
-        if self._n + distinct.shape[0] > self.max_states:
+        if self._n + rows > self.max_states or self.nbytes() > self.max_bytes:
             self._reset(gpus)  # bounded memory; values are recomputed on demand
-        found = [self._ids.get(key) for key in distinct.tolist()]
-        new = [j for j, sid in enumerate(found) if sid is None]
+        # One dict look-up per row, by the row's bytes (views are mostly small: the engine
+        # shows one row per new state; a dict beats np.unique's sort there).
+        table = self._ids
+        found: list[int] = []
+        new: list[int] = []
+        n = self._n
+        void = np.dtype((np.void, 8 * (2 + gpus)))
+        row_bytes = cast("list[bytes]", keys.view(void).ravel().tolist())
+        for i, key in enumerate(row_bytes):
+            sid = table.get(key)
+            if sid is None:
+                sid = table[key] = n + len(new)
+                new.append(i)
+            found.append(sid)
         if new:
-            self._grow(self._n + len(new))
-            for j in new:
-                found[j] = self._n
-                self._ids[distinct[j].tobytes()] = self._n
-                self._n += 1
-            ids_new = np.arange(self._n - len(new), self._n, dtype=np.int64)
-            src = first[np.asarray(new, dtype=np.int64)]
-            self._cpu[ids_new] = keys[src, 0]
-            self._model[ids_new] = keys[src, 1]
-            self._gpu[ids_new] = keys[src, 2:]
-        ids: IntArray = np.asarray(found, dtype=np.int64)[inverse.reshape(-1)]
+            self._grow(n + len(new))
+            self._n = n + len(new)
+            src = np.asarray(new, dtype=np.int64)
+            self._cpu[n : self._n] = keys[src, 0]
+            self._model[n : self._n] = keys[src, 1]
+            self._gpu[n : self._n] = keys[src, 2:]
+        ids: IntArray = np.asarray(found, dtype=np.int64)
         return ids
 
     def frag_now(self, ids: IntArray) -> FloatArray:
         """(R,) fragmentation of the states `ids` (from `states`)."""
-        todo = np.unique(ids[~self._now_done[ids]])
+        todo = ids[~self._now_done[ids]]  # repeats are computed twice, to the same value
         if todo.size:
             self._now[todo] = frag_milli(
                 self._cpu[todo], self._gpu[todo], self._model[todo], self.typical,
@@ -496,8 +516,9 @@ class FragmentationMemo:
                 np.zeros(capacity, dtype=np.bool_),
             )
             self._after[key] = entry
+            self._row_bytes += 8 * columns + 1
         values, done = entry
-        todo = np.unique(ids[~done[ids]])
+        todo = ids[~done[ids]]
         if todo.size:
             values[todo] = frag_after(
                 self._cpu[todo], self._gpu[todo], self._model[todo], self.typical,

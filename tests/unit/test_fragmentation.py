@@ -321,6 +321,14 @@ def test_memo_keys_states_not_rows_and_stays_bounded() -> None:
     assert len(memo) == 1
     expected = frag_after(np.array([100]), np.array([[0, 0]]), np.array([0]), TYPICAL, 0, 0, 0)
     assert np.array_equal(memo.frag_after(more, 0, 0, 0), expected)
+    # A byte budget of 0: every call starts afresh, values still exact.
+    tight = FragmentationMemo(TYPICAL, max_bytes=0)
+    for _ in range(2):
+        ids = tight.states(cpu, gpus, model)
+        assert np.array_equal(tight.frag_now(ids), frag_milli(cpu, gpus, model, TYPICAL))
+        direct = frag_after(cpu, gpus, model, TYPICAL, 4000, 500, 1)
+        assert np.array_equal(tight.frag_after(ids, 4000, 500, 1), direct)
+    assert tight.nbytes() > 0
 
 
 def two_node_fleet(cpu: tuple[int, int]) -> Fleet:
