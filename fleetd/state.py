@@ -335,8 +335,11 @@ class FleetState:
         #: (cluster, node) -> uids of self.pods on it: node updates touch their own pods
         #: without scanning every pod of the fleet.
         self._pods_on: dict[tuple[str, str], set[str]] = {}
-        #: cluster -> node name -> (node key, gate subject): the NodeHeartbeats hot loop.
-        self._heartbeat_keys: dict[str, dict[str, tuple[str, tuple[str, str, str]]]] = {}
+        #: cluster -> node name -> (node key, gate subject, the node's `nodes` entry): the
+        #: NodeHeartbeats hot loop finds all three with one lookup. An entry is dropped
+        #: whenever `nodes` gets a new value for the node (or loses it), so it never holds
+        #: a replaced `_NodeInfo`.
+        self._heartbeat_keys: dict[str, dict[str, tuple[str, tuple[str, str, str], _NodeInfo]]] = {}
         self.sources: dict[tuple[str, str], _SourceInfo] = {}
         #: Clusters a source lost the sync of (after the initial sync): excluded from new
         #: placements while here. Their nodes carry the core's stale flag on top of their own
@@ -680,25 +683,30 @@ class FleetState:
         for name, seq, observed_s, token in zip(
             u.names, u.sequences, u.observed_at_s, u.content_tokens, strict=True
         ):
-            keys = names.get(name)
-            if keys is None:
-                keys = names[name] = (node_key(cluster, name), (cluster, "node", name))
-            info = nodes.get(keys[0])
-            if info is None or not token or info.content_token != token:
+            entry = names.get(name)
+            if entry is None:
+                key = node_key(cluster, name)
+                found = nodes.get(key)
+                if found is None:
+                    refused += 1
+                    continue
+                entry = names[name] = (key, (cluster, "node", name), found)
+            key, subject, info = entry
+            if not token or info.content_token != token:
                 # The content it repeats was never applied here (refused, or the node was
                 # removed since): nothing to refresh. The source sends full content again
                 # when the node changes.
                 refused += 1
                 continue
-            last = gate_last.get(keys[1])
+            last = gate_last.get(subject)
             if last is not None and seq <= last:
                 stale_seq += 1
                 continue
-            gate_last[keys[1]] = seq
+            gate_last[subject] = seq
             info.last_seen_s = now
             if info.stale:
                 info.stale = False
-                self.fleet.set_flags(keys[0], stale=cluster in self.lost_clusters)
+                self.fleet.set_flags(key, stale=cluster in self.lost_clusters)
             applied += 1
             if observed_s > latest_observed_s:
                 latest_observed_s = observed_s
@@ -788,6 +796,8 @@ class FleetState:
         for dev in u.gpus:
             if 0 <= dev.index < gpu_count:
                 self.fleet.set_gpu_health(key, dev.index, dev.healthy)
+        # The heartbeat cache must not keep the replaced `_NodeInfo` (see `_heartbeat_keys`).
+        self._heartbeat_keys.get(u.cluster, {}).pop(u.name, None)
         self.nodes[key] = _NodeInfo(
             cluster=u.cluster,
             name=u.name,

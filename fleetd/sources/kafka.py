@@ -398,6 +398,10 @@ class KafkaSource:
             parsed_ok = 0
             position = 0
             next_yield = YIELD_EVERY_RECORDS
+            # (Bound methods hoisted out of the per-record loops: they run for every record.)
+            find_content = contents.get
+            add_candidate = candidates.append
+            add_rest = rests.append
             for tp, records in batches.items():
                 for rec in records:
                     position += 1
@@ -406,7 +410,7 @@ class KafkaSource:
                         next_yield += YIELD_EVERY_RECORDS
                         await asyncio.sleep(0)
                     key = rec.key
-                    memo = contents.get(key) if key is not None else None
+                    memo = find_content(key) if key is not None else None
                     if memo is not None and key not in best:
                         # The node's last applied content, repeated (a periodic report)?
                         # Then only the envelope is new: it is decoded for all such records
@@ -418,14 +422,15 @@ class KafkaSource:
                             and value.endswith(memo.tail)
                             and value.startswith(memo.head)
                         ):
-                            candidates.append((position, rec, memo))
-                            rests.append(value[memo.head_len : len(value) - memo.tail_len])
+                            add_candidate((position, rec, memo))
+                            add_rest(value[memo.head_len : len(value) - memo.tail_len])
                             continue
                     parsed_ok += take_in_full(position, rec)
                 if records:
                     offsets[tp] = records[-1].offset + 1
             if rests:
                 sequences, times, decoded = decode_envelope_rests(rests)
+                last_sequence = gate_last.get
                 for (position, rec, memo), seq, observed_s, good in zip(
                     candidates,
                     sequences.tolist(),
@@ -438,18 +443,18 @@ class KafkaSource:
                         parsed_ok += take_in_full(position, rec)
                         continue
                     subject = memo.subject
-                    last = gate_last.get(subject)
+                    last = last_sequence(subject)
                     if last is not None and seq <= last:
                         unchanged_duplicates += 1
                         continue
                     gate_last[subject] = seq
-                    column = beats.get(memo.cluster)
-                    if column is None:
-                        column = beats[memo.cluster] = _Beats()
-                    column.names.append(memo.name)
-                    column.sequences.append(seq)
-                    column.observed_at_s.append(observed_s)
-                    column.tokens.append(memo.tail)
+                    columns = beats.get(memo.cluster)
+                    if columns is None:
+                        columns = beats[memo.cluster] = _Beats()
+                    columns.names.append(memo.name)
+                    columns.sequences.append(seq)
+                    columns.observed_at_s.append(observed_s)
+                    columns.tokens.append(memo.tail)
                 unchanged = sum(len(b.names) for b in beats.values())
             fallback: dict[object, list[tuple[int, int, Any, Any]]] | None = None
             rejected = 0

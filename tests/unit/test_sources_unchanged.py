@@ -332,6 +332,24 @@ def test_removed_nodes_leave_no_heartbeat_cache_entry(tmp_path: Path) -> None:
     assert "c1/a" not in state.nodes
 
 
+def test_heartbeats_after_a_change_refresh_the_node_applied_last(tmp_path: Path) -> None:
+    """The heartbeat cache holds each node's `_NodeInfo`: a full update replaces it, and the
+    next heartbeats must refresh (and compare the content token of) the new one."""
+    state = _state(tmp_path)
+    state.apply_now(dataclasses.replace(gpu_node("a"), sequence=1, content_token=b"A"))
+    state.apply_now(up.NodeHeartbeats("c1", ("a",), (2,), (1.0,), (b"A",)))
+    cordoned = dataclasses.replace(
+        gpu_node("a"), sequence=3, content_token=b"B", unschedulable=True
+    )
+    state.apply_now(cordoned)
+    state.nodes["c1/a"].last_seen_s = 0.0
+    # The old content's repeat is refused; the new content's is applied to the new info.
+    state.apply_now(up.NodeHeartbeats("c1", ("a", "a"), (4, 5), (1.0, 2.0), (b"A", b"B")))
+    assert state.gate.last("c1", "node", "a") == 5
+    assert state.nodes["c1/a"].last_seen_s == 1_000_000.0
+    assert state.invalid_updates == 1
+
+
 async def test_an_invalid_change_after_a_repeat_in_one_poll_falls_back_safely() -> None:
     """The newest record of a key is invalid and the next newest is a repeat that was
     already applied as such: dead letter, nothing applied twice, no crash."""
