@@ -440,7 +440,17 @@ def _build_promtool(arts: Artefacts, log: _Log) -> None:
     work.mkdir(parents=True)
     package = f"prometheus={versions.PROMETHEUS_DEB_VERSION}"
     try:
-        log.run(["apt-get", "download", package], cwd=work)
+        try:
+            log.run(["apt-get", "download", package], cwd=work)
+        except BuildError:
+            # The machine's package lists may be missing or stale (a fresh image): fetch
+            # Debian's index into a private folder (no root, the system's lists untouched).
+            lists, cache = work / "apt-lists", work / "apt-cache"
+            (lists / "partial").mkdir(parents=True)
+            (cache / "archives" / "partial").mkdir(parents=True)
+            private = ["-o", f"Dir::State::Lists={lists}", "-o", f"Dir::Cache={cache}"]
+            log.run(["apt-get", "-q", *private, "update"], cwd=work)
+            log.run(["apt-get", "-q", *private, "download", package], cwd=work)
     except BuildError as exc:
         raise BuildError(
             f"{exc}\nIf Debian no longer serves {package}, set PROMETHEUS_DEB_VERSION in "
