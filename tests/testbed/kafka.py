@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import datetime
-import ipaddress
 import secrets
 import shutil
 import signal
@@ -28,6 +26,7 @@ from tests.testbed.procs import (
     retry_on_port_clash,
     wait_until,
 )
+from tests.testbed.tls import self_signed_serving_cert
 
 #: Bounded waits; a broker on a warm machine is up in ~10 s.
 KAFKA_READY_TIMEOUT_S = 90.0
@@ -120,51 +119,9 @@ def _make_tls(directory: Path) -> tuple[Path, Path]:
     test bed's): returns (CA file for clients, broker keystore: PKCS#8 key and certificate
     in one PEM file, Kafka's ``ssl.keystore.type=PEM``; the key is not encrypted because
     the test bed's JDK has no PBES2, and the file is readable by its owner only)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.hazmat.primitives import serialization
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleetd-testbed-kafka")])
-    now = datetime.datetime.now(datetime.UTC)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = self_signed_serving_cert("fleetd-testbed-kafka")
     directory.mkdir(parents=True, exist_ok=True)
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     ca_file = directory / "ca.pem"

@@ -12,8 +12,6 @@ One kubeconfig holds a context per cluster (the context name is the cluster name
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import secrets
 import shutil
@@ -36,6 +34,7 @@ from tests.testbed.procs import (
     retry_on_port_clash,
     wait_until,
 )
+from tests.testbed.tls import self_signed_serving_cert
 
 #: The clusters every test bed has; each name is also its kubeconfig context.
 CLUSTERS: tuple[str, ...] = ("cluster-a", "cluster-b")
@@ -59,56 +58,12 @@ class _Tls:
 
 
 def _make_tls(directory: Path) -> _Tls:
-    """A self-signed serving certificate for 127.0.0.1/localhost (it is its own CA).
-
-    It is marked as a CA with key-cert-sign usage so that strict verifiers (Python 3.13's
-    VERIFY_X509_STRICT, Go) accept it as the trust anchor in the kubeconfig.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    """The serving certificate (`self_signed_serving_cert`, its own CA: the kubeconfig's
+    trust anchor), its key and the service-account key, written to `directory`."""
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleetd-testbed")])
-    now = datetime.datetime.now(datetime.UTC)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = self_signed_serving_cert("fleetd-testbed")
     directory.mkdir(parents=True, exist_ok=True)
     tls = _Tls(
         directory / "serving.crt", directory / "serving.key", directory / "service-account.key"
