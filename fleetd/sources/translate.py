@@ -403,9 +403,10 @@ def pod_requests(spec: Mapping[str, Any]) -> Resources:
     return _add(total, overhead)
 
 
-def pod_update(cluster: str, obj: object) -> PodObserved | PodRemoved | None:
-    """A Pod object as PodObserved (bound, not terminated), PodRemoved (terminated) or
-    None (not bound to a node yet: it holds nothing)."""
+def _pod_fields(
+    obj: object,
+) -> tuple[dict[str, Any], str, str, dict[str, Any], dict[str, Any], str, str]:
+    """A Pod's validated (metadata, namespace, uid, spec, status, nodeName or '', phase)."""
     meta = _metadata(obj, "Pod")
     assert isinstance(obj, dict)
     namespace = meta.get("namespace")
@@ -422,6 +423,13 @@ def pod_update(cluster: str, obj: object) -> PodObserved | PodRemoved | None:
     phase = status.get("phase", "Pending")
     if phase not in POD_PHASES:
         raise InvalidObject("bad-structure", f"status.phase {phase!r}")
+    return meta, namespace, uid, spec, status, node, phase
+
+
+def pod_update(cluster: str, obj: object) -> PodObserved | PodRemoved | None:
+    """A Pod object as PodObserved (bound, not terminated), PodRemoved (terminated) or
+    None (not bound to a node yet: it holds nothing)."""
+    meta, namespace, uid, spec, _status, node, phase = _pod_fields(obj)
     labels = _string_map(meta.get("labels"), "metadata.labels")
     requests = pod_requests(spec)
     if not node:
@@ -545,22 +553,7 @@ def parse_required_affinity(spec: Mapping[str, Any]) -> tuple[NodeRequirement, .
 def pending_pod(cluster: str, obj: object) -> PendingPod | PendingPodRemoved:
     """A Pod object as PendingPod when it is unbound, not terminated and marked
     Unschedulable by the scheduler; otherwise PendingPodRemoved (it is not pending work)."""
-    meta = _metadata(obj, "Pod")
-    assert isinstance(obj, dict)
-    namespace = meta.get("namespace")
-    if not isinstance(namespace, str) or not _NAME_RE.match(namespace):
-        raise InvalidObject("bad-name", f"Pod: metadata.namespace {namespace!r}")
-    uid = meta.get("uid", "")
-    if not isinstance(uid, str):
-        raise InvalidObject("bad-structure", "Pod: metadata.uid must be a string")
-    spec = _mapping(obj.get("spec"), "spec")
-    status = _mapping(obj.get("status"), "status")
-    node = spec.get("nodeName") or ""
-    if not isinstance(node, str):
-        raise InvalidObject("bad-structure", "spec.nodeName must be a string")
-    phase = status.get("phase", "Pending")
-    if phase not in POD_PHASES:
-        raise InvalidObject("bad-structure", f"status.phase {phase!r}")
+    meta, namespace, uid, spec, status, node, phase = _pod_fields(obj)
     sequence = sequence_of(resource_version(obj))
     if node or phase in TERMINAL_POD_PHASES or not unschedulable(status):
         return PendingPodRemoved(cluster, namespace, meta["name"], sequence=sequence)
