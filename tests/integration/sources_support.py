@@ -7,13 +7,19 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import grpc
+import yaml
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from fleetd import config
+from fleetd.daemon import Daemon
 from fleetd.sources.memory import FleetView
 from fleetd.sources.updates import NodeUpdate, Update
+from fleetd.v1 import fleet_pb2_grpc, nodepools_pb2_grpc, placement_pb2_grpc
 
 AWAIT_S = 60.0
 
@@ -108,3 +114,47 @@ async def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int,
     finally:
         await admin.close()
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+
+
+class Client:
+    """The stubs the daemon tests of this folder use, over one channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.fleet = fleet_pb2_grpc.FleetStub(channel)
+        self.placement = placement_pb2_grpc.PlacementStub(channel)
+        self.pools = nodepools_pb2_grpc.NodePoolsStub(channel)
+
+
+Start = Callable[..., Awaitable[tuple[Daemon, Client]]]
+
+
+@contextlib.asynccontextmanager
+async def daemon_starter(tmp_path: Path) -> AsyncIterator[Start]:
+    """`start(**sections)`: a daemon on `sections` (no simulated fleet) with a client, once
+    ready; every daemon started is stopped (and its channel closed) on exit."""
+    started: list[tuple[Daemon, grpc.aio.Channel]] = []
+
+    async def go(**sections: Any) -> tuple[Daemon, Client]:
+        sections.setdefault("sources", {}).setdefault("simulated", {"enabled": False})
+        data = {
+            "server": {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
+            "journal": {"path": str(tmp_path / "journal.sqlite3")},
+            "logging": {"level": "WARNING"},
+            **sections,
+        }
+        path = tmp_path / "fleetd.yaml"
+        path.write_text(yaml.safe_dump(data))
+        daemon = Daemon(config.load(path), path)
+        await daemon.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{daemon.grpc_port}")
+        started.append((daemon, channel))
+        assert daemon.state is not None
+        await asyncio.wait_for(daemon.state.ready_event.wait(), AWAIT_S)
+        return daemon, Client(channel)
+
+    try:
+        yield go
+    finally:
+        for daemon, channel in started:
+            await channel.close()
+            await daemon.stop()

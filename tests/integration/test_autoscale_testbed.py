@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-import yaml
 from aiokafka import AIOKafkaProducer
 
-from fleetd import config
 from fleetd.daemon import Daemon
 from fleetd.sources.codec import encode_pending_pod_deleted
 from fleetd.sources.kafka import DLQ_REASON_HEADER
@@ -28,14 +25,18 @@ from fleetd.sources.publisher import TelemetryPublisher
 from fleetd.sources.updates import NodePoolUpdate, NodeUpdate, PendingPod, PodObserved, Resources
 from fleetd.v1 import (
     fleet_pb2,
-    fleet_pb2_grpc,
     nodepools_pb2,
-    nodepools_pb2_grpc,
     placement_pb2,
-    placement_pb2_grpc,
     types_pb2,
 )
-from tests.integration.sources_support import AWAIT_S, create_topic, read_topic, unique
+from tests.integration.sources_support import (
+    AWAIT_S,
+    Start,
+    create_topic,
+    daemon_starter,
+    read_topic,
+    unique,
+)
 from tests.testbed.gpu_nodes import KWOK_TOLERATION
 from tests.testbed.procs import async_wait_until
 
@@ -48,45 +49,11 @@ PLACED = types_pb2.DECISION_RESULT_PLACED
 QUEUED = types_pb2.DECISION_RESULT_QUEUED
 
 
-class Client:
-    """The stubs these tests use, over one channel."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.fleet = fleet_pb2_grpc.FleetStub(channel)
-        self.placement = placement_pb2_grpc.PlacementStub(channel)
-        self.pools = nodepools_pb2_grpc.NodePoolsStub(channel)
-
-
-Start = Callable[..., Awaitable[tuple[Daemon, Client]]]
-
-
 @pytest.fixture
 async def start(tmp_path: Path) -> AsyncIterator[Start]:
     """Start a daemon on `sections` (no simulated fleet); await its readiness."""
-    started: list[tuple[Daemon, grpc.aio.Channel]] = []
-
-    async def go(**sections: Any) -> tuple[Daemon, Client]:
-        sections.setdefault("sources", {}).setdefault("simulated", {"enabled": False})
-        data = {
-            "server": {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
-            "journal": {"path": str(tmp_path / "journal.sqlite3")},
-            "logging": {"level": "WARNING"},
-            **sections,
-        }
-        path = tmp_path / "fleetd.yaml"
-        path.write_text(yaml.safe_dump(data))
-        daemon = Daemon(config.load(path), path)
-        await daemon.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{daemon.grpc_port}")
-        started.append((daemon, channel))
-        assert daemon.state is not None
-        await asyncio.wait_for(daemon.state.ready_event.wait(), AWAIT_S)
-        return daemon, Client(channel)
-
-    yield go
-    for daemon, channel in started:
-        await channel.close()
-        await daemon.stop()
+    async with daemon_starter(tmp_path) as go:
+        yield go
 
 
 @pytest.fixture

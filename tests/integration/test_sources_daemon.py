@@ -11,15 +11,19 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 
-from fleetd import config
-from fleetd.daemon import Daemon
 from fleetd.loadgen import produce
 from fleetd.sources.codec import encode_node, node_key
 from fleetd.sources.updates import GpuDevice, NodeUpdate, Resources
-from fleetd.v1 import fleet_pb2, fleet_pb2_grpc, placement_pb2, placement_pb2_grpc, types_pb2
-from tests.integration.sources_support import AWAIT_S, create_topic, unique
+from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
+from tests.integration.sources_support import (
+    AWAIT_S,
+    Client,
+    Start,
+    create_topic,
+    daemon_starter,
+    unique,
+)
 from tests.testbed.procs import async_wait_until
 
 pytestmark = pytest.mark.testbed
@@ -30,44 +34,11 @@ KWOK_TOLERATION = types_pb2.Toleration(
 )
 
 
-class Client:
-    """The stubs these tests use, over one channel."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.fleet = fleet_pb2_grpc.FleetStub(channel)
-        self.placement = placement_pb2_grpc.PlacementStub(channel)
-
-
-Start = Callable[..., Awaitable[tuple[Daemon, Client]]]
-
-
 @pytest.fixture
 async def start(tmp_path: Path) -> AsyncIterator[Start]:
     """Start a daemon on `sections` (no simulated fleet); await its readiness."""
-    started: list[tuple[Daemon, grpc.aio.Channel]] = []
-
-    async def go(**sections: Any) -> tuple[Daemon, Client]:
-        sections.setdefault("sources", {}).setdefault("simulated", {"enabled": False})
-        data = {
-            "server": {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
-            "journal": {"path": str(tmp_path / "journal.sqlite3")},
-            "logging": {"level": "WARNING"},
-            **sections,
-        }
-        path = tmp_path / "fleetd.yaml"
-        path.write_text(yaml.safe_dump(data))
-        daemon = Daemon(config.load(path), path)
-        await daemon.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{daemon.grpc_port}")
-        started.append((daemon, channel))
-        assert daemon.state is not None
-        await asyncio.wait_for(daemon.state.ready_event.wait(), AWAIT_S)
-        return daemon, Client(channel)
-
-    yield go
-    for daemon, channel in started:
-        await channel.close()
-        await daemon.stop()
+    async with daemon_starter(tmp_path) as go:
+        yield go
 
 
 def _report(cluster: str, name: str, seq: int, gpus: int = 8) -> tuple[bytes, bytes]:
