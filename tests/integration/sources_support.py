@@ -17,8 +17,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from fleetd import config
 from fleetd.daemon import Daemon
+from fleetd.sources.codec import encode_node, node_key
 from fleetd.sources.memory import FleetView
-from fleetd.sources.updates import NodeUpdate, Update
+from fleetd.sources.updates import GpuDevice, NodeUpdate, PodObserved, Resources, Update
 from fleetd.v1 import fleet_pb2_grpc, nodepools_pb2_grpc, placement_pb2_grpc
 
 AWAIT_S = 60.0
@@ -158,3 +159,25 @@ async def daemon_starter(tmp_path: Path) -> AsyncIterator[Start]:
         for daemon, channel in started:
             await channel.close()
             await daemon.stop()
+
+
+GIB = 1024**3
+
+
+def h100_report(
+    cluster: str,
+    name: str,
+    seq: int,
+    pods: tuple[PodObserved, ...] = (),
+    *,
+    observed_unix_ms: int = 1,
+) -> tuple[bytes, bytes]:
+    """(key, value) of a telemetry record: an 8 x H100 node of pool h100 in zone z1."""
+    res = Resources(cpu_millicores=96_000, memory_bytes=768 * GIB, gpus=8, pods=110)
+    node = NodeUpdate(
+        cluster=cluster, name=name, sequence=seq, capacity=res, allocatable=res,
+        node_pool="h100", zone="z1", gpu_model="H100",
+        gpus=tuple(GpuDevice(i, "H100", 80 * GIB, True) for i in range(8)), pods=pods,
+    )  # fmt: skip
+    record = encode_node(node, sequence=seq, observed_unix_ms=observed_unix_ms)
+    return node_key(cluster, name), record.SerializeToString()

@@ -4,7 +4,6 @@ clusters; what the sources deliver is visible through the gRPC API (snapshot, Ex
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,6 @@ import grpc
 import pytest
 
 from fleetd.loadgen import produce
-from fleetd.sources.codec import encode_node, node_key
-from fleetd.sources.updates import GpuDevice, NodeUpdate, Resources
 from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
 from tests.integration.sources_support import (
     AWAIT_S,
@@ -22,6 +19,7 @@ from tests.integration.sources_support import (
     Start,
     create_topic,
     daemon_starter,
+    h100_report,
     unique,
 )
 from tests.testbed.procs import async_wait_until
@@ -39,17 +37,6 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
     """Start a daemon on `sections` (no simulated fleet); await its readiness."""
     async with daemon_starter(tmp_path) as go:
         yield go
-
-
-def _report(cluster: str, name: str, seq: int, gpus: int = 8) -> tuple[bytes, bytes]:
-    res = Resources(cpu_millicores=96_000, memory_bytes=768 * GIB, gpus=gpus, pods=110)
-    node = NodeUpdate(
-        cluster=cluster, name=name, sequence=seq, capacity=res, allocatable=res,
-        node_pool="h100", zone="z1", gpu_model="H100",
-        gpus=tuple(GpuDevice(i, "H100", 80 * GIB, True) for i in range(gpus)), pods=(),
-    )  # fmt: skip
-    record = encode_node(dataclasses.replace(node), sequence=seq, observed_unix_ms=1)
-    return node_key(cluster, name), record.SerializeToString()
 
 
 async def _nodes(client: Client, cluster: str) -> dict[str, fleet_pb2.Node]:
@@ -89,7 +76,7 @@ async def test_kafka_only_nodes_arrive_go_stale_and_come_back(
     topic = unique("daemon-telemetry")
     await create_topic(kafka_bootstrap, topic)
     # Readiness waits for edge-1's first report: publish before starting.
-    await produce(kafka_bootstrap, topic, [_report("edge-1", f"n{i}", 1 + i) for i in range(3)])
+    await produce(kafka_bootstrap, topic, [h100_report("edge-1", f"n{i}", 1 + i) for i in range(3)])
     _, client = await start(
         sources={"kafka": _kafka_section(kafka_bootstrap, topic, ["edge-1"])},
         staleness={"node_stale_after_s": 1.0, "check_interval_s": 0.1},
@@ -107,7 +94,7 @@ async def test_kafka_only_nodes_arrive_go_stale_and_come_back(
     await _until("edge-1 nodes stale", all_stale)
     assert (await _nodes(client, "edge-1"))["n0"].condition == "stale"
     # ... and n0 comes back with its next report.
-    await produce(kafka_bootstrap, topic, [_report("edge-1", "n0", 100)])
+    await produce(kafka_bootstrap, topic, [h100_report("edge-1", "n0", 100)])
 
     async def n0_back() -> bool:
         return (await _nodes(client, "edge-1"))["n0"].schedulable
@@ -171,7 +158,7 @@ async def test_kafka_and_kubernetes_for_different_clusters(
 ) -> None:
     topic = unique("daemon-mixed")
     await create_topic(kafka_bootstrap, topic)
-    await produce(kafka_bootstrap, topic, [_report("edge-2", "k0", 1)])
+    await produce(kafka_bootstrap, topic, [h100_report("edge-2", "k0", 1)])
     a = kube.contexts[0]
     node = unique("mixed")
     await asyncio.to_thread(kube.create_gpu_node, a, node, gpus=2, wait_ready=False)

@@ -11,28 +11,13 @@ import time
 import pytest
 
 from fleetd.loadgen import produce
-from fleetd.sources.codec import encode_node, node_key
-from fleetd.sources.updates import GpuDevice, NodeUpdate, Resources
 from fleetd.v1 import fleet_pb2
-from tests.integration.sources_support import AWAIT_S, create_topic, unique
+from tests.integration.sources_support import AWAIT_S, create_topic, h100_report, unique
 from tests.testbed.procs import async_wait_until
 
 from .conftest import StartDaemon, promtool, scrape
 
 pytestmark = pytest.mark.testbed
-
-GIB = 1024**3
-
-
-def _report(cluster: str, name: str, seq: int) -> tuple[bytes, bytes]:
-    res = Resources(cpu_millicores=96_000, memory_bytes=768 * GIB, gpus=8, pods=110)
-    node = NodeUpdate(
-        cluster=cluster, name=name, sequence=seq, capacity=res, allocatable=res,
-        node_pool="h100", zone="z1", gpu_model="H100",
-        gpus=tuple(GpuDevice(i, "H100", 80 * GIB, True) for i in range(8)), pods=(),
-    )  # fmt: skip
-    record = encode_node(node, sequence=seq, observed_unix_ms=int(time.time() * 1000))
-    return node_key(cluster, name), record.SerializeToString()
 
 
 async def test_kafka_metrics_are_exposed_and_promtool_clean(
@@ -40,7 +25,7 @@ async def test_kafka_metrics_are_exposed_and_promtool_clean(
 ) -> None:
     topic, cluster = unique("metrics"), unique("edge")
     await create_topic(kafka_bootstrap, topic)
-    key, good = _report(cluster, "n0", 1)
+    key, good = h100_report(cluster, "n0", 1, observed_unix_ms=int(time.time() * 1000))
     # A record that is not a TelemetryRecord, then a good one of the same key: one partition,
     # in this order, so the dead letter is handled before the node shows up.
     await produce(kafka_bootstrap, topic, [(key, b"\xff\x00garbage"), (key, good)])

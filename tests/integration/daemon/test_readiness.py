@@ -26,10 +26,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fleetd.loadgen import produce
-from fleetd.sources.codec import encode_node, node_key
-from fleetd.sources.updates import GpuDevice, NodeUpdate, Resources
 from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
-from tests.integration.sources_support import AWAIT_S, create_topic, unique
+from tests.integration.sources_support import AWAIT_S, create_topic, h100_report, unique
 from tests.testbed.kube import KubeTestbed
 from tests.testbed.procs import async_wait_until
 from tests.testbed.runner import TestbedRun
@@ -63,17 +61,6 @@ class HealthWatch:
         self.call.cancel()
 
 
-def _report(cluster: str, name: str, seq: int) -> tuple[bytes, bytes]:
-    res = Resources(cpu_millicores=96_000, memory_bytes=768 * GIB, gpus=8, pods=110)
-    node = NodeUpdate(
-        cluster=cluster, name=name, sequence=seq, capacity=res, allocatable=res,
-        node_pool="h100", zone="z1", gpu_model="H100",
-        gpus=tuple(GpuDevice(i, "H100", 80 * GIB, True) for i in range(8)), pods=(),
-    )  # fmt: skip
-    record = encode_node(node, sequence=seq, observed_unix_ms=1)
-    return node_key(cluster, name), record.SerializeToString()
-
-
 def _place(wid: str, cluster: str) -> placement_pb2.PlaceRequest:
     pod = types_pb2.PodSpec(cpu_millicores=1000, memory_bytes=GIB, gpu_count=1)
     wl = types_pb2.Workload(workload_id=wid, team="t", pod=pod, cluster=cluster)
@@ -85,7 +72,7 @@ async def test_kafka_broker_outage_drops_readiness_until_resynced(
 ) -> None:
     topic, cluster = unique("ready"), unique("edge")
     await create_topic(kafka_bootstrap, topic)
-    await produce(kafka_bootstrap, topic, [_report(cluster, "n0", 1)])
+    await produce(kafka_bootstrap, topic, [h100_report(cluster, "n0", 1)])
     daemon, client = await start_daemon(
         sources={
             "simulated": {"enabled": False},
@@ -132,7 +119,7 @@ async def test_kafka_broker_outage_drops_readiness_until_resynced(
         finally:
             await asyncio.to_thread(testbed_run.restart_kafka)
         # A report published while fleetd was cut off arrives once it is back.
-        await produce(kafka_bootstrap, topic, [_report(cluster, "n1", 2)])
+        await produce(kafka_bootstrap, topic, [h100_report(cluster, "n1", 2)])
         await health.next_status(SERVING)
         status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
         assert status.ready
@@ -149,7 +136,7 @@ async def test_kafka_without_a_cluster_list_is_ready_only_after_catching_up(
 ) -> None:
     topic, cluster = unique("ready-all"), unique("edge")
     await create_topic(kafka_bootstrap, topic)
-    await produce(kafka_bootstrap, topic, [_report(cluster, f"n{i}", 1) for i in range(20)])
+    await produce(kafka_bootstrap, topic, [h100_report(cluster, f"n{i}", 1) for i in range(20)])
     # start_daemon returns once the daemon is ready.
     _, client = await start_daemon(
         sources={

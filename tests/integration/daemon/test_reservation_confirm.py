@@ -11,10 +11,9 @@ import grpc
 import pytest
 
 from fleetd.loadgen import produce
-from fleetd.sources.codec import encode_node, node_key
-from fleetd.sources.updates import GpuDevice, NodeUpdate, PodObserved, Resources, labels_of
+from fleetd.sources.updates import PodObserved, Resources, labels_of
 from fleetd.v1 import placement_pb2, types_pb2
-from tests.integration.sources_support import AWAIT_S, create_topic, unique
+from tests.integration.sources_support import AWAIT_S, create_topic, h100_report, unique
 from tests.testbed.gpu_nodes import KWOK_TOLERATION
 from tests.testbed.kube import KubeTestbed
 from tests.testbed.procs import async_wait_until
@@ -122,25 +121,12 @@ async def test_reservation_confirmed_by_the_watch_and_released_when_the_pod_goes
     await asyncio.to_thread(kube.delete_node, context, node)
 
 
-def _report(
-    cluster: str, name: str, seq: int, pods: tuple[PodObserved, ...]
-) -> tuple[bytes, bytes]:
-    res = Resources(cpu_millicores=96_000, memory_bytes=768 * GIB, gpus=8, pods=110)
-    node = NodeUpdate(
-        cluster=cluster, name=name, sequence=seq, capacity=res, allocatable=res,
-        node_pool="h100", zone="z1", gpu_model="H100",
-        gpus=tuple(GpuDevice(i, "H100", 80 * GIB, True) for i in range(8)), pods=pods,
-    )  # fmt: skip
-    record = encode_node(node, sequence=seq, observed_unix_ms=1)
-    return node_key(cluster, name), record.SerializeToString()
-
-
 async def test_reservation_confirmed_by_kafka_telemetry_and_released_when_the_pod_goes(
     start_daemon: StartDaemon, kafka_bootstrap: str
 ) -> None:
     topic, cluster = unique("confirm"), unique("edge")
     await create_topic(kafka_bootstrap, topic)
-    await produce(kafka_bootstrap, topic, [_report(cluster, "n0", 1, ())])
+    await produce(kafka_bootstrap, topic, [h100_report(cluster, "n0", 1, ())])
     _, client = await start_daemon(
         sources={
             "simulated": {"enabled": False},
@@ -174,11 +160,11 @@ async def test_reservation_confirmed_by_kafka_telemetry_and_released_when_the_po
         phase="Running",
         labels=labels_of({"fleetd.io/workload-id": wid}),
     )
-    await produce(kafka_bootstrap, topic, [_report(cluster, "n0", 2, (pod,))])
+    await produce(kafka_bootstrap, topic, [h100_report(cluster, "n0", 2, (pod,))])
     confirm = await _next_decision(stream, wid, types_pb2.Decision.KIND_CONFIRM)
     assert confirm.reservation_state == types_pb2.RESERVATION_STATE_CONFIRMED
     # The next report has no pod: the workload finished, its GPUs are free again.
-    await produce(kafka_bootstrap, topic, [_report(cluster, "n0", 3, ())])
+    await produce(kafka_bootstrap, topic, [h100_report(cluster, "n0", 3, ())])
     done = await _next_decision(stream, wid, types_pb2.Decision.KIND_RELEASE)
     assert done.reservation_state == types_pb2.RESERVATION_STATE_RELEASED
     stream.cancel()
