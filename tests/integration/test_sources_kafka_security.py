@@ -19,8 +19,15 @@ from fleetd.sources.kafka import KafkaSource, settings_from_config
 from fleetd.sources.memory import FleetView
 from fleetd.sources.security import KafkaSecurity
 from fleetd.v1 import fleet_pb2, fleet_pb2_grpc
-from tests.integration.sources_support import AWAIT_S, create_topic, running, unique
-from tests.integration.test_sources_daemon import Start, _nodes, _report, _until, start
+from tests.integration.sources_support import (
+    AWAIT_S,
+    Start,
+    create_topic,
+    h100_report,
+    running,
+    unique,
+)
+from tests.integration.test_sources_daemon import _nodes, _until, start
 from tests.testbed.kafka import SecureListener
 from tests.testbed.procs import TestbedError, async_wait_until
 from tests.testbed.runner import TestbedRun
@@ -74,7 +81,7 @@ async def test_daemon_ingests_over_sasl_ssl(
     await produce(
         kafka_secure.bootstrap,
         topic,
-        [_report("edge-s", f"n{i}", 1 + i) for i in range(3)],
+        [h100_report("edge-s", f"n{i}", 1 + i) for i in range(3)],
         **publisher.client_options(),
     )
     password_file = tmp_path / "sasl-password"
