@@ -89,6 +89,13 @@ class Metrics:
         self.queued = Gauge(
             "fleetd_workloads_queued", "Workloads waiting for capacity.", registry=r
         )
+        self.pods_pending = Gauge(
+            "fleetd_cluster_pods_pending",
+            "Pods a cluster's own scheduler reported unschedulable (a Kubernetes watch or "
+            "PendingPod telemetry): the pending work the autoscaler plans capacity for.",
+            ["cluster"],
+            registry=r,
+        )
         self.telemetry_lag = Gauge(
             "fleetd_telemetry_lag_seconds",
             "Receive time minus the cluster's observation time of the last update.",
@@ -180,7 +187,8 @@ class Metrics:
         f = state.fleet
         slots = np.flatnonzero(f.live_mask())
         for gauge in (self.gpus, self.gpus_allocated, self.cpu_cores, self.cpu_cores_allocated,
-                      self.memory_bytes, self.memory_bytes_allocated, self.nodes, self.fragmentation):  # fmt: skip
+                      self.memory_bytes, self.memory_bytes_allocated, self.nodes, self.fragmentation,
+                      self.pods_pending):  # fmt: skip
             gauge.clear()
         if slots.size:
             cluster_ids = f.cluster_id[slots].astype(np.int64)
@@ -234,6 +242,8 @@ class Metrics:
                     k = cid * 4 + c
                     if k < counts.size and counts[k]:
                         self.nodes.labels(cluster, name).set(int(counts[k]))
+        for cluster, pods in state.pending_pods.items():
+            self.pods_pending.labels(cluster).set(len(pods))
         pending, confirmed, queued = state.counts()
         self.reservations.labels("pending").set(pending)
         self.reservations.labels("confirmed").set(confirmed)

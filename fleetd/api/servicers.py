@@ -326,10 +326,15 @@ def scale_decision_pb(event: ScaleEvent) -> nodepools_pb2.ScaleDecision:
     )
 
 
+def known_clusters(state: FleetState) -> set[str]:
+    """Clusters with nodes, pools or pending pods in fleet state."""
+    known = {i.cluster for i in state.nodes.values()} | {c for c, _ in state.pools}
+    return known | state.pending_pods.keys()
+
+
 def node_pools(state: FleetState, cluster: str) -> list[nodepools_pb2.NodePool]:
     """Every pool known from pool updates or node labels, optionally of one cluster."""
-    clusters = {i.cluster for i in state.nodes.values()} | {c for c, _ in state.pools}
-    if cluster and cluster not in clusters:
+    if cluster and cluster not in known_clusters(state):
         raise NotFound(f"cluster {cluster!r} is not known to fleetd")
     ready: dict[tuple[str, str], int] = {}
     for info in state.nodes.values():
@@ -403,7 +408,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
 def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.Snapshot:
     """The Fleet.GetSnapshot reply, computed from the node table."""
-    known = {i.cluster for i in state.nodes.values()} | {c for c, _ in state.pools}
+    known = known_clusters(state)
     if cluster and cluster not in known:
         raise NotFound(f"cluster {cluster!r} is not known to fleetd")
     f = state.fleet
@@ -489,6 +494,10 @@ def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.
                     zone=info.zone,
                 )
             )
+    # A cluster scaled to zero (only pools) or known only by its pending pods is listed too.
+    for cname in known if not cluster else {cluster}:
+        c = clusters.setdefault(cname, fleet_pb2.Cluster(name=cname))
+        c.pods_pending = len(state.pending_pods.get(cname, ()))
     snap.clusters.extend(clusters[k] for k in sorted(clusters))
     snap.capacity.extend(caps[k] for k in sorted(caps))
     snap.pools.extend(node_pools(state, cluster))

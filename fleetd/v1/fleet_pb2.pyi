@@ -162,11 +162,16 @@ class Cluster(_message.Message):
     NODES_SCHEDULABLE_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
     GPU_MILLI_ALLOCATED_FIELD_NUMBER: _builtins.int
+    PODS_PENDING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     nodes: _builtins.int
     nodes_schedulable: _builtins.int
     gpus: _builtins.int
     gpu_milli_allocated: _builtins.int
+    pods_pending: _builtins.int
+    """Pods the cluster's own scheduler could not place (reported Unschedulable by a watch or
+    as PendingPod telemetry) that the autoscaler plans capacity for.
+    """
     def __init__(
         self,
         *,
@@ -175,10 +180,11 @@ class Cluster(_message.Message):
         nodes_schedulable: _builtins.int = ...,
         gpus: _builtins.int = ...,
         gpu_milli_allocated: _builtins.int = ...,
+        pods_pending: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_milli_allocated", b"gpu_milli_allocated", "gpus", b"gpus", "name", b"name", "nodes", b"nodes", "nodes_schedulable", b"nodes_schedulable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_milli_allocated", b"gpu_milli_allocated", "gpus", b"gpus", "name", b"name", "nodes", b"nodes", "nodes_schedulable", b"nodes_schedulable", "pods_pending", b"pods_pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from fleetd.api.servicers import snapshot
 from fleetd.autoscaler import Autoscaler, pending_pod_spec
 from fleetd.config import Config
 from fleetd.engine import PodRequest
 from fleetd.journal import Journal
+from fleetd.metrics import Metrics
 from fleetd.sources import codec
 from fleetd.sources import updates as up
 from fleetd.sources.translate import InvalidObject, pending_pod, pending_pod_removed
@@ -184,6 +186,24 @@ def test_state_keeps_pending_pods_per_cluster(tmp_path: Path) -> None:
     assert set(state.pending_pods) == {"c2"}
     state.apply_now(up.PendingPodRemoved("c1", "ml", "never-seen"))  # harmless
     assert [p.key for p in state.pending_pod_list()] == ["ml/b"]
+
+
+def test_pending_pods_show_in_snapshot_and_metrics(tmp_path: Path) -> None:
+    state = full_state(tmp_path)
+    state.apply_now(gpu_pod("a"))
+    state.apply_now(gpu_pod("b"))
+    state.apply_now(gpu_pod("c", "c3"))  # a cluster known only by its pending pod
+    snap = snapshot(state, "", include_nodes=False)
+    assert {c.name: c.pods_pending for c in snap.clusters} == {"c1": 2, "c2": 0, "c3": 1}
+    assert [c.pods_pending for c in snapshot(state, "c3", include_nodes=False).clusters] == [1]
+    metrics = Metrics()
+    metrics.refresh(state)
+    assert metrics.registry.get_sample_value("fleetd_cluster_pods_pending", {"cluster": "c1"}) == 2
+    state.apply_now(up.PendingPodRemoved("c3", "ml", "c"))
+    metrics.refresh(state)
+    # The gauge of a cluster with nothing pending goes away with its last pod.
+    assert metrics.registry.get_sample_value("fleetd_cluster_pods_pending", {"cluster": "c3"}) is None
+    assert "c3" not in {c.name for c in snapshot(state, "", include_nodes=False).clusters}
 
 
 def test_autoscaler_plans_for_pending_pods_in_their_cluster(tmp_path: Path) -> None:
