@@ -202,7 +202,9 @@ def test_pending_pods_show_in_snapshot_and_metrics(tmp_path: Path) -> None:
     state.apply_now(up.PendingPodRemoved("c3", "ml", "c"))
     metrics.refresh(state)
     # The gauge of a cluster with nothing pending goes away with its last pod.
-    assert metrics.registry.get_sample_value("fleetd_cluster_pods_pending", {"cluster": "c3"}) is None
+    assert (
+        metrics.registry.get_sample_value("fleetd_cluster_pods_pending", {"cluster": "c3"}) is None
+    )
     assert "c3" not in {c.name for c in snapshot(state, "", include_nodes=False).clusters}
 
 
