@@ -1,6 +1,8 @@
-"""Kafka over TLS and SASL against the test bed's SASL_SSL listener (self-signed CA made at
-start; SCRAM-SHA-256/512 and PLAIN): the daemon ingests over it; wrong credentials or an
-untrusted certificate give a clear error and readiness stays false, without a crash."""
+"""Kafka over TLS and SASL against the test bed's secured listeners (self-signed CA made at
+start): SASL_SSL (SCRAM-SHA-256/512 and PLAIN), SSL with required client certificates
+(mutual TLS) and SASL_PLAINTEXT. The daemon ingests over each; wrong credentials, an
+untrusted broker certificate or a missing client certificate give a clear error and
+readiness stays false, without a crash."""
 
 from __future__ import annotations
 
@@ -104,6 +106,97 @@ async def test_daemon_ingests_over_sasl_ssl(
         return set(await _nodes(client, "edge-s")) == {"n0", "n1", "n2"}
 
     await _until("three nodes reported over SASL_SSL", arrived)
+
+
+def _other_listener(secure: SecureListener, name: str) -> tuple[str, KafkaSecurity]:
+    """(bootstrap, publisher security) of the mutual-TLS or the SASL_PLAINTEXT listener."""
+    if name == "mtls":
+        return secure.mtls_bootstrap, KafkaSecurity(
+            protocol="SSL",
+            ssl_ca_file=str(secure.ca_file),
+            ssl_cert_file=str(secure.client_cert_file),
+            ssl_key_file=str(secure.client_key_file),
+        )
+    return secure.sasl_plaintext_bootstrap, KafkaSecurity(
+        protocol="SASL_PLAINTEXT",
+        sasl_mechanism="SCRAM-SHA-256",
+        sasl_username=secure.username,
+        sasl_password=secure.password,
+    )
+
+
+@pytest.mark.parametrize("listener", ["mtls", "sasl_plaintext"])
+async def test_daemon_ingests_over_mutual_tls_and_sasl_plaintext(
+    start: Start,
+    kafka_bootstrap: str,
+    kafka_secure: SecureListener,
+    tmp_path: Path,
+    listener: str,
+) -> None:
+    topic = unique(f"{listener}-telemetry")
+    await create_topic(kafka_bootstrap, topic)
+    bootstrap, publisher = _other_listener(kafka_secure, listener)
+    await produce(
+        bootstrap,
+        topic,
+        [h100_report("edge-m", f"n{i}", 1 + i) for i in range(3)],
+        **publisher.client_options(),
+    )
+    password_file = tmp_path / "sasl-password"
+    password_file.write_text(kafka_secure.password + "\n")
+    if listener == "mtls":  # the daemon's config names the same files
+        security: dict[str, Any] = {
+            "protocol": "SSL",
+            "ssl_ca_file": publisher.ssl_ca_file,
+            "ssl_cert_file": publisher.ssl_cert_file,
+            "ssl_key_file": publisher.ssl_key_file,
+        }
+    else:
+        security = {
+            "protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": kafka_secure.username,
+            "sasl_password_file": str(password_file),
+        }
+    _, client = await start(
+        sources={
+            "kafka": {
+                "enabled": True,
+                "bootstrap_servers": bootstrap,
+                "topic": topic,
+                "dead_letter_topic": f"{topic}.dlq",
+                "group_id": unique("fleetd"),
+                "clusters": ["edge-m"],
+                "security": security,
+            }
+        }
+    )
+
+    async def arrived() -> bool:
+        return set(await _nodes(client, "edge-m")) == {"n0", "n1", "n2"}
+
+    await _until(f"three nodes reported over {listener}", arrived)
+
+
+async def test_mutual_tls_without_a_client_certificate_is_refused(
+    kafka_secure: SecureListener,
+) -> None:
+    section = config.KafkaSourceConfig(
+        enabled=True,
+        bootstrap_servers=kafka_secure.mtls_bootstrap,
+        topic=unique("mtls-telemetry"),
+        group_id=unique("fleetd"),
+        clusters=["edge-m"],
+        security=config.KafkaSecurity(protocol="SSL", ssl_ca_file=str(kafka_secure.ca_file)),
+    )
+    source = KafkaSource(settings_from_config(section), FleetView())
+    async with running(source.run) as task:
+        await asyncio.wait_for(source.wait_connect_failures(2), AWAIT_S)
+        # The broker's TLS alert (Java sends bad_certificate for a missing one).
+        assert "SSLError" in source.last_connect_error
+        assert "CERTIFICATE" in source.last_connect_error
+        assert not source.ready.is_set()
+        assert not task.done()
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,11 @@
 """A single-node Apache Kafka 4 broker (KRaft, combined broker + controller) on 127.0.0.1.
 
-Two client listeners: PLAINTEXT (``bootstrap``) and SASL_SSL (``secure``): TLS with a
-self-signed CA made at start (PEM files in the run folder) and SASL with SCRAM-SHA-256,
+Four client listeners: PLAINTEXT (``bootstrap``), and in ``secure``: SASL_SSL (TLS with a
+self-signed CA made at start, PEM files in the run folder, and SASL with SCRAM-SHA-256,
 SCRAM-SHA-512 (credentials stored by ``kafka-storage format --add-scram``, KIP-900) and
-PLAIN, for one user whose password is drawn at start.
+PLAIN, for one user whose password is drawn at start), SSL with required client
+certificates (mutual TLS; a client certificate issued by the same CA is made at start) and
+SASL_PLAINTEXT (the same user and mechanisms, no TLS).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.testbed.build import Artefacts
 from tests.testbed.procs import (
@@ -52,13 +55,20 @@ SASL_USERNAME = "fleetd"
 
 @dataclass(frozen=True)
 class SecureListener:
-    """The SASL_SSL listener: where it is, the CA file that verifies its certificate (for
-    127.0.0.1 and localhost) and the one user it knows (SCRAM-SHA-256/512 and PLAIN)."""
+    """The secured listeners: SASL_SSL at ``bootstrap``, with the CA file that verifies the
+    broker's certificate (for 127.0.0.1 and localhost) and the one user it knows
+    (SCRAM-SHA-256/512 and PLAIN); SSL with required client certificates at
+    ``mtls_bootstrap`` (``client_cert_file`` and ``client_key_file`` pass); SASL_PLAINTEXT
+    at ``sasl_plaintext_bootstrap`` (same user)."""
 
     bootstrap: str
     ca_file: Path
     username: str
     password: str
+    mtls_bootstrap: str
+    client_cert_file: Path
+    client_key_file: Path
+    sasl_plaintext_bootstrap: str
 
 
 @dataclass
@@ -114,29 +124,52 @@ def _wait_ready(broker: KafkaBroker) -> None:
     )
 
 
-def _make_tls(directory: Path) -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class _TlsFiles:
+    #: The broker's self-signed certificate, which is its own CA: clients trust it, and the
+    #: mutual-TLS listener trusts the client certificates it issued (``ssl.truststore``).
+    ca_file: Path
+    #: PKCS#8 key and certificate in one PEM file, Kafka's ``ssl.keystore.type=PEM``; the
+    #: key is not encrypted because the test bed's JDK has no PBES2.
+    keystore: Path
+    client_cert_file: Path
+    client_key_file: Path
+
+
+def _make_tls(directory: Path) -> _TlsFiles:
     """A self-signed certificate for 127.0.0.1/localhost that is its own CA (as the kube
-    test bed's): returns (CA file for clients, broker keystore: PKCS#8 key and certificate
-    in one PEM file, Kafka's ``ssl.keystore.type=PEM``; the key is not encrypted because
-    the test bed's JDK has no PBES2, and the file is readable by its owner only)."""
+    test bed's) and a client certificate it issued; key files are readable by their owner
+    only."""
     from cryptography.hazmat.primitives import serialization
 
+    from tests.testbed.tls import client_cert
+
+    def key_pem(key: Any) -> bytes:
+        return bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
     key, cert = self_signed_serving_cert("fleetd-testbed-kafka")
+    ckey, ccert = client_cert(key, cert, "fleetd-testbed-client")
     directory.mkdir(parents=True, exist_ok=True)
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    ca_file = directory / "ca.pem"
-    ca_file.write_bytes(cert_pem)
-    keystore = directory / "broker-keystore.pem"
-    keystore.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        + cert_pem
+    files = _TlsFiles(
+        directory / "ca.pem",
+        directory / "broker-keystore.pem",
+        directory / "client.pem",
+        directory / "client-key.pem",
     )
-    keystore.chmod(0o600)
-    return ca_file, keystore
+    files.ca_file.write_bytes(cert_pem)
+    files.keystore.write_bytes(key_pem(key) + cert_pem)
+    files.client_cert_file.write_bytes(ccert.public_bytes(serialization.Encoding.PEM))
+    files.client_key_file.write_bytes(key_pem(ckey))
+    files.keystore.chmod(0o600)
+    files.client_key_file.chmod(0o600)
+    return files
 
 
 def _server_properties(
@@ -145,12 +178,15 @@ def _server_properties(
     data_dir: Path,
     *,
     secure_port: int,
-    keystore: Path,
+    mtls_port: int,
+    sasl_plaintext_port: int,
+    tls: _TlsFiles,
     sasl_password: str,
 ) -> str:
     listeners = (
         f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port},"
-        f"SASL_SSL://127.0.0.1:{secure_port}"
+        f"SASL_SSL://127.0.0.1:{secure_port},SSL://127.0.0.1:{mtls_port},"
+        f"SASL_PLAINTEXT://127.0.0.1:{sasl_plaintext_port}"
     )
     scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
     plain = (
@@ -168,16 +204,27 @@ def _server_properties(
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
         "listener.security.protocol.map": (
-            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL"
+            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL,"
+            "SASL_PLAINTEXT:SASL_PLAINTEXT"
         ),
-        # SASL_SSL: per-listener settings (`listener.name.<listener>.<mechanism>.` and
+        # Per-listener settings (`listener.name.<listener>.<mechanism>.` and
         # `listener.name.<listener>.ssl.`, lower case); inter-broker traffic stays PLAINTEXT.
         "sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512,PLAIN",
-        "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram,
-        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
-        "listener.name.sasl_ssl.plain.sasl.jaas.config": plain,
+        **{
+            f"listener.name.{listener}.{mechanism}.sasl.jaas.config": jaas
+            for listener in ("sasl_ssl", "sasl_plaintext")
+            for mechanism, jaas in (
+                ("scram-sha-256", scram), ("scram-sha-512", scram), ("plain", plain)
+            )
+        },  # fmt: skip
         "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
-        "listener.name.sasl_ssl.ssl.keystore.location": str(keystore),
+        "listener.name.sasl_ssl.ssl.keystore.location": str(tls.keystore),
+        # SSL: mutual TLS, only clients with a certificate issued by the test bed's CA.
+        "listener.name.ssl.ssl.keystore.type": "PEM",
+        "listener.name.ssl.ssl.keystore.location": str(tls.keystore),
+        "listener.name.ssl.ssl.truststore.type": "PEM",
+        "listener.name.ssl.ssl.truststore.location": str(tls.ca_file),
+        "listener.name.ssl.ssl.client.auth": "required",
         "log.dirs": str(data_dir),
         "num.partitions": "1",
         "auto.create.topics.enable": "true",
@@ -228,14 +275,14 @@ def start_kafka(arts: Artefacts, sup: Supervisor, run_dir: Path) -> KafkaBroker:
 
 
 def _start_kafka_once(arts: Artefacts, sup: Supervisor, run_dir: Path, java: str) -> KafkaBroker:
-    port, controller_port, secure_port = free_ports(3)
+    port, controller_port, secure_port, mtls_port, sasl_plaintext_port = free_ports(5)
     kdir = run_dir / "kafka"
     if kdir.exists():  # a previous attempt lost a port: the storage names the old one
         shutil.rmtree(kdir)
     data_dir = kdir / "data"
     data_dir.mkdir(parents=True)
     sasl_password = secrets.token_urlsafe(16)
-    ca_file, keystore = _make_tls(kdir / "tls")
+    tls = _make_tls(kdir / "tls")
     props = kdir / "server.properties"
     props.write_text(
         _server_properties(
@@ -243,7 +290,9 @@ def _start_kafka_once(arts: Artefacts, sup: Supervisor, run_dir: Path, java: str
             controller_port,
             data_dir,
             secure_port=secure_port,
-            keystore=keystore,
+            mtls_port=mtls_port,
+            sasl_plaintext_port=sasl_plaintext_port,
+            tls=tls,
             sasl_password=sasl_password,
         )
     )
@@ -300,7 +349,16 @@ def _start_kafka_once(arts: Artefacts, sup: Supervisor, run_dir: Path, java: str
             f"kafka: formatting the storage failed ({exc}); log: {format_log}"
         ) from exc
     argv = [*jvm, "kafka.Kafka", str(props)]
-    secure = SecureListener(f"127.0.0.1:{secure_port}", ca_file, SASL_USERNAME, sasl_password)
+    secure = SecureListener(
+        bootstrap=f"127.0.0.1:{secure_port}",
+        ca_file=tls.ca_file,
+        username=SASL_USERNAME,
+        password=sasl_password,
+        mtls_bootstrap=f"127.0.0.1:{mtls_port}",
+        client_cert_file=tls.client_cert_file,
+        client_key_file=tls.client_key_file,
+        sasl_plaintext_bootstrap=f"127.0.0.1:{sasl_plaintext_port}",
+    )
     broker = KafkaBroker(f"127.0.0.1:{port}", sup.start("kafka", argv), data_dir, argv, secure)
     _wait_ready(broker)
     return broker
