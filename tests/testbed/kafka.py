@@ -214,9 +214,11 @@ def _server_properties(
             f"listener.name.{listener}.{mechanism}.sasl.jaas.config": jaas
             for listener in ("sasl_ssl", "sasl_plaintext")
             for mechanism, jaas in (
-                ("scram-sha-256", scram), ("scram-sha-512", scram), ("plain", plain)
+                ("scram-sha-256", scram),
+                ("scram-sha-512", scram),
+                ("plain", plain),
             )
-        },  # fmt: skip
+        },
         "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
         "listener.name.sasl_ssl.ssl.keystore.location": str(tls.keystore),
         # SSL: mutual TLS, only clients with a certificate issued by the test bed's CA.
