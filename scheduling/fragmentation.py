@@ -585,6 +585,8 @@ class FragmentationScorer:
     chooses_gpus = True
     #: See `scheduling.scoring.ScorePlugin`: scores depend on the node's state only.
     state_only = True
+    #: ... and whole GPUs are the lowest-index free ones, the engine's default choice.
+    default_whole_gpus = True
 
     def __init__(
         self,

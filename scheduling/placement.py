@@ -15,7 +15,9 @@ evaluated once per shape, every candidate is scored once, and because scores are
 node-local only the node that just took a pod needs a new score: the run is a k-way merge
 of per-node score sequences (a heap over touched nodes plus a pointer into the untouched
 nodes sorted by score), with the deeper scores of each node computed in vectorized chunks
-(in closed form when no plugin chooses GPUs, `states_after`). Scores are cached per shape
+(in closed form when the GPUs taken are the default ones, `states_after`: no plugin chooses
+GPUs, or the pod is CPU-only, or it takes whole GPUs and the chooser declares
+`default_whole_gpus`). Scores are cached per shape
 across runs: per *state class* when every plugin is state-only (nodes in the same state
 share one score, and a class never changes, so its scores never go stale; `_States`; a
 run ranks the classes present and touches only the rows of the best ones), or per node
@@ -686,8 +688,8 @@ class _Engine:
         self.in_trial = False
         self._topology: dict[TopologyLevel, I64] = {}
         self._n_domains: dict[TopologyLevel, int] = {}
-        # Without a GPU-choosing plugin, deeper states have a closed form (states_after).
-        self.closed_form = not any(p.chooses_gpus for p, _ in policy.terms)
+        # The plugin choosing GPUs, if any (Policy.evaluate consults the first one).
+        self.chooser = next((p for p, _ in policy.terms if p.chooses_gpus), None)
         # With state-only plugins, score each distinct node state once (_States).
         self.states: _States | None = None
         if by_state and all(getattr(p, "state_only", False) for p, _ in policy.terms):
@@ -696,6 +698,16 @@ class _Engine:
         # Per shape (keyed by its Constraints object): depth sequences per state class.
         self.class_chunks: dict[int, dict[int, _Chunk]] = {}
         self.class_cache: dict[int, tuple[NDArray[np.float64], I64, I64]] = {}
+
+    def closed_form(self, c: Constraints) -> bool:
+        """Whether the deeper states of shape c have a closed form (`states_after`): the
+        GPUs are the engine's default choice, because no plugin chooses them, the pod takes
+        no GPU, or it takes whole GPUs and the chooser takes the default ones for those."""
+        if self.chooser is None or c.gpus_per_pod == 0:
+            return True
+        return c.milli_per_gpu >= GPU_MILLI and bool(
+            getattr(self.chooser, "default_whole_gpus", False)
+        )
 
     def topology(self, level: TopologyLevel) -> I64:
         col = self._topology.get(level)
@@ -1050,7 +1062,7 @@ class _Engine:
                     hi = min(n, pos + chunk_size)
                     chunk_size *= 2
                     idx = order[pos:hi]
-                    if self.states is not None and self.closed_form:
+                    if self.states is not None and self.closed_form(c):
                         # One sequence per distinct state and shape, kept across runs: a
                         # state class never changes, so neither do its deeper scores.
                         chunk_of.extend(self._class_chunks(c, idx, rows, p0, k - count))
@@ -1134,7 +1146,7 @@ class _Engine:
         evaluation of closed-form states when no plugin chooses GPUs, otherwise by
         simulating one more pod on every row and re-scoring, step by step."""
         r = len(chunk.scores)
-        if self.closed_form:
+        if self.closed_form(c):
             depths = np.arange(chunk.depth + 1, chunk.depth + steps + 1, dtype=np.int64)
             base = chunk._base
             if base is None:  # a state-class chunk: its one row is the class's state

@@ -227,6 +227,10 @@ class ScorePlugin(Protocol):
     state only (not on `view.slots`); the engine then scores each distinct node state once
     and a view may hold a representative slot for many nodes. Views may also hold the same
     slot several times (hypothetical states of one node, when no plugin chooses GPUs).
+    Optional attribute `default_whole_gpus = True` (a `chooses_gpus` plugin) promises that
+    for whole-GPU pods `gpu_pick` is the default choice (the lowest-index entirely free
+    GPUs, 0 where they are too few): the engine then computes deeper states of such pods in
+    closed form rather than pod by pod.
     """
 
     name: str

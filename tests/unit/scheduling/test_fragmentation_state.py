@@ -15,7 +15,7 @@ from scheduling import Fleet, PodSpec, Policy, place, placement
 from scheduling.filters import Free, compile_pod
 from scheduling.fragmentation import FragmentationScorer, TypicalPods, typical_pods
 from scheduling.reference import place_reference
-from scheduling.scoring import NodeView, gpu_usable_matrix
+from scheduling.scoring import NodeView, default_gpu_pick, gpu_usable_matrix
 from scheduling.workload import QueueItem
 
 from .test_properties import fleets, pods, queues
@@ -147,3 +147,28 @@ def _concat(
         gpu_usable=pick(a.gpu_usable, b.gpu_usable),
         gpu_model_id=pick(a.gpu_model_id, b.gpu_model_id),
     )
+
+
+@SETTINGS
+@given(fleets(), st.integers(1, 4), st.integers(0, 3), st.sampled_from(NAMES))
+def test_whole_gpu_picks_are_the_default_ones(
+    f: Fleet, gpus: int, taken_quarters: int, name: str
+) -> None:
+    # `default_whole_gpus` lets the engine compute whole-GPU pods' deeper states in closed
+    # form: the scorer must then pick exactly what `default_gpu_pick` picks.
+    scorer = _scorer(name)
+    assert scorer.default_whole_gpus
+    rows = np.flatnonzero(f.live_mask()).astype(np.int64)
+    if rows.size == 0:
+        return
+    real = NodeView.of(f, Free.of(f), rows, gpu_usable_matrix(f))
+    # Some GPUs partly taken, so that fewer are entirely free.
+    part = np.where(
+        np.arange(real.gpu_free_milli.shape[1]) % 2 == 0, 250 * taken_quarters, 0
+    ).astype(real.gpu_free_milli.dtype)
+    states = replace(real, gpu_free_milli=np.maximum(real.gpu_free_milli - part, 0))
+    c = compile_pod(f, PodSpec("w", cpu_millicores=100, num_gpu=gpus))
+    for v in (real, states):
+        res = scorer.score(v, c, np.zeros(len(v), np.int64))
+        assert res.gpu_pick is not None
+        assert np.array_equal(res.gpu_pick, default_gpu_pick(v, c))
