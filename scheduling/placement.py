@@ -234,11 +234,32 @@ _NO_PICK = np.zeros(1, np.int64)
 class _Chunk:
     """Deeper scores of a group of candidate rows: scores[j][d] is the score of the
     (d+2)-th pod of the run on row j (the first comes from the run's initial scores).
-    `base` is built on first use when the chunk stands for one state class (`cid`)."""
+    `base` is built on first use when the chunk stands for one state class (`cid`).
+    Stepwise chunks keep the state of their `live` rows after `depth` more pods
+    (`last_view`); a row whose `room` (pods it can take) is reached drops out, as its
+    deeper scores are never read: row j has scores up to depth min(depth, room[j] - 1)."""
 
-    __slots__ = ("_base", "base_pick", "cid", "depth", "last_pick", "last_view", "picks", "scores")
+    __slots__ = (
+        "_base",
+        "base_pick",
+        "cid",
+        "depth",
+        "last_pick",
+        "last_view",
+        "live",
+        "picks",
+        "room",
+        "scores",
+    )
 
-    def __init__(self, view: NodeView | None, pick: I64, rows: int = 1, cid: int = -1) -> None:
+    def __init__(
+        self,
+        view: NodeView | None,
+        pick: I64,
+        rows: int = 1,
+        cid: int = -1,
+        room: I64 | None = None,
+    ) -> None:
         self._base = view
         self.cid = cid
         self.base_pick = pick
@@ -246,6 +267,8 @@ class _Chunk:
         self.last_pick = pick
         self.depth = 0
         n = len(view) if view is not None else rows
+        self.live = np.arange(n, dtype=np.int64)
+        self.room = room
         self.scores: list[list[float]] = [[] for _ in range(n)]
         self.picks: list[list[int]] = [[] for _ in range(n)]
 
@@ -696,7 +719,7 @@ class _Engine:
             self.states = _States(fleet, self.free, self.usable, self.live_rows)
         # Per shape: scores, picks, room and a computed flag per class id.
         # Per shape (keyed by its Constraints object): depth sequences per state class.
-        self.class_chunks: dict[int, dict[int, _Chunk]] = {}
+        self.class_chunks: dict[int, dict[int, tuple[_Chunk, int]]] = {}
         self.class_cache: dict[int, tuple[NDArray[np.float64], I64, I64]] = {}
 
     def closed_form(self, c: Constraints) -> bool:
@@ -956,14 +979,16 @@ class _Engine:
             sel = np.flatnonzero(row_rank <= cut)  # ascending: slots ascending
             sel = sel[np.argsort(row_rank[sel], kind="stable")][:k]
             sel_cls = cls[sel]
+            sel_room = room[sel_cls]
             slots, picks = self._merge(
                 c,
                 k,
                 rows[sel],
-                np.minimum(room[sel_cls], k),
+                np.minimum(sel_room, k),
                 score[sel_cls],
                 pick[sel_cls],
                 np.arange(sel.size, dtype=np.int64),
+                sel_room,
             )
         self.apply(c, slots, picks, sign=-1)
         return slots, picks
@@ -1022,7 +1047,11 @@ class _Engine:
         s0: NDArray[np.float64],
         p0: I64,
         order: I64,
+        room: I64 | None = None,
     ) -> tuple[I64, I64]:
+        """Place k pods of shape c on `rows` (room `cap`, at most k; depth-0 scores `s0` and
+        picks `p0`), the untouched rows taken in `order`: a k-way merge of per-row score
+        sequences. `room`: each row's room regardless of k (class chunks outlive the run)."""
         n = int(order.size)
         neg_sorted = (-s0[order]).tolist()
         slot_sorted = rows[order].tolist()
@@ -1062,14 +1091,16 @@ class _Engine:
                     hi = min(n, pos + chunk_size)
                     chunk_size *= 2
                     idx = order[pos:hi]
-                    if self.states is not None and self.closed_form(c):
+                    if self.states is not None:
                         # One sequence per distinct state and shape, kept across runs: a
                         # state class never changes, so neither do its deeper scores.
-                        chunk_of.extend(self._class_chunks(c, idx, rows, p0, k - count))
-                        chunk_pos.extend([0] * (hi - pos))
+                        assert room is not None
+                        chunks, js = self._class_chunks(c, idx, rows, p0, room, k - count)
+                        chunk_of.extend(chunks)
+                        chunk_pos.extend(js)
                     else:
                         view = NodeView.of(self.fleet, self.free, rows[idx], self.usable)
-                        chunk_of.extend([_Chunk(view, p0[idx])] * (hi - pos))
+                        chunk_of.extend([_Chunk(view, p0[idx], room=cap[idx])] * (hi - pos))
                         chunk_pos.extend(range(hi - pos))
                 if heap and (
                     ptr >= n
@@ -1114,32 +1145,48 @@ class _Engine:
         return np.asarray(out_slots, np.int64), np.asarray(out_picks, np.int64)
 
     def _class_chunks(
-        self, c: Constraints, idx: I64, rows: I64, p0: I64, remaining: int
-    ) -> list[_Chunk]:
-        """Per-class chunks (one row each) for candidate positions `idx`; classes met for
-        the first time get their first depths in one vectorized evaluation."""
+        self, c: Constraints, idx: I64, rows: I64, p0: I64, room: I64, remaining: int
+    ) -> tuple[list[_Chunk], list[int]]:
+        """The chunk and row in it of each candidate position `idx`, one row per state
+        class. Classes met for the first time get theirs together: in closed form, one
+        single-row chunk each with their first depths in one vectorized evaluation;
+        otherwise one chunk holding all of them, deepened step by step on demand."""
         states = self.states
         assert states is not None
         cache = self.class_chunks.setdefault(id(c), {})
         cl = states.of[rows[idx]].tolist()
-        new = sorted({cid for cid in cl if cid not in cache})
+        new: list[int] = []
+        first: dict[int, int] = {}
+        for j, cid in enumerate(cl):
+            if cid not in cache and cid not in first:
+                first[cid] = j
+                new.append(cid)
         if new:
+            new.sort()
             ids = np.asarray(new, np.int64)
-            steps = max(1, min(_FIRST_DEPTH, remaining))
-            depths = np.arange(1, steps + 1, dtype=np.int64)
-            s, p = self.policy.evaluate(
-                states_after(states.view(self.fleet, self.usable, ids), c, depths), c
-            )
-            s = np.where(s == s, s, -np.inf)
-            s_rows = s.reshape(len(new), steps).tolist()
-            p_rows = p.reshape(len(new), steps).tolist()
-            for j, cid in enumerate(new):
-                chunk = _Chunk(None, _NO_PICK, cid=cid)  # closed form: no stepwise picks
-                chunk.scores[0].extend(s_rows[j])
-                chunk.picks[0].extend(p_rows[j])
-                chunk.depth = steps
-                cache[cid] = chunk
-        return [cache[cid] for cid in cl]
+            if self.closed_form(c):
+                steps = max(1, min(_FIRST_DEPTH, remaining))
+                depths = np.arange(1, steps + 1, dtype=np.int64)
+                s, p = self.policy.evaluate(
+                    states_after(states.view(self.fleet, self.usable, ids), c, depths), c
+                )
+                s = np.where(s == s, s, -np.inf)
+                s_rows = s.reshape(len(new), steps).tolist()
+                p_rows = p.reshape(len(new), steps).tolist()
+                for j, cid in enumerate(new):
+                    chunk = _Chunk(None, _NO_PICK, cid=cid)  # closed form: no stepwise picks
+                    chunk.scores[0].extend(s_rows[j])
+                    chunk.picks[0].extend(p_rows[j])
+                    chunk.depth = steps
+                    cache[cid] = (chunk, 0)
+            else:
+                # The class's depth-0 pick: that of its first row here (all rows agree).
+                at = idx[np.asarray([first[cid] for cid in new], np.int64)]
+                group = _Chunk(states.view(self.fleet, self.usable, ids), p0[at], room=room[at])
+                for j, cid in enumerate(new):
+                    cache[cid] = (group, j)
+        out = [cache[cid] for cid in cl]
+        return [ch for ch, _ in out], [j for _, j in out]
 
     def _deepen(self, c: Constraints, chunk: _Chunk, steps: int) -> None:
         """Compute `steps` more depths of a chunk's rows, vectorized over the rows: in one
@@ -1163,8 +1210,16 @@ class _Engine:
                 chunk.picks[j].extend(p_rows[j])
             chunk.depth += steps
             return
-        v, pk = chunk.last_view, chunk.last_pick
+        v, pk, live = chunk.last_view, chunk.last_pick, chunk.live
         assert v is not None  # stepwise chunks are built with a view
+        if chunk.room is not None:
+            # Rows without room for another pod never need deeper scores: drop them.
+            room = chunk.room[live]
+            keep = np.flatnonzero(room > chunk.depth + 1)
+            if keep.size < live.size:
+                v, pk, live, room = v.take(keep), pk[keep], live[keep], room[keep]
+            # ... nor beyond its room: no more steps than the roomiest row can use.
+            steps = max(1, min(steps, int(room.max()) - 1 - chunk.depth))
         cols_s: list[list[float]] = []
         cols_p: list[list[int]] = []
         for _ in range(steps):
@@ -1172,11 +1227,11 @@ class _Engine:
             sc, pk = self.policy.evaluate(v, c)
             cols_s.append(np.where(sc == sc, sc, -np.inf).tolist())
             cols_p.append(pk.tolist())
-        chunk.last_view, chunk.last_pick = v, pk
+        chunk.last_view, chunk.last_pick, chunk.live = v, pk, live
         chunk.depth += steps
-        for j in range(r):
-            chunk.scores[j].extend(col[j] for col in cols_s)
-            chunk.picks[j].extend(col[j] for col in cols_p)
+        for i, j in enumerate(live.tolist()):
+            chunk.scores[j].extend(col[i] for col in cols_s)
+            chunk.picks[j].extend(col[i] for col in cols_p)
 
     def apply(self, c: Constraints, slots: I64, picks: I64, sign: int) -> None:
         """Add (sign=+1) or take (sign=-1) pods of shape c to/from the scratch state."""
