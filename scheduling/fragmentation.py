@@ -210,12 +210,34 @@ def frag_milli(
     total: FloatArray = left.sum(axis=1).astype(np.float64)
     if left.shape[0] == 0:
         return total
-    values, inverse = typical.distinct_gpu_milli, typical.distinct_index
-    # Per distinct per-GPU request m: GPUs with at least m free, and the milli on the others.
-    at_least = left[:, :, None] >= values[None, None, :]
-    count_ge = at_least.sum(axis=1)
-    milli_below = np.where(at_least, 0, left[:, :, None]).sum(axis=1).astype(np.float64)
-    count_ge, milli_below = count_ge[:, inverse], milli_below[:, inverse]
+    count_ge, milli_below = _gpu_stats(left, typical)
+    return _frag_of_stats(
+        total, count_ge, milli_below, cpu_left_milli, node_model, typical, constraint_aware
+    )
+
+
+def _gpu_stats(left: IntArray, typical: TypicalPods) -> tuple[IntArray, IntArray]:
+    """Per row and distinct per-GPU request m: GPUs with at least m free, and the milli
+    free on the others ((n, n_distinct) each, integers)."""
+    at_least = left[:, :, None] >= typical.distinct_gpu_milli[None, None, :]
+    count_ge: IntArray = at_least.sum(axis=1)
+    milli_below: IntArray = np.where(at_least, 0, left[:, :, None]).sum(axis=1)
+    return count_ge, milli_below
+
+
+def _frag_of_stats(
+    total: FloatArray,
+    count_ge_distinct: IntArray,
+    milli_below_distinct: IntArray,
+    cpu_left_milli: IntArray,
+    node_model: NDArray[np.integer],
+    typical: TypicalPods,
+    constraint_aware: bool,
+) -> FloatArray:
+    """`frag_milli` from the rows' total idle milli and `_gpu_stats`."""
+    inverse = typical.distinct_index
+    count_ge = count_ge_distinct[:, inverse]
+    milli_below = milli_below_distinct.astype(np.float64)[:, inverse]
     model = np.asarray(node_model, dtype=np.int64)
     accessible = np.where(
         model[:, None] >= 0, typical.model_allowed[:, np.maximum(model, 0)].T, False
@@ -286,6 +308,11 @@ def frag_after(
 
     Returns (n, c) float64 (c as in `candidate_states`), +inf where the candidate is invalid.
     """
+    if 0 < pod_gpu_milli < MILLI_PER_GPU and np.asarray(gpu_left_milli).shape[0]:
+        return _frag_after_share(
+            cpu_left_milli, gpu_left_milli, node_model, typical, pod_cpu_milli, pod_gpu_milli,
+            constraint_aware,
+        )  # fmt: skip
     cpu_after, gpu_after, valid = candidate_states(
         cpu_left_milli, gpu_left_milli, pod_cpu_milli, pod_gpu_milli, pod_num_gpu
     )
@@ -295,6 +322,47 @@ def frag_after(
         cpu_after.reshape(-1), gpu_after.reshape(n * c, max_gpus), model, typical, constraint_aware
     )
     out: FloatArray = np.where(valid, frag.reshape(n, c), np.inf)
+    return out
+
+
+def _frag_after_share(
+    cpu_left_milli: IntArray,
+    gpu_left_milli: IntArray,
+    node_model: NDArray[np.integer],
+    typical: TypicalPods,
+    pod_cpu_milli: int,
+    pod_gpu_milli: int,
+    constraint_aware: bool,
+) -> FloatArray:
+    """`frag_after` of a fractional pod: candidate g differs from the node's state in GPU g
+    only, so its GPU statistics are the state's, corrected for that GPU (the same integers
+    as from the candidate states themselves, hence the same fragmentation, G times less
+    work than `candidate_states` + `frag_milli`)."""
+    left = np.asarray(gpu_left_milli, dtype=np.int64)
+    n, g = left.shape
+    values = typical.distinct_gpu_milli[None, None, :]
+    count_ge, milli_below = _gpu_stats(left, typical)
+    new = left - pod_gpu_milli
+    ge_old = left[:, :, None] >= values
+    ge_new = new[:, :, None] >= values
+    count_after = count_ge[:, None, :] - ge_old + ge_new
+    below_after = (
+        milli_below[:, None, :]
+        - np.where(ge_old, 0, left[:, :, None])
+        + np.where(ge_new, 0, new[:, :, None])
+    )
+    total = (left.sum(axis=1) - pod_gpu_milli).astype(np.float64)
+    cpu_after = np.asarray(cpu_left_milli, dtype=np.int64) - pod_cpu_milli
+    frag = _frag_of_stats(
+        np.repeat(total, g),
+        count_after.reshape(n * g, -1),
+        below_after.reshape(n * g, -1),
+        np.repeat(cpu_after, g),
+        np.repeat(np.asarray(node_model, dtype=np.int64), g),
+        typical,
+        constraint_aware,
+    )
+    out: FloatArray = np.where(left >= pod_gpu_milli, frag.reshape(n, g), np.inf)
     return out
 
 
@@ -617,6 +685,7 @@ class FragmentationScorer:
         self.eventual_waste = eventual_waste_milli(typical)
         self.memo = FragmentationMemo(typical, self.constraint_aware)
         self.pressure = _pressure_of(typical)
+        self._scarcity_tables: dict[tuple[bytes | None, int], FloatArray] = {}
 
     def score(self, view: NodeView, c: Constraints, pick: IntArray) -> ScoreResult:
         """Integer FGD scores (as float64) and the GPU bitmask each node would give the pod."""
@@ -630,6 +699,7 @@ class FragmentationScorer:
             padded = _model_columns(self.typical, n_models)
             self.memo = FragmentationMemo(padded, self.constraint_aware)
             self.pressure = _pressure_of(padded)
+            self._scarcity_tables.clear()
         cpu_left = np.asarray(view.cpu_free_millicores, dtype=np.int64)
         gpu_left = np.asarray(view.gpu_free_milli, dtype=np.int64)
         ids = self.memo.states(cpu_left, gpu_left, model)
@@ -655,11 +725,7 @@ class FragmentationScorer:
             else:
                 after = after - self.lookahead_weight * pod_num * waste[MILLI_PER_GPU]
         if self.scarcity_weight and pod_num and self.pressure.any():
-            after = (
-                after
-                + self.scarcity_weight
-                * scarcity_milli(self.pressure, model, c.model_ids, pod_milli * pod_num)[:, None]
-            )
+            after = after + self._scarcity(model, c.model_ids, pod_milli * pod_num)[:, None]
         scores = fgd_score(now[:, None], after)
         best = scores.max(axis=1)
         if pod_num == 0:
@@ -675,6 +741,27 @@ class FragmentationScorer:
         return ScoreResult(
             np.where(best >= 0, best, -np.inf).astype(np.float64), gpu_pick.astype(np.int64)
         )
+
+    def _scarcity(
+        self, model: IntArray, pod_model_ids: NDArray[np.integer] | None, request_milli: int
+    ) -> FloatArray:
+        """scarcity_weight x `scarcity_milli`, from a table per GPU model kept per (models
+        the pod accepts, request): the same floats, one gather per call."""
+        key = (
+            None if pod_model_ids is None else np.asarray(pod_model_ids).tobytes(),
+            request_milli,
+        )
+        table = self._scarcity_tables.get(key)
+        if table is None:
+            n_models = self.pressure.shape[0]
+            # One row per model id and one for "no GPU model" (last), as scarcity_milli
+            # computes them: ids beyond the pressure table read its last entry.
+            ids = np.concatenate([np.arange(n_models), [-1]]).astype(np.int64)
+            per = scarcity_milli(self.pressure, ids, pod_model_ids, request_milli)
+            table = self._scarcity_tables[key] = self.scarcity_weight * per
+        n = table.shape[0] - 1
+        out: FloatArray = table[np.where(model >= 0, np.minimum(model, max(n - 1, 0)), n)]
+        return out
 
 
 def _pressure_of(typical: TypicalPods) -> FloatArray:

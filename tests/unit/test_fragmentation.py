@@ -231,6 +231,27 @@ def test_frag_after_marks_infeasible_gpus() -> None:
     assert after[0, 1] == pytest.approx(550.0)
 
 
+@pytest.mark.parametrize("aware", [False, True])
+def test_frag_after_of_a_share_equals_scoring_each_candidate_state(aware: bool) -> None:
+    # frag_after computes a fractional pod's candidates from the node's own GPU statistics;
+    # it must give exactly (bit for bit) frag_milli of every candidate state.
+    rng = np.random.default_rng(7)
+    n = 400
+    gpus = np.minimum(rng.integers(0, 11, (n, 4)) * 100 + rng.integers(0, 2, (n, 4)), 1000)
+    gpus[rng.random((n, 4)) < 0.2] = 1000
+    cpu = rng.integers(0, 20000, n)
+    model = rng.integers(-1, 2, n)
+    for milli in (1, 100, 250, 500, 700, 999):
+        for pod_cpu in (0, 2000, 4000):
+            got = frag_after(cpu, gpus, model, TYPICAL, pod_cpu, milli, 1, aware)
+            cpu_after, gpu_after, valid = candidate_states(cpu, gpus, pod_cpu, milli, 1)
+            each = frag_milli(
+                cpu_after.reshape(-1), gpu_after.reshape(n * 4, 4), np.repeat(model, 4),
+                TYPICAL, aware,
+            )  # fmt: skip
+            assert np.array_equal(got, np.where(valid, each.reshape(n, 4), np.inf))
+
+
 @pytest.mark.parametrize(
     ("now", "after", "expected"),
     [
