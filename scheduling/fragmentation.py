@@ -68,11 +68,22 @@ class TypicalPods:
     """Sorted distinct per-GPU requests (derived)."""
     distinct_index: IntArray = field(init=False, repr=False, compare=False)
     """(n_types,) index of each type's per-GPU request in `distinct_gpu_milli` (derived)."""
+    gpu_type_on_model: BoolArray = field(init=False, repr=False, compare=False)
+    """(n_models + 1, n_types): row 1 + model id: the type requests GPUs and may use the
+    model (row 0: a node without GPU model) (derived)."""
+    counts_on_model: BoolArray = field(init=False, repr=False, compare=False)
+    """(n_models + 1, n_types): row 1 + model id: the type may use the model or requests no
+    GPU (derived)."""
 
     def __post_init__(self) -> None:
         values, inverse = np.unique(np.asarray(self.gpu_milli, dtype=np.int64), return_inverse=True)
         object.__setattr__(self, "distinct_gpu_milli", values)
         object.__setattr__(self, "distinct_index", inverse.reshape(-1))
+        allowed = np.asarray(self.model_allowed, dtype=bool)
+        accessible = np.concatenate([np.zeros((1, allowed.shape[0]), bool), allowed.T])
+        gpu = np.asarray(self.gpu_milli) > 0
+        object.__setattr__(self, "gpu_type_on_model", accessible & gpu[None, :])
+        object.__setattr__(self, "counts_on_model", accessible | ~gpu[None, :])
 
     @property
     def n_types(self) -> int:
@@ -239,12 +250,10 @@ def _frag_of_stats(
     count_ge = count_ge_distinct[:, inverse]
     milli_below = milli_below_distinct.astype(np.float64)[:, inverse]
     model = np.asarray(node_model, dtype=np.int64)
-    accessible = np.where(
-        model[:, None] >= 0, typical.model_allowed[:, np.maximum(model, 0)].T, False
-    )
+    # Row per node of the per-model tables (row 0 for nodes without a GPU model).
+    row = np.maximum(model, -1) + 1
     hosts = (
-        (typical.gpu_milli[None, :] > 0)
-        & accessible
+        typical.gpu_type_on_model[row]
         & (count_ge >= typical.num_gpu[None, :])
         & (np.asarray(cpu_left_milli, dtype=np.int64)[:, None] >= typical.cpu_milli[None, :])
     )
@@ -253,7 +262,7 @@ def _frag_of_stats(
         # Why: the artifact's NoAccess fragment rewards every placement on a model by the
         # popularity of the types pinned elsewhere, so it steers flexible pods towards the
         # models the fewest pods are pinned to, however small (scarcity is `model_pressure`).
-        per_type = np.where(accessible | (typical.gpu_milli[None, :] == 0), per_type, 0.0)
+        per_type = np.where(typical.counts_on_model[row], per_type, 0.0)
     result: FloatArray = per_type @ typical.freq
     return result
 
@@ -687,12 +696,9 @@ class FragmentationScorer:
         self.pressure = _pressure_of(typical)
         self._scarcity_tables: dict[tuple[bytes | None, int], FloatArray] = {}
 
-    def score(self, view: NodeView, c: Constraints, pick: IntArray) -> ScoreResult:
-        """Integer FGD scores (as float64) and the GPU bitmask each node would give the pod."""
-        # Never reads view.slots: the engine may pass one representative row per state.
-        rows = int(np.asarray(view.cpu_free_millicores).shape[0])
-        if rows == 0:
-            return ScoreResult(np.zeros(0), np.zeros(0, dtype=np.int64))
+    def _model_of(self, view: NodeView) -> IntArray:
+        """The view's GPU model ids, widening the target workload's model columns first if
+        the fleet has models it does not know."""
         model = np.asarray(view.gpu_model_id, dtype=np.int64)
         n_models = int(model.max()) + 1 if model.size else 0
         if n_models > self.memo.typical.model_allowed.shape[1]:
@@ -700,6 +706,15 @@ class FragmentationScorer:
             self.memo = FragmentationMemo(padded, self.constraint_aware)
             self.pressure = _pressure_of(padded)
             self._scarcity_tables.clear()
+        return model
+
+    def score(self, view: NodeView, c: Constraints, pick: IntArray) -> ScoreResult:
+        """Integer FGD scores (as float64) and the GPU bitmask each node would give the pod."""
+        # Never reads view.slots: the engine may pass one representative row per state.
+        rows = int(np.asarray(view.cpu_free_millicores).shape[0])
+        if rows == 0:
+            return ScoreResult(np.zeros(0), np.zeros(0, dtype=np.int64))
+        model = self._model_of(view)
         cpu_left = np.asarray(view.cpu_free_millicores, dtype=np.int64)
         gpu_left = np.asarray(view.gpu_free_milli, dtype=np.int64)
         ids = self.memo.states(cpu_left, gpu_left, model)
@@ -708,6 +723,36 @@ class FragmentationScorer:
         )
         now = self.memo.frag_now(ids)
         after = self.memo.frag_after(ids, pod_cpu, pod_milli, pod_num)
+        scores = self._scores(c, cpu_left, gpu_left, model, now, after)
+        best = scores.max(axis=1)
+        if pod_num == 0:
+            gpu_pick = np.zeros(rows, dtype=np.int64)
+        elif 0 < pod_milli < MILLI_PER_GPU:
+            column = scores.argmax(axis=1).astype(np.int64)
+            gpu_pick = np.where(best >= 0, np.left_shift(np.int64(1), column), 0).astype(np.int64)
+        else:
+            full = gpu_left >= MILLI_PER_GPU
+            take = full & (np.cumsum(full, axis=1) <= pod_num)
+            weights = np.left_shift(np.int64(1), np.arange(gpu_left.shape[1], dtype=np.int64))
+            gpu_pick = np.where(take.sum(axis=1) == pod_num, take.astype(np.int64) @ weights, 0)
+        return ScoreResult(
+            np.where(best >= 0, best, -np.inf).astype(np.float64), gpu_pick.astype(np.int64)
+        )
+
+    def _scores(
+        self,
+        c: Constraints,
+        cpu_left: IntArray,
+        gpu_left: IntArray,
+        model: IntArray,
+        now: FloatArray,
+        after: FloatArray,
+    ) -> IntArray:
+        """(R, candidates) integer scores from the fragmentation now and after each
+        candidate placement (`frag_after`), with fleetd's refinements added to the latter."""
+        pod_cpu, pod_milli, pod_num = pod_candidate_shape(
+            c.cpu_millicores, c.gpus_per_pod, c.milli_per_gpu
+        )
         if self.cpu_stranding_weight:
             idle = gpu_left.sum(axis=1)
             request = pod_milli * pod_num
@@ -726,21 +771,66 @@ class FragmentationScorer:
                 after = after - self.lookahead_weight * pod_num * waste[MILLI_PER_GPU]
         if self.scarcity_weight and pod_num and self.pressure.any():
             after = after + self._scarcity(model, c.model_ids, pod_milli * pod_num)[:, None]
-        scores = fgd_score(now[:, None], after)
-        best = scores.max(axis=1)
-        if pod_num == 0:
-            gpu_pick = np.zeros(rows, dtype=np.int64)
-        elif 0 < pod_milli < MILLI_PER_GPU:
-            column = scores.argmax(axis=1).astype(np.int64)
-            gpu_pick = np.where(best >= 0, np.left_shift(np.int64(1), column), 0).astype(np.int64)
-        else:
-            full = gpu_left >= MILLI_PER_GPU
-            take = full & (np.cumsum(full, axis=1) <= pod_num)
-            weights = np.left_shift(np.int64(1), np.arange(gpu_left.shape[1], dtype=np.int64))
-            gpu_pick = np.where(take.sum(axis=1) == pod_num, take.astype(np.int64) @ weights, 0)
-        return ScoreResult(
-            np.where(best >= 0, best, -np.inf).astype(np.float64), gpu_pick.astype(np.int64)
+        return fgd_score(now[:, None], after)
+
+    def chain(
+        self, view: NodeView, c: Constraints, pick: IntArray, steps: int
+    ) -> tuple[list[FloatArray], list[IntArray], NodeView] | None:
+        """`score` of `steps` more pods of a fractional shape c placed one after another on
+        every row: the rows take one pod on GPUs `pick` (`NodeView.after`) and are scored,
+        then take one on the GPU just picked, and so on. Returns the scores and GPU picks
+        of each step and the rows' states after the last; None for other shapes (then
+        call `score` step by step).
+
+        The same floats as `score` on each state reached, with less work per step: the
+        fragmentation of the state reached is that of the candidate just picked (in
+        `frag_after`), and the states are not interned in the memo.
+        """
+        pod_cpu, pod_milli, _ = pod_candidate_shape(
+            c.cpu_millicores, c.gpus_per_pod, c.milli_per_gpu
         )
+        rows = len(view)
+        if not 0 < pod_milli < MILLI_PER_GPU or steps < 1 or rows == 0:
+            return None
+        model = self._model_of(view)
+        typical, aware = self.memo.typical, self.constraint_aware
+        gpus = int(view.gpu_free_milli.shape[1])
+        taken = pick[:, None] >> np.arange(gpus, dtype=np.int64)[None, :] & 1
+        cpu = np.asarray(view.cpu_free_millicores, dtype=np.int64) - c.cpu_millicores
+        gpu = np.asarray(view.gpu_free_milli, dtype=np.int64) - taken * c.milli_per_gpu
+        now = self.memo.frag_now(self.memo.states(cpu, gpu, model))
+        index = np.arange(rows)
+        out_s: list[FloatArray] = []
+        out_p: list[IntArray] = []
+        for step in range(steps):
+            raw = frag_after(cpu, gpu, model, typical, pod_cpu, pod_milli, 1, aware)
+            scores = self._scores(c, cpu, gpu, model, now, raw)
+            best = scores.max(axis=1)
+            column = scores.argmax(axis=1).astype(np.int64)
+            ok = best >= 0
+            out_s.append(np.where(ok, best, -np.inf).astype(np.float64))
+            out_p.append(np.where(ok, np.left_shift(np.int64(1), column), 0).astype(np.int64))
+            if step == steps - 1:
+                break
+            # The next state: the pod on the GPU just picked (CPU only where none fits).
+            cpu = cpu - c.cpu_millicores
+            gpu = gpu.copy()
+            gpu[index[ok], column[ok]] -= c.milli_per_gpu
+            now = raw[index, column]
+            if not ok.all():
+                bad = ~ok
+                now[bad] = frag_milli(cpu[bad], gpu[bad], model[bad], typical, aware)
+        last = NodeView(
+            slots=view.slots,
+            cpu_free_millicores=cpu,
+            memory_free_bytes=view.memory_free_bytes - steps * c.memory_bytes,
+            cpu_allocatable_millicores=view.cpu_allocatable_millicores,
+            memory_allocatable_bytes=view.memory_allocatable_bytes,
+            gpu_free_milli=gpu.astype(view.gpu_free_milli.dtype),
+            gpu_usable=view.gpu_usable,
+            gpu_model_id=view.gpu_model_id,
+        )
+        return out_s, out_p, last
 
     def _scarcity(
         self, model: IntArray, pod_model_ids: NDArray[np.integer] | None, request_milli: int

@@ -1220,14 +1220,10 @@ class _Engine:
                 v, pk, live, room = v.take(keep), pk[keep], live[keep], room[keep]
             # ... nor beyond its room: no more steps than the roomiest row can use.
             steps = max(1, min(steps, int(room.max()) - 1 - chunk.depth))
-        cols_s: list[list[float]] = []
-        cols_p: list[list[int]] = []
-        for _ in range(steps):
-            v = v.after(c, pk)
-            sc, pk = self.policy.evaluate(v, c)
-            cols_s.append(np.where(sc == sc, sc, -np.inf).tolist())
-            cols_p.append(pk.tolist())
-        chunk.last_view, chunk.last_pick, chunk.live = v, pk, live
+        scores, picks, v = self.policy.chain(v, c, pk, steps)
+        cols_s = [np.where(sc == sc, sc, -np.inf).tolist() for sc in scores]  # NaN never wins
+        cols_p = [p.tolist() for p in picks]
+        chunk.last_view, chunk.last_pick, chunk.live = v, picks[-1], live
         chunk.depth += steps
         for i, j in enumerate(live.tolist()):
             chunk.scores[j].extend(col[i] for col in cols_s)

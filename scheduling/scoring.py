@@ -545,10 +545,15 @@ class Policy:
         """ "name:weight,..." as `parse` accepts it."""
         return ",".join(f"{p.name}:{w:g}" for p, w in self.terms)
 
+    @cached_property
+    def chooser(self) -> ScorePlugin | None:
+        """The plugin choosing GPUs: the first with `chooses_gpus`, if any."""
+        return next((p for p, _ in self.terms if p.chooses_gpus), None)
+
     def evaluate(self, view: NodeView, c: Constraints) -> tuple[F64, I64]:
         """Combined score (R,) float64 and GPU bitmask (R,) int64 for each row of `view`."""
         pick = default_gpu_pick(view, c)
-        chooser = next((p for p, _ in self.terms if p.chooses_gpus), None)
+        chooser = self.chooser
         results: dict[int, ScoreResult] = {}
         if chooser is not None and c.gpus_per_pod:
             res = chooser.score(view, c, pick)
@@ -560,6 +565,34 @@ class Policy:
             res = results.get(id(plugin)) or plugin.score(view, c, pick)
             total = total + weight * res.score
         return total, pick
+
+    def chain(
+        self, view: NodeView, c: Constraints, pick: I64, steps: int
+    ) -> tuple[list[F64], list[I64], NodeView]:
+        """`steps` more pods of shape c on every row of `view`, one after another: each row
+        takes one pod on GPUs `pick` and is scored (`evaluate`), then takes one on the GPUs
+        just picked, and so on. Returns each step's scores and picks, and the rows' states
+        after the last step. A policy of one GPU-choosing plugin uses the plugin's own
+        `chain(view, c, pick, steps)` when it has one (the same results, with less work per
+        step; it may return None to decline)."""
+        if len(self.terms) == 1 and c.gpus_per_pod:
+            plugin, weight = self.terms[0]
+            fast = getattr(plugin, "chain", None) if plugin.chooses_gpus else None
+            got = fast(view, c, pick, steps) if fast is not None else None
+            if got is not None:
+                scores, picks, last = got
+                n = len(view)
+                # The same floats as `evaluate`: a sum starting at zero.
+                return [np.zeros(n, np.float64) + weight * s for s in scores], picks, last
+        out_s: list[F64] = []
+        out_p: list[I64] = []
+        v = view
+        for _ in range(steps):
+            v = v.after(c, pick)
+            s, pick = self.evaluate(v, c)
+            out_s.append(s)
+            out_p.append(pick)
+        return out_s, out_p, v
 
 
 DEFAULT_POLICY = "gpu-packing:1,best-fit:1"

@@ -172,3 +172,33 @@ def test_whole_gpu_picks_are_the_default_ones(
         res = scorer.score(v, c, np.zeros(len(v), np.int64))
         assert res.gpu_pick is not None
         assert np.array_equal(res.gpu_pick, default_gpu_pick(v, c))
+
+
+@SETTINGS
+@given(
+    fleets(), st.integers(1, 999), st.integers(0, 4000), st.integers(1, 12), st.sampled_from(NAMES)
+)
+def test_chain_equals_scoring_step_by_step(
+    f: Fleet, milli: int, cpu: int, steps: int, name: str
+) -> None:
+    # The engine deepens a run of fractional pods with `Policy.chain`, which uses the
+    # scorer's own chain: it must give exactly what scoring every state reached gives
+    # (rows that run out of room included: their values are never read, but stay defined).
+    rows = np.flatnonzero(f.live_mask()).astype(np.int64)
+    if rows.size == 0:
+        return
+    c = compile_pod(f, PodSpec("s", cpu_millicores=cpu, gpu_milli=milli))
+    view = NodeView.of(f, Free.of(f), rows, gpu_usable_matrix(f))
+    policy = _policy(name)
+    _, pick = policy.evaluate(view, c)
+    scores, picks, last = policy.chain(view, c, pick, steps)
+    step_policy = _policy(name)
+    v = view
+    for s, p in zip(scores, picks, strict=True):
+        v = v.after(c, pick)
+        expect, pick = step_policy.evaluate(v, c)
+        assert np.array_equal(s, expect)
+        assert np.array_equal(p, pick)
+    assert len(scores) == steps
+    for column in ("cpu_free_millicores", "memory_free_bytes", "gpu_free_milli"):
+        assert np.array_equal(getattr(last, column), getattr(v, column))
