@@ -322,7 +322,9 @@ class FleetState:
         self.pending_version = 0
         #: (cluster, "namespace/name") -> when the pending pod was last reported.
         self._pending_seen_s: dict[tuple[str, str], float] = {}
-        self.gate = up.SequenceGate()
+        #: Bounded: removed subjects' entries expire (tombstones, `SequenceGate`); its clock
+        #: is the state's, so tests control expiry.
+        self.gate = up.SequenceGate(clock=clock)
         self.held: dict[str, _Held] = {}
         self.queue: dict[str, _Queued] = {}
         self._structure_version = 0  # bumped when a node is added, removed or changed
@@ -335,11 +337,11 @@ class FleetState:
         #: (cluster, node) -> uids of self.pods on it: node updates touch their own pods
         #: without scanning every pod of the fleet.
         self._pods_on: dict[tuple[str, str], set[str]] = {}
-        #: cluster -> node name -> (node key, gate subject, the node's `nodes` entry): the
+        #: cluster -> node name -> (node key, the node's gate cell, its `nodes` entry): the
         #: NodeHeartbeats hot loop finds all three with one lookup. An entry is dropped
         #: whenever `nodes` gets a new value for the node (or loses it), so it never holds
-        #: a replaced `_NodeInfo`.
-        self._heartbeat_keys: dict[str, dict[str, tuple[str, tuple[str, str, str], _NodeInfo]]] = {}
+        #: a replaced `_NodeInfo` (nor the cell of a removed node).
+        self._heartbeat_keys: dict[str, dict[str, tuple[str, up.SequenceCell, _NodeInfo]]] = {}
         self.sources: dict[tuple[str, str], _SourceInfo] = {}
         #: Clusters a source lost the sync of (after the initial sync): excluded from new
         #: placements while here. Their nodes carry the core's stale flag on top of their own
@@ -672,7 +674,7 @@ class FleetState:
     def _node_heartbeats(self, u: up.NodeHeartbeats, now: float) -> int:
         """Reports whose content is the node's last applied one: only sequence and freshness
         move (no node-table write unless a stale node comes back). Returns entries applied."""
-        nodes, gate_last, cluster = self.nodes, self.gate.last_by_subject, u.cluster
+        nodes, cluster = self.nodes, u.cluster
         # Node key and gate subject of each name, made once per node (this loop runs for
         # most telemetry records: a dict lookup instead of two allocations per entry).
         names = self._heartbeat_keys.get(cluster)
@@ -687,22 +689,25 @@ class FleetState:
             if entry is None:
                 key = node_key(cluster, name)
                 found = nodes.get(key)
-                if found is None:
+                cell = self.gate.cell((cluster, "node", name))
+                if found is None or cell is None:
+                    # (No cell: the node's content came with sequence 0, unordered; its
+                    # repeats are no heartbeats.)
                     refused += 1
                     continue
-                entry = names[name] = (key, (cluster, "node", name), found)
-            key, subject, info = entry
+                entry = names[name] = (key, cell, found)
+            key, cell, info = entry
             if not token or info.content_token != token:
                 # The content it repeats was never applied here (refused, or the node was
                 # removed since): nothing to refresh. The source sends full content again
                 # when the node changes.
                 refused += 1
                 continue
-            last = gate_last.get(subject)
-            if last is not None and seq <= last:
+            # The sequence gate, inlined: the node's cell, no table lookup.
+            if seq <= cell.last:
                 stale_seq += 1
                 continue
-            gate_last[subject] = seq
+            cell.last = seq
             info.last_seen_s = now
             if info.stale:
                 info.stale = False
@@ -874,8 +879,11 @@ class FleetState:
         self.node_since.pop(key, None)
         self._structure_version += 1
         del self.nodes[key]
-        # Autoscaled nodes come and go under new names: keep the heartbeat cache bounded.
+        # Autoscaled nodes come and go under new names: keep the heartbeat cache and the
+        # gate bounded. (A NodeRemoved left its tombstone already; a relist's removal
+        # leaves one at the node's last sequence.)
         self._heartbeat_keys.get(cluster, {}).pop(node, None)
+        self.gate.removed((cluster, "node", node))
 
     def _cluster_synced(self, u: up.ClusterSynced, now: float) -> None:
         if u.nodes:

@@ -50,6 +50,7 @@ from fleetd.sources.updates import (
     NodeHeartbeats,
     NodeRemoved,
     NodeUpdate,
+    SequenceCell,
     SequenceGate,
     Update,
 )
@@ -96,6 +97,9 @@ class KafkaSourceSettings:
     #: rotated password file is picked up on reconnect, and a missing one is an error the
     #: source logs and retries (readiness stays false) rather than a crash.
     security_loader: Callable[[], KafkaSecurity] | None = None
+    #: How long a removed node's (pool's, pending pod's) sequence is kept to drop its
+    #: redelivered older records; then one floor per cluster does (`SequenceGate`).
+    sequence_tombstone_ttl_s: float = 600.0
     #: Extra keyword arguments for both aiokafka clients.
     client_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -112,7 +116,8 @@ class _Content:
 
     cluster: str
     name: str
-    subject: tuple[str, str, str]
+    #: The node's sequence in the source's gate (`SequenceGate.cell`): repeats move it.
+    cell: SequenceCell
     tail: bytes
     #: `codec.envelope_head(cluster)`: a repeat starts with it.
     head: bytes
@@ -168,7 +173,7 @@ class KafkaSource:
         self.sink = sink
         self.metrics = metrics if metrics is not None else SourceMetrics()
         self.ready = asyncio.Event()
-        self._gate = SequenceGate()
+        self._gate = SequenceGate(tombstone_ttl_s=settings.sequence_tombstone_ttl_s)
         self._initial_end: dict[TopicPartition, int] | None = None
         self._next_offset: dict[TopicPartition, int] = {}
         self._seen_clusters: set[str] = set()
@@ -372,7 +377,6 @@ class KafkaSource:
             # dead-lettered; the newest of each key is validated in full.
             best: dict[object, tuple[int, int, Any, Any]] = {}
             contents = self._contents
-            gate_last = self._gate.last_by_subject
             candidates: list[tuple[int, Any, _Content]] = []
             #: Positions of the records parsed in full (the others were repeats).
             full_positions: set[int] = set()
@@ -430,7 +434,6 @@ class KafkaSource:
                     offsets[tp] = records[-1].offset + 1
             if rests:
                 sequences, times, decoded = decode_envelope_rests(rests)
-                last_sequence = gate_last.get
                 for (position, rec, memo), seq, observed_s, good in zip(
                     candidates,
                     sequences.tolist(),
@@ -442,12 +445,12 @@ class KafkaSource:
                         # Not the usual envelope (or a bad one): the full path decides.
                         parsed_ok += take_in_full(position, rec)
                         continue
-                    subject = memo.subject
-                    last = last_sequence(subject)
-                    if last is not None and seq <= last:
+                    # The sequence gate, inlined: the node's cell, no table lookup.
+                    cell = memo.cell
+                    if seq <= cell.last:
                         unchanged_duplicates += 1
                         continue
-                    gate_last[subject] = seq
+                    cell.last = seq
                     columns = beats.get(memo.cluster)
                     if columns is None:
                         columns = beats[memo.cluster] = _Beats()
@@ -578,11 +581,15 @@ class KafkaSource:
                     head = heads.get(cluster)
                     if head is None:
                         head = heads[cluster] = envelope_head(cluster)
+                    cell = self._gate.cell((cluster, "node", update.name))
+                    if cell is None:  # (sequence 0: unordered, never a repeat)
+                        contents.pop(key, None)
+                        continue
                     at = node_offset_in_tail(tail)
                     contents[key] = _Content(
                         cluster,
                         update.name,
-                        (cluster, "node", update.name),
+                        cell,
                         tail,
                         head,
                         update,

@@ -12,8 +12,10 @@ sequence is not above the last one applied for its subject is stale and must be 
 
 from __future__ import annotations
 
+import collections
 import enum
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 Labels = tuple[tuple[str, str], ...]
@@ -292,7 +294,11 @@ Update = (
 )
 
 
-def subject_of(update: Update) -> tuple[str, str, str] | None:
+Subject = tuple[str, str, str]
+"""(cluster, kind, name): what one sequence orders (`subject_of`)."""
+
+
+def subject_of(update: Update) -> Subject | None:
     """The (cluster, kind, name) whose sequence orders `update`, or None if unordered."""
     if isinstance(update, NodeUpdate | NodeRemoved):
         return (update.cluster, "node", update.name)
@@ -305,19 +311,53 @@ def subject_of(update: Update) -> tuple[str, str, str] | None:
     return None
 
 
+#: Updates that end their subject: the gate keeps a tombstone for them (see SequenceGate).
+_REMOVALS = (NodeRemoved, NodePoolRemoved, PodRemoved, PendingPodRemoved)
+
+class SequenceCell:
+    """The last sequence admitted for one subject. The gate keeps one per subject; hot loops
+    that hold a subject's cell (the Kafka source's memory of a node, the state's heartbeat
+    cache) compare and move `last` without a table lookup."""
+
+    __slots__ = ("last",)
+
+    def __init__(self, last: int) -> None:
+        self.last = last
+
+
 class SequenceGate:
     """Drops updates that are not newer than the last one admitted for their subject.
 
     Redelivered Kafka records and replayed watch events carry a sequence at or below the
     last applied one, so passing every update through the gate makes redelivery harmless.
-    A removal is remembered too (a late update for a removed subject with an older
-    sequence stays dropped). Sequence 0 means "unordered" and is always admitted.
+    Sequence 0 means "unordered" and is always admitted.
+
+    Bounded memory: subjects come and go (autoscaled nodes under new names, pending pods),
+    so a removal (NodeRemoved, NodePoolRemoved, PodRemoved, PendingPodRemoved, or
+    `removed`) leaves a tombstone: the subject's entry stays, at the removal's sequence, for
+    `tombstone_ttl_s`, so that a redelivered older update is dropped as before. Then the
+    entry is dropped and the removal's sequence raises a floor for its cluster and kind:
+    an update of a subject without an entry is admitted only above that floor. So what was
+    published before a removal never resurrects its subject, however late it comes, with one
+    entry per (cluster, kind) instead of one per subject ever seen. The price: a *new*
+    subject's update older than a removal applied `tombstone_ttl_s` ago is dropped too (it is
+    superseded by the subject's next report). That needs a sequence space shared by a
+    cluster's subjects of one kind, which both sources have: the Kafka publisher's one
+    hybrid clock (`max(last + 1, wall clock µs)`) per agent, Kubernetes' resourceVersion.
     """
 
-    __slots__ = ("_last",)
+    __slots__ = ("_cells", "_tombstones", "_floors", "tombstone_ttl_s", "_clock")
 
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, str, str], int] = {}
+    def __init__(
+        self, *, tombstone_ttl_s: float = 600.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._cells: dict[Subject, SequenceCell] = {}
+        #: (expires at, subject, removal sequence), oldest first.
+        self._tombstones: collections.deque[tuple[float, Subject, int]] = collections.deque()
+        #: (cluster, kind) -> the highest sequence of a removal whose tombstone expired.
+        self._floors: dict[tuple[str, str], int] = {}
+        self.tombstone_ttl_s = tombstone_ttl_s
+        self._clock = clock
 
     def admit(self, update: Update) -> bool:
         """True when `update` is newer than everything admitted for its subject."""
@@ -327,34 +367,76 @@ class SequenceGate:
         sequence: int = update.sequence  # type: ignore[union-attr]
         if sequence == 0:
             return True
-        last = self._last.get(subject)
-        if last is not None and sequence <= last:
+        if not self.admit_sequence(subject, sequence):
             return False
-        self._last[subject] = sequence
+        if isinstance(update, _REMOVALS):
+            self.removed(subject)
         return True
 
-    def admit_sequence(self, subject: tuple[str, str, str], sequence: int) -> bool:
-        """`admit` for a bare (subject, sequence): the heartbeat path, without an update value."""
-        last = self._last.get(subject)
-        if last is not None and sequence <= last:
+    def admit_sequence(self, subject: Subject, sequence: int) -> bool:
+        """`admit` for a bare (subject, sequence) that is no removal."""
+        cell = self._cells.get(subject)
+        if cell is not None:
+            if sequence <= cell.last:
+                return False
+            cell.last = sequence
+            return True
+        if sequence <= self._floors.get((subject[0], subject[1]), 0):
             return False
-        self._last[subject] = sequence
+        self._cells[subject] = SequenceCell(sequence)
+        # New subjects are what makes the table grow: expire what is due first.
+        self.expire()
         return True
 
-    @property
-    def last_by_subject(self) -> dict[tuple[str, str, str], int]:
-        """The subject -> last admitted sequence table itself, for hot loops that inline
-        `admit_sequence` (a dict get and set per record instead of a call)."""
-        return self._last
+    def cell(self, subject: Subject) -> SequenceCell | None:
+        """The subject's cell, if it has an entry. A holder must drop it when the subject
+        is removed (the entry goes once its tombstone expires)."""
+        return self._cells.get(subject)
+
+    def removed(self, subject: Subject) -> None:
+        """The subject is gone (its removal was admitted, or its owner dropped it): keep
+        its entry as a tombstone for `tombstone_ttl_s`, then drop it (see the class)."""
+        cell = self._cells.get(subject)
+        if cell is None:
+            return
+        now = self._clock()
+        self._tombstones.append((now + self.tombstone_ttl_s, subject, cell.last))
+        self.expire(now)
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop the entries of subjects whose tombstone expired (still removed: not
+        admitted again since); returns how many."""
+        tombstones = self._tombstones
+        if not tombstones:
+            return 0
+        if now is None:
+            now = self._clock()
+        dropped = 0
+        while tombstones and tombstones[0][0] <= now:
+            _, subject, sequence = tombstones.popleft()
+            cell = self._cells.get(subject)
+            if cell is None or cell.last != sequence:
+                continue  # admitted again since (or expired by an earlier tombstone)
+            del self._cells[subject]
+            scope = (subject[0], subject[1])
+            if sequence > self._floors.get(scope, 0):
+                self._floors[scope] = sequence
+            dropped += 1
+        return dropped
+
+    def __len__(self) -> int:
+        """Subjects with an entry (live or tombstoned)."""
+        return len(self._cells)
+
+    def snapshot(self) -> dict[Subject, int]:
+        """subject -> last admitted sequence, for every subject with an entry (tests)."""
+        return {subject: cell.last for subject, cell in self._cells.items()}
 
     def filter(self, updates: Iterable[Update]) -> list[Update]:
         """The admitted subset of `updates`, in order."""
         return [u for u in updates if self.admit(u)]
 
     def last(self, cluster: str, kind: str, name: str) -> int | None:
-        """The last admitted sequence of a subject, if any."""
-        return self._last.get((cluster, kind, name))
-
-    def forget_cluster(self, cluster: str) -> None:
-        """Drop every remembered sequence of `cluster` (after a relist)."""
-        self._last = {k: v for k, v in self._last.items() if k[0] != cluster}
+        """The last admitted sequence of a subject, if it has an entry."""
+        cell = self._cells.get((cluster, kind, name))
+        return None if cell is None else cell.last

@@ -226,7 +226,7 @@ def _assert_same(a: FleetState, b: FleetState) -> None:
     assert {k: (p.node, p.slot) for k, p in a.pods.items()} == {
         k: (p.node, p.slot) for k, p in b.pods.items()
     }
-    assert a.gate._last == b.gate._last
+    assert a.gate.snapshot() == b.gate.snapshot()
     assert {k: (i.cordoned, i.labels, i.last_seen_s) for k, i in a.nodes.items()} == {
         k: (i.cordoned, i.labels, i.last_seen_s) for k, i in b.nodes.items()
     }
