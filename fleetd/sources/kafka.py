@@ -275,6 +275,9 @@ class KafkaSource:
                 if self.first_batch_at is None:
                     self.first_batch_at = time.perf_counter()
                 offsets, n_records = await self._apply_poll(batches, consumer, producer)
+                # Let the poll's records go now, not when the next poll returns: alive while
+                # aiokafka builds the next poll's, every collection would scan them.
+                del batches
                 # The commit of a poll (a broker round trip, ~5 ms) overlaps the decoding and
                 # applying of the next one: its offsets are still committed only after its
                 # records were applied, and at most one commit is in flight, so they reach

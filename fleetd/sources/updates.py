@@ -314,6 +314,7 @@ def subject_of(update: Update) -> Subject | None:
 #: Updates that end their subject: the gate keeps a tombstone for them (see SequenceGate).
 _REMOVALS = (NodeRemoved, NodePoolRemoved, PodRemoved, PendingPodRemoved)
 
+
 class SequenceCell:
     """The last sequence admitted for one subject. The gate keeps one per subject; hot loops
     that hold a subject's cell (the Kafka source's memory of a node, the state's heartbeat
@@ -346,7 +347,7 @@ class SequenceGate:
     hybrid clock (`max(last + 1, wall clock µs)`) per agent, Kubernetes' resourceVersion.
     """
 
-    __slots__ = ("_cells", "_tombstones", "_floors", "tombstone_ttl_s", "_clock")
+    __slots__ = ("_cells", "_clock", "_floors", "_tombstones", "tombstone_ttl_s")
 
     def __init__(
         self, *, tombstone_ttl_s: float = 600.0, clock: Callable[[], float] = time.monotonic
