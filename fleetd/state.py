@@ -593,7 +593,8 @@ class FleetState:
         elif isinstance(update, up.NodeHeartbeats):
             return self._node_heartbeats(update, now) > 0
         elif isinstance(update, up.NodeRemoved):
-            self._node_removed(update.cluster, update.name, now)
+            # (The gate left the removal's tombstone already.)
+            self._node_removed(update.cluster, update.name, now, tombstone=False)
         elif isinstance(update, up.NodeStale):
             key = node_key(update.cluster, update.name)
             if key in self.nodes:
@@ -863,7 +864,7 @@ class FleetState:
                 except AllocationError:
                     self.metrics.update_ignored("observed_pod_does_not_fit")
 
-    def _node_removed(self, cluster: str, node: str, now: float) -> None:
+    def _node_removed(self, cluster: str, node: str, now: float, *, tombstone: bool = True) -> None:
         key = node_key(cluster, node)
         if key not in self.nodes:
             return
@@ -880,10 +881,10 @@ class FleetState:
         self._structure_version += 1
         del self.nodes[key]
         # Autoscaled nodes come and go under new names: keep the heartbeat cache and the
-        # gate bounded. (A NodeRemoved left its tombstone already; a relist's removal
-        # leaves one at the node's last sequence.)
+        # gate bounded (a relist's removal leaves a tombstone at the node's last sequence).
         self._heartbeat_keys.get(cluster, {}).pop(node, None)
-        self.gate.removed((cluster, "node", node))
+        if tombstone:
+            self.gate.removed((cluster, "node", node))
 
     def _cluster_synced(self, u: up.ClusterSynced, now: float) -> None:
         if u.nodes:
