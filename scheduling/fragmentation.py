@@ -223,8 +223,9 @@ def frag_milli(
         return total
     count_ge, milli_below = _gpu_stats(left, typical)
     return _frag_of_stats(
-        total, count_ge, milli_below, cpu_left_milli, node_model, typical, constraint_aware
-    )
+        total, count_ge[:, None, :], milli_below[:, None, :], cpu_left_milli, node_model,
+        typical, constraint_aware,
+    ).reshape(-1)  # fmt: skip
 
 
 def _gpu_stats(left: IntArray, typical: TypicalPods) -> tuple[IntArray, IntArray]:
@@ -245,25 +246,34 @@ def _frag_of_stats(
     typical: TypicalPods,
     constraint_aware: bool,
 ) -> FloatArray:
-    """`frag_milli` from the rows' total idle milli and `_gpu_stats`."""
+    """`frag_milli` from `_gpu_stats`: total (n,) idle milli, count_ge and milli_below
+    (n, k, n_distinct) for k states per row (candidates sharing the row's CPU, model and
+    total idle milli). Returns (n, k)."""
+    n, k, _ = count_ge_distinct.shape
     inverse = typical.distinct_index
-    count_ge = count_ge_distinct[:, inverse]
-    milli_below = milli_below_distinct.astype(np.float64)[:, inverse]
     model = np.asarray(node_model, dtype=np.int64)
     # Row per node of the per-model tables (row 0 for nodes without a GPU model).
     row = np.maximum(model, -1) + 1
-    hosts = (
-        typical.gpu_type_on_model[row]
-        & (count_ge >= typical.num_gpu[None, :])
-        & (np.asarray(cpu_left_milli, dtype=np.int64)[:, None] >= typical.cpu_milli[None, :])
+    # What depends on the row only (model, CPU) is computed once per row, not per state.
+    static = typical.gpu_type_on_model[row] & (
+        np.asarray(cpu_left_milli, dtype=np.int64)[:, None] >= typical.cpu_milli[None, :]
     )
-    per_type = np.where(hosts, milli_below, total[:, None])
+    hosts = static[:, None, :] & (count_ge_distinct[:, :, inverse] >= typical.num_gpu)
+    fallback = total[:, None]
     if constraint_aware:
         # Why: the artifact's NoAccess fragment rewards every placement on a model by the
         # popularity of the types pinned elsewhere, so it steers flexible pods towards the
         # models the fewest pods are pinned to, however small (scarcity is `model_pressure`).
-        per_type = np.where(typical.counts_on_model[row], per_type, 0.0)
-    result: FloatArray = per_type @ typical.freq
+        # (A type that hosts may use the model: only the others can count 0.)
+        fallback = np.where(typical.counts_on_model[row], fallback, 0.0)
+    per_type = np.where(
+        hosts, milli_below_distinct.astype(np.float64)[:, :, inverse], fallback[:, None, :]
+    )
+    # A C-ordered matrix, as numpy's sum over types (the matrix product) depends on the
+    # layout: the same layout as ever gives the same floats as ever.
+    result: FloatArray = (np.ascontiguousarray(per_type).reshape(n * k, -1) @ typical.freq).reshape(
+        n, k
+    )
     return result
 
 
@@ -348,7 +358,6 @@ def _frag_after_share(
     as from the candidate states themselves, hence the same fragmentation, G times less
     work than `candidate_states` + `frag_milli`)."""
     left = np.asarray(gpu_left_milli, dtype=np.int64)
-    n, g = left.shape
     values = typical.distinct_gpu_milli[None, None, :]
     count_ge, milli_below = _gpu_stats(left, typical)
     new = left - pod_gpu_milli
@@ -363,15 +372,9 @@ def _frag_after_share(
     total = (left.sum(axis=1) - pod_gpu_milli).astype(np.float64)
     cpu_after = np.asarray(cpu_left_milli, dtype=np.int64) - pod_cpu_milli
     frag = _frag_of_stats(
-        np.repeat(total, g),
-        count_after.reshape(n * g, -1),
-        below_after.reshape(n * g, -1),
-        np.repeat(cpu_after, g),
-        np.repeat(np.asarray(node_model, dtype=np.int64), g),
-        typical,
-        constraint_aware,
+        total, count_after, below_after, cpu_after, node_model, typical, constraint_aware
     )
-    out: FloatArray = np.where(left >= pod_gpu_milli, frag.reshape(n, g), np.inf)
+    out: FloatArray = np.where(left >= pod_gpu_milli, frag, np.inf)
     return out
 
 
