@@ -249,7 +249,6 @@ def _frag_of_stats(
     """`frag_milli` from `_gpu_stats`: total (n,) idle milli, count_ge and milli_below
     (n, k, n_distinct) for k states per row (candidates sharing the row's CPU, model and
     total idle milli). Returns (n, k)."""
-    n, k, _ = count_ge_distinct.shape
     inverse = typical.distinct_index
     model = np.asarray(node_model, dtype=np.int64)
     # Row per node of the per-model tables (row 0 for nodes without a GPU model).
@@ -269,11 +268,14 @@ def _frag_of_stats(
     per_type = np.where(
         hosts, milli_below_distinct.astype(np.float64)[:, :, inverse], fallback[:, None, :]
     )
-    # A C-ordered matrix, as numpy's sum over types (the matrix product) depends on the
-    # layout: the same layout as ever gives the same floats as ever.
-    result: FloatArray = (np.ascontiguousarray(per_type).reshape(n * k, -1) @ typical.freq).reshape(
-        n, k
-    )
+    # Why not `per_type @ freq`: a matrix product sums a row in an order that depends on
+    # how many rows come with it and on the layout, so one state's fragmentation changed in
+    # the last bit with the batch it was computed in, and a pod that leaves fragmentation
+    # unchanged (F_now - F_next = 0, score 50) could score 49 on one path and 50 on another
+    # (engine vs reference loop). A reduction along each C-ordered row sums every row in
+    # the same order whatever the batch.
+    weighted = np.ascontiguousarray(per_type) * typical.freq
+    result: FloatArray = weighted.sum(axis=-1)
     return result
 
 

@@ -231,6 +231,31 @@ def test_frag_after_marks_infeasible_gpus() -> None:
     assert after[0, 1] == pytest.approx(550.0)
 
 
+def test_frag_milli_of_a_state_does_not_depend_on_its_batch() -> None:
+    # The engine and the reference loop score a state in different batches (many rows, one
+    # row); a last-bit difference turns a pod that leaves fragmentation unchanged (score 50)
+    # into a 49 on one side. Each row's value must be the same whatever rows come with it.
+    rng = np.random.default_rng(11)
+    n = 257
+    gpus = np.minimum(rng.integers(0, 11, (n, 2)) * 100 + rng.integers(0, 3, (n, 2)), 1000)
+    cpu = rng.integers(0, 20000, n)
+    model = rng.integers(-1, 2, n)
+    freq = rng.dirichlet(np.ones(40))
+    typical = TypicalPods(
+        cpu_milli=rng.integers(0, 9000, 40),
+        gpu_milli=rng.choice([0, 100, 250, 500, 1000], 40),
+        num_gpu=rng.integers(1, 3, 40),
+        model_allowed=rng.random((40, 2)) < 0.7,
+        freq=freq,
+    )
+    for aware in (False, True):
+        whole = frag_milli(cpu, gpus, model, typical, aware)
+        for start, size in ((0, 1), (5, 1), (3, 2), (7, 3), (1, 5), (10, 17), (100, 150)):
+            part = slice(start, start + size)
+            got = frag_milli(cpu[part], gpus[part], model[part], typical, aware)
+            assert np.array_equal(got, whole[part])
+
+
 @pytest.mark.parametrize("aware", [False, True])
 def test_frag_after_of_a_share_equals_scoring_each_candidate_state(aware: bool) -> None:
     # frag_after computes a fractional pod's candidates from the node's own GPU statistics;
