@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ from numpy.typing import NDArray
 from benchmarks.traces import TraceError, openb_dir, resolve_pod_list
 from scheduling import Fleet, Order, PodSpec, commit, place
 from scheduling.autoscale import (
+    AutoscalePolicy,
     ConsolidationOptions,
     DecisionKind,
     RunningPod,
@@ -50,11 +51,13 @@ from scheduling.autoscale import (
     ScaleDownRequest,
     ScaleUpRequest,
     capacity_matrix,
+    consolidation_round,
     in_flight_specs,
     plan_scale_down,
     plan_scale_up,
     recheck,
-    replace_candidates,
+    retirement,
+    scale_up_replaceable,
     with_nodes,
 )
 from scheduling.pools import (
@@ -204,6 +207,7 @@ class SimResult:
     series: list[tuple[float, float, float]] = field(default_factory=list)  # (t, alloc, prov)
     ticks: int = 0
     wall_s: float = 0.0
+    node_log: list[tuple[int, float, float]] = field(default_factory=list)
 
     def pending_pct(self, q: float) -> float:
         """Pending-time percentile in seconds (pods that started)."""
@@ -268,6 +272,8 @@ class Sim:
         self.series: list[tuple[float, float, float]] = []
         self.next_sample = 0.0
         self.ticks = 0
+        #: (pool index, launched at, gone at) of every node that went away (profiling).
+        self.node_log: list[tuple[int, float, float]] = []
 
     # -- events ---------------------------------------------------------------------------
 
@@ -324,7 +330,9 @@ class Sim:
     def remove_node(self, name: str, *, interrupted: bool = False) -> None:
         """Take a node away (billing stops); its pods go back to the queue."""
         k = self.node_pool.pop(name)
-        self.cost += self.pools[k].price_per_hour * (self.now - self.node_launch.pop(name)) / HOUR_S
+        launched = self.node_launch.pop(name)
+        self.cost += self.pools[k].price_per_hour * (self.now - launched) / HOUR_S
+        self.node_log.append((k, launched, self.now))
         if name in self.provisioning:
             del self.provisioning[name]
             return
@@ -427,16 +435,7 @@ class Sim:
                 continue
             # The new nodes exist now: the recheck simulates onto the fleet as it is.
             fresh = self.down_request(ConsolidationOptions())
-            d = ScaleDecision.make(
-                DecisionKind.SCALE_DOWN,
-                decision.cluster,
-                decision.pool,
-                -len(decision.remove_nodes),
-                decision.remove_nodes,
-                decision.reason,
-                0.0,
-                target_size=0,
-            )
+            d = retirement(decision)
             if (
                 all(n in self.node_pool for n in decision.remove_nodes)
                 and recheck(d, fresh) is None
@@ -472,42 +471,31 @@ class Autoscaler:
 
 
 class FleetdAutoscaler(Autoscaler):
-    """plan_scale_up over every pool, then plan_scale_down; decisions re-checked."""
+    """fleetd's controller: what `fleetd.autoscaler.Autoscaler` does in the daemon, with the
+    same `AutoscalePolicy`: plan_scale_up over every pool (taking along the nodes
+    `scale_up_replaceable` offers; they go once the new nodes are up, after a re-check),
+    then plan_scale_down (`consolidation_round`), every disruptive decision re-checked."""
 
     name = "fleetd"
 
     def __init__(
         self,
-        options: ConsolidationOptions,
-        replace_every_s: float = 1800.0,
+        policy: AutoscalePolicy | None = None,
         pending_batch_s: float | None = None,
         anticipation_window_s: float = 0.0,
-        scale_up_replace_nodes: int = 0,
-        scale_up_replace_min_saving_per_hour: float = 1.0,
     ) -> None:
-        self.options = options
+        self.policy = policy if policy is not None else AutoscalePolicy()
+        self.options = self.policy.consolidation
         self.pending_batch_s = pending_batch_s
         self.anticipation_window_s = anticipation_window_s
-        self.scale_up_replace_nodes = scale_up_replace_nodes
-        self.scale_up_replace_min_saving_per_hour = scale_up_replace_min_saving_per_hour
-        # The replacement search is the expensive part: like Karpenter's multi-node
-        # consolidation it runs at most this often; deletions run on every tick.
-        self.replace_every_s = replace_every_s
-        self.last_replace_s = -math.inf
+        self.last_replace_s: float | None = None
 
     def tick(self, sim: Sim) -> None:
         ids = sim.pending_pods()
         if ids and sim.dirty_up:
-            replaceable = ()
-            if self.scale_up_replace_nodes:
-                busy = sim.replacing()
-                replaceable = tuple(
-                    c
-                    for c in replace_candidates(
-                        sim.down_request(self.options), self.scale_up_replace_nodes + len(busy)
-                    )
-                    if c.node not in busy
-                )[: self.scale_up_replace_nodes]
+            replaceable = scale_up_replaceable(
+                sim.down_request(self.options), self.policy, sim.replacing()
+            )
             plan = plan_scale_up(
                 ScaleUpRequest(
                     sim.fleet,
@@ -518,7 +506,7 @@ class FleetdAutoscaler(Autoscaler):
                     policy=sim.policy,
                     anticipated=sim.recent_arrivals(self.anticipation_window_s),
                     replaceable=replaceable,
-                    replace_min_saving_per_hour=self.scale_up_replace_min_saving_per_hour,
+                    replace_min_saving_per_hour=self.policy.scale_up_replace_min_saving_per_hour,
                 )
             )
             new_nodes: list[str] = []
@@ -534,11 +522,9 @@ class FleetdAutoscaler(Autoscaler):
         sim.dirty_up = False
         if sim.dirty_down:
             sim.dirty_down = False
-            opts = self.options
-            if opts.replace and sim.now < self.last_replace_s + self.replace_every_s:
-                opts = replace(opts, replace=False)
-            elif opts.replace:
-                self.last_replace_s = sim.now
+            opts, self.last_replace_s = consolidation_round(
+                self.policy, sim.now, self.last_replace_s
+            )
             down = plan_scale_down(sim.down_request(opts))
             busy = sim.replacing()
             for d in down.decisions:
@@ -724,7 +710,9 @@ def simulate(
     # Everything left is billed up to the end of the replay.
     for name in list(sim.node_pool):
         k = sim.node_pool.pop(name)
-        sim.cost += sim.pools[k].price_per_hour * (sim.now - sim.node_launch.pop(name)) / HOUR_S
+        launched = sim.node_launch.pop(name)
+        sim.cost += sim.pools[k].price_per_hour * (sim.now - launched) / HOUR_S
+        sim.node_log.append((k, launched, sim.now))
     started = sim.start_s >= 0
     pending_s = sim.start_s[started] - trace.arrival_s[started]
     return SimResult(
@@ -741,6 +729,7 @@ def simulate(
         series=sim.series,
         ticks=sim.ticks,
         wall_s=time.perf_counter() - wall,
+        node_log=sim.node_log,
     )
 
 
@@ -779,6 +768,12 @@ class LowerBound:
     pooled_lp_cost: float = 0.0
     plain_lp_cost: float = 0.0
     ilp_s: float = 0.0
+    #: Per window (from the trace's first arrival, `window_s` long): the bound used ($).
+    window_cost: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    start_s: float = 0.0
+    window_s: float = HOUR_S
+    #: Node-hours per pool of the pooled LP's solution (which pools the bound leans on).
+    lp_pool_hours: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
 
 def lower_bound_cost(
@@ -974,6 +969,10 @@ def lower_bound_cost(
     class_w = np.zeros(n_win)
     class_w[wid] = rate2[cinv] * whours
     return LowerBound(
+        window_cost=np.maximum(pooled_w, class_w),
+        start_s=t0,
+        window_s=window_s,
+        lp_pool_hours=(x.reshape(nb, k) * hours_b[:, None]).sum(axis=0),
         cost=float(np.maximum(pooled_w, class_w).sum()),
         pooled_cost=float(pooled_w.sum()),
         class_cost=float(class_w.sum()),
@@ -1368,30 +1367,11 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-#: fleetd's consolidation settings in the benchmark.
-FLEETD_OPTIONS = ConsolidationOptions(
-    stabilization_window_s=600.0,
-    empty_window_s=600.0,
-    utilization_threshold=0.5,
-    replace=True,
-    max_replace_candidates=8,
-    min_saving_per_hour=2.0,
-)
-#: How often (simulated seconds) fleetd searches for replacements.
-REPLACE_EVERY_S = 7200.0
-#: Consolidation on scale-up: when nodes must be bought for pending pods, a scale-up may
-#: retire up to this many stable nodes (most expensive per unit in use first) by taking
-#: their pods along, when that saves more than SCALE_UP_REPLACE_MIN_SAVING_PER_HOUR.
-SCALE_UP_REPLACE_NODES = 4
-SCALE_UP_REPLACE_MIN_SAVING_PER_HOUR = 1.0
+#: fleetd's consolidation settings (the daemon's defaults: `AutoscalePolicy()`).
+FLEETD_OPTIONS = AutoscalePolicy().consolidation
 
 
-def fleetd_autoscaler() -> FleetdAutoscaler:
-    """fleetd with the benchmark's settings (what a platform engineer would configure)."""
-    return FleetdAutoscaler(
-        FLEETD_OPTIONS,
-        REPLACE_EVERY_S,
-        pending_batch_s=1.0,
-        scale_up_replace_nodes=SCALE_UP_REPLACE_NODES,
-        scale_up_replace_min_saving_per_hour=SCALE_UP_REPLACE_MIN_SAVING_PER_HOUR,
-    )
+def fleetd_autoscaler(policy: AutoscalePolicy | None = None) -> FleetdAutoscaler:
+    """fleetd as the daemon runs it with its default `autoscaling` config (the
+    `AutoscalePolicy` defaults), reacting 1 s after pods start pending."""
+    return FleetdAutoscaler(policy, pending_batch_s=1.0)

@@ -29,7 +29,7 @@ import enum
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -194,7 +194,8 @@ class ScaleUpRequest:
     the new nodes may take along when capacity must be bought anyway (consolidation on
     scale-up): a prefix of them is retired when buying for the pending pods and theirs
     together saves more than `replace_min_saving_per_hour` against buying for the pending
-    pods alone and keeping them; the plan's `replace` says which. Single-cluster requests.
+    pods alone and keeping them; the plan's `replace` says which. The candidates are of one
+    cluster (the first's); with pools of several clusters their pods stay in it.
     """
 
     fleet: Fleet
@@ -595,10 +596,12 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     # Capacity rows per pod shape, shared by the plain and the joint plans (same pools).
     rows: dict[tuple[object, ...], tuple[I64, NDArray[np.int16]]] = {}
     plan = _plan_scale_up(req, rows)
-    clusters = {p.cluster for p in req.pools}
-    if not req.replaceable or not plan.decisions or len(clusters) != 1:
+    if not req.replaceable or not plan.decisions:
         return plan
-    (cluster,) = clusters
+    # One cluster's nodes per request (the first candidate's); with pools of several
+    # clusters, the pods taken along stay in theirs.
+    cluster = req.replaceable[0].cluster
+    several = len({p.cluster for p in req.pools}) > 1
     plain_cost = plan.cost_per_hour_delta
     blocked = {u.workload for u in plan.unschedulable}
     drained = req.fleet.copy()
@@ -610,14 +613,18 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
             continue
         for rp in cand.pods:
             drained.free(rp.allocation)
-            moved.append(rp.pod)
+            moved.append(replace(rp.pod, clusters=(cluster,)) if several else rp.pod)
         drained.set_flags(cand.node, cordoned=True)
         taken.append(cand)
         joint = _plan_scale_up(
             replace(req, fleet=drained, pending=(*req.pending, *moved), replaceable=()), rows
         )
         unsched = {u.workload for u in joint.unschedulable}
-        if not joint.decisions or unsched - blocked or any(p.name in unsched for p in moved):
+        if (
+            not any(d.cluster == cluster for d in joint.decisions)
+            or unsched - blocked
+            or any(p.name in unsched for p in moved)
+        ):
             continue
         saving = sum(c.price_per_hour for c in taken) + plain_cost - joint.cost_per_hour_delta
         if saving > req.replace_min_saving_per_hour + _EPS and (best is None or saving > best[0]):
@@ -627,8 +634,8 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     saving, joint, retired = best
     names = {rp.pod.name for c in retired for rp in c.pods}
     pending_names = {it.name for it in req.pending}
-    first = joint.decisions[0]
-    status = _status(req.status, next(p for p in req.pools if p.name == first.pool))
+    first = next(d for d in joint.decisions if d.cluster == cluster)
+    status = _status(req.status, next(p for p in req.pools if p.key == (cluster, first.pool)))
     retire = ScaleDecision.make(
         DecisionKind.REPLACE,
         cluster,
@@ -639,7 +646,7 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         -saving,
         target_size=status.target_size,
         moves=[(p, a.node) for p, a in joint.allocations if p in names],
-        add=[(d.pool, d.delta) for d in joint.decisions],
+        add=[(d.pool, d.delta) for d in joint.decisions if d.cluster == cluster],
     )
     decisions = tuple(
         replace(d, unblocks=tuple(w for w in d.unblocks if w in pending_names))
@@ -1521,6 +1528,88 @@ def _replace_prefix(
     return saving, [decision], names, moves
 
 
+# ---- the controller's settings, shared by the daemon and the benchmark ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscalePolicy:
+    """How an autoscaler drives the plans above: the same decision logic in the daemon
+    (`fleetd.autoscaler`, from the `autoscaling` config section) and in the benchmark that
+    measures it (`benchmarks.autoscale`).
+
+    consolidation: options of every `plan_scale_down` round (empty nodes, under-utilized
+    ones, replacement); replacement (the expensive search) runs at most every
+    `replace_every_s` (see `consolidation_round`), deletions every round.
+    scale_up_replace_nodes: consolidation on scale-up, how many stable nodes a scale-up may
+    take along (`scale_up_replaceable`; 0 = off); it must save more than
+    `scale_up_replace_min_saving_per_hour`.
+    """
+
+    consolidation: ConsolidationOptions = ConsolidationOptions(
+        stabilization_window_s=600.0,
+        empty_window_s=600.0,
+        utilization_threshold=0.5,
+        replace=True,
+        max_replace_candidates=8,
+        min_saving_per_hour=2.0,
+    )
+    replace_every_s: float = 7200.0
+    scale_up_replace_nodes: int = 4
+    scale_up_replace_min_saving_per_hour: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.replace_every_s < 0 or not math.isfinite(self.replace_every_s):
+            raise ValueError("replace_every_s must be finite and >= 0")
+        if self.scale_up_replace_nodes < 0:
+            raise ValueError("scale_up_replace_nodes must be >= 0")
+        if self.scale_up_replace_min_saving_per_hour < 0:
+            raise ValueError("scale_up_replace_min_saving_per_hour must be >= 0")
+
+
+def scale_up_replaceable(
+    down: ScaleDownRequest, policy: AutoscalePolicy, busy: Collection[str] = ()
+) -> tuple[ReplaceCandidate, ...]:
+    """The nodes a scale-up may take along (`ScaleUpRequest.replaceable`): the first
+    `policy.scale_up_replace_nodes` of `replace_candidates(down)` that are not `busy`
+    (nodes already retiring under an earlier replacement)."""
+    n = policy.scale_up_replace_nodes
+    if n <= 0:
+        return ()
+    busy = set(busy)
+    return tuple(c for c in replace_candidates(down, n + len(busy)) if c.node not in busy)[:n]
+
+
+def consolidation_round(
+    policy: AutoscalePolicy, now_s: float, last_replace_s: float | None
+) -> tuple[ConsolidationOptions, float | None]:
+    """The options of a consolidation round at `now_s` and the new time of the last
+    replacement search: replacement only when `replace_every_s` passed since the last
+    (like Karpenter's multi-node consolidation, it is the expensive search)."""
+    opts = policy.consolidation
+    if not opts.replace:
+        return opts, last_replace_s
+    if last_replace_s is not None and now_s < last_replace_s + policy.replace_every_s:
+        return replace(opts, replace=False), last_replace_s
+    return opts, now_s
+
+
+def retirement(decision: ScaleDecision) -> ScaleDecision:
+    """The removal half of a REPLACE as a SCALE_DOWN of the same nodes: what is re-checked
+    (and streamed) once the replacement's new nodes are up, when the displaced pods must
+    fit on the fleet as it then is."""
+    return ScaleDecision.make(
+        DecisionKind.SCALE_DOWN,
+        decision.cluster,
+        decision.pool,
+        -len(decision.remove_nodes),
+        decision.remove_nodes,
+        decision.reason,
+        decision.cost_per_hour_delta,
+        target_size=0,
+        moves=decision.moves,
+    )
+
+
 # ---- re-check before emitting -----------------------------------------------------------
 
 
@@ -1533,6 +1622,9 @@ class RecheckFailure(enum.Enum):
     MIN_SIZE = "min-size"
     CANNOT_REPLACE_PODS = "cannot-replace-pods"
     UNKNOWN_POOL = "unknown-pool"
+    # The new nodes of a consolidation on scale-up did not come up in time: the old nodes
+    # it would retire stay.
+    REPLACEMENT_NOT_UP = "replacement-not-up"
 
 
 def recheck(decision: ScaleDecision, fresh: ScaleDownRequest) -> RecheckFailure | None:
@@ -1577,6 +1669,7 @@ def recheck(decision: ScaleDecision, fresh: ScaleDownRequest) -> RecheckFailure 
 
 
 __all__ = [
+    "AutoscalePolicy",
     "Block",
     "ConsolidationOptions",
     "DecisionKind",
@@ -1593,11 +1686,14 @@ __all__ = [
     "Unschedulable",
     "apply_scale_up",
     "capacity_matrix",
+    "consolidation_round",
     "in_flight_specs",
     "node_utilization",
     "plan_scale_down",
     "plan_scale_up",
     "recheck",
     "replace_candidates",
+    "retirement",
+    "scale_up_replaceable",
     "with_nodes",
 ]

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from benchmarks.autoscale import (
-    FLEETD_OPTIONS,
     FleetdAutoscaler,
     LeastWasteBaseline,
     benchmark_pools,
@@ -17,6 +16,7 @@ from benchmarks.autoscale import (
     simulate,
 )
 from benchmarks.traces import TraceError
+from scheduling.autoscale import AutoscalePolicy
 
 HEADER = "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time\n"
 
@@ -45,7 +45,12 @@ def test_replay_runs_every_pod_and_costs_at_least_the_bound(trace_path: Path) ->
     assert len(trace.pods) == 13
     assert trace.spot_ok.sum() == 3  # BE pods tolerate spot
     pools = benchmark_pools()
-    ours = simulate(trace, pools, FleetdAutoscaler(FLEETD_OPTIONS, pending_batch_s=1.0), seed=1)
+    ours = simulate(
+        trace,
+        pools,
+        FleetdAutoscaler(AutoscalePolicy(scale_up_replace_nodes=0), pending_batch_s=1.0),
+        seed=1,
+    )
     base = simulate(trace, pools, LeastWasteBaseline(1), seed=1)
     bound = lower_bound_cost(trace, pools)
     for r in (ours, base):
