@@ -8,15 +8,24 @@ Decisions are advice to whatever manages the pools; the daemon counts the nodes 
 for as in flight (target size) until the pool reports them, so it does not ask twice. The
 simulated fleet can play the pool manager (`sources.simulated.apply_scale_decisions`).
 
-With `autoscaling.scale_down` it also plans scale-down and consolidation. Every disruptive
-decision is re-checked (`scheduling.autoscale.recheck`) against a fresh snapshot of fleet
-state taken when it is about to be emitted, after the decisions emitted before it: their
-nodes take no displaced pods and count against their pool's disruption budget until they
-are gone (Karpenter validates a consolidation command the same way before executing it).
+With `autoscaling.scale_down` it also plans scale-down and consolidation, with the same
+decision logic the autoscale benchmark measures (`scheduling.autoscale.AutoscalePolicy`
+from the config: `autoscale_policy`): deletions every round, the replacement search at
+most every `replace_every_s`, and consolidation on scale-up: a scale-up may take along
+the pods of a few stable nodes (`scale_up_replaceable`); those nodes are retired (a
+SCALE_DOWN, reason cheaper-replacement) once the pools of the new nodes report them up,
+after a re-check, or kept when they are not up within `scale_up_replace_timeout_s`.
+Every disruptive decision is re-checked (`scheduling.autoscale.recheck`) against a fresh
+snapshot of fleet state taken when it is about to be emitted, after the decisions emitted
+before it: their nodes take no displaced pods and count against their pool's disruption
+budget until they are gone (Karpenter validates a consolidation command the same way
+before executing it).
 
 With `autoscaling.dry_run` every decision is still computed and streamed, marked
 `dry_run`, but the daemon neither counts it as in flight nor as disrupting, and pool
-managers (the simulated one included) ignore it.
+managers (the simulated one included) ignore it. A consolidation on scale-up's retirement
+is then streamed at once (its new nodes will never come up), re-checked with them
+simulated.
 """
 
 from __future__ import annotations
@@ -24,23 +33,29 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from fleetd.config import Config
+from fleetd.config import AutoscalingConfig, Config
 from fleetd.metrics import Metrics
 from fleetd.sources import updates as up
 from fleetd.state import FleetState
 from scheduling import GPU_MILLI, Allocation, PodSpec
 from scheduling.autoscale import (
+    AutoscalePolicy,
     ConsolidationOptions,
+    DecisionKind,
+    DecisionReason,
     RecheckFailure,
     RunningPod,
     ScaleDecision,
     ScaleDownRequest,
     ScaleUpRequest,
+    consolidation_round,
     plan_scale_down,
     plan_scale_up,
     recheck,
+    retirement,
+    scale_up_replaceable,
 )
 from scheduling.fleet import Taint
 from scheduling.pools import CapacityType, NodePool, PoolStatus
@@ -110,6 +125,36 @@ def node_pool(u: up.NodePoolUpdate) -> NodePool | None:
         return None
 
 
+def autoscale_policy(cfg: AutoscalingConfig) -> AutoscalePolicy:
+    """The core's controller settings from the `autoscaling` config section (the defaults
+    are the autoscale benchmark's `AutoscalePolicy()`)."""
+    return AutoscalePolicy(
+        consolidation=ConsolidationOptions(
+            stabilization_window_s=cfg.scale_down_after_s,
+            empty_window_s=cfg.scale_down_empty_after_s,
+            utilization_threshold=cfg.scale_down_utilization,
+            replace=True,
+            max_replace_candidates=cfg.replace_max_nodes,
+            min_saving_per_hour=cfg.replace_min_saving_per_hour,
+        ),
+        replace_every_s=cfg.replace_every_s,
+        scale_up_replace_nodes=cfg.scale_up_replace_nodes if cfg.scale_down else 0,
+        scale_up_replace_min_saving_per_hour=cfg.scale_up_replace_min_saving_per_hour,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Retirement:
+    """The old nodes of a consolidation on scale-up, waiting for its new nodes.
+
+    decision: the plan's REPLACE; up_when: pool key -> the size at which the pool holds the
+    new nodes (the target the scale-up set); since_s: when it was planned."""
+
+    decision: ScaleDecision
+    up_when: tuple[tuple[tuple[str, str], int], ...]
+    since_s: float
+
+
 class Autoscaler:
     """Plans scale-ups for queued workloads and streams them (runs on the state's loop)."""
 
@@ -133,8 +178,21 @@ class Autoscaler:
         self.disrupting: dict[str, tuple[str, str]] = {}
         #: Why disruptive decisions were dropped by the re-check (reason -> count).
         self.recheck_failures: dict[RecheckFailure, int] = {}
+        #: Consolidations on scale-up whose new nodes are not up yet (their old nodes are
+        #: neither offered again nor drained by another decision meanwhile).
+        self.retiring: list[Retirement] = []
+        #: When the last replacement search ran (`consolidation_round`).
+        self.last_replace_s: float | None = None
         self.published: set[str] = set()
         self._last_inputs: object = None
+
+    def policy(self) -> AutoscalePolicy:
+        """The live config's controller settings."""
+        return autoscale_policy(self.config().autoscaling)
+
+    def retiring_nodes(self) -> set[str]:
+        """Nodes waiting to be retired by a consolidation on scale-up."""
+        return {n for r in self.retiring for n in r.decision.remove_nodes}
 
     def _pools(self) -> list[NodePool]:
         """The pools to plan with: none of a cluster whose sync is lost (its sizes and nodes
@@ -212,6 +270,16 @@ class Autoscaler:
         # Highest priority first (stable: queued workloads before pods of equal priority).
         items.sort(key=lambda item: -item.priority)
         pending = tuple(items)
+        policy = self.policy()
+        # Consolidation on scale-up: stable nodes whose pods the new nodes may take along
+        # (not those already being removed or retired).
+        replaceable = (
+            scale_up_replaceable(
+                self.down_request(), policy, self.retiring_nodes() | set(self.disrupting)
+            )
+            if policy.scale_up_replace_nodes
+            else ()
+        )
         plan = plan_scale_up(
             ScaleUpRequest(
                 fleet=state.fleet,
@@ -220,6 +288,8 @@ class Autoscaler:
                 status=status,
                 now_s=self.clock(),
                 policy=state.policy,
+                replaceable=replaceable,
+                replace_min_saving_per_hour=policy.scale_up_replace_min_saving_per_hour,
             )
         )
         out = []
@@ -235,12 +305,108 @@ class Autoscaler:
                 self.targets[key] = status[key].target_size + decision.delta
             self._publish(decision, status[key].target_size, dry_run)
             out.append(decision)
+        if plan.replace is not None and plan.replace.id not in self.published:
+            out += self._plan_retirement(plan.replace, plan.decisions, status, dry_run)
         self._record_cost(out, dry_run)
         return out
 
-    def down_request(self) -> ScaleDownRequest:
+    def _plan_retirement(
+        self,
+        decision: ScaleDecision,
+        ups: Sequence[ScaleDecision],
+        status: dict[tuple[str, str], PoolStatus],
+        dry_run: bool,
+    ) -> list[ScaleDecision]:
+        """Hold a consolidation on scale-up's old nodes until its new nodes are up; in
+        dry-run mode (nothing comes up) re-check it with the new nodes simulated and stream
+        its retirement at once."""
+        self.published.add(decision.id)
+        if dry_run:
+            failure = recheck(decision, self.down_request())
+            if failure is not None:
+                self._dropped(decision, failure)
+                return []
+            return self._emit_retirement(decision, dry_run=True)
+        up_when = tuple(
+            sorted(
+                ((d.cluster, d.pool), status[(d.cluster, d.pool)].target_size + d.delta)
+                for d in ups
+                if d.cluster == decision.cluster
+            )
+        )
+        self.retiring.append(Retirement(decision, up_when, self.clock()))
+        return []
+
+    def step_retire(self) -> list[ScaleDecision]:
+        """Retire the old nodes of consolidations on scale-up whose new nodes are up (each
+        re-checked on a fresh snapshot as a SCALE_DOWN: their pods must fit on the fleet
+        as it is now); drop those whose new nodes are not up in time."""
+        state = self.state
+        timeout_s = self.config().autoscaling.scale_up_replace_timeout_s
+        out: list[ScaleDecision] = []
+        waiting: list[Retirement] = []
+        for r in self.retiring:
+            pools = state.pools
+            up = all(k in pools and pools[k].current_size >= size for k, size in r.up_when)
+            if not up:
+                if self.clock() - r.since_s > timeout_s:
+                    self._dropped(r.decision, RecheckFailure.REPLACEMENT_NOT_UP)
+                else:
+                    waiting.append(r)
+                continue
+            if r.decision.cluster in state.lost_clusters:
+                waiting.append(r)  # its cluster's view is not current: decide later
+                continue
+            failure = recheck(retirement(r.decision), self.down_request())
+            if failure is not None:
+                self._dropped(r.decision, failure)
+                continue
+            out += self._emit_retirement(r.decision, dry_run=False)
+        self.retiring = waiting
+        self._record_cost(out, False)
+        return out
+
+    def _emit_retirement(self, decision: ScaleDecision, *, dry_run: bool) -> list[ScaleDecision]:
+        """Stream the removal of a consolidation's old nodes: one SCALE_DOWN per pool."""
+        by_pool: dict[tuple[str, str], list[str]] = {}
+        for node in decision.remove_nodes:
+            key = self._pool_of_node(node, (decision.cluster, decision.pool))
+            by_pool.setdefault(key, []).append(node)
+        prices = {p.key: p.price_per_hour for p in self._pools()}
+        out = []
+        for key, nodes in sorted(by_pool.items()):
+            pool = self.state.pools.get(key)
+            target = max(pool.current_size if pool else 0, self.targets.get(key, 0))
+            part = ScaleDecision.make(
+                DecisionKind.SCALE_DOWN,
+                key[0],
+                key[1],
+                -len(nodes),
+                nodes,
+                DecisionReason.CHEAPER_REPLACEMENT,
+                -len(nodes) * prices.get(key, 0.0),
+                target_size=target,
+            )
+            self._publish(part, target, dry_run)
+            if not dry_run:
+                for node in nodes:
+                    self.disrupting[node] = key
+            out.append(part)
+        return out
+
+    def _dropped(self, decision: ScaleDecision, failure: RecheckFailure) -> None:
+        self.recheck_failures[failure] = self.recheck_failures.get(failure, 0) + 1
+        if self.metrics is not None:
+            self.metrics.scale_recheck_failures.labels(failure.value).inc()
+        log.info(
+            "scale decision dropped by re-check",
+            extra={"id": decision.id, "reason": failure.value},
+        )
+
+    def down_request(self, options: ConsolidationOptions | None = None) -> ScaleDownRequest:
         """A scale-down request on the current state: running pods, pool sizes, nodes
-        being removed (counted as `disrupting` and cordoned in a copy of the fleet).
+        being removed (counted as `disrupting` and cordoned in a copy of the fleet), with
+        the config's consolidation options (or `options`).
 
         Running pods are what reservations and observed pods hold; re-placement is simulated
         with their resources (a reservation's model and selector constraints are not kept).
@@ -275,10 +441,7 @@ class Autoscaler:
             node_since_s=dict(state.node_since),
             now_s=self.clock(),
             policy=state.policy,
-            options=ConsolidationOptions(
-                stabilization_window_s=cfg.scale_down_after_s,
-                utilization_threshold=cfg.scale_down_utilization,
-            ),
+            options=options if options is not None else autoscale_policy(cfg).consolidation,
         )
 
     def step_down(self) -> list[ScaleDecision]:
@@ -286,7 +449,10 @@ class Autoscaler:
         state = self.state
         if not state.pools or not state.ready:
             return []
-        plan = plan_scale_down(self.down_request())
+        options, self.last_replace_s = consolidation_round(
+            self.policy(), self.clock(), self.last_replace_s
+        )
+        plan = plan_scale_down(self.down_request(options))
         return self.emit_down(plan.decisions)
 
     def emit_down(self, decisions: Sequence[ScaleDecision]) -> list[ScaleDecision]:
@@ -301,19 +467,17 @@ class Autoscaler:
         for decision in decisions:
             if decision.id in self.published:
                 continue
-            if any(n in self.disrupting or n in accepted for n in decision.remove_nodes):
-                continue  # already being removed
+            retiring = self.retiring_nodes()
+            if any(
+                n in self.disrupting or n in accepted or n in retiring
+                for n in decision.remove_nodes
+            ):
+                continue  # already being removed, or retired once a scale-up's nodes are up
             self.disrupting = {**kept, **accepted}
             fresh = self.down_request()
             failure = recheck(decision, fresh)
             if failure is not None:
-                self.recheck_failures[failure] = self.recheck_failures.get(failure, 0) + 1
-                if self.metrics is not None:
-                    self.metrics.scale_recheck_failures.labels(failure.value).inc()
-                log.info(
-                    "scale decision dropped by re-check",
-                    extra={"id": decision.id, "reason": failure.value},
-                )
+                self._dropped(decision, failure)
                 continue
             key = (decision.cluster, decision.pool)
             for node in decision.remove_nodes:
@@ -346,6 +510,7 @@ class Autoscaler:
             if cfg.enabled:
                 self.step()
                 if cfg.scale_down:
+                    self.step_retire()
                     self.step_down()
 
 

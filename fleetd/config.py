@@ -213,6 +213,39 @@ class AutoscalingConfig(_Strict):
     scale_down_utilization: float = Field(
         0.5, ge=0, le=1, description="Non-empty nodes below this utilization are candidates."
     )
+    scale_down_empty_after_s: float = Field(
+        600.0, ge=0, description="Stabilization window of empty nodes."
+    )
+    replace_every_s: float = Field(
+        7200.0,
+        ge=0,
+        le=7 * 86400,
+        description="Replacement (several nodes by fewer or cheaper ones) is searched at most "
+        "this often; deletions every round.",
+    )
+    replace_max_nodes: int = Field(
+        8, ge=1, le=1000, description="Nodes the replacement search considers at once."
+    )
+    replace_min_saving_per_hour: float = Field(
+        2.0, ge=0, description="A replacement or multi-node deletion must save this much ($/h)."
+    )
+    scale_up_replace_nodes: int = Field(
+        4,
+        ge=0,
+        le=1000,
+        description="Consolidation on scale-up (with scale_down): a scale-up may take along the "
+        "pods of up to this many stable nodes and retire them once its new nodes are up "
+        "(0 = off).",
+    )
+    scale_up_replace_min_saving_per_hour: float = Field(
+        1.0, ge=0, description="What consolidation on scale-up must save ($/h)."
+    )
+    scale_up_replace_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Nodes a scale-up would retire stay when its new nodes are not up this long "
+        "after it.",
+    )
     dry_run: bool = Field(
         False,
         description="Compute and stream decisions marked dry_run, but never count them as in "

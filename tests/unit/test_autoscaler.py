@@ -6,14 +6,20 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from fleetd.autoscaler import DO_NOT_DISRUPT_LABEL, Autoscaler, node_pool
+from fleetd.autoscaler import DO_NOT_DISRUPT_LABEL, Autoscaler, autoscale_policy, node_pool
 from fleetd.config import Config
 from fleetd.engine import PodRequest
 from fleetd.journal import Journal
 from fleetd.metrics import Metrics
 from fleetd.sources import updates as up
 from fleetd.state import FleetState, WorkloadRequest
-from scheduling.autoscale import RecheckFailure, plan_scale_down
+from scheduling.autoscale import (
+    AutoscalePolicy,
+    DecisionKind,
+    DecisionReason,
+    RecheckFailure,
+    plan_scale_down,
+)
 
 GIB = 1024**3
 RES = up.Resources(cpu_millicores=64_000, memory_bytes=512 * GIB, gpus=8)
@@ -238,3 +244,152 @@ def test_no_plans_for_a_cluster_whose_sync_is_lost(tmp_path: Path) -> None:
     state.source_connection("kafka", "", True)
     assert state.lost_clusters == frozenset()
     assert any(d.cluster == "c1" for d in scaler.step_down())
+
+
+# ---- consolidation on scale-up: the benchmark's decision logic in the daemon ----------------
+
+ONE = up.Resources(cpu_millicores=16_000, memory_bytes=64 * GIB, gpus=1)
+FOUR = up.Resources(cpu_millicores=64_000, memory_bytes=256 * GIB, gpus=4)
+
+
+def small_big_state(tmp_path: Path, clock: list[float]) -> FleetState:
+    """Pool `small` (1 GPU, $4/h) with two nodes each running a 1-GPU workload; pool `big`
+    (4 GPUs, $4/h) empty. Another 1-GPU workload waits: one `big` node holds it and the
+    pod of a `small` node it takes along for the price of one `small` node."""
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), lambda: clock[0])
+    state.expect_source("t", "c1")
+    for name, res, size in (("small", ONE, 2), ("big", FOUR, 0)):
+        state.apply_now(
+            up.NodePoolUpdate(
+                "c1", name, 1, name, res, gpu_model="T4", price_per_hour=4.0,
+                min_size=0, max_size=10, current_size=size,
+            )
+        )  # fmt: skip
+    for i in range(2):
+        state.apply_now(
+            up.NodeUpdate("c1", f"s{i}", 1, ONE, ONE, gpu_model="T4", node_pool="small")
+        )
+    state.apply_now(up.ClusterSynced("c1", "t"))
+    for i in range(2):
+        assert state.place(gpus(f"run{i}", 1)).result == "placed"
+    clock[0] += 3600  # the running nodes are stable
+    assert state.place(gpus("wait", 1)).result == "queued"
+    return state
+
+
+def scale_down_config(**extra: object) -> Config:
+    return Config.model_validate({"autoscaling": {"scale_down": True, **extra}})
+
+
+def big_node_up(state: FleetState) -> None:
+    state.apply_now(up.NodeUpdate("c1", "b0", 1, FOUR, FOUR, gpu_model="T4", node_pool="big"))
+    state.apply_now(
+        up.NodePoolUpdate(
+            "c1", "big", 2, "big", FOUR, gpu_model="T4", price_per_hour=4.0,
+            min_size=0, max_size=10, current_size=1,
+        )
+    )  # fmt: skip
+
+
+def test_config_defaults_are_the_benchmarks_policy() -> None:
+    from benchmarks.autoscale import fleetd_autoscaler
+
+    cfg = scale_down_config().autoscaling
+    assert autoscale_policy(cfg) == AutoscalePolicy() == fleetd_autoscaler().policy
+    # Without scale_down nothing is ever retired: no consolidation on scale-up either.
+    assert autoscale_policy(Config().autoscaling).scale_up_replace_nodes == 0
+
+
+def test_scale_up_takes_a_node_along_and_retires_it_once_the_new_node_is_up(
+    tmp_path: Path,
+) -> None:
+    clock = [1000.0]
+    state = small_big_state(tmp_path, clock)
+    config = scale_down_config()
+    scaler = Autoscaler(state, lambda: config, lambda: clock[0])
+    [grow] = scaler.step()
+    # Not a third `small` node: one `big` node for the waiting workload and a moved one.
+    assert (grow.kind, grow.pool, grow.delta, grow.unblocks) == (
+        DecisionKind.SCALE_UP, "big", 1, ("wait",),
+    )  # fmt: skip
+    [retiring] = scaler.retiring
+    [old] = retiring.decision.remove_nodes
+    assert old in {"c1/s0", "c1/s1"}
+    assert scaler.retiring_nodes() == {old}
+    # Nothing is removed before the new node is up; consolidation leaves that node alone.
+    assert scaler.step_retire() == []
+    assert all(old not in d.remove_nodes for d in scaler.step_down())
+    big_node_up(state)
+    [retire] = scaler.step_retire()
+    assert (retire.kind, retire.reason, retire.pool, retire.remove_nodes) == (
+        DecisionKind.SCALE_DOWN, DecisionReason.CHEAPER_REPLACEMENT, "small", (old,),
+    )  # fmt: skip
+    assert retire.cost_per_hour_delta == -4.0
+    assert scaler.retiring == []
+    assert scaler.disrupting == {old: ("c1", "small")}
+    assert [e.decision.kind for e in state.scale.history] == [
+        DecisionKind.SCALE_UP, DecisionKind.SCALE_DOWN,
+    ]  # fmt: skip
+
+
+def test_retirement_is_rechecked_on_a_fresh_snapshot(tmp_path: Path) -> None:
+    clock = [1000.0]
+    state = small_big_state(tmp_path, clock)
+    metrics = Metrics()
+    config = scale_down_config()
+    scaler = Autoscaler(state, lambda: config, lambda: clock[0], metrics)
+    scaler.step()
+    [old] = scaler.retiring[0].decision.remove_nodes
+    # While the new node boots, a pod that must not be disrupted lands on the old node.
+    dnd = up.PodObserved(
+        "c1", "ns", "keep", "uid-keep", old.split("/", 1)[1], up.Resources(1000, GIB),
+        labels=((DO_NOT_DISRUPT_LABEL, "true"),),
+    )  # fmt: skip
+    assert state.apply_now(dnd)
+    big_node_up(state)
+    assert scaler.step_retire() == []
+    assert scaler.recheck_failures == {RecheckFailure.DO_NOT_DISRUPT: 1}
+    assert scaler.retiring == []
+    assert scaler.disrupting == {}
+    text = generate_latest(metrics.registry).decode()
+    assert 'fleetd_scale_recheck_failures_total{reason="do-not-disrupt"} 1.0' in text
+
+
+def test_retirement_waits_for_the_new_nodes_then_gives_up(tmp_path: Path) -> None:
+    clock = [1000.0]
+    state = small_big_state(tmp_path, clock)
+    config = scale_down_config(scale_up_replace_timeout_s=600.0)
+    scaler = Autoscaler(state, lambda: config, lambda: clock[0])
+    scaler.step()
+    clock[0] += 300
+    assert scaler.step_retire() == []
+    assert len(scaler.retiring) == 1
+    clock[0] += 301  # the pool never reported its new node
+    assert scaler.step_retire() == []
+    assert scaler.retiring == []
+    assert scaler.recheck_failures == {RecheckFailure.REPLACEMENT_NOT_UP: 1}
+
+
+def test_dry_run_streams_the_retirement_at_once_and_holds_nothing(tmp_path: Path) -> None:
+    clock = [1000.0]
+    state = small_big_state(tmp_path, clock)
+    config = scale_down_config(dry_run=True)
+    scaler = Autoscaler(state, lambda: config, lambda: clock[0])
+    grow, retire = scaler.step()
+    assert (grow.kind, grow.pool, grow.delta) == (DecisionKind.SCALE_UP, "big", 1)
+    assert (retire.kind, retire.reason, retire.pool) == (
+        DecisionKind.SCALE_DOWN, DecisionReason.CHEAPER_REPLACEMENT, "small",
+    )  # fmt: skip
+    assert all(e.dry_run for e in state.scale.history)
+    assert scaler.targets == {}
+    assert scaler.retiring == []
+    assert scaler.disrupting == {}
+
+
+def test_no_consolidation_on_scale_up_without_scale_down(tmp_path: Path) -> None:
+    clock = [1000.0]
+    state = small_big_state(tmp_path, clock)
+    scaler = Autoscaler(state, lambda: state.config, lambda: clock[0])
+    [grow] = scaler.step()
+    assert (grow.pool, grow.delta) == ("small", 1)  # the cheapest node for the one workload
+    assert scaler.retiring == []
