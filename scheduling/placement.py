@@ -215,6 +215,9 @@ def gang_levels(gang: GangSpec) -> list[TopologyLevel]:
 
 #: Depth chunks start this deep and double when a node needs more.
 _FIRST_DEPTH = 8
+#: Stepwise depth chunks (a GPU-choosing policy) start this deep and grow by 1/this.
+_FIRST_STEPS = 4
+_STEP_GROWTH = 2
 #: Mean run length (pods per segment) from which nodes are scored per distinct state.
 _BY_STATE_RUN = 4
 #: ... and the batch has at least this many pods (the per-call set-up is O(nodes)).
@@ -1125,7 +1128,10 @@ class _Engine:
                 if done >= limit:
                     break
                 if chunk.depth < done:
-                    want = max(2 * chunk.depth, _FIRST_DEPTH)
+                    if self.closed_form(c):  # one evaluation, however deep
+                        want = max(2 * chunk.depth, _FIRST_DEPTH)
+                    else:  # stepwise: the cost is per step, so overshoot little
+                        want = max(chunk.depth // _STEP_GROWTH, _FIRST_STEPS)
                     self._deepen(c, chunk, min(want, k - count - (done - start)))
                 neg = -chunk.scores[j][done - 1]
                 if neg < a_neg or (neg == a_neg and slot < a_slot):
