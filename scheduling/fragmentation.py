@@ -237,6 +237,18 @@ def _gpu_stats(left: IntArray, typical: TypicalPods) -> tuple[IntArray, IntArray
     return count_ge, milli_below
 
 
+def _model_rows(
+    node_model: NDArray[np.integer], typical: TypicalPods, constraint_aware: bool
+) -> tuple[BoolArray, BoolArray | None]:
+    """Per node, the types' rows of `gpu_type_on_model` and, when constraint-aware,
+    `counts_on_model` ((n, n_types) each)."""
+    # Row per node of the per-model tables (row 0 for nodes without a GPU model).
+    row = np.maximum(np.asarray(node_model, dtype=np.int64), -1) + 1
+    return typical.gpu_type_on_model[row], (
+        typical.counts_on_model[row] if constraint_aware else None
+    )
+
+
 def _frag_of_stats(
     total: FloatArray,
     count_ge_distinct: IntArray,
@@ -245,26 +257,27 @@ def _frag_of_stats(
     node_model: NDArray[np.integer],
     typical: TypicalPods,
     constraint_aware: bool,
+    model_rows: tuple[BoolArray, BoolArray | None] | None = None,
 ) -> FloatArray:
     """`frag_milli` from `_gpu_stats`: total (n,) idle milli, count_ge and milli_below
     (n, k, n_distinct) for k states per row (candidates sharing the row's CPU, model and
-    total idle milli). Returns (n, k)."""
+    total idle milli). Returns (n, k). `model_rows`: `_model_rows` if already known."""
     inverse = typical.distinct_index
-    model = np.asarray(node_model, dtype=np.int64)
-    # Row per node of the per-model tables (row 0 for nodes without a GPU model).
-    row = np.maximum(model, -1) + 1
+    on_model, counts = (
+        _model_rows(node_model, typical, constraint_aware) if model_rows is None else model_rows
+    )
     # What depends on the row only (model, CPU) is computed once per row, not per state.
-    static = typical.gpu_type_on_model[row] & (
+    static = on_model & (
         np.asarray(cpu_left_milli, dtype=np.int64)[:, None] >= typical.cpu_milli[None, :]
     )
     hosts = static[:, None, :] & (count_ge_distinct[:, :, inverse] >= typical.num_gpu)
     fallback = total[:, None]
-    if constraint_aware:
+    if counts is not None:
         # Why: the artifact's NoAccess fragment rewards every placement on a model by the
         # popularity of the types pinned elsewhere, so it steers flexible pods towards the
         # models the fewest pods are pinned to, however small (scarcity is `model_pressure`).
         # (A type that hosts may use the model: only the others can count 0.)
-        fallback = np.where(typical.counts_on_model[row], fallback, 0.0)
+        fallback = np.where(counts, fallback, 0.0)
     per_type = np.where(
         hosts, milli_below_distinct.astype(np.float64)[:, :, inverse], fallback[:, None, :]
     )
@@ -354,6 +367,7 @@ def _frag_after_share(
     pod_cpu_milli: int,
     pod_gpu_milli: int,
     constraint_aware: bool,
+    model_rows: tuple[BoolArray, BoolArray | None] | None = None,
 ) -> FloatArray:
     """`frag_after` of a fractional pod: candidate g differs from the node's state in GPU g
     only, so its GPU statistics are the state's, corrected for that GPU (the same integers
@@ -361,21 +375,21 @@ def _frag_after_share(
     work than `candidate_states` + `frag_milli`)."""
     left = np.asarray(gpu_left_milli, dtype=np.int64)
     values = typical.distinct_gpu_milli[None, None, :]
-    count_ge, milli_below = _gpu_stats(left, typical)
-    new = left - pod_gpu_milli
     ge_old = left[:, :, None] >= values
+    below_old = np.where(ge_old, 0, left[:, :, None])
+    new = left - pod_gpu_milli
     ge_new = new[:, :, None] >= values
-    count_after = count_ge[:, None, :] - ge_old + ge_new
+    # The state's statistics (`_gpu_stats`) with GPU g's part replaced by its new one.
+    count_after = ge_old.sum(axis=1)[:, None, :] - ge_old + ge_new
     below_after = (
-        milli_below[:, None, :]
-        - np.where(ge_old, 0, left[:, :, None])
-        + np.where(ge_new, 0, new[:, :, None])
+        below_old.sum(axis=1)[:, None, :] - below_old + np.where(ge_new, 0, new[:, :, None])
     )
     total = (left.sum(axis=1) - pod_gpu_milli).astype(np.float64)
     cpu_after = np.asarray(cpu_left_milli, dtype=np.int64) - pod_cpu_milli
     frag = _frag_of_stats(
-        total, count_after, below_after, cpu_after, node_model, typical, constraint_aware
-    )
+        total, count_after, below_after, cpu_after, node_model, typical, constraint_aware,
+        model_rows,
+    )  # fmt: skip
     out: FloatArray = np.where(left >= pod_gpu_milli, frag, np.inf)
     return out
 
@@ -805,10 +819,13 @@ class FragmentationScorer:
         gpu = np.asarray(view.gpu_free_milli, dtype=np.int64) - taken * c.milli_per_gpu
         now = self.memo.frag_now(self.memo.states(cpu, gpu, model))
         index = np.arange(rows)
+        rows_of_model = _model_rows(model, typical, aware)  # constant along the chain
         out_s: list[FloatArray] = []
         out_p: list[IntArray] = []
         for step in range(steps):
-            raw = frag_after(cpu, gpu, model, typical, pod_cpu, pod_milli, 1, aware)
+            raw = _frag_after_share(
+                cpu, gpu, model, typical, pod_cpu, pod_milli, aware, rows_of_model
+            )
             scores = self._scores(c, cpu, gpu, model, now, raw)
             best = scores.max(axis=1)
             column = scores.argmax(axis=1).astype(np.int64)
