@@ -1172,19 +1172,27 @@ class _Engine:
             ids = np.asarray(new, np.int64)
             if self.closed_form(c):
                 steps = max(1, min(_FIRST_DEPTH, remaining))
-                depths = np.arange(1, steps + 1, dtype=np.int64)
-                s, p = self.policy.evaluate(
-                    states_after(states.view(self.fleet, self.usable, ids), c, depths), c
-                )
-                s = np.where(s == s, s, -np.inf)
-                s_rows = s.reshape(len(new), steps).tolist()
-                p_rows = p.reshape(len(new), steps).tolist()
-                for j, cid in enumerate(new):
+                # A class with room for r pods needs depths up to r - 1 at most (none for
+                # one pod, e.g. an 8-GPU pod): evaluate only what some class can use.
+                at = idx[np.asarray([first[cid] for cid in new], np.int64)]
+                use = np.flatnonzero(room[at] > 1)
+                steps_used = min(steps, int(room[at].max()) - 1)
+                for cid in new:
                     chunk = _Chunk(None, _NO_PICK, cid=cid)  # closed form: no stepwise picks
-                    chunk.scores[0].extend(s_rows[j])
-                    chunk.picks[0].extend(p_rows[j])
                     chunk.depth = steps
                     cache[cid] = (chunk, 0)
+                if use.size:
+                    depths = np.arange(1, steps_used + 1, dtype=np.int64)
+                    view = states.view(self.fleet, self.usable, ids[use])
+                    s, p = self.policy.evaluate(states_after(view, c, depths), c)
+                    s = np.where(s == s, s, -np.inf)
+                    s_rows = s.reshape(use.size, steps_used).tolist()
+                    p_rows = p.reshape(use.size, steps_used).tolist()
+                    for j, u in enumerate(use.tolist()):
+                        chunk = cache[new[u]][0]
+                        chunk.scores[0].extend(s_rows[j])
+                        chunk.picks[0].extend(p_rows[j])
+                        chunk.room = room[at[u : u + 1]]
             else:
                 # The class's depth-0 pick: that of its first row here (all rows agree).
                 at = idx[np.asarray([first[cid] for cid in new], np.int64)]
@@ -1200,6 +1208,8 @@ class _Engine:
         simulating one more pod on every row and re-scoring, step by step."""
         r = len(chunk.scores)
         if self.closed_form(c):
+            if chunk.room is not None:  # no deeper than the roomiest row can use
+                steps = max(1, min(steps, int(chunk.room.max()) - 1 - chunk.depth))
             depths = np.arange(chunk.depth + 1, chunk.depth + steps + 1, dtype=np.int64)
             base = chunk._base
             if base is None:  # a state-class chunk: its one row is the class's state
