@@ -2,9 +2,13 @@
 
 A seeded synthetic fleet (8 clusters, 4 GPU models, zones, racks, taints, 8-GPU nodes plus
 CPU-only nodes; `scheduling.synthetic`) and an openb-like workload (fractional, whole-GPU,
-model- and selector-constrained pods, gangs with topology). Measured in the same run:
+model- and selector-constrained pods, gangs with topology). The policy is the daemon's
+default (`fleetd.config.SchedulingConfig().policy`: fgd-plus, whose target workload is
+estimated from the benchmark's own pods as the daemon estimates it from its requests), and
+--compare-policy (the core's generic DEFAULT_POLICY) is timed in the same run. Measured:
 
-- the engine (`scheduling.place`): median wall time over --repeats;
+- the engine (`scheduling.place`): median wall time over --repeats, for --policy and for
+  --compare-policy, each with the 1-minute load average when it started;
 - the reference per-node Python loop with the same semantics
   (`scheduling.reference.ReferencePlacer`) on the first --loop-pods pods of the workload;
 - an identical-decisions check of both on a small instance (--check-nodes/--check-pods);
@@ -13,7 +17,8 @@ model- and selector-constrained pods, gangs with topology). Measured in the same
   time, --single-calls pods, policy --single-policy, fgd-plus by default with the
   workload's target): with a `PlacementCache` kept across calls and without one,
   alternating on two copies of the fleet, checking both make the same decisions;
-- with --ladder, the engine's cost from 1,000 to 100,000 nodes at the same pod count.
+- with --ladder, the engine's cost from 1,000 to 100,000 nodes at the same pod count (both
+  policies).
 
 The last line (with --json) is one JSON object with pods_per_s, loop_pods_per_s, speedup,
 bytes_per_node and the rest.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from fleetd import engine
+from fleetd.config import SchedulingConfig
 from scheduling import (
     REASON_TEXT,
     Batch,
@@ -53,6 +60,13 @@ from scheduling.synthetic import synthetic_fleet, synthetic_workload
 from scheduling.workload import QueueItem
 
 LADDER = (1_000, 3_000, 10_000, 30_000, 100_000)
+#: The daemon's default policy (what `fleetd serve` places with unless configured).
+DAEMON_POLICY = SchedulingConfig().policy
+
+
+def load_1m() -> float:
+    """The 1-minute load average (the box is shared: figures are read with it)."""
+    return round(os.getloadavg()[0], 2)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -60,7 +74,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=10_000)
     p.add_argument("--pods", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--policy", default=DEFAULT_POLICY)
+    p.add_argument("--policy", default=DAEMON_POLICY, help="the daemon's default: %(default)s")
+    p.add_argument(
+        "--compare-policy",
+        default=DEFAULT_POLICY,
+        help="also timed in the same run ('' to skip); default: the core's %(default)s",
+    )
     p.add_argument("--order", choices=[o.value for o in Order], default=Order.LARGEST_FIRST.value)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loop-pods", type=int, default=30, help="pods timed with the reference loop")
@@ -197,20 +216,50 @@ def main(argv: Sequence[str]) -> int:
         return policy_for(args.policy, fleet, items)
 
     policy = policy_of()
+    load = load_1m()
     wall, cpu, result, best = time_engine(fleet, batch, policy_of, order, args.repeats)
     pods_per_s = len(batch) / wall
     reasons = Counter(int(r) for r in result.reason[result.reason > 0])
     say(
-        f"engine: {wall:.3f}s median of {args.repeats} ({cpu:.3f}s CPU) -> {pods_per_s:,.0f} "
-        f"pods/s (fastest {len(batch) / best:,.0f}); placed {result.n_placed}/{len(batch)}, GPU allocation "
-        f"{gpu_alloc_pct(fleet, result):.1f}%"
+        f"engine ({policy.name}): {wall:.3f}s median of {args.repeats} ({cpu:.3f}s CPU) -> "
+        f"{pods_per_s:,.0f} pods/s (fastest {len(batch) / best:,.0f}); placed "
+        f"{result.n_placed}/{len(batch)}, GPU allocation {gpu_alloc_pct(fleet, result):.1f}%; "
+        f"load {load}"
     )
     for code, count in reasons.most_common(4):
         say(f"  unplaced: {count} x {REASON_TEXT[Reason(code)]}")
+    compare: dict[str, Any] = {}
+    if args.compare_policy:
+        other = policy_for(args.compare_policy, fleet, items)
+        c_load = load_1m()
+        c_wall, c_cpu, c_result, c_best = time_engine(
+            fleet,
+            batch,
+            lambda: policy_for(args.compare_policy, fleet, items),
+            order,
+            args.repeats,
+        )
+        compare = {
+            "policy": other.name,
+            "pods_per_s": round(len(batch) / c_wall),
+            "cpu_pods_per_s": round(len(batch) / c_cpu),
+            "engine_s": round(c_wall, 4),
+            "best_pods_per_s": round(len(batch) / c_best),
+            "placed": c_result.n_placed,
+            "gpu_alloc_pct": round(gpu_alloc_pct(fleet, c_result), 2),
+            "load_1m": c_load,
+        }
+        say(
+            f"engine ({other.name}): {c_wall:.3f}s median of {args.repeats} ({c_cpu:.3f}s "
+            f"CPU) -> {len(batch) / c_wall:,.0f} pods/s (fastest {len(batch) / c_best:,.0f}); "
+            f"placed {c_result.n_placed}, GPU allocation {compare['gpu_alloc_pct']:.1f}%; "
+            f"load {c_load}"
+        )
 
     # The reference loop on the first --loop-pods pods (same fleet, same semantics).
     sub = Batch.of(items[: args.loop_pods])
     placer = ReferencePlacer(fleet, policy_of())
+    loop_load = load_1m()
     w0 = time.perf_counter()
     placer.place(sub, order=order)
     loop_s = time.perf_counter() - w0
@@ -218,7 +267,7 @@ def main(argv: Sequence[str]) -> int:
     speedup = pods_per_s / loop_pods_per_s
     say(
         f"reference loop: {len(sub)} pods in {loop_s:.2f}s -> {loop_pods_per_s:,.1f} pods/s; "
-        f"speedup {speedup:,.0f}x"
+        f"speedup {speedup:,.0f}x; load {loop_load}"
     )
 
     # Identical decisions on a small instance.
@@ -262,25 +311,30 @@ def main(argv: Sequence[str]) -> int:
 
     ladder: list[dict[str, Any]] = []
     if args.ladder:
+        specs = [args.policy] + ([args.compare_policy] if args.compare_policy else [])
         for n in LADDER:
             f = synthetic_fleet(n, np.random.default_rng(args.seed))
-            w, c, r, _ = time_engine(
-                f, batch, lambda f=f: policy_for(args.policy, f, items), order, 1
-            )
-            ladder.append(
-                {
-                    "nodes": n,
-                    "pods": len(batch),
-                    "placed": r.n_placed,
-                    "seconds": round(w, 4),
-                    "cpu_seconds": round(c, 4),
-                    "pods_per_s": round(len(batch) / w),
-                }
-            )
-            say(
-                f"ladder: {n:>7} nodes: {w:.3f}s ({c:.3f}s CPU), {len(batch) / w:,.0f} pods/s, "
-                f"placed {r.n_placed}"
-            )
+            for spec in specs:
+                step_load = load_1m()
+                w, c, r, _ = time_engine(
+                    f, batch, lambda f=f, spec=spec: policy_for(spec, f, items), order, 1
+                )
+                ladder.append(
+                    {
+                        "nodes": n,
+                        "policy": spec,
+                        "pods": len(batch),
+                        "placed": r.n_placed,
+                        "seconds": round(w, 4),
+                        "cpu_seconds": round(c, 4),
+                        "pods_per_s": round(len(batch) / w),
+                        "load_1m": step_load,
+                    }
+                )
+                say(
+                    f"ladder: {n:>7} nodes, {spec}: {w:.3f}s ({c:.3f}s CPU), "
+                    f"{len(batch) / w:,.0f} pods/s, placed {r.n_placed}; load {step_load}"
+                )
     if args.json:
         print(
             json.dumps(
@@ -302,6 +356,9 @@ def main(argv: Sequence[str]) -> int:
                     "identical_decisions": same,
                     "placed": result.n_placed,
                     "gpu_alloc_pct": round(gpu_alloc_pct(fleet, result), 2),
+                    "load_1m": load,
+                    "loop_load_1m": loop_load,
+                    "compare": compare,
                     "batch_build_s": round(batch_s, 4),
                     "single_pod": single,
                     "ladder": ladder,

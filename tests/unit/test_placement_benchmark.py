@@ -1,0 +1,46 @@
+"""The placement benchmark measures the daemon's default policy and the core's generic one
+in one run, and ends with one JSON line (a tiny instance: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import placement
+from fleetd.config import SchedulingConfig
+from scheduling import DEFAULT_POLICY
+
+
+def test_benchmark_defaults_to_the_daemon_policy_and_compares_the_generic_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = [
+        "--nodes", "60", "--pods", "400", "--repeats", "1", "--loop-pods", "2",
+        "--check-nodes", "30", "--check-pods", "120", "--memory-nodes", "100",
+        "--single-calls", "10", "--json",
+    ]  # fmt: skip
+    assert placement.main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert SchedulingConfig().policy == "fgd-plus"
+    assert report["policy"] == "fgd-plus:1"
+    assert report["compare"]["policy"] == DEFAULT_POLICY
+    assert report["identical_decisions"] is True
+    assert report["pods"] == 400
+    assert report["placed"] > 0
+    assert report["compare"]["placed"] > 0
+    for key in ("pods_per_s", "loop_pods_per_s", "speedup", "bytes_per_node"):
+        assert report[key] > 0
+    assert report["load_1m"] >= 0
+
+
+def test_compare_policy_can_be_skipped(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "--nodes", "40", "--pods", "200", "--repeats", "1", "--loop-pods", "2",
+        "--check-nodes", "20", "--check-pods", "60", "--memory-nodes", "50",
+        "--single-calls", "5", "--policy", "best-fit", "--compare-policy", "", "--json",
+    ]  # fmt: skip
+    assert placement.main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["policy"] == "best-fit:1"
+    assert report["compare"] == {}
