@@ -74,18 +74,21 @@ class _Producer:
         raise AssertionError("the benchmark's records are all valid")
 
 
-def polls(records: Sequence[tuple[bytes, bytes]]) -> list[dict[TopicPartition, list[Any]]]:
-    """The records as consumer polls: partitioned by key, each poll one fetch per partition."""
+def polls(
+    records: Sequence[tuple[bytes, bytes]], fetch_records: int = FETCH_RECORDS
+) -> list[dict[TopicPartition, list[Any]]]:
+    """The records as consumer polls: partitioned by key, each poll one fetch per partition
+    (`fetch_records` each)."""
     by_partition: list[list[_Record]] = [[] for _ in range(PARTITIONS)]
     for key, value in records:
         p = zlib.crc32(key) % PARTITIONS
         by_partition[p].append(_Record("t", p, len(by_partition[p]), key, value))
     out = []
-    for start in range(0, max(len(r) for r in by_partition), FETCH_RECORDS):
+    for start in range(0, max(len(r) for r in by_partition), fetch_records):
         poll = {
-            TopicPartition("t", p): recs[start : start + FETCH_RECORDS]
+            TopicPartition("t", p): recs[start : start + fetch_records]
             for p, recs in enumerate(by_partition)
-            if recs[start : start + FETCH_RECORDS]
+            if recs[start : start + fetch_records]
         }
         out.append(poll)
     return out
@@ -157,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", type=int, default=0, help="print cProfile's top N")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--fetch-records", type=int, default=FETCH_RECORDS, help="records per partition and poll"
+    )
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.rounds < 1 or args.repeats < 1:
         parser.error("--nodes >= 2, --rounds >= 1 and --repeats >= 1")
@@ -165,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = list(
         periodic_reports(fleet, args.rounds + 1, rng, changed_fraction=args.changed_fraction)
     )
-    warm, steady = polls(records[: len(fleet)]), polls(records[len(fleet) :])
+    warm = polls(records[: len(fleet)])
+    steady = polls(records[len(fleet) :], args.fetch_records)
     n_steady = len(records) - len(fleet)
     del records
     runs = [asyncio.run(_one_run(warm, steady, None)) for _ in range(args.repeats)]
