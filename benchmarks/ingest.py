@@ -17,7 +17,9 @@ own consumer group and the same fetch sizes:
 - state: the same into the daemon's FleetState (the single writer in front of the node
   table), which is checked afterwards to hold every node at its last produced sequence.
 The fleetd consumers first read an initial sync (every node in full, timed apart); then the
-heap is frozen as the daemon does when it first turns ready (`freeze_startup_heap`).
+heap is frozen as the daemon does when it first turns ready (`freeze_startup_heap`). Every
+run starts from the same heap: collected, nothing of earlier runs alive, what was there
+before frozen (the raw consumer's too), so no run's collections walk another's objects.
 A rate is records / (time of the last record - time the first poll returned), so consumer
 group joins are not counted; `updates_per_s` counts the records that were validated and
 are reflected in state (new content applied, or a heartbeat's sequence and freshness; not
