@@ -374,24 +374,53 @@ def _frag_after_share(
     as from the candidate states themselves, hence the same fragmentation, G times less
     work than `candidate_states` + `frag_milli`)."""
     left = np.asarray(gpu_left_milli, dtype=np.int64)
+    n, g = left.shape
     values = typical.distinct_gpu_milli[None, None, :]
     ge_old = left[:, :, None] >= values
     below_old = np.where(ge_old, 0, left[:, :, None])
-    new = left - pod_gpu_milli
-    ge_new = new[:, :, None] >= values
-    # The state's statistics (`_gpu_stats`) with GPU g's part replaced by its new one.
-    count_after = ge_old.sum(axis=1)[:, None, :] - ge_old + ge_new
-    below_after = (
-        below_old.sum(axis=1)[:, None, :] - below_old + np.where(ge_new, 0, new[:, :, None])
-    )
     total = (left.sum(axis=1) - pod_gpu_milli).astype(np.float64)
     cpu_after = np.asarray(cpu_left_milli, dtype=np.int64) - pod_cpu_milli
-    frag = _frag_of_stats(
-        total, count_after, below_after, cpu_after, node_model, typical, constraint_aware,
-        model_rows,
+    valid = left >= pod_gpu_milli
+    if n * g < _DEDUP_CANDIDATES:
+        new = left - pod_gpu_milli
+        ge_new = new[:, :, None] >= values
+        # The state's statistics (`_gpu_stats`) with GPU g's part replaced by its new one.
+        count_after = ge_old.sum(axis=1)[:, None, :] - ge_old + ge_new
+        below_after = (
+            below_old.sum(axis=1)[:, None, :] - below_old + np.where(ge_new, 0, new[:, :, None])
+        )
+        frag = _frag_of_stats(
+            total, count_after, below_after, cpu_after, node_model, typical, constraint_aware,
+            model_rows,
+        )  # fmt: skip
+        out: FloatArray = np.where(valid, frag, np.inf)
+        return out
+    # Many candidates: GPUs of a node with the same free share give the same state, so only
+    # the first GPU of each share is computed (a node's idle GPUs are mostly all alike).
+    first = (left[:, :, None] == left[:, None, :]).argmax(axis=2)
+    row, gpu = np.nonzero(valid & (first == np.arange(g)))
+    new_one = left[row, gpu] - pod_gpu_milli
+    ge_one = new_one[:, None] >= values[0]
+    count_one = ge_old.sum(axis=1)[row] - ge_old[row, gpu] + ge_one
+    below_one = (
+        below_old.sum(axis=1)[row] - below_old[row, gpu] + np.where(ge_one, 0, new_one[:, None])
+    )
+    on_model, counts = (
+        _model_rows(node_model, typical, constraint_aware) if model_rows is None else model_rows
+    )
+    frag_one = _frag_of_stats(
+        total[row], count_one[:, None, :], below_one[:, None, :], cpu_after[row],
+        np.asarray(node_model)[row], typical, constraint_aware,
+        (on_model[row], None if counts is None else counts[row]),
     )  # fmt: skip
-    out: FloatArray = np.where(left >= pod_gpu_milli, frag, np.inf)
+    each = np.full((n, g), np.inf)
+    each[row, gpu] = frag_one[:, 0]
+    out = np.where(valid, each[np.arange(n)[:, None], first], np.inf)
     return out
+
+
+#: From this many candidate states (nodes x GPUs), a share's candidates are deduplicated.
+_DEDUP_CANDIDATES = 64
 
 
 def fgd_score(frag_now: FloatArray, frag_next: FloatArray) -> IntArray:
@@ -564,17 +593,21 @@ class FragmentationMemo:
         # One dict look-up per row, by the row's bytes (views are mostly small: the engine
         # shows one row per new state; a dict beats np.unique's sort there).
         table = self._ids
-        found: list[int] = []
         new: list[int] = []
         n = self._n
         void = np.dtype((np.void, 8 * (2 + gpus)))
         row_bytes = cast("list[bytes]", keys.view(void).ravel().tolist())
-        for i, key in enumerate(row_bytes):
-            sid = table.get(key)
-            if sid is None:
-                sid = table[key] = n + len(new)
-                new.append(i)
-            found.append(sid)
+        # Look-ups in C (map); only the rows not found take the Python loop.
+        found: list[int | None] = list(map(table.get, row_bytes))
+        if None in found:
+            for i, sid in enumerate(found):
+                if sid is None:
+                    key = row_bytes[i]
+                    sid = table.get(key)  # a state met twice in this view
+                    if sid is None:
+                        sid = table[key] = n + len(new)
+                        new.append(i)
+                    found[i] = sid
         if new:
             self._grow(n + len(new))
             self._n = n + len(new)

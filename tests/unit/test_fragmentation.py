@@ -257,11 +257,11 @@ def test_frag_milli_of_a_state_does_not_depend_on_its_batch() -> None:
 
 
 @pytest.mark.parametrize("aware", [False, True])
-def test_frag_after_of_a_share_equals_scoring_each_candidate_state(aware: bool) -> None:
+@pytest.mark.parametrize("n", [3, 400])  # few candidates, and many (deduplicated)
+def test_frag_after_of_a_share_equals_scoring_each_candidate_state(aware: bool, n: int) -> None:
     # frag_after computes a fractional pod's candidates from the node's own GPU statistics;
     # it must give exactly (bit for bit) frag_milli of every candidate state.
     rng = np.random.default_rng(7)
-    n = 400
     gpus = np.minimum(rng.integers(0, 11, (n, 4)) * 100 + rng.integers(0, 2, (n, 4)), 1000)
     gpus[rng.random((n, 4)) < 0.2] = 1000
     cpu = rng.integers(0, 20000, n)
