@@ -716,6 +716,8 @@ class FragmentationScorer:
     state_only = True
     #: ... and whole GPUs are the lowest-index free ones, the engine's default choice.
     default_whole_gpus = True
+    #: `score` never reads the default `pick` it is given (it chooses every pod's GPUs).
+    reads_default_pick = False
 
     def __init__(
         self,
@@ -763,6 +765,7 @@ class FragmentationScorer:
     def score(self, view: NodeView, c: Constraints, pick: IntArray) -> ScoreResult:
         """Integer FGD scores (as float64) and the GPU bitmask each node would give the pod."""
         # Never reads view.slots: the engine may pass one representative row per state.
+        # Never reads `pick` either (`reads_default_pick = False`): it chooses every GPU.
         rows = int(np.asarray(view.cpu_free_millicores).shape[0])
         if rows == 0:
             return ScoreResult(np.zeros(0), np.zeros(0, dtype=np.int64))

@@ -227,6 +227,8 @@ class ScorePlugin(Protocol):
     state only (not on `view.slots`); the engine then scores each distinct node state once
     and a view may hold a representative slot for many nodes. Views may also hold the same
     slot several times (hypothetical states of one node, when no plugin chooses GPUs).
+    Optional attribute `reads_default_pick = False` (a `chooses_gpus` plugin) says its score
+    and choice never read the `pick` it is given (the engine then skips computing it).
     Optional attribute `default_whole_gpus = True` (a `chooses_gpus` plugin) promises that
     for whole-GPU pods `gpu_pick` is the default choice (the lowest-index entirely free
     GPUs, 0 where they are too few): the engine then computes deeper states of such pods in
@@ -552,14 +554,21 @@ class Policy:
 
     def evaluate(self, view: NodeView, c: Constraints) -> tuple[F64, I64]:
         """Combined score (R,) float64 and GPU bitmask (R,) int64 for each row of `view`."""
-        pick = default_gpu_pick(view, c)
         chooser = self.chooser
         results: dict[int, ScoreResult] = {}
         if chooser is not None and c.gpus_per_pod:
+            # The default choice is what a chooser gets to start from, unless it declares
+            # it never reads it (then it is only computed if the chooser makes no choice).
+            reads = getattr(chooser, "reads_default_pick", True)
+            pick = default_gpu_pick(view, c) if reads else np.zeros(len(view), np.int64)
             res = chooser.score(view, c, pick)
             if res.gpu_pick is not None:
                 pick = res.gpu_pick.astype(np.int64)
+            elif not reads:
+                pick = default_gpu_pick(view, c)
             results[id(chooser)] = res
+        else:
+            pick = default_gpu_pick(view, c)
         total = np.zeros(len(view), np.float64)
         for plugin, weight in self.terms:
             res = results.get(id(plugin)) or plugin.score(view, c, pick)
