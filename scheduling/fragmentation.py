@@ -567,11 +567,7 @@ class FragmentationMemo:
         self._model = np.concatenate([self._model, np.zeros(extra, dtype=np.int64)])
         self._now = np.concatenate([self._now, np.zeros(extra)])
         self._now_done = np.concatenate([self._now_done, np.zeros(extra, dtype=np.bool_)])
-        for key, (values, done) in list(self._after.items()):
-            self._after[key] = (
-                np.concatenate([values, np.zeros((extra, values.shape[1]))]),
-                np.concatenate([done, np.zeros(extra, dtype=np.bool_)]),
-            )
+        # Per pod shape arrays grow when next used (`frag_after`): most shapes are not.
 
     def states(self, cpu_left: IntArray, gpu_left: IntArray, model: IntArray) -> IntArray:
         """(R,) the state id of each row (free CPU, free milli per GPU, GPU model), interning
@@ -646,6 +642,12 @@ class FragmentationMemo:
             )
             self._after[key] = entry
             self._row_bytes += 8 * columns + 1
+        elif entry[0].shape[0] < self._cpu.shape[0]:
+            extra = self._cpu.shape[0] - entry[0].shape[0]
+            entry = self._after[key] = (
+                np.concatenate([entry[0], np.zeros((extra, columns))]),
+                np.concatenate([entry[1], np.zeros(extra, dtype=np.bool_)]),
+            )
         values, done = entry
         todo = ids[~done[ids]]
         if todo.size:
