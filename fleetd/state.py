@@ -323,8 +323,9 @@ class FleetState:
         #: (cluster, "namespace/name") -> when the pending pod was last reported.
         self._pending_seen_s: dict[tuple[str, str], float] = {}
         #: Bounded: removed subjects' entries expire (tombstones, `SequenceGate`); its clock
-        #: is the state's, so tests control expiry.
-        self.gate = up.SequenceGate(clock=clock)
+        #: is the state's, so tests control expiry. No floors: Kubernetes resourceVersions
+        #: do not order a cluster's objects by publication (see `SequenceGate`).
+        self.gate = up.SequenceGate(clock=clock, floors=False)
         self.held: dict[str, _Held] = {}
         self.queue: dict[str, _Queued] = {}
         self._structure_version = 0  # bumped when a node is added, removed or changed

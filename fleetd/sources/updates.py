@@ -337,20 +337,28 @@ class SequenceGate:
     so a removal (NodeRemoved, NodePoolRemoved, PodRemoved, PendingPodRemoved, or
     `removed`) leaves a tombstone: the subject's entry stays, at the removal's sequence, for
     `tombstone_ttl_s`, so that a redelivered older update is dropped as before. Then the
-    entry is dropped and the removal's sequence raises a floor for its cluster and kind:
-    an update of a subject without an entry is admitted only above that floor. So what was
-    published before a removal never resurrects its subject, however late it comes, with one
-    entry per (cluster, kind) instead of one per subject ever seen. The price: a *new*
-    subject's update older than a removal applied `tombstone_ttl_s` ago is dropped too (it is
-    superseded by the subject's next report). That needs a sequence space shared by a
-    cluster's subjects of one kind, which both sources have: the Kafka publisher's one
-    hybrid clock (`max(last + 1, wall clock µs)`) per agent, Kubernetes' resourceVersion.
+    entry is dropped. With `floors` (the Kafka source's gate), the removal's sequence then
+    raises a floor for its cluster and kind: an update of a subject without an entry is
+    admitted only above it. So what was published before a removal never resurrects its
+    subject, however late it comes, with one number per (cluster, kind) instead of one entry
+    per subject ever seen. That needs sequences that order a cluster's subjects of one kind
+    by publication, which the Kafka publisher's are (one hybrid clock, `max(last + 1, wall
+    clock µs)`, per agent); the price is that a *new* subject's update older than a removal
+    applied `tombstone_ttl_s` ago is dropped too (until its next report). Kubernetes
+    resourceVersions are not such sequences (a relist hands out objects at the version of
+    their last change, possibly older than another object's deletion), so the state's gate
+    keeps no floors: its sources guard themselves (the Kafka source with floors, the watches
+    by resuming in order or relisting what exists).
     """
 
-    __slots__ = ("_cells", "_clock", "_floors", "_tombstones", "tombstone_ttl_s")
+    __slots__ = ("_cells", "_clock", "_floors", "_tombstones", "floors", "tombstone_ttl_s")
 
     def __init__(
-        self, *, tombstone_ttl_s: float = 600.0, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        tombstone_ttl_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+        floors: bool = True,
     ) -> None:
         self._cells: dict[Subject, SequenceCell] = {}
         #: (expires at, subject, removal sequence), oldest first.
@@ -359,6 +367,7 @@ class SequenceGate:
         self._floors: dict[tuple[str, str], int] = {}
         self.tombstone_ttl_s = tombstone_ttl_s
         self._clock = clock
+        self.floors = floors
 
     def admit(self, update: Update) -> bool:
         """True when `update` is newer than everything admitted for its subject."""
@@ -367,6 +376,8 @@ class SequenceGate:
             return True
         sequence: int = update.sequence  # type: ignore[union-attr]
         if sequence == 0:
+            if isinstance(update, _REMOVALS):
+                self.removed(subject)  # (unordered, but gone all the same)
             return True
         if not self.admit_sequence(subject, sequence):
             return False
@@ -420,7 +431,7 @@ class SequenceGate:
                 continue  # admitted again since (or expired by an earlier tombstone)
             del self._cells[subject]
             scope = (subject[0], subject[1])
-            if sequence > self._floors.get(scope, 0):
+            if self.floors and sequence > self._floors.get(scope, 0):
                 self._floors[scope] = sequence
             dropped += 1
         return dropped

@@ -105,20 +105,35 @@ def _state(tmp: Path, clock: Clock) -> FleetState:
     return FleetState(cfg, Journal(tmp / "journal.sqlite3"), clock=clock)
 
 
-def test_state_drops_a_removed_nodes_entry_and_refuses_its_old_reports(tmp_path: Path) -> None:
+def test_state_drops_a_removed_nodes_entry_after_its_tombstone(tmp_path: Path) -> None:
     clock = Clock()
     state = _state(tmp_path, clock)
     state.apply_now(dataclasses.replace(_node("a", 1), content_token=b"A"))
     state.apply_now(up.NodeHeartbeats("c1", ("a",), (2,), (1.0,), (b"A",)))
     state.apply_now(up.NodeRemoved("c1", "a", 3))
+    assert "a" not in state._heartbeat_keys["c1"]
+    assert not state.apply_now(_node("a", 2))  # redelivered within the tombstone's time
+    assert "c1/a" not in state.nodes
     clock.now_s += state.gate.tombstone_ttl_s + 1
     state.gate.expire()
     assert len(state.gate) == 0
-    assert "a" not in state._heartbeat_keys["c1"]
-    assert not state.apply_now(_node("a", 2))  # redelivered after the entry went
-    assert "c1/a" not in state.nodes
     assert state.apply_now(_node("a", 4))  # back for real
     assert "c1/a" in state.nodes
+
+
+def test_state_keeps_no_floor_for_kubernetes_resource_versions(tmp_path: Path) -> None:
+    """A relist hands out objects at the resourceVersion of their last change, which may be
+    older than another object's deletion: the state must take them."""
+    clock = Clock()
+    state = _state(tmp_path, clock)
+    state.apply_now(_node("a", 500))
+    state.apply_now(up.NodeRemoved("c1", "a", 0))  # watches send removals unordered
+    state.apply_now(up.NodeRemoved("c1", "b", 900))
+    clock.now_s += state.gate.tombstone_ttl_s + 1
+    state.gate.expire()
+    assert len(state.gate) == 0  # the unordered removal left a tombstone too
+    assert state.apply_now(_node("z", 450))  # created earlier, first seen in a relist now
+    assert "c1/z" in state.nodes
 
 
 def test_state_tombstones_nodes_a_relist_removed(tmp_path: Path) -> None:
@@ -128,11 +143,11 @@ def test_state_tombstones_nodes_a_relist_removed(tmp_path: Path) -> None:
     state.apply_now(_node("b", 2))
     state.apply_now(up.ClusterSynced("c1", "kubernetes", frozenset({"b"})))
     assert "c1/a" not in state.nodes
+    assert not state.apply_now(_node("a", 1))  # within the tombstone's time
     clock.now_s += state.gate.tombstone_ttl_s + 1
     state.gate.expire()
     assert state.gate.last("c1", "node", "a") is None
     assert state.gate.last("c1", "node", "b") == 2
-    assert not state.apply_now(_node("a", 1))
 
 
 def test_kafka_source_bounds_its_gate_and_drops_old_reports_of_deleted_nodes() -> None:
@@ -177,23 +192,23 @@ def test_kafka_source_bounds_its_gate_and_drops_old_reports_of_deleted_nodes() -
 
 
 def test_the_state_behind_the_source_agrees(tmp_path: Path) -> None:
-    """Through StateSink: removed nodes leave neither node nor gate entries behind."""
+    """Through StateSink: removed nodes leave neither node nor gate entries behind, and the
+    source's floor keeps a late redelivery from the state."""
     clock = Clock()
     state = _state(tmp_path, clock)
+    a = encode_node(gpu_node("a"), sequence=1, observed_unix_ms=1)
+    old = Rec(node_key("c1", "a"), a.SerializeToString(deterministic=True), 0)
+    gone = encode_node_deleted("c1", "a", sequence=2, observed_unix_ms=1)
 
     async def run() -> None:
         source = KafkaSource(KafkaSourceSettings(sequence_tombstone_ttl_s=0.0), StateSink(state))
-        a = encode_node(gpu_node("a"), sequence=1, observed_unix_ms=1)
-        gone = encode_node_deleted("c1", "a", sequence=2, observed_unix_ms=1)
-        recs = [
-            Rec(node_key("c1", "a"), a.SerializeToString(deterministic=True), 0),
-            Rec(node_key("c1", "a"), gone.SerializeToString(), 1),
-        ]
-        for rec in recs:
+        for rec in (old, Rec(node_key("c1", "a"), gone.SerializeToString(), 1)):
             await source.process({TP: [rec]}, Consumer(), Producer())
+        clock.now_s += state.gate.tombstone_ttl_s + 1
+        state.gate.expire()
+        assert not state.nodes
+        assert len(state.gate) == 0
+        await source.process({TP: [old]}, Consumer(), Producer())  # long after
 
     asyncio.run(run())
-    clock.now_s += state.gate.tombstone_ttl_s + 1
-    state.gate.expire()
     assert not state.nodes
-    assert len(state.gate) == 0
