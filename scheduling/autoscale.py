@@ -1212,6 +1212,33 @@ def _stable(req: ScaleDownRequest, node: _NodeFacts) -> bool:
     )
 
 
+def overpayment(pools: Sequence[NodePool], nodes: Sequence[_NodeFacts]) -> dict[str, float]:
+    """Per node, its price minus what its pods would cost at the best rate any pool offers
+    them ($/h): a pod is worth the price per pod of the pool that holds such pods
+    cheapest (price / pods of its shape per node, as the scale-up greedy counts).
+
+    The most overpaid nodes are what consolidation should move first: a full 1-GPU node
+    at $2.18 overpays $1.20 against 4-GPU nodes at $0.98 a GPU; price per utilization
+    alone would rank it below a 4-GPU node 75% used."""
+    shapes: dict[tuple[object, ...], PodSpec] = {}
+    for f in nodes:
+        for rp in f.pods:
+            shapes.setdefault(rp.pod.shape_key, rp.pod)
+    if not shapes:
+        return {f.name: 0.0 for f in nodes}
+    reps = list(shapes.values())
+    cap = capacity_matrix(pools, reps).cap
+    prices = np.array([p.price_per_hour for p in pools], np.float64)
+    per_pod = np.where(cap > 0, prices[None, :] / np.maximum(cap, 1), np.inf).min(axis=1)
+    worth = np.where(np.isfinite(per_pod), per_pod, 0.0)
+    row = {key: i for i, key in enumerate(shapes)}
+    return {
+        f.name: pools[f.pool].price_per_hour
+        - float(sum(worth[row[rp.pod.shape_key]] for rp in f.pods))
+        for f in nodes
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class ReplaceCandidate:
     """A running node a scale-up may retire by taking its pods along (`replaceable`)."""
@@ -1226,7 +1253,8 @@ class ReplaceCandidate:
 def replace_candidates(req: ScaleDownRequest, limit: int = 4) -> tuple[ReplaceCandidate, ...]:
     """The nodes consolidation could move now (pool nodes, stable for the window, no
     do-not-disrupt or gang pod, not empty: empty ones are plain deletions), most expensive
-    per unit in use first, at most each pool's disruption allowance and `limit` in all."""
+    overpaid first (`overpayment`), at most each pool's disruption allowance and `limit`
+    in all."""
     facts = _facts(req)
     left = []
     for pool in req.pools:
@@ -1234,10 +1262,9 @@ def replace_candidates(req: ScaleDownRequest, limit: int = 4) -> tuple[ReplaceCa
         size = max(st.target_size, st.current_size)
         budget = pool.disruption_budget.allowed(size) - st.disrupting
         left.append(max(0, min(budget, st.target_size - pool.min_size)))
-    cands = sorted(
-        (f for f in facts.values() if f.movable and f.pods and _stable(req, f)),
-        key=lambda f: (-req.pools[f.pool].price_per_hour / max(f.utilization, 1e-3), f.slot),
-    )
+    stable = [f for f in facts.values() if f.movable and f.pods and _stable(req, f)]
+    over = overpayment(req.pools, stable)
+    cands = sorted(stable, key=lambda f: (-over[f.name], f.slot))
     out: list[ReplaceCandidate] = []
     for f in cands:
         if len(out) >= limit:
@@ -1336,14 +1363,10 @@ def plan_scale_down(req: ScaleDownRequest) -> ScaleDownPlan:
     if req.options.replace:
         # Replacement looks at every stable node, busy ones too (Karpenter's consolidation
         # is cost-driven): four full 1-GPU nodes may cost more than one 4-GPU node. Most
-        # expensive per unit in use first, so a prefix groups the wasteful nodes.
-        rest = sorted(
-            (f for f in cands if f.pods and f.name not in gone and f.name not in receivers),
-            key=lambda f: (
-                -req.pools[f.pool].price_per_hour / max(f.utilization, 1e-3),
-                f.slot,
-            ),
-        )
+        # overpaid first, so a prefix groups the wasteful nodes.
+        rest = [f for f in cands if f.pods and f.name not in gone and f.name not in receivers]
+        over = overpayment(pools, rest)
+        rest.sort(key=lambda f: (-over[f.name], f.slot))
         rep = _plan_replacement(req, work, rest, allowance, policy)
         if rep is not None:
             decisions.extend(rep[0])

@@ -612,3 +612,25 @@ def test_scale_up_takes_along_pods_of_expensive_nodes() -> None:
     )
     assert strict.replace is None
     assert deltas(strict.decisions) == {"g1": 1}
+
+
+def test_most_overpaid_nodes_are_offered_first() -> None:
+    # A full 1-GPU node ($2/h for 1 GPU) overpays against 4-GPU nodes ($4/h, $1 a GPU); a
+    # 4-GPU node 3/4 used overpays $1/h. Price per utilization would rank the 4-GPU node
+    # first ($5.33 per node-unit against $2).
+    g1, g4 = gpu_pool("g1", 1, 2.0), gpu_pool("g4", 4, 4.0)
+    fleet = Fleet()
+    running = []
+    for node, pool, n in (("small", g1, 1), ("big", g4, 3)):
+        fleet.add_node(pool.node_spec(node))
+        for j in range(n):
+            pod = PodSpec(f"{node}{j}", cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=1)
+            rp = RunningPod(pod, node, (j,))
+            fleet.allocate(rp.allocation)
+            running.append(rp)
+    status = {g1.key: PoolStatus(1, 1), g4.key: PoolStatus(1, 1)}
+    down = ScaleDownRequest(
+        fleet, tuple(running), (g1, g4), status, {n: 0.0 for n in fleet.node_names()},
+        now_s=10_000.0,
+    )  # fmt: skip
+    assert [c.node for c in replace_candidates(down, limit=2)] == ["small", "big"]
