@@ -780,7 +780,7 @@ class FragmentationScorer:
         )
         now = self.memo.frag_now(ids)
         after = self.memo.frag_after(ids, pod_cpu, pod_milli, pod_num)
-        scores = self._scores(c, cpu_left, gpu_left, model, now, after)
+        scores, _ = self._scores(c, cpu_left, gpu_left, model, now, after)
         best = scores.max(axis=1)
         if pod_num == 0:
             gpu_pick = np.zeros(rows, dtype=np.int64)
@@ -804,16 +804,26 @@ class FragmentationScorer:
         model: IntArray,
         now: FloatArray,
         after: FloatArray,
-    ) -> IntArray:
+        stranded: FloatArray | None = None,
+        scarcity: FloatArray | None = None,
+    ) -> tuple[IntArray, FloatArray | None]:
         """(R, candidates) integer scores from the fragmentation now and after each
-        candidate placement (`frag_after`), with fleetd's refinements added to the latter."""
+        candidate placement (`frag_after`), with fleetd's refinements added to the latter;
+        and the CPU-stranded milli after the placement (None without that term).
+        `stranded` (the rows' `cpu_stranded_gpu_milli` now) and `scarcity` (the scarcity
+        term of the rows and pod) may be passed when already known."""
         pod_cpu, pod_milli, pod_num = pod_candidate_shape(
             c.cpu_millicores, c.gpus_per_pod, c.milli_per_gpu
         )
+        later = None
         if self.cpu_stranding_weight:
             idle = gpu_left.sum(axis=1)
             request = pod_milli * pod_num
-            before = cpu_stranded_gpu_milli(idle, cpu_left, self.cpu_per_gpu_milli)
+            before = (
+                cpu_stranded_gpu_milli(idle, cpu_left, self.cpu_per_gpu_milli)
+                if stranded is None
+                else stranded
+            )
             later = cpu_stranded_gpu_milli(
                 idle - request, cpu_left - pod_cpu, self.cpu_per_gpu_milli
             )
@@ -826,9 +836,11 @@ class FragmentationScorer:
                 after = after + self.lookahead_weight * np.where(fits, delta, 0.0)
             else:
                 after = after - self.lookahead_weight * pod_num * waste[MILLI_PER_GPU]
-        if self.scarcity_weight and pod_num and self.pressure.any():
+        if scarcity is not None:
+            after = after + scarcity
+        elif self.scarcity_weight and pod_num and self.pressure.any():
             after = after + self._scarcity(model, c.model_ids, pod_milli * pod_num)[:, None]
-        return fgd_score(now[:, None], after)
+        return fgd_score(now[:, None], after), later
 
     def chain(
         self, view: NodeView, c: Constraints, pick: IntArray, steps: int
@@ -857,14 +869,21 @@ class FragmentationScorer:
         gpu = np.asarray(view.gpu_free_milli, dtype=np.int64) - taken * c.milli_per_gpu
         now = self.memo.frag_now(self.memo.states(cpu, gpu, model))
         index = np.arange(rows)
-        rows_of_model = _model_rows(model, typical, aware)  # constant along the chain
+        # Constant along the chain: the rows' models, so their type rows and scarcity term.
+        rows_of_model = _model_rows(model, typical, aware)
+        scarcity = (
+            self._scarcity(model, c.model_ids, pod_milli)[:, None]
+            if self.scarcity_weight and self.pressure.any()
+            else None
+        )
+        stranded = None  # of the state reached: computed by _scores at the first step
         out_s: list[FloatArray] = []
         out_p: list[IntArray] = []
         for step in range(steps):
             raw = _frag_after_share(
                 cpu, gpu, model, typical, pod_cpu, pod_milli, aware, rows_of_model
             )
-            scores = self._scores(c, cpu, gpu, model, now, raw)
+            scores, later = self._scores(c, cpu, gpu, model, now, raw, stranded, scarcity)
             best = scores.max(axis=1)
             column = scores.argmax(axis=1).astype(np.int64)
             ok = best >= 0
@@ -877,9 +896,16 @@ class FragmentationScorer:
             gpu = gpu.copy()
             gpu[index[ok], column[ok]] -= c.milli_per_gpu
             now = raw[index, column]
+            # What the pod strands on the GPU picked is what the next state strands.
+            stranded = later
             if not ok.all():
                 bad = ~ok
                 now[bad] = frag_milli(cpu[bad], gpu[bad], model[bad], typical, aware)
+                if stranded is not None:
+                    stranded = stranded.copy()
+                    stranded[bad] = cpu_stranded_gpu_milli(
+                        gpu[bad].sum(axis=1), cpu[bad], self.cpu_per_gpu_milli
+                    )
         last = NodeView(
             slots=view.slots,
             cpu_free_millicores=cpu,
