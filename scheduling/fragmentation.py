@@ -865,10 +865,21 @@ class FragmentationScorer:
         typical, aware = self.memo.typical, self.constraint_aware
         gpus = int(view.gpu_free_milli.shape[1])
         taken = pick[:, None] >> np.arange(gpus, dtype=np.int64)[None, :] & 1
-        cpu = np.asarray(view.cpu_free_millicores, dtype=np.int64) - c.cpu_millicores
-        gpu = np.asarray(view.gpu_free_milli, dtype=np.int64) - taken * c.milli_per_gpu
-        now = self.memo.frag_now(self.memo.states(cpu, gpu, model))
+        cpu = np.asarray(view.cpu_free_millicores, dtype=np.int64)
+        gpu = np.asarray(view.gpu_free_milli, dtype=np.int64)
         index = np.arange(rows)
+        # The fragmentation of the first state reached is that of the candidate picked in
+        # the rows' states (`frag_after`, usually in the memo already: the engine scored
+        # them); rows given no GPU take the pod's CPU only.
+        placed = taken.sum(axis=1) == 1
+        column = taken.argmax(axis=1)
+        before = self.memo.frag_after(self.memo.states(cpu, gpu, model), pod_cpu, pod_milli, 1)
+        cpu = cpu - c.cpu_millicores
+        gpu = gpu - taken * c.milli_per_gpu
+        now = before[index, column]
+        lost = ~placed | ~np.isfinite(now)  # (the latter: a GPU without room, never picked)
+        if lost.any():
+            now[lost] = frag_milli(cpu[lost], gpu[lost], model[lost], typical, aware)
         # Constant along the chain: the rows' models, so their type rows and scarcity term.
         rows_of_model = _model_rows(model, typical, aware)
         scarcity = (
