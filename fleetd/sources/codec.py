@@ -215,6 +215,8 @@ def _check_count(value: int, what: str) -> int:
 
 
 _EMPTY_RESOURCES = Resources()
+#: (cpu, memory, gpus, pods, storage) -> the Resources value without MIG devices.
+_RESOURCES: dict[tuple[int, int, int, int, int], Resources] = {}
 
 
 def _resources(r: pb.Resources, what: str) -> Resources:
@@ -222,17 +224,32 @@ def _resources(r: pb.Resources, what: str) -> Resources:
     # text only on error.
     cpu, memory, gpus = r.cpu_millicores, r.memory_bytes, r.gpus
     pods, storage = r.pods, r.ephemeral_storage_bytes
-    for field_name, value in (
-        ("cpu_millicores", cpu),
-        ("memory_bytes", memory),
-        ("gpus", gpus),
-        ("pods", pods),
-        ("ephemeral_storage_bytes", storage),
-    ):
-        if value < 0 or value > MAX_VALUE:
-            raise InvalidTelemetry(
-                "bad-resources", f"{what}.{field_name} = {value} is out of range"
-            )
+    # (The OR of the values is negative if one is, and above MAX_VALUE if one is: the
+    # field-by-field check runs only then, to name the field or find all in range.)
+    any_bits = cpu | memory | gpus | pods | storage
+    if any_bits < 0 or any_bits > MAX_VALUE:
+        for field_name, value in (
+            ("cpu_millicores", cpu),
+            ("memory_bytes", memory),
+            ("gpus", gpus),
+            ("pods", pods),
+            ("ephemeral_storage_bytes", storage),
+        ):
+            if value < 0 or value > MAX_VALUE:
+                raise InvalidTelemetry(
+                    "bad-resources", f"{what}.{field_name} = {value} is out of range"
+                )
+    if not r.mig_devices:
+        if not any_bits:
+            return _EMPTY_RESOURCES
+        # Requests and shapes repeat across pods and nodes: share one frozen value each.
+        key = (cpu, memory, gpus, pods, storage)
+        known = _RESOURCES.get(key)
+        if known is None:
+            if len(_RESOURCES) >= _CACHE_LIMIT:
+                _RESOURCES.clear()
+            known = _RESOURCES[key] = Resources(cpu, memory, gpus, (), pods, storage)
+        return known
     mig: tuple[tuple[str, int], ...] = ()
     if r.mig_devices:
         items = []
@@ -473,11 +490,7 @@ def node_content_tail(value: bytes, record: pb.TelemetryRecord) -> bytes | None:
     """The suffix of `value` (the parsed `record`, a node report) that is exactly its `node`
     field (tag, length and bytes), when the rest is the record's envelope as fleetd's
     publisher writes it; None otherwise (such records are always decoded in full)."""
-    envelope = pb.TelemetryRecord(
-        cluster=record.cluster,
-        sequence=record.sequence,
-        observed_unix_ms=record.observed_unix_ms,
-    ).SerializeToString()
+    envelope = _envelope_bytes(record.cluster, record.sequence, record.observed_unix_ms)
     if not value.startswith(envelope):
         return None
     tail = value[len(envelope) :]
@@ -492,6 +505,28 @@ def node_content_tail(value: bytes, record: pb.TelemetryRecord) -> bytes | None:
         if not byte & 0x80:
             return tail if i + length == len(tail) else None
     return None
+
+
+#: cluster -> `envelope_head(cluster)`.
+_HEADS: dict[str, bytes] = {}
+
+
+def _envelope_bytes(cluster: str, sequence: int, observed_unix_ms: int) -> bytes:
+    """What protobuf serializes for a TelemetryRecord with these three fields only (fields
+    in number order, defaults omitted), without making one."""
+    head = _HEADS.get(cluster)
+    if head is None:
+        head = envelope_head(cluster)
+        if len(_HEADS) < _CACHE_LIMIT:
+            _HEADS[cluster] = head
+    if not sequence:
+        head = head[:-1]  # (a zero sequence is omitted, its tag too)
+    else:
+        head += _varint_bytes(sequence)
+    if observed_unix_ms:
+        # int64: a negative time is its 64-bit two's complement, a 10-byte varint.
+        head += b"\x18" + _varint_bytes(observed_unix_ms & 0xFFFF_FFFF_FFFF_FFFF)
+    return head
 
 
 def unchanged_envelope(value: bytes, tail: bytes) -> pb.TelemetryRecord | None:

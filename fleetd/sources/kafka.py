@@ -110,30 +110,38 @@ class KafkaSourceSettings:
         return security, {**security.client_options(), **self.client_options}
 
 
-@dataclass(frozen=True, slots=True)
 class _Content:
-    """A node's last applied content, by Kafka key: its report's `node` field bytes."""
+    """A node's last applied content, by Kafka key: its report's `node` field bytes. (A
+    plain slotted class, not a frozen dataclass: one is made per change, and cheaper.)"""
 
-    cluster: str
-    name: str
-    #: The node's sequence in the source's gate (`SequenceGate.cell`): repeats move it.
-    cell: SequenceCell
-    tail: bytes
-    #: `codec.envelope_head(cluster)`: a repeat starts with it.
-    head: bytes
-    #: The update applied for it.
-    update: NodeUpdate
-    #: Its node bytes before the pods (`codec.pods_start`), or None.
-    spec: bytes | None
-    head_len: int = 0
-    tail_len: int = 0
-    #: A repeat is longer than head and tail together.
-    min_len: int = 0
+    __slots__ = ("cell", "cluster", "head", "head_len", "min_len", "name", "spec", "tail",
+                 "tail_len", "update")  # fmt: skip
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "head_len", len(self.head))
-        object.__setattr__(self, "tail_len", len(self.tail))
-        object.__setattr__(self, "min_len", len(self.head) + len(self.tail))
+    def __init__(
+        self,
+        cluster: str,
+        name: str,
+        cell: SequenceCell,
+        tail: bytes,
+        head: bytes,
+        update: NodeUpdate,
+        spec: bytes | None,
+    ) -> None:
+        self.cluster = cluster
+        self.name = name
+        #: The node's sequence in the source's gate (`SequenceGate.cell`): repeats move it.
+        self.cell = cell
+        self.tail = tail
+        #: `codec.envelope_head(cluster)`: a repeat starts with it.
+        self.head = head
+        #: The update applied for it.
+        self.update = update
+        #: Its node bytes before the pods (`codec.pods_start`), or None.
+        self.spec = spec
+        self.head_len = len(head)
+        self.tail_len = len(tail)
+        #: A repeat is longer than head and tail together.
+        self.min_len = len(head) + len(tail)
 
 
 @dataclass(slots=True)

@@ -460,3 +460,33 @@ def test_any_stream_ends_where_decoding_every_record_would(
         assert got is not None
         assert content(got) == content(update)
     assert reasons.count(b"undecodable") + reasons.count(b"no-sequence") == unparseable
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cluster=st.sampled_from(["c1", "cluster-0", "a" * 200]),
+    sequence=st.integers(0, 2**64 - 1),
+    ms=st.integers(-(2**63), 2**63 - 1),
+)
+def test_envelope_bytes_are_what_protobuf_writes(cluster: str, sequence: int, ms: int) -> None:
+    from fleetd.sources.codec import _envelope_bytes
+
+    record = pb.TelemetryRecord(cluster=cluster, sequence=sequence, observed_unix_ms=ms)
+    assert _envelope_bytes(cluster, sequence, ms) == record.SerializeToString()
+
+
+def test_resources_are_shared_and_still_checked() -> None:
+    from fleetd.sources.codec import _resources
+
+    a = pb.Resources(cpu_millicores=1000, memory_bytes=2**32, gpus=1)
+    assert _resources(a, "x") is _resources(
+        pb.Resources(cpu_millicores=1000, memory_bytes=2**32, gpus=1), "x"
+    )
+    assert _resources(a, "x") == up.Resources(1000, 2**32, 1)
+    # OR-ing in-range values can exceed the bound: still in range.
+    edge = pb.Resources(cpu_millicores=2**62, memory_bytes=1)
+    assert _resources(edge, "x") == up.Resources(2**62, 1)
+    with pytest.raises(InvalidTelemetry, match="memory_bytes"):
+        _resources(pb.Resources(cpu_millicores=1, memory_bytes=-1), "x")
+    with pytest.raises(InvalidTelemetry, match="gpus"):
+        _resources(pb.Resources(gpus=2**62 + 1), "x")
