@@ -555,10 +555,14 @@ def envelope_head(cluster: str) -> bytes:
     return pb.TelemetryRecord(cluster=cluster).SerializeToString() + bytes([(2 << 3) | 0])
 
 
-def _varint_values(payload: NDArray[np.int64]) -> NDArray[np.int64]:
-    """Values of varints laid out one per row, least significant group first (k, length)."""
-    shifts = 7 * np.arange(payload.shape[1], dtype=np.int64)
-    return np.asarray((payload << shifts[None, :]).sum(axis=1), dtype=np.int64)
+def _varint_values(payload: NDArray[np.uint8]) -> NDArray[np.int64]:
+    """Values of varints laid out one per row, least significant group first (k, length),
+    at most 9 bytes (63 bits: no overflow). Column by column: small temporaries (an int64
+    copy of a whole poll's matrix is large enough to cost page faults on every poll)."""
+    out = np.zeros(len(payload), np.int64)
+    for k in range(payload.shape[1]):
+        out |= (payload[:, k] & 0x7F).astype(np.int64) << (7 * k)
+    return out
 
 
 def decode_envelope_rests(
@@ -583,6 +587,12 @@ def decode_envelope_rests(
     if n == 0:
         return seq, ms, ok
     lens = np.fromiter(map(len, rests), np.int64, n)
+    if lens.min() == lens.max():
+        # The usual poll: one length (sequences and times of one magnitude), no sorting.
+        length = int(lens[0])
+        joined = np.frombuffer(b"".join(rests), np.uint8)
+        _decode_layouts(joined.reshape(n, length), np.arange(n), seq, ms, ok)
+        return seq, ms, ok
     order = np.argsort(lens, kind="stable")
     sorted_lens = lens[order]
     joined = np.frombuffer(b"".join([rests[i] for i in order.tolist()]), np.uint8)
@@ -590,43 +600,60 @@ def decode_envelope_rests(
     offset = 0
     for group in np.split(np.arange(n), bounds):
         length = int(sorted_lens[group[0]])
-        rows = order[group]
         size = length * len(group)
         matrix = joined[offset : offset + size].reshape(len(group), length)
         offset += size
-        if not 1 <= length <= 19:
-            continue
-        cont = matrix >= 0x80
-        # Rows by where their continuation bits are: one layout each.
-        layout = cont.astype(np.int64) @ (1 << np.arange(length, dtype=np.int64))
-        for bits in np.unique(layout).tolist():
-            members = layout == bits
-            flags = [(bits >> k) & 1 for k in range(length)]
-            end1 = flags.index(0) if 0 in flags else length  # last byte of the sequence
-            if end1 > 8:
-                continue
-            sub = matrix[members].astype(np.int64)
-            good = np.ones(len(sub), np.bool_)
-            values = _varint_values(sub[:, : end1 + 1] & 0x7F)
-            times = np.zeros(len(sub), np.int64)
-            if end1 + 1 < length:
-                # tag 0x18 (never has its continuation bit), then one varint to the end
-                end2 = length - 1
-                if (
-                    end1 + 2 > end2
-                    or flags[end2]
-                    or not all(flags[end1 + 2 : end2])
-                    or end2 - (end1 + 2) > 8
-                ):
-                    continue
-                good &= sub[:, end1 + 1] == 0x18
-                times = _varint_values(sub[:, end1 + 2 :] & 0x7F)
-            good &= values > 0
-            idx = rows[members]
-            seq[idx] = values
-            ms[idx] = times
-            ok[idx] = good
+        _decode_layouts(matrix, order[group], seq, ms, ok)
     return seq, ms, ok
+
+
+def _decode_layouts(
+    matrix: NDArray[np.uint8],
+    rows: NDArray[np.int64],
+    seq: NDArray[np.int64],
+    ms: NDArray[np.int64],
+    ok: NDArray[np.bool_],
+) -> None:
+    """`decode_envelope_rests` for rests of one length (the rows of `matrix`, at `rows` of
+    the output), by layout: rows whose continuation bits sit alike decode as one."""
+    length = matrix.shape[1]
+    if not 1 <= length <= 19:
+        return
+    cont = matrix >= 0x80
+    if (cont == cont[0]).all():
+        # One layout (the usual case).
+        layouts: list[tuple[int, NDArray[np.bool_] | None]] = [
+            (int(cont[0].astype(np.int64) @ (1 << np.arange(length, dtype=np.int64))), None)
+        ]
+    else:
+        layout = cont.astype(np.int64) @ (1 << np.arange(length, dtype=np.int64))
+        layouts = [(bits, layout == bits) for bits in np.unique(layout).tolist()]
+    for bits, members in layouts:
+        flags = [(bits >> k) & 1 for k in range(length)]
+        end1 = flags.index(0) if 0 in flags else length  # last byte of the sequence
+        if end1 > 8:
+            continue
+        sub = matrix if members is None else matrix[members]
+        good = np.ones(len(sub), np.bool_)
+        values = _varint_values(sub[:, : end1 + 1])
+        times = np.zeros(len(sub), np.int64)
+        if end1 + 1 < length:
+            # tag 0x18 (never has its continuation bit), then one varint to the end
+            end2 = length - 1
+            if (
+                end1 + 2 > end2
+                or flags[end2]
+                or not all(flags[end1 + 2 : end2])
+                or end2 - (end1 + 2) > 8
+            ):
+                continue
+            good &= sub[:, end1 + 1] == 0x18
+            times = _varint_values(sub[:, end1 + 2 :])
+        good &= values > 0
+        idx = rows if members is None else rows[members]
+        seq[idx] = values
+        ms[idx] = times
+        ok[idx] = good
 
 
 # ---------------------------------------------------------------------------- changed pods only
