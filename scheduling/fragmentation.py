@@ -74,6 +74,11 @@ class TypicalPods:
     counts_on_model: BoolArray = field(init=False, repr=False, compare=False)
     """(n_models + 1, n_types): row 1 + model id: the type may use the model or requests no
     GPU (derived)."""
+    count_tests: tuple[IntArray, NDArray[np.int8], IntArray] = field(
+        init=False, repr=False, compare=False
+    )
+    """The distinct (per-GPU request index, GPU count) pairs of the types, and each type's
+    pair: "at least num_gpu GPUs with the request free" is tested once per pair (derived)."""
 
     def __post_init__(self) -> None:
         values, inverse = np.unique(np.asarray(self.gpu_milli, dtype=np.int64), return_inverse=True)
@@ -84,6 +89,15 @@ class TypicalPods:
         gpu = np.asarray(self.gpu_milli) > 0
         object.__setattr__(self, "gpu_type_on_model", accessible & gpu[None, :])
         object.__setattr__(self, "counts_on_model", accessible | ~gpu[None, :])
+        num = np.clip(np.asarray(self.num_gpu, dtype=np.int64), 0, 127)  # GPUs per node <= 63
+        pairs, pair_of = np.unique(
+            np.stack([inverse.reshape(-1), num], axis=1), axis=0, return_inverse=True
+        )
+        object.__setattr__(
+            self,
+            "count_tests",
+            (pairs[:, 0].copy(), pairs[:, 1].astype(np.int8), pair_of.reshape(-1)),
+        )
 
     @property
     def n_types(self) -> int:
@@ -270,7 +284,10 @@ def _frag_of_stats(
     static = on_model & (
         np.asarray(cpu_left_milli, dtype=np.int64)[:, None] >= typical.cpu_milli[None, :]
     )
-    hosts = static[:, None, :] & (count_ge_distinct[:, :, inverse] >= typical.num_gpu)
+    # count >= num_gpu per type, tested once per distinct (request, count) pair on int8s.
+    pair_value, pair_num, pair_of = typical.count_tests
+    enough = count_ge_distinct.astype(np.int8)[:, :, pair_value] >= pair_num
+    hosts = static[:, None, :] & enough[:, :, pair_of]
     fallback = total[:, None]
     if counts is not None:
         # Why: the artifact's NoAccess fragment rewards every placement on a model by the
