@@ -860,13 +860,20 @@ class FragmentationScorer:
         return fgd_score(now[:, None], after), later
 
     def chain(
-        self, view: NodeView, c: Constraints, pick: IntArray, steps: int
-    ) -> tuple[list[FloatArray], list[IntArray], NodeView] | None:
+        self,
+        view: NodeView,
+        c: Constraints,
+        pick: IntArray,
+        steps: int,
+        carry: tuple[FloatArray, ...] | None = None,
+    ) -> tuple[list[FloatArray], list[IntArray], NodeView, tuple[FloatArray, ...]] | None:
         """`score` of `steps` more pods of a fractional shape c placed one after another on
         every row: the rows take one pod on GPUs `pick` (`NodeView.after`) and are scored,
         then take one on the GPU just picked, and so on. Returns the scores and GPU picks
-        of each step and the rows' states after the last; None for other shapes (then
-        call `score` step by step).
+        of each step, the rows' states after the last, and a `carry` (per-row arrays) to
+        pass to the call continuing from there (with that state and the last picks; the
+        same rows, or a subset of the arrays' rows); None for other shapes (then call
+        `score` step by step).
 
         The same floats as `score` on each state reached, with less work per step: the
         fragmentation of the state reached is that of the candidate just picked (in
@@ -885,18 +892,21 @@ class FragmentationScorer:
         cpu = np.asarray(view.cpu_free_millicores, dtype=np.int64)
         gpu = np.asarray(view.gpu_free_milli, dtype=np.int64)
         index = np.arange(rows)
-        # The fragmentation of the first state reached is that of the candidate picked in
-        # the rows' states (`frag_after`, usually in the memo already: the engine scored
-        # them); rows given no GPU take the pod's CPU only.
-        placed = taken.sum(axis=1) == 1
-        column = taken.argmax(axis=1)
-        before = self.memo.frag_after(self.memo.states(cpu, gpu, model), pod_cpu, pod_milli, 1)
+        if carry is None:
+            # The fragmentation of the first state reached is that of the candidate picked
+            # in the rows' states (`frag_after`, usually in the memo already: the engine
+            # scored them); NaN where the rows take no GPU (computed below).
+            placed = taken.sum(axis=1) == 1
+            before = self.memo.frag_after(self.memo.states(cpu, gpu, model), pod_cpu, pod_milli, 1)
+            picked = before[index, taken.argmax(axis=1)]
+            now_next = np.where(placed & np.isfinite(picked), picked, np.nan)
+            stranded_next = None
+        else:
+            now_next = carry[0]
+            stranded_next = carry[1] if len(carry) > 1 else None
         cpu = cpu - c.cpu_millicores
         gpu = gpu - taken * c.milli_per_gpu
-        now = before[index, column]
-        lost = ~placed | ~np.isfinite(now)  # (the latter: a GPU without room, never picked)
-        if lost.any():
-            now[lost] = frag_milli(cpu[lost], gpu[lost], model[lost], typical, aware)
+        now, stranded = self._reached(now_next, stranded_next, cpu, gpu, model)
         # Constant along the chain: the rows' models, so their type rows and scarcity term.
         rows_of_model = _model_rows(model, typical, aware)
         scarcity = (
@@ -904,7 +914,6 @@ class FragmentationScorer:
             if self.scarcity_weight and self.pressure.any()
             else None
         )
-        stranded = None  # of the state reached: computed by _scores at the first step
         out_s: list[FloatArray] = []
         out_p: list[IntArray] = []
         for step in range(steps):
@@ -917,23 +926,16 @@ class FragmentationScorer:
             ok = best >= 0
             out_s.append(np.where(ok, best, -np.inf).astype(np.float64))
             out_p.append(np.where(ok, np.left_shift(np.int64(1), column), 0).astype(np.int64))
+            # The next state is the candidate picked: its fragmentation, and what it
+            # strands, are known (NaN where no GPU fits: that state takes CPU only).
+            now_next = np.where(ok, raw[index, column], np.nan)
+            stranded_next = None if later is None else np.where(ok, later, np.nan)
             if step == steps - 1:
                 break
-            # The next state: the pod on the GPU just picked (CPU only where none fits).
             cpu = cpu - c.cpu_millicores
             gpu = gpu.copy()
             gpu[index[ok], column[ok]] -= c.milli_per_gpu
-            now = raw[index, column]
-            # What the pod strands on the GPU picked is what the next state strands.
-            stranded = later
-            if not ok.all():
-                bad = ~ok
-                now[bad] = frag_milli(cpu[bad], gpu[bad], model[bad], typical, aware)
-                if stranded is not None:
-                    stranded = stranded.copy()
-                    stranded[bad] = cpu_stranded_gpu_milli(
-                        gpu[bad].sum(axis=1), cpu[bad], self.cpu_per_gpu_milli
-                    )
+            now, stranded = self._reached(now_next, stranded_next, cpu, gpu, model)
         last = NodeView(
             slots=view.slots,
             cpu_free_millicores=cpu,
@@ -944,7 +946,34 @@ class FragmentationScorer:
             gpu_usable=view.gpu_usable,
             gpu_model_id=view.gpu_model_id,
         )
-        return out_s, out_p, last
+        out_carry = (now_next,) if stranded_next is None else (now_next, stranded_next)
+        return out_s, out_p, last, out_carry
+
+    def _reached(
+        self,
+        now: FloatArray,
+        stranded: FloatArray | None,
+        cpu: IntArray,
+        gpu: IntArray,
+        model: IntArray,
+    ) -> tuple[FloatArray, FloatArray | None]:
+        """The fragmentation and CPU-stranded milli of the states reached (cpu, gpu), from
+        those carried (NaN: not known, computed here). Stranded None: computed by
+        `_scores` (or not used)."""
+        lost = np.isnan(now)
+        if lost.any():
+            now = now.copy()
+            now[lost] = frag_milli(
+                cpu[lost], gpu[lost], model[lost], self.memo.typical, self.constraint_aware
+            )
+        if stranded is not None and self.cpu_stranding_weight:
+            gone = np.isnan(stranded)
+            if gone.any():
+                stranded = stranded.copy()
+                stranded[gone] = cpu_stranded_gpu_milli(
+                    gpu[gone].sum(axis=1), cpu[gone], self.cpu_per_gpu_milli
+                )
+        return now, stranded
 
     def _scarcity(
         self, model: IntArray, pod_model_ids: NDArray[np.integer] | None, request_milli: int

@@ -245,6 +245,7 @@ class _Chunk:
     __slots__ = (
         "_base",
         "base_pick",
+        "carry",
         "cid",
         "depth",
         "last_pick",
@@ -272,6 +273,8 @@ class _Chunk:
         n = len(view) if view is not None else rows
         self.live = np.arange(n, dtype=np.int64)
         self.room = room
+        #: What `Policy.chain` hands from one deepening to the next (rows as `live`).
+        self.carry: tuple[NDArray[np.float64], ...] | None = None
         self.scores: list[list[float]] = [[] for _ in range(n)]
         self.picks: list[list[int]] = [[] for _ in range(n)]
 
@@ -1226,7 +1229,7 @@ class _Engine:
                 chunk.picks[j].extend(p_rows[j])
             chunk.depth += steps
             return
-        v, pk, live = chunk.last_view, chunk.last_pick, chunk.live
+        v, pk, live, carry = chunk.last_view, chunk.last_pick, chunk.live, chunk.carry
         assert v is not None  # stepwise chunks are built with a view
         if chunk.room is not None:
             # Rows without room for another pod never need deeper scores: drop them.
@@ -1234,12 +1237,13 @@ class _Engine:
             keep = np.flatnonzero(room > chunk.depth + 1)
             if keep.size < live.size:
                 v, pk, live, room = v.take(keep), pk[keep], live[keep], room[keep]
+                carry = None if carry is None else tuple(a[keep] for a in carry)
             # ... nor beyond its room: no more steps than the roomiest row can use.
             steps = max(1, min(steps, int(room.max()) - 1 - chunk.depth))
-        scores, picks, v = self.policy.chain(v, c, pk, steps)
+        scores, picks, v, carry = self.policy.chain(v, c, pk, steps, carry)
         cols_s = [np.where(sc == sc, sc, -np.inf).tolist() for sc in scores]  # NaN never wins
         cols_p = [p.tolist() for p in picks]
-        chunk.last_view, chunk.last_pick, chunk.live = v, picks[-1], live
+        chunk.last_view, chunk.last_pick, chunk.live, chunk.carry = v, picks[-1], live, carry
         chunk.depth += steps
         for i, j in enumerate(live.tolist()):
             chunk.scores[j].extend(col[i] for col in cols_s)

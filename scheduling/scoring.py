@@ -576,23 +576,31 @@ class Policy:
         return total, pick
 
     def chain(
-        self, view: NodeView, c: Constraints, pick: I64, steps: int
-    ) -> tuple[list[F64], list[I64], NodeView]:
+        self,
+        view: NodeView,
+        c: Constraints,
+        pick: I64,
+        steps: int,
+        carry: tuple[F64, ...] | None = None,
+    ) -> tuple[list[F64], list[I64], NodeView, tuple[F64, ...] | None]:
         """`steps` more pods of shape c on every row of `view`, one after another: each row
         takes one pod on GPUs `pick` and is scored (`evaluate`), then takes one on the GPUs
-        just picked, and so on. Returns each step's scores and picks, and the rows' states
-        after the last step. A policy of one GPU-choosing plugin uses the plugin's own
-        `chain(view, c, pick, steps)` when it has one (the same results, with less work per
-        step; it may return None to decline)."""
+        just picked, and so on. Returns each step's scores and picks, the rows' states after
+        the last step, and a `carry` (None, or per-row arrays) to pass to the call that
+        continues from that state with the last picks (subset like the rows, if some are
+        dropped). A policy of one GPU-choosing plugin uses the plugin's own
+        `chain(view, c, pick, steps, carry)` when it has one (the same results, with less
+        work per step; it may return None to decline)."""
         if len(self.terms) == 1 and c.gpus_per_pod:
             plugin, weight = self.terms[0]
             fast = getattr(plugin, "chain", None) if plugin.chooses_gpus else None
-            got = fast(view, c, pick, steps) if fast is not None else None
+            got = fast(view, c, pick, steps, carry) if fast is not None else None
             if got is not None:
-                scores, picks, last = got
+                scores, picks, last, out_carry = got
                 n = len(view)
                 # The same floats as `evaluate`: a sum starting at zero.
-                return [np.zeros(n, np.float64) + weight * s for s in scores], picks, last
+                totals = [np.zeros(n, np.float64) + weight * s for s in scores]
+                return totals, picks, last, out_carry
         out_s: list[F64] = []
         out_p: list[I64] = []
         v = view
@@ -601,7 +609,7 @@ class Policy:
             s, pick = self.evaluate(v, c)
             out_s.append(s)
             out_p.append(pick)
-        return out_s, out_p, v
+        return out_s, out_p, v, None
 
 
 DEFAULT_POLICY = "gpu-packing:1,best-fit:1"

@@ -176,14 +176,21 @@ def test_whole_gpu_picks_are_the_default_ones(
 
 @SETTINGS
 @given(
-    fleets(), st.integers(1, 999), st.integers(0, 4000), st.integers(1, 12), st.sampled_from(NAMES)
+    fleets(),
+    st.integers(1, 999),
+    st.integers(0, 4000),
+    st.integers(1, 12),
+    st.integers(0, 6),
+    st.sampled_from(NAMES),
+    st.data(),
 )
 def test_chain_equals_scoring_step_by_step(
-    f: Fleet, milli: int, cpu: int, steps: int, name: str
+    f: Fleet, milli: int, cpu: int, steps: int, more: int, name: str, data: st.DataObject
 ) -> None:
     # The engine deepens a run of fractional pods with `Policy.chain`, which uses the
     # scorer's own chain: it must give exactly what scoring every state reached gives
-    # (rows that run out of room included: their values are never read, but stay defined).
+    # (rows that run out of room included: their values are never read, but stay defined),
+    # also when a second call continues the first with its carry, on a subset of the rows.
     rows = np.flatnonzero(f.live_mask()).astype(np.int64)
     if rows.size == 0:
         return
@@ -191,7 +198,16 @@ def test_chain_equals_scoring_step_by_step(
     view = NodeView.of(f, Free.of(f), rows, gpu_usable_matrix(f))
     policy = _policy(name)
     _, pick = policy.evaluate(view, c)
-    scores, picks, last = policy.chain(view, c, pick, steps)
+    scores, picks, last, carry = policy.chain(view, c, pick, steps)
+    assert carry is not None
+    keep = np.asarray(
+        sorted(data.draw(st.sets(st.integers(0, rows.size - 1), min_size=1))), np.int64
+    )
+    if more:
+        sub = tuple(a[keep] for a in carry)
+        more_scores, more_picks, last, _ = policy.chain(
+            last.take(keep), c, picks[-1][keep], more, sub
+        )
     step_policy = _policy(name)
     v = view
     for s, p in zip(scores, picks, strict=True):
@@ -200,5 +216,12 @@ def test_chain_equals_scoring_step_by_step(
         assert np.array_equal(s, expect)
         assert np.array_equal(p, pick)
     assert len(scores) == steps
+    if more:
+        v, pick = v.take(keep), pick[keep]
+        for s, p in zip(more_scores, more_picks, strict=True):
+            v = v.after(c, pick)
+            expect, pick = step_policy.evaluate(v, c)
+            assert np.array_equal(s, expect)
+            assert np.array_equal(p, pick)
     for column in ("cpu_free_millicores", "memory_free_bytes", "gpu_free_milli"):
         assert np.array_equal(getattr(last, column), getattr(v, column))
