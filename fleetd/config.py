@@ -230,7 +230,7 @@ class AutoscalingConfig(_Strict):
         2.0, ge=0, description="A replacement or multi-node deletion must save this much ($/h)."
     )
     scale_up_replace_nodes: int = Field(
-        4,
+        2,
         ge=0,
         le=1000,
         description="Consolidation on scale-up (with scale_down): a scale-up may take along the "

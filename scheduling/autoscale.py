@@ -1577,7 +1577,7 @@ class AutoscalePolicy:
         min_saving_per_hour=2.0,
     )
     replace_every_s: float = 7200.0
-    scale_up_replace_nodes: int = 4
+    scale_up_replace_nodes: int = 2
     scale_up_replace_min_saving_per_hour: float = 1.0
 
     def __post_init__(self) -> None:
