@@ -327,3 +327,68 @@ async def test_kafka_pending_pod_gets_a_scale_up_and_its_removal_clears_it(
 
     await async_wait_until("pending pod cleared", cleared, timeout_s=AWAIT_S, interval_s=0.05)
     stream.cancel()
+
+
+ONE_GPU = Resources(cpu_millicores=16_000, memory_bytes=64 * GIB, gpus=1, pods=110)
+FOUR_GPUS = Resources(cpu_millicores=64_000, memory_bytes=256 * GIB, gpus=4, pods=110)
+SCALE_DOWN = nodepools_pb2.ScaleDecision.KIND_SCALE_DOWN
+
+
+def t4_pool(cluster: str, name: str, res: Resources, current: int) -> NodePoolUpdate:
+    """A T4 pool at 4 $/h per node, whatever its shape."""
+    return NodePoolUpdate(
+        cluster, name, 0, name, res, gpu_model="T4", price_per_hour=4.0, min_size=0,
+        max_size=4, current_size=current, zones=("z1",),
+    )  # fmt: skip
+
+
+def t4_node(cluster: str, name: str, pool_name: str, res: Resources, busy: int) -> NodeUpdate:
+    """A node of a T4 pool running `busy` one-GPU pods fleetd did not place."""
+    pods = tuple(
+        PodObserved(cluster, "batch", f"{name}-job{i}", f"{name}-uid{i}", name,
+                    Resources(cpu_millicores=4000, memory_bytes=8 * GIB, gpus=1))
+        for i in range(busy)
+    )  # fmt: skip
+    return NodeUpdate(
+        cluster, name, 0, res, res, node_pool=pool_name, zone="z1", gpu_model="T4", pods=pods
+    )
+
+
+async def test_consolidation_on_scale_up_retires_the_old_node_once_the_new_one_is_up(
+    start: Start, publisher: TelemetryPublisher, kafka_bootstrap: str
+) -> None:
+    # Two full 1-GPU nodes ($4/h each) and one more 1-GPU workload queued. A third 1-GPU
+    # node would cost $4/h more; one 4-GPU node ($4/h) holds it and the pod of a 1-GPU
+    # node, which then goes: the daemon streams the scale-up, and the scale-down of the
+    # old node only once the pool reports the new one (re-checked then).
+    cluster = unique("edge-cons")
+    for i in range(2):
+        await publisher.publish_node(t4_node(cluster, f"s{i}", "small", ONE_GPU, busy=1))
+    await publisher.publish_pool(t4_pool(cluster, "small", ONE_GPU, current=2))
+    await publisher.publish_pool(t4_pool(cluster, "big", FOUR_GPUS, current=0))
+    await publisher.flush()
+    daemon, client = await start(
+        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, cluster)},
+        autoscaling={"interval_s": 0.05, "scale_down": True, "scale_down_after_s": 0.0},
+    )
+    stream = aiter(client.pools.WatchScaleDecisions(nodepools_pb2.WatchScaleDecisionsRequest()))
+    pod = types_pb2.PodSpec(cpu_millicores=4000, memory_bytes=8 * GIB, gpu_count=1)
+    wl = placement_pb2.PlaceRequest(
+        workload=types_pb2.Workload(workload_id="late", team="ml", pod=pod, cluster=cluster)
+    )
+    assert (await client.placement.Place(wl)).result == QUEUED
+    grow = await next_decision(stream)
+    assert (grow.kind, grow.pool, grow.from_size, grow.to_size) == (SCALE_UP, "big", 0, 1)
+    assert list(grow.workload_ids) == ["late"]
+    assert daemon.autoscaler is not None
+    [retiring] = daemon.autoscaler.retiring
+    [old] = retiring.decision.remove_nodes
+    # The pool manager brings the 4-GPU node up: the old node's removal follows.
+    await publisher.publish_node(t4_node(cluster, "b0", "big", FOUR_GPUS, busy=0))
+    await publisher.publish_pool(t4_pool(cluster, "big", FOUR_GPUS, current=1))
+    await publisher.flush()
+    retire = await next_decision(stream)
+    assert (retire.kind, retire.pool, retire.reason) == (SCALE_DOWN, "small", "cheaper-replacement")
+    assert [f"{cluster}/{n}" for n in retire.nodes] == [old]  # the stream names nodes bare
+    assert retire.price_per_hour_delta == -4.0
+    assert not retire.dry_run
