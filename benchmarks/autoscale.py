@@ -507,6 +507,9 @@ class FleetdAutoscaler(Autoscaler):
                     anticipated=sim.recent_arrivals(self.anticipation_window_s),
                     replaceable=replaceable,
                     replace_min_saving_per_hour=self.policy.scale_up_replace_min_saving_per_hour,
+                    replace_saving_per_moved_pod_per_hour=(
+                        self.policy.scale_up_replace_saving_per_pod_per_hour
+                    ),
                 )
             )
             new_nodes: list[str] = []

@@ -140,6 +140,7 @@ def autoscale_policy(cfg: AutoscalingConfig) -> AutoscalePolicy:
         replace_every_s=cfg.replace_every_s,
         scale_up_replace_nodes=cfg.scale_up_replace_nodes if cfg.scale_down else 0,
         scale_up_replace_min_saving_per_hour=cfg.scale_up_replace_min_saving_per_hour,
+        scale_up_replace_saving_per_pod_per_hour=cfg.scale_up_replace_saving_per_pod_per_hour,
     )
 
 
@@ -290,6 +291,7 @@ class Autoscaler:
                 policy=state.policy,
                 replaceable=replaceable,
                 replace_min_saving_per_hour=policy.scale_up_replace_min_saving_per_hour,
+                replace_saving_per_moved_pod_per_hour=policy.scale_up_replace_saving_per_pod_per_hour,
             )
         )
         out = []

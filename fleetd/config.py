@@ -240,6 +240,11 @@ class AutoscalingConfig(_Strict):
     scale_up_replace_min_saving_per_hour: float = Field(
         1.0, ge=0, description="What consolidation on scale-up must save ($/h)."
     )
+    scale_up_replace_saving_per_pod_per_hour: float = Field(
+        0.25,
+        ge=0,
+        description="...and more by this for each pod it moves ($/h): an eviction's price.",
+    )
     scale_up_replace_timeout_s: float = Field(
         1800.0,
         gt=0,

@@ -193,7 +193,9 @@ class ScaleUpRequest:
     replaceable: running nodes (in disruption order, see `replace_candidates`) whose pods
     the new nodes may take along when capacity must be bought anyway (consolidation on
     scale-up): a prefix of them is retired when buying for the pending pods and theirs
-    together saves more than `replace_min_saving_per_hour` against buying for the pending
+    together saves more than `replace_min_saving_per_hour` (after
+    `replace_saving_per_moved_pod_per_hour` for each pod it moves: an eviction's price)
+    against buying for the pending
     pods alone and keeping them; the plan's `replace` says which. The candidates are of one
     cluster (the first's); with pools of several clusters their pods stay in it.
     """
@@ -214,14 +216,15 @@ class ScaleUpRequest:
     anticipation_weight: float = 1.0
     replaceable: tuple[ReplaceCandidate, ...] = ()
     replace_min_saving_per_hour: float = 1.0
+    replace_saving_per_moved_pod_per_hour: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1:
             raise ValueError("max_rounds must be >= 1")
         if not 0 <= self.anticipation_weight <= 1:
             raise ValueError("anticipation_weight must be in 0..1")
-        if self.replace_min_saving_per_hour < 0:
-            raise ValueError("replace_min_saving_per_hour must be >= 0")
+        if self.replace_min_saving_per_hour < 0 or self.replace_saving_per_moved_pod_per_hour < 0:
+            raise ValueError("replace_min_saving_per_hour and ..._per_moved_pod must be >= 0")
         if not 0 <= self.estimate_slack <= 1:
             raise ValueError("estimate_slack must be in 0..1")
         if not math.isfinite(self.now_s):
@@ -607,7 +610,7 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
     drained = req.fleet.copy()
     moved: list[PodSpec] = []
     taken: list[ReplaceCandidate] = []
-    best: tuple[float, ScaleUpPlan, list[ReplaceCandidate]] | None = None
+    best: tuple[float, ScaleUpPlan, list[ReplaceCandidate], float] | None = None
     for cand in req.replaceable:
         if cand.cluster != cluster or cand.node not in drained:
             continue
@@ -627,11 +630,13 @@ def plan_scale_up(req: ScaleUpRequest) -> ScaleUpPlan:
         ):
             continue
         saving = sum(c.price_per_hour for c in taken) + plain_cost - joint.cost_per_hour_delta
-        if saving > req.replace_min_saving_per_hour + _EPS and (best is None or saving > best[0]):
-            best = (saving, joint, list(taken))
+        # Each pod moved must pay for its eviction: the prefix with the best net saving.
+        net = saving - req.replace_saving_per_moved_pod_per_hour * len(moved)
+        if net > req.replace_min_saving_per_hour + _EPS and (best is None or net > best[0]):
+            best = (net, joint, list(taken), saving)
     if best is None:
         return plan
-    saving, joint, retired = best
+    _, joint, retired, saving = best
     names = {rp.pod.name for c in retired for rp in c.pods}
     pending_names = {it.name for it in req.pending}
     first = next(d for d in joint.decisions if d.cluster == cluster)
@@ -1565,7 +1570,8 @@ class AutoscalePolicy:
     `replace_every_s` (see `consolidation_round`), deletions every round.
     scale_up_replace_nodes: consolidation on scale-up, how many stable nodes a scale-up may
     take along (`scale_up_replaceable`; 0 = off); it must save more than
-    `scale_up_replace_min_saving_per_hour`.
+    `scale_up_replace_min_saving_per_hour` after `scale_up_replace_saving_per_pod_per_hour`
+    for each pod it moves (what an eviction is counted to cost).
     """
 
     consolidation: ConsolidationOptions = ConsolidationOptions(
@@ -1579,6 +1585,7 @@ class AutoscalePolicy:
     replace_every_s: float = 7200.0
     scale_up_replace_nodes: int = 2
     scale_up_replace_min_saving_per_hour: float = 1.0
+    scale_up_replace_saving_per_pod_per_hour: float = 0.25
 
     def __post_init__(self) -> None:
         if self.replace_every_s < 0 or not math.isfinite(self.replace_every_s):
@@ -1587,6 +1594,8 @@ class AutoscalePolicy:
             raise ValueError("scale_up_replace_nodes must be >= 0")
         if self.scale_up_replace_min_saving_per_hour < 0:
             raise ValueError("scale_up_replace_min_saving_per_hour must be >= 0")
+        if self.scale_up_replace_saving_per_pod_per_hour < 0:
+            raise ValueError("scale_up_replace_saving_per_pod_per_hour must be >= 0")
 
 
 def scale_up_replaceable(

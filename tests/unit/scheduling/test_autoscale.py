@@ -612,6 +612,23 @@ def test_scale_up_takes_along_pods_of_expensive_nodes() -> None:
     )
     assert strict.replace is None
     assert deltas(strict.decisions) == {"g1": 1}
+    # Nor when each moved pod is counted to cost $0.2/h: 1.5 - 3 x 0.2 = 0.9 < 1.
+    priced = plan_scale_up(
+        ScaleUpRequest(
+            fleet, gpu_pods(1), (G1, g4), status, replaceable=cands,
+            replace_saving_per_moved_pod_per_hour=0.2,
+        )
+    )  # fmt: skip
+    assert priced.replace is None
+    # At $0.1/h a pod (1.5 - 0.3 = 1.2) it is; the decision still states the whole saving.
+    cheap = plan_scale_up(
+        ScaleUpRequest(
+            fleet, gpu_pods(1), (G1, g4), status, replaceable=cands,
+            replace_saving_per_moved_pod_per_hour=0.1,
+        )
+    )  # fmt: skip
+    assert cheap.replace is not None
+    assert cheap.replace.cost_per_hour_delta == pytest.approx(-1.5)
 
 
 def test_most_overpaid_nodes_are_offered_first() -> None:
