@@ -651,3 +651,43 @@ def test_most_overpaid_nodes_are_offered_first() -> None:
         now_s=10_000.0,
     )  # fmt: skip
     assert [c.node for c in replace_candidates(down, limit=2)] == ["small", "big"]
+
+
+def test_consolidation_on_scale_up_keeps_moved_pods_in_their_cluster() -> None:
+    # Pools in two clusters. c0 runs three full g1 nodes; a pod is pending in c1. Taking
+    # c0's pods along must put them on a new c0 node (a g4 at $1.5), never in c1.
+    pools = tuple(
+        gpu_pool(name, gpus, price, cluster=c)
+        for c in ("c0", "c1")
+        for name, gpus, price in (("g1", 1, 1.0), ("g4", 4, 1.5))
+    )
+    fleet = Fleet()
+    running = []
+    for i in range(3):
+        fleet.add_node(pools[0].node_spec(f"g1-{i}"))
+        pod = PodSpec(f"old{i}", cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=1)
+        rp = RunningPod(pod, fleet.node_names()[-1], (0,))
+        fleet.allocate(rp.allocation)
+        running.append(rp)
+    status = {
+        p.key: PoolStatus(3 if p.key == ("c0", "g1") else 0, 3 if p.key == ("c0", "g1") else 0)
+        for p in pools
+    }
+    down = ScaleDownRequest(
+        fleet, tuple(running), pools, status, {n: 0.0 for n in fleet.node_names()},
+        now_s=10_000.0,
+    )  # fmt: skip
+    cands = replace_candidates(down, limit=3)
+    pending = (
+        PodSpec("new", cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=1, clusters=("c1",)),
+    )
+    plan = plan_scale_up(ScaleUpRequest(fleet, pending, pools, status, replaceable=cands))
+    assert plan.replace is not None
+    assert (plan.replace.cluster, plan.replace.add) == ("c0", (("g4", 1),))
+    assert {(d.cluster, d.pool, d.delta) for d in plan.decisions} == {
+        ("c0", "g4", 1),
+        ("c1", "g1", 1),
+    }
+    new_cluster = {sp.name: sp.cluster for sp in plan.new_nodes}
+    assert {new_cluster[n] for _, n in plan.replace.moves} == {"c0"}
+    assert plan.replace.cost_per_hour_delta == pytest.approx(-1.5)
