@@ -1,8 +1,8 @@
 """The daemon's autoscaling loop: queued workloads -> the core's scale-up plan -> the stream.
 
-Every `autoscaling.interval_s` (when something is queued) it runs `scheduling.autoscale.
-plan_scale_up` on the live fleet, the queued workloads and the node pools the sources
-reported, and publishes each new decision on `NodePools.WatchScaleDecisions` (decision ids
+Every `autoscaling.scale_up_after_s` (when something is queued) it runs
+`scheduling.autoscale.plan_scale_up` on the live fleet, the queued workloads and the node
+pools the sources reported, and publishes each new decision on `NodePools.WatchScaleDecisions` (decision ids
 are content-derived, so a decision recomputed on the same state is not published twice).
 Decisions are advice to whatever manages the pools; the daemon counts the nodes it asked
 for as in flight (target size) until the pool reports them, so it does not ask twice. The
@@ -184,6 +184,8 @@ class Autoscaler:
         self.retiring: list[Retirement] = []
         #: When the last replacement search ran (`consolidation_round`).
         self.last_replace_s: float | None = None
+        #: When scale-down / consolidation last ran (`tick`).
+        self.last_down_s: float | None = None
         self.published: set[str] = set()
         self._last_inputs: object = None
 
@@ -504,16 +506,31 @@ class Autoscaler:
             fleet.pools.names[int(fleet.pool_id[slot])],
         )
 
+    def tick(self) -> list[ScaleDecision]:
+        """One wake-up: plan scale-ups (skipped on unchanged inputs), and with `scale_down`
+        retirements and scale-down / consolidation when `interval_s` has passed since they
+        last ran. Returns the decisions published."""
+        cfg = self.config().autoscaling
+        if not cfg.enabled:
+            return []
+        out = self.step()
+        now = self.clock()
+        if cfg.scale_down and (
+            self.last_down_s is None or now >= self.last_down_s + cfg.interval_s
+        ):
+            self.last_down_s = now
+            out += self.step_retire()
+            out += self.step_down()
+        return out
+
     async def run(self) -> None:
-        """Plan every `autoscaling.interval_s` while enabled (until cancelled)."""
+        """`tick` every `autoscaling.scale_up_after_s` (at most `interval_s`) while enabled,
+        until cancelled: pending work gets capacity about that soon, as in the benchmark
+        (Karpenter's batch window), while consolidation keeps the `interval_s` scan."""
         while True:
-            await asyncio.sleep(self.config().autoscaling.interval_s)
             cfg = self.config().autoscaling
-            if cfg.enabled:
-                self.step()
-                if cfg.scale_down:
-                    self.step_retire()
-                    self.step_down()
+            await asyncio.sleep(min(cfg.scale_up_after_s, cfg.interval_s))
+            self.tick()
 
 
 def _spec(name: str, alloc: Allocation) -> PodSpec:

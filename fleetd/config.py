@@ -203,7 +203,16 @@ class AutoscalingConfig(_Strict):
     """Scale-up planning for queued workloads (reloadable); decisions go to WatchScaleDecisions."""
 
     enabled: bool = Field(True, description="Plan scale-ups while workloads are queued.")
-    interval_s: float = Field(10.0, gt=0, le=3600, description="How often to plan.")
+    interval_s: float = Field(
+        10.0, gt=0, le=3600, description="How often to plan scale-down and consolidation."
+    )
+    scale_up_after_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="How soon pending work is planned for (at most interval_s): Karpenter's "
+        "batch window; a plan on unchanged inputs is skipped.",
+    )
     scale_down: bool = Field(
         False, description="Also plan scale-down and consolidation (advice on the same stream)."
     )

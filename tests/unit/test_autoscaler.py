@@ -393,3 +393,23 @@ def test_no_consolidation_on_scale_up_without_scale_down(tmp_path: Path) -> None
     [grow] = scaler.step()
     assert (grow.pool, grow.delta) == ("small", 1)  # the cheapest node for the one workload
     assert scaler.retiring == []
+
+
+def test_tick_plans_scale_ups_at_once_and_scale_down_every_interval(tmp_path: Path) -> None:
+    clock = [1000.0]
+    state = small_big_state(tmp_path, clock)
+    config = scale_down_config()
+    scaler = Autoscaler(state, lambda: config, lambda: clock[0])
+    [grow] = scaler.tick()  # pending work: planned on the first wake-up (then consolidation)
+    assert grow.kind is DecisionKind.SCALE_UP
+    assert scaler.last_down_s == clock[0]
+    clock[0] += config.autoscaling.scale_up_after_s
+    for i in range(4):  # with "wait": more than the node in flight holds
+        assert state.place(gpus(f"more{i}", 1)).result == "queued"
+    again = scaler.tick()  # the next second: the new pending work, no consolidation yet
+    assert again
+    assert {d.kind for d in again} == {DecisionKind.SCALE_UP}
+    assert scaler.last_down_s == clock[0] - config.autoscaling.scale_up_after_s
+    clock[0] += config.autoscaling.interval_s
+    scaler.tick()
+    assert scaler.last_down_s == clock[0]
