@@ -567,6 +567,8 @@ class FragmentationMemo:
         self._now = np.zeros(0, dtype=np.float64)
         self._now_done = np.zeros(0, dtype=np.bool_)
         self._after: dict[Hashable, tuple[FloatArray, BoolArray]] = {}
+        # A scorer's final (score, GPU pick) per state and pod shape (`scored`).
+        self._scored: dict[Hashable, tuple[FloatArray, IntArray, BoolArray]] = {}
         # Bytes per state of the arrays above (grows by 8 x columns + 1 per pod shape seen).
         self._row_bytes = 8 * (gpus + 3) + 1
 
@@ -631,6 +633,21 @@ class FragmentationMemo:
         ids: IntArray = np.asarray(found, dtype=np.int64)
         return ids
 
+    def cpu_of(self, ids: IntArray) -> IntArray:
+        """(R,) free CPU of the states `ids`."""
+        out: IntArray = self._cpu[ids]
+        return out
+
+    def gpu_of(self, ids: IntArray) -> IntArray:
+        """(R, max_gpus) free milli per GPU of the states `ids`."""
+        out: IntArray = self._gpu[ids]
+        return out
+
+    def model_of(self, ids: IntArray) -> IntArray:
+        """(R,) GPU model id of the states `ids`."""
+        out: IntArray = self._model[ids]
+        return out
+
     def frag_now(self, ids: IntArray) -> FloatArray:
         """(R,) fragmentation of the states `ids` (from `states`)."""
         todo = ids[~self._now_done[ids]]  # repeats are computed twice, to the same value
@@ -675,6 +692,28 @@ class FragmentationMemo:
             done[todo] = True
         result: FloatArray = values[ids]
         return result
+
+    def scored(self, key: Hashable) -> tuple[FloatArray, IntArray, BoolArray]:
+        """Per state id: a scorer's final score and GPU pick for the pod shape `key`, and
+        whether they are known yet (arrays indexed by state id, filled by the caller).
+        Valid until the next `states` call (which may start afresh)."""
+        capacity = self._cpu.shape[0]
+        entry = self._scored.get(key)
+        if entry is None:
+            entry = self._scored[key] = (
+                np.zeros(capacity),
+                np.zeros(capacity, dtype=np.int64),
+                np.zeros(capacity, dtype=np.bool_),
+            )
+            self._row_bytes += 17
+        elif entry[0].shape[0] < capacity:
+            extra = capacity - entry[0].shape[0]
+            entry = self._scored[key] = (
+                np.concatenate([entry[0], np.zeros(extra)]),
+                np.concatenate([entry[1], np.zeros(extra, dtype=np.int64)]),
+                np.concatenate([entry[2], np.zeros(extra, dtype=np.bool_)]),
+            )
+        return entry
 
 
 def _model_columns(typical: TypicalPods, n_models: int) -> TypicalPods:
@@ -789,9 +828,41 @@ class FragmentationScorer:
         if rows == 0:
             return ScoreResult(np.zeros(0), np.zeros(0, dtype=np.int64))
         model = self._model_of(view)
-        cpu_left = np.asarray(view.cpu_free_millicores, dtype=np.int64)
-        gpu_left = np.asarray(view.gpu_free_milli, dtype=np.int64)
-        ids = self.memo.states(cpu_left, gpu_left, model)
+        memo = self.memo
+        ids = memo.states(
+            np.asarray(view.cpu_free_millicores, dtype=np.int64),
+            np.asarray(view.gpu_free_milli, dtype=np.int64),
+            model,
+        )
+        pod_cpu, pod_milli, pod_num = pod_candidate_shape(
+            c.cpu_millicores, c.gpus_per_pod, c.milli_per_gpu
+        )
+        # A state's score and pick are a function of the state and the pod shape: kept
+        # per state, so a state met again (another class, a deeper state of one chunk
+        # that is another's first) is not scored again. The same floats: every step below
+        # is elementwise or a reduction along one row.
+        key = (
+            pod_cpu,
+            pod_milli,
+            pod_num,
+            None if c.model_ids is None else np.asarray(c.model_ids).tobytes(),
+        )
+        score_of, pick_of, known = memo.scored(key)
+        todo = ids[~known[ids]]
+        if todo.size:
+            score_of[todo], pick_of[todo] = self._score_states(
+                c, memo.cpu_of(todo), memo.gpu_of(todo), memo.model_of(todo), todo
+            )
+            known[todo] = True
+        return ScoreResult(score_of[ids], pick_of[ids])
+
+    def _score_states(
+        self, c: Constraints, cpu_left: IntArray, gpu_left: IntArray, model: IntArray,
+        ids: IntArray,
+    ) -> tuple[FloatArray, IntArray]:  # fmt: skip
+        """Scores (-inf: infeasible) and GPU picks of the memo's states `ids` (their free
+        CPU, free milli per GPU and model) for shape c."""
+        rows = int(ids.shape[0])
         pod_cpu, pod_milli, pod_num = pod_candidate_shape(
             c.cpu_millicores, c.gpus_per_pod, c.milli_per_gpu
         )
@@ -809,9 +880,7 @@ class FragmentationScorer:
             take = full & (np.cumsum(full, axis=1) <= pod_num)
             weights = np.left_shift(np.int64(1), np.arange(gpu_left.shape[1], dtype=np.int64))
             gpu_pick = np.where(take.sum(axis=1) == pod_num, take.astype(np.int64) @ weights, 0)
-        return ScoreResult(
-            np.where(best >= 0, best, -np.inf).astype(np.float64), gpu_pick.astype(np.int64)
-        )
+        return np.where(best >= 0, best, -np.inf).astype(np.float64), gpu_pick.astype(np.int64)
 
     def _scores(
         self,

@@ -469,3 +469,46 @@ def test_model_refinements_change_nothing_without_model_constraints() -> None:
     assert np.array_equal(frag_milli(cpu, free, model, typical, True), artifact)
     assert typical.model_pressure is not None
     assert typical.model_pressure.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "pod",
+    [
+        PodSpec("share", cpu_millicores=4000, gpu_milli=500),
+        PodSpec("whole", cpu_millicores=8000, num_gpu=2),
+        PodSpec("cpu", cpu_millicores=2000),
+    ],
+)
+def test_scores_kept_per_state_equal_scoring_each_state_afresh(pod: PodSpec) -> None:
+    # fgd-plus keeps each state's score and pick per pod shape: a view mixing states seen
+    # before (in other rows, other views) and new ones gives, row by row, the same floats
+    # and picks as a fresh scorer shown that row alone.
+    from scheduling.filters import compile_pod
+    from scheduling.scoring import NodeView
+
+    fleet = two_node_fleet((16000, 16000))
+    c = compile_pod(fleet, pod)
+    rng = np.random.default_rng(3)
+
+    def view(n: int) -> NodeView:
+        return NodeView(
+            slots=np.zeros(n, np.int64),
+            cpu_free_millicores=rng.choice([0, 2000, 4000, 9000, 16000], n).astype(np.int64),
+            memory_free_bytes=np.full(n, 64 << 30, np.int64),
+            cpu_allocatable_millicores=np.full(n, 16000, np.int64),
+            memory_allocatable_bytes=np.full(n, 64 << 30, np.int64),
+            gpu_free_milli=rng.choice([0, 300, 500, 1000], (n, 2)).astype(np.int32),
+            gpu_usable=np.ones((n, 2), np.bool_),
+            gpu_model_id=rng.integers(0, 2, n).astype(np.int16),
+        )
+
+    params = {"typical": TYPICAL}
+    kept = Policy.parse("fgd-plus", {"fgd-plus": params})
+    for n in (5, 40, 40, 3):
+        v = view(n)
+        scores, picks = kept.evaluate(v, c)
+        for i in range(n):
+            fresh = Policy.parse("fgd-plus", {"fgd-plus": params})
+            s1, p1 = fresh.evaluate(v.take(np.array([i])), c)
+            assert scores[i].tobytes() == s1[0].tobytes()
+            assert picks[i] == p1[0]
