@@ -178,6 +178,17 @@ async def test_daemon_ingests_over_mutual_tls_and_sasl_plaintext(
     await _until(f"three nodes reported over {listener}", arrived)
 
 
+async def _refused(section: config.KafkaSourceConfig) -> str:
+    """Run a source the broker refuses until it failed to connect twice (it keeps retrying,
+    with backoff, instead of dying; never ready); its last connect error."""
+    source = KafkaSource(settings_from_config(section), FleetView())
+    async with running(source.run) as task:
+        await asyncio.wait_for(source.wait_connect_failures(2), AWAIT_S)
+        assert not source.ready.is_set()
+        assert not task.done()
+        return source.last_connect_error
+
+
 async def test_mutual_tls_without_a_client_certificate_is_refused(
     kafka_secure: SecureListener,
 ) -> None:
@@ -189,14 +200,10 @@ async def test_mutual_tls_without_a_client_certificate_is_refused(
         clusters=["edge-m"],
         security=config.KafkaSecurity(protocol="SSL", ssl_ca_file=str(kafka_secure.ca_file)),
     )
-    source = KafkaSource(settings_from_config(section), FleetView())
-    async with running(source.run) as task:
-        await asyncio.wait_for(source.wait_connect_failures(2), AWAIT_S)
-        # The broker's TLS alert (Java sends bad_certificate for a missing one).
-        assert "SSLError" in source.last_connect_error
-        assert "CERTIFICATE" in source.last_connect_error
-        assert not source.ready.is_set()
-        assert not task.done()
+    error = await _refused(section)
+    # The broker's TLS alert (Java sends bad_certificate for a missing one).
+    assert "SSLError" in error
+    assert "CERTIFICATE" in error
 
 
 @pytest.mark.parametrize(
@@ -224,14 +231,9 @@ async def test_bad_credentials_are_a_clear_error_and_never_ready(
         clusters=["edge-s"],
         security=config.KafkaSecurity(**security),
     )
-    source = KafkaSource(settings_from_config(section), FleetView())
-    async with running(source.run) as task:
-        # Twice: the source keeps retrying (with backoff) instead of dying.
-        await asyncio.wait_for(source.wait_connect_failures(2), AWAIT_S)
-        assert expected in source.last_connect_error
-        assert kafka_secure.password not in source.last_connect_error
-        assert not source.ready.is_set()
-        assert not task.done()
+    error = await _refused(section)
+    assert expected in error
+    assert kafka_secure.password not in error
 
 
 async def test_a_missing_password_file_is_retried_not_fatal(tmp_path: Path) -> None:
