@@ -448,8 +448,10 @@ def fgd_score(frag_now: FloatArray, frag_next: FloatArray) -> IntArray:
     frag_now: broadcastable to frag_next; +inf in frag_next gives score -1 (infeasible).
     """
     finite = np.isfinite(frag_next)
-    delta = np.where(finite, np.asarray(frag_now) - np.where(finite, frag_next, 0.0), 0.0) / 1000.0
-    score = np.trunc(100.0 / (1.0 + np.exp(-delta))).astype(np.int64)
+    # An infeasible candidate's delta is -inf (exp gives inf, the score 0, without a
+    # warning), replaced by -1 below: no masking before. The cast truncates (scores >= 0).
+    delta = (np.asarray(frag_now) - frag_next) / 1000.0
+    score = (100.0 / (1.0 + np.exp(-delta))).astype(np.int64)
     return np.where(finite, score, -1)
 
 
@@ -559,6 +561,7 @@ class FragmentationMemo:
 
     def _reset(self, gpus: int) -> None:
         self._gpus = gpus
+        self._void = np.dtype((np.void, 8 * (2 + gpus)))  # a state's key, as bytes
         self._ids: dict[bytes, int] = {}
         self._n = 0
         self._cpu = np.zeros(0, dtype=np.int64)
@@ -610,7 +613,7 @@ class FragmentationMemo:
         table = self._ids
         new: list[int] = []
         n = self._n
-        void = np.dtype((np.void, 8 * (2 + gpus)))
+        void = self._void
         row_bytes = cast("list[bytes]", keys.view(void).ravel().tolist())
         # Look-ups in C (map); only the rows not found take the Python loop.
         found: list[int | None] = list(map(table.get, row_bytes))
