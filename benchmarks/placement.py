@@ -140,6 +140,12 @@ def time_engine(
     return statistics.median(walls), statistics.median(cpus), result, min(walls)
 
 
+def _ms(seconds: Sequence[float], q: float) -> float | None:
+    """The q-th percentile in milliseconds, None without samples (e.g. --single-calls 1:
+    each shape's first pod is not timed)."""
+    return round(1e3 * float(np.percentile(seconds, q)), 3) if len(seconds) else None
+
+
 def single_pod_latency(
     fleet: Fleet, items: Sequence[QueueItem], spec: str, calls: int, shapes: int
 ) -> dict[str, Any]:
@@ -187,10 +193,10 @@ def single_pod_latency(
         "policy": spec,
         "calls": len(pods),
         "shapes": len(seen),
-        "cached_p50_ms": round(1e3 * float(np.percentile(cached_s, 50)), 3),
-        "cached_p99_ms": round(1e3 * float(np.percentile(cached_s, 99)), 3),
-        "uncached_p50_ms": round(1e3 * float(np.percentile(plain_s, 50)), 3),
-        "uncached_p99_ms": round(1e3 * float(np.percentile(plain_s, 99)), 3),
+        "cached_p50_ms": _ms(cached_s, 50),
+        "cached_p99_ms": _ms(cached_s, 99),
+        "uncached_p50_ms": _ms(plain_s, 50),
+        "uncached_p99_ms": _ms(plain_s, 99),
         "identical_decisions": same,
     }
 

@@ -44,3 +44,18 @@ def test_compare_policy_can_be_skipped(capsys: pytest.CaptureFixture[str]) -> No
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["policy"] == "best-fit:1"
     assert report["compare"] == {}
+
+
+def test_single_pod_latency_without_timed_calls_reports_none(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # One pod placed one at a time: the first of its shape is not timed, so no percentile.
+    args = [
+        "--nodes", "40", "--pods", "200", "--repeats", "1", "--loop-pods", "2",
+        "--check-nodes", "20", "--check-pods", "60", "--memory-nodes", "50",
+        "--single-calls", "1", "--compare-policy", "", "--json",
+    ]  # fmt: skip
+    assert placement.main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["single_pod"]["calls"] == 1
+    assert report["single_pod"]["cached_p50_ms"] is None
