@@ -432,7 +432,9 @@ def _frag_after_share(
     )  # fmt: skip
     each = np.full((n, g), np.inf)
     each[row, gpu] = frag_one[:, 0]
-    out = np.where(valid, each[np.arange(n)[:, None], first], np.inf)
+    # GPU g reads the first GPU with its share: computed if g is valid (the same share
+    # fits it), +inf otherwise.
+    out: FloatArray = each[np.arange(n)[:, None], first]
     return out
 
 
@@ -994,10 +996,10 @@ class FragmentationScorer:
             )
             scores, later = self._scores(c, cpu, gpu, model, now, raw, stranded, scarcity)
             best = scores.max(axis=1)
-            column = scores.argmax(axis=1).astype(np.int64)
+            column = scores.argmax(axis=1)  # int64 (intp)
             ok = best >= 0
-            out_s.append(np.where(ok, best, -np.inf).astype(np.float64))
-            out_p.append(np.where(ok, np.left_shift(np.int64(1), column), 0).astype(np.int64))
+            out_s.append(np.where(ok, best, -np.inf))  # float64
+            out_p.append(np.where(ok, np.left_shift(np.int64(1), column), np.int64(0)))
             # The next state is the candidate picked: its fragmentation, and what it
             # strands, are known (NaN where no GPU fits: that state takes CPU only).
             now_next = np.where(ok, raw[index, column], np.nan)
