@@ -434,7 +434,7 @@ def _frag_after_share(
     each[row, gpu] = frag_one[:, 0]
     # GPU g reads the first GPU with its share: computed if g is valid (the same share
     # fits it), +inf otherwise.
-    out: FloatArray = each[np.arange(n)[:, None], first]
+    out = each[np.arange(n)[:, None], first]
     return out
 
 
