@@ -32,6 +32,9 @@ def test_benchmark_defaults_to_the_daemon_policy_and_compares_the_generic_one(
     for key in ("pods_per_s", "loop_pods_per_s", "speedup", "bytes_per_node"):
         assert report[key] > 0
     assert report["load_1m"] >= 0
+    # Placements per second: the placed pods over the same median wall time.
+    assert report["placed_per_s"] == pytest.approx(report["placed"] / report["engine_s"], rel=0.01)
+    assert 0 < report["placed_per_s"] <= report["pods_per_s"]
 
 
 def test_compare_policy_can_be_skipped(capsys: pytest.CaptureFixture[str]) -> None:
