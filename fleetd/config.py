@@ -412,6 +412,15 @@ class KafkaSourceConfig(_Strict):
             "drops, Place answers UNAVAILABLE) until the consumer is back and caught up."
         ),
     )
+    sequence_tombstone_ttl_s: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "How long a removed node's (pool's, pending pod's) last sequence is kept to drop "
+            "its redelivered older records; after that one floor per cluster and kind does, "
+            "so memory stays bounded as nodes come and go (restart to change)."
+        ),
+    )
     security: KafkaSecurity = Field(
         default_factory=KafkaSecurity, description="TLS and SASL of the Kafka clients."
     )

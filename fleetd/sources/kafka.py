@@ -778,6 +778,7 @@ def settings_from_config(config: Any) -> KafkaSourceSettings:
         group_id=config.group_id,
         required_clusters=frozenset(config.clusters),
         security_loader=lambda: security_from_config(config.security),
+        sequence_tombstone_ttl_s=config.sequence_tombstone_ttl_s,
     )
 
 

@@ -8,11 +8,13 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-from fleetd.config import Config
+import pytest
+
+from fleetd.config import Config, KafkaSourceConfig
 from fleetd.journal import Journal
 from fleetd.sources import updates as up
 from fleetd.sources.codec import encode_node, encode_node_deleted, node_key
-from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
+from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings, settings_from_config
 from fleetd.sources.memory import FleetView, StateSink
 from fleetd.state import FleetState
 from tests.unit.test_sources_codec import gpu_node
@@ -212,3 +214,12 @@ def test_the_state_behind_the_source_agrees(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert not state.nodes
+
+
+def test_the_tombstone_time_comes_from_the_config() -> None:
+    assert settings_from_config(KafkaSourceConfig()).sequence_tombstone_ttl_s == 600.0
+    section = KafkaSourceConfig(sequence_tombstone_ttl_s=30.0)
+    source = KafkaSource(settings_from_config(section), FleetView())
+    assert source._gate.tombstone_ttl_s == 30.0
+    with pytest.raises(ValueError, match="sequence_tombstone_ttl_s"):
+        KafkaSourceConfig(sequence_tombstone_ttl_s=0)
