@@ -334,10 +334,12 @@ class SimulatedSourceConfig(_Strict):
         10.0, gt=0, description="How often every simulated node reports (keeps it fresh)."
     )
     apply_scale_decisions: bool = Field(
-        False, description="Play the pool manager: add the nodes scale-up decisions ask for."
+        False,
+        description="Play the pool manager: add the nodes scale-ups ask for, delete the nodes "
+        "scale-downs and replacements name.",
     )
     provisioning_delay_s: float = Field(
-        5.0, ge=0, description="How long a simulated scale-up takes to bring its nodes up."
+        5.0, ge=0, description="How long a simulated scale decision takes to be carried out."
     )
     confirm_after_s: float = Field(
         0.5,

@@ -4,7 +4,10 @@ It announces the configured clusters' pools and nodes through the same update va
 the Kafka and Kubernetes sources, heartbeats every node (so none goes stale), and plays the
 clusters' side of a placement: `confirm_after_s` after a PLACED decision it reports the
 workload's pods running on their nodes (confirming the reservation); when a reservation is
-released or expires it reports the pods gone.
+released or expires it reports the pods gone. With `apply_scale_decisions` it also plays the
+pool manager: `provisioning_delay_s` after a scale decision, the nodes a scale-up asks for
+come up (new names, never reused) and the nodes a scale-down or replacement names go
+(drained: the cluster reports them deleted, and their pods with them).
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ class SimulatedFleet:
         self.state = state
         self.clock = clock
         self._seq = itertools.count(1)
-        #: Current size of every simulated pool (grows when scale decisions are applied).
-        self.sizes = {(c.name, p.name): p.nodes for c in config.clusters for p in c.pools}
+        #: The node indices of every simulated pool (`node_name`), in order; scale
+        #: decisions add new indices and remove named nodes.
+        self.live = {(c.name, p.name): list(range(p.nodes)) for c in config.clusters
+                     for p in c.pools}  # fmt: skip
+        self._next_index = {key: len(indices) for key, indices in self.live.items()}
         for cluster in config.clusters:
             state.expect_source(SOURCE, cluster.name)
 
@@ -61,7 +67,7 @@ class SimulatedFleet:
                 if pool.gpu_model
                 else {"topology.kubernetes.io/zone": pool.zone}
             )
-            for i in range(self.sizes[(cluster.name, pool.name)]):
+            for i in self.live[(cluster.name, pool.name)]:
                 res = up.Resources(
                     cpu_millicores=pool.cpu_millicores,
                     memory_bytes=pool.memory_bytes,
@@ -102,7 +108,7 @@ class SimulatedFleet:
             capacity_type=up.CapacityType(pool.capacity_type),
             min_size=pool.min_size,
             max_size=pool.max_size or pool.nodes,
-            current_size=self.sizes[(cluster.name, pool.name)],
+            current_size=len(self.live[(cluster.name, pool.name)]),
             zones=(pool.zone,) if pool.zone else (),
         )
 
@@ -132,27 +138,54 @@ class SimulatedFleet:
                 tg.create_task(self._play_pool_manager(), name="simulated-pool-manager")
 
     async def _play_pool_manager(self) -> None:
-        """Bring up the nodes of scale-up decisions after `provisioning_delay_s`."""
+        """Carry out scale decisions after `provisioning_delay_s`: add the nodes of
+        scale-ups, drain and delete the nodes scale-downs and replacements name."""
         pending: set[asyncio.Task[None]] = set()
         async for event in self.state.scale.watch(0, from_now=True):
-            if event.decision.delta > 0 and not event.dry_run:  # dry-run: shown, not acted on
-                task = asyncio.create_task(self._grow(event.decision.cluster, event.decision.pool,
-                                                      event.decision.delta))  # fmt: skip
-                pending.add(task)
-                task.add_done_callback(pending.discard)
+            d = event.decision
+            if event.dry_run or not (d.delta > 0 or d.remove_nodes):
+                continue  # dry-run: shown, not acted on
+            task = asyncio.create_task(self._resize(d.cluster, d.pool, max(d.delta, 0),
+                                                    d.remove_nodes))  # fmt: skip
+            pending.add(task)
+            task.add_done_callback(pending.discard)
 
-    async def _grow(self, cluster_name: str, pool_name: str, delta: int) -> None:
+    async def _resize(
+        self, cluster_name: str, pool_name: str, add: int, remove: tuple[str, ...]
+    ) -> None:
         await asyncio.sleep(self.config.provisioning_delay_s)
         cluster = next(c for c in self.config.clusters if c.name == cluster_name)
         pool = next(p for p in cluster.pools if p.name == pool_name)
         key = (cluster_name, pool_name)
-        limit = pool.max_size or pool.nodes
-        self.sizes[key] = min(limit, self.sizes[key] + delta)
+        live = self.live[key]
+        room = max(0, (pool.max_size or pool.nodes) - len(live))
+        for _ in range(min(add, room)):
+            live.append(self._next_index[key])
+            self._next_index[key] += 1
         # New nodes first, then the pool's new size (as a cloud's node group reports it).
         for u in self._node_updates(cluster):
             await self.state.apply(u)
-        await self.state.apply(self._pool_update(cluster, pool))
-        log.info("simulated scale-up", extra={"pool": pool_name, "size": self.sizes[key]})
+        changed = {pool.name} if add else set()
+        # Decisions name nodes by key, "cluster/name" (`state.node_key`).
+        for name in (n.split("/", 1)[-1] for n in remove):
+            for other in cluster.pools:
+                indices = self.live[(cluster_name, other.name)]
+                gone = [i for i in indices if node_name(cluster_name, other.name, i) == name]
+                if gone:
+                    indices.remove(gone[0])
+                    changed.add(other.name)
+                    # Deleting the node takes its pods with it (the state drops them).
+                    await self.state.apply(
+                        up.NodeRemoved(cluster_name, name, sequence=next(self._seq))
+                    )
+        for other in cluster.pools:
+            if other.name in changed:
+                await self.state.apply(self._pool_update(cluster, other))
+        log.info(
+            "simulated scale decision applied",
+            extra={"pool": pool_name, "added": min(add, room), "removed": len(remove),
+                   "size": len(live)},
+        )  # fmt: skip
 
     async def _heartbeat(self) -> None:
         while True:

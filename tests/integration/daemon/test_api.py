@@ -383,3 +383,31 @@ async def test_queued_work_scales_up_a_pool_and_then_runs(start_daemon: StartDae
     ).pools
     h100 = next(p for p in pools if p.name == "h100")
     assert (h100.current_size, h100.nodes_ready) == (5, 5)
+
+
+async def test_simulated_pool_manager_carries_out_a_scale_down(
+    start_daemon: StartDaemon,
+) -> None:
+    """With scale_down, empty simulated nodes are planned away and the simulated pool
+    manager deletes them: the decision's nodes leave the snapshot and the pool shrinks."""
+    _, client = await start_daemon(
+        autoscaling={"interval_s": 0.05, "scale_down": True, "scale_down_empty_after_s": 0},
+        sources={"simulated": {"apply_scale_decisions": True, "provisioning_delay_s": 0}},
+    )
+    scale = client.pools.WatchScaleDecisions(nodepools_pb2.WatchScaleDecisionsRequest())
+    async for d in scale:
+        if d.kind == nodepools_pb2.ScaleDecision.KIND_SCALE_DOWN:
+            down = d
+            break
+    scale.cancel()
+    assert down.nodes and down.to_size < down.from_size
+
+    async def shrunk() -> bool:
+        snap = await client.fleet.GetSnapshot(
+            fleet_pb2.GetSnapshotRequest(cluster=down.cluster, include_nodes=True)
+        )
+        names = {n.name for n in snap.nodes}
+        pool = next(p for p in snap.pools if p.name == down.pool)
+        return not names & set(down.nodes) and pool.current_size <= down.to_size
+
+    await async_wait_until("the scale-down's nodes deleted", shrunk, timeout_s=30, interval_s=0.05)
