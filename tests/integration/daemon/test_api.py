@@ -400,7 +400,8 @@ async def test_simulated_pool_manager_carries_out_a_scale_down(
             down = d
             break
     scale.cancel()
-    assert down.nodes and down.to_size < down.from_size
+    assert down.nodes
+    assert down.to_size < down.from_size
 
     async def shrunk() -> bool:
         snap = await client.fleet.GetSnapshot(
