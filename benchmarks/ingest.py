@@ -154,7 +154,9 @@ async def warm_then_measure(
     return warm_s, steady_s, {k: after[k] - before[k] for k in OUTCOMES}
 
 
-def _fleet_state(tmp: Path) -> Any:
+def fleet_state(tmp: Path) -> Any:
+    """The daemon's FleetState with no source of its own (the benchmarks feed it), its
+    journal in `tmp`."""
     from fleetd import config as cfgmod
     from fleetd.journal import Journal
     from fleetd.state import FleetState
@@ -174,7 +176,7 @@ async def _state_run(
     """`warm_then_measure` into a fresh FleetState (gone when this returns), and whether it
     ends with every node at its last produced sequence."""
     with tempfile.TemporaryDirectory() as tmp:
-        state = _fleet_state(Path(tmp))
+        state = fleet_state(Path(tmp))
         warm_s, state_s, outcomes = await warm_then_measure(
             bootstrap, warm_topic, topic, n_warm, n_records, StateSink(state)
         )

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from aiokafka import TopicPartition
 
+from benchmarks.ingest import fleet_state
 from fleetd.daemon import freeze_startup_heap
 from fleetd.loadgen import periodic_reports, synthetic_fleet
 from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
@@ -107,15 +108,6 @@ def _fresh(poll: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[A
     }
 
 
-def _fleet_state(tmp: Path) -> Any:
-    from fleetd import config as cfgmod
-    from fleetd.journal import Journal
-    from fleetd.state import FleetState
-
-    cfg = cfgmod.Config(**{"sources": {"simulated": {"enabled": False}}})
-    return FleetState(cfg, Journal(tmp / "journal.sqlite3"))
-
-
 async def _one_run(
     warm: list[dict[TopicPartition, list[Any]]],
     steady: list[dict[TopicPartition, list[Any]]],
@@ -123,7 +115,7 @@ async def _one_run(
 ) -> tuple[float, float]:
     """(CPU seconds of the steady polls, wall seconds of them)."""
     with tempfile.TemporaryDirectory() as tmp:
-        state = _fleet_state(Path(tmp))
+        state = fleet_state(Path(tmp))
         source = KafkaSource(KafkaSourceSettings(), StateSink(state), metrics=SourceMetrics())
         consumer, producer = _Consumer(), _Producer()
         for poll in warm:
