@@ -4,12 +4,26 @@ in one run, and ends with one JSON line (a tiny instance: no timing is asserted)
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from benchmarks import placement
 from fleetd.config import SchedulingConfig
 from scheduling import DEFAULT_POLICY
+
+#: A tiny instance (no timing is asserted).
+TINY = [
+    "--nodes", "40", "--pods", "200", "--repeats", "1", "--loop-pods", "2",
+    "--check-nodes", "20", "--check-pods", "60", "--memory-nodes", "50",
+]  # fmt: skip
+
+
+def _report(capsys: pytest.CaptureFixture[str], args: list[str]) -> dict[str, Any]:
+    """Run the benchmark with `args` (it must exit 0); its last line, the JSON report."""
+    assert placement.main([*args, "--json"]) == 0
+    report: dict[str, Any] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return report
 
 
 def test_benchmark_defaults_to_the_daemon_policy_and_compares_the_generic_one(
@@ -18,10 +32,9 @@ def test_benchmark_defaults_to_the_daemon_policy_and_compares_the_generic_one(
     args = [
         "--nodes", "60", "--pods", "400", "--repeats", "1", "--loop-pods", "2",
         "--check-nodes", "30", "--check-pods", "120", "--memory-nodes", "100",
-        "--single-calls", "10", "--json",
+        "--single-calls", "10",
     ]  # fmt: skip
-    assert placement.main(args) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = _report(capsys, args)
     assert SchedulingConfig().policy == "fgd-plus"
     assert report["policy"] == "fgd-plus:1"
     assert report["compare"]["policy"] == DEFAULT_POLICY
@@ -38,13 +51,8 @@ def test_benchmark_defaults_to_the_daemon_policy_and_compares_the_generic_one(
 
 
 def test_compare_policy_can_be_skipped(capsys: pytest.CaptureFixture[str]) -> None:
-    args = [
-        "--nodes", "40", "--pods", "200", "--repeats", "1", "--loop-pods", "2",
-        "--check-nodes", "20", "--check-pods", "60", "--memory-nodes", "50",
-        "--single-calls", "5", "--policy", "best-fit", "--compare-policy", "", "--json",
-    ]  # fmt: skip
-    assert placement.main(args) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    args = [*TINY, "--single-calls", "5", "--policy", "best-fit", "--compare-policy", ""]
+    report = _report(capsys, args)
     assert report["policy"] == "best-fit:1"
     assert report["compare"] == {}
 
@@ -53,12 +61,6 @@ def test_single_pod_latency_without_timed_calls_reports_none(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # One pod placed one at a time: the first of its shape is not timed, so no percentile.
-    args = [
-        "--nodes", "40", "--pods", "200", "--repeats", "1", "--loop-pods", "2",
-        "--check-nodes", "20", "--check-pods", "60", "--memory-nodes", "50",
-        "--single-calls", "1", "--compare-policy", "", "--json",
-    ]  # fmt: skip
-    assert placement.main(args) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = _report(capsys, [*TINY, "--single-calls", "1", "--compare-policy", ""])
     assert report["single_pod"]["calls"] == 1
     assert report["single_pod"]["cached_p50_ms"] is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -167,21 +168,21 @@ def test_kafka_source_bounds_its_gate_and_drops_old_reports_of_deleted_nodes() -
         source = KafkaSource(KafkaSourceSettings(sequence_tombstone_ttl_s=0.0), view)
         offset = 0
         seq = 0
-        for generation in range(30):
+
+        def generation_of(generation: int, make: Callable[[str, int], bytes]) -> list[Rec]:
+            """One record of five nodes each, by `make`, at the next sequences and offsets."""
+            nonlocal offset, seq
             recs = []
             for i in range(5):
                 seq += 1
                 name = f"n{generation}-{i}"
-                recs.append(Rec(node_key("c1", name), report(name, seq), offset))
+                recs.append(Rec(node_key("c1", name), make(name, seq), offset))
                 offset += 1
-            await source.process({TP: recs}, Consumer(), Producer())
-            gone = []
-            for i in range(5):
-                seq += 1
-                name = f"n{generation}-{i}"
-                gone.append(Rec(node_key("c1", name), deleted(name, seq), offset))
-                offset += 1
-            await source.process({TP: gone}, Consumer(), Producer())
+            return recs
+
+        for generation in range(30):
+            await source.process({TP: generation_of(generation, report)}, Consumer(), Producer())
+            await source.process({TP: generation_of(generation, deleted)}, Consumer(), Producer())
         assert not view.nodes
         assert len(source._gate) <= 10
         assert not source._contents
