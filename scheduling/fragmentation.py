@@ -441,6 +441,82 @@ def _frag_after_share(
 #: From this many candidate states (nodes x GPUs), a share's candidates are deduplicated.
 _DEDUP_CANDIDATES = 64
 
+#: A GPU count no node reaches (GPUs per node <= 63): "type not hosted" in `_ShareTables`.
+_NEVER = np.int8(127)
+
+
+@dataclass(frozen=True, eq=False)
+class _ShareTables:
+    """Per free share L (0..1000 milli) of one GPU and per type of the target workload, the
+    GPU's part of a node's statistics (`_gpu_stats`, per type rather than per distinct
+    request) and what taking a fractional request m from it changes: a chain step reads a
+    candidate's statistics as the state's plus one table row (integers, so the same values
+    as computing them from the candidate's GPUs).
+
+    count: (1001, T) int8, the GPU has t's share free (L >= m_t); below: (1001, T) float64,
+    its free milli where it has not (else 0); count_delta, below_delta: their change when m
+    is taken from the GPU (0 where L < m); lookahead: (1001,) fgd-plus's lookahead term of
+    taking m (None without it); num: (T,) int8 GPUs per pod of each type (clipped like
+    `TypicalPods.count_tests`); typical: the target workload they were built for.
+    """
+
+    typical: TypicalPods
+    count: NDArray[np.int8]
+    below: FloatArray
+    count_delta: NDArray[np.int8]
+    below_delta: FloatArray
+    lookahead: FloatArray | None
+    num: NDArray[np.int8]
+
+    @classmethod
+    def of(
+        cls, typical: TypicalPods, pod_milli: int, waste: FloatArray | None, weight: float
+    ) -> _ShareTables:
+        """The tables of request `pod_milli`; `waste` (`eventual_waste_milli`) and `weight`:
+        the lookahead term, the floats `FragmentationScorer._scores` computes."""
+        share = np.arange(MILLI_PER_GPU + 1, dtype=np.int64)
+        has = share[:, None] >= typical.gpu_milli[None, :]
+        count = has.astype(np.int8)
+        below = np.where(has, 0, share[:, None]).astype(np.float64)
+        fits = share >= pod_milli
+        rest = np.where(fits, share - pod_milli, 0)
+        lookahead = None
+        if waste is not None:
+            lookahead = weight * np.where(fits, waste[rest] - waste[share], 0.0)
+        return cls(
+            typical=typical,
+            count=count,
+            below=below,
+            count_delta=np.where(fits[:, None], count[rest] - count, 0).astype(np.int8),
+            below_delta=np.where(fits[:, None], below[rest] - below, 0.0),
+            lookahead=lookahead,
+            num=np.clip(typical.num_gpu, 0, 127).astype(np.int8),
+        )
+
+
+def _frag_of_type_stats(
+    count: NDArray[np.int8],
+    below: FloatArray,
+    total: IntArray,
+    cpu_left: IntArray,
+    on_model: BoolArray,
+    counts: BoolArray | None,
+    tables: _ShareTables,
+) -> FloatArray:
+    """(R,) `frag_milli` of states from their per-type statistics (count, below: (R, T);
+    total idle milli and free CPU: (R,); on_model, counts: `_model_rows`): the same terms,
+    summed along each C-ordered row, so the same floats."""
+    typical = tables.typical
+    allowed = on_model & (cpu_left[:, None] >= typical.cpu_milli[None, :])
+    need = np.where(allowed, tables.num, _NEVER)
+    fallback = total.astype(np.float64)[:, None]
+    if counts is not None:
+        fallback = np.where(counts, fallback, 0.0)
+    per_type = np.where(count >= need, below, fallback)
+    per_type *= typical.freq
+    out: FloatArray = np.add.reduce(per_type, axis=1)
+    return out
+
 
 def fgd_score(frag_now: FloatArray, frag_next: FloatArray) -> IntArray:
     """The artifact's integer FGD score: int(sigmoid((F_now - F_next) / 1000) x 100).
@@ -812,6 +888,7 @@ class FragmentationScorer:
         self.memo = FragmentationMemo(typical, self.constraint_aware)
         self.pressure = _pressure_of(typical)
         self._scarcity_tables: dict[tuple[bytes | None, int], FloatArray] = {}
+        self._tables: dict[int, _ShareTables] = {}
 
     def _model_of(self, view: NodeView) -> IntArray:
         """The view's GPU model ids, widening the target workload's model columns first if
@@ -823,6 +900,7 @@ class FragmentationScorer:
             self.memo = FragmentationMemo(padded, self.constraint_aware)
             self.pressure = _pressure_of(padded)
             self._scarcity_tables.clear()
+            self._tables.clear()
         return model
 
     def score(self, view: NodeView, c: Constraints, pick: IntArray) -> ScoreResult:
@@ -872,6 +950,12 @@ class FragmentationScorer:
             c.cpu_millicores, c.gpus_per_pod, c.milli_per_gpu
         )
         now = self.memo.frag_now(ids)
+        if 0 < pod_milli < MILLI_PER_GPU and gpu_left.shape[1]:
+            share = self._share_scores(
+                cpu_left, gpu_left, model, now, c.model_ids, pod_cpu, pod_milli
+            )
+            if share is not None:
+                return share
         after = self.memo.frag_after(ids, pod_cpu, pod_milli, pod_num)
         scores, _ = self._scores(c, cpu_left, gpu_left, model, now, after)
         best = scores.max(axis=1)
@@ -886,6 +970,37 @@ class FragmentationScorer:
             weights = np.left_shift(np.int64(1), np.arange(gpu_left.shape[1], dtype=np.int64))
             gpu_pick = np.where(take.sum(axis=1) == pod_num, take.astype(np.int64) @ weights, 0)
         return np.where(best >= 0, best, -np.inf).astype(np.float64), gpu_pick.astype(np.int64)
+
+    def _share_scores(
+        self, cpu_left: IntArray, gpu_left: IntArray, model: IntArray, now: FloatArray,
+        pod_model_ids: NDArray[np.integer] | None, pod_cpu: int, pod_milli: int,
+    ) -> tuple[FloatArray, IntArray] | None:  # fmt: skip
+        """`_score_states` of a fractional pod through `_share_step` (the same floats, fewer
+        numpy calls); None for states the tables do not cover."""
+        if int(gpu_left.min()) < 0 or int(gpu_left.max()) > MILLI_PER_GPU:
+            return None
+        tables = self._share_tables(pod_milli)
+        on_model, counts = _model_rows(model, tables.typical, self.constraint_aware)
+        total = gpu_left.sum(axis=1)
+        stranded = (
+            cpu_stranded_gpu_milli(total, cpu_left, self.cpu_per_gpu_milli)
+            if self.cpu_stranding_weight
+            else None
+        )
+        scarcity = (
+            self._scarcity(model, pod_model_ids, pod_milli)[:, None]
+            if self.scarcity_weight and self.pressure.any()
+            else None
+        )
+        _, score, _ = self._share_step(
+            tables, pod_cpu, pod_milli, cpu_left, gpu_left, total,
+            tables.count[gpu_left].sum(axis=1).astype(np.int8),
+            tables.below[gpu_left].sum(axis=1), now, stranded, on_model, counts, scarcity,
+        )  # fmt: skip
+        best = score.max(axis=1)
+        ok = best >= 0
+        pick = np.where(ok, np.left_shift(np.int64(1), score.argmax(axis=1)), np.int64(0))
+        return np.where(ok, best, -np.inf), pick.astype(np.int64)
 
     def _scores(
         self,
@@ -939,8 +1054,8 @@ class FragmentationScorer:
         c: Constraints,
         pick: IntArray,
         steps: int,
-        carry: tuple[FloatArray, ...] | None = None,
-    ) -> tuple[list[FloatArray], list[IntArray], NodeView, tuple[FloatArray, ...]] | None:
+        carry: tuple[NDArray[np.generic], ...] | None = None,
+    ) -> tuple[list[FloatArray], list[IntArray], NodeView, tuple[NDArray[np.generic], ...]] | None:
         """`score` of `steps` more pods of a fractional shape c placed one after another on
         every row: the rows take one pod on GPUs `pick` (`NodeView.after`) and are scored,
         then take one on the GPU just picked, and so on. Returns the scores and GPU picks
@@ -949,67 +1064,103 @@ class FragmentationScorer:
         same rows, or a subset of the arrays' rows); None for other shapes (then call
         `score` step by step).
 
-        The same floats as `score` on each state reached, with less work per step: the
-        fragmentation of the state reached is that of the candidate just picked (in
-        `frag_after`), and the states are not interned in the memo.
+        The same floats as `score` on each state reached, with far fewer numpy calls per
+        step (a step costs per call, not per row: chunks have ~10 rows): the per-type GPU
+        statistics of the state reached are carried from step to step (`_ShareTables`:
+        a candidate changes one GPU, so its statistics are the state's plus one table
+        row), and so are its fragmentation (that of the candidate picked) and what it
+        strands by CPU; the states are not interned in the memo.
         """
         pod_cpu, pod_milli, _ = pod_candidate_shape(
             c.cpu_millicores, c.gpus_per_pod, c.milli_per_gpu
         )
         rows = len(view)
-        if not 0 < pod_milli < MILLI_PER_GPU or steps < 1 or rows == 0:
+        gpus = int(view.gpu_free_milli.shape[1])
+        if not 0 < pod_milli < MILLI_PER_GPU or steps < 1 or rows == 0 or gpus == 0:
             return None
         model = self._model_of(view)
         typical, aware = self.memo.typical, self.constraint_aware
-        gpus = int(view.gpu_free_milli.shape[1])
-        taken = pick[:, None] >> np.arange(gpus, dtype=np.int64)[None, :] & 1
-        cpu = np.asarray(view.cpu_free_millicores, dtype=np.int64)
-        gpu = np.asarray(view.gpu_free_milli, dtype=np.int64)
-        index = np.arange(rows)
+        tables = self._share_tables(pod_milli)
+        on_model, counts = _model_rows(model, typical, aware)
+        # Working copies, updated in place from step to step. The first state scored: the
+        # rows take one pod on GPUs `pick`.
+        cpu = np.array(view.cpu_free_millicores, dtype=np.int64)
+        gpu = np.array(view.gpu_free_milli, dtype=np.int64)
+        cpu -= pod_cpu
+        gpu -= (pick[:, None] >> np.arange(gpus, dtype=np.int64)[None, :] & 1) * pod_milli
         if carry is None:
-            # The fragmentation of the first state reached is that of the candidate picked
-            # in the rows' states (`frag_after`, usually in the memo already: the engine
-            # scored them); NaN where the rows take no GPU (computed below).
-            placed = taken.sum(axis=1) == 1
-            before = self.memo.frag_after(self.memo.states(cpu, gpu, model), pod_cpu, pod_milli, 1)
-            picked = before[index, taken.argmax(axis=1)]
-            now_next = np.where(placed & np.isfinite(picked), picked, np.nan)
-            stranded_next = None
-        else:
-            now_next = carry[0]
-            stranded_next = carry[1] if len(carry) > 1 else None
-        cpu = cpu - c.cpu_millicores
-        gpu = gpu - taken * c.milli_per_gpu
-        now, stranded = self._reached(now_next, stranded_next, cpu, gpu, model)
+            if int(gpu.min()) < 0 or int(gpu.max()) > MILLI_PER_GPU:
+                return None  # not a state the tables cover: score step by step
+            total = gpu.sum(axis=1)
+            count = tables.count[gpu].sum(axis=1).astype(np.int8)
+            below = tables.below[gpu].sum(axis=1)  # integers: exact in float64
+            now = _frag_of_type_stats(count, below, total, cpu, on_model, counts, tables)
+            stranded = (
+                cpu_stranded_gpu_milli(total, cpu, self.cpu_per_gpu_milli)
+                if self.cpu_stranding_weight
+                else None
+            )
+        else:  # that state's statistics, from the call that scored the one before it
+            now, total, count, below = (
+                cast("FloatArray", carry[0]),
+                cast("IntArray", carry[1]),
+                cast("NDArray[np.int8]", carry[2]),
+                cast("FloatArray", carry[3]),
+            )
+            stranded = cast("FloatArray", carry[4]) if len(carry) > 4 else None
         # Constant along the chain: the rows' models, so their type rows and scarcity term.
-        rows_of_model = _model_rows(model, typical, aware)
         scarcity = (
             self._scarcity(model, c.model_ids, pod_milli)[:, None]
             if self.scarcity_weight and self.pressure.any()
             else None
         )
+        index = np.arange(rows)
         out_s: list[FloatArray] = []
         out_p: list[IntArray] = []
         for step in range(steps):
-            raw = _frag_after_share(
-                cpu, gpu, model, typical, pod_cpu, pod_milli, aware, rows_of_model
-            )
-            scores, later = self._scores(c, cpu, gpu, model, now, raw, stranded, scarcity)
-            best = scores.max(axis=1)
-            column = scores.argmax(axis=1)  # int64 (intp)
+            cpu_after = cpu - pod_cpu
+            total_after = total - pod_milli
+            raw, score, later = self._share_step(
+                tables, pod_cpu, pod_milli, cpu, gpu, total, count, below, now, stranded,
+                on_model, counts, scarcity,
+            )  # fmt: skip
+            best = score.max(axis=1)
+            column = score.argmax(axis=1)  # int64 (intp)
             ok = best >= 0
             out_s.append(np.where(ok, best, -np.inf))  # float64
             out_p.append(np.where(ok, np.left_shift(np.int64(1), column), np.int64(0)))
-            # The next state is the candidate picked: its fragmentation, and what it
-            # strands, are known (NaN where no GPU fits: that state takes CPU only).
-            now_next = np.where(ok, raw[index, column], np.nan)
-            stranded_next = None if later is None else np.where(ok, later, np.nan)
-            if step == steps - 1:
-                break
-            cpu = cpu - c.cpu_millicores
-            gpu = gpu.copy()
-            gpu[index[ok], column[ok]] -= c.milli_per_gpu
-            now, stranded = self._reached(now_next, stranded_next, cpu, gpu, model)
+            # The next state is the candidate picked: its statistics, fragmentation and
+            # what it strands are known. Rows where no GPU fits take CPU only. `last` is
+            # the state scored last (before its pick), the carry that after its pick.
+            share = gpu[index, column]
+            if ok.all():
+                now = raw[index, column]
+                stranded = later
+                count = count + tables.count_delta[share]
+                below = below + tables.below_delta[share]
+                total = total_after
+                if step < steps - 1:
+                    cpu = cpu_after
+                    gpu[index, column] -= pod_milli
+                continue
+            kept = np.flatnonzero(ok)
+            lost = np.flatnonzero(~ok)
+            count = count.copy()
+            count[kept] += tables.count_delta[share[kept]]
+            below = below.copy()
+            below[kept] += tables.below_delta[share[kept]]
+            total = np.where(ok, total_after, total)
+            now = raw[index, column]
+            now[lost] = frag_milli(cpu_after[lost], gpu[lost], model[lost], typical, aware)
+            if stranded is not None:
+                assert later is not None
+                stranded = later.copy()
+                stranded[lost] = cpu_stranded_gpu_milli(
+                    total[lost], cpu_after[lost], self.cpu_per_gpu_milli
+                )
+            if step < steps - 1:
+                cpu = cpu_after
+                gpu[kept, column[kept]] -= pod_milli
         last = NodeView(
             slots=view.slots,
             cpu_free_millicores=cpu,
@@ -1020,34 +1171,64 @@ class FragmentationScorer:
             gpu_usable=view.gpu_usable,
             gpu_model_id=view.gpu_model_id,
         )
-        out_carry = (now_next,) if stranded_next is None else (now_next, stranded_next)
+        out_carry: tuple[NDArray[np.generic], ...] = (now, total, count, below)
+        if stranded is not None:
+            out_carry += (stranded,)
         return out_s, out_p, last, out_carry
 
-    def _reached(
-        self,
-        now: FloatArray,
-        stranded: FloatArray | None,
-        cpu: IntArray,
-        gpu: IntArray,
-        model: IntArray,
-    ) -> tuple[FloatArray, FloatArray | None]:
-        """The fragmentation and CPU-stranded milli of the states reached (cpu, gpu), from
-        those carried (NaN: not known, computed here). Stranded None: computed by
-        `_scores` (or not used)."""
-        lost = np.isnan(now)
-        if lost.any():
-            now = now.copy()
-            now[lost] = frag_milli(
-                cpu[lost], gpu[lost], model[lost], self.memo.typical, self.constraint_aware
-            )
-        if stranded is not None and self.cpu_stranding_weight:
-            gone = np.isnan(stranded)
-            if gone.any():
-                stranded = stranded.copy()
-                stranded[gone] = cpu_stranded_gpu_milli(
-                    gpu[gone].sum(axis=1), cpu[gone], self.cpu_per_gpu_milli
-                )
-        return now, stranded
+    def _share_step(
+        self, tables: _ShareTables, pod_cpu: int, pod_milli: int, cpu: IntArray,
+        gpu: IntArray, total: IntArray, count: NDArray[np.int8], below: FloatArray,
+        now: FloatArray, stranded: FloatArray | None, on_model: BoolArray,
+        counts: BoolArray | None, scarcity: FloatArray | None,
+    ) -> tuple[FloatArray, IntArray, FloatArray | None]:  # fmt: skip
+        """One fractional pod (pod_cpu, pod_milli) on each GPU of R states (free CPU, free
+        milli per GPU (R, G), total idle milli; per-type statistics `_ShareTables`, count
+        and below (R, T); fragmentation `now`; CPU-stranded milli (None: no such term);
+        `_model_rows`; the scarcity term (R, 1) or None). Returns the fragmentation after
+        each candidate (`frag_after`, without fleetd's refinements; (R, G)), its integer
+        score (-1 where the share does not fit) and the CPU-stranded milli after the pod
+        (None without that term): the floats of `frag_after`, `_scores` and `fgd_score`."""
+        typical = tables.typical
+        cpu_after = cpu - pod_cpu
+        total_after = total - pod_milli
+        # Type t is hosted after the pod where the node's model and CPU allow it and enough
+        # GPUs have t's share free (`_frag_of_stats`); "not allowed" is a GPU count no node
+        # reaches.
+        need = np.where(on_model & (cpu_after[:, None] >= typical.cpu_milli), tables.num, _NEVER)
+        hosts = count[:, None, :] + tables.count_delta[gpu] >= need[:, None, :]
+        fallback = total_after.astype(np.float64)[:, None]
+        if counts is not None:
+            fallback = np.where(counts, fallback, 0.0)
+        per_type = np.where(
+            hosts, below[:, None, :] + tables.below_delta[gpu], fallback[:, None, :]
+        )
+        per_type *= typical.freq
+        # Summed along each C-ordered row: the same bits as `frag_after`.
+        raw: FloatArray = np.add.reduce(per_type, axis=2)
+        after = raw
+        later = None
+        if stranded is not None:
+            later = cpu_stranded_gpu_milli(total_after, cpu_after, self.cpu_per_gpu_milli)
+            after = after + self.cpu_stranding_weight * (later - stranded)[:, None]
+        if tables.lookahead is not None:
+            after = after + tables.lookahead[gpu]
+        if scarcity is not None:
+            after = after + scarcity
+        # `fgd_score`: exp(-(now - after) / 1000) is exp((after - now) / 1000) bit for bit
+        # (IEEE rounding is symmetric); a GPU the share does not fit scores -1.
+        score = (100.0 / (1.0 + np.exp((after - now[:, None]) / 1000.0))).astype(np.int64)
+        return raw, np.where(gpu >= pod_milli, score, -1), later
+
+    def _share_tables(self, pod_milli: int) -> _ShareTables:
+        """`_ShareTables` of a fractional request against the current target workload."""
+        key = int(pod_milli)
+        tables = self._tables.get(key)
+        if tables is None or tables.typical is not self.memo.typical:
+            waste = self.eventual_waste if self.lookahead_weight else None
+            tables = _ShareTables.of(self.memo.typical, key, waste, self.lookahead_weight)
+            self._tables[key] = tables
+        return tables
 
     def _scarcity(
         self, model: IntArray, pod_model_ids: NDArray[np.integer] | None, request_milli: int

@@ -512,3 +512,48 @@ def test_scores_kept_per_state_equal_scoring_each_state_afresh(pod: PodSpec) -> 
             s1, p1 = fresh.evaluate(v.take(np.array([i])), c)
             assert scores[i].tobytes() == s1[0].tobytes()
             assert picks[i] == p1[0]
+
+
+@pytest.mark.parametrize("name", ["fgd", "fgd-cpu", "fgd-plus"])
+def test_share_scores_from_per_gpu_tables_equal_the_generic_path(name: str) -> None:
+    # A fractional pod's scores and GPU picks come from per-GPU tables of the types'
+    # statistics (`_share_step`, which the engine's chain steps with too); they must be,
+    # bit for bit, those of frag_milli, frag_after and the refinements computed the
+    # generic way (`_scores`), for every model, CPU and scarcity case.
+    from scheduling.filters import compile_pod
+    from scheduling.fragmentation import FragmentationScorer
+
+    typical = TypicalPods(
+        cpu_milli=TYPICAL.cpu_milli,
+        gpu_milli=TYPICAL.gpu_milli,
+        num_gpu=TYPICAL.num_gpu,
+        model_allowed=TYPICAL.model_allowed,
+        freq=TYPICAL.freq,
+        model_pressure=np.array([0.4, 0.1]),
+    )
+    fleet = Fleet(max_gpus=4)
+    for node, model_name in (("a", "A"), ("b", "B")):
+        fleet.add_node(NodeSpec(node, "c", 16000, 64 << 30, gpu_count=4, gpu_model=model_name))
+    scorer = Policy.parse(name, {name: {"typical": typical}}).terms[0][0]
+    assert isinstance(scorer, FragmentationScorer)
+    rng = np.random.default_rng(11)
+    n = 300
+    gpus = np.minimum(rng.integers(0, 11, (n, 4)) * 100 + rng.integers(0, 2, (n, 4)), 1000)
+    gpus[rng.random((n, 4)) < 0.3] = 1000
+    cpu = rng.integers(0, 20000, n)
+    model = rng.integers(-1, 2, n)
+    aware = scorer.constraint_aware
+    now = frag_milli(cpu, gpus, model, typical, aware)
+    for milli in (1, 100, 250, 500, 700, 999):
+        for pod_cpu in (0, 4000):
+            for models in ((), ("A",), ("A", "B")):
+                pod = PodSpec("s", cpu_millicores=pod_cpu, gpu_milli=milli, gpu_models=models)
+                c = compile_pod(fleet, pod)
+                after = frag_after(cpu, gpus, model, typical, pod_cpu, milli, 1, aware)
+                scores, _ = scorer._scores(c, cpu, gpus, model, now, after)
+                best = scores.max(axis=1)
+                got = scorer._share_scores(cpu, gpus, model, now, c.model_ids, pod_cpu, milli)
+                assert got is not None
+                assert got[0].tobytes() == np.where(best >= 0, best, -np.inf).tobytes()
+                expect_pick = np.where(best >= 0, 1 << scores.argmax(axis=1), 0)
+                assert np.array_equal(got[1], expect_pick)
