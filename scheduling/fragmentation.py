@@ -447,22 +447,19 @@ _NEVER = np.int8(127)
 
 @dataclass(frozen=True, eq=False)
 class _ShareTables:
-    """Per free share L (0..1000 milli) of one GPU and per type of the target workload, the
-    GPU's part of a node's statistics (`_gpu_stats`, per type rather than per distinct
-    request) and what taking a fractional request m from it changes: a chain step reads a
-    candidate's statistics as the state's plus one table row (integers, so the same values
-    as computing them from the candidate's GPUs).
+    """Per free share L (0..1000 milli) of one GPU and per type of the target workload,
+    what taking a fractional request m from the GPU changes in a node's per-type statistics
+    (`_type_stats`): a chain step reads a candidate's statistics as the state's plus one
+    table row (integers, so the same values as computing them from the candidate's GPUs).
 
-    count: (1001, T) int8, the GPU has t's share free (L >= m_t); below: (1001, T) float64,
-    its free milli where it has not (else 0); count_delta, below_delta: their change when m
-    is taken from the GPU (0 where L < m); lookahead: (1001,) fgd-plus's lookahead term of
-    taking m (None without it); num: (T,) int8 GPUs per pod of each type (clipped like
+    count_delta: (1001, T) int8, the change in "the GPU has t's share free" (L >= m_t);
+    below_delta: (1001, T) float64, the change in its free milli counted when it has not
+    (both 0 where L < m); lookahead: (1001,) fgd-plus's lookahead term of taking m (None
+    without it); num: (T,) int8 GPUs per pod of each type (clipped like
     `TypicalPods.count_tests`); typical: the target workload they were built for.
     """
 
     typical: TypicalPods
-    count: NDArray[np.int8]
-    below: FloatArray
     count_delta: NDArray[np.int8]
     below_delta: FloatArray
     lookahead: FloatArray | None
@@ -485,13 +482,20 @@ class _ShareTables:
             lookahead = weight * np.where(fits, waste[rest] - waste[share], 0.0)
         return cls(
             typical=typical,
-            count=count,
-            below=below,
             count_delta=np.where(fits[:, None], count[rest] - count, 0).astype(np.int8),
             below_delta=np.where(fits[:, None], below[rest] - below, 0.0),
             lookahead=lookahead,
             num=np.clip(typical.num_gpu, 0, 127).astype(np.int8),
         )
+
+
+def _type_stats(gpu_left: IntArray, typical: TypicalPods) -> tuple[NDArray[np.int8], FloatArray]:
+    """Per state and type of the target workload: GPUs with the type's share free, and the
+    milli free on the others (float64: integers, exact) ((R, T) each; `_gpu_stats`, which
+    works per distinct request: fewer columns than types)."""
+    count_ge, milli_below = _gpu_stats(gpu_left, typical)
+    index = typical.distinct_index
+    return count_ge[:, index].astype(np.int8), milli_below[:, index].astype(np.float64)
 
 
 def _frag_of_type_stats(
@@ -994,8 +998,7 @@ class FragmentationScorer:
         )
         _, score, _ = self._share_step(
             tables, pod_cpu, pod_milli, cpu_left, gpu_left, total,
-            tables.count[gpu_left].sum(axis=1).astype(np.int8),
-            tables.below[gpu_left].sum(axis=1), now, stranded, on_model, counts, scarcity,
+            *_type_stats(gpu_left, tables.typical), now, stranded, on_model, counts, scarcity,
         )  # fmt: skip
         best = score.max(axis=1)
         ok = best >= 0
@@ -1092,8 +1095,7 @@ class FragmentationScorer:
             if int(gpu.min()) < 0 or int(gpu.max()) > MILLI_PER_GPU:
                 return None  # not a state the tables cover: score step by step
             total = gpu.sum(axis=1)
-            count = tables.count[gpu].sum(axis=1).astype(np.int8)
-            below = tables.below[gpu].sum(axis=1)  # integers: exact in float64
+            count, below = _type_stats(gpu, typical)
             now = _frag_of_type_stats(count, below, total, cpu, on_model, counts, tables)
             stranded = (
                 cpu_stranded_gpu_milli(total, cpu, self.cpu_per_gpu_milli)
@@ -1186,39 +1188,53 @@ class FragmentationScorer:
         milli per GPU (R, G), total idle milli; per-type statistics `_ShareTables`, count
         and below (R, T); fragmentation `now`; CPU-stranded milli (None: no such term);
         `_model_rows`; the scarcity term (R, 1) or None). Returns the fragmentation after
-        each candidate (`frag_after`, without fleetd's refinements; (R, G)), its integer
-        score (-1 where the share does not fit) and the CPU-stranded milli after the pod
-        (None without that term): the floats of `frag_after`, `_scores` and `fgd_score`."""
+        each candidate (`frag_after`, without fleetd's refinements; (R, G), NaN where the
+        score is -1), its integer score (-1 where the share does not fit, or the GPU is not
+        the first with its share) and the CPU-stranded milli after the pod (None without
+        that term): the floats of `frag_after`, `_scores` and `fgd_score`, and the same
+        best score and first GPU with it per row."""
         typical = tables.typical
+        rows, gpus = gpu.shape
         cpu_after = cpu - pod_cpu
         total_after = total - pod_milli
+        # Only the first GPU of each free share in a row is a candidate of its own: GPUs
+        # with the same share give the same state (a node's idle GPUs are mostly alike),
+        # and the first is the one picked on a tie. The others score -1 below.
+        fits = gpu >= pod_milli
+        if gpus > 1:
+            fits &= (gpu[:, :, None] == gpu[:, None, :]).argmax(axis=2) == np.arange(gpus)
+        row, col = np.nonzero(fits)
+        share = gpu[row, col]
         # Type t is hosted after the pod where the node's model and CPU allow it and enough
         # GPUs have t's share free (`_frag_of_stats`); "not allowed" is a GPU count no node
         # reaches.
         need = np.where(on_model & (cpu_after[:, None] >= typical.cpu_milli), tables.num, _NEVER)
-        hosts = count[:, None, :] + tables.count_delta[gpu] >= need[:, None, :]
+        # count + delta >= need, with need - count per row (int8: need <= 127, count >= 0).
+        hosts = tables.count_delta[share] >= (need - count)[row]
         fallback = total_after.astype(np.float64)[:, None]
         if counts is not None:
             fallback = np.where(counts, fallback, 0.0)
-        per_type = np.where(
-            hosts, below[:, None, :] + tables.below_delta[gpu], fallback[:, None, :]
-        )
+        per_type = np.where(hosts, below[row] + tables.below_delta[share], fallback[row])
         per_type *= typical.freq
         # Summed along each C-ordered row: the same bits as `frag_after`.
-        raw: FloatArray = np.add.reduce(per_type, axis=2)
-        after = raw
+        raw_k = np.add.reduce(per_type, axis=1)
+        after = raw_k
         later = None
         if stranded is not None:
             later = cpu_stranded_gpu_milli(total_after, cpu_after, self.cpu_per_gpu_milli)
-            after = after + self.cpu_stranding_weight * (later - stranded)[:, None]
+            after = after + (self.cpu_stranding_weight * (later - stranded))[row]
         if tables.lookahead is not None:
-            after = after + tables.lookahead[gpu]
+            after = after + tables.lookahead[share]
         if scarcity is not None:
-            after = after + scarcity
+            after = after + scarcity[row, 0]
         # `fgd_score`: exp(-(now - after) / 1000) is exp((after - now) / 1000) bit for bit
-        # (IEEE rounding is symmetric); a GPU the share does not fit scores -1.
-        score = (100.0 / (1.0 + np.exp((after - now[:, None]) / 1000.0))).astype(np.int64)
-        return raw, np.where(gpu >= pod_milli, score, -1), later
+        # (IEEE rounding is symmetric).
+        score_k = (100.0 / (1.0 + np.exp((after - now[row]) / 1000.0))).astype(np.int64)
+        score = np.full((rows, gpus), -1, np.int64)
+        score[row, col] = score_k
+        raw: FloatArray = np.full((rows, gpus), np.nan)
+        raw[row, col] = raw_k
+        return raw, score, later
 
     def _share_tables(self, pod_milli: int) -> _ShareTables:
         """`_ShareTables` of a fractional request against the current target workload."""

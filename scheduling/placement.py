@@ -36,6 +36,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -372,7 +373,9 @@ class _States:
         self.static_type[rows] = _row_ids(static_key)[1]
         self.free = free
         self.gpus = g
-        self.ids: dict[tuple[int, ...], int] = {}
+        #: Class id by the bytes of its key row (`_keys`).
+        self.ids: dict[bytes, int] = {}
+        self._void = np.dtype((np.void, 8 * (3 + g)))
         cap = 64
         self.rep = np.zeros(cap, np.int64)  # a slot of the class's static type
         self.cpu = np.zeros(cap, np.int64)
@@ -387,8 +390,9 @@ class _States:
             self._new(int(rows[i]), k)
             for i, k in zip(first.tolist(), keys[first].tolist(), strict=True)
         ]
-        for cid, k in zip(ids, keys[first].tolist(), strict=True):
-            self.ids[tuple(k)] = cid
+        first_bytes = cast("list[bytes]", keys[first].view(self._void).ravel().tolist())
+        for cid, k in zip(ids, first_bytes, strict=True):
+            self.ids[k] = cid
         self.of[rows] = np.asarray(ids, np.int64)[inverse] if ids else inverse
 
     def _keys(self, slots: I64) -> NDArray[np.int64]:
@@ -404,14 +408,19 @@ class _States:
         """(Re)compute the class of `slots` from their current state."""
         keys = self._keys(slots)
         ids = self.ids
-        out = []
-        for slot, key in zip(slots.tolist(), keys.tolist(), strict=True):
-            k = tuple(key)
-            cid = ids.get(k)
-            if cid is None:
-                cid = ids[k] = self._new(slot, key)
-            out.append(cid)
-        self.of[slots] = out
+        # One dict look-up per slot by the key row's bytes, in C (map); only slots in a
+        # state not met before take the Python loop.
+        row_bytes = cast("list[bytes]", keys.view(self._void).ravel().tolist())
+        out: list[int | None] = list(map(ids.get, row_bytes))
+        if None in out:
+            for i, cid in enumerate(out):
+                if cid is None:
+                    k = row_bytes[i]
+                    cid = ids.get(k)  # met twice in these slots
+                    if cid is None:
+                        cid = ids[k] = self._new(int(slots[i]), keys[i].tolist())
+                    out[i] = cid
+        self.of[slots] = cast("list[int]", out)
 
     def _new(self, slot: int, key: list[int]) -> int:
         cid = self.n
@@ -1241,13 +1250,14 @@ class _Engine:
             # ... nor beyond its room: no more steps than the roomiest row can use.
             steps = max(1, min(steps, int(room.max()) - 1 - chunk.depth))
         scores, picks, v, carry = self.policy.chain(v, c, pk, steps, carry)
-        cols_s = [np.where(sc == sc, sc, -np.inf).tolist() for sc in scores]  # NaN never wins
-        cols_p = [p.tolist() for p in picks]
+        by_step = np.asarray(scores)
+        rows_s = np.where(by_step == by_step, by_step, -np.inf).T.tolist()  # NaN never wins
+        rows_p = np.asarray(picks).T.tolist()
         chunk.last_view, chunk.last_pick, chunk.live, chunk.carry = v, picks[-1], live, carry
         chunk.depth += steps
         for i, j in enumerate(live.tolist()):
-            chunk.scores[j].extend(col[i] for col in cols_s)
-            chunk.picks[j].extend(col[i] for col in cols_p)
+            chunk.scores[j].extend(rows_s[i])
+            chunk.picks[j].extend(rows_p[i])
 
     def apply(self, c: Constraints, slots: I64, picks: I64, sign: int) -> None:
         """Add (sign=+1) or take (sign=-1) pods of shape c to/from the scratch state."""

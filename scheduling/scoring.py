@@ -597,10 +597,11 @@ class Policy:
             got = fast(view, c, pick, steps, carry) if fast is not None else None
             if got is not None:
                 scores, picks, last, out_carry = got
-                n = len(view)
-                # The same floats as `evaluate`: a sum starting at zero.
-                totals = [np.zeros(n, np.float64) + weight * s for s in scores]
-                return totals, picks, last, out_carry
+                # The same floats as `evaluate`: a sum starting at zero (all steps at once).
+                totals = np.zeros((len(scores), len(view)), np.float64) + weight * np.asarray(
+                    scores
+                )
+                return list(totals), picks, last, out_carry
         out_s: list[F64] = []
         out_p: list[I64] = []
         v = view
