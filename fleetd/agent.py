@@ -45,6 +45,7 @@ from fleetd.sources.memory import FleetView
 from fleetd.sources.publisher import DEFAULT_TOPIC, TelemetryPublisher
 from fleetd.sources.updates import (
     ClusterSynced,
+    NodeHeartbeats,
     NodePoolUpdate,
     NodeRemoved,
     NodeUpdate,
@@ -122,6 +123,8 @@ class ClusterPublisher:
         removed: set[str] = set()
         pending_changed: set[str] = set()
         for u in updates:
+            if isinstance(u, NodeHeartbeats):
+                continue  # (the Kafka source's; the agent is fed by watches)
             self._watched = u.cluster
             if isinstance(u, NodeUpdate):
                 dirty.add(u.name)

@@ -28,6 +28,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Generic, TypeVar
 
+import numpy as np
+from numpy.typing import NDArray
+
 import scheduling
 from fleetd import engine
 from fleetd.config import Config
@@ -180,6 +183,94 @@ class _NodeInfo:
     content_token: bytes = b""
 
 
+class _HeartbeatTable:
+    """One source's heartbeat slots (`HeartbeatSlots`): the node each is bound to, with
+    columns that a `NodeHeartbeats` batch checks and moves in a few numpy steps instead of
+    a lookup and several writes per entry.
+
+    A binding is dropped (`release`) whenever anything else about its node is applied (a
+    new `_NodeInfo`, a pod change, its removal), so a slot never refreshes replaced content.
+    Two columns run ahead of what they stand for and are written back by `flush`: the gate
+    cell's sequence (`column`) and the node's `last_seen_s` (`seen`).
+    """
+
+    __slots__ = ("bound", "cluster_ids", "clusters", "column", "infos", "keys", "seen",
+                 "slot_of", "stale")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.column = up.SequenceColumn()
+        n = self.column.capacity
+        #: Node key -> its slot.
+        self.slot_of: dict[str, int] = {}
+        self.infos: list[_NodeInfo | None] = [None] * n
+        self.keys: list[str] = [""] * n
+        self.bound: NDArray[np.bool_] = np.zeros(n, np.bool_)
+        #: Each slot's cluster, as an index into `clusters`.
+        self.cluster_ids: NDArray[np.int64] = np.zeros(n, np.int64)
+        self.clusters: list[str] = []
+        #: When the last heartbeat not yet written to `last_seen_s` came (0: none).
+        self.seen: NDArray[np.float64] = np.zeros(n, np.float64)
+        #: The node's `stale` flag (kept by `FleetState` while the binding lives).
+        self.stale: NDArray[np.bool_] = np.zeros(n, np.bool_)
+
+    def bind(self, slot: int, key: str, info: _NodeInfo, cell: up.SequenceCell) -> None:
+        """Bind a slot to a node (unbinding what either had before)."""
+        self.unbind(slot)
+        self.release(key)
+        self.column.bind(slot, cell)
+        grow = self.column.capacity - len(self.infos)
+        if grow > 0:
+            self.infos.extend([None] * grow)
+            self.keys.extend([""] * grow)
+            self.bound = np.concatenate([self.bound, np.zeros(grow, np.bool_)])
+            self.cluster_ids = np.concatenate([self.cluster_ids, np.zeros(grow, np.int64)])
+            self.seen = np.concatenate([self.seen, np.zeros(grow, np.float64)])
+            self.stale = np.concatenate([self.stale, np.zeros(grow, np.bool_)])
+        if info.cluster not in self.clusters:
+            self.clusters.append(info.cluster)
+        self.slot_of[key] = slot
+        self.infos[slot] = info
+        self.keys[slot] = key
+        self.bound[slot] = True
+        self.cluster_ids[slot] = self.clusters.index(info.cluster)
+        self.seen[slot] = 0.0
+        self.stale[slot] = info.stale
+
+    def flush(self, slot: int) -> None:
+        """Write the slot's sequence and freshness back to its cell and `_NodeInfo`."""
+        self.column.flush(slot)
+        seen = float(self.seen[slot])
+        if seen:
+            info = self.infos[slot]
+            if info is not None and seen > info.last_seen_s:
+                info.last_seen_s = seen
+            self.seen[slot] = 0.0
+
+    def flush_all(self) -> None:
+        """`flush` every slot."""
+        self.column.flush_all()
+        for slot in np.flatnonzero(self.seen).tolist():
+            self.flush(slot)
+
+    def unbind(self, slot: int) -> None:
+        """Flush and empty a slot."""
+        if slot >= len(self.infos) or not self.bound[slot]:
+            return
+        self.flush(slot)
+        self.column.unbind(slot)
+        del self.slot_of[self.keys[slot]]
+        self.infos[slot] = None
+        self.keys[slot] = ""
+        self.bound[slot] = False
+        self.stale[slot] = False
+
+    def release(self, key: str) -> None:
+        """Unbind the node's slot, if it has one."""
+        slot = self.slot_of.get(key)
+        if slot is not None:
+            self.unbind(slot)
+
+
 @dataclass(slots=True)
 class _SourceInfo:
     synced: bool = False
@@ -325,7 +416,7 @@ class FleetState:
         #: Bounded: removed subjects' entries expire (tombstones, `SequenceGate`); its clock
         #: is the state's, so tests control expiry. No floors: Kubernetes resourceVersions
         #: do not order a cluster's objects by publication (see `SequenceGate`).
-        self.gate = up.SequenceGate(clock=clock, floors=False)
+        self._gate = up.SequenceGate(clock=clock, floors=False)
         self.held: dict[str, _Held] = {}
         self.queue: dict[str, _Queued] = {}
         self._structure_version = 0  # bumped when a node is added, removed or changed
@@ -338,11 +429,8 @@ class FleetState:
         #: (cluster, node) -> uids of self.pods on it: node updates touch their own pods
         #: without scanning every pod of the fleet.
         self._pods_on: dict[tuple[str, str], set[str]] = {}
-        #: cluster -> node name -> (node key, the node's gate cell, its `nodes` entry): the
-        #: NodeHeartbeats hot loop finds all three with one lookup. An entry is dropped
-        #: whenever `nodes` gets a new value for the node (or loses it), so it never holds
-        #: a replaced `_NodeInfo` (nor the cell of a removed node).
-        self._heartbeat_keys: dict[str, dict[str, tuple[str, up.SequenceCell, _NodeInfo]]] = {}
+        #: source -> its heartbeat slots (`HeartbeatSlots`, `_HeartbeatTable`).
+        self._beats: dict[str, _HeartbeatTable] = {}
         self.sources: dict[tuple[str, str], _SourceInfo] = {}
         #: Clusters a source lost the sync of (after the initial sync): excluded from new
         #: placements while here. Their nodes carry the core's stale flag on top of their own
@@ -577,6 +665,28 @@ class FleetState:
 
     # -- updates from sources ---------------------------------------------------------------
 
+    @property
+    def gate(self) -> up.SequenceGate:
+        """The state's sequence gate, with every heartbeat written back to it (for readers
+        outside the apply path: tests, benchmarks)."""
+        for table in self._beats.values():
+            table.flush_all()
+        return self._gate
+
+    def _heartbeat_stale(self, key: str, stale: bool) -> None:
+        """Keep the heartbeat tables' copy of a node's `stale` flag."""
+        for table in self._beats.values():
+            slot = table.slot_of.get(key)
+            if slot is not None:
+                table.stale[slot] = stale
+
+    def _release_heartbeats(self, cluster: str, name: str) -> None:
+        """Write a node's heartbeats back and drop its heartbeat binding (`_HeartbeatTable`)."""
+        if self._beats:
+            key = node_key(cluster, name)
+            for table in self._beats.values():
+                table.release(key)
+
     async def apply(self, update: up.Update) -> bool:
         """Apply one source update (the UpdateSink interface); False when dropped as stale."""
         return self.apply_now(update)
@@ -584,7 +694,10 @@ class FleetState:
     def apply_now(self, update: up.Update) -> bool:
         """Synchronous `apply`, for callers already on the loop."""
         self._check_owner()
-        if not self.gate.admit(update):
+        if isinstance(update, up.NodeUpdate | up.NodeRemoved):
+            # The gate looks at the node's cell next: write its heartbeats back first.
+            self._release_heartbeats(update.cluster, update.name)
+        if not self._gate.admit(update):
             self.ignored_updates += 1
             self.metrics.update_ignored("stale_sequence")
             return False
@@ -593,6 +706,8 @@ class FleetState:
             self._node_update(update, now)
         elif isinstance(update, up.NodeHeartbeats):
             return self._node_heartbeats(update, now) > 0
+        elif isinstance(update, up.HeartbeatSlots):
+            self._bind_heartbeats(update)
         elif isinstance(update, up.NodeRemoved):
             # (The gate left the removal's tombstone already.)
             self._node_removed(update.cluster, update.name, now, tombstone=False)
@@ -600,6 +715,7 @@ class FleetState:
             key = node_key(update.cluster, update.name)
             if key in self.nodes:
                 self.nodes[key].stale = update.stale
+                self._heartbeat_stale(key, update.stale)
                 self.fleet.set_flags(key, stale=self._stale_flag(update.cluster, update.stale))
         elif isinstance(update, up.PodObserved):
             self._pod_observed(update, now)
@@ -675,48 +791,28 @@ class FleetState:
 
     def _node_heartbeats(self, u: up.NodeHeartbeats, now: float) -> int:
         """Reports whose content is the node's last applied one: only sequence and freshness
-        move (no node-table write unless a stale node comes back). Returns entries applied."""
-        nodes, cluster = self.nodes, u.cluster
-        # Node key and gate subject of each name, made once per node (this loop runs for
-        # most telemetry records: a dict lookup instead of two allocations per entry).
-        names = self._heartbeat_keys.get(cluster)
-        if names is None:
-            names = self._heartbeat_keys[cluster] = {}
-        applied = refused = stale_seq = 0
-        latest_observed_s = 0.0
-        for name, seq, observed_s, token in zip(
-            u.names, u.sequences, u.observed_at_s, u.content_tokens, strict=True
-        ):
-            entry = names.get(name)
-            if entry is None:
-                key = node_key(cluster, name)
-                found = nodes.get(key)
-                cell = self.gate.cell((cluster, "node", name))
-                if found is None or cell is None:
-                    # (No cell: the node's content came with sequence 0, unordered; its
-                    # repeats are no heartbeats.)
-                    refused += 1
-                    continue
-                entry = names[name] = (key, cell, found)
-            key, cell, info = entry
-            if not token or info.content_token != token:
-                # The content it repeats was never applied here (refused, or the node was
-                # removed since): nothing to refresh. The source sends full content again
-                # when the node changes.
-                refused += 1
-                continue
-            # The sequence gate, inlined: the node's cell, no table lookup.
-            if seq <= cell.last:
-                stale_seq += 1
-                continue
-            cell.last = seq
-            info.last_seen_s = now
-            if info.stale:
-                info.stale = False
-                self.fleet.set_flags(key, stale=cluster in self.lost_clusters)
-            applied += 1
-            if observed_s > latest_observed_s:
-                latest_observed_s = observed_s
+        move (no node-table write unless a stale node comes back). Returns entries applied.
+
+        Most telemetry records end here, so a batch is checked and applied as columns of
+        its source's `_HeartbeatTable`, with no Python per entry."""
+        slots = u.slots
+        n = len(slots)
+        if n == 0:
+            return 0
+        table = self._beats.get(u.source)
+        valid = np.zeros(n, np.bool_)
+        if table is not None:
+            # An unbound slot's entry repeats content never applied here (refused), or
+            # content replaced since: it refreshes nothing (the source sends full content
+            # again when the node changes).
+            inside = (slots >= 0) & (slots < len(table.bound))
+            valid[inside] = table.bound[slots[inside]]
+        applied = np.zeros(n, np.bool_)
+        if table is not None and valid.any():
+            applied[valid] = table.column.admit(slots[valid], u.sequences[valid])
+        refused = n - int(np.count_nonzero(valid))
+        moved_n = int(np.count_nonzero(applied))
+        stale_seq = n - refused - moved_n
         if refused:
             self.invalid_updates += refused
             for _ in range(refused):
@@ -725,9 +821,41 @@ class FleetState:
             self.ignored_updates += stale_seq
             for _ in range(stale_seq):
                 self.metrics.update_ignored("stale_sequence")
-        if applied:
-            self._touch(cluster, now, latest_observed_s)
-        return applied
+        if table is None or not moved_n:
+            return 0
+        moved = slots[applied]
+        table.seen[moved] = now
+        for slot in moved[table.stale[moved]].tolist():
+            # A stale node reports again: schedulable once more.
+            info = table.infos[slot]
+            assert info is not None
+            info.stale = False
+            table.stale[slot] = False
+            self.fleet.set_flags(table.keys[slot], stale=info.cluster in self.lost_clusters)
+        observed = u.observed_at_s[applied]
+        cluster_ids = table.cluster_ids[moved]
+        for cid in np.unique(cluster_ids).tolist():
+            latest = float(observed[cluster_ids == cid].max())
+            self._touch(table.clusters[cid], now, max(0.0, latest))
+        return moved_n
+
+    def _bind_heartbeats(self, u: up.HeartbeatSlots) -> None:
+        """Bind a source's heartbeat slots to nodes whose last applied content is the one
+        named (see `HeartbeatSlots`); a slot whose content is not is left unbound."""
+        table = self._beats.get(u.source)
+        if table is None:
+            table = self._beats[u.source] = _HeartbeatTable()
+        for slot, name, token in zip(u.slots, u.names, u.content_tokens, strict=True):
+            if slot < 0:
+                continue
+            table.unbind(slot)
+            key = node_key(u.cluster, name)
+            info = self.nodes.get(key)
+            # (No cell: the node's content came with sequence 0, unordered; its repeats are
+            # no heartbeats.)
+            cell = self._gate.cell((u.cluster, "node", name))
+            if info is not None and cell is not None and token and info.content_token == token:
+                table.bind(slot, key, info, cell)
 
     def _node_refresh_pods(self, key: str, info: _NodeInfo, u: up.NodeUpdate, now: float) -> None:
         """A report whose node-table part equals the applied one (`_spec_signature`): the
@@ -803,8 +931,8 @@ class FleetState:
         for dev in u.gpus:
             if 0 <= dev.index < gpu_count:
                 self.fleet.set_gpu_health(key, dev.index, dev.healthy)
-        # The heartbeat cache must not keep the replaced `_NodeInfo` (see `_heartbeat_keys`).
-        self._heartbeat_keys.get(u.cluster, {}).pop(u.name, None)
+        # No heartbeat slot may keep the replaced `_NodeInfo` (see `_HeartbeatTable`).
+        self._release_heartbeats(u.cluster, u.name)
         self.nodes[key] = _NodeInfo(
             cluster=u.cluster,
             name=u.name,
@@ -881,11 +1009,11 @@ class FleetState:
         self.node_since.pop(key, None)
         self._structure_version += 1
         del self.nodes[key]
-        # Autoscaled nodes come and go under new names: keep the heartbeat cache and the
+        # Autoscaled nodes come and go under new names: keep the heartbeat table and the
         # gate bounded (a relist's removal leaves a tombstone at the node's last sequence).
-        self._heartbeat_keys.get(cluster, {}).pop(node, None)
+        self._release_heartbeats(cluster, node)
         if tombstone:
-            self.gate.removed((cluster, "node", node))
+            self._gate.removed((cluster, "node", node))
 
     def _cluster_synced(self, u: up.ClusterSynced, now: float) -> None:
         if u.nodes:
@@ -1038,12 +1166,15 @@ class FleetState:
         """Mark nodes silent for longer than `staleness.node_stale_after_s`; returns how many."""
         self._check_owner()
         limit = self.clock() - self.config.staleness.node_stale_after_s
+        for beats in self._beats.values():
+            beats.flush_all()
         count = 0
         for key, info in self.nodes.items():
             stale = info.last_seen_s < limit
             if stale != info.stale:
                 info.stale = stale
                 self.fleet.set_flags(key, stale=self._stale_flag(info.cluster, stale))
+                self._heartbeat_stale(key, stale)
             count += stale
         return count
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
@@ -47,10 +49,11 @@ from fleetd.sources.security import KafkaSecurity, KafkaSecurityError, diagnose
 from fleetd.sources.security import from_config as security_from_config
 from fleetd.sources.updates import (
     ClusterSynced,
+    HeartbeatSlots,
     NodeHeartbeats,
     NodeRemoved,
     NodeUpdate,
-    SequenceCell,
+    SequenceColumn,
     SequenceGate,
     Update,
 )
@@ -60,6 +63,9 @@ log = logging.getLogger(__name__)
 SOURCE = "kafka"
 #: Records parsed between two yields to the event loop.
 YIELD_EVERY_RECORDS = 2000
+#: Numbers each source's heartbeat slot space (`HeartbeatSlots.source`): a sink fed by two
+#: sources, or by a replaced one, never mixes their slots.
+_SLOT_SPACES = itertools.count(1)
 DLQ_REASON_HEADER = "fleetd-dlq-reason"
 DLQ_DETAIL_HEADER = "fleetd-dlq-detail"
 DLQ_ORIGIN_HEADER = "fleetd-dlq-origin"
@@ -114,14 +120,14 @@ class _Content:
     """A node's last applied content, by Kafka key: its report's `node` field bytes. (A
     plain slotted class, not a frozen dataclass: one is made per change, and cheaper.)"""
 
-    __slots__ = ("cell", "cluster", "head", "head_len", "min_len", "name", "spec", "tail",
+    __slots__ = ("cluster", "head", "head_len", "min_len", "name", "slot", "spec", "tail",
                  "tail_len", "update")  # fmt: skip
 
     def __init__(
         self,
         cluster: str,
         name: str,
-        cell: SequenceCell,
+        slot: int,
         tail: bytes,
         head: bytes,
         update: NodeUpdate,
@@ -129,8 +135,8 @@ class _Content:
     ) -> None:
         self.cluster = cluster
         self.name = name
-        #: The node's sequence in the source's gate (`SequenceGate.cell`): repeats move it.
-        self.cell = cell
+        #: The node's gate cell's slot in the source's `SequenceColumn`: repeats move it.
+        self.slot = slot
         self.tail = tail
         #: `codec.envelope_head(cluster)`: a repeat starts with it.
         self.head = head
@@ -142,16 +148,6 @@ class _Content:
         self.tail_len = len(tail)
         #: A repeat is longer than head and tail together.
         self.min_len = len(head) + len(tail)
-
-
-@dataclass(slots=True)
-class _Beats:
-    """One cluster's unchanged reports of a poll, as columns (NodeHeartbeats)."""
-
-    names: list[str] = field(default_factory=list)
-    sequences: list[int] = field(default_factory=list)
-    observed_at_s: list[float] = field(default_factory=list)
-    tokens: list[bytes] = field(default_factory=list)
 
 
 def _content_token(rec: Any, parsed: Any) -> bytes:
@@ -196,6 +192,10 @@ class KafkaSource:
         self.connect_failures = 0
         #: Kafka key -> the node content last applied under it (the unchanged-report path).
         self._contents: dict[bytes, _Content] = {}
+        #: The gate cells of the nodes in `_contents`, for repeats to move in bulk; their
+        #: slots are also what `NodeHeartbeats` entries name (`HeartbeatSlots`).
+        self._column = SequenceColumn()
+        self._slot_space = f"{SOURCE}/{next(_SLOT_SPACES)}"
         #: Told (ok, reason) on every change of the broker connection: False when the broker
         #: cannot be reached, True once it is back and the consumer caught up with the end
         #: offsets it saw on return (the daemon's readiness; see `_probe`).
@@ -379,7 +379,7 @@ class KafkaSource:
         dead: list[tuple[int, Any, InvalidTelemetry]] = []
         offsets: dict[TopicPartition, int] = {}
         chosen: list[tuple[int, Update, bytes | None, int]] = []
-        beats: dict[str, _Beats] = {}
+        updates: list[Update] = []
         duplicates = superseded = unchanged = unchanged_duplicates = 0
         if True:  # (one block: the decode pass)
             # Records are snapshots of their key (node or pool): of several records of one
@@ -388,7 +388,9 @@ class KafkaSource:
             # dead-lettered; the newest of each key is validated in full.
             best: dict[object, tuple[int, int, Any, Any]] = {}
             contents = self._contents
-            candidates: list[tuple[int, Any, _Content]] = []
+            #: The repeats: (position, record) and the slot of the content each repeats.
+            candidates: list[tuple[int, Any]] = []
+            repeat_slots: list[int] = []
             #: Positions of the records parsed in full (the others were repeats).
             full_positions: set[int] = set()
             rests: list[bytes] = []
@@ -416,6 +418,7 @@ class KafkaSource:
             # (Bound methods hoisted out of the per-record loops: they run for every record.)
             find_content = contents.get
             add_candidate = candidates.append
+            add_slot = repeat_slots.append
             add_rest = rests.append
             for tp, records in batches.items():
                 for rec in records:
@@ -437,7 +440,8 @@ class KafkaSource:
                             and value.endswith(memo.tail)
                             and value.startswith(memo.head)
                         ):
-                            add_candidate((position, rec, memo))
+                            add_candidate((position, rec))
+                            add_slot(memo.slot)
                             add_rest(value[memo.head_len : len(value) - memo.tail_len])
                             continue
                     parsed_ok += take_in_full(position, rec)
@@ -445,31 +449,25 @@ class KafkaSource:
                     offsets[tp] = records[-1].offset + 1
             if rests:
                 sequences, times, decoded = decode_envelope_rests(rests)
-                for (position, rec, memo), seq, observed_s, good in zip(
-                    candidates,
-                    sequences.tolist(),
-                    (times / 1000.0).tolist(),
-                    decoded.tolist(),
-                    strict=True,
-                ):
-                    if not good:
-                        # Not the usual envelope (or a bad one): the full path decides.
-                        parsed_ok += take_in_full(position, rec)
-                        continue
-                    # The sequence gate, inlined: the node's cell, no table lookup.
-                    cell = memo.cell
-                    if seq <= cell.last:
-                        unchanged_duplicates += 1
-                        continue
-                    cell.last = seq
-                    columns = beats.get(memo.cluster)
-                    if columns is None:
-                        columns = beats[memo.cluster] = _Beats()
-                    columns.names.append(memo.name)
-                    columns.sequences.append(seq)
-                    columns.observed_at_s.append(observed_s)
-                    columns.tokens.append(memo.tail)
-                unchanged = sum(len(b.names) for b in beats.values())
+                slots = np.array(repeat_slots, np.int64)
+                if not decoded.all():
+                    # Not the usual envelope (or a bad one): the full path decides.
+                    for i in np.flatnonzero(~decoded).tolist():
+                        parsed_ok += take_in_full(*candidates[i])
+                    slots, sequences, times = slots[decoded], sequences[decoded], times[decoded]
+                # The sequence gate of every repeat at once (`SequenceColumn`).
+                admitted = self._column.admit(slots, sequences)
+                unchanged = int(np.count_nonzero(admitted))
+                unchanged_duplicates = len(slots) - unchanged
+                if unchanged:
+                    updates.append(
+                        NodeHeartbeats(
+                            self._slot_space,
+                            slots[admitted],
+                            sequences[admitted],
+                            times[admitted] / 1000.0,
+                        )
+                    )
             fallback: dict[object, list[tuple[int, int, Any, Any]]] | None = None
             rejected = 0
             for group, newest in best.items():
@@ -487,8 +485,13 @@ class KafkaSource:
                             fallback = _index_by_key(batches)
                         candidate = _next_newest(fallback.get(group, []), pos)
                         continue
+                    memo = contents.get(rec.key) if rec.key is not None else None
+                    if memo is not None:
+                        # The gate looks at the node's cell: repeats moved its column.
+                        self._column.flush(memo.slot)
                     if self._gate.admit(update):
                         chosen.append((pos, update, rec.key, spec_end))
+                        assert not isinstance(update, NodeHeartbeats)  # (records are no batch)
                         self._seen_clusters.add(update.cluster)
                     elif pos in full_positions:
                         # (A fallback to a repeat applied above is no new outcome.)
@@ -500,17 +503,9 @@ class KafkaSource:
         # Unchanged reports first: a key with a full record in this poll took no unchanged
         # report after it (see above), so every unchanged report is older than its key's
         # full records here and applying them first keeps each node's order.
-        updates: list[Update] = [
-            NodeHeartbeats(
-                cluster,
-                tuple(b.names),
-                tuple(b.sequences),
-                tuple(b.observed_at_s),
-                tuple(b.tokens),
-            )
-            for cluster, b in beats.items()
-        ]
         updates += [u for _, u, _, _ in chosen]
+        # The applied contents' slots, for their repeats from the next poll on.
+        updates += self._remember_contents(chosen)
         dead.sort(key=lambda item: item[0])
         if self.ready.is_set():
             # After the initial sync, a cluster's first records make it synced at once.
@@ -519,7 +514,6 @@ class KafkaSource:
             await self._dead_letter(producer, [(rec, exc) for _, rec, exc in dead])
         if updates:
             await self.sink.apply(updates)
-        self._remember_contents(chosen)
         self._next_offset.update(offsets)
         self._record_metrics(
             consumer,
@@ -578,36 +572,51 @@ class KafkaSource:
         update = to_update(rec.key, parsed, content_token=token)
         return update, pods_start(token[at:], parsed)
 
-    def _remember_contents(self, chosen: list[tuple[int, Update, bytes | None, int]]) -> None:
-        """After apply: each node's applied content, so that repeats of it take the
-        unchanged path (`codec.decode_envelope_rests`) and changes of its pods the short
-        one (`_convert`); a removed node's is forgotten."""
+    def _remember_contents(
+        self, chosen: list[tuple[int, Update, bytes | None, int]]
+    ) -> list[HeartbeatSlots]:
+        """Each node's content about to be applied, so that repeats of it take the unchanged
+        path (`codec.decode_envelope_rests`) and changes of its pods the short one
+        (`_convert`); a removed node's is forgotten. Returns the slot bindings that tell
+        the sink which node each new slot's `NodeHeartbeats` entries refresh."""
         contents = self._contents
+        column = self._column
         heads: dict[str, bytes] = {}
+        bindings: dict[str, tuple[list[int], list[str], list[bytes]]] = {}
         for _, update, key, spec_end in chosen:
-            if key is not None and isinstance(update, NodeUpdate | NodeRemoved):
-                if isinstance(update, NodeUpdate) and update.content_token:
-                    tail = update.content_token
-                    cluster = update.cluster
-                    head = heads.get(cluster)
-                    if head is None:
-                        head = heads[cluster] = envelope_head(cluster)
-                    cell = self._gate.cell((cluster, "node", update.name))
-                    if cell is None:  # (sequence 0: unordered, never a repeat)
-                        contents.pop(key, None)
-                        continue
-                    at = node_offset_in_tail(tail)
-                    contents[key] = _Content(
-                        cluster,
-                        update.name,
-                        cell,
-                        tail,
-                        head,
-                        update,
-                        tail[at : at + spec_end] if spec_end >= 0 else None,
-                    )
-                else:
-                    contents.pop(key, None)
+            if key is None or not isinstance(update, NodeUpdate | NodeRemoved):
+                continue
+            old = contents.pop(key, None)
+            if old is not None:
+                column.release(old.slot)
+            if isinstance(update, NodeUpdate) and update.content_token:
+                cell = self._gate.cell((update.cluster, "node", update.name))
+                if cell is None:  # (sequence 0: unordered, never a repeat)
+                    continue
+                tail = update.content_token
+                cluster = update.cluster
+                head = heads.get(cluster)
+                if head is None:
+                    head = heads[cluster] = envelope_head(cluster)
+                at = node_offset_in_tail(tail)
+                slot = column.add(cell)
+                contents[key] = _Content(
+                    cluster,
+                    update.name,
+                    slot,
+                    tail,
+                    head,
+                    update,
+                    tail[at : at + spec_end] if spec_end >= 0 else None,
+                )
+                slots, names, tokens = bindings.setdefault(cluster, ([], [], []))
+                slots.append(slot)
+                names.append(update.name)
+                tokens.append(tail)
+        return [
+            HeartbeatSlots(self._slot_space, cluster, tuple(slots), tuple(names), tuple(tokens))
+            for cluster, (slots, names, tokens) in bindings.items()
+        ]
 
     async def _dead_letter(
         self, producer: AIOKafkaProducer, dead: list[tuple[Any, InvalidTelemetry]]

@@ -15,6 +15,7 @@ from typing import Any
 
 from fleetd.sources.updates import (
     ClusterSynced,
+    HeartbeatSlots,
     NodeHeartbeats,
     NodePoolRemoved,
     NodePoolUpdate,
@@ -44,7 +45,9 @@ class FleetView:
         self.synced: set[tuple[str, str]] = set()
         #: (cluster, node) -> (sequence, observed_at_s) of its latest unchanged report.
         self.heartbeats: dict[tuple[str, str], tuple[int, float]] = {}
-        #: NodeHeartbeats entries whose content token matched no applied node report.
+        #: (source, heartbeat slot) -> (cluster, node, content token) (`HeartbeatSlots`).
+        self.heartbeat_slots: dict[tuple[str, int], tuple[str, str, bytes]] = {}
+        #: NodeHeartbeats entries whose slot's content matched no applied node report.
         self.refused_heartbeats = 0
         self.applied = 0
         self._changed = asyncio.Condition()
@@ -58,16 +61,22 @@ class FleetView:
             self.heartbeats.pop(key, None)
             if update.pods is not None:
                 self.pods[key] = {_pod_key(p): p for p in update.pods}
+        elif isinstance(update, HeartbeatSlots):
+            self.applied -= 1  # (bookkeeping, no report)
+            for slot, name, token in zip(
+                update.slots, update.names, update.content_tokens, strict=True
+            ):
+                self.heartbeat_slots[(update.source, slot)] = (update.cluster, name, token)
         elif isinstance(update, NodeHeartbeats):
             self.applied -= 1  # counted per entry
-            nodes, beats, cluster = self.nodes, self.heartbeats, update.cluster
-            for name, seq, observed_s, token in zip(
-                update.names,
-                update.sequences,
-                update.observed_at_s,
-                update.content_tokens,
+            nodes, beats, bound = self.nodes, self.heartbeats, self.heartbeat_slots
+            for slot, seq, observed_s in zip(
+                update.slots.tolist(),
+                update.sequences.tolist(),
+                update.observed_at_s.tolist(),
                 strict=True,
             ):
+                cluster, name, token = bound.get((update.source, slot), ("", "", b""))
                 known = nodes.get((cluster, name))
                 if known is None or not token or known.content_token != token:
                     self.refused_heartbeats += 1

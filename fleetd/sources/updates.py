@@ -18,6 +18,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+from numpy.typing import NDArray
+
 Labels = tuple[tuple[str, str], ...]
 """Labels as sorted (key, value) pairs: hashable, deterministic order."""
 
@@ -143,22 +146,53 @@ class NodeUpdate:
 
 
 @dataclass(frozen=True, slots=True)
-class NodeHeartbeats:
-    """Reports of one cluster's nodes whose content did not change: columnar, one entry per
-    report (`names[i]`, `sequences[i]`, `observed_at_s[i]`, `content_tokens[i]`).
+class HeartbeatSlots:
+    """Binds slots of a source's heartbeat slot space to nodes: from now on, a
+    `NodeHeartbeats` entry of `source` with slot `slots[i]` is a report of node `names[i]`
+    of `cluster` repeating the content `content_tokens[i]` (the `content_token` of the
+    node's last applied `NodeUpdate`, sent before this in the same batch or earlier).
 
-    Each entry stands for a `NodeUpdate` with the same content as the node's last applied
-    one, the one whose `content_token` equals `content_tokens[i]`: applying it only moves the
-    node's sequence and freshness. An entry whose token does not match the node's last
-    applied content (the node is unknown, or that update was refused) is refused too.
-    Periodic telemetry is mostly such reports, so they travel without per-node objects.
+    A slot keeps its binding until it is bound again; the receiver drops a node's binding
+    when anything else about the node is applied (a new update, its removal), so entries
+    never refresh content that was replaced. A binding whose token is not the node's last
+    applied content (the update was refused) binds nothing.
     """
 
+    source: str
     cluster: str
+    slots: tuple[int, ...]
     names: tuple[str, ...]
-    sequences: tuple[int, ...]
-    observed_at_s: tuple[float, ...]
     content_tokens: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class NodeHeartbeats:
+    """Reports whose content did not change, as columns: entry i is a report, at sequence
+    `sequences[i]` and observed at `observed_at_s[i]` (Unix seconds, 0 when unknown), of the
+    node bound to slot `slots[i]` of `source` (`HeartbeatSlots`), with the content it was
+    bound with: applying it moves only the node's sequence and freshness. An entry of an
+    unbound slot is refused.
+
+    Periodic telemetry is mostly such reports, so they travel as arrays, without an object
+    or a lookup per node.
+    """
+
+    source: str
+    slots: NDArray[np.int64]
+    sequences: NDArray[np.int64]
+    observed_at_s: NDArray[np.float64]
+
+    @staticmethod
+    def of(
+        source: str, slots: Iterable[int], sequences: Iterable[int], observed_at_s: Iterable[float]
+    ) -> NodeHeartbeats:
+        """From plain sequences (tests, small batches)."""
+        return NodeHeartbeats(
+            source,
+            np.asarray(list(slots), np.int64),
+            np.asarray(list(sequences), np.int64),
+            np.asarray(list(observed_at_s), np.float64),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +316,7 @@ class ClusterSynced:
 Update = (
     NodeUpdate
     | NodeHeartbeats
+    | HeartbeatSlots
     | NodeRemoved
     | NodeStale
     | PodObserved
@@ -324,6 +359,108 @@ class SequenceCell:
 
     def __init__(self, last: int) -> None:
         self.last = last
+
+
+class SequenceColumn:
+    """The sequences of many gate cells as one array, so that a batch of reports moves them
+    in one numpy step (`admit`) instead of one attribute write each.
+
+    A holder (the Kafka source's memory of each node's content, the state's heartbeat table)
+    `add`s the cell of a subject it will see many bare sequence reports of and gets a slot;
+    `admit` then gates a batch of (slot, sequence) against `seq` and moves it. `seq[slot]`
+    runs ahead of the cell: the holder must `flush` the slot before the gate itself looks at
+    the cell (an update of the subject, its removal), and `release` it when it forgets the
+    subject.
+    """
+
+    __slots__ = ("_ahead", "_cells", "_free", "seq")
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.seq: NDArray[np.int64] = np.zeros(capacity, np.int64)
+        #: Slots `admit` moved since their last flush.
+        self._ahead: NDArray[np.bool_] = np.zeros(capacity, np.bool_)
+        self._cells: list[SequenceCell | None] = [None] * capacity
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated; holders size their own per-slot arrays to match."""
+        return len(self._cells)
+
+    def add(self, cell: SequenceCell) -> int:
+        """A slot for `cell`, its sequence copied in."""
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self._cells[slot] = cell
+        self.seq[slot] = cell.last
+        return slot
+
+    def bind(self, slot: int, cell: SequenceCell) -> None:
+        """Put `cell` at a slot numbered by someone else (a source's slot space), growing
+        the column as needed; what was there is flushed first."""
+        while slot >= len(self._cells):
+            self._grow()
+        self.flush(slot)
+        self._cells[slot] = cell
+        self.seq[slot] = cell.last
+
+    def unbind(self, slot: int) -> None:
+        """Flush a `bind` slot and leave it empty."""
+        if slot < len(self._cells):
+            self.flush(slot)
+            self._cells[slot] = None
+            self.seq[slot] = 0
+
+    def _grow(self) -> None:
+        old = len(self._cells)
+        self.seq = np.concatenate([self.seq, np.zeros(old, np.int64)])
+        self._ahead = np.concatenate([self._ahead, np.zeros(old, np.bool_)])
+        self._cells.extend([None] * old)
+        self._free = list(range(2 * old - 1, old - 1, -1)) + self._free
+
+    def flush(self, slot: int) -> None:
+        """Write the slot's sequence back to its cell."""
+        if self._ahead[slot]:
+            self._ahead[slot] = False
+            cell = self._cells[slot]
+            last = int(self.seq[slot])
+            if cell is not None and last > cell.last:
+                cell.last = last
+
+    def flush_all(self) -> None:
+        """`flush` every slot that ran ahead of its cell."""
+        for slot in np.flatnonzero(self._ahead).tolist():
+            self.flush(slot)
+
+    def release(self, slot: int) -> None:
+        """Flush and free the slot (its holder forgets the subject)."""
+        self.flush(slot)
+        self._cells[slot] = None
+        self.seq[slot] = 0
+        self._free.append(slot)
+
+    def admit(self, slots: NDArray[np.int64], sequences: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """Gate a batch in order: entry i is admitted when `sequences[i]` is above its slot's
+        last sequence (including the entries before it in the batch); the admitted ones
+        move their slots. Returns the admitted mask."""
+        if len(slots) == 0:
+            return np.zeros(0, np.bool_)
+        seq = self.seq
+        if np.bincount(slots).max() == 1:
+            # The usual batch: one report per subject, no order among them to respect.
+            admitted = sequences > seq[slots]
+            moved = slots[admitted]
+            seq[moved] = sequences[admitted]
+            self._ahead[moved] = True
+            return admitted
+        admitted = np.zeros(len(slots), np.bool_)
+        for i, (slot, sequence) in enumerate(zip(slots.tolist(), sequences.tolist(), strict=True)):
+            if sequence > seq[slot]:
+                seq[slot] = sequence
+                self._ahead[slot] = True
+                admitted[i] = True
+        return admitted
 
 
 class SequenceGate:

@@ -20,6 +20,7 @@ from fleetd.sources.memory import FleetView, StateSink
 from fleetd.state import FleetState
 from tests.unit.test_sources_codec import gpu_node
 from tests.unit.test_sources_kafka import TP, Consumer, Producer, Rec
+from tests.unit.test_sources_unchanged import heartbeats
 
 
 class Clock:
@@ -112,9 +113,9 @@ def test_state_drops_a_removed_nodes_entry_after_its_tombstone(tmp_path: Path) -
     clock = Clock()
     state = _state(tmp_path, clock)
     state.apply_now(dataclasses.replace(_node("a", 1), content_token=b"A"))
-    state.apply_now(up.NodeHeartbeats("c1", ("a",), (2,), (1.0,), (b"A",)))
+    heartbeats(state, "c1", [("a", 2, b"A")])
     state.apply_now(up.NodeRemoved("c1", "a", 3))
-    assert "a" not in state._heartbeat_keys["c1"]
+    assert "c1/a" not in state._beats["kafka"].slot_of
     assert not state.apply_now(_node("a", 2))  # redelivered within the tombstone's time
     assert "c1/a" not in state.nodes
     clock.now_s += state.gate.tombstone_ttl_s + 1

@@ -176,13 +176,35 @@ def _state(tmp: Path) -> FleetState:
     return FleetState(cfg, Journal(tmp / "journal.sqlite3"), clock=lambda: 1_000_000.0)
 
 
+def heartbeats(state: FleetState, cluster: str, entries: list[tuple[str, int, bytes]]) -> bool:
+    """Apply `entries` (node, sequence, content token) the way the Kafka source sends
+    repeats: each distinct (node, token) bound to a slot (`HeartbeatSlots`), then one
+    `NodeHeartbeats` batch. True when an entry was applied."""
+    pairs = list(dict.fromkeys((name, token) for name, _, token in entries))
+    slot_of = {pair: i for i, pair in enumerate(pairs)}
+    state.apply_now(
+        up.HeartbeatSlots(
+            "kafka",
+            cluster,
+            tuple(range(len(pairs))),
+            tuple(name for name, _ in pairs),
+            tuple(token for _, token in pairs),
+        )
+    )
+    return state.apply_now(
+        up.NodeHeartbeats.of(
+            "kafka",
+            [slot_of[(name, token)] for name, _, token in entries],
+            [sequence for _, sequence, _ in entries],
+            [1.0] * len(entries),
+        )
+    )
+
+
 def test_heartbeats_of_unapplied_content_are_refused(tmp_path: Path) -> None:
     state = _state(tmp_path)
     state.apply_now(dataclasses.replace(gpu_node("a"), sequence=1, content_token=b"A"))
-    beats = up.NodeHeartbeats(
-        "c1", ("a", "a", "zz"), (2, 3, 4), (1.0, 2.0, 3.0), (b"A", b"B", b"A")
-    )
-    assert state.apply_now(beats)
+    assert heartbeats(state, "c1", [("a", 2, b"A"), ("a", 3, b"B"), ("zz", 4, b"A")])
     assert state.gate.last("c1", "node", "a") == 2  # the b"B" entry was refused
     assert state.gate.last("c1", "node", "zz") is None
     assert state.invalid_updates == 2
@@ -193,7 +215,7 @@ def test_a_heartbeat_brings_a_stale_node_back(tmp_path: Path) -> None:
     state.apply_now(dataclasses.replace(gpu_node("a"), sequence=1, content_token=b"A"))
     state.nodes["c1/a"].last_seen_s = 0.0
     assert state.mark_stale() == 1
-    state.apply_now(up.NodeHeartbeats("c1", ("a",), (2,), (1.0,), (b"A",)))
+    heartbeats(state, "c1", [("a", 2, b"A")])
     assert state.mark_stale() == 0
     assert not state.nodes["c1/a"].stale
 
@@ -201,8 +223,8 @@ def test_a_heartbeat_brings_a_stale_node_back(tmp_path: Path) -> None:
 class _AlwaysInFull(KafkaSource):
     """The source with the unchanged path off: every record decoded in full."""
 
-    def _remember_contents(self, chosen: object) -> None:
-        pass
+    def _remember_contents(self, chosen: object) -> list[up.HeartbeatSlots]:
+        return []
 
 
 def _through(source_type: type[KafkaSource], state: FleetState, records: list, poll: int) -> None:
@@ -323,12 +345,12 @@ async def test_a_pods_only_change_with_a_bad_pod_is_dead_lettered() -> None:
 def test_removed_nodes_leave_no_heartbeat_cache_entry(tmp_path: Path) -> None:
     state = _state(tmp_path)
     state.apply_now(dataclasses.replace(gpu_node("a"), sequence=1, content_token=b"A"))
-    state.apply_now(up.NodeHeartbeats("c1", ("a",), (2,), (1.0,), (b"A",)))
-    assert "a" in state._heartbeat_keys["c1"]
+    heartbeats(state, "c1", [("a", 2, b"A")])
+    assert "c1/a" in state._beats["kafka"].slot_of
     state.apply_now(up.NodeRemoved("c1", "a", sequence=3))
-    assert "a" not in state._heartbeat_keys["c1"]
+    assert "c1/a" not in state._beats["kafka"].slot_of
     # A heartbeat for the removed node's old content is refused, not applied.
-    state.apply_now(up.NodeHeartbeats("c1", ("a",), (4,), (1.0,), (b"A",)))
+    heartbeats(state, "c1", [("a", 4, b"A")])
     assert "c1/a" not in state.nodes
 
 
@@ -337,14 +359,14 @@ def test_heartbeats_after_a_change_refresh_the_node_applied_last(tmp_path: Path)
     next heartbeats must refresh (and compare the content token of) the new one."""
     state = _state(tmp_path)
     state.apply_now(dataclasses.replace(gpu_node("a"), sequence=1, content_token=b"A"))
-    state.apply_now(up.NodeHeartbeats("c1", ("a",), (2,), (1.0,), (b"A",)))
+    heartbeats(state, "c1", [("a", 2, b"A")])
     cordoned = dataclasses.replace(
         gpu_node("a"), sequence=3, content_token=b"B", unschedulable=True
     )
     state.apply_now(cordoned)
     state.nodes["c1/a"].last_seen_s = 0.0
     # The old content's repeat is refused; the new content's is applied to the new info.
-    state.apply_now(up.NodeHeartbeats("c1", ("a", "a"), (4, 5), (1.0, 2.0), (b"A", b"B")))
+    heartbeats(state, "c1", [("a", 4, b"A"), ("a", 5, b"B")])
     assert state.gate.last("c1", "node", "a") == 5
     assert state.nodes["c1/a"].last_seen_s == 1_000_000.0
     assert state.invalid_updates == 1
@@ -490,3 +512,28 @@ def test_resources_are_shared_and_still_checked() -> None:
         _resources(pb.Resources(cpu_millicores=1, memory_bytes=-1), "x")
     with pytest.raises(InvalidTelemetry, match="gpus"):
         _resources(pb.Resources(gpus=2**62 + 1), "x")
+
+
+def test_a_stale_flag_from_a_source_keeps_the_nodes_heartbeats(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    state.apply_now(dataclasses.replace(gpu_node("a"), sequence=1, content_token=b"A"))
+    assert heartbeats(state, "c1", [("a", 2, b"A")])
+    state.apply_now(up.NodeStale("c1", "a", stale=True))
+    # The binding outlives the flag: the next repeat (same slot) brings the node back.
+    assert state.apply_now(up.NodeHeartbeats.of("kafka", [0], [3], [1.0]))
+    assert not state.nodes["c1/a"].stale
+    assert state.gate.last("c1", "node", "a") == 3
+
+
+def test_a_slot_bound_again_refreshes_only_its_new_node(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    for name, token in (("a", b"A"), ("b", b"B")):
+        state.apply_now(dataclasses.replace(gpu_node(name), sequence=1, content_token=token))
+    state.apply_now(up.HeartbeatSlots("kafka", "c1", (0,), ("a",), (b"A",)))
+    state.apply_now(up.HeartbeatSlots("kafka", "c1", (0,), ("b",), (b"B",)))
+    assert state.apply_now(up.NodeHeartbeats.of("kafka", [0], [5], [1.0]))
+    assert state.gate.last("c1", "node", "a") == 1
+    assert state.gate.last("c1", "node", "b") == 5
+    # Another source's slot 0 is another slot.
+    assert not state.apply_now(up.NodeHeartbeats.of("kafka/2", [0], [6], [1.0]))
+    assert state.gate.last("c1", "node", "b") == 5
