@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import cast
 
 import numpy as np
@@ -569,6 +570,19 @@ def cpu_stranded_gpu_milli(
     return stranded
 
 
+def _stranded(
+    idle_milli: IntArray, cpu_left_milli: IntArray, cpu_per_gpu_milli: float
+) -> FloatArray:
+    """`cpu_stranded_gpu_milli` of int64 arrays in fewer numpy calls (the same floats: the
+    integers convert to float64 exactly, in the same operations)."""
+    if cpu_per_gpu_milli <= 0:
+        return np.zeros(idle_milli.shape)
+    out: FloatArray = np.maximum(
+        idle_milli - np.maximum(cpu_left_milli, 0) / cpu_per_gpu_milli, 0.0
+    )
+    return out
+
+
 def eventual_waste_milli(typical: TypicalPods) -> FloatArray:
     """(1001,) V[L]: expected milli a GPU with L milli free ends up wasting (a lookahead).
 
@@ -697,17 +711,16 @@ class FragmentationMemo:
         n = self._n
         void = self._void
         row_bytes = cast("list[bytes]", keys.view(void).ravel().tolist())
-        # Look-ups in C (map); only the rows not found take the Python loop.
-        found: list[int | None] = list(map(table.get, row_bytes))
-        if None in found:
-            for i, sid in enumerate(found):
-                if sid is None:
-                    key = row_bytes[i]
-                    sid = table.get(key)  # a state met twice in this view
-                    if sid is None:
-                        sid = table[key] = n + len(new)
-                        new.append(i)
-                    found[i] = sid
+        # Look-ups in C (map, -1: not found); only the rows not found take a Python loop.
+        ids: IntArray = np.fromiter(map(table.get, row_bytes, repeat(-1)), np.int64, rows)
+        missing = np.flatnonzero(ids < 0)
+        for i in missing.tolist():
+            key = row_bytes[i]
+            sid = table.get(key)  # a state met twice in this view
+            if sid is None:
+                sid = table[key] = n + len(new)
+                new.append(i)
+            ids[i] = sid
         if new:
             self._grow(n + len(new))
             self._n = n + len(new)
@@ -715,7 +728,6 @@ class FragmentationMemo:
             self._cpu[n : self._n] = keys[src, 0]
             self._model[n : self._n] = keys[src, 1]
             self._gpu[n : self._n] = keys[src, 2:]
-        ids: IntArray = np.asarray(found, dtype=np.int64)
         return ids
 
     def cpu_of(self, ids: IntArray) -> IntArray:
@@ -744,6 +756,37 @@ class FragmentationMemo:
             self._now_done[todo] = True
         result: FloatArray = self._now[ids]
         return result
+
+    def frag_now_with(
+        self, ids: IntArray, cpu_left: IntArray, gpu_left: IntArray, model: IntArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """`frag_now(ids)`, and `frag_milli` of other states (free CPU, free milli per GPU,
+        model; not interned), computed in one batch (the same floats: a state's
+        fragmentation does not depend on its batch)."""
+        todo = ids[~self._now_done[ids]]
+        n = int(todo.size)
+        both = frag_milli(
+            np.concatenate([self._cpu[todo], cpu_left]),
+            np.concatenate([self._gpu[todo], gpu_left]),
+            np.concatenate([self._model[todo], model]),
+            self.typical,
+            self.constraint_aware,
+        )
+        if n:
+            self._now[todo] = both[:n]
+            self._now_done[todo] = True
+        now: FloatArray = self._now[ids]
+        return now, both[n:]
+
+    def now_known(self, ids: IntArray) -> BoolArray:
+        """(R,) whether `frag_now` of the states `ids` is known already."""
+        known: BoolArray = self._now_done[ids]
+        return known
+
+    def set_now(self, ids: IntArray, values: FloatArray) -> None:
+        """Store `frag_milli` of the states `ids` computed elsewhere (the same floats)."""
+        self._now[ids] = values
+        self._now_done[ids] = True
 
     def frag_after(
         self, ids: IntArray, pod_cpu_milli: int, pod_gpu_milli: int, pod_num_gpu: int
@@ -953,14 +996,21 @@ class FragmentationScorer:
         pod_cpu, pod_milli, pod_num = pod_candidate_shape(
             c.cpu_millicores, c.gpus_per_pod, c.milli_per_gpu
         )
-        now = self.memo.frag_now(ids)
         if 0 < pod_milli < MILLI_PER_GPU and gpu_left.shape[1]:
             share = self._share_scores(
-                cpu_left, gpu_left, model, now, c.model_ids, pod_cpu, pod_milli
+                cpu_left, gpu_left, model, ids, c.model_ids, pod_cpu, pod_milli
             )
             if share is not None:
                 return share
-        after = self.memo.frag_after(ids, pod_cpu, pod_milli, pod_num)
+            now = self.memo.frag_now(ids)
+            after = self.memo.frag_after(ids, pod_cpu, pod_milli, pod_num)
+        else:
+            # One candidate per state: its fragmentation and the states' own in one batch.
+            cpu_after, gpu_after, valid = candidate_states(
+                cpu_left, gpu_left, pod_cpu, pod_milli, pod_num
+            )
+            now, frag = self.memo.frag_now_with(ids, cpu_after[:, 0], gpu_after[:, 0], model)
+            after = np.where(valid, frag[:, None], np.inf)
         scores, _ = self._scores(c, cpu_left, gpu_left, model, now, after)
         best = scores.max(axis=1)
         if pod_num == 0:
@@ -976,7 +1026,7 @@ class FragmentationScorer:
         return np.where(best >= 0, best, -np.inf).astype(np.float64), gpu_pick.astype(np.int64)
 
     def _share_scores(
-        self, cpu_left: IntArray, gpu_left: IntArray, model: IntArray, now: FloatArray,
+        self, cpu_left: IntArray, gpu_left: IntArray, model: IntArray, ids: IntArray,
         pod_model_ids: NDArray[np.integer] | None, pod_cpu: int, pod_milli: int,
     ) -> tuple[FloatArray, IntArray] | None:  # fmt: skip
         """`_score_states` of a fractional pod through `_share_step` (the same floats, fewer
@@ -986,6 +1036,19 @@ class FragmentationScorer:
         tables = self._share_tables(pod_milli)
         on_model, counts = _model_rows(model, tables.typical, self.constraint_aware)
         total = gpu_left.sum(axis=1)
+        count, below = _type_stats(gpu_left, tables.typical)
+        # The states' fragmentation from the same statistics where the memo lacks it.
+        memo = self.memo
+        unknown = np.flatnonzero(~memo.now_known(ids))
+        if unknown.size:
+            memo.set_now(
+                ids[unknown],
+                _frag_of_type_stats(
+                    count[unknown], below[unknown], total[unknown], cpu_left[unknown],
+                    on_model[unknown], None if counts is None else counts[unknown], tables,
+                ),
+            )  # fmt: skip
+        now = memo.frag_now(ids)
         stranded = (
             cpu_stranded_gpu_milli(total, cpu_left, self.cpu_per_gpu_milli)
             if self.cpu_stranding_weight
@@ -998,7 +1061,7 @@ class FragmentationScorer:
         )
         _, score, _ = self._share_step(
             tables, pod_cpu, pod_milli, cpu_left, gpu_left, total,
-            *_type_stats(gpu_left, tables.typical), now, stranded, on_model, counts, scarcity,
+            count, below, now, stranded, on_model, counts, scarcity,
         )  # fmt: skip
         best = score.max(axis=1)
         ok = best >= 0
@@ -1221,7 +1284,7 @@ class FragmentationScorer:
         after = raw_k
         later = None
         if stranded is not None:
-            later = cpu_stranded_gpu_milli(total_after, cpu_after, self.cpu_per_gpu_milli)
+            later = _stranded(total_after, cpu_after, self.cpu_per_gpu_milli)
             after = after + (self.cpu_stranding_weight * (later - stranded))[row]
         if tables.lookahead is not None:
             after = after + tables.lookahead[share]

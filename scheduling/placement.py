@@ -36,6 +36,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import cast
 
 import numpy as np
@@ -235,6 +236,11 @@ _FIRST_CHUNK = 32
 _NO_PICK = np.zeros(1, np.int64)
 
 
+#: `_Chunk.live` of a one-row chunk (never written in place: chunks replace `live`).
+_ONE_ROW = np.zeros(1, np.int64)
+_ONE_ROW.flags.writeable = False
+
+
 class _Chunk:
     """Deeper scores of a group of candidate rows: scores[j][d] is the score of the
     (d+2)-th pod of the run on row j (the first comes from the run's initial scores).
@@ -272,12 +278,13 @@ class _Chunk:
         self.last_pick = pick
         self.depth = 0
         n = len(view) if view is not None else rows
-        self.live = np.arange(n, dtype=np.int64)
+        # (Most chunks are one state class in closed form: never re-allocated per chunk.)
+        self.live = _ONE_ROW if n == 1 else np.arange(n, dtype=np.int64)
         self.room = room
         #: What `Policy.chain` hands from one deepening to the next (rows as `live`).
         self.carry: tuple[NDArray[np.float64], ...] | None = None
-        self.scores: list[list[float]] = [[] for _ in range(n)]
-        self.picks: list[list[int]] = [[] for _ in range(n)]
+        self.scores: list[list[float]] = [[]] if n == 1 else [[] for _ in range(n)]
+        self.picks: list[list[int]] = [[]] if n == 1 else [[] for _ in range(n)]
 
 
 def states_after(base: NodeView, c: Constraints, depths: I64) -> NodeView:
@@ -386,14 +393,11 @@ class _States:
         # Initial classes in one vectorized pass; later moves go through `assign`.
         keys = self._keys(rows)
         first, inverse = _row_ids(keys)
-        ids = [
-            self._new(int(rows[i]), k)
-            for i, k in zip(first.tolist(), keys[first].tolist(), strict=True)
-        ]
+        self._add(rows[first], keys[first])
         first_bytes = cast("list[bytes]", keys[first].view(self._void).ravel().tolist())
-        for cid, k in zip(ids, first_bytes, strict=True):
+        for cid, k in enumerate(first_bytes):
             self.ids[k] = cid
-        self.of[rows] = np.asarray(ids, np.int64)[inverse] if ids else inverse
+        self.of[rows] = inverse
 
     def _keys(self, slots: I64) -> NDArray[np.int64]:
         free = self.free
@@ -411,31 +415,37 @@ class _States:
         # One dict look-up per slot by the key row's bytes, in C (map); only slots in a
         # state not met before take the Python loop.
         row_bytes = cast("list[bytes]", keys.view(self._void).ravel().tolist())
-        out: list[int | None] = list(map(ids.get, row_bytes))
-        if None in out:
-            for i, cid in enumerate(out):
+        out = np.fromiter(map(ids.get, row_bytes, repeat(-1)), np.int64, len(row_bytes))
+        missing = np.flatnonzero(out < 0)
+        if missing.size:
+            new: list[int] = []  # positions of the slots that open a class
+            n = self.n
+            for i in missing.tolist():
+                k = row_bytes[i]
+                cid = ids.get(k)  # met twice in these slots
                 if cid is None:
-                    k = row_bytes[i]
-                    cid = ids.get(k)  # met twice in these slots
-                    if cid is None:
-                        cid = ids[k] = self._new(int(slots[i]), keys[i].tolist())
-                    out[i] = cid
-        self.of[slots] = cast("list[int]", out)
+                    cid = ids[k] = n + len(new)
+                    new.append(i)
+                out[i] = cid
+            at = np.asarray(new, np.int64)
+            self._add(slots[at], keys[at])
+        self.of[slots] = out
 
-    def _new(self, slot: int, key: list[int]) -> int:
-        cid = self.n
-        if cid == self.rep.size:
-            grow = self.rep.size
+    def _add(self, slots: I64, keys: NDArray[np.int64]) -> None:
+        """New classes (ids n, n + 1, ...): the state of each key row (`_keys`), and a slot
+        of its static type."""
+        n, m = self.n, int(slots.size)
+        if n + m > self.rep.size:
+            grow = max(self.rep.size, n + m - self.rep.size)
             self.rep = np.concatenate([self.rep, np.zeros(grow, np.int64)])
             self.cpu = np.concatenate([self.cpu, np.zeros(grow, np.int64)])
             self.mem = np.concatenate([self.mem, np.zeros(grow, np.int64)])
             self.gpu = np.concatenate([self.gpu, np.zeros((grow, self.gpus), self.gpu.dtype)])
-        self.rep[cid] = slot
-        self.cpu[cid] = key[1]
-        self.mem[cid] = key[2]
-        self.gpu[cid] = key[3:]
-        self.n += 1
-        return cid
+        self.rep[n : n + m] = slots
+        self.cpu[n : n + m] = keys[:, 1]
+        self.mem[n : n + m] = keys[:, 2]
+        self.gpu[n : n + m] = keys[:, 3:]
+        self.n = n + m
 
     def free_of(self) -> Free:
         """The classes' free resources, as a `Free` indexed by class id."""

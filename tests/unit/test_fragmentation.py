@@ -552,8 +552,10 @@ def test_share_scores_from_per_gpu_tables_equal_the_generic_path(name: str) -> N
                 after = frag_after(cpu, gpus, model, typical, pod_cpu, milli, 1, aware)
                 scores, _ = scorer._scores(c, cpu, gpus, model, now, after)
                 best = scores.max(axis=1)
-                got = scorer._share_scores(cpu, gpus, model, now, c.model_ids, pod_cpu, milli)
+                ids = scorer.memo.states(cpu, gpus, model)
+                got = scorer._share_scores(cpu, gpus, model, ids, c.model_ids, pod_cpu, milli)
                 assert got is not None
+                assert scorer.memo.frag_now(ids).tobytes() == now.tobytes()
                 assert got[0].tobytes() == np.where(best >= 0, best, -np.inf).tobytes()
                 expect_pick = np.where(best >= 0, 1 << scores.argmax(axis=1), 0)
                 assert np.array_equal(got[1], expect_pick)
