@@ -190,12 +190,13 @@ class _HeartbeatTable:
 
     A binding is dropped (`release`) whenever anything else about its node is applied (a
     new `_NodeInfo`, a pod change, its removal), so a slot never refreshes replaced content.
-    Two columns run ahead of what they stand for and are written back by `flush`: the gate
-    cell's sequence (`column`) and the node's `last_seen_s` (`seen`).
+    A slot is bound when its `column` sequence is above 0. Two columns run ahead of what
+    they stand for and are written back by `flush`: the gate cell's sequence (`column`) and
+    the node's `last_seen_s` (`seen`).
     """
 
-    __slots__ = ("bound", "cluster_ids", "clusters", "column", "infos", "keys", "seen",
-                 "slot_of", "stale")  # fmt: skip
+    __slots__ = ("cluster_ids", "clusters", "column", "infos", "keys", "seen", "slot_of",
+                 "stale")  # fmt: skip
 
     def __init__(self) -> None:
         self.column = up.SequenceColumn()
@@ -204,7 +205,6 @@ class _HeartbeatTable:
         self.slot_of: dict[str, int] = {}
         self.infos: list[_NodeInfo | None] = [None] * n
         self.keys: list[str] = [""] * n
-        self.bound: NDArray[np.bool_] = np.zeros(n, np.bool_)
         #: Each slot's cluster, as an index into `clusters`.
         self.cluster_ids: NDArray[np.int64] = np.zeros(n, np.int64)
         self.clusters: list[str] = []
@@ -213,33 +213,51 @@ class _HeartbeatTable:
         #: The node's `stale` flag (kept by `FleetState` while the binding lives).
         self.stale: NDArray[np.bool_] = np.zeros(n, np.bool_)
 
-    def bind(self, slot: int, key: str, info: _NodeInfo, cell: up.SequenceCell) -> None:
-        """Bind a slot to a node (unbinding what either had before)."""
-        self.unbind(slot)
-        self.release(key)
-        self.column.bind(slot, cell)
+    def bound(self, slots: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """Which of `slots` (any integers) are bound."""
+        seq = self.column.seq
+        inside = (slots >= 0) & (slots < len(seq))
+        out = np.zeros(len(slots), np.bool_)
+        out[inside] = seq[slots[inside]] > 0
+        return out
+
+    def bind(
+        self,
+        cluster: str,
+        slots: list[int],
+        keys: list[str],
+        infos: list[_NodeInfo],
+        cells: list[up.SequenceCell],
+    ) -> None:
+        """Bind slots to nodes of `cluster` (unbinding what either had before)."""
+        for slot, key in zip(slots, keys, strict=True):
+            if slot < len(self.infos) and self.infos[slot] is not None:
+                self.unbind(slot)
+            if key in self.slot_of:
+                self.release(key)
+        self.column.bind(slots, cells)
         grow = self.column.capacity - len(self.infos)
         if grow > 0:
             self.infos.extend([None] * grow)
             self.keys.extend([""] * grow)
-            self.bound = np.concatenate([self.bound, np.zeros(grow, np.bool_)])
             self.cluster_ids = np.concatenate([self.cluster_ids, np.zeros(grow, np.int64)])
             self.seen = np.concatenate([self.seen, np.zeros(grow, np.float64)])
             self.stale = np.concatenate([self.stale, np.zeros(grow, np.bool_)])
-        if info.cluster not in self.clusters:
-            self.clusters.append(info.cluster)
-        self.slot_of[key] = slot
-        self.infos[slot] = info
-        self.keys[slot] = key
-        self.bound[slot] = True
-        self.cluster_ids[slot] = self.clusters.index(info.cluster)
-        self.seen[slot] = 0.0
-        self.stale[slot] = info.stale
+        if cluster not in self.clusters:
+            self.clusters.append(cluster)
+        table_infos, table_keys, slot_of = self.infos, self.keys, self.slot_of
+        for slot, key, info in zip(slots, keys, infos, strict=True):
+            slot_of[key] = slot
+            table_infos[slot] = info
+            table_keys[slot] = key
+        self.cluster_ids[slots] = self.clusters.index(cluster)
+        self.seen[slots] = 0.0
+        self.stale[slots] = [info.stale for info in infos]
 
     def flush(self, slot: int) -> None:
         """Write the slot's sequence and freshness back to its cell and `_NodeInfo`."""
         self.column.flush(slot)
-        seen = float(self.seen[slot])
+        seen = self.seen.item(slot)
         if seen:
             info = self.infos[slot]
             if info is not None and seen > info.last_seen_s:
@@ -253,22 +271,27 @@ class _HeartbeatTable:
             self.flush(slot)
 
     def unbind(self, slot: int) -> None:
-        """Flush and empty a slot."""
-        if slot >= len(self.infos) or not self.bound[slot]:
-            return
-        self.flush(slot)
-        self.column.unbind(slot)
-        del self.slot_of[self.keys[slot]]
-        self.infos[slot] = None
-        self.keys[slot] = ""
-        self.bound[slot] = False
-        self.stale[slot] = False
+        """Flush and empty a bound slot."""
+        if self.slot_of.get(self.keys[slot]) == slot:
+            del self.slot_of[self.keys[slot]]
+        self._drop(slot)
 
     def release(self, key: str) -> None:
         """Unbind the node's slot, if it has one."""
-        slot = self.slot_of.get(key)
+        slot = self.slot_of.pop(key, None)
         if slot is not None:
-            self.unbind(slot)
+            self._drop(slot)
+
+    def _drop(self, slot: int) -> None:
+        # (`flush` and `column.unbind` in one: this runs for every applied node update.)
+        info = self.infos[slot]
+        self.infos[slot] = None
+        self.column.unbind(slot)
+        seen = self.seen.item(slot)
+        if seen:
+            self.seen[slot] = 0.0
+            if info is not None and seen > info.last_seen_s:
+                info.last_seen_s = seen
 
 
 @dataclass(slots=True)
@@ -800,13 +823,10 @@ class FleetState:
         if n == 0:
             return 0
         table = self._beats.get(u.source)
-        valid = np.zeros(n, np.bool_)
-        if table is not None:
-            # An unbound slot's entry repeats content never applied here (refused), or
-            # content replaced since: it refreshes nothing (the source sends full content
-            # again when the node changes).
-            inside = (slots >= 0) & (slots < len(table.bound))
-            valid[inside] = table.bound[slots[inside]]
+        # An unbound slot's entry repeats content never applied here (refused), or content
+        # replaced since: it refreshes nothing (the source sends full content again when
+        # the node changes).
+        valid = table.bound(slots) if table is not None else np.zeros(n, np.bool_)
         applied = np.zeros(n, np.bool_)
         if table is not None and valid.any():
             applied[valid] = table.column.admit(slots[valid], u.sequences[valid])
@@ -845,17 +865,37 @@ class FleetState:
         table = self._beats.get(u.source)
         if table is None:
             table = self._beats[u.source] = _HeartbeatTable()
+        #: slot -> (node key, info, cell); one slot per node and one node per slot, the
+        #: last binding of either winning.
+        bindings: dict[int, tuple[str, _NodeInfo, up.SequenceCell]] = {}
+        slot_for: dict[str, int] = {}
+        cluster, nodes, cell_of = u.cluster, self.nodes, self._gate.cell
         for slot, name, token in zip(u.slots, u.names, u.content_tokens, strict=True):
             if slot < 0:
                 continue
-            table.unbind(slot)
-            key = node_key(u.cluster, name)
-            info = self.nodes.get(key)
+            if slot < len(table.infos) and table.infos[slot] is not None:
+                table.unbind(slot)
+            key = node_key(cluster, name)
+            info = nodes.get(key)
             # (No cell: the node's content came with sequence 0, unordered; its repeats are
             # no heartbeats.)
-            cell = self._gate.cell((u.cluster, "node", name))
+            cell = cell_of((cluster, "node", name))
             if info is not None and cell is not None and token and info.content_token == token:
-                table.bind(slot, key, info, cell)
+                earlier = slot_for.pop(key, None)
+                if earlier is not None:
+                    del bindings[earlier]
+                replaced = bindings.get(slot)
+                if replaced is not None:
+                    del slot_for[replaced[0]]
+                bindings[slot] = (key, info, cell)
+                slot_for[key] = slot
+        table.bind(
+            cluster,
+            list(bindings),
+            [key for key, _, _ in bindings.values()],
+            [info for _, info, _ in bindings.values()],
+            [cell for _, _, cell in bindings.values()],
+        )
 
     def _node_refresh_pods(self, key: str, info: _NodeInfo, u: up.NodeUpdate, now: float) -> None:
         """A report whose node-table part equals the applied one (`_spec_signature`): the

@@ -366,19 +366,18 @@ class SequenceColumn:
     in one numpy step (`admit`) instead of one attribute write each.
 
     A holder (the Kafka source's memory of each node's content, the state's heartbeat table)
-    `add`s the cell of a subject it will see many bare sequence reports of and gets a slot;
-    `admit` then gates a batch of (slot, sequence) against `seq` and moves it. `seq[slot]`
-    runs ahead of the cell: the holder must `flush` the slot before the gate itself looks at
-    the cell (an update of the subject, its removal), and `release` it when it forgets the
-    subject.
+    puts the cell of a subject it will see many bare sequence reports of at a slot (`add`
+    picks a free one, `bind` takes a given one); `admit` then gates a batch of (slot,
+    sequence) against `seq` and moves it. `seq[slot]` runs ahead of the cell: the holder
+    must `flush` the slot before the gate itself looks at the cell (an update of the
+    subject, its removal), and `release` (`unbind`) it when it forgets the subject. An empty
+    slot's `seq` is 0 (a cell's sequence is never 0: unordered updates have no cell).
     """
 
-    __slots__ = ("_ahead", "_cells", "_free", "seq")
+    __slots__ = ("_cells", "_free", "seq")
 
     def __init__(self, capacity: int = 1024) -> None:
         self.seq: NDArray[np.int64] = np.zeros(capacity, np.int64)
-        #: Slots `admit` moved since their last flush.
-        self._ahead: NDArray[np.bool_] = np.zeros(capacity, np.bool_)
         self._cells: list[SequenceCell | None] = [None] * capacity
         self._free: list[int] = list(range(capacity - 1, -1, -1))
 
@@ -387,58 +386,60 @@ class SequenceColumn:
         """Slots allocated; holders size their own per-slot arrays to match."""
         return len(self._cells)
 
+    def _grow(self, need: int) -> None:
+        old = len(self._cells)
+        new = max(need, 2 * old)
+        self.seq = np.concatenate([self.seq, np.zeros(new - old, np.int64)])
+        self._cells.extend([None] * (new - old))
+        self._free = list(range(new - 1, old - 1, -1)) + self._free
+
     def add(self, cell: SequenceCell) -> int:
-        """A slot for `cell`, its sequence copied in."""
+        """A free slot for `cell`, its sequence copied in."""
         if not self._free:
-            self._grow()
+            self._grow(len(self._cells) + 1)
         slot = self._free.pop()
         self._cells[slot] = cell
         self.seq[slot] = cell.last
         return slot
 
-    def bind(self, slot: int, cell: SequenceCell) -> None:
-        """Put `cell` at a slot numbered by someone else (a source's slot space), growing
+    def release(self, slot: int) -> None:
+        """Flush and free an `add` slot (its holder forgets the subject)."""
+        self.unbind(slot)
+        self._free.append(slot)
+
+    def bind(self, slots: list[int], cells: list[SequenceCell]) -> None:
+        """Put `cells` at slots numbered by someone else (a source's slot space), growing
         the column as needed; what was there is flushed first."""
-        while slot >= len(self._cells):
-            self._grow()
-        self.flush(slot)
-        self._cells[slot] = cell
-        self.seq[slot] = cell.last
+        if not slots:
+            return
+        top = max(slots)
+        if top >= len(self._cells):
+            self._grow(top + 1)
+        stored = self._cells
+        for slot, cell in zip(slots, cells, strict=True):
+            if stored[slot] is not None:
+                self.flush(slot)
+            stored[slot] = cell
+        self.seq[slots] = [cell.last for cell in cells]
 
     def unbind(self, slot: int) -> None:
-        """Flush a `bind` slot and leave it empty."""
-        if slot < len(self._cells):
-            self.flush(slot)
-            self._cells[slot] = None
-            self.seq[slot] = 0
-
-    def _grow(self) -> None:
-        old = len(self._cells)
-        self.seq = np.concatenate([self.seq, np.zeros(old, np.int64)])
-        self._ahead = np.concatenate([self._ahead, np.zeros(old, np.bool_)])
-        self._cells.extend([None] * old)
-        self._free = list(range(2 * old - 1, old - 1, -1)) + self._free
-
-    def flush(self, slot: int) -> None:
-        """Write the slot's sequence back to its cell."""
-        if self._ahead[slot]:
-            self._ahead[slot] = False
-            cell = self._cells[slot]
-            last = int(self.seq[slot])
-            if cell is not None and last > cell.last:
-                cell.last = last
-
-    def flush_all(self) -> None:
-        """`flush` every slot that ran ahead of its cell."""
-        for slot in np.flatnonzero(self._ahead).tolist():
-            self.flush(slot)
-
-    def release(self, slot: int) -> None:
-        """Flush and free the slot (its holder forgets the subject)."""
+        """Flush a slot and leave it empty."""
         self.flush(slot)
         self._cells[slot] = None
         self.seq[slot] = 0
-        self._free.append(slot)
+
+    def flush(self, slot: int) -> None:
+        """Write the slot's sequence back to its cell."""
+        cell = self._cells[slot]
+        if cell is not None:
+            last = self.seq.item(slot)
+            if last > cell.last:
+                cell.last = last
+
+    def flush_all(self) -> None:
+        """`flush` every slot."""
+        for slot in np.flatnonzero(self.seq).tolist():
+            self.flush(slot)
 
     def admit(self, slots: NDArray[np.int64], sequences: NDArray[np.int64]) -> NDArray[np.bool_]:
         """Gate a batch in order: entry i is admitted when `sequences[i]` is above its slot's
@@ -450,15 +451,12 @@ class SequenceColumn:
         if np.bincount(slots).max() == 1:
             # The usual batch: one report per subject, no order among them to respect.
             admitted = sequences > seq[slots]
-            moved = slots[admitted]
-            seq[moved] = sequences[admitted]
-            self._ahead[moved] = True
+            seq[slots[admitted]] = sequences[admitted]
             return admitted
         admitted = np.zeros(len(slots), np.bool_)
         for i, (slot, sequence) in enumerate(zip(slots.tolist(), sequences.tolist(), strict=True)):
             if sequence > seq[slot]:
                 seq[slot] = sequence
-                self._ahead[slot] = True
                 admitted[i] = True
         return admitted
 

@@ -537,3 +537,22 @@ def test_a_slot_bound_again_refreshes_only_its_new_node(tmp_path: Path) -> None:
     # Another source's slot 0 is another slot.
     assert not state.apply_now(up.NodeHeartbeats.of("kafka/2", [0], [6], [1.0]))
     assert state.gate.last("c1", "node", "b") == 5
+
+
+def test_a_binding_batch_naming_a_slot_or_node_twice_keeps_the_last(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    for name, token in (("a", b"A"), ("b", b"B")):
+        state.apply_now(dataclasses.replace(gpu_node(name), sequence=1, content_token=token))
+    state.apply_now(
+        up.HeartbeatSlots(
+            "kafka", "c1", (0, 0, 1, 2), ("a", "b", "a", "a"), (b"A", b"B", b"A", b"A")
+        )
+    )
+    # Slot 0 ends with b; a moved to 1, then to 2.
+    assert state.apply_now(up.NodeHeartbeats.of("kafka", [0, 1, 2], [5, 6, 7], [1.0] * 3))
+    assert state.gate.last("c1", "node", "b") == 5
+    assert state.gate.last("c1", "node", "a") == 7
+    assert state.invalid_updates == 1  # slot 1's entry
+    state.apply_now(up.NodeRemoved("c1", "a", 8))
+    state.apply_now(up.NodeRemoved("c1", "b", 9))
+    assert not state._beats["kafka"].slot_of
