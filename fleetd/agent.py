@@ -11,7 +11,10 @@ picture in memory, and publishes to the telemetry topic:
 - a NodePoolReport per node pool (grouped by the pool labels of Karpenter, GKE, EKS, AKS)
   whose shape comes from its nodes and whose price and size bounds come from `--pools`;
 - every node and pool again each `--resync-interval-s`: the heartbeat that keeps nodes
-  from going stale in fleetd and lets a restarted fleetd rebuild its picture.
+  from going stale in fleetd and lets a restarted fleetd rebuild its picture;
+- with every resync (and once right after the initial publication) a NodeInventory: the
+  name of every node it sees, so that fleetd drops nodes deleted while the agent was down
+  or whose NodeDeleted was lost (telemetry's equivalent of a relist).
 
 `--pools` is YAML: `{pool-name: {price_per_hour: 32.8, min_size: 0, max_size: 16}}`.
 """
@@ -160,7 +163,7 @@ class ClusterPublisher:
         await self._publish(publish)
 
     async def resync(self) -> None:
-        """Publish every node and pool again (the heartbeat)."""
+        """Publish every node and pool again (the heartbeat), then the node inventory."""
 
         async def publish() -> None:
             for _, name in sorted(self.view.nodes):
@@ -170,8 +173,23 @@ class ClusterPublisher:
             await self._publish_pools(force=True)
             for key in sorted(self.pending):
                 await self._publish_pending(key)
+            # After the reports: a consumer reading in order has every listed node by then
+            # (not required for correctness: the sequences decide, see the publisher).
+            await self.publisher.publish_node_inventory(self.cluster, self.node_names())
 
         await self._publish(publish)
+
+    async def publish_inventory(self) -> None:
+        """Publish the node inventory alone (after the initial publication)."""
+
+        async def publish() -> None:
+            await self.publisher.publish_node_inventory(self.cluster, self.node_names())
+
+        await self._publish(publish)
+
+    def node_names(self) -> list[str]:
+        """Every node the agent sees now, sorted."""
+        return sorted(name for _, name in self.view.nodes)
 
     async def _publish_pending(self, key: str) -> None:
         pod = self.pending.get(key)
@@ -311,6 +329,9 @@ async def _heartbeat(
     sink: ClusterPublisher, interval_s: float, ready: asyncio.Event | None
 ) -> None:
     await sink.synced.wait()
+    # The first inventory right away: nodes deleted while the agent was down go now, not
+    # one resync interval later.
+    await sink.publish_inventory()
     log.info("agent: initial publication of cluster %s done", sink.cluster)
     if ready is not None:
         ready.set()

@@ -126,6 +126,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.inventory_removed = Counter(
+            "fleetd_inventory_removed_nodes_total",
+            "Nodes removed because their cluster's node inventory (an agent's resync) no "
+            "longer listed them: deleted while the agent was down, or their deletion lost.",
+            ["cluster"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "fleetd_config_reloads_total",
             "Config reloads by result (ok, error).",
@@ -178,6 +185,7 @@ class Metrics:
             decision=lambda kind, result: self.decisions.labels(kind, result or "none").inc(),
             telemetry_lag=lambda cluster, lag_s: self.telemetry_lag.labels(cluster).set(lag_s),
             update_ignored=lambda reason: self.updates_ignored.labels(reason).inc(),
+            inventory_removed=lambda cluster, n: self.inventory_removed.labels(cluster).inc(n),
         )
 
     def refresh(self, state: FleetState) -> None:

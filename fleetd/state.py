@@ -327,6 +327,8 @@ class StateMetrics:
     decision: Callable[[str, str], None] = lambda kind, result: None
     telemetry_lag: Callable[[str, float], None] = lambda cluster, lag_s: None
     update_ignored: Callable[[str], None] = lambda reason: None
+    #: (cluster, nodes) a node inventory removed (telemetry's relist).
+    inventory_removed: Callable[[str, int], None] = lambda cluster, nodes: None
 
 
 def _signal(sub: _Subscriber, marker: str) -> None:
@@ -440,6 +442,9 @@ class FleetState:
         #: is the state's, so tests control expiry. No floors: Kubernetes resourceVersions
         #: do not order a cluster's objects by publication (see `SequenceGate`).
         self._gate = up.SequenceGate(clock=clock, floors=False)
+        #: cluster -> its latest applied node inventory (telemetry's relist): a report
+        #: older than it of a node it does not list is obsolete (`apply_now`).
+        self.inventories: dict[str, up.NodeInventory] = {}
         self.held: dict[str, _Held] = {}
         self.queue: dict[str, _Queued] = {}
         self._structure_version = 0  # bumped when a node is added, removed or changed
@@ -717,6 +722,10 @@ class FleetState:
     def apply_now(self, update: up.Update) -> bool:
         """Synchronous `apply`, for callers already on the loop."""
         self._check_owner()
+        if self.inventories and isinstance(update, up.NodeUpdate) and self._unlisted(update):
+            self.ignored_updates += 1
+            self.metrics.update_ignored("not_in_newer_inventory")
+            return False
         if isinstance(update, up.NodeUpdate | up.NodeRemoved):
             # The gate looks at the node's cell next: write its heartbeats back first.
             self._release_heartbeats(update.cluster, update.name)
@@ -756,7 +765,52 @@ class FleetState:
             self.pending_pod_removed(update.cluster, update.namespace, update.name)
         elif isinstance(update, up.ClusterSynced):
             self._cluster_synced(update, now)
+        elif isinstance(update, up.NodeInventory):
+            self._node_inventory(update, now)
         return True
+
+    def _unlisted(self, u: up.NodeUpdate) -> bool:
+        """A report taken before the cluster's latest inventory, of a node that inventory
+        does not list: the node was gone when the list was taken (a report of a node added
+        since would be newer). Such a report comes late (another partition lagging, a
+        redelivery) and must not bring the node back."""
+        inventory = self.inventories.get(u.cluster)
+        return (
+            inventory is not None
+            and 0 < u.sequence < inventory.sequence
+            and u.name not in inventory.names
+        )
+
+    def _node_inventory(self, u: up.NodeInventory, now: float) -> None:
+        """Every node the cluster's agent saw at `u.sequence`: the cluster's nodes it does
+        not list and whose last applied sequence is below it were deleted unseen (while the
+        agent was down, or their NodeDeleted was lost): removed as a NodeRemoved at that
+        sequence would (pods freed, reservations on them ended, the gate keeps a tombstone
+        at `u.sequence`). A node that reported after the list was taken stays."""
+        self.inventories[u.cluster] = u
+        gone = []
+        gate = self.gate  # (heartbeats written back to the cells, once)
+        for info in self.nodes.values():
+            if info.cluster != u.cluster or info.name in u.names:
+                continue
+            cell = gate.cell((u.cluster, "node", info.name))
+            if cell is None or cell.last < u.sequence:
+                gone.append(info.name)
+        for name in sorted(gone):
+            self._node_removed(u.cluster, name, now, at_sequence=u.sequence)
+        # Reservations restored from the journal onto nodes not reported since (their pods
+        # wait for the node): a node the inventory does not list is gone, and a confirmed
+        # reservation has no TTL to end it otherwise.
+        for wid, held in list(self.held.items()):
+            if any(
+                p.cluster == u.cluster
+                and p.node not in u.names
+                and node_key(p.cluster, p.node) not in self.nodes
+                for p in held.record.pods
+            ):
+                self._end(wid, "expire", "expired", now, reason="its node is gone (inventory)")
+        if gone:
+            self.metrics.inventory_removed(u.cluster, len(gone))
 
     # -- pending pods (the clusters' unschedulable pods) -------------------------------------
 
@@ -1033,7 +1087,9 @@ class FleetState:
                 except AllocationError:
                     self.metrics.update_ignored("observed_pod_does_not_fit")
 
-    def _node_removed(self, cluster: str, node: str, now: float, *, tombstone: bool = True) -> None:
+    def _node_removed(
+        self, cluster: str, node: str, now: float, *, tombstone: bool = True, at_sequence: int = 0
+    ) -> None:
         key = node_key(cluster, node)
         if key not in self.nodes:
             return
@@ -1053,7 +1109,7 @@ class FleetState:
         # gate bounded (a relist's removal leaves a tombstone at the node's last sequence).
         self._release_heartbeats(cluster, node)
         if tombstone:
-            self._gate.removed((cluster, "node", node))
+            self._gate.removed((cluster, "node", node), at_sequence)
 
     def _cluster_synced(self, u: up.ClusterSynced, now: float) -> None:
         if u.nodes:

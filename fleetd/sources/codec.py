@@ -27,6 +27,7 @@ from fleetd.sources.translate import (
 from fleetd.sources.updates import (
     CapacityType,
     GpuDevice,
+    NodeInventoryChunk,
     NodePoolRemoved,
     NodePoolUpdate,
     NodeRemoved,
@@ -47,6 +48,14 @@ MAX_GPUS_PER_NODE = 64
 MAX_PODS_PER_NODE = 4096
 MAX_NAME_CHARS = 253
 MAX_VALUE = 2**62
+#: Node inventories: names per cluster (the largest Kubernetes clusters run ~65,000 nodes),
+#: chunks per inventory (at INVENTORY_CHUNK_BYTES, 200,000 names of the longest legal
+#: length take 100), and how many bytes of names the publisher puts in one chunk: a chunk
+#: record stays below half of Kafka's default 1 MB max message size (broker
+#: `message.max.bytes`, producer `max.request.size`), whatever the names.
+MAX_INVENTORY_NODES = 200_000
+MAX_INVENTORY_CHUNKS = 128
+INVENTORY_CHUNK_BYTES = 512 * 1024
 
 #: XIDs that point at the application, not the GPU: the NVIDIA device plugin ignores them
 #: when it marks devices unhealthy (k8s-device-plugin, internal/rm/health.go).
@@ -81,6 +90,12 @@ def node_key(cluster: str, node: str) -> bytes:
 def pool_key(cluster: str, pool: str) -> bytes:
     """The Kafka key of a node pool's records."""
     return f"{cluster}/pool/{pool}".encode()
+
+
+def inventory_key(cluster: str, chunk_index: int) -> bytes:
+    """The Kafka key of a node inventory's chunk (one key per chunk: the consumer keeps the
+    newest record of each key in a poll, and every chunk of an inventory is needed)."""
+    return f"{cluster}/inventory/{chunk_index}".encode()
 
 
 # ---------------------------------------------------------------------------- encode
@@ -180,6 +195,45 @@ def encode_pool_deleted(
     return record
 
 
+def _name_size(name: str) -> int:
+    """Bytes one `node_names` entry takes in a NodeInventory (tag, length, text)."""
+    n = len(name.encode())
+    return 1 + len(_varint_bytes(n)) + n
+
+
+def encode_node_inventory(
+    cluster: str,
+    names: list[str] | tuple[str, ...],
+    *,
+    sequence: int,
+    observed_unix_ms: int,
+    chunk_bytes: int = INVENTORY_CHUNK_BYTES,
+) -> list[pb.TelemetryRecord]:
+    """A cluster's node inventory (every node name, taken at `sequence`) as its chunk
+    records: names sorted, at most `chunk_bytes` of names per chunk, every chunk with the
+    same sequence (publish each under `record_key`). An empty cluster is one empty chunk."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(set(names)):
+        n = _name_size(name)
+        if chunks[-1] and size + n > chunk_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(name)
+        size += n
+    records = []
+    for i, chunk in enumerate(chunks):
+        record = pb.TelemetryRecord(
+            cluster=cluster, sequence=sequence, observed_unix_ms=observed_unix_ms
+        )
+        inventory = record.node_inventory
+        inventory.node_names.extend(chunk)
+        inventory.chunk_index = i
+        inventory.chunk_count = len(chunks)
+        records.append(record)
+    return records
+
+
 def record_key(record: pb.TelemetryRecord) -> bytes:
     """The Kafka key a record must be published under."""
     kind = record.WhichOneof("payload")
@@ -196,6 +250,8 @@ def record_key(record: pb.TelemetryRecord) -> bytes:
     if kind == "pending_pod_deleted":
         gone = record.pending_pod_deleted
         return pending_key(record.cluster, gone.namespace, gone.name)
+    if kind == "node_inventory":
+        return inventory_key(record.cluster, record.node_inventory.chunk_index)
     raise InvalidTelemetry("no-payload", "record has no payload")
 
 
@@ -446,6 +502,8 @@ def to_update(
     assert kind is not None  # parse() checked
     if kind in _PENDING_KINDS:
         return _pending_update(key, record, kind)
+    if kind == "node_inventory":
+        return _inventory_chunk(key, record)
     if key is not None:
         expected = _expected_key(record, kind)
         if key != expected:
@@ -848,3 +906,29 @@ def _pending_update(
         priority=p.priority,
         sequence=sequence,
     )
+
+
+# ---------------------------------------------------------------------------- node inventories
+
+
+def _inventory_chunk(key: bytes | None, record: pb.TelemetryRecord) -> NodeInventoryChunk:
+    """A NodeInventory record as a chunk value, validated (InvalidTelemetry)."""
+    inventory = record.node_inventory
+    index, count = inventory.chunk_index, inventory.chunk_count
+    if not 1 <= count <= MAX_INVENTORY_CHUNKS or index >= count:
+        raise InvalidTelemetry(
+            "bad-inventory",
+            f"chunk {index} of {count} (1..{MAX_INVENTORY_CHUNKS} chunks, index below count)",
+        )
+    if key is not None and key != (expected := inventory_key(record.cluster, index)):
+        raise InvalidTelemetry("key-mismatch", f"key {key[:120]!r} != {expected!r}")
+    names = tuple(inventory.node_names)
+    if len(names) > MAX_INVENTORY_NODES:
+        raise InvalidTelemetry(
+            "bad-inventory", f"{len(names)} node names (at most {MAX_INVENTORY_NODES})"
+        )
+    for name in names:
+        _check_name(name, "node_inventory.node_names[]")
+    if len(set(names)) != len(names):
+        raise InvalidTelemetry("bad-inventory", "a node name is listed twice")
+    return NodeInventoryChunk(record.cluster, record.sequence, index, count, names)

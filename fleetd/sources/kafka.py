@@ -36,6 +36,7 @@ from fleetd.sources.codec import (
     decode_envelope_rests,
     envelope_head,
     node_content_tail,
+    node_key,
     node_offset_in_tail,
     only_pod_fields,
     parse,
@@ -43,6 +44,7 @@ from fleetd.sources.codec import (
     to_update,
     with_new_pods,
 )
+from fleetd.sources.inventory import InventoryAssembler
 from fleetd.sources.memory import StateSink
 from fleetd.sources.metrics import SourceMetrics
 from fleetd.sources.security import KafkaSecurity, KafkaSecurityError, diagnose
@@ -51,6 +53,8 @@ from fleetd.sources.updates import (
     ClusterSynced,
     HeartbeatSlots,
     NodeHeartbeats,
+    NodeInventory,
+    NodeInventoryChunk,
     NodeRemoved,
     NodeUpdate,
     SequenceColumn,
@@ -205,6 +209,11 @@ class KafkaSource:
         self._resync_end: dict[TopicPartition, int] | None = None
         #: The last poll's commit while the next poll is decoded and applied (`_consume`).
         self._committing: asyncio.Future[None] | None = None
+        #: Node inventories (telemetry's relist): chunks converted in this poll, their
+        #: assembly, and the inventories applied in this poll (see `_assemble_inventories`).
+        self._inventory_chunks = 0
+        self._inventories = InventoryAssembler()
+        self._applied_inventories: list[NodeInventory] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -504,6 +513,8 @@ class KafkaSource:
         # report after it (see above), so every unchanged report is older than its key's
         # full records here and applying them first keeps each node's order.
         updates += [u for _, u, _, _ in chosen]
+        if self._inventory_chunks:  # (an agent's resync: rare, off the common path)
+            updates = self._assemble_inventories(updates)
         # The applied contents' slots, for their repeats from the next poll on.
         updates += self._remember_contents(chosen)
         dead.sort(key=lambda item: item[0])
@@ -514,6 +525,8 @@ class KafkaSource:
             await self._dead_letter(producer, [(rec, exc) for _, rec, exc in dead])
         if updates:
             await self.sink.apply(updates)
+        if self._applied_inventories:
+            self._forget_unlisted()
         self._next_offset.update(offsets)
         self._record_metrics(
             consumer,
@@ -558,7 +571,10 @@ class KafkaSource:
         (`codec.with_new_pods`): only the pods are new and validated."""
         token = _content_token(rec, parsed)
         if not token:
-            return to_update(rec.key, parsed), -1
+            update = to_update(rec.key, parsed)
+            if isinstance(update, NodeInventoryChunk):
+                self._inventory_chunks += 1
+            return update, -1
         at = node_offset_in_tail(token)
         memo = self._contents.get(rec.key) if rec.key is not None else None
         if (
@@ -617,6 +633,43 @@ class KafkaSource:
             HeartbeatSlots(self._slot_space, cluster, tuple(slots), tuple(names), tuple(tokens))
             for cluster, (slots, names, tokens) in bindings.items()
         ]
+
+    def _assemble_inventories(self, updates: list[Update]) -> list[Update]:
+        """Replace a poll's node-inventory chunks by the inventories they complete (at the
+        place of the completing chunk); incomplete ones wait for their other chunks."""
+        self._inventory_chunks = 0
+        out: list[Update] = []
+        for update in updates:
+            if not isinstance(update, NodeInventoryChunk):
+                out.append(update)
+                continue
+            inventory = self._inventories.add(update)
+            if inventory is not None:
+                out.append(inventory)
+                self._applied_inventories.append(inventory)
+        return out
+
+    def _forget_unlisted(self) -> None:
+        """After apply: the nodes an inventory removed (not listed, last sequence below it)
+        leave the gate (a tombstone at the inventory's sequence, so their older records
+        are dropped) and the memory of their content, as a NodeDeleted would. Decided on
+        this source's gate, which has seen the whole poll: a node that reported after the
+        inventory anywhere in it stays."""
+        inventories, self._applied_inventories = self._applied_inventories, []
+        # The gate reads the cells next: write back what repeats moved in their column.
+        self._column.flush_all()
+        for inventory in inventories:
+            gone = self._gate.retire_unlisted(
+                inventory.cluster, "node", inventory.names, inventory.sequence
+            )
+            for name in gone:
+                memo = self._contents.pop(node_key(inventory.cluster, name), None)
+                if memo is not None:
+                    self._column.release(memo.slot)
+            if gone:
+                log.info("kafka: node inventory of %s at sequence %d: %d node(s) not listed "
+                         "removed: %s", inventory.cluster, inventory.sequence, len(gone),
+                         ", ".join(gone[:20]) + (" ..." if len(gone) > 20 else ""))  # fmt: skip
 
     async def _dead_letter(
         self, producer: AIOKafkaProducer, dead: list[tuple[Any, InvalidTelemetry]]

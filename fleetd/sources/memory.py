@@ -17,6 +17,7 @@ from fleetd.sources.updates import (
     ClusterSynced,
     HeartbeatSlots,
     NodeHeartbeats,
+    NodeInventory,
     NodePoolRemoved,
     NodePoolUpdate,
     NodeRemoved,
@@ -89,6 +90,19 @@ class FleetView:
             self.heartbeats.pop(key, None)
             self.pods.pop(key, None)
             self.stale.discard(key)
+        elif isinstance(update, NodeInventory):
+            # As the state does: unlisted nodes whose latest report is older are gone.
+            for key in [
+                k
+                for k in self.nodes
+                if k[0] == update.cluster
+                and k[1] not in update.names
+                and (self.sequence(*k) or 0) < update.sequence
+            ]:
+                self.nodes.pop(key, None)
+                self.heartbeats.pop(key, None)
+                self.pods.pop(key, None)
+                self.stale.discard(key)
         elif isinstance(update, NodeStale):
             key = (update.cluster, update.name)
             if update.stale:

@@ -21,6 +21,7 @@ from typing import Any
 from fleetd.sources.codec import (
     encode_node,
     encode_node_deleted,
+    encode_node_inventory,
     encode_pending_pod,
     encode_pending_pod_deleted,
     encode_pool,
@@ -91,6 +92,19 @@ class TelemetryPublisher:
         await self.publish_record(
             encode_node_deleted(cluster, name, sequence=seq, observed_unix_ms=ms)
         )
+
+    async def publish_node_inventory(self, cluster: str, names: list[str]) -> None:
+        """Queue the cluster's node inventory: `names` is every node the agent sees now.
+
+        Its sequence is drawn here, before anything is awaited, so the caller must take
+        `names` from its picture with no `await` in between: every report published
+        before then has a lower sequence, every report of a node added later a higher
+        one (which is how a consumer tells a node deleted unseen from one added after
+        the list was taken). One or more chunk records, all with that sequence
+        (`codec.encode_node_inventory`)."""
+        seq, ms = self._stamp()
+        for record in encode_node_inventory(cluster, names, sequence=seq, observed_unix_ms=ms):
+            await self.publish_record(record)
 
     async def publish_pool(self, update: NodePoolUpdate) -> None:
         """Queue a node-pool report."""

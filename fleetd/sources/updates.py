@@ -313,11 +313,42 @@ class ClusterSynced:
     nodes: frozenset[str] = field(default_factory=frozenset)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeInventoryChunk:
+    """One chunk of a cluster's node inventory as a telemetry record carries it (see
+    `NodeInventory`); the Kafka source joins the `chunk_count` chunks of one `sequence`."""
+
+    cluster: str
+    sequence: int
+    chunk_index: int
+    chunk_count: int
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInventory:
+    """Every node a cluster's agent saw at `sequence` (a relist, for telemetry).
+
+    Applying it removes the cluster's nodes that are not in `names` and whose last applied
+    sequence is below `sequence` (each as a `NodeRemoved` at `sequence` would): they were
+    gone when the agent took the list, and nothing newer said otherwise. A node whose
+    report is newer was added (or seen again) after the list was taken, and stays. That
+    needs `sequence` and the node sequences from one clock per cluster, as the Kafka
+    publisher's are (`max(last + 1, wall clock µs)` per agent).
+    """
+
+    cluster: str
+    sequence: int
+    names: frozenset[str]
+
+
 Update = (
     NodeUpdate
     | NodeHeartbeats
     | HeartbeatSlots
     | NodeRemoved
+    | NodeInventory
+    | NodeInventoryChunk
     | NodeStale
     | PodObserved
     | PodRemoved
@@ -343,6 +374,10 @@ def subject_of(update: Update) -> Subject | None:
         return (update.cluster, "pod", update.uid or f"{update.namespace}/{update.name}")
     if isinstance(update, PendingPod | PendingPodRemoved):
         return (update.cluster, "pending", f"{update.namespace}/{update.name}")
+    if isinstance(update, NodeInventory):
+        return (update.cluster, "inventory", "")
+    if isinstance(update, NodeInventoryChunk):
+        return (update.cluster, "inventory-chunk", str(update.chunk_index))
     return None
 
 
@@ -486,7 +521,8 @@ class SequenceGate:
     by resuming in order or relisting what exists).
     """
 
-    __slots__ = ("_cells", "_clock", "_floors", "_tombstones", "floors", "tombstone_ttl_s")
+    __slots__ = ("_cells", "_clock", "_floors", "_tombstoned", "_tombstones", "floors",
+                 "tombstone_ttl_s")  # fmt: skip
 
     def __init__(
         self,
@@ -500,6 +536,9 @@ class SequenceGate:
         self._tombstones: collections.deque[tuple[float, Subject, int]] = collections.deque()
         #: (cluster, kind) -> the highest sequence of a removal whose tombstone expired.
         self._floors: dict[tuple[str, str], int] = {}
+        #: subject -> the sequence of its latest tombstone; the subject is removed while its
+        #: cell is still at it (admitted again otherwise). Bounded by `_tombstones`.
+        self._tombstoned: dict[Subject, int] = {}
         self.tombstone_ttl_s = tombstone_ttl_s
         self._clock = clock
         self.floors = floors
@@ -540,15 +579,42 @@ class SequenceGate:
         is removed (the entry goes once its tombstone expires)."""
         return self._cells.get(subject)
 
-    def removed(self, subject: Subject) -> None:
+    def removed(self, subject: Subject, at_sequence: int = 0) -> None:
         """The subject is gone (its removal was admitted, or its owner dropped it): keep
-        its entry as a tombstone for `tombstone_ttl_s`, then drop it (see the class)."""
+        its entry as a tombstone for `tombstone_ttl_s`, then drop it (see the class).
+
+        `at_sequence`: the removal's sequence when the entry is below it (a node an
+        inventory dropped): its older records are then dropped too."""
         cell = self._cells.get(subject)
         if cell is None:
             return
+        if at_sequence > cell.last:
+            cell.last = at_sequence
         now = self._clock()
         self._tombstones.append((now + self.tombstone_ttl_s, subject, cell.last))
+        self._tombstoned[subject] = cell.last
         self.expire(now)
+
+    def retire_unlisted(
+        self, cluster: str, kind: str, listed: frozenset[str], sequence: int
+    ) -> list[str]:
+        """Apply an inventory of `cluster`'s subjects of `kind` taken at `sequence`: every
+        live entry (not a tombstone) whose name is not in `listed` and whose last sequence
+        is below `sequence` is removed at `sequence` (`removed`). Returns their names,
+        sorted. One pass over the table: an inventory comes once per agent resync."""
+        tombstoned = self._tombstoned
+        gone = [
+            subject
+            for subject, cell in self._cells.items()
+            if subject[0] == cluster
+            and subject[1] == kind
+            and cell.last < sequence
+            and subject[2] not in listed
+            and tombstoned.get(subject) != cell.last
+        ]
+        for subject in gone:
+            self.removed(subject, sequence)
+        return sorted(subject[2] for subject in gone)
 
     def expire(self, now: float | None = None) -> int:
         """Drop the entries of subjects whose tombstone expired (still removed: not
@@ -561,6 +627,8 @@ class SequenceGate:
         dropped = 0
         while tombstones and tombstones[0][0] <= now:
             _, subject, sequence = tombstones.popleft()
+            if self._tombstoned.get(subject) == sequence:
+                del self._tombstoned[subject]
             cell = self._cells.get(subject)
             if cell is None or cell.last != sequence:
                 continue  # admitted again since (or expired by an earlier tombstone)

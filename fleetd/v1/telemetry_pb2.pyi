@@ -5,8 +5,9 @@ Telemetry that cluster-side agents publish to Kafka and fleetd consumes.
 
 Topic: fleet.telemetry.v1 (configurable). One TelemetryRecord per Kafka record; the
 Kafka key is "<cluster>/<node>" for node records, "<cluster>/pool/<pool>" for
-node-pool records and "<cluster>/pending/<namespace>/<name>" for pending-pod records,
-so every update of one subject lands on one partition, in order.
+node-pool records, "<cluster>/pending/<namespace>/<name>" for pending-pod records and
+"<cluster>/inventory/<chunk_index>" for node-inventory chunks, so every update of one
+subject lands on one partition, in order.
 
 Records are snapshots, not deltas: a NodeReport carries the whole state of its node,
 including every pod bound to it. Applying one twice, or applying an older one after a
@@ -81,6 +82,7 @@ class TelemetryRecord(_message.Message):
     NODE_POOL_DELETED_FIELD_NUMBER: _builtins.int
     PENDING_POD_FIELD_NUMBER: _builtins.int
     PENDING_POD_DELETED_FIELD_NUMBER: _builtins.int
+    NODE_INVENTORY_FIELD_NUMBER: _builtins.int
     cluster: _builtins.str
     """Cluster name, unique in the fleet (a kubeconfig context name, for instance)."""
     sequence: _builtins.int
@@ -103,6 +105,10 @@ class TelemetryRecord(_message.Message):
 
     @_builtins.property
     def pending_pod_deleted(self) -> Global___PendingPodDeleted: ...
+    @_builtins.property
+    def node_inventory(self) -> Global___NodeInventory:
+        """Every node the agent sees in its cluster (the telemetry equivalent of a relist)."""
+
     def __init__(
         self,
         *,
@@ -115,12 +121,13 @@ class TelemetryRecord(_message.Message):
         node_pool_deleted: Global___NodePoolDeleted | None = ...,
         pending_pod: Global___PendingPod | None = ...,
         pending_pod_deleted: Global___PendingPodDeleted | None = ...,
+        node_inventory: Global___NodeInventory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "node_deleted", b"node_deleted", "node_pool", b"node_pool", "node_pool_deleted", b"node_pool_deleted", "payload", b"payload", "pending_pod", b"pending_pod", "pending_pod_deleted", b"pending_pod_deleted"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "node_deleted", b"node_deleted", "node_inventory", b"node_inventory", "node_pool", b"node_pool", "node_pool_deleted", b"node_pool_deleted", "payload", b"payload", "pending_pod", b"pending_pod", "pending_pod_deleted", b"pending_pod_deleted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "node", b"node", "node_deleted", b"node_deleted", "node_pool", b"node_pool", "node_pool_deleted", b"node_pool_deleted", "observed_unix_ms", b"observed_unix_ms", "payload", b"payload", "pending_pod", b"pending_pod", "pending_pod_deleted", b"pending_pod_deleted", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "node", b"node", "node_deleted", b"node_deleted", "node_inventory", b"node_inventory", "node_pool", b"node_pool", "node_pool_deleted", b"node_pool_deleted", "observed_unix_ms", b"observed_unix_ms", "payload", b"payload", "pending_pod", b"pending_pod", "pending_pod_deleted", b"pending_pod_deleted", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["node", "node_deleted", "node_pool", "node_pool_deleted", "pending_pod", "pending_pod_deleted"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["node", "node_deleted", "node_pool", "node_pool_deleted", "pending_pod", "pending_pod_deleted", "node_inventory"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -707,3 +714,50 @@ class PendingPodDeleted(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PendingPodDeleted: _TypeAlias = PendingPodDeleted  # noqa: Y015
+
+@_typing.final
+class NodeInventory(_message.Message):
+    """The complete list of the cluster's nodes as the agent sees them at one instant: the
+    record's `sequence`, drawn from the same per-agent clock as its NodeReports at the
+    moment the list is taken. A consumer removes the cluster's nodes that are not listed
+    and whose last applied record is older than `sequence`: a node deleted while the agent
+    was down, or whose NodeDeleted was lost or compacted away, does not stay forever
+    (kube-scheduler and cluster-autoscaler get the same from relisting). A node added after
+    the list was taken has a newer report and is kept; a redelivered (older) inventory
+    removes nothing that reported after it.
+
+    Chunked so that every record stays far below Kafka's default 1 MB message size however
+    many nodes and however long their names (at most 512 KiB of names per chunk: about
+    10,000 nodes of typical cloud node names, 2,000 of the longest legal ones). Every chunk
+    of one inventory carries the same `sequence` and `chunk_count`, under the key
+    "<cluster>/inventory/<chunk_index>"; a consumer applies an inventory only once it holds
+    all of its chunks (a lost chunk makes it incomplete: nothing is removed until the next).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_NAMES_FIELD_NUMBER: _builtins.int
+    CHUNK_INDEX_FIELD_NUMBER: _builtins.int
+    CHUNK_COUNT_FIELD_NUMBER: _builtins.int
+    chunk_index: _builtins.int
+    """0-based position of this chunk, below `chunk_count`."""
+    chunk_count: _builtins.int
+    """How many chunks the inventory has (at least 1: an empty cluster is one empty chunk)."""
+    @_builtins.property
+    def node_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Node names of this chunk (the publisher sorts them; no name twice)."""
+
+    def __init__(
+        self,
+        *,
+        node_names: _abc.Iterable[_builtins.str] | None = ...,
+        chunk_index: _builtins.int = ...,
+        chunk_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "chunk_index", b"chunk_index", "node_names", b"node_names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeInventory: _TypeAlias = NodeInventory  # noqa: Y015

@@ -5,8 +5,9 @@ Telemetry that cluster-side agents publish to Kafka and fleetd consumes.
 
 Topic: fleet.telemetry.v1 (configurable). One TelemetryRecord per Kafka record; the
 Kafka key is "<cluster>/<node>" for node records, "<cluster>/pool/<pool>" for
-node-pool records and "<cluster>/pending/<namespace>/<name>" for pending-pod records,
-so every update of one subject lands on one partition, in order.
+node-pool records, "<cluster>/pending/<namespace>/<name>" for pending-pod records and
+"<cluster>/inventory/<chunk_index>" for node-inventory chunks, so every update of one
+subject lands on one partition, in order.
 
 Records are snapshots, not deltas: a NodeReport carries the whole state of its node,
 including every pod bound to it. Applying one twice, or applying an older one after a

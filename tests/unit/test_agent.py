@@ -15,6 +15,7 @@ from fleetd.sources.publisher import TelemetryPublisher
 from fleetd.sources.translate import node_update, pod_update
 from fleetd.sources.updates import (
     ClusterSynced,
+    NodeInventoryChunk,
     NodePoolRemoved,
     NodePoolUpdate,
     NodeRemoved,
@@ -108,10 +109,39 @@ async def test_cluster_publisher_reports_pending_pods_and_their_end() -> None:
     [sent] = producer.sent
     assert isinstance(sent, PendingPod)
     assert (sent.cluster, sent.key, sent.requests.gpus, sent.priority) == ("edge", "ml/train", 8, 3)
-    await sink.resync()  # the heartbeat repeats it
-    assert [type(u) for u in producer.sent] == [PendingPod, PendingPod]
+    await sink.resync()  # the heartbeat repeats it (and lists the cluster's nodes: none)
+    assert [type(u) for u in producer.sent] == [PendingPod, PendingPod, NodeInventoryChunk]
     producer.sent.clear()
     await sink.apply([PendingPodRemoved("ctx", "ml", "train")])
     [gone] = producer.sent
     assert isinstance(gone, PendingPodRemoved)
     assert (gone.cluster, gone.namespace, gone.name) == ("edge", "ml", "train")
+
+
+async def test_every_resync_ends_with_the_node_inventory_above_its_reports() -> None:
+    """The inventory lists every node the agent sees, with a sequence above every report
+    published before it and below every report of a node added after it."""
+    producer = _Producer()
+    sink = ClusterPublisher(TelemetryPublisher(producer), "edge")
+    n1 = node_update("ctx", kube_node("n1", rv="5"))
+    n2 = node_update("ctx", kube_node("n2", rv="6"))
+    await sink.apply([n1, n2, ClusterSynced("ctx", "kubernetes")])
+    await sink.publish_inventory()  # what the agent does after the initial publication
+    [first] = [u for u in producer.sent if isinstance(u, NodeInventoryChunk)]
+    assert (first.cluster, first.names, first.chunk_index, first.chunk_count) == (
+        "edge",
+        ("n1", "n2"),
+        0,
+        1,
+    )
+    producer.sent.clear()
+    await sink.apply([NodeRemoved("ctx", "n2")])
+    await sink.resync()
+    *reports, inventory = producer.sent
+    assert isinstance(inventory, NodeInventoryChunk)
+    assert inventory.names == ("n1",)
+    assert inventory.sequence > max(u.sequence for u in reports if isinstance(u, NodeUpdate))
+    assert inventory.sequence > first.sequence
+    await sink.apply([node_update("ctx", kube_node("n3", rv="7"))])
+    [added] = [u for u in producer.sent if isinstance(u, NodeUpdate) and u.name == "n3"]
+    assert added.sequence > inventory.sequence
