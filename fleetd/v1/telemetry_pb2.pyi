@@ -87,7 +87,8 @@ class TelemetryRecord(_message.Message):
     """Cluster name, unique in the fleet (a kubeconfig context name, for instance)."""
     sequence: _builtins.int
     """Monotonic per subject (cluster + node, or cluster + pool), also across agent
-    restarts: the publisher uses max(last + 1, wall clock in microseconds).
+    restarts: the publisher uses max(last + 1, wall clock in microseconds), one clock for
+    all of its records (every chunk of one NodeInventory carries the same sequence).
     """
     observed_unix_ms: _builtins.int
     """When the agent observed this state, Unix epoch in milliseconds."""
