@@ -372,3 +372,21 @@ def test_the_agents_records_decode_as_the_source_reads_them() -> None:
         assert chunk == up.NodeInventoryChunk("c1", 100_000_000, 0, 1, ("a", "b"))
 
     asyncio.run(run())
+
+
+async def test_an_unchanged_report_after_the_inventory_keeps_its_node(tmp_path: Path) -> None:
+    """A repeat of b's content (the heartbeat path: sequences moved in bulk, written back to
+    the gates' cells lazily) newer than the inventory, in the same poll: b stays, in the
+    state and in the source's memory."""
+    clock = FakeClock()
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), clock)
+    source = KafkaSource(KafkaSourceSettings(), StateSink(state))
+    await _poll(source, [_report("a", 1), _report("b", 2), _report("c", 3)])
+    await _poll(source, [_report("b", 11), *_inventory(["a"], seq=10)])
+    assert _names(state) == ["a", "b"]
+    assert set(source._contents) == {b"c1/a", b"c1/b"}
+    assert source._gate.last("c1", "node", "b") == 11
+    assert state.gate.last("c1", "node", "b") == 11
+    # b's repeats still refresh it (its heartbeat slot survived the inventory).
+    await _poll(source, [_report("b", 12)])
+    assert state.gate.last("c1", "node", "b") == 12
