@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduling import Fleet, PodSpec, Policy, place, placement
+from scheduling import Allocation, Fleet, NodeSpec, PodSpec, Policy, place, placement
 from scheduling.filters import Free, compile_pod
 from scheduling.fragmentation import FragmentationScorer, TypicalPods, typical_pods
 from scheduling.reference import place_reference
@@ -223,5 +224,51 @@ def test_chain_equals_scoring_step_by_step(
             expect, pick = step_policy.evaluate(v, c)
             assert np.array_equal(s, expect)
             assert np.array_equal(p, pick)
+    for column in ("cpu_free_millicores", "memory_free_bytes", "gpu_free_milli"):
+        assert np.array_equal(getattr(last, column), getattr(v, column))
+
+
+@pytest.mark.parametrize(
+    ("name", "used", "milli", "cpu"),
+    [
+        # Per policy, a node (milli used per GPU) where it packs a share on a later GPU.
+        ("fgd", (700, 800, 0, 100), 700, 1000),
+        ("fgd-cpu", (100, 700, 100, 250), 300, 1000),
+        ("fgd-plus", (700, 100, 250, 700), 100, 0),
+    ],
+)
+def test_chain_when_a_pick_is_not_the_first_gpu_that_fits(
+    name: str, used: tuple[int, ...], milli: int, cpu: int
+) -> None:
+    # The chain scores many steps at once, guessing that each pod takes the first GPU it
+    # fits (fgd's usual pick), and checks every pick. A share packed next to another share
+    # on a later GPU is a wrong guess: the steps after it must still be exactly those of
+    # scoring step by step.
+    f = Fleet(max_gpus=4)
+    for i in range(3):
+        f.add_node(NodeSpec(f"n{i}", "c", 64_000, 256 << 30, gpu_count=4, gpu_model="A100"))
+    for gpu, milli_used in enumerate(used):
+        if milli_used:
+            f.allocate(Allocation("n1", 0, 0, (gpu,), milli_used))
+    rows = np.flatnonzero(f.live_mask()).astype(np.int64)
+    view = NodeView.of(f, Free.of(f), rows, gpu_usable_matrix(f))
+    c = compile_pod(f, PodSpec("s", cpu_millicores=cpu, gpu_milli=milli))
+    policy = _policy(name)
+    _, pick = policy.evaluate(view, c)
+    # The chain's first state: n1 takes no pod yet (its first step is the wrong guess).
+    pick[1] = 0
+    steps = 12  # beyond some rows' room too
+    scores, picks, last, _ = policy.chain(view, c, pick, steps)
+    step_policy = _policy(name)
+    v, guessed_wrong = view, False
+    for s, p in zip(scores, picks, strict=True):
+        v = v.after(c, pick)
+        expect, pick = step_policy.evaluate(v, c)
+        assert np.array_equal(s, expect)
+        assert np.array_equal(p, pick)
+        fits = v.gpu_free_milli >= milli
+        first = np.where(fits.any(axis=1), 1 << fits.argmax(axis=1), 0)
+        guessed_wrong |= not np.array_equal(pick, first)
+    assert guessed_wrong  # the case this test is about happened
     for column in ("cpu_free_millicores", "memory_free_bytes", "gpu_free_milli"):
         assert np.array_equal(getattr(last, column), getattr(v, column))
