@@ -22,6 +22,7 @@ import scheduling
 import scheduling.pools
 from scheduling import Allocation, Fleet, Policy, TopologyLevel
 from scheduling.explain import REASON_TEXT, Reason
+from scheduling.filters import allowed_mask, compile_pod
 from scheduling.fleet import FLAG_CORDONED, FLAG_STALE, FLAG_UNHEALTHY
 from scheduling.fragmentation import (
     TypicalPods,
@@ -353,6 +354,19 @@ class Workload:
                 priority=self.priority,
             )
         return specs[0]
+
+
+def allowed_clusters(fleet: Fleet, workload: Workload) -> set[str]:
+    """The clusters holding a node that some pod of `workload` may ever go to (its cluster,
+    pool, selector, taints, GPU model and memory; whatever cordon, health, freshness and
+    load say now)."""
+    rows = np.flatnonzero(fleet.live_mask())
+    ids: set[int] = set()
+    for pod in dict.fromkeys(workload.pods):  # (a gang's identical pods once)
+        spec = to_pod(pod, priority=workload.priority, cluster=workload.cluster, pool=workload.pool)
+        mask = allowed_mask(fleet, compile_pod(fleet, spec), rows)
+        ids.update(np.unique(fleet.cluster_id[rows[mask]]).tolist())
+    return {fleet.clusters.names[i] for i in ids}
 
 
 FitsEmpty = Callable[[scheduling.PodSpec | scheduling.GangSpec], bool]

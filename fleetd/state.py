@@ -586,15 +586,19 @@ class FleetState:
         return stale or cluster in self.lost_clusters
 
     def lost_scope(self, req: WorkloadRequest) -> str:
-        """Why `req` cannot be placed now because every cluster it is limited to (its
-        cluster, or every cluster holding its pool) lost its sync; '' when it can try."""
-        if not self.lost_clusters or not (req.cluster or req.pool):
+        """Why `req` cannot be placed now because every cluster it may go to lost its sync
+        (its cluster, every cluster holding its pool, or every cluster with a node its
+        selector, taints, GPU models and memory allow); '' when it can try."""
+        if not self.lost_clusters:
             return ""
         if req.cluster:
             scope = {req.cluster}
-        else:
+        elif req.pool:
             scope = {i.cluster for i in self.nodes.values() if i.pool == req.pool}
             scope |= {c for c, p in self.pools if p == req.pool}
+        else:
+            # Limited by its constraints: the clusters with a node it may ever go to.
+            scope = engine.allowed_clusters(self.fleet, self._workload(req))
         if not scope or not scope <= self.lost_clusters:
             return ""
         why = [

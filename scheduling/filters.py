@@ -189,6 +189,24 @@ def static_mask(fleet: Fleet, c: Constraints, rows: Rows | None = None) -> Mask:
     return ok
 
 
+#: What a node's state can change (cordon, health, fresh telemetry): the static filters
+#: that are not about where the pod may ever go.
+_TRANSIENT = (Reason.NODE_UNSCHEDULABLE, Reason.NODE_NOT_READY)
+
+
+def allowed_mask(fleet: Fleet, c: Constraints, rows: Rows | None = None) -> Mask:
+    """(rows,) bool: the node is one the pod may ever go to (its cluster, selector and
+    affinity, taints, GPU model and memory), whatever its cordon, health, freshness and
+    load now. Live slots only."""
+    if rows is None:
+        rows = np.flatnonzero(fleet.live_mask())
+    ok = np.ones(rows.size, bool)
+    for reason, fn in STATIC_FILTERS:
+        if reason not in _TRANSIENT:
+            ok &= fn(fleet, c, rows)
+    return ok
+
+
 # ---- resource filters (free resources, held by the engine) ----------------------------
 
 

@@ -638,3 +638,46 @@ def test_restored_reservation_on_a_vanished_node_ends_at_sync(
     assert "w" not in restarted.held
     assert restarted.history[-1].kind == "expire"
     assert sum(map(sum, gpu_usage(restarted))) == 0
+
+
+def test_a_workload_whose_constraints_allow_only_lost_clusters_is_unavailable(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Limited by its selector or GPU models rather than by `cluster`/`pool`: the same
+    UNAVAILABLE as a workload named to the lost cluster, not a silent QUEUED."""
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), clock)
+    state.expect_source("kafka", "c1")
+    state.expect_source("kubernetes", "k1")
+    state.apply_now(node("n0", seq=1, labels=(("team", "x"),)))
+    state.apply_now(node("n1", seq=1, model="H100"))
+    state.apply_now(node("m0", seq=1, cluster="k1"))
+    for cluster, source in (("c1", "kafka"), ("k1", "kubernetes")):
+        state.apply_now(up.ClusterSynced(cluster, source))
+    state.source_connection("kafka", "", False, "broker unreachable")
+    clock.now_s += 30
+    state.check_sources()
+    assert state.lost_clusters == {"c1"}
+
+    def pods(**kw: object) -> tuple[PodRequest, ...]:
+        return (PodRequest(name="p", cpu_millicores=1000, memory_bytes=GIB, gpu_count=1, **kw),)  # type: ignore[arg-type]
+
+    team_x = WorkloadRequest(
+        "team-x", "ml", 0, pods(node_selector=(("team", "x"),)), fingerprint="x"
+    )
+    with pytest.raises(NotReady, match=r"cluster\(s\) 'c1' lost their sync"):
+        state.place(team_x)
+    h100 = WorkloadRequest("h100", "ml", 0, pods(gpu_models=("H100",)), fingerprint="h")
+    with pytest.raises(NotReady, match="'c1'"):
+        state.place(h100)
+    assert "team-x" not in state.queue
+    assert "h100" not in state.queue
+    # Allowed somewhere synced: placed there; allowed nowhere: not a sync problem.
+    a100 = WorkloadRequest("a100", "ml", 0, pods(gpu_models=("A100",)), fingerprint="a")
+    assert [p.cluster for p in state.place(a100).placements] == ["k1"]
+    nowhere = WorkloadRequest(
+        "nowhere", "ml", 0, pods(node_selector=(("team", "y"),)), fingerprint="n"
+    )
+    assert state.place(nowhere).result in ("queued", "unschedulable")
+    # Resynced: the selector-limited workload is placed on its cluster.
+    state.source_connection("kafka", "", True)
+    assert [p.node for p in state.place(team_x).placements] == ["n0"]

@@ -6,6 +6,8 @@ reference check (`reference.first_failure_one`), which must agree.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +27,7 @@ from scheduling import (
 )
 from scheduling.filters import (
     Free,
+    allowed_mask,
     compile_pod,
     first_failure,
     pod_capacity,
@@ -168,6 +171,17 @@ def _check(node: NodeSpec, p: PodSpec, expected: Reason, allocs: list[Allocation
 @pytest.mark.parametrize(("node", "p", "expected", "case"), CASES, ids=[c[3] for c in CASES])
 def test_filter_table(node: NodeSpec, p: PodSpec, expected: Reason, case: str) -> None:
     _check(node, p, expected, [])
+
+
+@pytest.mark.parametrize(("node", "p", "expected", "case"), CASES, ids=[c[3] for c in CASES])
+def test_allowed_mask_is_the_static_filters_on_a_schedulable_healthy_node(
+    node: NodeSpec, p: PodSpec, expected: Reason, case: str
+) -> None:
+    """Where a pod may ever go: cordon, health and freshness do not count (they change)."""
+    well = dataclasses.replace(node, cordoned=False, unhealthy=False, stale=False)
+    f, f_well = fleet_of(node), fleet_of(well)
+    static = static_first_failure(f_well, compile_pod(f_well, p), np.array([0]))
+    assert allowed_mask(f, compile_pod(f, p)).tolist() == [Reason(int(static[0])) is Reason.OK]
 
 
 USED = [
