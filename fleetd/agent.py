@@ -13,8 +13,9 @@ picture in memory, and publishes to the telemetry topic:
 - every node and pool again each `--resync-interval-s`: the heartbeat that keeps nodes
   from going stale in fleetd and lets a restarted fleetd rebuild its picture;
 - with every resync (and once right after the initial publication) a NodeInventory: the
-  name of every node it sees, so that fleetd drops nodes deleted while the agent was down
-  or whose NodeDeleted was lost (telemetry's equivalent of a relist).
+  name of every node it sees and of every pool it published, so that fleetd drops nodes
+  and pools deleted while the agent was down or whose deletion record was lost
+  (telemetry's equivalent of a relist).
 
 `--pools` is YAML: `{pool-name: {price_per_hour: 32.8, min_size: 0, max_size: 16}}`.
 """
@@ -175,7 +176,9 @@ class ClusterPublisher:
                 await self._publish_pending(key)
             # After the reports: a consumer reading in order has every listed node by then
             # (not required for correctness: the sequences decide, see the publisher).
-            await self.publisher.publish_node_inventory(self.cluster, self.node_names())
+            await self.publisher.publish_node_inventory(
+                self.cluster, self.node_names(), sorted(self._published_pools)
+            )
 
         await self._publish(publish)
 
@@ -183,7 +186,9 @@ class ClusterPublisher:
         """Publish the node inventory alone (after the initial publication)."""
 
         async def publish() -> None:
-            await self.publisher.publish_node_inventory(self.cluster, self.node_names())
+            await self.publisher.publish_node_inventory(
+                self.cluster, self.node_names(), sorted(self._published_pools)
+            )
 
         await self._publish(publish)
 

@@ -790,7 +790,8 @@ class FleetState:
         not list and whose last applied sequence is below it were deleted unseen (while the
         agent was down, or their NodeDeleted was lost): removed as a NodeRemoved at that
         sequence would (pods freed, reservations on them ended, the gate keeps a tombstone
-        at `u.sequence`). A node that reported after the list was taken stays."""
+        at `u.sequence`). A node that reported after the list was taken stays. The same for
+        node pools when the inventory lists them."""
         self.inventories[u.cluster] = u
         gone = []
         gate = self.gate  # (heartbeats written back to the cells, once)
@@ -815,6 +816,14 @@ class FleetState:
                 self._end(wid, "expire", "expired", now, reason="its node is gone (inventory)")
         if gone:
             self.metrics.inventory_removed(u.cluster, len(gone))
+        if u.pools is not None:
+            for cluster, pool in sorted(self.pools):
+                if cluster != u.cluster or pool in u.pools:
+                    continue
+                cell = gate.cell((cluster, "pool", pool))
+                if cell is None or cell.last < u.sequence:
+                    del self.pools[(cluster, pool)]
+                    gate.removed((cluster, "pool", pool), u.sequence)
 
     # -- pending pods (the clusters' unschedulable pods) -------------------------------------
 

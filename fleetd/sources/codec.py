@@ -208,15 +208,18 @@ def encode_node_inventory(
     sequence: int,
     observed_unix_ms: int,
     chunk_bytes: int = INVENTORY_CHUNK_BYTES,
+    pools: list[str] | tuple[str, ...] | None = None,
 ) -> list[pb.TelemetryRecord]:
     """A cluster's node inventory (every node name, taken at `sequence`) as its chunk
     records: names sorted, at most `chunk_bytes` of names per chunk, every chunk with the
-    same sequence (publish each under `record_key`). An empty cluster is one empty chunk."""
+    same sequence (publish each under `record_key`). An empty cluster is one empty chunk.
+    `pools` (the cluster's node pools, when listed) go in chunk 0, within its budget."""
+    pool_names = sorted(set(pools or ()))
     chunks: list[list[str]] = [[]]
-    size = 0
+    size = sum(map(_name_size, pool_names))
     for name in sorted(set(names)):
         n = _name_size(name)
-        if chunks[-1] and size + n > chunk_bytes:
+        if size and size + n > chunk_bytes:
             chunks.append([])
             size = 0
         chunks[-1].append(name)
@@ -230,6 +233,9 @@ def encode_node_inventory(
         inventory.node_names.extend(chunk)
         inventory.chunk_index = i
         inventory.chunk_count = len(chunks)
+        if i == 0 and pools is not None:
+            inventory.node_pool_names.extend(pool_names)
+            inventory.lists_node_pools = True
         records.append(record)
     return records
 
@@ -931,4 +937,17 @@ def _inventory_chunk(key: bytes | None, record: pb.TelemetryRecord) -> NodeInven
         _check_name(name, "node_inventory.node_names[]")
     if len(set(names)) != len(names):
         raise InvalidTelemetry("bad-inventory", "a node name is listed twice")
-    return NodeInventoryChunk(record.cluster, record.sequence, index, count, names)
+    pools: tuple[str, ...] | None = None
+    if inventory.lists_node_pools or inventory.node_pool_names:
+        if index != 0 or not inventory.lists_node_pools:
+            raise InvalidTelemetry(
+                "bad-inventory", "node pools are listed in chunk 0, with lists_node_pools"
+            )
+        pools = tuple(inventory.node_pool_names)
+        if len(pools) > MAX_INVENTORY_NODES:
+            raise InvalidTelemetry("bad-inventory", f"{len(pools)} node pool names")
+        for name in pools:
+            _check_name(name, "node_inventory.node_pool_names[]")
+        if len(set(pools)) != len(pools):
+            raise InvalidTelemetry("bad-inventory", "a node pool is listed twice")
+    return NodeInventoryChunk(record.cluster, record.sequence, index, count, names, pools)

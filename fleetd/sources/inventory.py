@@ -29,6 +29,7 @@ class _Partial:
     chunk_count: int
     chunks: dict[int, tuple[str, ...]] = field(default_factory=dict)
     names: int = 0
+    pools: tuple[str, ...] | None = None
 
 
 class InventoryAssembler:
@@ -65,6 +66,8 @@ class InventoryAssembler:
             return None  # (the same chunk again)
         partial.chunks[chunk.chunk_index] = chunk.names
         partial.names += len(chunk.names)
+        if chunk.pools is not None:
+            partial.pools = chunk.pools
         if partial.names > self.max_nodes:
             self._abandon(cluster, f"more than {self.max_nodes} node names")
             return None
@@ -73,7 +76,8 @@ class InventoryAssembler:
         del self._partial[cluster]
         self._completed[cluster] = sequence
         names = frozenset(name for names in partial.chunks.values() for name in names)
-        return NodeInventory(cluster, sequence, names)
+        pools = None if partial.pools is None else frozenset(partial.pools)
+        return NodeInventory(cluster, sequence, names, pools)
 
     def _abandon(self, cluster: str, why: str) -> None:
         partial = self._partial.pop(cluster)

@@ -670,6 +670,14 @@ class KafkaSource:
                 log.info("kafka: node inventory of %s at sequence %d: %d node(s) not listed "
                          "removed: %s", inventory.cluster, inventory.sequence, len(gone),
                          ", ".join(gone[:20]) + (" ..." if len(gone) > 20 else ""))  # fmt: skip
+            if inventory.pools is not None:
+                pools = self._gate.retire_unlisted(
+                    inventory.cluster, "pool", inventory.pools, inventory.sequence
+                )
+                if pools:
+                    log.info("kafka: node inventory of %s at sequence %d: node pool(s) not "
+                             "listed removed: %s", inventory.cluster, inventory.sequence,
+                             ", ".join(pools))  # fmt: skip
 
     async def _dead_letter(
         self, producer: AIOKafkaProducer, dead: list[tuple[Any, InvalidTelemetry]]

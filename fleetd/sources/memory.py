@@ -103,6 +103,15 @@ class FleetView:
                 self.heartbeats.pop(key, None)
                 self.pods.pop(key, None)
                 self.stale.discard(key)
+            if update.pools is not None:
+                for key in [
+                    k
+                    for k, pool in self.pools.items()
+                    if k[0] == update.cluster
+                    and k[1] not in update.pools
+                    and pool.sequence < update.sequence
+                ]:
+                    del self.pools[key]
         elif isinstance(update, NodeStale):
             key = (update.cluster, update.name)
             if update.stale:

@@ -93,8 +93,11 @@ class TelemetryPublisher:
             encode_node_deleted(cluster, name, sequence=seq, observed_unix_ms=ms)
         )
 
-    async def publish_node_inventory(self, cluster: str, names: list[str]) -> None:
-        """Queue the cluster's node inventory: `names` is every node the agent sees now.
+    async def publish_node_inventory(
+        self, cluster: str, names: list[str], pools: list[str] | None = None
+    ) -> None:
+        """Queue the cluster's node inventory: `names` is every node the agent sees now
+        (and `pools`, when given, every node pool it published and did not delete).
 
         Its sequence is drawn here, before anything is awaited, so the caller must take
         `names` from its picture with no `await` in between: every report published
@@ -103,7 +106,9 @@ class TelemetryPublisher:
         the list was taken). One or more chunk records, all with that sequence
         (`codec.encode_node_inventory`)."""
         seq, ms = self._stamp()
-        for record in encode_node_inventory(cluster, names, sequence=seq, observed_unix_ms=ms):
+        for record in encode_node_inventory(
+            cluster, names, sequence=seq, observed_unix_ms=ms, pools=pools
+        ):
             await self.publish_record(record)
 
     async def publish_pool(self, update: NodePoolUpdate) -> None:

@@ -323,6 +323,8 @@ class NodeInventoryChunk:
     chunk_index: int
     chunk_count: int
     names: tuple[str, ...]
+    #: The cluster's node pools (chunk 0), or None when the agent does not list them.
+    pools: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +332,8 @@ class NodeInventory:
     """Every node a cluster's agent saw at `sequence` (a relist, for telemetry).
 
     Applying it removes the cluster's nodes that are not in `names` and whose last applied
-    sequence is below `sequence` (each as a `NodeRemoved` at `sequence` would): they were
+    sequence is below `sequence` (each as a `NodeRemoved` at `sequence` would), and likewise
+    its node pools not in `pools` when that is given: they were
     gone when the agent took the list, and nothing newer said otherwise. A node whose
     report is newer was added (or seen again) after the list was taken, and stays. That
     needs `sequence` and the node sequences from one clock per cluster, as the Kafka
@@ -340,6 +343,9 @@ class NodeInventory:
     cluster: str
     sequence: int
     names: frozenset[str]
+    #: The cluster's node pools, removed the same way when given (None: not listed, left
+    #: alone).
+    pools: frozenset[str] | None = None
 
 
 Update = (

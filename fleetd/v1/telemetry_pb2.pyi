@@ -740,13 +740,24 @@ class NodeInventory(_message.Message):
     NODE_NAMES_FIELD_NUMBER: _builtins.int
     CHUNK_INDEX_FIELD_NUMBER: _builtins.int
     CHUNK_COUNT_FIELD_NUMBER: _builtins.int
+    NODE_POOL_NAMES_FIELD_NUMBER: _builtins.int
+    LISTS_NODE_POOLS_FIELD_NUMBER: _builtins.int
     chunk_index: _builtins.int
     """0-based position of this chunk, below `chunk_count`."""
     chunk_count: _builtins.int
     """How many chunks the inventory has (at least 1: an empty cluster is one empty chunk)."""
+    lists_node_pools: _builtins.bool
     @_builtins.property
     def node_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Node names of this chunk (the publisher sorts them; no name twice)."""
+
+    @_builtins.property
+    def node_pool_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The cluster's node pools as the agent last published them (in chunk 0 only; a
+        cluster has few). With `lists_node_pools`, a consumer removes the cluster's pools
+        that are not listed and whose last record is older, as for nodes; without it (an
+        agent that does not list pools) pools are left alone.
+        """
 
     def __init__(
         self,
@@ -754,10 +765,12 @@ class NodeInventory(_message.Message):
         node_names: _abc.Iterable[_builtins.str] | None = ...,
         chunk_index: _builtins.int = ...,
         chunk_count: _builtins.int = ...,
+        node_pool_names: _abc.Iterable[_builtins.str] | None = ...,
+        lists_node_pools: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "chunk_index", b"chunk_index", "node_names", b"node_names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "chunk_index", b"chunk_index", "lists_node_pools", b"lists_node_pools", "node_names", b"node_names", "node_pool_names", b"node_pool_names"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,5 +1,6 @@
-"""Telemetry's relist through the real broker: a node deleted while its cluster's agent was
-down leaves fleetd once the agent is back and publishes its node inventory. (The rules and
+"""Telemetry's relist through the real broker: a node (and its pool) deleted while its
+cluster's agent was down leaves fleetd once the agent is back and publishes its node
+inventory. (The rules and
 their ordering cases: tests/unit/test_node_inventory.py.)"""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from fleetd.agent import AgentSettings, run_agent
-from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
+from fleetd.v1 import fleet_pb2, nodepools_pb2, placement_pb2, types_pb2
 from tests.integration.sources_support import (
     AWAIT_S,
     Client,
@@ -45,6 +46,11 @@ async def _nodes(client: Client, cluster: str) -> set[str]:
     return {n.name for n in snap.nodes}
 
 
+async def _pools(client: Client, cluster: str) -> set[str]:
+    listed = await client.pools.ListNodePools(nodepools_pb2.ListNodePoolsRequest(cluster=cluster))
+    return {p.name for p in listed.pools}
+
+
 async def _run_agent_until_published(settings: AgentSettings) -> None:
     """Run the agent until its initial publication (node reports, then its node inventory)
     was acknowledged by the broker, then stop it."""
@@ -60,10 +66,12 @@ async def test_a_node_deleted_while_the_agent_was_down_leaves_fleetd(
     await create_topic(kafka_bootstrap, topic)
     context = kube.contexts[0]
     cluster, keep, gone = unique("edge-inv"), unique("keep"), unique("gone")
+    pools = {keep: unique("pool-keep"), gone: unique("pool-gone")}  # a pool each
     for name in (keep, gone):
         await asyncio.to_thread(
-            kube.create_gpu_node, context, name, gpus=2, labels={NODE_LABEL: name}
-        )
+            kube.create_gpu_node, context, name, gpus=2, pool=pools[name],
+            labels={NODE_LABEL: name},
+        )  # fmt: skip
     settings = AgentSettings(
         context=context,
         cluster=cluster,
@@ -89,6 +97,7 @@ async def test_a_node_deleted_while_the_agent_was_down_leaves_fleetd(
             reservations={"default_ttl_s": 3600},
         )
         assert {keep, gone} <= await _nodes(client, cluster)
+        assert set(pools.values()) <= await _pools(client, cluster)
         # A reservation on the node that is about to go.
         pod = types_pb2.PodSpec(
             cpu_millicores=1000, memory_bytes=GIB, gpu_count=1,
@@ -119,6 +128,11 @@ async def test_a_node_deleted_while_the_agent_was_down_leaves_fleetd(
         nodes = await _nodes(client, cluster)
         assert keep in nodes
         assert gone not in nodes
+        # Its pool went with it (the restarted agent never published the pool's deletion:
+        # it had not published the pool), listed by the same inventory.
+        known_pools = await _pools(client, cluster)
+        assert pools[keep] in known_pools
+        assert pools[gone] not in known_pools
     finally:
         for name in (keep, gone):
             await asyncio.to_thread(kube.delete_node, context, name)  # (no error if gone)

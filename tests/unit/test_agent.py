@@ -124,22 +124,23 @@ async def test_every_resync_ends_with_the_node_inventory_above_its_reports() -> 
     producer = _Producer()
     sink = ClusterPublisher(TelemetryPublisher(producer), "edge")
     n1 = node_update("ctx", kube_node("n1", rv="5"))
-    n2 = node_update("ctx", kube_node("n2", rv="6"))
+    n2 = node_update("ctx", kube_node("n2", labels={"karpenter.sh/nodepool": "a3"}, rv="6"))
     await sink.apply([n1, n2, ClusterSynced("ctx", "kubernetes")])
     await sink.publish_inventory()  # what the agent does after the initial publication
     [first] = [u for u in producer.sent if isinstance(u, NodeInventoryChunk)]
-    assert (first.cluster, first.names, first.chunk_index, first.chunk_count) == (
+    assert (first.cluster, first.names, first.chunk_index, first.chunk_count, first.pools) == (
         "edge",
         ("n1", "n2"),
         0,
         1,
+        ("a3",),
     )
     producer.sent.clear()
-    await sink.apply([NodeRemoved("ctx", "n2")])
+    await sink.apply([NodeRemoved("ctx", "n2")])  # the pool's last node: the pool goes too
     await sink.resync()
     *reports, inventory = producer.sent
     assert isinstance(inventory, NodeInventoryChunk)
-    assert inventory.names == ("n1",)
+    assert (inventory.names, inventory.pools) == (("n1",), ())
     assert inventory.sequence > max(u.sequence for u in reports if isinstance(u, NodeUpdate))
     assert inventory.sequence > first.sequence
     await sink.apply([node_update("ctx", kube_node("n3", rv="7"))])

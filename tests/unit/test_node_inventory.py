@@ -390,3 +390,103 @@ async def test_an_unchanged_report_after_the_inventory_keeps_its_node(tmp_path: 
     # b's repeats still refresh it (its heartbeat slot survived the inventory).
     await _poll(source, [_report("b", 12)])
     assert state.gate.last("c1", "node", "b") == 12
+
+
+# ---------------------------------------------------------------------------- node pools
+
+
+def test_pools_travel_in_chunk_0_when_listed() -> None:
+    records = encode_node_inventory(
+        "c1", ["a", "b"], sequence=5, observed_unix_ms=1, chunk_bytes=3, pools=["p2", "p1"]
+    )
+    chunks = [decode(record_key(r), r.SerializeToString()) for r in records]
+    # Chunk 0's budget holds the pools (4 B each) first: "a" and "b" go to chunks 1 and 2.
+    assert chunks == [
+        up.NodeInventoryChunk("c1", 5, 0, 3, (), ("p1", "p2")),
+        up.NodeInventoryChunk("c1", 5, 1, 3, ("a",)),
+        up.NodeInventoryChunk("c1", 5, 2, 3, ("b",)),
+    ]
+    joiner = InventoryAssembler()
+    assert [joiner.add(c) for c in chunks if isinstance(c, up.NodeInventoryChunk)][-1] == (
+        up.NodeInventory("c1", 5, frozenset({"a", "b"}), frozenset({"p1", "p2"}))
+    )
+    # No pools in the cluster, listed: an empty list, not "not listed".
+    [empty] = encode_node_inventory("c1", [], sequence=5, observed_unix_ms=1, pools=[])
+    chunk = decode(record_key(empty), empty.SerializeToString())
+    assert isinstance(chunk, up.NodeInventoryChunk)
+    assert chunk.pools == ()
+    [unlisted] = encode_node_inventory("c1", [], sequence=5, observed_unix_ms=1)
+    chunk = decode(record_key(unlisted), unlisted.SerializeToString())
+    assert isinstance(chunk, up.NodeInventoryChunk)
+    assert chunk.pools is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "key", "reason"),
+    [
+        ({"node_pool_names": ["p1"]}, b"c1/inventory/0", "bad-inventory"),
+        (
+            {"lists_node_pools": True, "chunk_index": 1, "chunk_count": 2},
+            b"c1/inventory/1",
+            "bad-inventory",
+        ),
+        (
+            {"lists_node_pools": True, "node_pool_names": ["p1", "p1"]},
+            b"c1/inventory/0",
+            "bad-inventory",
+        ),
+        (
+            {"lists_node_pools": True, "node_pool_names": ["bad pool"]},
+            b"c1/inventory/0",
+            "bad-name",
+        ),
+    ],
+    ids=["pools-without-the-flag", "pools-outside-chunk-0", "pool-twice", "bad-pool-name"],
+)
+def test_invalid_pool_lists_are_rejected(
+    fields: dict[str, object], key: bytes, reason: str
+) -> None:
+    record = _inventory_record()
+    for name, value in fields.items():
+        if name == "node_pool_names":
+            record.node_inventory.node_pool_names.extend(value)  # type: ignore[arg-type]
+        else:
+            setattr(record.node_inventory, name, value)
+    with pytest.raises(InvalidTelemetry) as err:
+        decode(key, record.SerializeToString())
+    assert err.value.reason == reason
+
+
+def _pool(name: str, seq: int) -> up.NodePoolUpdate:
+    return up.NodePoolUpdate("c1", name, seq, "a3-highgpu-8g", up.Resources(gpus=8))
+
+
+def test_an_inventory_that_lists_pools_removes_unlisted_older_ones(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    state = _kafka_state(tmp_path, clock)
+    for name, seq in (("p-gone", 5), ("p-kept", 6), ("p-new", 25)):
+        state.apply_now(_pool(name, seq))
+    everything = frozenset({"n0", "n1", "n2"})
+    state.apply_now(up.NodeInventory("c1", 20, everything))  # pools not listed: left alone
+    assert sorted(p for _, p in state.pools) == ["p-gone", "p-kept", "p-new"]
+    state.apply_now(up.NodeInventory("c1", 30, everything, frozenset({"p-kept"})))
+    assert sorted(p for _, p in state.pools) == ["p-kept"]
+    state.apply_now(_pool("p-new", 28))  # reported before the list that left it out
+    assert sorted(p for _, p in state.pools) == ["p-kept"]
+
+
+async def test_the_source_forgets_removed_pools_and_the_agent_lists_its_pools(
+    tmp_path: Path,
+) -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    pools = [
+        codec.encode_pool(_pool(name, seq), sequence=seq, observed_unix_ms=1)
+        for name, seq in (("p1", 1), ("p2", 2))
+    ]
+    await _poll(source, [(record_key(r), r.SerializeToString()) for r in pools])
+    inventory = encode_node_inventory("c1", [], sequence=10, observed_unix_ms=1, pools=["p1"])
+    await _poll(source, [(record_key(r), r.SerializeToString()) for r in inventory])
+    assert set(view.pools) == {("c1", "p1")}
+    assert source._gate.last("c1", "pool", "p2") == 10
