@@ -177,7 +177,7 @@ class ClusterPublisher:
             # After the reports: a consumer reading in order has every listed node by then
             # (not required for correctness: the sequences decide, see the publisher).
             await self.publisher.publish_node_inventory(
-                self.cluster, self.node_names(), sorted(self._published_pools)
+                self.cluster, self.node_names(), self.pool_names()
             )
 
         await self._publish(publish)
@@ -187,7 +187,7 @@ class ClusterPublisher:
 
         async def publish() -> None:
             await self.publisher.publish_node_inventory(
-                self.cluster, self.node_names(), sorted(self._published_pools)
+                self.cluster, self.node_names(), self.pool_names()
             )
 
         await self._publish(publish)
@@ -195,6 +195,12 @@ class ClusterPublisher:
     def node_names(self) -> list[str]:
         """Every node the agent sees now, sorted."""
         return sorted(name for _, name in self.view.nodes)
+
+    def pool_names(self) -> list[str]:
+        """Every pool the agent published and did not delete, and every pool its nodes show
+        now (one whose report is still to be published), sorted. Listing a pool only keeps
+        it: the union errs on that side."""
+        return sorted(self._published_pools.keys() | self.pools().keys())
 
     async def _publish_pending(self, key: str) -> None:
         pod = self.pending.get(key)
