@@ -1095,13 +1095,9 @@ class FragmentationScorer:
             idle = gpu_left.sum(axis=1)
             request = pod_milli * pod_num
             before = (
-                cpu_stranded_gpu_milli(idle, cpu_left, self.cpu_per_gpu_milli)
-                if stranded is None
-                else stranded
+                _stranded(idle, cpu_left, self.cpu_per_gpu_milli) if stranded is None else stranded
             )
-            later = cpu_stranded_gpu_milli(
-                idle - request, cpu_left - pod_cpu, self.cpu_per_gpu_milli
-            )
+            later = _stranded(idle - request, cpu_left - pod_cpu, self.cpu_per_gpu_milli)
             after = after + self.cpu_stranding_weight * (later - before)[:, None]
         if self.lookahead_weight and pod_num:
             waste = self.eventual_waste
