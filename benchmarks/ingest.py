@@ -17,10 +17,9 @@ own consumer group and the same fetch sizes:
 - state: the same into the daemon's FleetState (the single writer in front of the node
   table), which is checked afterwards to hold every node at its last produced sequence.
 The fleetd consumers first read an initial sync (every node in full, timed apart); then the
-heap is frozen as the daemon does when it first turns ready (`freeze_startup_heap`, which
-also sets the daemon's collector thresholds). Every run starts from the same heap:
-collected, nothing of earlier runs alive, what was there before frozen, the same collector
-thresholds (the raw consumer's too), so no run's collections walk another's objects.
+heap is frozen as the daemon does when it first turns ready (`freeze_startup_heap`). Every
+run starts from the same heap: collected, nothing of earlier runs alive, what was there
+before frozen (the raw consumer's too), so no run's collections walk another's objects.
 A rate is records / (time of the last record - time the first poll returned), so consumer
 group joins are not counted; `updates_per_s` counts the records that were validated and
 are reflected in state (new content applied, or a heartbeat's sequence and freshness; not
@@ -48,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from fleetd.daemon import freeze_startup_heap, thaw_heap
+from fleetd.daemon import freeze_startup_heap
 from fleetd.loadgen import periodic_reports, produce, synthetic_fleet
 from fleetd.sources.base import UpdateSink
 from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
@@ -88,8 +87,7 @@ async def raw_rate(bootstrap: str, topic: str, n_records: int) -> float:
     await consumer.start()
     # The heap as fleetd's consumer has it (`freeze_startup_heap` after its initial sync):
     # what was there before (the benchmark's own data) is frozen, so each consumer's
-    # collections scan only what it allocates itself, and the collector runs with the
-    # daemon's thresholds (`STEADY_GC_THRESHOLDS`): both sides collect alike.
+    # collections scan only what it allocates itself.
     freeze_startup_heap()
     seen = 0
     first_at: float | None = None
@@ -103,7 +101,7 @@ async def raw_rate(bootstrap: str, topic: str, n_records: int) -> float:
             seen += sum(len(records) for records in batch.values())
         done_at = time.perf_counter()
     finally:
-        thaw_heap()
+        gc.unfreeze()
         await consumer.stop()
     assert first_at is not None
     return n_records / (done_at - first_at)
@@ -152,7 +150,7 @@ async def warm_then_measure(
         source.settings = dataclasses.replace(settings, topic=topic)
         steady_s, after = await source_run(source, n_records)
     finally:
-        thaw_heap()  # the next repeat starts from a heap like a fresh daemon's
+        gc.unfreeze()  # the next repeat starts from a heap like a fresh daemon's
     return warm_s, steady_s, {k: after[k] - before[k] for k in OUTCOMES}
 
 

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import cProfile
 import dataclasses
+import gc
 import json
 import pstats
 import statistics
@@ -36,7 +37,7 @@ import numpy as np
 from aiokafka import TopicPartition
 
 from benchmarks.ingest import fleet_state
-from fleetd.daemon import freeze_startup_heap, thaw_heap
+from fleetd.daemon import freeze_startup_heap
 from fleetd.loadgen import periodic_reports, synthetic_fleet
 from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
 from fleetd.sources.memory import StateSink
@@ -136,7 +137,7 @@ async def _one_run(
                     profiler.disable()
                 del fresh
         finally:
-            thaw_heap()
+            gc.unfreeze()
         state.journal.close()
     return cpu, wall
 

@@ -432,22 +432,8 @@ def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.Value
     )
 
 
-#: The collector's thresholds once the daemon is ready (CPython's are (700, 10, 10)): a
-#: young collection after 50,000 net allocations of tracked objects rather than 700. The
-#: telemetry stream allocates a few dozen short-lived objects per record (aiokafka's, the
-#: decode's); at 700 the young and middle generations were collected ~280 times per 200,000
-#: records, each walking whatever a poll still held, 1.2-1.6 µs of collector time per
-#: record, a fifth of the ingest cost (`python -m benchmarks ingest`, gc callbacks). Most of
-#: it dies by reference counting before a collection at 50,000, so collections become rare,
-#: and each is still short (it walks only what survived: at most some 50,000 objects, a few
-#: ms). Memory held by cyclic garbage grows by at most that much before it is collected.
-STEADY_GC_THRESHOLDS = (50_000, 10, 10)
-_STARTUP_GC_THRESHOLDS = gc.get_threshold()
-
-
 def freeze_startup_heap() -> None:
-    """Move every object alive now into the collector's permanent generation (`gc.freeze`),
-    and collect the young generation less often from now on (`STEADY_GC_THRESHOLDS`).
+    """Move every object alive now into the collector's permanent generation (`gc.freeze`).
 
     Called once, when the daemon first turns ready: the initial sync has just built the fleet
     state (some hundred thousand long-lived objects at 10^4 nodes) and the config, the
@@ -461,11 +447,3 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*STEADY_GC_THRESHOLDS)
-
-
-def thaw_heap() -> None:
-    """Undo `freeze_startup_heap` (benchmarks and tests that run a daemon's life several
-    times in one process)."""
-    gc.unfreeze()
-    gc.set_threshold(*_STARTUP_GC_THRESHOLDS)
