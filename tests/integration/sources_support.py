@@ -30,6 +30,24 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+def kafka_section(
+    bootstrap: str, topic: str, clusters: list[str] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The daemon config's `sources.kafka` for `topic` (its dead letters on `<topic>.dlq`,
+    a group of its own), waiting for `clusters` (none: any) to be synced; `extra` keys on
+    top."""
+    section: dict[str, Any] = {
+        "enabled": True,
+        "bootstrap_servers": bootstrap,
+        "topic": topic,
+        "dead_letter_topic": f"{topic}.dlq",
+        "group_id": unique("fleetd"),
+    }
+    if clusters is not None:
+        section["clusters"] = clusters
+    return {**section, **extra}
+
+
 class RecordingView(FleetView):
     """A FleetView that also keeps every applied update, and can hold the source up:
     while `hold` is set, `apply` blocks after `hold_after` updates (a slow state owner,

@@ -34,6 +34,7 @@ from tests.integration.sources_support import (
     Start,
     create_topic,
     daemon_starter,
+    kafka_section,
     read_topic,
     unique,
 )
@@ -69,17 +70,6 @@ async def publisher(kafka_bootstrap: str) -> AsyncIterator[TelemetryPublisher]:
         yield TelemetryPublisher(producer, topic)
     finally:
         await producer.stop()
-
-
-def kafka_section(bootstrap: str, topic: str, cluster: str) -> dict[str, Any]:
-    return {
-        "enabled": True,
-        "bootstrap_servers": bootstrap,
-        "topic": topic,
-        "dead_letter_topic": f"{topic}.dlq",
-        "group_id": unique("fleetd"),
-        "clusters": [cluster],
-    }
 
 
 def pool(cluster: str, current: int, max_size: int = 4) -> NodePoolUpdate:
@@ -130,7 +120,7 @@ async def test_scale_up_decisions_stream_as_telemetry_and_pending_work_arrive(
     await publisher.publish_node(node(cluster, "n0", busy_gpus=8))
     await publisher.flush()
     daemon, client = await start(
-        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, cluster)},
+        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, [cluster])},
         autoscaling={"interval_s": 0.05},
     )
     stream = client.pools.WatchScaleDecisions(nodepools_pb2.WatchScaleDecisionsRequest())
@@ -191,7 +181,7 @@ async def test_dry_run_decisions_are_marked_and_not_counted_in_flight(
     await publisher.publish_pool(pool(cluster, current=1))
     await publisher.flush()
     daemon, client = await start(
-        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, cluster)},
+        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, [cluster])},
         autoscaling={"interval_s": 0.05, "dry_run": True},
     )
     stream = aiter(client.pools.WatchScaleDecisions(nodepools_pb2.WatchScaleDecisionsRequest()))
@@ -244,7 +234,7 @@ async def test_kube_unschedulable_pod_gets_a_scale_up_and_is_bound_on_the_new_no
     await publisher.flush()
     daemon, client = await start(
         sources={
-            "kafka": kafka_section(kafka_bootstrap, publisher.topic, a),
+            "kafka": kafka_section(kafka_bootstrap, publisher.topic, [a]),
             "kubernetes": {"enabled": True, "kubeconfig": str(kube.kubeconfig_path),
                            "contexts": [a]},
         },
@@ -293,7 +283,7 @@ async def test_kafka_pending_pod_gets_a_scale_up_and_its_removal_clears_it(
     await publisher.publish_pool(pool(cluster, current=1))
     await publisher.flush()
     daemon, client = await start(
-        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, cluster)},
+        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, [cluster])},
         autoscaling={"interval_s": 0.05},
     )
     assert daemon.state is not None
@@ -368,7 +358,7 @@ async def test_consolidation_on_scale_up_retires_the_old_node_once_the_new_one_i
     await publisher.publish_pool(t4_pool(cluster, "big", FOUR_GPUS, current=0))
     await publisher.flush()
     daemon, client = await start(
-        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, cluster)},
+        sources={"kafka": kafka_section(kafka_bootstrap, publisher.topic, [cluster])},
         autoscaling={"interval_s": 0.05, "scale_down": True, "scale_down_after_s": 0.0},
     )
     stream = aiter(client.pools.WatchScaleDecisions(nodepools_pb2.WatchScaleDecisionsRequest()))

@@ -20,6 +20,7 @@ from tests.integration.sources_support import (
     Start,
     create_topic,
     daemon_starter,
+    kafka_section,
     running,
     unique,
 )
@@ -84,16 +85,7 @@ async def test_a_node_deleted_while_the_agent_was_down_leaves_fleetd(
         await _run_agent_until_published(settings)
         # Ready = the consumer caught up with what the agent published: both nodes known.
         _, client = await start(
-            sources={
-                "kafka": {
-                    "enabled": True,
-                    "bootstrap_servers": kafka_bootstrap,
-                    "topic": topic,
-                    "dead_letter_topic": f"{topic}.dlq",
-                    "group_id": unique("fleetd"),
-                    "clusters": [cluster],
-                }
-            },
+            sources={"kafka": kafka_section(kafka_bootstrap, topic, [cluster])},
             reservations={"default_ttl_s": 3600},
         )
         assert {keep, gone} <= await _nodes(client, cluster)

@@ -20,6 +20,7 @@ from tests.integration.sources_support import (
     create_topic,
     daemon_starter,
     h100_report,
+    kafka_section,
     unique,
 )
 from tests.testbed.procs import async_wait_until
@@ -59,17 +60,6 @@ async def _until(what: str, probe: Callable[[], Awaitable[bool]]) -> None:
     await async_wait_until(what, check, timeout_s=AWAIT_S, interval_s=0.1)
 
 
-def _kafka_section(bootstrap: str, topic: str, clusters: list[str]) -> dict[str, Any]:
-    return {
-        "enabled": True,
-        "bootstrap_servers": bootstrap,
-        "topic": topic,
-        "dead_letter_topic": f"{topic}.dlq",
-        "group_id": unique("fleetd"),
-        "clusters": clusters,
-    }
-
-
 async def test_kafka_only_nodes_arrive_go_stale_and_come_back(
     start: Start, kafka_bootstrap: str
 ) -> None:
@@ -78,7 +68,7 @@ async def test_kafka_only_nodes_arrive_go_stale_and_come_back(
     # Readiness waits for edge-1's first report: publish before starting.
     await produce(kafka_bootstrap, topic, [h100_report("edge-1", f"n{i}", 1 + i) for i in range(3)])
     _, client = await start(
-        sources={"kafka": _kafka_section(kafka_bootstrap, topic, ["edge-1"])},
+        sources={"kafka": kafka_section(kafka_bootstrap, topic, ["edge-1"])},
         staleness={"node_stale_after_s": 1.0, "check_interval_s": 0.1},
     )
     nodes = await _nodes(client, "edge-1")
@@ -164,7 +154,7 @@ async def test_kafka_and_kubernetes_for_different_clusters(
     await asyncio.to_thread(kube.create_gpu_node, a, node, gpus=2, wait_ready=False)
     _, client = await start(
         sources={
-            "kafka": _kafka_section(kafka_bootstrap, topic, ["edge-2"]),
+            "kafka": kafka_section(kafka_bootstrap, topic, ["edge-2"]),
             "kubernetes": {
                 "enabled": True,
                 "kubeconfig": str(kube.kubeconfig_path),

@@ -26,6 +26,7 @@ from tests.integration.sources_support import (
     Start,
     create_topic,
     h100_report,
+    kafka_section,
     running,
     unique,
 )
@@ -90,15 +91,12 @@ async def test_daemon_ingests_over_sasl_ssl(
     password_file.write_text(kafka_secure.password + "\n")
     _, client = await start(
         sources={
-            "kafka": {
-                "enabled": True,
-                "bootstrap_servers": kafka_secure.bootstrap,
-                "topic": topic,
-                "dead_letter_topic": f"{topic}.dlq",
-                "group_id": unique("fleetd"),
-                "clusters": ["edge-s"],
-                "security": _security(kafka_secure, password_file, sasl_mechanism=mechanism),
-            }
+            "kafka": kafka_section(
+                kafka_secure.bootstrap,
+                topic,
+                ["edge-s"],
+                security=_security(kafka_secure, password_file, sasl_mechanism=mechanism),
+            )
         }
     )
 
@@ -159,17 +157,7 @@ async def test_daemon_ingests_over_mutual_tls_and_sasl_plaintext(
             "sasl_password_file": str(password_file),
         }
     _, client = await start(
-        sources={
-            "kafka": {
-                "enabled": True,
-                "bootstrap_servers": bootstrap,
-                "topic": topic,
-                "dead_letter_topic": f"{topic}.dlq",
-                "group_id": unique("fleetd"),
-                "clusters": ["edge-m"],
-                "security": security,
-            }
-        }
+        sources={"kafka": kafka_section(bootstrap, topic, ["edge-m"], security=security)}
     )
 
     async def arrived() -> bool:

@@ -12,7 +12,13 @@ import pytest
 
 from fleetd.loadgen import produce
 from fleetd.v1 import fleet_pb2
-from tests.integration.sources_support import AWAIT_S, create_topic, h100_report, unique
+from tests.integration.sources_support import (
+    AWAIT_S,
+    create_topic,
+    h100_report,
+    kafka_section,
+    unique,
+)
 from tests.testbed.procs import async_wait_until
 
 from .conftest import StartDaemon, promtool, scrape
@@ -32,14 +38,7 @@ async def test_kafka_metrics_are_exposed_and_promtool_clean(
     daemon, client = await start_daemon(
         sources={
             "simulated": {"enabled": False},
-            "kafka": {
-                "enabled": True,
-                "bootstrap_servers": kafka_bootstrap,
-                "topic": topic,
-                "dead_letter_topic": f"{topic}.dlq",
-                "group_id": unique("fleetd"),
-                "clusters": [cluster],
-            },
+            "kafka": kafka_section(kafka_bootstrap, topic, [cluster]),
         }
     )
 

@@ -27,7 +27,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fleetd.loadgen import produce
 from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
-from tests.integration.sources_support import AWAIT_S, create_topic, h100_report, unique
+from tests.integration.sources_support import (
+    AWAIT_S,
+    create_topic,
+    h100_report,
+    kafka_section,
+    unique,
+)
 from tests.testbed.kube import KubeTestbed
 from tests.testbed.procs import async_wait_until
 from tests.testbed.runner import TestbedRun
@@ -76,15 +82,7 @@ async def test_kafka_broker_outage_drops_readiness_until_resynced(
     daemon, client = await start_daemon(
         sources={
             "simulated": {"enabled": False},
-            "kafka": {
-                "enabled": True,
-                "bootstrap_servers": kafka_bootstrap,
-                "topic": topic,
-                "dead_letter_topic": f"{topic}.dlq",
-                "group_id": unique("fleetd"),
-                "clusters": [cluster],
-                "sync_lost_after_s": 1,
-            },
+            "kafka": kafka_section(kafka_bootstrap, topic, [cluster], sync_lost_after_s=1),
         }
     )
     health = HealthWatch(client)
@@ -141,13 +139,7 @@ async def test_kafka_without_a_cluster_list_is_ready_only_after_catching_up(
     _, client = await start_daemon(
         sources={
             "simulated": {"enabled": False},
-            "kafka": {
-                "enabled": True,
-                "bootstrap_servers": kafka_bootstrap,
-                "topic": topic,
-                "dead_letter_topic": f"{topic}.dlq",
-                "group_id": unique("fleetd"),
-            },
+            "kafka": kafka_section(kafka_bootstrap, topic),
         }
     )
     status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())

@@ -13,7 +13,13 @@ import pytest
 from fleetd.loadgen import produce
 from fleetd.sources.updates import PodObserved, Resources, labels_of
 from fleetd.v1 import placement_pb2, types_pb2
-from tests.integration.sources_support import AWAIT_S, create_topic, h100_report, unique
+from tests.integration.sources_support import (
+    AWAIT_S,
+    create_topic,
+    h100_report,
+    kafka_section,
+    unique,
+)
 from tests.testbed.gpu_nodes import KWOK_TOLERATION
 from tests.testbed.kube import KubeTestbed
 from tests.testbed.procs import async_wait_until
@@ -130,14 +136,7 @@ async def test_reservation_confirmed_by_kafka_telemetry_and_released_when_the_po
     _, client = await start_daemon(
         sources={
             "simulated": {"enabled": False},
-            "kafka": {
-                "enabled": True,
-                "bootstrap_servers": kafka_bootstrap,
-                "topic": topic,
-                "dead_letter_topic": f"{topic}.dlq",
-                "group_id": unique("fleetd"),
-                "clusters": [cluster],
-            },
+            "kafka": kafka_section(kafka_bootstrap, topic, [cluster]),
         }
     )
     wid = unique("job")
