@@ -20,7 +20,7 @@ from fleetd.daemon import Daemon
 from fleetd.sources.codec import encode_node, node_key
 from fleetd.sources.memory import FleetView
 from fleetd.sources.updates import GpuDevice, NodeUpdate, PodObserved, Resources, Update
-from fleetd.v1 import fleet_pb2_grpc, nodepools_pb2_grpc, placement_pb2_grpc
+from fleetd.v1 import fleet_pb2_grpc, nodepools_pb2_grpc, placement_pb2_grpc, types_pb2
 
 AWAIT_S = 60.0
 
@@ -180,6 +180,10 @@ async def daemon_starter(tmp_path: Path) -> AsyncIterator[Start]:
 
 
 GIB = 1024**3
+#: What a pod needs to run on the test bed's kwok nodes (they carry this taint).
+KWOK_TOLERATION = types_pb2.Toleration(
+    key="kwok.x-k8s.io/node", operator="Equal", value="fake", effect="NoSchedule"
+)
 
 
 def h100_report(

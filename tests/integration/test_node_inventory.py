@@ -16,6 +16,8 @@ from fleetd.agent import AgentSettings, run_agent
 from fleetd.v1 import fleet_pb2, nodepools_pb2, placement_pb2, types_pb2
 from tests.integration.sources_support import (
     AWAIT_S,
+    GIB,
+    KWOK_TOLERATION,
     Client,
     Start,
     create_topic,
@@ -27,10 +29,6 @@ from tests.integration.sources_support import (
 
 pytestmark = pytest.mark.testbed
 
-GIB = 1024**3
-KWOK_TOLERATION = types_pb2.Toleration(
-    key="kwok.x-k8s.io/node", operator="Equal", value="fake", effect="NoSchedule"
-)
 NODE_LABEL = "fleetd.test/inventory-node"
 
 

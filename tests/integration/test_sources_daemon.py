@@ -15,6 +15,8 @@ from fleetd.loadgen import produce
 from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
 from tests.integration.sources_support import (
     AWAIT_S,
+    GIB,
+    KWOK_TOLERATION,
     Client,
     Start,
     create_topic,
@@ -26,11 +28,6 @@ from tests.integration.sources_support import (
 from tests.testbed.procs import async_wait_until
 
 pytestmark = pytest.mark.testbed
-
-GIB = 1024**3
-KWOK_TOLERATION = types_pb2.Toleration(
-    key="kwok.x-k8s.io/node", operator="Equal", value="fake", effect="NoSchedule"
-)
 
 
 @pytest.fixture
