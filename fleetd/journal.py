@@ -17,7 +17,7 @@ import contextlib
 import json
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 SCHEMA_VERSION = 2
@@ -66,6 +66,15 @@ class ReservedPod:
     memory_bytes: int
     pool: str = ""
     confirmed: bool = False
+
+
+def pod_fields(pod: ReservedPod) -> dict[str, object]:
+    """A reserved pod's fields by name, for JSON (what `dataclasses.asdict` gives, without its
+    recursive deep copy: ~10x faster, and this runs for every pod of every Place)."""
+    return {name: getattr(pod, name) for name in _POD_FIELDS}
+
+
+_POD_FIELDS = tuple(f.name for f in fields(ReservedPod))
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +166,7 @@ class Journal:
     ) -> None:
         """Insert or replace a reservation with its decision (JSON), atomically; `dequeue`:
         the workload was queued until now (its queue entry goes in the same transaction)."""
-        pods = json.dumps([asdict(p) for p in res.pods], separators=(",", ":"))
+        pods = json.dumps([pod_fields(p) for p in res.pods], separators=(",", ":"))
         with self._transaction():
             if dequeue:
                 self._db.execute("DELETE FROM queue WHERE workload_id = ?", (res.workload_id,))

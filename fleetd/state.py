@@ -25,7 +25,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -35,7 +35,7 @@ import scheduling
 from fleetd import engine
 from fleetd.config import Config
 from fleetd.engine import PodRequest, node_key
-from fleetd.journal import Journal, QueuedWorkload, Reservation, ReservedPod
+from fleetd.journal import Journal, QueuedWorkload, Reservation, ReservedPod, pod_fields
 from fleetd.sources import updates as up
 from scheduling import Allocation, AllocationError, Fleet, NodeSpec
 from scheduling.autoscale import ScaleDecision
@@ -1926,8 +1926,18 @@ def _spec_signature(u: up.NodeUpdate) -> tuple[object, ...]:
 
 
 def encode_decision(d: Decision) -> str:
-    """A decision as compact JSON (the journal keeps recent ones for resume)."""
-    return json.dumps(asdict(d), separators=(",", ":"))
+    """A decision as compact JSON (the journal keeps recent ones for resume). Built field by
+    field rather than with `dataclasses.asdict`, whose recursive deep copy was ~50 µs of
+    every Place."""
+    raw: dict[str, object] = {name: getattr(d, name) for name in _DECISION_FIELDS}
+    raw["placements"] = [pod_fields(p) for p in d.placements]
+    if d.explanation is not None:
+        raw["explanation"] = {name: getattr(d.explanation, name) for name in _EXPLANATION_FIELDS}
+    return json.dumps(raw, separators=(",", ":"))
+
+
+_DECISION_FIELDS = tuple(f.name for f in fields(Decision))
+_EXPLANATION_FIELDS = tuple(f.name for f in fields(Explanation))
 
 
 def decode_decision(body: str) -> Decision:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from fleetd.journal import Journal, JournalError, QueuedWorkload, Reservation, ReservedPod
+from fleetd.state import Decision, Explanation, decode_decision, encode_decision
 
 
 def reservation(wid: str, seq: int) -> Reservation:
@@ -79,3 +82,16 @@ def test_version_1_journal_is_upgraded(tmp_path: Path) -> None:
     j = Journal(path)
     assert j.get_meta("schema_version") == "2"
     assert j.queued() == []
+
+
+def test_decisions_encode_as_asdict_did_and_decode_back() -> None:
+    """The field-by-field encoding writes the JSON `dataclasses.asdict` wrote (journals of
+    earlier versions decode alike), and decodes to the same decision."""
+    pod = ReservedPod("w-0", "c1", "n1", (0, 3), 1000, 2000, 8 << 30, pool="p1")
+    expl = Explanation(10, 0, (("INSUFFICIENT_GPU", 10, "Insufficient nvidia.com/gpu"),), "0/10")
+    for d in (
+        Decision(7, 1.5, "place", "w", "ml", "placed", (pod,), None, "pending", 9.5),
+        Decision(8, 2.0, "place", "q", "ml", "queued", (), expl),
+    ):
+        assert encode_decision(d) == json.dumps(dataclasses.asdict(d), separators=(",", ":"))
+        assert decode_decision(encode_decision(d)) == d
