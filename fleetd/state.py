@@ -57,6 +57,9 @@ MAX_BATCH = 256
 QUEUE_RETRY_BUDGET = 32
 QUEUE_RETRY_BUDGET_S = 0.005
 
+#: Pod phases in which a pod holds nothing any more (kubelet semantics).
+_FINISHED_PHASES = frozenset(("Succeeded", "Failed"))
+
 
 class StateError(Exception):
     """Base of the errors the API edge maps to gRPC status codes."""
@@ -173,7 +176,10 @@ class _NodeInfo:
     cordoned: bool
     stale: bool = False
     last_seen_s: float = 0.0
-    #: The last update without its sequence and time: a repeat of it is a heartbeat.
+    #: The last update written to the node table in full (or its flags): `last_update` is
+    #: made from it when first needed.
+    applied_update: up.NodeUpdate | None = None
+    #: `applied_update` without its sequence, time and pods: a repeat of it is a heartbeat.
     last_update: up.NodeUpdate | None = None
     #: What of the last applied update the node table holds (`_spec_signature`), and that
     #: update (a source that builds the next one from it shares its field objects).
@@ -726,6 +732,8 @@ class FleetState:
     def apply_now(self, update: up.Update) -> bool:
         """Synchronous `apply`, for callers already on the loop."""
         self._check_owner()
+        if type(update) is up.NodeUpdate:
+            return self._apply_node_update(update)
         if self.inventories and isinstance(update, up.NodeUpdate) and self._unlisted(update):
             self.ignored_updates += 1
             self.metrics.update_ignored("not_in_newer_inventory")
@@ -739,7 +747,7 @@ class FleetState:
             return False
         now = self.clock()
         if isinstance(update, up.NodeUpdate):
-            self._node_update(update, now)
+            self._node_update(update, now, node_key(update.cluster, update.name))
         elif isinstance(update, up.NodeHeartbeats):
             return self._node_heartbeats(update, now) > 0
         elif isinstance(update, up.HeartbeatSlots):
@@ -771,6 +779,26 @@ class FleetState:
             self._cluster_synced(update, now)
         elif isinstance(update, up.NodeInventory):
             self._node_inventory(update, now)
+        return True
+
+    def _apply_node_update(self, u: up.NodeUpdate) -> bool:
+        """`apply_now` of a NodeUpdate (most telemetry that is not a repeat): the same steps,
+        with the node's key and gate subject made once."""
+        cluster, name = u.cluster, u.name
+        if self.inventories and self._unlisted(u):
+            self.ignored_updates += 1
+            self.metrics.update_ignored("not_in_newer_inventory")
+            return False
+        key = f"{cluster}/{name}"  # (`node_key`)
+        # The gate looks at the node's cell next: write its heartbeats back first.
+        for table in self._beats.values():
+            table.release(key)
+        # (`SequenceGate.admit` of an update that is no removal; sequence 0 is unordered.)
+        if u.sequence and not self._gate.admit_sequence((cluster, "node", name), u.sequence):
+            self.ignored_updates += 1
+            self.metrics.update_ignored("stale_sequence")
+            return False
+        self._node_update(u, self.clock(), key)
         return True
 
     def _unlisted(self, u: up.NodeUpdate) -> bool:
@@ -964,40 +992,51 @@ class FleetState:
             [cell for _, _, cell in bindings.values()],
         )
 
-    def _node_refresh_pods(self, key: str, info: _NodeInfo, u: up.NodeUpdate, now: float) -> None:
-        """A report whose node-table part equals the applied one (`_spec_signature`): the
-        node table is left alone; freshness moves and the pods are reconciled."""
-        info.last_seen_s = now
-        info.content_token = u.content_token
-        info.spec_update = u
-        if info.stale:
-            info.stale = False
-            self.fleet.set_flags(key, stale=u.cluster in self.lost_clusters)
-        self._touch(u.cluster, now, u.observed_at_s)
-        self._reconcile_pods(u, now)
-
     def _reconcile_pods(self, u: up.NodeUpdate, now: float) -> None:
         """The source reports the node's complete pod set (u.pods): reconcile against it."""
-        if u.pods is None:
+        pods = u.pods
+        if pods is None:
             return
-        current = {p.uid or f"{p.namespace}/{p.name}" for p in u.pods}
-        for uid in list(self._pods_on.get((u.cluster, u.name), ())):
-            if uid not in current:
-                self._pod_removed(u.cluster, uid, now)
-        for p in u.pods:
+        cluster, node = u.cluster, u.name
+        uids = [p.uid or f"{p.namespace}/{p.name}" for p in pods]
+        on_node = self._pods_on.get((cluster, node))
+        if not on_node:
+            for p in pods:
+                self._pod_observed(p, now)
+            return
+        current = set(uids)
+        for uid in [uid for uid in on_node if uid not in current]:
+            self._pod_removed(cluster, uid, now)
+        # (`on_node` is the live set, emptied but not replaced by the removals.) A pod known
+        # on this node and reported on it again, still running, is what `_pod_observed`
+        # leaves as it is: skipped without the call (most pods of a changed report).
+        for p, uid in zip(pods, uids, strict=True):
+            if uid in on_node and p.node == node and p.phase not in _FINISHED_PHASES:
+                continue
             self._pod_observed(p, now)
 
-    def _node_update(self, u: up.NodeUpdate, now: float) -> None:
-        key = node_key(u.cluster, u.name)
+    def _node_update(self, u: up.NodeUpdate, now: float, key: str) -> None:
         info = self.nodes.get(key)
         if info is not None and u.pods is not None and _same_spec(info, u):
-            # Pods came or went, utilization moved: the node table has nothing to change.
-            self._node_refresh_pods(key, info, u, now)
+            # Pods came or went, utilization moved: the node table has nothing to change,
+            # freshness moves and the pods are reconciled.
+            info.last_seen_s = now
+            info.content_token = u.content_token
+            info.spec_update = u
+            if info.stale:
+                info.stale = False
+                self.fleet.set_flags(key, stale=u.cluster in self.lost_clusters)
+            self._touch(u.cluster, now, u.observed_at_s)
+            self._reconcile_pods(u, now)
             return
         signature = _spec_signature(u)
         if info is not None and u.pods is None:
             # Heartbeats repeat the node unchanged: only freshness moves (cheap at 10^4 nodes).
             same = replace(u, sequence=0, observed_at_s=0.0)
+            if info.last_update is None and info.applied_update is not None:
+                info.last_update = replace(
+                    info.applied_update, sequence=0, observed_at_s=0.0, pods=None
+                )
             if info.last_update == same:
                 info.last_seen_s = now
                 if info.stale:
@@ -1005,6 +1044,9 @@ class FleetState:
                     self.fleet.set_flags(key, stale=u.cluster in self.lost_clusters)
                 self._touch(u.cluster, now, u.observed_at_s)
                 return
+        if info is not None and _flags_only_changed(info.spec_signature, signature):
+            self._node_flags_update(key, info, u, signature, now)
+            return
         labels = dict(u.labels)
         labels[engine.POOL_LABEL] = u.node_pool
         gpu_count = max(u.allocatable.gpus, len(u.gpus))
@@ -1051,7 +1093,7 @@ class FleetState:
             ready=u.ready,
             cordoned=u.unschedulable,
             last_seen_s=now,
-            last_update=replace(u, sequence=0, observed_at_s=0.0, pods=None),
+            applied_update=u,
             spec_signature=signature,
             spec_update=u,
             content_token=u.content_token,
@@ -1063,6 +1105,46 @@ class FleetState:
         self._reconcile_pods(u, now)
         if new:
             self._retry_queue(now)
+
+    def _node_flags_update(
+        self, key: str, info: _NodeInfo, u: up.NodeUpdate, signature: tuple[object, ...], now: float
+    ) -> None:
+        """A report that changes only the node's cordon, readiness or GPU health
+        (`_flags_only_changed`): the node table's flags and GPU health mask are set as the
+        full write (`Fleet.update_node`, then `set_gpu_health` per device) would leave them,
+        everything else it holds is the same already; `info` is brought up to `u` in place.
+        (Most non-pod changes: an XID flips a GPU, a node is cordoned.)"""
+        fleet = self.fleet
+        fleet.set_flags(
+            key,
+            cordoned=u.unschedulable,
+            unhealthy=not u.ready,
+            stale=u.cluster in self.lost_clusters,
+        )
+        gpu_count = max(u.allocatable.gpus, len(u.gpus))
+        before = int(fleet.gpu_unhealthy_mask[fleet.slot(key)])
+        mask = before
+        for dev in u.gpus:  # (in order: a repeated index ends as its last entry says)
+            if 0 <= dev.index < gpu_count:
+                bit = 1 << dev.index
+                mask = (mask & ~bit) if dev.healthy else (mask | bit)
+        changed = mask ^ before
+        for g in range(gpu_count):
+            if (changed >> g) & 1:
+                fleet.set_gpu_health(key, g, not ((mask >> g) & 1))
+        self._structure_version += 1
+        # (`apply_now` released the node's heartbeat binding already; its content changed.)
+        info.ready = u.ready
+        info.cordoned = u.unschedulable
+        info.stale = False
+        info.last_seen_s = now
+        info.last_update = None
+        info.applied_update = u
+        info.spec_signature = signature
+        info.spec_update = u
+        info.content_token = u.content_token
+        self._touch(u.cluster, now, u.observed_at_s)
+        self._reconcile_pods(u, now)
 
     def _restore_on(self, key: str, now: float) -> None:
         """Re-allocate journal reservations whose pods sit on the node that just appeared."""
@@ -1151,7 +1233,7 @@ class FleetState:
     def _pod_observed(self, p: up.PodObserved, now: float) -> None:
         uid = p.uid or f"{p.namespace}/{p.name}"
         key = (p.cluster, uid)
-        if p.phase in ("Succeeded", "Failed"):
+        if p.phase in _FINISHED_PHASES:
             # A finished pod holds nothing any more (kubelet semantics).
             self._pod_removed(p.cluster, uid, now)
             return
@@ -1201,6 +1283,18 @@ class FleetState:
 
     def _observed_allocation(self, key: str, p: up.PodObserved, milli_label: str) -> Allocation:
         """Devices for a pod fleetd did not place: the freest healthy ones (cluster truth)."""
+        requests = p.requests
+        cpu, mem, gpus = requests.cpu_millicores, requests.memory_bytes, requests.gpus
+        milli = 0
+        if gpus <= 0:
+            if not milli_label:
+                return Allocation(key, cpu, mem)  # (most pods: no devices to choose)
+            try:
+                milli = int(milli_label)
+            except ValueError:
+                milli = 0
+            if not 0 < milli < engine.GPU_MILLI:
+                return Allocation(key, cpu, mem)
         fleet = self.fleet
         slot = fleet.slot(key)
         count = int(fleet.gpu_count[slot])
@@ -1211,15 +1305,10 @@ class FleetState:
         unhealthy = int(fleet.gpu_unhealthy_mask[slot])
         free = [0 if (unhealthy >> g) & 1 else row[g] for g in range(count)]
         order = sorted(range(count), key=lambda g: -free[g])
-        cpu, mem = p.requests.cpu_millicores, p.requests.memory_bytes
-        if p.requests.gpus > 0:
-            devices = tuple(sorted(order[: p.requests.gpus]))
+        if gpus > 0:
+            devices = tuple(sorted(order[:gpus]))
             return Allocation(key, cpu, mem, devices, engine.GPU_MILLI)
-        try:
-            milli = int(milli_label)
-        except ValueError:
-            milli = 0
-        if 0 < milli < engine.GPU_MILLI and count:
+        if count:
             return Allocation(key, cpu, mem, (order[0],), milli)
         return Allocation(key, cpu, mem)
 
@@ -1906,6 +1995,21 @@ def _same_spec(info: _NodeInfo, u: up.NodeUpdate) -> bool:
     ):
         return True
     return info.spec_signature == _spec_signature(u)
+
+
+def _flags_only_changed(old: tuple[object, ...] | None, new: tuple[object, ...]) -> bool:
+    """Whether two `_spec_signature`s differ at most in cordon, readiness and GPU health
+    (the same number of GPUs): the node table's other columns stay as they are."""
+    if old is None:
+        return False
+    old_gpus, new_gpus = old[9], new[9]
+    return (
+        old[:3] == new[:3]
+        and old[5:9] == new[5:9]
+        and isinstance(old_gpus, tuple)
+        and isinstance(new_gpus, tuple)
+        and len(old_gpus) == len(new_gpus)
+    )
 
 
 def _spec_signature(u: up.NodeUpdate) -> tuple[object, ...]:

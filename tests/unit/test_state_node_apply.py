@@ -1,0 +1,187 @@
+"""The state's short paths for a changed node report leave exactly what the full write does.
+
+`FleetState` applies a report that changes only a node's cordon, readiness or GPU health
+without rebuilding its node-table row (`_node_flags_update`), and reconciles a report's pods
+without a call per unchanged pod. Each property feeds one update stream to a state as it is
+and to one with the short paths off (every change written in full, every pod passed to
+`_pod_observed`), and compares everything the state holds about nodes and pods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fleetd import state as state_module
+from fleetd.config import Config
+from fleetd.journal import Journal
+from fleetd.sources import updates as up
+from fleetd.state import GPU_MILLI_LABEL, FleetState
+
+GIB = 1024**3
+
+
+class _Clock:
+    now_s = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def _node(name: str, gpus: int) -> up.NodeUpdate:
+    res = up.Resources(cpu_millicores=32_000, memory_bytes=256 * GIB, gpus=gpus)
+    return up.NodeUpdate(
+        cluster="c", name=name, sequence=0, capacity=res, allocatable=res,
+        gpu_model="A100" if gpus else "", node_pool="p",
+        gpus=tuple(up.GpuDevice(i, "A100", 80 * GIB, True) for i in range(gpus)),
+        pods=(),
+    )  # fmt: skip
+
+
+def _pod(node: str, uid: str, gpus: int, milli: str = "", phase: str = "Running") -> up.PodObserved:
+    labels = ((GPU_MILLI_LABEL, milli),) if milli else ()
+    res = up.Resources(cpu_millicores=1000, memory_bytes=GIB, gpus=gpus)
+    return up.PodObserved("c", "ml", uid, uid, node, res, phase=phase, labels=labels)
+
+
+#: One step: (node index, what changes). "cordon", "ready", "gpu" (index, healthy),
+#: "gpu-dup" (an index listed twice), "add" (pod gpus, milli label), "drop" (pod slot),
+#: "finish" (pod slot), "same" (the same content again), "stale" (the node goes stale),
+#: "lost" (its cluster's sync lost / back): no report; "k8s": a report without pods.
+step = st.one_of(
+    st.tuples(st.integers(0, 2), st.just("cordon")),
+    st.tuples(st.integers(0, 2), st.just("ready")),
+    st.tuples(st.integers(0, 2), st.just("gpu"), st.integers(0, 3), st.booleans()),
+    st.tuples(st.integers(0, 2), st.just("gpu-dup"), st.integers(0, 3), st.booleans()),
+    st.tuples(st.integers(0, 2), st.just("add"), st.sampled_from([0, 1, 2]),
+              st.sampled_from(["", "500", "x"])),
+    st.tuples(st.integers(0, 2), st.just("drop"), st.integers(0, 3)),
+    st.tuples(st.integers(0, 2), st.just("finish"), st.integers(0, 3)),
+    st.tuples(st.integers(0, 2), st.just("same")),
+    st.tuples(st.integers(0, 2), st.just("stale")),
+    st.tuples(st.integers(0, 2), st.just("lost")),
+    st.tuples(st.integers(0, 2), st.just("k8s")),
+)  # fmt: skip
+
+
+def _run(steps: list[tuple[object, ...]], tmp: Path) -> FleetState:
+    clock = _Clock()
+    state = FleetState(Config(), Journal(tmp / "journal.sqlite3"), clock)
+    current = [_node(f"n{i}", gpus) for i, gpus in enumerate((4, 2, 0))]
+    sequence = 0
+    uid = 0
+    for i, n in enumerate(current):
+        sequence += 1
+        state.apply_now(dataclasses.replace(n, sequence=sequence, content_token=b"%d" % i))
+    for number, (index, kind, *args) in enumerate(steps):
+        assert isinstance(index, int)
+        clock.now_s += 1.0
+        n = current[index]
+        pods = n.pods or ()
+        if kind == "cordon":
+            n = dataclasses.replace(n, unschedulable=not n.unschedulable)
+        elif kind == "ready":
+            n = dataclasses.replace(n, ready=not n.ready)
+        elif kind in ("gpu", "gpu-dup") and n.gpus:
+            g, healthy = int(args[0]) % len(n.gpus), bool(args[1])
+            dev = dataclasses.replace(n.gpus[g], healthy=healthy)
+            gpus = (*n.gpus[:g], dev, *n.gpus[g + 1 :])
+            if kind == "gpu-dup":
+                gpus = (*gpus, dataclasses.replace(dev, healthy=not healthy))
+            n = dataclasses.replace(n, gpus=gpus)
+        elif kind == "add":
+            uid += 1
+            gpus_wanted, milli = int(args[0]), str(args[1])  # type: ignore[call-overload]
+            n = dataclasses.replace(n, pods=(*pods, _pod(n.name, f"p{uid}", gpus_wanted, milli)))
+        elif kind == "drop" and pods:
+            k = int(args[0]) % len(pods)  # type: ignore[call-overload]
+            n = dataclasses.replace(n, pods=pods[:k] + pods[k + 1 :])
+        elif kind == "finish" and pods:
+            k = int(args[0]) % len(pods)  # type: ignore[call-overload]
+            done = dataclasses.replace(pods[k], phase="Succeeded")
+            n = dataclasses.replace(n, pods=(*pods[:k], done, *pods[k + 1 :]))
+        elif kind == "stale":
+            state.apply_now(up.NodeStale("c", n.name, True))
+            continue
+        elif kind == "lost":
+            state.lost_clusters = frozenset() if state.lost_clusters else frozenset({"c"})
+            continue
+        current[index] = n
+        sequence += 1
+        update = dataclasses.replace(n, sequence=sequence, content_token=b"t%d" % number)
+        if kind == "k8s":
+            update = dataclasses.replace(update, pods=None)
+        state.apply_now(update)
+    return state
+
+
+def _reconcile_every_pod(self: FleetState, u: up.NodeUpdate, now: float) -> None:
+    """The reference reconciliation: every reported pod through `_pod_observed`."""
+    if u.pods is None:
+        return
+    current = {p.uid or f"{p.namespace}/{p.name}" for p in u.pods}
+    for uid in list(self._pods_on.get((u.cluster, u.name), ())):
+        if uid not in current:
+            self._pod_removed(u.cluster, uid, now)
+    for p in u.pods:
+        self._pod_observed(p, now)
+
+
+def _everything(state: FleetState) -> dict[str, object]:
+    def last_update(info: object) -> object:
+        applied = getattr(info, "applied_update", None)
+        last = getattr(info, "last_update", None)
+        if last is None and applied is not None:
+            return dataclasses.replace(applied, sequence=0, observed_at_s=0.0, pods=None)
+        return last
+
+    nodes = {
+        key: (
+            info.pool, info.zone, info.gpu_model, info.labels, info.taints, info.ready,
+            info.cordoned, info.stale, info.last_seen_s, info.spec_signature,
+            info.content_token, last_update(info),
+        )
+        for key, info in state.nodes.items()
+    }  # fmt: skip
+    pods = {
+        key: (p.cluster, p.node, p.slot, p.labels, p.request, p.reservation)
+        for key, p in state.pods.items()
+    }
+    on = {key: sorted(uids) for key, uids in state._pods_on.items()}
+    return {
+        "nodes": nodes,
+        "pods": pods,
+        "pods_on": on,
+        "node_since": dict(state.node_since),
+        "gate": state.gate.snapshot(),
+        "counters": (state._structure_version, state.ignored_updates, state.invalid_updates),
+    }
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(step, min_size=1, max_size=30))
+def test_short_paths_leave_what_the_full_write_leaves(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, steps: list
+) -> None:
+    short = _run(steps, tmp_path_factory.mktemp("short"))
+    with monkeypatch.context() as m:
+        # The reference: every node change written in full.
+        m.setattr(state_module, "_flags_only_changed", lambda old, new: False)
+        m.setattr(FleetState, "_reconcile_pods", _reconcile_every_pod)
+        full = _run(steps, tmp_path_factory.mktemp("full"))
+    assert short.fleet.state_equal(full.fleet)
+    assert _everything(short) == _everything(full)
+
+
+def test_a_gpu_health_flip_takes_the_short_path_and_marks_the_gpu(tmp_path: Path) -> None:
+    state = _run([(0, "gpu", 2, False)], tmp_path)
+    slot = state.fleet.slot("c/n0")
+    assert int(state.fleet.gpu_unhealthy_mask[slot]) == 0b100
+    assert state.nodes["c/n0"].applied_update is not None
+    assert state.nodes["c/n0"].last_update is None  # (made when a report without pods needs it)
