@@ -402,25 +402,26 @@ def _node(
 def _pods(n: pb.NodeReport, cluster: str, name: str, sequence: int) -> list[PodObserved]:
     if len(n.pods) > MAX_PODS_PER_NODE:
         raise InvalidTelemetry("bad-pods", f"node {name}: {len(n.pods)} pods")
-    pods = []
-    for p in n.pods:
-        pod_name, namespace = p.name, p.namespace
-        if not pod_name or not namespace:
-            raise InvalidTelemetry("bad-pods", f"node {name}: pod without name or namespace")
-        pods.append(
-            PodObserved(
-                cluster,
-                namespace,
-                pod_name,
-                p.uid,
-                name,
-                _resources(p.requests, "pod.requests"),
-                p.phase or "Running",
-                tuple(sorted(p.labels.items())) if p.labels else (),
-                sequence,
-            )
-        )
-    return pods
+    return [_pod(p, cluster, name, sequence) for p in n.pods]
+
+
+def _pod(p: pb.Pod, cluster: str, node: str, sequence: int) -> PodObserved:
+    """One reported pod of `node`, validated (InvalidTelemetry)."""
+    pod_name, namespace = p.name, p.namespace
+    if not pod_name or not namespace:
+        raise InvalidTelemetry("bad-pods", f"node {node}: pod without name or namespace")
+    labels = p.labels
+    return PodObserved(
+        cluster,
+        namespace,
+        pod_name,
+        p.uid,
+        node,
+        _resources(p.requests, "pod.requests"),
+        p.phase or "Running",
+        tuple(sorted(labels.items())) if labels else (),
+        sequence,
+    )
 
 
 def _pool(record: pb.TelemetryRecord, cluster: str, sequence: int) -> NodePoolUpdate:
@@ -694,7 +695,9 @@ def _decode_layouts(
         layouts = [(bits, layout == bits) for bits in np.unique(layout).tolist()]
     for bits, members in layouts:
         flags = [(bits >> k) & 1 for k in range(length)]
-        end1 = flags.index(0) if 0 in flags else length  # last byte of the sequence
+        if 0 not in flags:
+            continue  # (the sequence's varint does not end: not an envelope)
+        end1 = flags.index(0)  # last byte of the sequence
         if end1 > 8:
             continue
         sub = matrix if members is None else matrix[members]
@@ -799,13 +802,115 @@ def _varint_bytes(value: int) -> bytes:
             return bytes(out)
 
 
-def with_new_pods(
-    previous: NodeUpdate, record: pb.TelemetryRecord, content_token: bytes
+def pod_fields(node: bytes, start: int) -> list[bytes] | None:
+    """The payloads (serialized Pods) of the `pods` fields that make up node[start:], when
+    that is all there is; None otherwise. `node` may also be a whole record: the pods then
+    end where it ends."""
+    fields = []
+    end = len(node)
+    i = start
+    while i < end:
+        if node[i] != _PODS_FIELD_TAG or i + 1 >= end:
+            return None
+        length = node[i + 1]
+        if length < 0x80:
+            after = i + 2
+        else:
+            length, after = _varint_at(node, i + 1)
+            if length < 0:
+                return None
+        i = after + length
+        if i > end:
+            return None
+        fields.append(node[after:i])
+    return fields
+
+
+def node_after_envelope(value: bytes, start: int) -> tuple[int, int, int, int]:
+    """For `value[start:]` laid out as `varint(sequence) [0x18 varint(observed_unix_ms)]`
+    followed by one `node` field that runs to the end (what follows `envelope_head` in a
+    canonical node report): (sequence, observed_unix_ms, where the node field's tag is,
+    where its NodeReport bytes begin). (0, 0, -1, -1) for anything else; the envelope is
+    accepted exactly as `decode_envelope_rests` accepts it (sequence above 0, varints of
+    at most 9 bytes)."""
+    end = len(value)
+    i = start
+    sequence = shift = 0
+    while True:
+        if i >= end or i - start > 8:
+            return 0, 0, -1, -1
+        byte = value[i]
+        sequence |= (byte & 0x7F) << shift
+        shift += 7
+        i += 1
+        if byte < 0x80:
+            break
+    if not sequence or i >= end:
+        return 0, 0, -1, -1
+    ms = 0
+    if value[i] == 0x18:
+        i += 1
+        first = i
+        shift = 0
+        while True:
+            if i >= end or i - first > 8:
+                return 0, 0, -1, -1
+            byte = value[i]
+            ms |= (byte & 0x7F) << shift
+            shift += 7
+            i += 1
+            if byte < 0x80:
+                break
+    tag = i
+    if tag + 1 >= end or value[tag] != _NODE_FIELD_TAG:
+        return 0, 0, -1, -1
+    length, after = _varint_at(value, tag + 1)
+    if length < 0 or after + length != end:
+        return 0, 0, -1, -1
+    return sequence, ms, tag, after
+
+
+def pods_from_fields(
+    fields: list[bytes],
+    known: dict[bytes, PodObserved],
+    cluster: str,
+    node: str,
+    sequence: int,
+) -> tuple[PodObserved, ...]:
+    """The pods of a report of `node` whose `pods` fields are `fields` (`pod_fields`),
+    validated as `decode` validates them (InvalidTelemetry, same reasons). A pod whose bytes
+    are in `known` (the node's pods of a report already converted, by their bytes) is that
+    value again, its `sequence` the earlier report's: only the others are parsed."""
+    new: dict[int, pb.Pod] = {}
+    for i, raw in enumerate(fields):
+        if raw not in known:
+            try:
+                new[i] = pb.Pod.FromString(raw)
+            except DecodeError as exc:
+                # (Before any check: decoding the whole record fails first too.)
+                raise InvalidTelemetry("undecodable", f"not a TelemetryRecord: {exc}") from exc
+    if len(fields) > MAX_PODS_PER_NODE:
+        raise InvalidTelemetry("bad-pods", f"node {node}: {len(fields)} pods")
+    if not new:
+        return tuple([known[raw] for raw in fields])
+    return tuple(
+        [
+            known[raw] if i not in new else _pod(new[i], cluster, node, sequence)
+            for i, raw in enumerate(fields)
+        ]
+    )
+
+
+def with_pods(
+    previous: NodeUpdate,
+    pods: tuple[PodObserved, ...],
+    sequence: int,
+    observed_s: float,
+    content_token: bytes,
 ) -> NodeUpdate:
-    """`previous` (the node's last applied update) with the pods, sequence and time of
-    `record`, whose node differs from it in its pods only (the caller checked the bytes).
-    Validates the pods (InvalidTelemetry)."""
-    sequence = record.sequence
+    """`previous` (a node's last applied update) with new pods, sequence, time and token:
+    the update of a report that differs from it in its pods only (the caller checked the
+    bytes). Every other field is `previous`'s own object."""
     p = previous
     return NodeUpdate(
         p.cluster,
@@ -825,8 +930,8 @@ def with_new_pods(
         p.gpu_model,
         p.gpu_memory_bytes,
         p.gpus,
-        tuple(_pods(record.node, p.cluster, p.name, sequence)),
-        record.observed_unix_ms / 1000.0,
+        pods,
+        observed_s,
         content_token,
     )
 

@@ -35,14 +35,16 @@ from fleetd.sources.codec import (
     InvalidTelemetry,
     decode_envelope_rests,
     envelope_head,
+    node_after_envelope,
     node_content_tail,
     node_key,
     node_offset_in_tail,
-    only_pod_fields,
     parse,
+    pod_fields,
+    pods_from_fields,
     pods_start,
     to_update,
-    with_new_pods,
+    with_pods,
 )
 from fleetd.sources.inventory import InventoryAssembler
 from fleetd.sources.memory import StateSink
@@ -57,6 +59,7 @@ from fleetd.sources.updates import (
     NodeInventoryChunk,
     NodeRemoved,
     NodeUpdate,
+    PodObserved,
     SequenceColumn,
     SequenceGate,
     Update,
@@ -122,36 +125,93 @@ class KafkaSourceSettings:
 
 class _Content:
     """A node's last applied content, by Kafka key: its report's `node` field bytes. (A
-    plain slotted class, not a frozen dataclass: one is made per change, and cheaper.)"""
+    plain slotted class, not a frozen dataclass: one is made per new node, and cheaper;
+    a change of the node's content updates it in place, `replace`.)"""
 
-    __slots__ = ("cluster", "head", "head_len", "min_len", "name", "slot", "spec", "tail",
-                 "tail_len", "update")  # fmt: skip
+    __slots__ = ("cluster", "head", "head_len", "min_len", "name", "pod_fields", "slot", "spec",
+                 "tail", "tail_len", "update")  # fmt: skip
 
     def __init__(
         self,
         cluster: str,
         name: str,
         slot: int,
-        tail: bytes,
         head: bytes,
+        tail: bytes,
         update: NodeUpdate,
         spec: bytes | None,
+        fields: list[bytes] | None,
     ) -> None:
         self.cluster = cluster
         self.name = name
         #: The node's gate cell's slot in the source's `SequenceColumn`: repeats move it.
         self.slot = slot
-        self.tail = tail
         #: `codec.envelope_head(cluster)`: a repeat starts with it.
         self.head = head
+        self.head_len = len(head)
+        self.replace(tail, update, spec, fields)
+
+    def replace(
+        self, tail: bytes, update: NodeUpdate, spec: bytes | None, fields: list[bytes] | None
+    ) -> None:
+        """The node's new content (same cluster, name and slot)."""
+        self.tail = tail
         #: The update applied for it.
         self.update = update
         #: Its node bytes before the pods (`codec.pods_start`), or None.
         self.spec = spec
-        self.head_len = len(head)
+        #: Its pods' bytes (`codec.pod_fields`), matching `update.pods`; None: not split yet.
+        self.pod_fields = fields
         self.tail_len = len(tail)
         #: A repeat is longer than head and tail together.
-        self.min_len = len(head) + len(tail)
+        self.min_len = self.head_len + len(tail)
+
+    def known_pods(self) -> dict[bytes, PodObserved]:
+        """The content's pods by their bytes (`codec.pods_from_fields`)."""
+        fields = self.pod_fields
+        if fields is None:
+            assert self.spec is not None
+            at = node_offset_in_tail(self.tail)
+            fields = self.pod_fields = pod_fields(self.tail, at + len(self.spec))
+        pods = self.update.pods
+        if fields is None or pods is None or len(fields) != len(pods):
+            return {}  # (never: the content parsed this way)
+        return dict(zip(fields, pods, strict=True))
+
+
+class _PodsChange:
+    """A node report recognised by its bytes as the node's remembered content with other
+    pods (`_pods_change`): what `_convert` needs instead of a parsed record."""
+
+    __slots__ = ("fields", "memo", "observed_unix_ms", "sequence", "tag")
+
+    def __init__(
+        self, memo: _Content, sequence: int, observed_unix_ms: int, tag: int, fields: list[bytes]
+    ) -> None:
+        self.memo = memo
+        self.sequence = sequence
+        self.observed_unix_ms = observed_unix_ms
+        #: Where the record's `node` field (its content token) begins.
+        self.tag = tag
+        self.fields = fields
+
+
+def _pods_change(value: bytes, memo: _Content) -> _PodsChange | None:
+    """When `value` (a record under `memo`'s key, starting with its envelope head) is a
+    canonical node report whose node bytes are `memo.spec` followed by nothing but pods,
+    what it says; None otherwise (it is decoded in full). By protobuf's merge semantics such
+    a record *is* the remembered node with these pods: its spec was validated when
+    remembered, so only the envelope (here) and the pods (`_convert`) need checking."""
+    spec = memo.spec
+    if spec is None:
+        return None
+    sequence, ms, tag, node_at = node_after_envelope(value, memo.head_len)
+    if tag < 0 or not value.startswith(spec, node_at):
+        return None
+    fields = pod_fields(value, node_at + len(spec))
+    if fields is None:
+        return None
+    return _PodsChange(memo, sequence, ms, tag, fields)
 
 
 def _content_token(rec: Any, parsed: Any) -> bytes:
@@ -387,7 +447,7 @@ class KafkaSource:
     ) -> tuple[dict[TopicPartition, int], int]:
         dead: list[tuple[int, Any, InvalidTelemetry]] = []
         offsets: dict[TopicPartition, int] = {}
-        chosen: list[tuple[int, Update, bytes | None, int]] = []
+        chosen: list[tuple[int, Update, bytes | None, bytes | None, list[bytes] | None]] = []
         updates: list[Update] = []
         duplicates = superseded = unchanged = unchanged_duplicates = 0
         if True:  # (one block: the decode pass)
@@ -421,6 +481,13 @@ class KafkaSource:
                     best[group] = (seq, position, rec, parsed)
                 return 1
 
+            def take_change(position: int, rec: Any, change: _PodsChange) -> None:
+                """`take_in_full` for a pods-only change recognised by its bytes."""
+                full_positions.add(position)
+                current = best.get(rec.key)
+                if current is None or change.sequence >= current[0]:
+                    best[rec.key] = (change.sequence, position, rec, change)
+
             parsed_ok = 0
             position = 0
             next_yield = YIELD_EVERY_RECORDS
@@ -438,21 +505,29 @@ class KafkaSource:
                         await asyncio.sleep(0)
                     key = rec.key
                     memo = find_content(key) if key is not None else None
-                    if memo is not None and key not in best:
-                        # The node's last applied content, repeated (a periodic report)?
-                        # Then only the envelope is new: it is decoded for all such records
-                        # at once below (`codec.decode_envelope_rests`).
+                    if memo is not None:
                         value = rec.value
-                        if (
-                            value is not None
+                        if value is None or not value.startswith(memo.head):
+                            pass
+                        elif (
+                            key not in best
                             and len(value) > memo.min_len
                             and value.endswith(memo.tail)
-                            and value.startswith(memo.head)
                         ):
+                            # The node's last applied content, repeated (a periodic report):
+                            # only the envelope is new. It is decoded for all such records
+                            # at once below (`codec.decode_envelope_rests`).
                             add_candidate((position, rec))
                             add_slot(memo.slot)
                             add_rest(value[memo.head_len : len(value) - memo.tail_len])
                             continue
+                        elif memo.spec is not None:
+                            # The content with other pods (most changes)?
+                            change = _pods_change(value, memo)
+                            if change is not None:
+                                take_change(position, rec, change)
+                                parsed_ok += 1
+                                continue
                     parsed_ok += take_in_full(position, rec)
                 if records:
                     offsets[tp] = records[-1].offset + 1
@@ -482,9 +557,9 @@ class KafkaSource:
             for group, newest in best.items():
                 candidate: tuple[int, int, Any, Any] | None = newest
                 while candidate is not None:
-                    _, pos, rec, parsed = candidate
+                    seq, pos, rec, parsed = candidate
                     try:
-                        update, spec_end = self._convert(rec, parsed)
+                        update, spec, fields = self._convert(rec, parsed)
                     except InvalidTelemetry as exc:
                         # The newest is invalid: dead-letter it and try the next newest
                         # (rare: the poll is indexed by key only when it happens).
@@ -492,14 +567,14 @@ class KafkaSource:
                         rejected += pos in full_positions
                         if fallback is None:
                             fallback = _index_by_key(batches)
-                        candidate = _next_newest(fallback.get(group, []), pos)
+                        candidate = _next_newest(fallback.get(group, []), (seq, pos))
                         continue
                     memo = contents.get(rec.key) if rec.key is not None else None
                     if memo is not None:
                         # The gate looks at the node's cell: repeats moved its column.
                         self._column.flush(memo.slot)
                     if self._gate.admit(update):
-                        chosen.append((pos, update, rec.key, spec_end))
+                        chosen.append((pos, update, rec.key, spec, fields))
                         assert not isinstance(update, NodeHeartbeats)  # (records are no batch)
                         self._seen_clusters.add(update.cluster)
                     elif pos in full_positions:
@@ -512,7 +587,7 @@ class KafkaSource:
         # Unchanged reports first: a key with a full record in this poll took no unchanged
         # report after it (see above), so every unchanged report is older than its key's
         # full records here and applying them first keeps each node's order.
-        updates += [u for _, u, _, _ in chosen]
+        updates += [u for _, u, _, _, _ in chosen]
         if self._inventory_chunks:  # (an agent's resync: rare, off the common path)
             updates = self._assemble_inventories(updates)
         # The applied contents' slots, for their repeats from the next poll on.
@@ -564,71 +639,82 @@ class KafkaSource:
         if not committing.cancelled() and committing.exception() is not None:
             log.warning("kafka: last commit failed while stopping: %r", committing.exception())
 
-    def _convert(self, rec: Any, parsed: Any) -> tuple[Update, int]:
-        """A parsed record as an update (InvalidTelemetry if invalid), and for a node report
-        where its pods begin in its node bytes (-1: unknown). A report that differs from its
-        node's last applied one in its pods only is converted from that one
-        (`codec.with_new_pods`): only the pods are new and validated."""
+    def _convert(self, rec: Any, parsed: Any) -> tuple[Update, bytes | None, list[bytes] | None]:
+        """A parsed record (or a `_PodsChange`) as an update (InvalidTelemetry if invalid),
+        and for a node report its node bytes before its pods (None: unknown) and its pods'
+        bytes (None: not split). A pods-only change is the node's last applied update with
+        the new pods (`codec.with_pods`): only pods not in that update are parsed and
+        validated, the others are its values again."""
+        if type(parsed) is _PodsChange:
+            memo = parsed.memo
+            sequence = parsed.sequence
+            pods = pods_from_fields(
+                parsed.fields, memo.known_pods(), memo.cluster, memo.name, sequence
+            )
+            change = with_pods(
+                memo.update,
+                pods,
+                sequence,
+                parsed.observed_unix_ms / 1000.0,
+                rec.value[parsed.tag :],
+            )
+            return change, memo.spec, parsed.fields
         token = _content_token(rec, parsed)
         if not token:
             update = to_update(rec.key, parsed)
             if isinstance(update, NodeInventoryChunk):
                 self._inventory_chunks += 1
-            return update, -1
-        at = node_offset_in_tail(token)
-        memo = self._contents.get(rec.key) if rec.key is not None else None
-        if (
-            memo is not None
-            and memo.spec is not None
-            and parsed.cluster == memo.cluster
-            and token.startswith(memo.spec, at)
-            and only_pod_fields(token, at + len(memo.spec))
-        ):
-            return with_new_pods(memo.update, parsed, token), len(memo.spec)
+            return update, None, None
         update = to_update(rec.key, parsed, content_token=token)
-        return update, pods_start(token[at:], parsed)
+        at = node_offset_in_tail(token)
+        start = pods_start(token[at:], parsed)
+        return update, token[at : at + start] if start >= 0 else None, None
 
     def _remember_contents(
-        self, chosen: list[tuple[int, Update, bytes | None, int]]
+        self, chosen: list[tuple[int, Update, bytes | None, bytes | None, list[bytes] | None]]
     ) -> list[HeartbeatSlots]:
         """Each node's content about to be applied, so that repeats of it take the unchanged
         path (`codec.decode_envelope_rests`) and changes of its pods the short one
-        (`_convert`); a removed node's is forgotten. Returns the slot bindings that tell
-        the sink which node each new slot's `NodeHeartbeats` entries refresh."""
+        (`_pods_change`); a removed node's is forgotten. Returns the slot bindings that tell
+        the sink which node each new content's `NodeHeartbeats` entries refresh (a node
+        keeps its slot across changes: it is bound again, to the new content)."""
         contents = self._contents
         column = self._column
+        cell_of = self._gate.cell
         heads: dict[str, bytes] = {}
         bindings: dict[str, tuple[list[int], list[str], list[bytes]]] = {}
-        for _, update, key, spec_end in chosen:
+        for _, update, key, spec, fields in chosen:
             if key is None or not isinstance(update, NodeUpdate | NodeRemoved):
                 continue
-            old = contents.pop(key, None)
-            if old is not None:
-                column.release(old.slot)
+            old = contents.get(key)
+            cell = None
             if isinstance(update, NodeUpdate) and update.content_token:
-                cell = self._gate.cell((update.cluster, "node", update.name))
-                if cell is None:  # (sequence 0: unordered, never a repeat)
-                    continue
-                tail = update.content_token
-                cluster = update.cluster
+                cell = cell_of((update.cluster, "node", update.name))
+            if cell is None:  # (removed, or sequence 0: unordered, never a repeat)
+                if old is not None:
+                    del contents[key]
+                    column.release(old.slot)
+                continue
+            assert isinstance(update, NodeUpdate)
+            tail = update.content_token
+            cluster = update.cluster
+            if old is not None:
+                # (The same key: the same cluster and node.)
+                column.reset(old.slot, cell)
+                old.replace(tail, update, spec, fields)
+                slot = old.slot
+            else:
                 head = heads.get(cluster)
                 if head is None:
                     head = heads[cluster] = envelope_head(cluster)
-                at = node_offset_in_tail(tail)
                 slot = column.add(cell)
                 contents[key] = _Content(
-                    cluster,
-                    update.name,
-                    slot,
-                    tail,
-                    head,
-                    update,
-                    tail[at : at + spec_end] if spec_end >= 0 else None,
+                    cluster, update.name, slot, head, tail, update, spec, fields
                 )
-                slots, names, tokens = bindings.setdefault(cluster, ([], [], []))
-                slots.append(slot)
-                names.append(update.name)
-                tokens.append(tail)
+            slots, names, tokens = bindings.setdefault(cluster, ([], [], []))
+            slots.append(slot)
+            names.append(update.name)
+            tokens.append(tail)
         return [
             HeartbeatSlots(self._slot_space, cluster, tuple(slots), tuple(names), tuple(tokens))
             for cluster, (slots, names, tokens) in bindings.items()
@@ -822,15 +908,13 @@ def _index_by_key(
 
 
 def _next_newest(
-    candidates: list[tuple[int, int, Any, Any]], below_position: int
+    candidates: list[tuple[int, int, Any, Any]], below: tuple[int, int]
 ) -> tuple[int, int, Any, Any] | None:
-    """The newest candidate older than the one at `below_position` (by sequence, then
-    position), or None."""
-    ranked = sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True)
-    for i, c in enumerate(ranked):
-        if c[1] == below_position:
-            return ranked[i + 1] if i + 1 < len(ranked) else None
-    return None
+    """The newest candidate older than `below` (sequence, position), by sequence, then
+    position; None if there is none. (`below` need not be among the candidates: a pods-only
+    change taken by its bytes may not parse as a whole.)"""
+    older = [c for c in candidates if (c[0], c[1]) < below]
+    return max(older, key=lambda c: (c[0], c[1])) if older else None
 
 
 async def _stop_quietly(*clients: AIOKafkaConsumer | AIOKafkaProducer) -> None:

@@ -443,6 +443,15 @@ class SequenceColumn:
         self.seq[slot] = cell.last
         return slot
 
+    def reset(self, slot: int, cell: SequenceCell) -> None:
+        """Put `cell` at an `add` slot again, its sequence copied in (`release` then `add`,
+        keeping the slot): its holder's subject was just admitted through the gate."""
+        stored = self._cells[slot]
+        if stored is not None and stored is not cell:
+            self.flush(slot)
+        self._cells[slot] = cell
+        self.seq[slot] = cell.last
+
     def release(self, slot: int) -> None:
         """Flush and free an `add` slot (its holder forgets the subject)."""
         self.unbind(slot)

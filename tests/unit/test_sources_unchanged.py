@@ -23,9 +23,11 @@ from fleetd.sources.codec import (
     decode_envelope_rests,
     encode_node,
     envelope_head,
+    node_after_envelope,
     node_content_tail,
     node_key,
     parse,
+    pod_fields,
     pods_start,
     unchanged_envelope,
 )
@@ -296,6 +298,8 @@ def test_envelope_rests_decode_like_protobuf() -> None:
     [
         b"\x00",  # sequence 0
         b"\x80",  # truncated varint
+        b"\x81",  # truncated varint of a non-zero value (the tail's tag would end it)
+        b"\x81\x81",
         b"\x01\x19\x01",  # another field after the sequence
         b"\x01\x18",  # time tag without a value
         b"\x01\x18\x01\x00",  # trailing byte
@@ -556,3 +560,129 @@ def test_a_binding_batch_naming_a_slot_or_node_twice_keeps_the_last(tmp_path: Pa
     state.apply_now(up.NodeRemoved("c1", "a", 8))
     state.apply_now(up.NodeRemoved("c1", "b", 9))
     assert not state._beats["kafka"].slot_of
+
+
+# ---------------------------------------------------------------------------- pods-only changes
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    return bytes([*out, n])
+
+
+def _pod_content(u: up.NodeUpdate) -> object:
+    """A node update without sequence, time and the pods' sequences."""
+    pods = tuple(dataclasses.replace(p, sequence=0) for p in u.pods or ())
+    return dataclasses.replace(u, sequence=0, observed_at_s=0.0, pods=pods)
+
+
+async def test_a_pods_only_change_reuses_the_unchanged_pods_and_parses_the_new() -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    a = gpu_node("a", pods=3)
+    await _process(source, [_rec("a", _value(a, 1), 0)])
+    first = view.node("c1", "a")
+    assert first is not None
+    assert first.pods is not None
+    assert a.pods is not None
+    new_pod = dataclasses.replace(a.pods[1], name="fresh", uid="u-fresh")
+    changed = dataclasses.replace(a, pods=(a.pods[0], new_pod, a.pods[2]))
+    value = _value(changed, 2, ms=2_000)
+    await _process(source, [_rec("a", value, 1)])
+    got = view.node("c1", "a")
+    assert got is not None
+    assert got.pods is not None
+    expected = decode(node_key("c1", "a"), value)
+    assert isinstance(expected, up.NodeUpdate)
+    assert _pod_content(got) == _pod_content(expected)
+    assert (got.sequence, got.observed_at_s) == (2, 2.0)
+    assert got.content_token == node_content_tail(value, parse(value))
+    # The unchanged pods are the earlier values (their sequence the report that first
+    # showed them), the new one is parsed from this report; the node's fields are shared.
+    assert got.pods[0] is first.pods[0]
+    assert got.pods[2] is first.pods[2]
+    assert got.pods[1].name == "fresh"
+    assert got.pods[1].sequence == 2
+    assert got.gpus is first.gpus
+    assert got.labels is first.labels
+    # The new content is remembered: its repeats are unchanged reports.
+    await _process(source, [_rec("a", _value(changed, 3), 2)])
+    assert view.heartbeats[("c1", "a")][0] == 3
+
+
+async def test_a_pods_only_change_keeps_the_node_heartbeat_slot() -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    a = gpu_node("a", pods=1)
+    await _process(source, [_rec("a", _value(a, 1), 0)])
+    slots = dict(view.heartbeat_slots)
+    moved = dataclasses.replace(a, pods=())
+    await _process(source, [_rec("a", _value(moved, 2), 1)])
+    assert list(view.heartbeat_slots) == list(slots)  # bound again, same slot
+    ((_, _, token),) = view.heartbeat_slots.values()
+    node = view.node("c1", "a")
+    assert node is not None
+    assert token == node.content_token
+    await _process(source, [_rec("a", _value(moved, 3), 2), _rec("a", _value(a, 4), 3)])
+    node = view.node("c1", "a")
+    assert node is not None
+    assert node.sequence == 4
+    assert node.pods is not None
+    assert len(node.pods) == 1
+
+
+async def test_a_pods_only_change_with_an_undecodable_pod_is_dead_lettered_as_such() -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    a = gpu_node("a", pods=1)
+    await _process(source, [_rec("a", _value(a, 1), 0)])
+    good = _value(dataclasses.replace(a, pods=()), 2)
+    # One more pods field whose payload is no Pod (a truncated varint), and the node
+    # field's length grown to match: the record as a whole does not parse either.
+    record = pb.TelemetryRecord.FromString(good)
+    node = record.node.SerializeToString(deterministic=True) + b"\x5a\x01\x08"
+    head = pb.TelemetryRecord(cluster="c1", sequence=3, observed_unix_ms=1_000)
+    bad = head.SerializeToString() + b"\x52" + _varint(len(node)) + node
+    with pytest.raises(InvalidTelemetry) as full:
+        parse(bad)
+    producer = await _process(source, [_rec("a", good, 1), _rec("a", bad, 2)])
+    reasons = [dict(h)[DLQ_REASON_HEADER] for _, _, h in producer.sent]
+    assert reasons == [full.value.reason.encode()] == [b"undecodable"]
+    got = view.node("c1", "a")
+    assert got is not None
+    assert got.sequence == 2
+    assert got.pods == ()
+
+
+@settings(max_examples=300, deadline=None)
+@given(rest=st.binary(min_size=0, max_size=22), node=st.binary(min_size=0, max_size=3))
+def test_the_envelope_before_a_node_is_read_as_the_vectorized_decoder_reads_it(
+    rest: bytes, node: bytes
+) -> None:
+    value = b"HEAD" + rest + b"\x52" + bytes([len(node)]) + node
+    sequence, ms, tag, node_at = node_after_envelope(value, 4)
+    sequences, times, ok = decode_envelope_rests([rest])
+    if ok[0]:
+        assert (sequence, ms, tag, node_at) == (
+            sequences[0],
+            times[0],
+            4 + len(rest),
+            len(value) - len(node),
+        )
+    else:
+        assert tag == -1
+
+
+def test_pod_fields_are_pods_and_nothing_else() -> None:
+    record = encode_node(gpu_node("a", pods=2), sequence=5, observed_unix_ms=1)
+    node = record.node.SerializeToString(deterministic=True)
+    start = pods_start(node, record)
+    fields = pod_fields(node, start)
+    assert fields is not None
+    assert [pb.Pod.FromString(f) for f in fields] == list(record.node.pods)
+    assert pod_fields(node, 0) is None  # the name field first
+    assert pod_fields(node[:-1], start) is None  # a pod cut short
+    assert pod_fields(node, len(node)) == []
