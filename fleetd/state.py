@@ -960,37 +960,54 @@ class FleetState:
         table = self._beats.get(u.source)
         if table is None:
             table = self._beats[u.source] = _HeartbeatTable()
-        #: slot -> (node key, info, cell); one slot per node and one node per slot, the
-        #: last binding of either winning.
-        bindings: dict[int, tuple[str, _NodeInfo, up.SequenceCell]] = {}
-        slot_for: dict[str, int] = {}
+        slots, names, tokens = u.slots, u.names, u.content_tokens
+        if not len(slots) == len(names) == len(tokens):
+            raise ValueError("HeartbeatSlots: slots, names and content_tokens differ in length")
         cluster, nodes, cell_of = u.cluster, self.nodes, self._gate.cell
-        for slot, name, token in zip(u.slots, u.names, u.content_tokens, strict=True):
+        infos = table.infos
+        bound_slots: list[int] = []
+        keys: list[str] = []
+        bound_infos: list[_NodeInfo] = []
+        cells: list[up.SequenceCell] = []
+        # The usual batch names each slot and each node once; otherwise the last binding of
+        # either wins (below).
+        unique = len(set(slots)) == len(slots) and len(set(names)) == len(names)
+        for slot, name, token in zip(slots, names, tokens, strict=True):
             if slot < 0:
                 continue
-            if slot < len(table.infos) and table.infos[slot] is not None:
+            if slot < len(infos) and infos[slot] is not None:
                 table.unbind(slot)
-            key = node_key(cluster, name)
+            key = f"{cluster}/{name}"  # (`node_key`)
             info = nodes.get(key)
+            if info is None or not token or info.content_token != token:
+                continue
             # (No cell: the node's content came with sequence 0, unordered; its repeats are
             # no heartbeats.)
             cell = cell_of((cluster, "node", name))
-            if info is not None and cell is not None and token and info.content_token == token:
-                earlier = slot_for.pop(key, None)
+            if cell is not None:
+                bound_slots.append(slot)
+                keys.append(key)
+                bound_infos.append(info)
+                cells.append(cell)
+        if not unique:
+            # One slot per node and one node per slot, the last binding of either winning.
+            last: dict[int, int] = {}
+            last_of_key: dict[str, int] = {}
+            for i, (slot, key) in enumerate(zip(bound_slots, keys, strict=True)):
+                earlier = last_of_key.pop(key, None)
                 if earlier is not None:
-                    del bindings[earlier]
-                replaced = bindings.get(slot)
+                    del last[bound_slots[earlier]]
+                replaced = last.get(slot)
                 if replaced is not None:
-                    del slot_for[replaced[0]]
-                bindings[slot] = (key, info, cell)
-                slot_for[key] = slot
-        table.bind(
-            cluster,
-            list(bindings),
-            [key for key, _, _ in bindings.values()],
-            [info for _, info, _ in bindings.values()],
-            [cell for _, _, cell in bindings.values()],
-        )
+                    del last_of_key[keys[replaced]]
+                last[slot] = i
+                last_of_key[key] = i
+            kept = list(last.values())
+            bound_slots = [bound_slots[i] for i in kept]
+            keys = [keys[i] for i in kept]
+            bound_infos = [bound_infos[i] for i in kept]
+            cells = [cells[i] for i in kept]
+        table.bind(cluster, bound_slots, keys, bound_infos, cells)
 
     def _reconcile_pods(self, u: up.NodeUpdate, now: float) -> None:
         """The source reports the node's complete pod set (u.pods): reconcile against it."""
@@ -1256,7 +1273,7 @@ class FleetState:
                 self._maybe_confirm(wid, now)
                 return
         alloc = None
-        nkey = node_key(p.cluster, p.node)
+        nkey = f"{p.cluster}/{p.node}"  # (`node_key`)
         if nkey in self.nodes:
             alloc = self._observed_allocation(nkey, p, labels.get(GPU_MILLI_LABEL, ""))
             try:
@@ -1267,8 +1284,12 @@ class FleetState:
                 self.metrics.update_ignored("observed_pod_does_not_fit")
                 alloc = None
         # A pod seen before its node (watches race) holds nothing until the node appears.
-        self.pods[key] = _ObservedPod(p.cluster, p.node, alloc, labels=labels, request=p.requests)
-        self._pods_on.setdefault((p.cluster, p.node), set()).add(uid)
+        self.pods[key] = _ObservedPod(p.cluster, p.node, alloc, labels, p.requests)
+        on_node = self._pods_on.get((p.cluster, p.node))
+        if on_node is None:
+            self._pods_on[(p.cluster, p.node)] = {uid}
+        else:
+            on_node.add(uid)
 
     def _match_reserved_pod(self, held: _Held, p: up.PodObserved, name: str) -> int | None:
         candidates = [
@@ -1298,19 +1319,26 @@ class FleetState:
         fleet = self.fleet
         slot = fleet.slot(key)
         count = int(fleet.gpu_count[slot])
+        if not count:
+            return (
+                Allocation(key, cpu, mem, (), engine.GPU_MILLI)
+                if gpus > 0
+                else Allocation(key, cpu, mem)
+            )
         # One node: plain Python over its few GPUs (numpy per call costs more here). Free
         # milli-GPU per GPU, 0 when unhealthy, freest first, lowest index on ties (what a
-        # stable argsort of -free gives).
-        row = fleet.gpu_free_milli[slot, :count].tolist()
+        # stable argsort of -free gives; `sorted(reverse=True)` keeps ties in order too).
+        free = fleet.gpu_free_milli[slot, :count].tolist()
         unhealthy = int(fleet.gpu_unhealthy_mask[slot])
-        free = [0 if (unhealthy >> g) & 1 else row[g] for g in range(count)]
-        order = sorted(range(count), key=lambda g: -free[g])
-        if gpus > 0:
-            devices = tuple(sorted(order[:gpus]))
-            return Allocation(key, cpu, mem, devices, engine.GPU_MILLI)
-        if count:
-            return Allocation(key, cpu, mem, (order[0],), milli)
-        return Allocation(key, cpu, mem)
+        if unhealthy:
+            free = [0 if (unhealthy >> g) & 1 else f for g, f in enumerate(free)]
+        if gpus > 1:
+            order = sorted(range(count), key=free.__getitem__, reverse=True)
+            return Allocation(key, cpu, mem, tuple(sorted(order[:gpus])), engine.GPU_MILLI)
+        freest = free.index(max(free))  # (the lowest index of the freest)
+        if gpus == 1:
+            return Allocation(key, cpu, mem, (freest,), engine.GPU_MILLI)
+        return Allocation(key, cpu, mem, (freest,), milli)
 
     def _pod_removed(self, cluster: str, uid: str, now: float) -> None:
         pod = self.pods.pop((cluster, uid), None)

@@ -515,34 +515,48 @@ class Fleet:
         slot = self._slot_of.get(alloc.node)
         if slot is None:
             return f"unknown node {alloc.node!r}"
-        if alloc.cpu_millicores < 0 or alloc.memory_bytes < 0:
+        return self._misfit_at(slot, alloc)
+
+    def _misfit_at(self, slot: int, alloc: Allocation) -> str | None:
+        # (Scalars read with `.item`: Python ints compare faster than numpy scalars, and
+        # this runs for every pod a cluster reports starting.)
+        cpu, mem = alloc.cpu_millicores, alloc.memory_bytes
+        if cpu < 0 or mem < 0:
             return "negative request"
-        free_cpu = self.cpu_allocatable_millicores[slot] - self.cpu_allocated_millicores[slot]
-        if alloc.cpu_millicores > free_cpu:
+        if cpu > self.cpu_allocatable_millicores.item(slot) - self.cpu_allocated_millicores.item(
+            slot
+        ):
             return f"node {alloc.node!r}: insufficient cpu"
-        free_mem = self.memory_allocatable_bytes[slot] - self.memory_allocated_bytes[slot]
-        if alloc.memory_bytes > free_mem:
+        if mem > self.memory_allocatable_bytes.item(slot) - self.memory_allocated_bytes.item(slot):
             return f"node {alloc.node!r}: insufficient memory"
-        if len(set(alloc.gpu_indices)) != len(alloc.gpu_indices):
+        indices = alloc.gpu_indices
+        if not indices:
+            return None
+        if len(set(indices)) != len(indices):
             return "duplicate GPU index"
-        if alloc.gpu_indices and not 0 < alloc.gpu_milli_per_gpu <= GPU_MILLI:
-            return f"gpu_milli_per_gpu {alloc.gpu_milli_per_gpu} outside 1..{GPU_MILLI}"
-        bad = int(self.gpu_unhealthy_mask[slot])
-        for g in alloc.gpu_indices:
-            if not 0 <= g < int(self.gpu_count[slot]):
+        milli = alloc.gpu_milli_per_gpu
+        if not 0 < milli <= GPU_MILLI:
+            return f"gpu_milli_per_gpu {milli} outside 1..{GPU_MILLI}"
+        bad = self.gpu_unhealthy_mask.item(slot)
+        count = self.gpu_count.item(slot)
+        free = self.gpu_free_milli
+        for g in indices:
+            if not 0 <= g < count:
                 return f"node {alloc.node!r} has no GPU {g}"
             if (bad >> g) & 1:
                 return f"node {alloc.node!r}: GPU {g} is unhealthy"
-            if int(self.gpu_free_milli[slot, g]) < alloc.gpu_milli_per_gpu:
+            if free.item(slot, g) < milli:
                 return f"node {alloc.node!r}: GPU {g} has too little free share"
         return None
 
     def allocate(self, alloc: Allocation) -> None:
         """Commit one allocation (AllocationError if it does not fit; nothing changes then)."""
-        problem = self._misfit(alloc)
+        slot = self._slot_of.get(alloc.node)
+        if slot is None:
+            raise AllocationError(f"unknown node {alloc.node!r}")
+        problem = self._misfit_at(slot, alloc)
         if problem is not None:
             raise AllocationError(problem)
-        slot = self._slot_of[alloc.node]
         self.cpu_allocated_millicores[slot] += alloc.cpu_millicores
         self.memory_allocated_bytes[slot] += alloc.memory_bytes
         for g in alloc.gpu_indices:
@@ -557,16 +571,16 @@ class Fleet:
         slot = self._slot_of.get(alloc.node)
         if slot is None:
             raise AllocationError(f"unknown node {alloc.node!r}")
-        if (
-            alloc.cpu_millicores > self.cpu_allocated_millicores[slot]
-            or alloc.memory_bytes > self.memory_allocated_bytes[slot]
-        ):
+        if alloc.cpu_millicores > self.cpu_allocated_millicores.item(
+            slot
+        ) or alloc.memory_bytes > self.memory_allocated_bytes.item(slot):
             raise AllocationError(f"node {alloc.node!r} does not hold {alloc}")
-        for g in alloc.gpu_indices:
-            if not 0 <= g < int(self.gpu_count[slot]) or (
-                int(self.gpu_free_milli[slot, g]) + alloc.gpu_milli_per_gpu > GPU_MILLI
-            ):
-                raise AllocationError(f"node {alloc.node!r} does not hold GPU {g} share")
+        if alloc.gpu_indices:
+            count = self.gpu_count.item(slot)
+            free = self.gpu_free_milli
+            for g in alloc.gpu_indices:
+                if not 0 <= g < count or free.item(slot, g) + alloc.gpu_milli_per_gpu > GPU_MILLI:
+                    raise AllocationError(f"node {alloc.node!r} does not hold GPU {g} share")
         self.cpu_allocated_millicores[slot] -= alloc.cpu_millicores
         self.memory_allocated_bytes[slot] -= alloc.memory_bytes
         for g in alloc.gpu_indices:
