@@ -80,6 +80,8 @@ class TypicalPods:
     )
     """The distinct (per-GPU request index, GPU count) pairs of the types, and each type's
     pair: "at least num_gpu GPUs with the request free" is tested once per pair (derived)."""
+    gpus_needed: NDArray[np.int8] = field(init=False, repr=False, compare=False)
+    """(n_types,) int8 GPUs per pod of each type, clipped like `count_tests` (derived)."""
 
     def __post_init__(self) -> None:
         values, inverse = np.unique(np.asarray(self.gpu_milli, dtype=np.int64), return_inverse=True)
@@ -99,6 +101,7 @@ class TypicalPods:
             "count_tests",
             (pairs[:, 0].copy(), pairs[:, 1].astype(np.int8), pair_of.reshape(-1)),
         )
+        object.__setattr__(self, "gpus_needed", num.astype(np.int8))
 
     @property
     def n_types(self) -> int:
@@ -493,6 +496,17 @@ class _ShareTables:
         )
 
 
+def _gpu_bits(gpus: int) -> IntArray:
+    """(gpus,) int64 bit i set at index i (a 0/1 GPU row times this is its bitmask)."""
+    bits = _GPU_BITS.get(gpus)
+    if bits is None:
+        bits = _GPU_BITS[gpus] = np.left_shift(np.int64(1), np.arange(gpus, dtype=np.int64))
+    return bits
+
+
+_GPU_BITS: dict[int, IntArray] = {}
+
+
 def _type_stats(gpu_left: IntArray, typical: TypicalPods) -> tuple[NDArray[np.int8], FloatArray]:
     """Per state and type of the target workload: GPUs with the type's share free, and the
     milli free on the others (float64: integers, exact) ((R, T) each; `_gpu_stats`, which
@@ -509,14 +523,13 @@ def _frag_of_type_stats(
     cpu_left: IntArray,
     on_model: BoolArray,
     counts: BoolArray | None,
-    tables: _ShareTables,
+    typical: TypicalPods,
 ) -> FloatArray:
-    """(R,) `frag_milli` of states from their per-type statistics (count, below: (R, T);
-    total idle milli and free CPU: (R,); on_model, counts: `_model_rows`): the same terms,
-    summed along each C-ordered row, so the same floats."""
-    typical = tables.typical
+    """(R,) `frag_milli` of states from their per-type statistics (count, below: (R, T),
+    `_type_stats`; total idle milli and free CPU: (R,); on_model, counts: `_model_rows`):
+    the same terms, summed along each C-ordered row, so the same floats."""
     allowed = on_model & (cpu_left[:, None] >= typical.cpu_milli[None, :])
-    need = np.where(allowed, tables.num, _NEVER)
+    need = np.where(allowed, typical.gpus_needed, _NEVER)
     fallback = total.astype(np.float64)[:, None]
     if counts is not None:
         fallback = np.where(counts, fallback, 0.0)
@@ -939,6 +952,17 @@ class FragmentationScorer:
         self.pressure = _pressure_of(typical)
         self._scarcity_tables: dict[tuple[bytes | None, int], FloatArray] = {}
         self._tables: dict[int, _ShareTables] = {}
+        self._gpu_type_counts: dict[int, NDArray[np.int8]] = {}
+
+    def _gpu_types(self, gpus: int) -> NDArray[np.int8]:
+        """(T,) int8: `gpus` for the target workload's types that request GPUs, 0 for the
+        others: what taking `gpus` entirely free GPUs removes from each type's count of
+        GPUs with its share free (`_type_stats`)."""
+        out = self._gpu_type_counts.get(gpus)
+        if out is None:
+            out = (gpus * (self.memo.typical.gpu_milli > 0)).astype(np.int8)
+            self._gpu_type_counts[gpus] = out
+        return out
 
     def _model_of(self, view: NodeView) -> IntArray:
         """The view's GPU model ids, widening the target workload's model columns first if
@@ -951,6 +975,7 @@ class FragmentationScorer:
             self.pressure = _pressure_of(padded)
             self._scarcity_tables.clear()
             self._tables.clear()
+            self._gpu_type_counts.clear()
         return model
 
     def score(self, view: NodeView, c: Constraints, pick: IntArray) -> ScoreResult:
@@ -1009,13 +1034,55 @@ class FragmentationScorer:
                 return share
             now = self.memo.frag_now(ids)
             after = self.memo.frag_after(ids, pod_cpu, pod_milli, pod_num)
-        else:
-            # One candidate per state: its fragmentation and the states' own in one batch.
+        elif int(gpu_left.min(initial=0)) < 0 or int(gpu_left.max(initial=0)) > MILLI_PER_GPU:
+            # Not a state the per-type shortcut covers: candidate states and `frag_milli`.
             cpu_after, gpu_after, valid = candidate_states(
                 cpu_left, gpu_left, pod_cpu, pod_milli, pod_num
             )
             now, frag = self.memo.frag_now_with(ids, cpu_after[:, 0], gpu_after[:, 0], model)
             after = np.where(valid, frag[:, None], np.inf)
+        else:
+            # One candidate per state: a CPU-only pod changes the state's CPU only, whole
+            # GPUs go from 1000 milli free to 0 (`candidate_states`), so the candidate's
+            # per-type statistics are the state's with k GPUs fewer having any type's share
+            # free (a type without GPUs counts every GPU either way; the milli counted below
+            # a share is unchanged: 1000 and 0 both count 0), and its fragmentation and the
+            # state's own come from them (the same per-type terms: the same floats).
+            typical, memo = self.memo.typical, self.memo
+            on_model, counts = _model_rows(model, typical, self.constraint_aware)
+            count, below = _type_stats(gpu_left, typical)
+            total = gpu_left.sum(axis=1)
+            unknown = np.flatnonzero(~memo.now_known(ids))
+            if unknown.size:
+                memo.set_now(
+                    ids[unknown],
+                    _frag_of_type_stats(
+                        count[unknown], below[unknown], total[unknown], cpu_left[unknown],
+                        on_model[unknown], None if counts is None else counts[unknown], typical,
+                    ),
+                )  # fmt: skip
+            now = memo.frag_now(ids)
+            if pod_num:
+                count = count - self._gpu_types(pod_num)
+                total = total - MILLI_PER_GPU * pod_num
+            frag = _frag_of_type_stats(
+                count, below, total, cpu_left - pod_cpu, on_model, counts, typical
+            )
+            if pod_num:
+                full = gpu_left >= MILLI_PER_GPU
+                rank = np.cumsum(full, axis=1)
+                valid = rank[:, -1] >= pod_num
+                after = np.where(valid, frag, np.inf)[:, None]
+                scores, _ = self._scores(c, cpu_left, gpu_left, model, now, after)
+                best = scores[:, 0]
+                # The lowest-index entirely free GPUs (`candidate_states`), 0 where too few.
+                lowest = (full & (rank <= pod_num)).astype(np.int64) @ _gpu_bits(gpu_left.shape[1])
+                gpu_pick = np.where(valid, lowest, 0)
+            else:
+                scores, _ = self._scores(c, cpu_left, gpu_left, model, now, frag[:, None])
+                best = scores[:, 0]
+                gpu_pick = np.zeros(rows, dtype=np.int64)
+            return np.where(best >= 0, best, -np.inf).astype(np.float64), gpu_pick
         scores, _ = self._scores(c, cpu_left, gpu_left, model, now, after)
         best = scores.max(axis=1)
         if pod_num == 0:
@@ -1050,7 +1117,7 @@ class FragmentationScorer:
                 ids[unknown],
                 _frag_of_type_stats(
                     count[unknown], below[unknown], total[unknown], cpu_left[unknown],
-                    on_model[unknown], None if counts is None else counts[unknown], tables,
+                    on_model[unknown], None if counts is None else counts[unknown], tables.typical,
                 ),
             )  # fmt: skip
         now = memo.frag_now(ids)
@@ -1181,7 +1248,7 @@ class FragmentationScorer:
             rows_on_model = on_model[each]
             rows_counts = None if counts is None else counts[each]
             now = _frag_of_type_stats(
-                count, below, total, states_cpu, rows_on_model, rows_counts, tables
+                count, below, total, states_cpu, rows_on_model, rows_counts, typical
             )
             stranded = (
                 _stranded(total, states_cpu, self.cpu_per_gpu_milli)
