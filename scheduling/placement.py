@@ -1001,8 +1001,19 @@ class _Engine:
             take = dense <= cut
             rank_of[ranked[take]] = dense[take]
             row_rank = rank_of[cls]
-            sel = np.flatnonzero(row_rank <= cut)  # ascending: slots ascending
-            sel = sel[np.argsort(row_rank[sel], kind="stable")][:k]
+            # Rows by rank, then slot (rows ascending), the first k: every row of the ranks
+            # before the cut (fewer than k together), then the lowest slots of the cut rank,
+            # without sorting the cut rank's rows (often thousands of alike nodes).
+            if cut == 0:
+                sel = np.flatnonzero(row_rank == 0)[:k]
+            else:
+                before = np.flatnonzero(row_rank < cut)
+                sel = np.concatenate(
+                    [
+                        before[np.argsort(row_rank[before], kind="stable")],
+                        np.flatnonzero(row_rank == cut)[: k - before.size],
+                    ]
+                )
             sel_cls = cls[sel]
             sel_room = room[sel_cls]
             slots, picks = self._merge(
@@ -1287,7 +1298,11 @@ class _Engine:
             np.add.at(free.gpu_milli, (slots[pod_i], gpu_i), sign * c.milli_per_gpu)
             np.add.at(self.gpu_total, slots[pod_i], sign * c.milli_per_gpu)
         if self.states is not None:
-            self.states.assign(np.unique(slots))
+            # A run places a node's pods one after another: dropping consecutive repeats
+            # leaves few (re-classing a slot twice is harmless), without np.unique's sort.
+            if slots.size > 1:
+                slots = slots[np.concatenate(([True], slots[1:] != slots[:-1]))]
+            self.states.assign(slots)
 
     # -- gangs ---------------------------------------------------------------------------
 
