@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -349,30 +350,7 @@ def _node(
         raise InvalidTelemetry("bad-gpus", f"node {name}: {len(n.gpus)} GPUs")
     if len(n.pods) > MAX_PODS_PER_NODE:
         raise InvalidTelemetry("bad-pods", f"node {name}: {len(n.pods)} pods")
-    gpus = []
-    seen: set[int] = set()
-    healthy_code = pb.GPU_HEALTH_HEALTHY
-    unspecified = pb.GPU_HEALTH_UNSPECIFIED
-    for g in n.gpus:
-        index, health, utilization = g.index, g.health, g.utilization_ratio
-        memory_bytes, xids = g.memory_bytes, tuple(g.xid_errors)
-        if index in seen or index >= MAX_GPUS_PER_NODE:
-            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU index {index}")
-        seen.add(index)
-        if not 0.0 <= utilization <= 1.0:  # NaN fails this too
-            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU {index} utilization")
-        if health == unspecified:
-            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU {index} health unspecified")
-        if memory_bytes < 0 or memory_bytes > MAX_VALUE:
-            raise InvalidTelemetry("bad-resources", f"node {name}: GPU {index} memory_bytes")
-        healthy = health == healthy_code and (not xids or all(x in APPLICATION_XIDS for x in xids))
-        gpus.append(
-            GpuDevice(
-                index, g.model, memory_bytes, healthy, g.uuid, xids, utilization, g.mig_profile
-            )
-        )
-    if any(gpus[i].index > gpus[i + 1].index for i in range(len(gpus) - 1)):
-        gpus.sort(key=lambda d: d.index)
+    gpus = _gpu_devices(n.gpus, name)
     pods = _pods(n, cluster, name, sequence)
     return NodeUpdate(
         cluster=cluster,
@@ -396,6 +374,39 @@ def _node(
         pods=tuple(pods),
         observed_at_s=observed_s,
         content_token=content_token,
+    )
+
+
+def _gpu_devices(items: Sequence[pb.Gpu], name: str) -> list[GpuDevice]:
+    """A node's reported GPUs, validated (InvalidTelemetry), sorted by index."""
+    seen: set[int] = set()
+    gpus = [_gpu_device(g, name, seen) for g in items]
+    if any(gpus[i].index > gpus[i + 1].index for i in range(len(gpus) - 1)):
+        gpus.sort(key=lambda d: d.index)
+    return gpus
+
+
+_HEALTHY = pb.GPU_HEALTH_HEALTHY
+_HEALTH_UNSPECIFIED = pb.GPU_HEALTH_UNSPECIFIED
+
+
+def _gpu_device(g: pb.Gpu, name: str, seen: set[int]) -> GpuDevice:
+    """One reported GPU of node `name`, validated (InvalidTelemetry); `seen` holds the
+    indices of the node's GPUs before it, and gets its own."""
+    index, health, utilization = g.index, g.health, g.utilization_ratio
+    memory_bytes, xids = g.memory_bytes, tuple(g.xid_errors)
+    if index in seen or index >= MAX_GPUS_PER_NODE:
+        raise InvalidTelemetry("bad-gpus", f"node {name}: GPU index {index}")
+    seen.add(index)
+    if not 0.0 <= utilization <= 1.0:  # NaN fails this too
+        raise InvalidTelemetry("bad-gpus", f"node {name}: GPU {index} utilization")
+    if health == _HEALTH_UNSPECIFIED:
+        raise InvalidTelemetry("bad-gpus", f"node {name}: GPU {index} health unspecified")
+    if memory_bytes < 0 or memory_bytes > MAX_VALUE:
+        raise InvalidTelemetry("bad-resources", f"node {name}: GPU {index} memory_bytes")
+    healthy = health == _HEALTHY and (not xids or all(x in APPLICATION_XIDS for x in xids))
+    return GpuDevice(
+        index, g.model, memory_bytes, healthy, g.uuid, xids, utilization, g.mig_profile
     )
 
 
@@ -806,24 +817,110 @@ def pod_fields(node: bytes, start: int) -> list[bytes] | None:
     """The payloads (serialized Pods) of the `pods` fields that make up node[start:], when
     that is all there is; None otherwise. `node` may also be a whole record: the pods then
     end where it ends."""
+    return fields_of(node, start, len(node), _PODS_FIELD_TAG)
+
+
+def fields_of(data: bytes, start: int, end: int, tag: int) -> list[bytes] | None:
+    """The payloads of the length-delimited fields with key byte `tag` that make up
+    data[start:end], when that is all there is; None otherwise."""
     fields = []
-    end = len(node)
     i = start
     while i < end:
-        if node[i] != _PODS_FIELD_TAG or i + 1 >= end:
+        if data[i] != tag or i + 1 >= end:
             return None
-        length = node[i + 1]
+        length = data[i + 1]
         if length < 0x80:
             after = i + 2
         else:
-            length, after = _varint_at(node, i + 1)
+            length, after = _varint_at(data, i + 1)
             if length < 0:
                 return None
         i = after + length
         if i > end:
             return None
-        fields.append(node[after:i])
+        fields.append(data[after:i])
     return fields
+
+
+#: NodeReport.gpus: field 10, wire type 2.
+_GPUS_FIELD_TAG = (10 << 3) | 2
+
+
+def gpus_start(spec: bytes, record: pb.TelemetryRecord) -> int:
+    """Where the GPUs begin in `spec` (the parsed `record`'s NodeReport bytes before its
+    pods, `pods_start`), when the bytes before parse alone as a NodeReport without GPUs and
+    the rest is only GPUs; -1 otherwise (then a change of the node's GPUs or of the rest is
+    converted in full)."""
+    size = 0
+    for g in record.node.gpus:
+        n = g.ByteSize()
+        size += 1 + len(_varint_bytes(n)) + n
+    start = len(spec) - size
+    if start < 0 or fields_of(spec, start, len(spec), _GPUS_FIELD_TAG) is None:
+        return -1
+    try:
+        head = pb.NodeReport.FromString(spec[:start])
+    except DecodeError:
+        return -1
+    return -1 if head.gpus or head.pods else start
+
+
+def gpu_fields(data: bytes, start: int, end: int) -> list[bytes] | None:
+    """The payloads (serialized Gpus) of the `gpus` fields that make up data[start:end],
+    when that is all there is; None otherwise."""
+    return fields_of(data, start, end, _GPUS_FIELD_TAG)
+
+
+def gpus_from_fields(
+    fields: list[bytes], known: dict[bytes, GpuDevice], name: str
+) -> tuple[tuple[GpuDevice, ...], bool]:
+    """The GPUs of a report of node `name` whose `gpus` fields are `fields` (`gpu_fields`),
+    validated as `decode` validates them (InvalidTelemetry, same reasons), and whether they
+    are in the order of `fields` (not sorted by index here). A GPU whose bytes are in
+    `known` (the node's GPUs of a report already converted, by their bytes) is that value
+    again: only the others are parsed, and only the index check applies to it."""
+    new: dict[int, pb.Gpu] = {}
+    for i, raw in enumerate(fields):
+        if raw not in known:
+            try:
+                new[i] = pb.Gpu.FromString(raw)
+            except DecodeError as exc:
+                # (Before any check: decoding the whole record fails first too.)
+                raise InvalidTelemetry("undecodable", f"not a TelemetryRecord: {exc}") from exc
+    if len(fields) > MAX_GPUS_PER_NODE:
+        raise InvalidTelemetry("bad-gpus", f"node {name}: {len(fields)} GPUs")
+    if not new:
+        gpus = [known[raw] for raw in fields]
+        seen = {d.index for d in gpus}
+        if len(seen) < len(gpus):
+            gpus = _gpu_devices_known(gpus, name)
+    else:
+        gpus = []
+        seen = set()
+        for i, raw in enumerate(fields):
+            g = new.get(i)
+            if g is None:
+                device = known[raw]
+                if device.index in seen:
+                    raise InvalidTelemetry("bad-gpus", f"node {name}: GPU index {device.index}")
+                seen.add(device.index)
+                gpus.append(device)
+            else:
+                gpus.append(_gpu_device(g, name, seen))
+    if any(gpus[i].index > gpus[i + 1].index for i in range(len(gpus) - 1)):
+        gpus.sort(key=lambda d: d.index)
+        return tuple(gpus), False
+    return tuple(gpus), True
+
+
+def _gpu_devices_known(gpus: list[GpuDevice], name: str) -> list[GpuDevice]:
+    """The index check of `_gpu_devices` over devices already validated otherwise."""
+    seen: set[int] = set()
+    for device in gpus:
+        if device.index in seen:
+            raise InvalidTelemetry("bad-gpus", f"node {name}: GPU index {device.index}")
+        seen.add(device.index)
+    return gpus
 
 
 def node_after_envelope(value: bytes, start: int) -> tuple[int, int, int, int]:
@@ -932,6 +1029,85 @@ def with_pods(
         p.gpus,
         pods,
         observed_s,
+        content_token,
+    )
+
+
+def with_gpus(
+    previous: NodeUpdate,
+    gpus: tuple[GpuDevice, ...],
+    sequence: int,
+    observed_s: float,
+    content_token: bytes,
+) -> NodeUpdate:
+    """`previous` (a node's last applied update) with other GPUs (`gpus_from_fields`) and a
+    new sequence, time and token: the update of a report that differs from it in its GPUs
+    only (the caller checked the bytes)."""
+    p = previous
+    return NodeUpdate(
+        p.cluster,
+        p.name,
+        sequence,
+        p.capacity,
+        p.allocatable,
+        p.labels,
+        p.taints,
+        p.unschedulable,
+        p.ready,
+        p.node_pool,
+        p.zone,
+        p.region,
+        p.instance_type,
+        p.capacity_type,
+        # A node's GPUs are one model in practice; the first device speaks for the node.
+        gpus[0].model if gpus else "",
+        gpus[0].memory_bytes if gpus else 0,
+        gpus,
+        p.pods,
+        observed_s,
+        content_token,
+    )
+
+
+def with_spec(
+    key: bytes | None,
+    previous: NodeUpdate,
+    report: pb.NodeReport,
+    sequence: int,
+    observed_unix_ms: int,
+    content_token: bytes,
+) -> NodeUpdate:
+    """`previous` (a node's last applied update) with everything but its GPUs and pods
+    from `report` (parsed from a report's node bytes before its GPUs: without GPUs and
+    pods), and a new sequence, time and token: the update of a report whose GPUs and pods
+    are byte for byte `previous`'s (the caller checked the bytes). Validated as `decode`
+    validates a record (InvalidTelemetry, same reasons: the key, the name, resources...)."""
+    p = previous
+    record = pb.TelemetryRecord(
+        cluster=p.cluster, sequence=sequence, observed_unix_ms=observed_unix_ms, node=report
+    )
+    u = to_update(key, record, content_token=content_token)
+    assert isinstance(u, NodeUpdate)
+    return NodeUpdate(
+        u.cluster,
+        u.name,
+        sequence,
+        u.capacity,
+        u.allocatable,
+        u.labels,
+        u.taints,
+        u.unschedulable,
+        u.ready,
+        u.node_pool,
+        u.zone,
+        u.region,
+        u.instance_type,
+        u.capacity_type,
+        p.gpu_model,
+        p.gpu_memory_bytes,
+        p.gpus,
+        p.pods,
+        u.observed_at_s,
         content_token,
     )
 

@@ -29,12 +29,16 @@ from typing import Any
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from google.protobuf.message import DecodeError
 
 from fleetd.sources.base import Backoff, UpdateSink
 from fleetd.sources.codec import (
     InvalidTelemetry,
     decode_envelope_rests,
     envelope_head,
+    gpu_fields,
+    gpus_from_fields,
+    gpus_start,
     node_after_envelope,
     node_content_tail,
     node_key,
@@ -44,7 +48,9 @@ from fleetd.sources.codec import (
     pods_from_fields,
     pods_start,
     to_update,
+    with_gpus,
     with_pods,
+    with_spec,
 )
 from fleetd.sources.inventory import InventoryAssembler
 from fleetd.sources.memory import StateSink
@@ -53,6 +59,7 @@ from fleetd.sources.security import KafkaSecurity, KafkaSecurityError, diagnose
 from fleetd.sources.security import from_config as security_from_config
 from fleetd.sources.updates import (
     ClusterSynced,
+    GpuDevice,
     HeartbeatSlots,
     NodeHeartbeats,
     NodeInventory,
@@ -64,6 +71,7 @@ from fleetd.sources.updates import (
     SequenceGate,
     Update,
 )
+from fleetd.v1 import telemetry_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +136,8 @@ class _Content:
     plain slotted class, not a frozen dataclass: one is made per new node, and cheaper;
     a change of the node's content updates it in place, `replace`.)"""
 
-    __slots__ = ("cluster", "head", "head_len", "min_len", "name", "pod_fields", "slot", "spec",
-                 "tail", "tail_len", "update")  # fmt: skip
+    __slots__ = ("cluster", "gpu_fields", "gpus_at", "head", "head_len", "min_len", "name",
+                 "pod_fields", "slot", "spec", "tail", "tail_len", "update")  # fmt: skip
 
     def __init__(
         self,
@@ -139,8 +147,7 @@ class _Content:
         head: bytes,
         tail: bytes,
         update: NodeUpdate,
-        spec: bytes | None,
-        fields: list[bytes] | None,
+        layout: _Layout,
     ) -> None:
         self.cluster = cluster
         self.name = name
@@ -149,19 +156,18 @@ class _Content:
         #: `codec.envelope_head(cluster)`: a repeat starts with it.
         self.head = head
         self.head_len = len(head)
-        self.replace(tail, update, spec, fields)
+        self.replace(tail, update, layout)
 
-    def replace(
-        self, tail: bytes, update: NodeUpdate, spec: bytes | None, fields: list[bytes] | None
-    ) -> None:
+    def replace(self, tail: bytes, update: NodeUpdate, layout: _Layout) -> None:
         """The node's new content (same cluster, name and slot)."""
         self.tail = tail
         #: The update applied for it.
         self.update = update
-        #: Its node bytes before the pods (`codec.pods_start`), or None.
-        self.spec = spec
-        #: Its pods' bytes (`codec.pod_fields`), matching `update.pods`; None: not split yet.
-        self.pod_fields = fields
+        #: Its node bytes before the pods (`codec.pods_start`; None: not laid out so);
+        #: where its GPUs begin in them (`codec.gpus_start`, -1: not laid out so); its
+        #: pods' bytes (`codec.pod_fields`), matching `update.pods` (None: not split yet);
+        #: its GPUs' bytes (`codec.gpu_fields`), matching `update.gpus` (None: unknown).
+        self.spec, self.gpus_at, self.pod_fields, self.gpu_fields = layout
         self.tail_len = len(tail)
         #: A repeat is longer than head and tail together.
         self.min_len = self.head_len + len(tail)
@@ -178,40 +184,111 @@ class _Content:
             return {}  # (never: the content parsed this way)
         return dict(zip(fields, pods, strict=True))
 
+    def known_gpus(self) -> dict[bytes, GpuDevice]:
+        """The content's GPUs by their bytes, when known (`codec.gpus_from_fields`)."""
+        fields = self.gpu_fields
+        if fields is None or len(fields) != len(self.update.gpus):
+            return {}
+        return dict(zip(fields, self.update.gpus, strict=True))
 
-class _PodsChange:
+
+#: What `_Content` knows of a content's bytes: (spec, gpus_at, pod_fields, gpu_fields).
+_Layout = tuple[bytes | None, int, list[bytes] | None, list[bytes] | None]
+_UNKNOWN_LAYOUT: _Layout = (None, -1, None, None)
+
+#: `_Change.kind`: what differs from the remembered content.
+_PODS, _GPUS, _SPEC = 0, 1, 2
+
+
+class _Change:
     """A node report recognised by its bytes as the node's remembered content with other
-    pods (`_pods_change`): what `_convert` needs instead of a parsed record."""
+    pods, other GPUs, or other fields before its GPUs (`_change_of`): what `_convert`
+    needs instead of a parsed record. Positions are in the record's value."""
 
-    __slots__ = ("fields", "memo", "observed_unix_ms", "sequence", "tag")
+    __slots__ = ("at", "end", "fields", "kind", "memo", "node", "node_at",
+                 "observed_unix_ms", "sequence", "spec_end", "tag")  # fmt: skip
 
     def __init__(
-        self, memo: _Content, sequence: int, observed_unix_ms: int, tag: int, fields: list[bytes]
+        self,
+        kind: int,
+        memo: _Content,
+        sequence: int,
+        observed_unix_ms: int,
+        tag: int,
+        node_at: int,
+        spec_end: int,
+        at: int,
+        end: int,
     ) -> None:
+        self.kind = kind
         self.memo = memo
         self.sequence = sequence
         self.observed_unix_ms = observed_unix_ms
-        #: Where the record's `node` field (its content token) begins.
+        #: Where the record's `node` field (its content token) begins, where its NodeReport
+        #: bytes begin, and where their pods begin.
         self.tag = tag
-        self.fields = fields
+        self.node_at = node_at
+        self.spec_end = spec_end
+        #: The new part: value[at:end] (pods' fields, GPUs' fields, or fields before them).
+        self.at = at
+        self.end = end
+        #: _PODS, _GPUS: the pods' or GPUs' bytes (`codec.pod_fields`, `gpu_fields`).
+        self.fields: list[bytes] = []
+        #: _SPEC: the new fields, parsed.
+        self.node: pb.NodeReport | None = None
 
 
-def _pods_change(value: bytes, memo: _Content) -> _PodsChange | None:
+def _change_of(value: bytes, memo: _Content) -> _Change | None:
     """When `value` (a record under `memo`'s key, starting with its envelope head) is a
-    canonical node report whose node bytes are `memo.spec` followed by nothing but pods,
-    what it says; None otherwise (it is decoded in full). By protobuf's merge semantics such
-    a record *is* the remembered node with these pods: its spec was validated when
-    remembered, so only the envelope (here) and the pods (`_convert`) need checking."""
+    canonical node report whose node bytes are the remembered ones but for its pods, its
+    GPUs, or its fields before the GPUs, what it says; None otherwise (it is decoded in
+    full). By protobuf's merge semantics such a record *is* the remembered node with that
+    part replaced: the rest was validated when remembered, so only the envelope (here) and
+    the new part (`_convert`) need checking."""
     spec = memo.spec
     if spec is None:
         return None
     sequence, ms, tag, node_at = node_after_envelope(value, memo.head_len)
-    if tag < 0 or not value.startswith(spec, node_at):
+    if tag < 0:
         return None
-    fields = pod_fields(value, node_at + len(spec))
-    if fields is None:
+    if value.startswith(spec, node_at):
+        # Only the pods differ (most changes).
+        spec_end = node_at + len(spec)
+        fields = pod_fields(value, spec_end)
+        if fields is None:
+            return None
+        change = _Change(_PODS, memo, sequence, ms, tag, node_at, spec_end, spec_end, len(value))
+        change.fields = fields
+        return change
+    gpus_at = memo.gpus_at
+    if gpus_at < 0:
         return None
-    return _PodsChange(memo, sequence, ms, tag, fields)
+    # The pods as remembered; the GPUs, or the fields before them, not.
+    tail = memo.tail
+    pods_at = node_offset_in_tail(tail) + len(spec)
+    spec_end = len(value) - (len(tail) - pods_at)
+    if spec_end < node_at or not value.endswith(tail[pods_at:]):
+        return None
+    if value.startswith(spec[:gpus_at], node_at):
+        at = node_at + gpus_at
+        fields = gpu_fields(value, at, spec_end)
+        if fields is None:
+            return None
+        change = _Change(_GPUS, memo, sequence, ms, tag, node_at, spec_end, at, spec_end)
+        change.fields = fields
+        return change
+    gpus = spec_end - (len(spec) - gpus_at)
+    if gpus < node_at or not value.startswith(spec[gpus_at:], gpus):
+        return None
+    try:
+        node = pb.NodeReport.FromString(value[node_at:gpus])
+    except DecodeError:
+        return None
+    if node.gpus or node.pods:
+        return None
+    change = _Change(_SPEC, memo, sequence, ms, tag, node_at, spec_end, node_at, gpus)
+    change.node = node
+    return change
 
 
 def _content_token(rec: Any, parsed: Any) -> bytes:
@@ -447,7 +524,7 @@ class KafkaSource:
     ) -> tuple[dict[TopicPartition, int], int]:
         dead: list[tuple[int, Any, InvalidTelemetry]] = []
         offsets: dict[TopicPartition, int] = {}
-        chosen: list[tuple[int, Update, bytes | None, bytes | None, list[bytes] | None]] = []
+        chosen: list[tuple[int, Update, bytes | None, _Layout]] = []
         updates: list[Update] = []
         duplicates = superseded = unchanged = unchanged_duplicates = 0
         if True:  # (one block: the decode pass)
@@ -481,8 +558,8 @@ class KafkaSource:
                     best[group] = (seq, position, rec, parsed)
                 return 1
 
-            def take_change(position: int, rec: Any, change: _PodsChange) -> None:
-                """`take_in_full` for a pods-only change recognised by its bytes."""
+            def take_change(position: int, rec: Any, change: _Change) -> None:
+                """`take_in_full` for a change recognised by its bytes."""
                 full_positions.add(position)
                 current = best.get(rec.key)
                 if current is None or change.sequence >= current[0]:
@@ -522,8 +599,8 @@ class KafkaSource:
                             add_rest(value[memo.head_len : len(value) - memo.tail_len])
                             continue
                         elif memo.spec is not None:
-                            # The content with other pods (most changes)?
-                            change = _pods_change(value, memo)
+                            # The content with other pods (most changes), GPUs or fields?
+                            change = _change_of(value, memo)
                             if change is not None:
                                 take_change(position, rec, change)
                                 parsed_ok += 1
@@ -559,7 +636,7 @@ class KafkaSource:
                 while candidate is not None:
                     seq, pos, rec, parsed = candidate
                     try:
-                        update, spec, fields = self._convert(rec, parsed)
+                        update, layout = self._convert(rec, parsed)
                     except InvalidTelemetry as exc:
                         # The newest is invalid: dead-letter it and try the next newest
                         # (rare: the poll is indexed by key only when it happens).
@@ -574,7 +651,7 @@ class KafkaSource:
                         # The gate looks at the node's cell: repeats moved its column.
                         self._column.flush(memo.slot)
                     if self._gate.admit(update):
-                        chosen.append((pos, update, rec.key, spec, fields))
+                        chosen.append((pos, update, rec.key, layout))
                         assert not isinstance(update, NodeHeartbeats)  # (records are no batch)
                         self._seen_clusters.add(update.cluster)
                     elif pos in full_positions:
@@ -587,7 +664,7 @@ class KafkaSource:
         # Unchanged reports first: a key with a full record in this poll took no unchanged
         # report after it (see above), so every unchanged report is older than its key's
         # full records here and applying them first keeps each node's order.
-        updates += [u for _, u, _, _, _ in chosen]
+        updates += [u for _, u, _, _ in chosen]
         if self._inventory_chunks:  # (an agent's resync: rare, off the common path)
             updates = self._assemble_inventories(updates)
         # The applied contents' slots, for their repeats from the next poll on.
@@ -639,51 +716,71 @@ class KafkaSource:
         if not committing.cancelled() and committing.exception() is not None:
             log.warning("kafka: last commit failed while stopping: %r", committing.exception())
 
-    def _convert(self, rec: Any, parsed: Any) -> tuple[Update, bytes | None, list[bytes] | None]:
-        """A parsed record (or a `_PodsChange`) as an update (InvalidTelemetry if invalid),
-        and for a node report its node bytes before its pods (None: unknown) and its pods'
-        bytes (None: not split). A pods-only change is the node's last applied update with
-        the new pods (`codec.with_pods`): only pods not in that update are parsed and
-        validated, the others are its values again."""
-        if type(parsed) is _PodsChange:
+    def _convert(self, rec: Any, parsed: Any) -> tuple[Update, _Layout]:
+        """A parsed record (or a `_Change`) as an update (InvalidTelemetry if invalid), and
+        for a node report what is known of its bytes' layout. A change recognised by its
+        bytes is the node's last applied update with the new part converted and validated
+        (`codec.with_pods`, `with_gpus`, `with_spec`): of new pods, only those not in that
+        update are parsed, the others are its values again."""
+        if type(parsed) is _Change:
             memo = parsed.memo
             sequence = parsed.sequence
-            pods = pods_from_fields(
-                parsed.fields, memo.known_pods(), memo.cluster, memo.name, sequence
+            observed_s = parsed.observed_unix_ms / 1000.0
+            value = rec.value
+            token = value[parsed.tag :]
+            if parsed.kind == _PODS:
+                pods = pods_from_fields(
+                    parsed.fields, memo.known_pods(), memo.cluster, memo.name, sequence
+                )
+                change = with_pods(memo.update, pods, sequence, observed_s, token)
+                return change, (memo.spec, memo.gpus_at, parsed.fields, memo.gpu_fields)
+            # (The pods are the remembered ones, and so are their bytes.)
+            spec = value[parsed.node_at : parsed.spec_end]
+            if parsed.kind == _GPUS:
+                gpus, in_order = gpus_from_fields(parsed.fields, memo.known_gpus(), memo.name)
+                change = with_gpus(memo.update, gpus, sequence, observed_s, token)
+                fields = parsed.fields if in_order else None
+                return change, (spec, memo.gpus_at, memo.pod_fields, fields)
+            assert parsed.node is not None
+            change = with_spec(
+                rec.key, memo.update, parsed.node, sequence, parsed.observed_unix_ms, token
             )
-            change = with_pods(
-                memo.update,
-                pods,
-                sequence,
-                parsed.observed_unix_ms / 1000.0,
-                rec.value[parsed.tag :],
-            )
-            return change, memo.spec, parsed.fields
+            layout = (spec, parsed.end - parsed.node_at, memo.pod_fields, memo.gpu_fields)
+            return change, layout
         token = _content_token(rec, parsed)
         if not token:
             update = to_update(rec.key, parsed)
             if isinstance(update, NodeInventoryChunk):
                 self._inventory_chunks += 1
-            return update, None, None
+            return update, _UNKNOWN_LAYOUT
         update = to_update(rec.key, parsed, content_token=token)
         at = node_offset_in_tail(token)
         start = pods_start(token[at:], parsed)
-        return update, token[at : at + start] if start >= 0 else None, None
+        if start < 0:
+            return update, _UNKNOWN_LAYOUT
+        spec = token[at : at + start]
+        gpus_at = gpus_start(spec, parsed)
+        fields = None
+        if gpus_at >= 0 and isinstance(update, NodeUpdate):
+            indices = [d.index for d in update.gpus]
+            if indices == [g.index for g in parsed.node.gpus]:  # (not sorted: aligned)
+                fields = gpu_fields(spec, gpus_at, len(spec))
+        return update, (spec, gpus_at, None, fields)
 
     def _remember_contents(
-        self, chosen: list[tuple[int, Update, bytes | None, bytes | None, list[bytes] | None]]
+        self, chosen: list[tuple[int, Update, bytes | None, _Layout]]
     ) -> list[HeartbeatSlots]:
         """Each node's content about to be applied, so that repeats of it take the unchanged
-        path (`codec.decode_envelope_rests`) and changes of its pods the short one
-        (`_pods_change`); a removed node's is forgotten. Returns the slot bindings that tell
-        the sink which node each new content's `NodeHeartbeats` entries refresh (a node
-        keeps its slot across changes: it is bound again, to the new content)."""
+        path (`codec.decode_envelope_rests`) and changes of its pods, GPUs or fields the
+        short one (`_change_of`); a removed node's is forgotten. Returns the slot bindings
+        that tell the sink which node each new content's `NodeHeartbeats` entries refresh
+        (a node keeps its slot across changes: it is bound again, to the new content)."""
         contents = self._contents
         column = self._column
         cell_of = self._gate.cell
         heads: dict[str, bytes] = {}
         bindings: dict[str, tuple[list[int], list[str], list[bytes]]] = {}
-        for _, update, key, spec, fields in chosen:
+        for _, update, key, layout in chosen:
             if key is None or not isinstance(update, NodeUpdate | NodeRemoved):
                 continue
             old = contents.get(key)
@@ -701,16 +798,14 @@ class KafkaSource:
             if old is not None:
                 # (The same key: the same cluster and node.)
                 column.reset(old.slot, cell)
-                old.replace(tail, update, spec, fields)
+                old.replace(tail, update, layout)
                 slot = old.slot
             else:
                 head = heads.get(cluster)
                 if head is None:
                     head = heads[cluster] = envelope_head(cluster)
                 slot = column.add(cell)
-                contents[key] = _Content(
-                    cluster, update.name, slot, head, tail, update, spec, fields
-                )
+                contents[key] = _Content(cluster, update.name, slot, head, tail, update, layout)
             slots, names, tokens = bindings.setdefault(cluster, ([], [], []))
             slots.append(slot)
             names.append(update.name)

@@ -400,10 +400,16 @@ _CONTENTS = {
     "A": gpu_node("x", pods=1),
     "B": gpu_node("x", pods=2),  # pods changed
     "C": dataclasses.replace(gpu_node("x", pods=1), unschedulable=True),  # node changed
+    "D": dataclasses.replace(  # a GPU changed
+        gpu_node("x", pods=1),
+        gpus=tuple(
+            dataclasses.replace(g, healthy=False) if g.index == 3 else g for g in gpu_node("x").gpus
+        ),
+    ),
 }
 
 _op = st.one_of(
-    st.tuples(st.just("report"), st.integers(0, 2), st.sampled_from("ABC")),
+    st.tuples(st.just("report"), st.integers(0, 2), st.sampled_from("ABCD")),
     st.tuples(st.just("redeliver"), st.integers(0, 30), st.just("")),
     st.tuples(st.just("bad"), st.integers(0, 2), st.just("")),
     st.tuples(st.just("garbage"), st.integers(0, 2), st.just("")),
@@ -686,3 +692,123 @@ def test_pod_fields_are_pods_and_nothing_else() -> None:
     assert pod_fields(node, 0) is None  # the name field first
     assert pod_fields(node[:-1], start) is None  # a pod cut short
     assert pod_fields(node, len(node)) == []
+
+
+# ---------------------------------------------------------------------------- GPU and field changes
+
+
+def _node_bytes_change(update: up.NodeUpdate, seq: int) -> tuple[bytes, up.NodeUpdate]:
+    value = _value(update, seq, ms=seq * 1_000)
+    expected = decode(node_key("c1", update.name), value)
+    assert isinstance(expected, up.NodeUpdate)
+    return value, expected
+
+
+async def test_a_gpu_change_converts_only_the_changed_gpu() -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    a = gpu_node("a", pods=2)
+    await _process(source, [_rec("a", _value(a, 1), 0)])
+    first = view.node("c1", "a")
+    assert first is not None
+    flipped = dataclasses.replace(a.gpus[5], healthy=False, xid_errors=(79,))
+    changed = dataclasses.replace(a, gpus=(*a.gpus[:5], flipped, *a.gpus[6:]))
+    value, expected = _node_bytes_change(changed, 2)
+    await _process(source, [_rec("a", value, 1)])
+    got = view.node("c1", "a")
+    assert got is not None
+    assert _pod_content(got) == _pod_content(expected)
+    assert got.content_token == node_content_tail(value, parse(value))
+    assert got.gpus[5] == expected.gpus[5]
+    assert not got.gpus[5].healthy
+    assert all(got.gpus[i] is first.gpus[i] for i in range(8) if i != 5)
+    assert got.pods is first.pods
+    # And back: a GPU change again, then repeats of it.
+    value, expected = _node_bytes_change(a, 3)
+    await _process(source, [_rec("a", value, 2)])
+    got = view.node("c1", "a")
+    assert got is not None
+    assert _pod_content(got) == _pod_content(expected)
+    await _process(source, [_rec("a", _value(a, 4), 3)])
+    assert view.heartbeats[("c1", "a")][0] == 4
+
+
+async def test_a_change_before_the_gpus_converts_those_fields_only() -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    a = gpu_node("a", pods=2)
+    await _process(source, [_rec("a", _value(a, 1), 0)])
+    first = view.node("c1", "a")
+    assert first is not None
+    cordoned = dataclasses.replace(a, unschedulable=True, labels=(*a.labels, ("k", "v")))
+    value, expected = _node_bytes_change(cordoned, 2)
+    await _process(source, [_rec("a", value, 1)])
+    got = view.node("c1", "a")
+    assert got is not None
+    assert _pod_content(got) == _pod_content(expected)
+    assert got.unschedulable
+    assert got.gpus is first.gpus
+    assert got.pods is first.pods
+    # Then a pods-only change and a GPU change of the new content.
+    moved = dataclasses.replace(cordoned, pods=cordoned.pods[:1] if cordoned.pods else ())
+    value, expected = _node_bytes_change(moved, 3)
+    await _process(source, [_rec("a", value, 2)])
+    got = view.node("c1", "a")
+    assert got is not None
+    assert _pod_content(got) == _pod_content(expected)
+    sick = dataclasses.replace(moved, gpus=(dataclasses.replace(a.gpus[0], healthy=False),))
+    value, expected = _node_bytes_change(sick, 4)
+    await _process(source, [_rec("a", value, 3)])
+    got = view.node("c1", "a")
+    assert got is not None
+    assert _pod_content(got) == _pod_content(expected)
+
+
+def _bad_gpu_index(record: pb.TelemetryRecord) -> None:
+    record.node.gpus[2].index = 1  # twice
+
+
+def _bad_utilization(record: pb.TelemetryRecord) -> None:
+    record.node.gpus[4].utilization_ratio = 2.0
+
+
+def _bad_taint(record: pb.TelemetryRecord) -> None:
+    record.node.taints[0].effect = "Sometimes"
+
+
+def _bad_name(record: pb.TelemetryRecord) -> None:
+    record.node.name = "b"  # not the key's
+
+
+def _bad_resources(record: pb.TelemetryRecord) -> None:
+    record.node.allocatable.cpu_millicores = -1
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (_bad_gpu_index, b"bad-gpus"),
+        (_bad_utilization, b"bad-gpus"),
+        (_bad_taint, b"bad-taint"),
+        (_bad_name, b"key-mismatch"),
+        (_bad_resources, b"bad-resources"),
+    ],
+)
+async def test_gpu_and_field_changes_are_dead_lettered_as_decoding_does(
+    spoil: object, reason: bytes
+) -> None:
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    a = gpu_node("a", pods=1)
+    await _process(source, [_rec("a", _value(a, 1), 0)])
+    record = encode_node(a, sequence=2, observed_unix_ms=1_000)
+    spoil(record)  # type: ignore[operator]
+    bad = record.SerializeToString(deterministic=True)
+    with pytest.raises(InvalidTelemetry) as full:
+        decode(node_key("c1", "a"), bad)
+    assert full.value.reason.encode() == reason
+    producer = await _process(source, [_rec("a", bad, 1)])
+    assert [dict(h)[DLQ_REASON_HEADER] for _, _, h in producer.sent] == [reason]
+    node = view.node("c1", "a")
+    assert node is not None
+    assert node.sequence == 1
