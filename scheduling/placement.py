@@ -1492,7 +1492,9 @@ def slot_tables(
     fleet: Fleet, node_slot: I64
 ) -> tuple[dict[int, str | None], dict[int, str | None]]:
     """Node and cluster names of the slots pods were placed on (a result's own copy)."""
-    used = np.unique(node_slot[node_slot >= 0]).tolist()
+    placed = node_slot[node_slot >= 0]
+    # np.unique's sorted slots by counting (slots < n_slots): no sort of every pod.
+    used = np.flatnonzero(np.bincount(placed, minlength=fleet.n_slots)).tolist()
     clusters = fleet.clusters.names
     cids = fleet.cluster_id[used].tolist() if used else []
     return (

@@ -287,13 +287,26 @@ class Batch:
         if n <= 1:
             return idx
         if order is Order.FIFO:
-            return idx[np.argsort(-self.priority, kind="stable")]
+            low, high = int(self.priority.min()), int(self.priority.max())
+            if low == high:
+                return idx
+            return idx[_stable_argsort(high - self.priority, high - low)]
         # A gang is its own group, placed where its first pod appears; solo pods group by
         # shape and priority. Groups are sorted (few), then pods by group, stably.
         group = np.where(self.gang_of >= 0, -1 - self.gang_of.astype(np.int64), self.shape_of)
         prio = self.priority - self.priority.min()
         key = (group - group.min()) * (int(prio.max()) + 1) + prio
-        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        span = int(key.max()) + 1
+        if span <= 4 * n + 1024:
+            # Keys of a small range (the usual case): np.unique's results by counting,
+            # without sorting the pods (first occurrence per key, keys ranked ascending).
+            first_at = np.full(span, n, np.int64)
+            np.minimum.at(first_at, key, idx)
+            present = first_at < n
+            first = first_at[present]
+            inverse = (np.cumsum(present) - 1)[key]
+        else:
+            _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
         first_pod = first.astype(np.int64)
         g_prio = self.priority[first_pod]
         if order is Order.GROUPED:
@@ -313,7 +326,16 @@ class Batch:
             group_order = np.lexsort((first_pod, -mem, -cpu, -gpu, -g_prio))
         position = np.empty(first_pod.size, np.int64)
         position[group_order] = np.arange(first_pod.size, dtype=np.int64)
-        return idx[np.argsort(position[inverse.reshape(-1)], kind="stable")]
+        return idx[_stable_argsort(position[inverse.reshape(-1)], first_pod.size - 1)]
+
+
+def _stable_argsort(values: NDArray[np.int64], high: int) -> NDArray[np.int64]:
+    """np.argsort(values, kind="stable") of integers in [0, high]: on int16 when they fit,
+    where numpy's stable sort is a radix sort (the same permutation, ~5x faster on 50,000
+    pods)."""
+    if high < 1 << 15:
+        return np.argsort(values.astype(np.int16), kind="stable").astype(np.int64)
+    return np.argsort(values, kind="stable").astype(np.int64)
 
 
 def pods_of(items: Sequence[QueueItem]) -> list[PodSpec]:
