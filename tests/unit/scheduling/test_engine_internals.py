@@ -80,6 +80,55 @@ def test_largest_first_order() -> None:
     ]
 
 
+def _order_by_sorting(batch: Batch, order: Order) -> list[int]:
+    # The orders' definition as plain sorts (stable: ties keep input order).
+    n = len(batch.pods)
+    prio = batch.priority.tolist()
+    if order is Order.FIFO:
+        return sorted(range(n), key=lambda i: -prio[i])
+    group: dict[tuple[int, int], int] = {}  # group key -> first pod
+    key_of = []
+    for i in range(n):
+        gang = int(batch.gang_of[i])
+        key = (-1 - gang if gang >= 0 else int(batch.shape_of[i]), prio[i])
+        group.setdefault(key, i)
+        key_of.append(key)
+
+    def size(first: int) -> tuple[int, int, int]:
+        gang = int(batch.gang_of[first])
+        pods = batch.gangs[gang].pods if gang >= 0 else (batch.shapes[batch.shape_of[first]],)
+        return (
+            sum(p.gpu_milli_total for p in pods),
+            sum(p.cpu_millicores for p in pods),
+            sum(p.memory_bytes for p in pods),
+        )
+
+    def rank(key: tuple[int, int]) -> tuple[int, ...]:
+        first = group[key]
+        if order is Order.GROUPED:
+            return (-prio[first], first)
+        gpu, cpu, mem = size(first)
+        return (-prio[first], -gpu, -cpu, -mem, first)
+
+    return sorted(range(n), key=lambda i: rank(key_of[i]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 400),
+    seed=st.integers(0, 2**16),
+    spread=st.sampled_from([0, 3, 40_000, 10**12]),
+)
+def test_queue_orders_equal_plain_sorts(n: int, seed: int, spread: int) -> None:
+    # Batch.order counts and radix-sorts small key ranges; large ones take np.unique and a
+    # merge sort: both must be the plain sorts above.
+    rng = np.random.default_rng(seed)
+    batch = Batch.of(synthetic_workload(n, np.random.default_rng(seed)))
+    batch.priority[:] = rng.integers(-spread, spread + 1, batch.priority.size)
+    for order in Order:
+        assert batch.order(order).tolist() == _order_by_sorting(batch, order), order
+
+
 def test_synthetic_generators_are_seeded() -> None:
     a = synthetic_fleet(300, np.random.default_rng(5))
     b = synthetic_fleet(300, np.random.default_rng(5))
