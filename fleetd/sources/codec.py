@@ -343,37 +343,55 @@ def _node(
     observed_s: float,
     content_token: bytes = b"",
 ) -> NodeUpdate:
-    n = record.node
+    return _node_of(record.node, cluster, sequence, observed_s, content_token, None)
+
+
+def _node_of(
+    n: pb.NodeReport,
+    cluster: str,
+    sequence: int,
+    observed_s: float,
+    content_token: bytes,
+    previous: NodeUpdate | None,
+) -> NodeUpdate:
+    """A reported node, validated (InvalidTelemetry). With `previous`, `n` has no GPUs and
+    no pods (fields before them only) and the update takes `previous`'s."""
     name = _check_name(n.name, "node.name")
     labels = dict(n.labels)
     if len(n.gpus) > MAX_GPUS_PER_NODE:
         raise InvalidTelemetry("bad-gpus", f"node {name}: {len(n.gpus)} GPUs")
     if len(n.pods) > MAX_PODS_PER_NODE:
         raise InvalidTelemetry("bad-pods", f"node {name}: {len(n.pods)} pods")
-    gpus = _gpu_devices(n.gpus, name)
-    pods = _pods(n, cluster, name, sequence)
-    return NodeUpdate(
-        cluster=cluster,
-        name=name,
-        sequence=sequence,
-        capacity=_resources(n.capacity, "node.capacity"),
-        allocatable=_resources(n.allocatable, "node.allocatable"),
-        labels=tuple(sorted(labels.items())),
-        taints=_taints(n.taints, "node.taints"),
-        unschedulable=n.unschedulable,
-        ready=n.ready,
-        node_pool=n.node_pool or node_pool_of(labels),
-        zone=n.zone or first_label(labels, LABEL_ZONES),
-        region=first_label(labels, LABEL_REGIONS),
-        instance_type=first_label(labels, LABEL_INSTANCE_TYPES),
-        capacity_type=capacity_type_of(labels),
+    if previous is None:
+        gpus = tuple(_gpu_devices(n.gpus, name))
+        pods = tuple(_pods(n, cluster, name, sequence))
         # A node's GPUs are one model in practice; the first device speaks for the node.
-        gpu_model=gpus[0].model if gpus else "",
-        gpu_memory_bytes=gpus[0].memory_bytes if gpus else 0,
-        gpus=tuple(gpus),
-        pods=tuple(pods),
-        observed_at_s=observed_s,
-        content_token=content_token,
+        gpu_model = gpus[0].model if gpus else ""
+        gpu_memory_bytes = gpus[0].memory_bytes if gpus else 0
+    else:
+        gpus, pods = previous.gpus, previous.pods  # type: ignore[assignment]
+        gpu_model, gpu_memory_bytes = previous.gpu_model, previous.gpu_memory_bytes
+    return NodeUpdate(
+        cluster,
+        name,
+        sequence,
+        _resources(n.capacity, "node.capacity"),
+        _resources(n.allocatable, "node.allocatable"),
+        tuple(sorted(labels.items())),
+        _taints(n.taints, "node.taints"),
+        n.unschedulable,
+        n.ready,
+        n.node_pool or node_pool_of(labels),
+        n.zone or first_label(labels, LABEL_ZONES),
+        first_label(labels, LABEL_REGIONS),
+        first_label(labels, LABEL_INSTANCE_TYPES),
+        capacity_type_of(labels),
+        gpu_model,
+        gpu_memory_bytes,
+        gpus,
+        pods,
+        observed_s,
+        content_token,
     )
 
 
@@ -978,24 +996,24 @@ def pods_from_fields(
     validated as `decode` validates them (InvalidTelemetry, same reasons). A pod whose bytes
     are in `known` (the node's pods of a report already converted, by their bytes) is that
     value again, its `sequence` the earlier report's: only the others are parsed."""
-    new: dict[int, pb.Pod] = {}
-    for i, raw in enumerate(fields):
-        if raw not in known:
+    pods: list[PodObserved | pb.Pod] = []
+    new: list[int] = []
+    find = known.get
+    for raw in fields:
+        pod: PodObserved | pb.Pod | None = find(raw)
+        if pod is None:
             try:
-                new[i] = pb.Pod.FromString(raw)
+                pod = pb.Pod.FromString(raw)
             except DecodeError as exc:
                 # (Before any check: decoding the whole record fails first too.)
                 raise InvalidTelemetry("undecodable", f"not a TelemetryRecord: {exc}") from exc
+            new.append(len(pods))
+        pods.append(pod)
     if len(fields) > MAX_PODS_PER_NODE:
         raise InvalidTelemetry("bad-pods", f"node {node}: {len(fields)} pods")
-    if not new:
-        return tuple([known[raw] for raw in fields])
-    return tuple(
-        [
-            known[raw] if i not in new else _pod(new[i], cluster, node, sequence)
-            for i, raw in enumerate(fields)
-        ]
-    )
+    for i in new:
+        pods[i] = _pod(pods[i], cluster, node, sequence)  # type: ignore[arg-type]
+    return tuple(pods)  # type: ignore[arg-type]
 
 
 def with_pods(
@@ -1082,34 +1100,18 @@ def with_spec(
     pods), and a new sequence, time and token: the update of a report whose GPUs and pods
     are byte for byte `previous`'s (the caller checked the bytes). Validated as `decode`
     validates a record (InvalidTelemetry, same reasons: the key, the name, resources...)."""
-    p = previous
-    record = pb.TelemetryRecord(
-        cluster=p.cluster, sequence=sequence, observed_unix_ms=observed_unix_ms, node=report
-    )
-    u = to_update(key, record, content_token=content_token)
-    assert isinstance(u, NodeUpdate)
-    return NodeUpdate(
-        u.cluster,
-        u.name,
-        sequence,
-        u.capacity,
-        u.allocatable,
-        u.labels,
-        u.taints,
-        u.unschedulable,
-        u.ready,
-        u.node_pool,
-        u.zone,
-        u.region,
-        u.instance_type,
-        u.capacity_type,
-        p.gpu_model,
-        p.gpu_memory_bytes,
-        p.gpus,
-        p.pods,
-        u.observed_at_s,
-        content_token,
-    )
+    cluster = previous.cluster
+    if key is not None:
+        # (`to_update`'s check, with its cache.)
+        cache_key = ("node", cluster, report.name)
+        expected = _KEYS.get(cache_key)
+        if expected is None:
+            expected = node_key(cluster, report.name)
+            if len(_KEYS) < _CACHE_LIMIT:
+                _KEYS[cache_key] = expected
+        if key != expected:
+            raise InvalidTelemetry("key-mismatch", f"key {key[:120]!r} != {expected!r}")
+    return _node_of(report, cluster, sequence, observed_unix_ms / 1000.0, content_token, previous)
 
 
 # ---------------------------------------------------------------------------- pending pods
