@@ -195,14 +195,16 @@ class _HeartbeatTable:
     a lookup and several writes per entry.
 
     A binding is dropped (`release`) whenever anything else about its node is applied (a
-    new `_NodeInfo`, a pod change, its removal), so a slot never refreshes replaced content.
-    A slot is bound when its `column` sequence is above 0. Two columns run ahead of what
-    they stand for and are written back by `flush`: the gate cell's sequence (`column`) and
-    the node's `last_seen_s` (`seen`).
+    new `_NodeInfo`, its removal), so a slot never refreshes replaced content; a report of
+    new content only suspends it (`suspend`: unbound, but the slot keeps its node), so that
+    binding the slot to the node's new content, what the source does next, is a few writes
+    (`rebind`). A slot is bound when its `column` sequence is above 0. Two columns run ahead
+    of what they stand for and are written back by `flush`: the gate cell's sequence
+    (`column`) and the node's `last_seen_s` (`seen`).
     """
 
-    __slots__ = ("cluster_ids", "clusters", "column", "infos", "keys", "seen", "slot_of",
-                 "stale")  # fmt: skip
+    __slots__ = ("cells", "cluster_ids", "clusters", "column", "infos", "keys", "seen",
+                 "slot_of", "stale")  # fmt: skip
 
     def __init__(self) -> None:
         self.column = up.SequenceColumn()
@@ -211,6 +213,8 @@ class _HeartbeatTable:
         self.slot_of: dict[str, int] = {}
         self.infos: list[_NodeInfo | None] = [None] * n
         self.keys: list[str] = [""] * n
+        #: The gate cell each slot was bound with (None once dropped).
+        self.cells: list[up.SequenceCell | None] = [None] * n
         #: Each slot's cluster, as an index into `clusters`.
         self.cluster_ids: NDArray[np.int64] = np.zeros(n, np.int64)
         self.clusters: list[str] = []
@@ -246,16 +250,20 @@ class _HeartbeatTable:
         if grow > 0:
             self.infos.extend([None] * grow)
             self.keys.extend([""] * grow)
+            self.cells.extend([None] * grow)
             self.cluster_ids = np.concatenate([self.cluster_ids, np.zeros(grow, np.int64)])
             self.seen = np.concatenate([self.seen, np.zeros(grow, np.float64)])
             self.stale = np.concatenate([self.stale, np.zeros(grow, np.bool_)])
         if cluster not in self.clusters:
             self.clusters.append(cluster)
-        table_infos, table_keys, slot_of = self.infos, self.keys, self.slot_of
-        for slot, key, info in zip(slots, keys, infos, strict=True):
+        table_infos, table_keys, table_cells, slot_of = (
+            self.infos, self.keys, self.cells, self.slot_of
+        )  # fmt: skip
+        for slot, key, info, cell in zip(slots, keys, infos, cells, strict=True):
             slot_of[key] = slot
             table_infos[slot] = info
             table_keys[slot] = key
+            table_cells[slot] = cell
         self.cluster_ids[slots] = self.clusters.index(cluster)
         self.seen[slots] = 0.0
         self.stale[slots] = [info.stale for info in infos]
@@ -288,10 +296,54 @@ class _HeartbeatTable:
         if slot is not None:
             self._drop(slot)
 
+    def suspend(self, key: str) -> None:
+        """Unbind the node's slot (new content of the node is about to be applied), its
+        sequence and freshness written back, but keep the slot's node for `rebind`."""
+        slot = self.slot_of.get(key)
+        if slot is None:
+            return
+        column = self.column
+        column.flush(slot)
+        column.seq[slot] = 0
+        seen = self.seen.item(slot)
+        if seen:
+            self.seen[slot] = 0.0
+            info = self.infos[slot]
+            if info is not None and seen > info.last_seen_s:
+                info.last_seen_s = seen
+
+    def rebind(self, slot: int, key: str, token: bytes) -> bool:
+        """`bind` of a suspended slot to its node's new content `token`: True when done,
+        False (nothing done) when the slot is not suspended from node `key` or the node's
+        content is not `token` (`bind` decides then).
+
+        A suspended slot's `_NodeInfo` and gate cell are the node's current ones: a new
+        `_NodeInfo` (`_node_update`) or the node's removal drops the slot (`release`), and the
+        gate keeps a live node's cell. So this looks up neither the node nor its cell (a
+        changed node's binding, ~5% of reports, costs a few writes)."""
+        if slot >= len(self.infos):
+            return False
+        info = self.infos[slot]
+        seq = self.column.seq
+        if (
+            info is None
+            or seq.item(slot) != 0  # (still bound: `bind` writes it back first)
+            or self.keys[slot] != key
+            or not token
+            or info.content_token != token
+        ):
+            return False
+        cell = self.cells[slot]
+        assert cell is not None  # (set with the info, dropped with it)
+        seq[slot] = cell.last
+        self.stale[slot] = info.stale
+        return True
+
     def _drop(self, slot: int) -> None:
         # (`flush` and `column.unbind` in one: this runs for every applied node update.)
         info = self.infos[slot]
         self.infos[slot] = None
+        self.cells[slot] = None
         self.column.unbind(slot)
         seen = self.seen.item(slot)
         if seen:
@@ -790,9 +842,11 @@ class FleetState:
             self.metrics.update_ignored("not_in_newer_inventory")
             return False
         key = f"{cluster}/{name}"  # (`node_key`)
-        # The gate looks at the node's cell next: write its heartbeats back first.
+        # The gate looks at the node's cell next: write its heartbeats back first. (The
+        # binding is suspended, not dropped: the source binds its slot to the new content
+        # next, `_bind_heartbeats`; a new `_NodeInfo` drops it, `_node_update`.)
         for table in self._beats.values():
-            table.release(key)
+            table.suspend(key)
         # (`SequenceGate.admit` of an update that is no removal; sequence 0 is unordered.)
         if u.sequence and not self._gate.admit_sequence((cluster, "node", name), u.sequence):
             self.ignored_updates += 1
@@ -972,19 +1026,23 @@ class FleetState:
         # The usual batch names each slot and each node once; otherwise the last binding of
         # either wins (below).
         unique = len(set(slots)) == len(slots) and len(set(names)) == len(names)
+        rebind = table.rebind
         for slot, name, token in zip(slots, names, tokens, strict=True):
             if slot < 0:
                 continue
+            key = f"{cluster}/{name}"  # (`node_key`)
+            if unique and rebind(slot, key, token):
+                continue  # (the usual binding: a changed node's slot, its new content)
+            info = nodes.get(key)
+            cell = None
+            if info is not None and token and info.content_token == token:
+                # (No cell: the node's content came with sequence 0, unordered; its repeats
+                # are no heartbeats.)
+                cell = cell_of((cluster, "node", name))
             if slot < len(infos) and infos[slot] is not None:
                 table.unbind(slot)
-            key = f"{cluster}/{name}"  # (`node_key`)
-            info = nodes.get(key)
-            if info is None or not token or info.content_token != token:
-                continue
-            # (No cell: the node's content came with sequence 0, unordered; its repeats are
-            # no heartbeats.)
-            cell = cell_of((cluster, "node", name))
             if cell is not None:
+                assert info is not None
                 bound_slots.append(slot)
                 keys.append(key)
                 bound_infos.append(info)

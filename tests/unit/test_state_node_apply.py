@@ -185,3 +185,71 @@ def test_a_gpu_health_flip_takes_the_short_path_and_marks_the_gpu(tmp_path: Path
     assert int(state.fleet.gpu_unhealthy_mask[slot]) == 0b100
     assert state.nodes["c/n0"].applied_update is not None
     assert state.nodes["c/n0"].last_update is None  # (made when a report without pods needs it)
+
+
+def _bind(state: FleetState, slot: int, name: str, token: bytes) -> None:
+    state.apply_now(up.HeartbeatSlots("kafka", "c", (slot,), (name,), (token,)))
+
+
+def _beat(state: FleetState, slot: int, sequence: int) -> bool:
+    return state.apply_now(up.NodeHeartbeats.of("kafka", [slot], [sequence], [2_000.0]))
+
+
+def test_a_changed_nodes_slot_refreshes_only_once_bound_to_the_new_content(
+    tmp_path: Path,
+) -> None:
+    clock = _Clock()
+    state = FleetState(Config(), Journal(tmp_path / "journal.sqlite3"), clock)
+    a = dataclasses.replace(_node("a", 2), sequence=1, content_token=b"A")
+    state.apply_now(a)
+    _bind(state, 0, "a", b"A")
+    clock.now_s = 1_005.0
+    assert _beat(state, 0, 2)
+    # A pods-only change: the node's `_NodeInfo` stays, its slot is suspended.
+    clock.now_s = 1_010.0
+    state.apply_now(
+        dataclasses.replace(a, sequence=3, content_token=b"B", pods=(_pod("a", "p1", 1),))
+    )
+    assert state.nodes["c/a"].last_seen_s == 1_010.0
+    assert not _beat(state, 0, 4)  # (the old content's slot refreshes nothing)
+    assert state.gate.last("c", "node", "a") == 3
+    _bind(state, 0, "a", b"A")  # a binding to content replaced since binds nothing
+    assert not _beat(state, 0, 5)
+    _bind(state, 0, "a", b"B")
+    clock.now_s = 1_020.0
+    assert _beat(state, 0, 6)
+    assert state.gate.last("c", "node", "a") == 6
+    assert state.nodes["c/a"].last_seen_s == 1_020.0
+    assert not _beat(state, 0, 6)  # (redelivered)
+    # Suspended, then the node's spec changes in full (a new `_NodeInfo`): the slot is
+    # dropped, and binding it again to the new content refreshes the new info.
+    state.apply_now(
+        dataclasses.replace(a, sequence=7, content_token=b"C", labels=(("zone", "z2"),))
+    )
+    assert "c/a" not in state._beats["kafka"].slot_of
+    _bind(state, 0, "a", b"C")
+    clock.now_s = 1_030.0
+    assert _beat(state, 0, 8)
+    assert state.gate.last("c", "node", "a") == 8  # (`gate` writes heartbeats back)
+    assert state.nodes["c/a"].last_seen_s == 1_030.0
+    state.apply_now(up.NodeRemoved("c", "a", 9))
+    assert not state._beats["kafka"].slot_of
+    assert not _beat(state, 0, 10)
+
+
+def test_a_suspended_slot_bound_to_another_node_leaves_the_first(tmp_path: Path) -> None:
+    state = FleetState(Config(), Journal(tmp_path / "journal.sqlite3"), _Clock())
+    a = dataclasses.replace(_node("a", 0), sequence=1, content_token=b"A")
+    b = dataclasses.replace(_node("b", 0), sequence=2, content_token=b"B")
+    state.apply_now(a)
+    state.apply_now(b)
+    _bind(state, 0, "a", b"A")
+    state.apply_now(dataclasses.replace(a, sequence=3, content_token=b"A2", pods=()))
+    _bind(state, 0, "b", b"B")
+    assert _beat(state, 0, 4)
+    assert state.gate.last("c", "node", "b") == 4
+    assert state.gate.last("c", "node", "a") == 3
+    _bind(state, 0, "a", b"A2")  # (slot 0 moves back to a: b's binding goes)
+    assert _beat(state, 0, 5)
+    assert state.gate.last("c", "node", "a") == 5
+    assert state.gate.last("c", "node", "b") == 4
