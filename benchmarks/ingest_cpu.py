@@ -3,6 +3,7 @@ in-process stand-ins for the two aiokafka clients (no broker, no network, no aio
 
     python -m benchmarks ingest_cpu [--json] [--nodes 10000] [--rounds 10]
                                     [--changed-fraction 0.05] [--repeats 3] [--profile N]
+                                    [--source-only]
 
 The same message mix as `python -m benchmarks ingest` (`fleetd.loadgen.periodic_reports`,
 seed 1): an initial sync (every node in full), then `--rounds` rounds of reports, cut into
@@ -11,8 +12,9 @@ partition and fetch; each poll's record objects made fresh before it, as aiokafk
 the caches hold what they would). It measures what `ingest` cannot separate from aiokafka's own
 polling: the process CPU time of `KafkaSource._apply_poll` (decode, gate, apply into the
 state) over the steady rounds, after the heap freeze the daemon does once ready. With
-`--profile N` it prints cProfile's top N functions of one extra run. No target: this is the
-tool to see where fleetd's share of `ingest` goes.
+`--profile N` it prints cProfile's top N functions of one extra run; with `--source-only`
+the source's updates go to a sink that only keeps them (the source's share alone). No
+target: this is the tool to see where fleetd's share of `ingest` goes.
 """
 
 from __future__ import annotations
@@ -95,6 +97,17 @@ def polls(
     return out
 
 
+class _KeepingSink:
+    """`--source-only`: holds every batch it is given until the run ends, so that neither
+    applying nor freeing the updates (the state's part, when it replaces them) is timed."""
+
+    def __init__(self) -> None:
+        self.batches: list[Sequence[Any]] = []
+
+    async def apply(self, updates: Sequence[Any]) -> None:
+        self.batches.append(updates)
+
+
 def _fresh(poll: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
     """Copies of a poll's records with new key and value objects."""
     return {
@@ -112,11 +125,13 @@ async def _one_run(
     warm: list[dict[TopicPartition, list[Any]]],
     steady: list[dict[TopicPartition, list[Any]]],
     profiler: cProfile.Profile | None,
+    source_only: bool = False,
 ) -> tuple[float, float]:
     """(CPU seconds of the steady polls, wall seconds of them)."""
     with tempfile.TemporaryDirectory() as tmp:
         state = fleet_state(Path(tmp))
-        source = KafkaSource(KafkaSourceSettings(), StateSink(state), metrics=SourceMetrics())
+        sink: Any = _KeepingSink() if source_only else StateSink(state)
+        source = KafkaSource(KafkaSourceSettings(), sink, metrics=SourceMetrics())
         consumer, producer = _Consumer(), _Producer()
         for poll in warm:
             await source._apply_poll(poll, consumer, producer)
@@ -151,6 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--changed-fraction", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", type=int, default=0, help="print cProfile's top N")
+    parser.add_argument(
+        "--source-only",
+        action="store_true",
+        help="the source's work alone: its updates go to a sink that keeps them, not the state",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--fetch-records", type=int, default=FETCH_RECORDS, help="records per partition and poll"
@@ -167,10 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     steady = polls(records[len(fleet) :], args.fetch_records)
     n_steady = len(records) - len(fleet)
     del records
-    runs = [asyncio.run(_one_run(warm, steady, None)) for _ in range(args.repeats)]
+    runs = [
+        asyncio.run(_one_run(warm, steady, None, args.source_only)) for _ in range(args.repeats)
+    ]
     if args.profile:
         profiler = cProfile.Profile()
-        asyncio.run(_one_run(warm, steady, profiler))
+        asyncio.run(_one_run(warm, steady, profiler, args.source_only))
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     cpu_s = statistics.median(c for c, _ in runs)
     result = {
@@ -179,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "records": n_steady,
         "polls": len(steady),
         "changed_fraction": args.changed_fraction,
+        "source_only": args.source_only,
         "process_cpu_s": round(cpu_s, 3),
         "process_cpu_s_runs": [round(c, 3) for c, _ in runs],
         "cpu_us_per_record": round(cpu_s / n_steady * 1e6, 2),
