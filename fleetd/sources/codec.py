@@ -787,20 +787,6 @@ def node_offset_in_tail(tail: bytes) -> int:
     return 1 + size
 
 
-def only_pod_fields(node: bytes, start: int) -> bool:
-    """True when node[start:] is a sequence of complete `pods` fields and nothing else
-    (`node` may also be a whole tail: the pods end where it ends)."""
-    i = start
-    while i < len(node):
-        if node[i] != _PODS_FIELD_TAG:
-            return False
-        length, after = _varint_at(node, i + 1)
-        if length < 0 or after + length > len(node):
-            return False
-        i = after + length
-    return i == len(node)
-
-
 def pods_start(node: bytes, record: pb.TelemetryRecord) -> int:
     """Where the pods begin in `node` (the parsed `record`'s NodeReport bytes), when the
     bytes before parse alone as a NodeReport without pods and the rest is only pods; -1
@@ -810,7 +796,7 @@ def pods_start(node: bytes, record: pb.TelemetryRecord) -> int:
         n = p.ByteSize()
         size += 1 + len(_varint_bytes(n)) + n
     start = len(node) - size
-    if start < 0 or not only_pod_fields(node, start):
+    if start < 0 or pod_fields(node, start) is None:
         return -1
     try:
         head = pb.NodeReport.FromString(node[:start])

@@ -806,7 +806,10 @@ class KafkaSource:
                     head = heads[cluster] = envelope_head(cluster)
                 slot = column.add(cell)
                 contents[key] = _Content(cluster, update.name, slot, head, tail, update, layout)
-            slots, names, tokens = bindings.setdefault(cluster, ([], [], []))
+            bound = bindings.get(cluster)
+            if bound is None:
+                bound = bindings[cluster] = ([], [], [])
+            slots, names, tokens = bound
             slots.append(slot)
             names.append(update.name)
             tokens.append(tail)
