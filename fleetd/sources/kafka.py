@@ -166,7 +166,8 @@ class _Content:
         #: Its node bytes before the pods (`codec.pods_start`; None: not laid out so);
         #: where its GPUs begin in them (`codec.gpus_start`, -1: not laid out so); its
         #: pods' bytes (`codec.pod_fields`), matching `update.pods` (None: not split yet);
-        #: its GPUs' bytes (`codec.gpu_fields`), matching `update.gpus` (None: unknown).
+        #: its GPUs' bytes (`codec.gpu_fields`), matching `update.gpus` (None: they do not
+        #: match, `_SPLIT_LATER`: they do, not split yet).
         self.spec, self.gpus_at, self.pod_fields, self.gpu_fields = layout
         self.tail_len = len(tail)
         #: A repeat is longer than head and tail together.
@@ -187,13 +188,18 @@ class _Content:
     def known_gpus(self) -> dict[bytes, GpuDevice]:
         """The content's GPUs by their bytes, when known (`codec.gpus_from_fields`)."""
         fields = self.gpu_fields
-        if fields is None or len(fields) != len(self.update.gpus):
+        if fields is _SPLIT_LATER and self.spec is not None:
+            # (Split when first needed: GPU changes are rare, and the slices cost memory.)
+            fields = self.gpu_fields = gpu_fields(self.spec, self.gpus_at, len(self.spec))
+        if not isinstance(fields, list) or len(fields) != len(self.update.gpus):
             return {}
         return dict(zip(fields, self.update.gpus, strict=True))
 
 
+#: `_Content.gpu_fields` of a content whose GPUs' bytes match its update's GPUs, not split.
+_SPLIT_LATER: tuple[()] = ()
 #: What `_Content` knows of a content's bytes: (spec, gpus_at, pod_fields, gpu_fields).
-_Layout = tuple[bytes | None, int, list[bytes] | None, list[bytes] | None]
+_Layout = tuple[bytes | None, int, list[bytes] | None, list[bytes] | tuple[()] | None]
 _UNKNOWN_LAYOUT: _Layout = (None, -1, None, None)
 
 #: `_Change.kind`: what differs from the remembered content.
@@ -760,12 +766,12 @@ class KafkaSource:
             return update, _UNKNOWN_LAYOUT
         spec = token[at : at + start]
         gpus_at = gpus_start(spec, parsed)
-        fields = None
+        aligned = None
         if gpus_at >= 0 and isinstance(update, NodeUpdate):
             indices = [d.index for d in update.gpus]
             if indices == [g.index for g in parsed.node.gpus]:  # (not sorted: aligned)
-                fields = gpu_fields(spec, gpus_at, len(spec))
-        return update, (spec, gpus_at, None, fields)
+                aligned = _SPLIT_LATER
+        return update, (spec, gpus_at, None, aligned)
 
     def _remember_contents(
         self, chosen: list[tuple[int, Update, bytes | None, _Layout]]
