@@ -296,12 +296,13 @@ class _HeartbeatTable:
         if slot is not None:
             self._drop(slot)
 
-    def suspend(self, key: str) -> None:
+    def suspend(self, key: str) -> up.SequenceCell | None:
         """Unbind the node's slot (new content of the node is about to be applied), its
-        sequence and freshness written back, but keep the slot's node for `rebind`."""
+        sequence and freshness written back, but keep the slot's node for `rebind`. Returns
+        the node's gate cell when it has a slot (see `rebind`), else None."""
         slot = self.slot_of.get(key)
         if slot is None:
-            return
+            return None
         column = self.column
         column.flush(slot)
         column.seq[slot] = 0
@@ -311,6 +312,7 @@ class _HeartbeatTable:
             info = self.infos[slot]
             if info is not None and seen > info.last_seen_s:
                 info.last_seen_s = seen
+        return self.cells[slot]
 
     def rebind(self, slot: int, key: str, token: bytes) -> bool:
         """`bind` of a suspended slot to its node's new content `token`: True when done,
@@ -845,13 +847,24 @@ class FleetState:
         # The gate looks at the node's cell next: write its heartbeats back first. (The
         # binding is suspended, not dropped: the source binds its slot to the new content
         # next, `_bind_heartbeats`; a new `_NodeInfo` drops it, `_node_update`.)
+        cell = None
         for table in self._beats.values():
-            table.suspend(key)
-        # (`SequenceGate.admit` of an update that is no removal; sequence 0 is unordered.)
-        if u.sequence and not self._gate.admit_sequence((cluster, "node", name), u.sequence):
-            self.ignored_updates += 1
-            self.metrics.update_ignored("stale_sequence")
-            return False
+            cell = table.suspend(key) or cell
+        # (`SequenceGate.admit` of an update that is no removal; sequence 0 is unordered.
+        # A node with a heartbeat slot has its gate cell at hand: `_HeartbeatTable.rebind`.)
+        sequence = u.sequence
+        if sequence:
+            if cell is None:
+                admitted = self._gate.admit_sequence((cluster, "node", name), sequence)
+            elif sequence > cell.last:
+                cell.last = sequence
+                admitted = True
+            else:
+                admitted = False
+            if not admitted:
+                self.ignored_updates += 1
+                self.metrics.update_ignored("stale_sequence")
+                return False
         self._node_update(u, self.clock(), key)
         return True
 

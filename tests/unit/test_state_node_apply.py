@@ -9,18 +9,25 @@ and to one with the short paths off (every change written in full, every pod pas
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
+from aiokafka import TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetd import state as state_module
 from fleetd.config import Config
 from fleetd.journal import Journal
+from fleetd.loadgen import periodic_reports, synthetic_fleet
 from fleetd.sources import updates as up
+from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
+from fleetd.sources.memory import StateSink
 from fleetd.state import GPU_MILLI_LABEL, FleetState
+from tests.unit.test_sources_kafka import Consumer, Producer, Rec
 
 GIB = 1024**3
 
@@ -253,3 +260,36 @@ def test_a_suspended_slot_bound_to_another_node_leaves_the_first(tmp_path: Path)
     assert _beat(state, 0, 5)
     assert state.gate.last("c", "node", "a") == 5
     assert state.gate.last("c", "node", "b") == 4
+
+
+@pytest.mark.parametrize(("seed", "poll"), [(1, 9), (2, 120)])
+def test_every_heartbeat_slot_holds_its_nodes_gate_cell(
+    tmp_path: Path, seed: int, poll: int
+) -> None:
+    """What `_HeartbeatTable.rebind` and the apply path's gate check rest on: a bound or
+    suspended slot's cell is the gate's cell of its node, whatever the stream did (changes,
+    repeats, coalescing, redelivery)."""
+    rng = np.random.default_rng(seed)
+    fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=12)
+    records = list(periodic_reports(fleet, 10, rng, changed_fraction=0.4))
+    records += records[len(records) // 2 :]  # (redelivered: dropped by sequence)
+    state = FleetState(Config(), Journal(tmp_path / "journal.sqlite3"), _Clock())
+
+    async def run() -> None:
+        source = KafkaSource(KafkaSourceSettings(), StateSink(state))
+        recs = [Rec(key, value, i) for i, (key, value) in enumerate(records)]
+        for i in range(0, len(recs), poll):
+            await source.process(
+                {TopicPartition("t", 0): recs[i : i + poll]}, Consumer(), Producer()
+            )
+            for table in state._beats.values():
+                for slot, info in enumerate(table.infos):
+                    if info is not None:
+                        key = table.keys[slot]
+                        assert table.slot_of[key] == slot
+                        assert state.nodes[key] is info
+                        cluster, _, name = key.partition("/")
+                        assert table.cells[slot] is state._gate.cell((cluster, "node", name))
+
+    asyncio.run(run())
+    assert any(table.slot_of for table in state._beats.values())
