@@ -1008,7 +1008,9 @@ class FragmentationScorer:
         score_of, pick_of, known = memo.scored(key)
         # Each state once: engine classes that differ only in what fgd does not read
         # (allocatable, free memory) are one state here (~37 % of the rows on the benchmark).
-        todo = np.unique(ids[~known[ids]])
+        todo = ids[~known[ids]]
+        if todo.size > 1:
+            todo = np.unique(todo)
         if todo.size:
             score_of[todo], pick_of[todo] = self._score_states(
                 c, memo.cpu_of(todo), memo.gpu_of(todo), memo.model_of(todo), todo
