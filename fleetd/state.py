@@ -1105,7 +1105,14 @@ class FleetState:
 
     def _node_update(self, u: up.NodeUpdate, now: float, key: str) -> None:
         info = self.nodes.get(key)
-        if info is not None and u.pods is not None and _same_spec(info, u):
+        signature = None
+        if info is not None and u.pods is not None and not _same_fields(info, u):
+            signature = _spec_signature(u)
+        if (
+            info is not None
+            and u.pods is not None
+            and (signature is None or info.spec_signature == signature)
+        ):
             # Pods came or went, utilization moved: the node table has nothing to change,
             # freshness moves and the pods are reconciled.
             info.last_seen_s = now
@@ -1117,7 +1124,8 @@ class FleetState:
             self._touch(u.cluster, now, u.observed_at_s)
             self._reconcile_pods(u, now)
             return
-        signature = _spec_signature(u)
+        if signature is None:
+            signature = _spec_signature(u)
         if info is not None and u.pods is None:
             # Heartbeats repeat the node unchanged: only freshness moves (cheap at 10^4 nodes).
             same = replace(u, sequence=0, observed_at_s=0.0)
@@ -2075,11 +2083,11 @@ class FleetState:
         return sum(1 for info in self.nodes.values() if info.stale)
 
 
-def _same_spec(info: _NodeInfo, u: up.NodeUpdate) -> bool:
-    """Whether `u` leaves the node table as it is: the same field objects as the last
-    applied update (cheap, the usual case), or else an equal `_spec_signature`."""
+def _same_fields(info: _NodeInfo, u: up.NodeUpdate) -> bool:
+    """Whether `u` leaves the node table as it is, known cheaply: the same field objects as
+    the last applied update (the usual case; else `_spec_signature`s are compared)."""
     prev = info.spec_update
-    if (
+    return (
         prev is not None
         and u.allocatable is prev.allocatable
         and u.labels is prev.labels
@@ -2091,9 +2099,7 @@ def _same_spec(info: _NodeInfo, u: up.NodeUpdate) -> bool:
         and u.zone == prev.zone
         and u.gpu_model == prev.gpu_model
         and u.gpu_memory_bytes == prev.gpu_memory_bytes
-    ):
-        return True
-    return info.spec_signature == _spec_signature(u)
+    )
 
 
 def _flags_only_changed(old: tuple[object, ...] | None, new: tuple[object, ...]) -> bool:
