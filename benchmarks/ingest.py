@@ -156,13 +156,15 @@ async def warm_then_measure(
 
 def fleet_state(tmp: Path) -> Any:
     """The daemon's FleetState with no source of its own (the benchmarks feed it), its
-    journal in `tmp`."""
+    journal in `tmp`, reporting to Prometheus metrics as the daemon's does (telemetry lag,
+    ignored updates: a gauge or counter update per applied change)."""
     from fleetd import config as cfgmod
     from fleetd.journal import Journal
+    from fleetd.metrics import Metrics
     from fleetd.state import FleetState
 
     cfg = cfgmod.Config(**{"sources": {"simulated": {"enabled": False}}})
-    return FleetState(cfg, Journal(tmp / "journal.sqlite3"))
+    return FleetState(cfg, Journal(tmp / "journal.sqlite3"), metrics=Metrics().state_hooks())
 
 
 async def _state_run(
