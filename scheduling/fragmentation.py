@@ -804,6 +804,22 @@ class FragmentationMemo:
         self._now[ids] = values
         self._now_done[ids] = True
 
+    def remember_now(
+        self, ids: IntArray, count: NDArray[np.int8], below: FloatArray, total: IntArray,
+        cpu_left: IntArray, on_model: BoolArray, counts: BoolArray | None, typical: TypicalPods,
+    ) -> None:  # fmt: skip
+        """`set_now` for the states `ids` not known yet, from their per-type statistics
+        (`_type_stats`; rows aligned with `ids`): `_frag_of_type_stats`, the same floats."""
+        unknown = np.flatnonzero(~self.now_known(ids))
+        if unknown.size:
+            self.set_now(
+                ids[unknown],
+                _frag_of_type_stats(
+                    count[unknown], below[unknown], total[unknown], cpu_left[unknown],
+                    on_model[unknown], None if counts is None else counts[unknown], typical,
+                ),
+            )  # fmt: skip
+
     def frag_after(
         self, ids: IntArray, pod_cpu_milli: int, pod_gpu_milli: int, pod_num_gpu: int
     ) -> FloatArray:
@@ -1054,15 +1070,7 @@ class FragmentationScorer:
             on_model, counts = _model_rows(model, typical, self.constraint_aware)
             count, below = _type_stats(gpu_left, typical)
             total = gpu_left.sum(axis=1)
-            unknown = np.flatnonzero(~memo.now_known(ids))
-            if unknown.size:
-                memo.set_now(
-                    ids[unknown],
-                    _frag_of_type_stats(
-                        count[unknown], below[unknown], total[unknown], cpu_left[unknown],
-                        on_model[unknown], None if counts is None else counts[unknown], typical,
-                    ),
-                )  # fmt: skip
+            memo.remember_now(ids, count, below, total, cpu_left, on_model, counts, typical)
             now = memo.frag_now(ids)
             if pod_num:
                 count = count - self._gpu_types(pod_num)
@@ -1113,15 +1121,7 @@ class FragmentationScorer:
         count, below = _type_stats(gpu_left, tables.typical)
         # The states' fragmentation from the same statistics where the memo lacks it.
         memo = self.memo
-        unknown = np.flatnonzero(~memo.now_known(ids))
-        if unknown.size:
-            memo.set_now(
-                ids[unknown],
-                _frag_of_type_stats(
-                    count[unknown], below[unknown], total[unknown], cpu_left[unknown],
-                    on_model[unknown], None if counts is None else counts[unknown], tables.typical,
-                ),
-            )  # fmt: skip
+        memo.remember_now(ids, count, below, total, cpu_left, on_model, counts, tables.typical)
         now = memo.frag_now(ids)
         stranded = (
             _stranded(total, cpu_left, self.cpu_per_gpu_milli)

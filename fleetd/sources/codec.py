@@ -1013,27 +1013,8 @@ def with_pods(
     the update of a report that differs from it in its pods only (the caller checked the
     bytes). Every other field is `previous`'s own object."""
     p = previous
-    return NodeUpdate(
-        p.cluster,
-        p.name,
-        sequence,
-        p.capacity,
-        p.allocatable,
-        p.labels,
-        p.taints,
-        p.unschedulable,
-        p.ready,
-        p.node_pool,
-        p.zone,
-        p.region,
-        p.instance_type,
-        p.capacity_type,
-        p.gpu_model,
-        p.gpu_memory_bytes,
-        p.gpus,
-        pods,
-        observed_s,
-        content_token,
+    return _rebuilt(
+        p, sequence, observed_s, content_token, p.gpu_model, p.gpu_memory_bytes, p.gpus, pods
     )
 
 
@@ -1047,7 +1028,25 @@ def with_gpus(
     """`previous` (a node's last applied update) with other GPUs (`gpus_from_fields`) and a
     new sequence, time and token: the update of a report that differs from it in its GPUs
     only (the caller checked the bytes)."""
-    p = previous
+    # A node's GPUs are one model in practice; the first device speaks for the node.
+    model, memory = (gpus[0].model, gpus[0].memory_bytes) if gpus else ("", 0)
+    return _rebuilt(
+        previous, sequence, observed_s, content_token, model, memory, gpus, previous.pods
+    )
+
+
+def _rebuilt(
+    p: NodeUpdate,
+    sequence: int,
+    observed_s: float,
+    content_token: bytes,
+    gpu_model: str,
+    gpu_memory_bytes: int,
+    gpus: tuple[GpuDevice, ...],
+    pods: tuple[PodObserved, ...] | None,
+) -> NodeUpdate:
+    """`p` with these fields new, the others its own objects (positional: a changed report
+    runs this, and `dataclasses.replace` costs several times as much)."""
     return NodeUpdate(
         p.cluster,
         p.name,
@@ -1063,11 +1062,10 @@ def with_gpus(
         p.region,
         p.instance_type,
         p.capacity_type,
-        # A node's GPUs are one model in practice; the first device speaks for the node.
-        gpus[0].model if gpus else "",
-        gpus[0].memory_bytes if gpus else 0,
+        gpu_model,
+        gpu_memory_bytes,
         gpus,
-        p.pods,
+        pods,
         observed_s,
         content_token,
     )
