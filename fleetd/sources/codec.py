@@ -765,10 +765,11 @@ def _decode_layouts(
 _PODS_FIELD_TAG = (11 << 3) | 2
 
 
-def _varint_at(data: bytes, i: int) -> tuple[int, int]:
-    """(value, index after it) of the varint at data[i]; (-1, i) if it is not one."""
+def _varint_at(data: bytes, i: int, max_bytes: int = 10) -> tuple[int, int]:
+    """(value, index after it) of the varint at data[i], of at most `max_bytes` bytes;
+    (-1, i) if it is not one."""
     value, shift, start = 0, 0, i
-    while i < len(data) and i - start < 10:
+    while i < len(data) and i - start < max_bytes:
         byte = data[i]
         value |= (byte & 0x7F) << shift
         shift += 7
@@ -935,33 +936,14 @@ def node_after_envelope(value: bytes, start: int) -> tuple[int, int, int, int]:
     accepted exactly as `decode_envelope_rests` accepts it (sequence above 0, varints of
     at most 9 bytes)."""
     end = len(value)
-    i = start
-    sequence = shift = 0
-    while True:
-        if i >= end or i - start > 8:
-            return 0, 0, -1, -1
-        byte = value[i]
-        sequence |= (byte & 0x7F) << shift
-        shift += 7
-        i += 1
-        if byte < 0x80:
-            break
-    if not sequence or i >= end:
+    sequence, i = _varint_at(value, start, 9)
+    if sequence <= 0 or i >= end:
         return 0, 0, -1, -1
     ms = 0
     if value[i] == 0x18:
-        i += 1
-        first = i
-        shift = 0
-        while True:
-            if i >= end or i - first > 8:
-                return 0, 0, -1, -1
-            byte = value[i]
-            ms |= (byte & 0x7F) << shift
-            shift += 7
-            i += 1
-            if byte < 0x80:
-                break
+        ms, i = _varint_at(value, i + 1, 9)
+        if ms < 0:
+            return 0, 0, -1, -1
     tag = i
     if tag + 1 >= end or value[tag] != _NODE_FIELD_TAG:
         return 0, 0, -1, -1
