@@ -15,6 +15,7 @@ safe side.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleetd.sources.codec import MAX_INVENTORY_NODES
@@ -36,8 +37,14 @@ class InventoryAssembler:
     """Per cluster: the chunks of the newest incomplete inventory (memory: at most
     `max_nodes` names per cluster) and the sequence of the last completed one."""
 
-    def __init__(self, max_nodes: int = MAX_INVENTORY_NODES) -> None:
+    def __init__(
+        self,
+        max_nodes: int = MAX_INVENTORY_NODES,
+        on_abandon: Callable[[str], None] | None = None,
+    ) -> None:
         self.max_nodes = max_nodes
+        #: Told the cluster of every inventory given up (the daemon counts them).
+        self.on_abandon = on_abandon
         self._partial: dict[str, _Partial] = {}
         self._completed: dict[str, int] = {}
         #: Chunks ignored (older than an inventory being assembled or completed) and
@@ -82,6 +89,8 @@ class InventoryAssembler:
     def _abandon(self, cluster: str, why: str) -> None:
         partial = self._partial.pop(cluster)
         self.abandoned += 1
+        if self.on_abandon is not None:
+            self.on_abandon(cluster)
         log.warning("kafka: node inventory of %s at sequence %d ignored: %s",
                     cluster, partial.sequence, why)  # fmt: skip
 

@@ -355,7 +355,9 @@ class KafkaSource:
         #: Node inventories (telemetry's relist): chunks converted in this poll, their
         #: assembly, and the inventories applied in this poll (see `_assemble_inventories`).
         self._inventory_chunks = 0
-        self._inventories = InventoryAssembler()
+        self._inventories = InventoryAssembler(
+            on_abandon=lambda cluster: self.metrics.inventories_abandoned.labels(cluster).inc()
+        )
         self._applied_inventories: list[NodeInventory] = []
 
     # ------------------------------------------------------------------ lifecycle

@@ -47,6 +47,14 @@ class SourceMetrics:
             ["outcome"],
             registry=r,
         )
+        self.inventories_abandoned = Counter(
+            "fleetd_inventories_abandoned",
+            "Node inventories given up before they completed (their chunks disagree on the "
+            "chunk count, or they list too many names), by cluster: that cluster's unlisted "
+            "nodes are not removed until a later inventory completes.",
+            ["cluster"],
+            registry=r,
+        )
         self.kube_events = Counter(
             "fleetd_kube_watch_events",
             "Watch events received from Kubernetes API servers, by cluster, kind and type.",

@@ -162,13 +162,15 @@ def test_a_newer_inventory_replaces_an_incomplete_one() -> None:
 
 
 def test_inconsistent_or_oversized_inventories_are_abandoned() -> None:
-    joiner = InventoryAssembler(max_nodes=3)
+    told: list[str] = []
+    joiner = InventoryAssembler(max_nodes=3, on_abandon=told.append)
     assert joiner.add(up.NodeInventoryChunk("c1", 5, 0, 2, ("a",))) is None
     assert joiner.add(up.NodeInventoryChunk("c1", 5, 1, 3, ("b",))) is None
     assert joiner.pending() == {}
     assert joiner.add(up.NodeInventoryChunk("c1", 6, 0, 2, ("a", "b"))) is None
     assert joiner.add(up.NodeInventoryChunk("c1", 6, 1, 2, ("c", "d"))) is None
     assert (joiner.abandoned, joiner.pending()) == (2, {})
+    assert told == ["c1", "c1"]
 
 
 # ---------------------------------------------------------------------------- the gate
@@ -490,3 +492,18 @@ async def test_the_source_forgets_removed_pools_and_the_agent_lists_its_pools(
     await _poll(source, [(record_key(r), r.SerializeToString()) for r in inventory])
     assert set(view.pools) == {("c1", "p1")}
     assert source._gate.last("c1", "pool", "p2") == 10
+
+
+async def test_the_source_counts_an_abandoned_inventory_and_removes_nothing() -> None:
+    view = FleetView()
+    metrics = SourceMetrics()
+    source = KafkaSource(KafkaSourceSettings(), view, metrics=metrics)
+    await _poll(source, [_report("a", 1), _report("b", 2)])
+    # Chunk 0 of a two-chunk inventory, then a chunk 1 that says there are three.
+    first = _inventory_record(node_names=["a"], chunk_index=0, chunk_count=2)
+    second = _inventory_record(node_names=[], chunk_index=1, chunk_count=3)
+    pairs = [(inventory_key("c1", i), r.SerializeToString()) for i, r in enumerate((first, second))]
+    producer = await _poll(source, pairs)
+    assert not producer.sent  # each chunk is valid on its own
+    assert metrics.inventories_abandoned.labels(cluster="c1")._value.get() == 1
+    assert set(view.nodes) == {("c1", "a"), ("c1", "b")}
