@@ -322,6 +322,35 @@ def down_request(
     )
 
 
+def one_gpu_pods(
+    fleet: Fleet, layout: Sequence[tuple[NodePool, str, Sequence[str]]]
+) -> tuple[RunningPod, ...]:
+    """Add each (pool, node, pod names) node to `fleet` with its pods running there, one GPU
+    each (GPUs 0, 1, ...), allocated."""
+    running = []
+    for pool, node, names in layout:
+        fleet.add_node(pool.node_spec(node))
+        for j, name in enumerate(names):
+            pod = PodSpec(name, cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=1)
+            rp = RunningPod(pod, node, (j,))
+            fleet.allocate(rp.allocation)
+            running.append(rp)
+    return tuple(running)
+
+
+def settled(
+    fleet: Fleet,
+    running: tuple[RunningPod, ...],
+    pools: tuple[NodePool, ...],
+    status: dict[tuple[str, str], PoolStatus],
+) -> ScaleDownRequest:
+    """A scale-down request over `fleet` whose nodes are all past their stabilization
+    window (in place since 0, now 10,000 s)."""
+    return ScaleDownRequest(
+        fleet, running, pools, status, {n: 0.0 for n in fleet.node_names()}, now_s=10_000.0
+    )
+
+
 P4 = gpu_pool("g4", 4, 4.0)
 
 
@@ -563,18 +592,9 @@ def test_scale_up_takes_along_pods_of_expensive_nodes() -> None:
     # use a cheap g4 at $2.5: 4 pods on it, the three g1 retired: 3 + 1 - 2.5 = $1.5/h saved.
     g4 = gpu_pool("g4", 4, 2.5)
     fleet = Fleet()
-    running = []
-    for i in range(3):
-        fleet.add_node(G1.node_spec(f"g1-{i}"))
-        pod = PodSpec(f"old{i}", cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=1)
-        rp = RunningPod(pod, f"g1-{i}", (0,))
-        fleet.allocate(rp.allocation)
-        running.append(rp)
+    running = one_gpu_pods(fleet, [(G1, f"g1-{i}", [f"old{i}"]) for i in range(3)])
     status = {G1.key: PoolStatus(3, 3), g4.key: PoolStatus(0, 0)}
-    down = ScaleDownRequest(
-        fleet, tuple(running), (G1, g4), status, {n: 0.0 for n in fleet.node_names()},
-        now_s=10_000.0,
-    )  # fmt: skip
+    down = settled(fleet, running, (G1, g4), status)
     cands = replace_candidates(down, limit=3)
     assert [c.node for c in cands] == ["g1-0", "g1-1", "g1-2"]
     plain = plan_scale_up(ScaleUpRequest(fleet, gpu_pods(1), (G1, g4), status))
@@ -637,19 +657,11 @@ def test_most_overpaid_nodes_are_offered_first() -> None:
     # first ($5.33 per node-unit against $2).
     g1, g4 = gpu_pool("g1", 1, 2.0), gpu_pool("g4", 4, 4.0)
     fleet = Fleet()
-    running = []
-    for node, pool, n in (("small", g1, 1), ("big", g4, 3)):
-        fleet.add_node(pool.node_spec(node))
-        for j in range(n):
-            pod = PodSpec(f"{node}{j}", cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=1)
-            rp = RunningPod(pod, node, (j,))
-            fleet.allocate(rp.allocation)
-            running.append(rp)
+    running = one_gpu_pods(
+        fleet, [(g1, "small", ["small0"]), (g4, "big", ["big0", "big1", "big2"])]
+    )
     status = {g1.key: PoolStatus(1, 1), g4.key: PoolStatus(1, 1)}
-    down = ScaleDownRequest(
-        fleet, tuple(running), (g1, g4), status, {n: 0.0 for n in fleet.node_names()},
-        now_s=10_000.0,
-    )  # fmt: skip
+    down = settled(fleet, running, (g1, g4), status)
     assert [c.node for c in replace_candidates(down, limit=2)] == ["small", "big"]
 
 
@@ -662,21 +674,12 @@ def test_consolidation_on_scale_up_keeps_moved_pods_in_their_cluster() -> None:
         for name, gpus, price in (("g1", 1, 1.0), ("g4", 4, 1.5))
     )
     fleet = Fleet()
-    running = []
-    for i in range(3):
-        fleet.add_node(pools[0].node_spec(f"g1-{i}"))
-        pod = PodSpec(f"old{i}", cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=1)
-        rp = RunningPod(pod, fleet.node_names()[-1], (0,))
-        fleet.allocate(rp.allocation)
-        running.append(rp)
+    running = one_gpu_pods(fleet, [(pools[0], f"g1-{i}", [f"old{i}"]) for i in range(3)])
     status = {
         p.key: PoolStatus(3 if p.key == ("c0", "g1") else 0, 3 if p.key == ("c0", "g1") else 0)
         for p in pools
     }
-    down = ScaleDownRequest(
-        fleet, tuple(running), pools, status, {n: 0.0 for n in fleet.node_names()},
-        now_s=10_000.0,
-    )  # fmt: skip
+    down = settled(fleet, running, pools, status)
     cands = replace_candidates(down, limit=3)
     pending = (
         PodSpec("new", cpu_millicores=4000, memory_bytes=8 * GIB, num_gpu=1, clusters=("c1",)),
