@@ -585,13 +585,22 @@ def _pod_content(u: up.NodeUpdate) -> object:
     return dataclasses.replace(u, sequence=0, observed_at_s=0.0, pods=pods)
 
 
-async def test_a_pods_only_change_reuses_the_unchanged_pods_and_parses_the_new() -> None:
+async def _applied(
+    pods: int,
+) -> tuple[FleetView, KafkaSource, up.NodeUpdate, up.NodeUpdate]:
+    """A source into a view that applied node "a" (with `pods` pods) at sequence 1: the
+    view, the source, the node as published and as applied."""
     view = FleetView()
     source = KafkaSource(KafkaSourceSettings(), view)
-    a = gpu_node("a", pods=3)
+    a = gpu_node("a", pods=pods)
     await _process(source, [_rec("a", _value(a, 1), 0)])
     first = view.node("c1", "a")
     assert first is not None
+    return view, source, a, first
+
+
+async def test_a_pods_only_change_reuses_the_unchanged_pods_and_parses_the_new() -> None:
+    view, source, a, first = await _applied(pods=3)
     assert first.pods is not None
     assert a.pods is not None
     new_pod = dataclasses.replace(a.pods[1], name="fresh", uid="u-fresh")
@@ -705,12 +714,7 @@ def _node_bytes_change(update: up.NodeUpdate, seq: int) -> tuple[bytes, up.NodeU
 
 
 async def test_a_gpu_change_converts_only_the_changed_gpu() -> None:
-    view = FleetView()
-    source = KafkaSource(KafkaSourceSettings(), view)
-    a = gpu_node("a", pods=2)
-    await _process(source, [_rec("a", _value(a, 1), 0)])
-    first = view.node("c1", "a")
-    assert first is not None
+    view, source, a, first = await _applied(pods=2)
     flipped = dataclasses.replace(a.gpus[5], healthy=False, xid_errors=(79,))
     changed = dataclasses.replace(a, gpus=(*a.gpus[:5], flipped, *a.gpus[6:]))
     value, expected = _node_bytes_change(changed, 2)
@@ -734,12 +738,7 @@ async def test_a_gpu_change_converts_only_the_changed_gpu() -> None:
 
 
 async def test_a_change_before_the_gpus_converts_those_fields_only() -> None:
-    view = FleetView()
-    source = KafkaSource(KafkaSourceSettings(), view)
-    a = gpu_node("a", pods=2)
-    await _process(source, [_rec("a", _value(a, 1), 0)])
-    first = view.node("c1", "a")
-    assert first is not None
+    view, source, a, first = await _applied(pods=2)
     cordoned = dataclasses.replace(a, unschedulable=True, labels=(*a.labels, ("k", "v")))
     value, expected = _node_bytes_change(cordoned, 2)
     await _process(source, [_rec("a", value, 1)])
