@@ -187,6 +187,11 @@ class _NodeInfo:
     spec_update: up.NodeUpdate | None = None
     #: `content_token` of the last applied NodeUpdate: NodeHeartbeats entries must match it.
     content_token: bytes = b""
+    #: The heartbeat table and slot this `_NodeInfo` is bound (or suspended) at, kept by
+    #: `_HeartbeatTable` (a node bound in several sources' tables: the last one), so that a
+    #: changed report finds its slot without a lookup (`FleetState._apply_node_update`).
+    beat_table: _HeartbeatTable | None = None
+    beat_slot: int = -1
 
 
 class _HeartbeatTable:
@@ -264,6 +269,8 @@ class _HeartbeatTable:
             table_infos[slot] = info
             table_keys[slot] = key
             table_cells[slot] = cell
+            info.beat_table = self
+            info.beat_slot = slot
         self.cluster_ids[slots] = self.clusters.index(cluster)
         self.seen[slots] = 0.0
         self.stale[slots] = [info.stale for info in infos]
@@ -314,6 +321,23 @@ class _HeartbeatTable:
                 info.last_seen_s = seen
         return self.cells[slot]
 
+    def suspend_slot(self, slot: int) -> up.SequenceCell | None:
+        """`suspend` of the slot a `_NodeInfo` names (`beat_slot`): no lookup by key."""
+        seq = self.column.seq
+        last = seq.item(slot)
+        cell = self.cells[slot]  # (the column's cell of the slot: `bind` puts both)
+        if last:
+            if cell is not None and last > cell.last:
+                cell.last = last
+            seq[slot] = 0
+        seen = self.seen.item(slot)
+        if seen:
+            self.seen[slot] = 0.0
+            info = self.infos[slot]
+            if info is not None and seen > info.last_seen_s:
+                info.last_seen_s = seen
+        return cell
+
     def rebind(self, slot: int, key: str, token: bytes) -> bool:
         """`bind` of a suspended slot to its node's new content `token`: True when done,
         False (nothing done) when the slot is not suspended from node `key` or the node's
@@ -347,6 +371,9 @@ class _HeartbeatTable:
         self.infos[slot] = None
         self.cells[slot] = None
         self.column.unbind(slot)
+        if info is not None and info.beat_table is self and info.beat_slot == slot:
+            info.beat_table = None
+            info.beat_slot = -1
         seen = self.seen.item(slot)
         if seen:
             self.seen[slot] = 0.0
@@ -520,6 +547,10 @@ class FleetState:
         #: source -> its heartbeat slots (`HeartbeatSlots`, `_HeartbeatTable`).
         self._beats: dict[str, _HeartbeatTable] = {}
         self.sources: dict[tuple[str, str], _SourceInfo] = {}
+        #: cluster -> its `sources` entries (`_cluster_sources`), valid while `sources` has
+        #: `_sources_n` entries.
+        self._sources_of: dict[str, tuple[_SourceInfo, ...]] = {}
+        self._sources_n = 0
         #: Clusters a source lost the sync of (after the initial sync): excluded from new
         #: placements while here. Their nodes carry the core's stale flag on top of their own
         #: staleness (`_stale_flag`); reservations on them are kept (see `_update_lost`).
@@ -844,12 +875,22 @@ class FleetState:
             self.metrics.update_ignored("not_in_newer_inventory")
             return False
         key = f"{cluster}/{name}"  # (`node_key`)
+        info = self.nodes.get(key)
         # The gate looks at the node's cell next: write its heartbeats back first. (The
         # binding is suspended, not dropped: the source binds its slot to the new content
         # next, `_bind_heartbeats`; a new `_NodeInfo` drops it, `_node_update`.)
         cell = None
-        for table in self._beats.values():
-            cell = table.suspend(key) or cell
+        beats = self._beats
+        if beats:
+            if len(beats) == 1:
+                # (One source's table, the usual daemon: a bound node's `_NodeInfo` names
+                # its slot, see `_HeartbeatTable.bind`; an unbound node has none.)
+                table = info.beat_table if info is not None else None
+                if table is not None:
+                    cell = table.suspend_slot(info.beat_slot)  # type: ignore[union-attr]
+            else:
+                for table in beats.values():
+                    cell = table.suspend(key) or cell
         # (`SequenceGate.admit` of an update that is no removal; sequence 0 is unordered.
         # A node with a heartbeat slot has its gate cell at hand: `_HeartbeatTable.rebind`.)
         sequence = u.sequence
@@ -865,7 +906,19 @@ class FleetState:
                 self.ignored_updates += 1
                 self.metrics.update_ignored("stale_sequence")
                 return False
-        self._node_update(u, self.clock(), key)
+        now = self.clock()
+        if info is not None and u.pods is not None and _same_fields(info, u):
+            # The usual change: pods came or went (`_node_update`'s first case, inline).
+            info.last_seen_s = now
+            info.content_token = u.content_token
+            info.spec_update = u
+            if info.stale:
+                info.stale = False
+                self.fleet.set_flags(key, stale=cluster in self.lost_clusters)
+            self._touch(cluster, now, u.observed_at_s)
+            self._reconcile_pods(u, now, key)
+            return True
+        self._node_update(u, now, key)
         return True
 
     def _unlisted(self, u: up.NodeUpdate) -> bool:
@@ -966,13 +1019,26 @@ class FleetState:
         )
 
     def _touch(self, cluster: str, now: float, observed_at_s: float) -> None:
-        for (_, cl), info in self.sources.items():
-            if cl == cluster:
-                info.last_update_s = now
-                if observed_at_s:
-                    info.last_observed_s = observed_at_s
+        infos = self._sources_of.get(cluster)
+        if infos is None or self._sources_n != len(self.sources):
+            infos = self._cluster_sources(cluster)
+        for info in infos:
+            info.last_update_s = now
+            if observed_at_s:
+                info.last_observed_s = observed_at_s
         if observed_at_s:
             self.metrics.telemetry_lag(cluster, max(0.0, now - observed_at_s))
+
+    def _cluster_sources(self, cluster: str) -> tuple[_SourceInfo, ...]:
+        """The `sources` entries of `cluster`, kept per cluster for `_touch` (every applied
+        change) until an entry is added (entries are added, never replaced or removed)."""
+        if self._sources_n != len(self.sources):
+            self._sources_of.clear()
+            self._sources_n = len(self.sources)
+        infos = self._sources_of[cluster] = tuple(
+            info for (_, cl), info in self.sources.items() if cl == cluster
+        )
+        return infos
 
     def _node_heartbeats(self, u: up.NodeHeartbeats, now: float) -> int:
         """Reports whose content is the node's last applied one: only sequence and freshness
@@ -1080,18 +1146,20 @@ class FleetState:
             cells = [cells[i] for i in kept]
         table.bind(cluster, bound_slots, keys, bound_infos, cells)
 
-    def _reconcile_pods(self, u: up.NodeUpdate, now: float) -> None:
-        """The source reports the node's complete pod set (u.pods): reconcile against it."""
+    def _reconcile_pods(self, u: up.NodeUpdate, now: float, key: str = "") -> None:
+        """The source reports the node's complete pod set (u.pods): reconcile against it.
+        `key` is the node's key when the caller has it."""
         pods = u.pods
         if pods is None:
             return
         cluster, node = u.cluster, u.name
-        uids = [p.uid or f"{p.namespace}/{p.name}" for p in pods]
+        key = key or f"{cluster}/{node}"  # (`node_key`)
         on_node = self._pods_on.get((cluster, node))
         if not on_node:
             for p in pods:
-                self._pod_observed(p, now)
+                self._pod_observed(p, now, key if p.node == node and p.cluster == cluster else "")
             return
+        uids = [p.uid or f"{p.namespace}/{p.name}" for p in pods]
         current = set(uids)
         for uid in [uid for uid in on_node if uid not in current]:
             self._pod_removed(cluster, uid, now)
@@ -1099,9 +1167,12 @@ class FleetState:
         # on this node and reported on it again, still running, is what `_pod_observed`
         # leaves as it is: skipped without the call (most pods of a changed report).
         for p, uid in zip(pods, uids, strict=True):
-            if uid in on_node and p.node == node and p.phase not in _FINISHED_PHASES:
-                continue
-            self._pod_observed(p, now)
+            if p.node == node:
+                if uid in on_node and p.phase not in _FINISHED_PHASES:
+                    continue
+                self._pod_observed(p, now, key if p.cluster == cluster else "", uid)
+            else:
+                self._pod_observed(p, now, "", uid)
 
     def _node_update(self, u: up.NodeUpdate, now: float, key: str) -> None:
         info = self.nodes.get(key)
@@ -1122,7 +1193,7 @@ class FleetState:
                 info.stale = False
                 self.fleet.set_flags(key, stale=u.cluster in self.lost_clusters)
             self._touch(u.cluster, now, u.observed_at_s)
-            self._reconcile_pods(u, now)
+            self._reconcile_pods(u, now, key)
             return
         if signature is None:
             signature = _spec_signature(u)
@@ -1198,7 +1269,7 @@ class FleetState:
         if new:
             self._restore_on(key, now)
             self._allocate_waiting_pods(key, u.cluster, u.name)
-        self._reconcile_pods(u, now)
+        self._reconcile_pods(u, now, key)
         if new:
             self._retry_queue(now)
 
@@ -1240,7 +1311,7 @@ class FleetState:
         info.spec_update = u
         info.content_token = u.content_token
         self._touch(u.cluster, now, u.observed_at_s)
-        self._reconcile_pods(u, now)
+        self._reconcile_pods(u, now, key)
 
     def _restore_on(self, key: str, now: float) -> None:
         """Re-allocate journal reservations whose pods sit on the node that just appeared."""
@@ -1326,47 +1397,55 @@ class FleetState:
         if self.ready:
             self._retry_queue(now)
 
-    def _pod_observed(self, p: up.PodObserved, now: float) -> None:
-        uid = p.uid or f"{p.namespace}/{p.name}"
-        key = (p.cluster, uid)
+    def _pod_observed(self, p: up.PodObserved, now: float, nkey: str = "", uid: str = "") -> None:
+        """Record a pod bound to a node (allocating what it requests there). `nkey` is the
+        key of the pod's node and `uid` the pod's uid (or namespace/name) when the caller
+        has them (`_reconcile_pods`)."""
+        cluster, node = p.cluster, p.node
+        uid = uid or p.uid or f"{p.namespace}/{p.name}"
+        key = (cluster, uid)
         if p.phase in _FINISHED_PHASES:
             # A finished pod holds nothing any more (kubelet semantics).
-            self._pod_removed(p.cluster, uid, now)
+            self._pod_removed(cluster, uid, now)
             return
         known = self.pods.get(key)
         if known is not None:
-            if known.node == p.node:
+            if known.node == node:
                 return
-            self._pod_removed(p.cluster, uid, now)
-        if not p.node:
+            self._pod_removed(cluster, uid, now)
+        if not node:
             return
-        labels = dict(p.labels)
-        wid = labels.get(WORKLOAD_LABEL, "")
-        held = self.held.get(wid) if wid else None
-        if held is not None:
-            idx = self._match_reserved_pod(held, p, labels.get(POD_NAME_LABEL, p.name))
-            if idx is not None:
-                held.observed[idx] = uid
-                self.pods[key] = _ObservedPod(p.cluster, p.node, None, reservation=(wid, idx))
-                self._pods_on.setdefault((p.cluster, p.node), set()).add(uid)
-                self._maybe_confirm(wid, now)
-                return
+        if p.labels:
+            labels = dict(p.labels)
+            wid = labels.get(WORKLOAD_LABEL, "")
+            held = self.held.get(wid) if wid else None
+            if held is not None:
+                idx = self._match_reserved_pod(held, p, labels.get(POD_NAME_LABEL, p.name))
+                if idx is not None:
+                    held.observed[idx] = uid
+                    self.pods[key] = _ObservedPod(cluster, node, None, reservation=(wid, idx))
+                    self._pods_on.setdefault((cluster, node), set()).add(uid)
+                    self._maybe_confirm(wid, now)
+                    return
+            milli_label = labels.get(GPU_MILLI_LABEL, "")
+        else:
+            labels, milli_label = {}, ""  # (most pods: no labels)
         alloc = None
-        nkey = f"{p.cluster}/{p.node}"  # (`node_key`)
+        nkey = nkey or f"{cluster}/{node}"  # (`node_key`)
         if nkey in self.nodes:
-            alloc = self._observed_allocation(nkey, p, labels.get(GPU_MILLI_LABEL, ""))
+            alloc = self._observed_allocation(nkey, p, milli_label)
             try:
-                self._allocate(alloc)
+                self._allocate(alloc, now)
             except AllocationError:
                 # The cluster runs more than fleet state thinks fits (e.g. a reservation and
                 # a foreign pod raced): the node is full either way; count it, hold nothing.
                 self.metrics.update_ignored("observed_pod_does_not_fit")
                 alloc = None
         # A pod seen before its node (watches race) holds nothing until the node appears.
-        self.pods[key] = _ObservedPod(p.cluster, p.node, alloc, labels, p.requests)
-        on_node = self._pods_on.get((p.cluster, p.node))
+        self.pods[key] = _ObservedPod(cluster, node, alloc, labels, p.requests)
+        on_node = self._pods_on.get((cluster, node))
         if on_node is None:
-            self._pods_on[(p.cluster, p.node)] = {uid}
+            self._pods_on[(cluster, node)] = {uid}
         else:
             on_node.add(uid)
 
@@ -1429,7 +1508,7 @@ class FleetState:
             if not on_node:
                 del self._pods_on[(cluster, pod.node)]
         if pod.slot is not None:
-            self._free(pod.slot)
+            self._free(pod.slot, now)
         if pod.reservation is not None:
             wid, idx = pod.reservation
             held = self.held.get(wid)
@@ -1443,7 +1522,8 @@ class FleetState:
                     held.slots[idx] = None
                 if held.record.state == "confirmed" and all(s is None for s in held.slots):
                     self._end(wid, "release", "released", now, reason="every pod finished")
-        self._retry_queue(now)
+        if self.queue:
+            self._retry_queue(now)
 
     def _maybe_confirm(self, wid: str, now: float) -> None:
         held = self.held[wid]
@@ -2043,15 +2123,16 @@ class FleetState:
         self.scale.publish(event)
         return event
 
-    def _allocate(self, alloc: Allocation) -> None:
-        """The one place fleet usage grows (the core re-checks it); stamps the node."""
+    def _allocate(self, alloc: Allocation, now: float | None = None) -> None:
+        """The one place fleet usage grows (the core re-checks it); stamps the node with
+        `now` (the clock's time when not given)."""
         self.fleet.allocate(alloc)
-        self.node_since[alloc.node] = self.clock()
+        self.node_since[alloc.node] = self.clock() if now is None else now
 
-    def _free(self, alloc: Allocation) -> None:
+    def _free(self, alloc: Allocation, now: float | None = None) -> None:
         """The exact inverse of `_allocate`; stamps the node."""
         self.fleet.free(alloc)
-        self.node_since[alloc.node] = self.clock()
+        self.node_since[alloc.node] = self.clock() if now is None else now
 
     def _check_owner(self) -> None:
         if threading.get_ident() != self._owner:

@@ -554,14 +554,41 @@ class Fleet:
         slot = self._slot_of.get(alloc.node)
         if slot is None:
             raise AllocationError(f"unknown node {alloc.node!r}")
-        problem = self._misfit_at(slot, alloc)
-        if problem is not None:
-            raise AllocationError(problem)
-        self.cpu_allocated_millicores[slot] += alloc.cpu_millicores
-        self.memory_allocated_bytes[slot] += alloc.memory_bytes
-        for g in alloc.gpu_indices:
-            self.gpu_free_milli[slot, g] -= alloc.gpu_milli_per_gpu
-        self._stamp(slot, attr=False)
+        # The fit check of `_misfit_at` for the usual allocation (whole or shared GPUs on
+        # distinct healthy indices), each column read once as a Python scalar (this runs
+        # for every pod a cluster reports starting); anything it does not accept goes
+        # through `_misfit_at`, which names the problem.
+        cpu, mem, indices = alloc.cpu_millicores, alloc.memory_bytes, alloc.gpu_indices
+        cpu_col, mem_col = self.cpu_allocated_millicores, self.memory_allocated_bytes
+        cpu_used, mem_used = cpu_col.item(slot), mem_col.item(slot)
+        ok = (
+            0 <= cpu <= self.cpu_allocatable_millicores.item(slot) - cpu_used
+            and 0 <= mem <= self.memory_allocatable_bytes.item(slot) - mem_used
+        )
+        if ok and indices:
+            milli = alloc.gpu_milli_per_gpu
+            free = self.gpu_free_milli
+            count = self.gpu_count.item(slot)
+            bad = self.gpu_unhealthy_mask.item(slot)
+            if len(indices) == 1:
+                g = indices[0]
+                ok = 0 < milli <= GPU_MILLI and 0 <= g < count and not (bad >> g) & 1
+                ok = ok and free.item(slot, g) >= milli
+            else:
+                ok = False  # (several GPUs: `_misfit_at` checks them)
+        if not ok:
+            problem = self._misfit_at(slot, alloc)
+            if problem is not None:
+                raise AllocationError(problem)
+        cpu_col[slot] = cpu_used + cpu
+        mem_col[slot] = mem_used + mem
+        if indices:
+            free = self.gpu_free_milli
+            milli = alloc.gpu_milli_per_gpu
+            for g in indices:
+                free[slot, g] = free.item(slot, g) - milli
+        self.version = version = self.version + 1
+        self.slot_version[slot] = version
 
     def free(self, alloc: Allocation) -> None:
         """Release one allocation: the exact inverse of `allocate`.
@@ -571,21 +598,25 @@ class Fleet:
         slot = self._slot_of.get(alloc.node)
         if slot is None:
             raise AllocationError(f"unknown node {alloc.node!r}")
-        if alloc.cpu_millicores > self.cpu_allocated_millicores.item(
-            slot
-        ) or alloc.memory_bytes > self.memory_allocated_bytes.item(slot):
+        cpu, mem, indices = alloc.cpu_millicores, alloc.memory_bytes, alloc.gpu_indices
+        cpu_col, mem_col = self.cpu_allocated_millicores, self.memory_allocated_bytes
+        cpu_used, mem_used = cpu_col.item(slot), mem_col.item(slot)
+        if cpu > cpu_used or mem > mem_used:
             raise AllocationError(f"node {alloc.node!r} does not hold {alloc}")
-        if alloc.gpu_indices:
+        if indices:
+            milli = alloc.gpu_milli_per_gpu
             count = self.gpu_count.item(slot)
             free = self.gpu_free_milli
-            for g in alloc.gpu_indices:
-                if not 0 <= g < count or free.item(slot, g) + alloc.gpu_milli_per_gpu > GPU_MILLI:
+            for g in indices:
+                if not 0 <= g < count or free.item(slot, g) + milli > GPU_MILLI:
                     raise AllocationError(f"node {alloc.node!r} does not hold GPU {g} share")
-        self.cpu_allocated_millicores[slot] -= alloc.cpu_millicores
-        self.memory_allocated_bytes[slot] -= alloc.memory_bytes
-        for g in alloc.gpu_indices:
-            self.gpu_free_milli[slot, g] += alloc.gpu_milli_per_gpu
-        self._stamp(slot, attr=False)
+        cpu_col[slot] = cpu_used - cpu
+        mem_col[slot] = mem_used - mem
+        if indices:
+            for g in indices:
+                free[slot, g] = free.item(slot, g) + milli
+        self.version = version = self.version + 1
+        self.slot_version[slot] = version
 
     def allocate_many(
         self,

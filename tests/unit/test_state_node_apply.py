@@ -126,7 +126,7 @@ def _run(steps: list[tuple[object, ...]], tmp: Path) -> FleetState:
     return state
 
 
-def _reconcile_every_pod(self: FleetState, u: up.NodeUpdate, now: float) -> None:
+def _reconcile_every_pod(self: FleetState, u: up.NodeUpdate, now: float, key: str = "") -> None:
     """The reference reconciliation: every reported pod through `_pod_observed`."""
     if u.pods is None:
         return
@@ -290,6 +290,11 @@ def test_every_heartbeat_slot_holds_its_nodes_gate_cell(
                         assert state.nodes[key] is info
                         cluster, _, name = key.partition("/")
                         assert table.cells[slot] is state._gate.cell((cluster, "node", name))
+                        assert (info.beat_table, info.beat_slot) == (table, slot)
+            bound = {id(info) for t in state._beats.values() for info in t.infos if info}
+            for info in state.nodes.values():
+                if id(info) not in bound:
+                    assert (info.beat_table, info.beat_slot) == (None, -1)
 
     asyncio.run(run())
     assert any(table.slot_of for table in state._beats.values())
