@@ -402,7 +402,13 @@ class KafkaSourceConfig(_Strict):
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port.")
     topic: str = Field("fleet.telemetry.v1", description="Telemetry topic.")
     dead_letter_topic: str = Field("fleet.telemetry.v1.dlq", description="Dead-letter topic.")
-    group_id: str = Field("fleetd", description="Consumer group.")
+    group_id: str = Field(
+        "fleetd",
+        description=(
+            "Consumer group, one per fleetd: offsets are committed to it after apply; a"
+            " group shared with another consumer splits the partitions (reported, not ready)."
+        ),
+    )
     clusters: list[Name] = Field(
         default_factory=list, description="Clusters whose initial sync readiness waits for."
     )

@@ -23,11 +23,11 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from google.protobuf.message import DecodeError
 
@@ -121,6 +121,11 @@ class KafkaSourceSettings:
     #: How long a removed node's (pool's, pending pod's) sequence is kept to drop its
     #: redelivered older records; then one floor per cluster does (`SequenceGate`).
     sequence_tombstone_ttl_s: float = 600.0
+    #: Records older than this (by their Kafka timestamp) are skipped while the source
+    #: reads what the topic held when it started (its partitions up to their end offsets
+    #: then): the reports of nodes silent that long, whose agents are gone (None: keep all;
+    #: the daemon sets its `staleness.node_stale_after_s`). See `_without_aged`.
+    replay_max_age_s: float | None = None
     #: Extra keyword arguments for both aiokafka clients.
     client_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -348,8 +353,13 @@ class KafkaSource:
         #: offsets it saw on return (the daemon's readiness; see `_probe`).
         self.on_connection: Callable[[bool, str], None] | None = None
         self._connected: bool | None = None
+        #: Why the group's assignment leaves partitions of the topic to another consumer
+        #: ('' when this source reads them all; see `_assigned`).
+        self.group_conflict = ""
         self._next_probe_s = 0.0
         self._resync_end: dict[TopicPartition, int] | None = None
+        #: Each partition's end offset when this source first read it (`_without_aged`).
+        self._replay_end: dict[TopicPartition, int] = {}
         #: The last poll's commit while the next poll is decoded and applied (`_consume`).
         self._committing: asyncio.Future[None] | None = None
         #: Node inventories (telemetry's relist): chunks converted in this poll, their
@@ -377,7 +387,6 @@ class KafkaSource:
                 await asyncio.sleep(delay)
                 continue
             consumer = AIOKafkaConsumer(
-                s.topic,
                 bootstrap_servers=s.bootstrap_servers,
                 group_id=s.group_id,
                 client_id=s.client_id,
@@ -393,6 +402,7 @@ class KafkaSource:
                 enable_idempotence=True,
                 **options,
             )
+            consumer.subscribe([s.topic], listener=_Positions(self, consumer))
             try:
                 await consumer.start()
                 await producer.start()
@@ -456,7 +466,10 @@ class KafkaSource:
     # ------------------------------------------------------------------ connection
 
     def _connection(self, ok: bool, reason: str = "") -> None:
-        """Report a change of the broker connection to `on_connection`."""
+        """Report a change of the broker connection to `on_connection` (not current while
+        another consumer of the group holds some of the partitions)."""
+        if ok and self.group_conflict:
+            ok, reason = False, self.group_conflict
         if ok != self._connected:
             self._connected = ok
             if not ok:
@@ -516,6 +529,56 @@ class KafkaSource:
         # times per poll and each full run walks the whole fleet state (measured: up to
         # twice the poll's time). Reference counting frees what the poll drops; collection
         # resumes when the poll is done.
+        if not self.ready.is_set() and self.settings.replay_max_age_s is not None:
+            kept, aged = await self._without_aged(batches, consumer)
+            if aged:
+                self.metrics.telemetry_records.labels(outcome="aged_out").inc(aged)
+                await self._apply_kept(kept, consumer, producer)
+                # (Past the records left out too: a later reassignment reads on from there.)
+                offsets = {tp: r[-1].offset + 1 for tp, r in batches.items() if r}
+                self._next_offset.update(offsets)
+                return offsets, sum(len(r) for r in batches.values())
+        return await self._apply_kept(batches, consumer, producer)
+
+    async def _without_aged(
+        self, batches: Mapping[TopicPartition, list[Any]], consumer: AIOKafkaConsumer
+    ) -> tuple[dict[TopicPartition, list[Any]], int]:
+        """A poll without the records the topic already held when this source started
+        (offsets below its partitions' end offsets then) that are older than
+        `replay_max_age_s` by their Kafka timestamp; and how many were left out.
+
+        A fresh source reads every partition from its beginning (`_assigned`). What it
+        finds there from nodes silent for longer than the staleness bound is not news: those
+        nodes are gone or their agents are (a node deleted while its agent was down, a
+        cluster taken out of the fleet), and, applied now, they would count as fresh for
+        that long. Left out, such a node is unknown until it reports again, as if fleetd had
+        been running and it had gone stale. Only records older than the start are candidates:
+        an agent whose clock (the record's CreateTime) runs late is trusted once it reports
+        after fleetd started, so a skewed clock delays its nodes by at most one resync.
+        """
+        missing = [tp for tp in batches if tp not in self._replay_end]
+        if missing:
+            # (Fetched after the poll, so a little later than the start: the records in
+            # between are new, and new records are never old enough to leave out.)
+            self._replay_end.update(await consumer.end_offsets(missing))
+        max_age_s = self.settings.replay_max_age_s
+        assert max_age_s is not None
+        cutoff_ms = (time.time() - max_age_s) * 1000.0
+        kept: dict[TopicPartition, list[Any]] = {}
+        aged = 0
+        for tp, records in batches.items():
+            end = self._replay_end[tp]
+            fresh = [r for r in records if r.offset >= end or r.timestamp >= cutoff_ms]
+            aged += len(records) - len(fresh)
+            kept[tp] = fresh
+        return kept, aged
+
+    async def _apply_kept(
+        self,
+        batches: Mapping[TopicPartition, list[Any]],
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+    ) -> tuple[dict[TopicPartition, int], int]:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -954,9 +1017,46 @@ class KafkaSource:
                     max(0, highwater - next_offset)
                 )
 
+    def _assigned(self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
+        """Partitions were (re)assigned: read each from this process's own position in it,
+        not from the group's committed offset.
+
+        The fleet state lives in this process, so a fresh process (a restarted daemon) holds
+        nothing: it reads every partition from its beginning (offset 0, i.e. the earliest
+        kept, `auto_offset_reset`), as a Kafka Streams table restores from its changelog.
+        Starting at the committed offsets instead, a restarted fleetd knew only the nodes
+        that reported since its last commit and called itself synced. A consumer restarted
+        in the same process (after a client error) goes on from the offsets this process
+        applied, the state being the same. Committed offsets still follow every applied poll
+        (the group's lag in Kafka's tools).
+
+        fleetd needs every partition: an assignment of fewer (another consumer in the
+        group, e.g. a second fleetd with the same `group_id`) would leave it a part of the
+        fleet, so the source reports itself not current until it holds them all again.
+        """
+        for tp in assigned:
+            consumer.seek(tp, self._next_offset.get(tp, 0))
+        self._resync_end = None  # (`_probe`: caught up with the new assignment's ends)
+        topic = self.settings.topic
+        partitions = consumer.partitions_for_topic(topic) or set()
+        held = {tp.partition for tp in assigned if tp.topic == topic}
+        missing = sorted(set(partitions) - held)
+        if missing:
+            self.group_conflict = (
+                f"consumer group {self.settings.group_id!r} is shared: partitions "
+                f"{', '.join(map(str, missing))} of {topic} ({len(missing)} of "
+                f"{len(partitions)}) went to another consumer; every fleetd needs a "
+                f"group_id of its own"
+            )
+            log.error("kafka: %s", self.group_conflict)
+            self._connection(False, self.group_conflict)
+        elif self.group_conflict:
+            log.info("kafka: every partition of %s is assigned again", topic)
+            self.group_conflict = ""
+
     async def _check_initial_sync(self, consumer: AIOKafkaConsumer) -> None:
         assignment = consumer.assignment()
-        if not assignment:
+        if not assignment or self.group_conflict:
             return
         if self._initial_end is None or set(self._initial_end) != assignment:
             self._initial_end = await consumer.end_offsets(list(assignment))
@@ -993,6 +1093,21 @@ class KafkaSource:
         """Wait until at least `count` records were handled (tests, benchmarks)."""
         async with self.progress:
             await self.progress.wait_for(lambda: self.records_handled >= count)
+
+
+class _Positions(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Hands a consumer's assigned partitions to `KafkaSource._assigned`."""
+
+    def __init__(self, source: KafkaSource, consumer: AIOKafkaConsumer) -> None:
+        self._source = source
+        self._consumer = consumer
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Nothing to save: offsets are committed after each applied poll."""
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """See `KafkaSource._assigned`."""
+        self._source._assigned(self._consumer, assigned)
 
 
 def _index_by_key(
@@ -1048,7 +1163,11 @@ def build(config: Any, state: Any, daemon_metrics: Any) -> Callable[[], Awaitabl
     Readiness waits for `ClusterSynced(cluster, "kafka")` of every configured cluster, or,
     with no cluster listed, for the consumer's initial catch-up (`source.ready`).
     """
-    settings = settings_from_config(config)
+    settings = replace(
+        settings_from_config(config),
+        # (Read at start: a reload of the staleness bound applies from the next restart.)
+        replay_max_age_s=state.config.staleness.node_stale_after_s,
+    )
     for cluster in sorted(settings.required_clusters):
         state.expect_source(SOURCE, cluster)
     metrics = SourceMetrics.for_daemon(daemon_metrics)

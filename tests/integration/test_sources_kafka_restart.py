@@ -1,0 +1,191 @@
+"""Where the Kafka source reads from, against the real broker: a restarted fleetd (a fresh
+state, the same consumer group) reads every partition from its beginning, leaving out what
+nodes silent for too long said; a group shared with another consumer is reported instead of
+leaving fleetd a part of the fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from fleetd.loadgen import node_records, produce, synthetic_fleet
+from fleetd.sources.codec import decode
+from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
+from fleetd.sources.metrics import SourceMetrics
+from fleetd.sources.updates import NodeUpdate
+from tests.integration.sources_support import (
+    AWAIT_S,
+    RecordingView,
+    committed_offsets,
+    create_topic,
+    running,
+    unique,
+)
+
+pytestmark = pytest.mark.testbed
+
+
+def _settings(bootstrap: str, topic: str, **kw: object) -> KafkaSourceSettings:
+    return KafkaSourceSettings(
+        bootstrap_servers=bootstrap,
+        topic=topic,
+        dead_letter_topic=f"{topic}.dlq",
+        group_id=unique("fleetd"),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def _produce_at(
+    bootstrap: str, topic: str, records: list[tuple[bytes, bytes]], timestamp_ms: int
+) -> None:
+    """Publish records with a given Kafka timestamp (CreateTime: an agent's clock)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        sent = [
+            await producer.send(topic, value=value, key=key, timestamp_ms=timestamp_ms)
+            for key, value in records
+        ]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+def _newest(records: list[tuple[bytes, bytes]]) -> dict[tuple[str, str], int]:
+    """(cluster, node) -> the highest sequence among `records`."""
+    newest: dict[tuple[str, str], int] = {}
+    for key, value in records:
+        u = decode(key, value)
+        assert isinstance(u, NodeUpdate)
+        newest[(u.cluster, u.name)] = max(u.sequence, newest.get((u.cluster, u.name), 0))
+    return newest
+
+
+def _held(view: RecordingView) -> dict[tuple[str, str], int | None]:
+    """(cluster, node) -> the last sequence applied (content or unchanged report)."""
+    return {key: view.sequence(*key) for key in view.nodes}
+
+
+class _Connection:
+    """Records a source's `on_connection` reports; tests await the next one."""
+
+    def __init__(self, source: KafkaSource) -> None:
+        self.reports: list[tuple[bool, str]] = []
+        self._changed = asyncio.Event()
+        source.on_connection = self._report
+
+    def _report(self, ok: bool, reason: str) -> None:
+        self.reports.append((ok, reason))
+        self._changed.set()
+
+    async def wait(self, ok: bool) -> str:
+        """Wait for the current report to be `ok`; returns its reason."""
+        async with asyncio.timeout(AWAIT_S):
+            while not (self.reports and self.reports[-1][0] == ok):
+                self._changed.clear()
+                await self._changed.wait()
+        return self.reports[-1][1]
+
+
+async def test_a_restarted_fleetd_reads_every_partition_from_the_beginning(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique("telemetry-restart")
+    await create_topic(kafka_bootstrap, topic)
+    rng = np.random.default_rng(3)
+    fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=15)
+    records = list(node_records(fleet, 60, rng))
+    await produce(kafka_bootstrap, topic, records)
+    settings = _settings(kafka_bootstrap, topic)
+    first = RecordingView()
+    source = KafkaSource(settings, first)
+    async with running(source.run):
+        await source.wait_handled(len(records))
+    assert _held(first) == _newest(records)
+    assert sum((await committed_offsets(kafka_bootstrap, topic, settings.group_id)).values()) == 60
+    # The daemon restarts: a fresh state, the same group, whose offsets are at the end. One
+    # node reports once more meanwhile.
+    later = list(node_records(fleet, 1, rng, first_sequence=10**12))
+    await produce(kafka_bootstrap, topic, later)
+    restarted = RecordingView()
+    source = KafkaSource(settings, restarted)
+    async with running(source.run):
+        await asyncio.wait_for(source.ready.wait(), AWAIT_S)
+        # Ready means every node is back, not only the one that reported since.
+        assert _held(restarted) == _newest(records + later)
+        await source.wait_handled(len(records) + len(later))
+    # Nothing was applied twice on the way.
+    sequences = restarted.node_sequences()
+    assert len(sequences) == len(set(sequences))
+
+
+async def test_a_group_shared_with_another_consumer_is_reported_until_it_is_not(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique("telemetry-shared")
+    await create_topic(kafka_bootstrap, topic, partitions=3)
+    rng = np.random.default_rng(4)
+    fleet = synthetic_fleet(rng, clusters=1, nodes_per_cluster=30)
+    records = list(node_records(fleet, 30, rng))
+    await produce(kafka_bootstrap, topic, records)
+    settings = _settings(kafka_bootstrap, topic)
+    view = RecordingView()
+    source = KafkaSource(settings, view)
+    connection = _Connection(source)
+    async with running(source.run):
+        await asyncio.wait_for(source.ready.wait(), AWAIT_S)
+        await source.wait_handled(len(records))
+        # A second consumer joins the group (a second fleetd with the same group_id): the
+        # partitions are split, so the first says it is not current, and why.
+        other_view = RecordingView()
+        other = KafkaSource(settings, other_view)
+        async with running(other.run):
+            reason = await connection.wait(ok=False)
+            assert f"consumer group {settings.group_id!r} is shared" in reason
+            assert "every fleetd needs a group_id of its own" in reason
+            assert source.group_conflict == reason
+            # Reports made meanwhile land (partly) on the partitions the other one holds.
+            meanwhile = list(node_records(fleet, 30, rng, first_sequence=10**12))
+            await produce(kafka_bootstrap, topic, meanwhile)
+            await other.wait_handled(1)
+            assert not other.ready.is_set()  # (shared from its start: never synced)
+        # The other consumer left: every partition is the first's again, read on from where
+        # it had applied them, so it is current with the whole fleet.
+        assert await connection.wait(ok=True) == ""
+        assert source.group_conflict == ""
+        await view.wait_for(lambda: _held(view) == _newest(records + meanwhile), AWAIT_S)
+
+
+async def test_reports_older_than_the_staleness_bound_are_not_replayed(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique("telemetry-aged")
+    await create_topic(kafka_bootstrap, topic)
+    rng = np.random.default_rng(5)
+    fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=6)
+    gone = [u for u in fleet if u.cluster == "cluster-0"]  # (its agent went an hour ago)
+    live = [u for u in fleet if u.cluster == "cluster-1"]
+    hour_ago_ms = int((time.time() - 3600) * 1000)
+    old = list(node_records(gone, 12, rng))
+    await _produce_at(kafka_bootstrap, topic, old, hour_ago_ms)
+    recent = list(node_records(live, 12, rng, first_sequence=100))
+    await produce(kafka_bootstrap, topic, recent)
+    metrics = SourceMetrics()
+    view = RecordingView()
+    source = KafkaSource(
+        _settings(kafka_bootstrap, topic, replay_max_age_s=120.0), view, metrics=metrics
+    )
+    async with running(source.run):
+        await asyncio.wait_for(source.ready.wait(), AWAIT_S)
+        assert _held(view) == _newest(recent)
+        assert metrics.telemetry_records.labels("aged_out")._value.get() == len(old)
+        # A report published after the start is news whatever its timestamp says (an
+        # agent whose clock runs an hour late): applied.
+        late_clock = list(node_records(gone[:1], 1, rng, first_sequence=10**12))
+        await _produce_at(kafka_bootstrap, topic, late_clock, hour_ago_ms)
+        await view.wait_for(lambda: _held(view) == _newest(recent + late_clock), AWAIT_S)
+        assert metrics.telemetry_records.labels("aged_out")._value.get() == len(old)
