@@ -802,6 +802,8 @@ class FleetState:
             slot = table.slot_of.get(key)
             if slot is not None:
                 table.stale[slot] = stale
+                if stale:
+                    table.seen[slot] = 0.0  # (no freshness to write back)
 
     def _release_heartbeats(self, cluster: str, name: str) -> None:
         """Write a node's heartbeats back and drop its heartbeat binding (`_HeartbeatTable`)."""
@@ -843,7 +845,11 @@ class FleetState:
         elif isinstance(update, up.NodeStale):
             key = node_key(update.cluster, update.name)
             if key in self.nodes:
-                self.nodes[key].stale = update.stale
+                info = self.nodes[key]
+                info.stale = update.stale
+                if update.stale:
+                    # Silent (for longer than the sweep knows): stale until it reports.
+                    info.last_seen_s = 0.0
                 self._heartbeat_stale(key, update.stale)
                 self.fleet.set_flags(key, stale=self._stale_flag(update.cluster, update.stale))
         elif isinstance(update, up.PodObserved):

@@ -7,6 +7,9 @@ Delivery contract:
   applied for their node or pool;
 - a record that does not decode or validate goes to the dead-letter topic with the reason
   in the `fleetd-dlq-reason` header (and is counted); the consumer goes on;
+- a fresh source (a starting daemon: an empty fleet state) reads every partition from its
+  beginning, a consumer restarted in the same process from the offsets it applied; the
+  group's committed offsets are for Kafka's tools (`KafkaSource._assigned`);
 - once the consumer has caught up with the end offsets its partitions had at assignment,
   it reports `ClusterSynced(cluster, "kafka")` for every cluster it has seen (readiness).
 
@@ -65,6 +68,7 @@ from fleetd.sources.updates import (
     NodeInventory,
     NodeInventoryChunk,
     NodeRemoved,
+    NodeStale,
     NodeUpdate,
     PodObserved,
     SequenceColumn,
@@ -121,10 +125,10 @@ class KafkaSourceSettings:
     #: How long a removed node's (pool's, pending pod's) sequence is kept to drop its
     #: redelivered older records; then one floor per cluster does (`SequenceGate`).
     sequence_tombstone_ttl_s: float = 600.0
-    #: Records older than this (by their Kafka timestamp) are skipped while the source
-    #: reads what the topic held when it started (its partitions up to their end offsets
-    #: then): the reports of nodes silent that long, whose agents are gone (None: keep all;
-    #: the daemon sets its `staleness.node_stale_after_s`). See `_without_aged`.
+    #: A node whose newest record (by its Kafka timestamp) is older than this when the
+    #: source reads what the topic held at its start is applied stale: silent that long,
+    #: it is gone or its agent is (None: as fresh; the daemon sets its
+    #: `staleness.node_stale_after_s`). See `_silent_nodes`.
     replay_max_age_s: float | None = None
     #: Extra keyword arguments for both aiokafka clients.
     client_options: Mapping[str, Any] = field(default_factory=dict)
@@ -358,8 +362,10 @@ class KafkaSource:
         self.group_conflict = ""
         self._next_probe_s = 0.0
         self._resync_end: dict[TopicPartition, int] | None = None
-        #: Each partition's end offset when this source first read it (`_without_aged`).
+        #: Each partition's end offset when this source first read it (`_silent_nodes`).
         self._replay_end: dict[TopicPartition, int] = {}
+        #: Nodes found silent for too long while reading what the topic held at the start.
+        self._replayed_stale = 0
         #: The last poll's commit while the next poll is decoded and applied (`_consume`).
         self._committing: asyncio.Future[None] | None = None
         #: Node inventories (telemetry's relist): chunks converted in this poll, their
@@ -530,48 +536,50 @@ class KafkaSource:
         # twice the poll's time). Reference counting frees what the poll drops; collection
         # resumes when the poll is done.
         if not self.ready.is_set() and self.settings.replay_max_age_s is not None:
-            kept, aged = await self._without_aged(batches, consumer)
-            if aged:
-                self.metrics.telemetry_records.labels(outcome="aged_out").inc(aged)
-                await self._apply_kept(kept, consumer, producer)
-                # (Past the records left out too: a later reassignment reads on from there.)
-                offsets = {tp: r[-1].offset + 1 for tp, r in batches.items() if r}
-                self._next_offset.update(offsets)
-                return offsets, sum(len(r) for r in batches.values())
+            silent = await self._silent_nodes(batches, consumer)
+            applied = await self._apply_kept(batches, consumer, producer)
+            if silent:
+                self._replayed_stale += len(silent)
+                await self.sink.apply(silent)
+            return applied
         return await self._apply_kept(batches, consumer, producer)
 
-    async def _without_aged(
+    async def _silent_nodes(
         self, batches: Mapping[TopicPartition, list[Any]], consumer: AIOKafkaConsumer
-    ) -> tuple[dict[TopicPartition, list[Any]], int]:
-        """A poll without the records the topic already held when this source started
-        (offsets below its partitions' end offsets then) that are older than
-        `replay_max_age_s` by their Kafka timestamp; and how many were left out.
+    ) -> list[Update]:
+        """`NodeStale` for the nodes whose newest record in a poll is one the topic already
+        held when this source started (below its partitions' end offsets then) and is older
+        than `replay_max_age_s` by its Kafka timestamp.
 
-        A fresh source reads every partition from its beginning (`_assigned`). What it
-        finds there from nodes silent for longer than the staleness bound is not news: those
-        nodes are gone or their agents are (a node deleted while its agent was down, a
-        cluster taken out of the fleet), and, applied now, they would count as fresh for
-        that long. Left out, such a node is unknown until it reports again, as if fleetd had
-        been running and it had gone stale. Only records older than the start are candidates:
-        an agent whose clock (the record's CreateTime) runs late is trusted once it reports
-        after fleetd started, so a skewed clock delays its nodes by at most one resync.
+        A fresh source reads every partition from its beginning (`_assigned`). A node whose
+        last report there is older than the staleness bound has been silent that long (it
+        is gone, or its agent is); applied as it is, its report would count as fresh for
+        another such bound. It is stale instead, as it would be had fleetd kept running,
+        until it reports again. Only records older than the start are judged: an agent whose
+        clock (the record's CreateTime) runs late is trusted once it reports after fleetd
+        started, so a skewed clock delays its nodes by one resync at most.
         """
         missing = [tp for tp in batches if tp not in self._replay_end]
         if missing:
             # (Fetched after the poll, so a little later than the start: the records in
-            # between are new, and new records are never old enough to leave out.)
+            # between are new, and new records are never old enough to judge.)
             self._replay_end.update(await consumer.end_offsets(missing))
         max_age_s = self.settings.replay_max_age_s
         assert max_age_s is not None
         cutoff_ms = (time.time() - max_age_s) * 1000.0
-        kept: dict[TopicPartition, list[Any]] = {}
-        aged = 0
+        newest_aged: dict[bytes, bool] = {}
         for tp, records in batches.items():
             end = self._replay_end[tp]
-            fresh = [r for r in records if r.offset >= end or r.timestamp >= cutoff_ms]
-            aged += len(records) - len(fresh)
-            kept[tp] = fresh
-        return kept, aged
+            for rec in records:
+                if rec.key is not None:
+                    newest_aged[rec.key] = rec.offset < end and rec.timestamp < cutoff_ms
+        silent: list[Update] = []
+        for key, aged in newest_aged.items():
+            parts = key.split(b"/")
+            if aged and len(parts) == 2:  # (a node's key; pools, pending pods... have more)
+                cluster, name = (part.decode(errors="replace") for part in parts)
+                silent.append(NodeStale(cluster, name, True))
+        return silent
 
     async def _apply_kept(
         self,
@@ -1066,8 +1074,10 @@ class KafkaSource:
         missing = self.settings.required_clusters - self._seen_clusters
         if missing:
             return
-        log.info("kafka: initial sync done (%d partitions, clusters %s)",
-                 len(assignment), ", ".join(sorted(self._seen_clusters)))  # fmt: skip
+        log.info("kafka: initial sync done (%d partitions, clusters %s; %d nodes silent for "
+                 "longer than %ss applied stale)", len(assignment),
+                 ", ".join(sorted(self._seen_clusters)), self._replayed_stale,
+                 self.settings.replay_max_age_s)  # fmt: skip
         markers = self._synced_markers()
         if markers:
             await self.sink.apply(markers)

@@ -206,7 +206,8 @@ class NodeRemoved:
 
 @dataclass(frozen=True, slots=True)
 class NodeStale:
-    """A node's telemetry stopped (stale=True: unschedulable until it reports) or resumed."""
+    """A node's telemetry stopped (stale=True: unschedulable until it reports again) or
+    resumed."""
 
     cluster: str
     name: str

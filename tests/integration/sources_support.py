@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import yaml
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from fleetd import config
@@ -88,6 +88,22 @@ async def running(run: Callable[[], Awaitable[None]]) -> AsyncIterator[asyncio.T
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def produce_at(
+    bootstrap: str, topic: str, records: list[tuple[bytes, bytes]], timestamp_ms: int
+) -> None:
+    """Publish records with the given Kafka timestamp (CreateTime: an agent's clock)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        sent = [
+            await producer.send(topic, value=value, key=key, timestamp_ms=timestamp_ms)
+            for key, value in records
+        ]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
 
 
 async def create_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:

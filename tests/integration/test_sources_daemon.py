@@ -4,6 +4,7 @@ clusters; what the sources deliver is visible through the gRPC API (snapshot, Ex
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tests.integration.sources_support import (
     daemon_starter,
     h100_report,
     kafka_section,
+    produce_at,
     unique,
 )
 from tests.testbed.procs import async_wait_until
@@ -87,6 +89,41 @@ async def test_kafka_only_nodes_arrive_go_stale_and_come_back(
         return (await _nodes(client, "edge-1"))["n0"].schedulable
 
     await _until("n0 schedulable again", n0_back)
+
+
+async def test_kafka_a_restarted_daemon_knows_every_node_and_which_went_silent(
+    start: Start, kafka_bootstrap: str
+) -> None:
+    topic = unique("daemon-restart")
+    await create_topic(kafka_bootstrap, topic)
+    # edge-1's agent went an hour ago; edge-2's reports are current.
+    hour_ago_ms = int((time.time() - 3600) * 1000)
+    await produce_at(
+        kafka_bootstrap, topic, [h100_report("edge-1", f"n{i}", 1 + i) for i in range(3)],
+        hour_ago_ms,
+    )  # fmt: skip
+    await produce(kafka_bootstrap, topic, [h100_report("edge-2", f"m{i}", 1 + i) for i in range(3)])
+    sections = {"sources": {"kafka": kafka_section(kafka_bootstrap, topic, ["edge-1", "edge-2"])}}
+
+    async def schedulable() -> dict[str, bool]:
+        return {
+            f"{cluster}/{name}": node.schedulable
+            for cluster in ("edge-1", "edge-2")
+            for name, node in (await _nodes(client, cluster)).items()
+        }
+
+    expected = {
+        **{f"edge-1/n{i}": False for i in range(3)},
+        **{f"edge-2/m{i}": True for i in range(3)},
+    }
+    daemon, client = await start(**sections)
+    assert await schedulable() == expected
+    # A restart, with the same consumer group (its offsets committed at the end): ready
+    # means every node is back, those that went silent stale.
+    await daemon.stop()
+    _, client = await start(**sections)
+    assert await schedulable() == expected
+    assert (await _nodes(client, "edge-1"))["n0"].condition == "stale"
 
 
 def _explain(pool: str, cluster: str, gpus: int = 8) -> placement_pb2.ExplainRequest:

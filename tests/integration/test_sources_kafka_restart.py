@@ -1,6 +1,6 @@
 """Where the Kafka source reads from, against the real broker: a restarted fleetd (a fresh
-state, the same consumer group) reads every partition from its beginning, leaving out what
-nodes silent for too long said; a group shared with another consumer is reported instead of
+state, the same consumer group) reads every partition from its beginning, taking nodes
+silent for too long as stale; a group shared with another consumer is reported instead of
 leaving fleetd a part of the fleet."""
 
 from __future__ import annotations
@@ -10,18 +10,17 @@ import time
 
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from fleetd.loadgen import node_records, produce, synthetic_fleet
 from fleetd.sources.codec import decode
 from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
-from fleetd.sources.metrics import SourceMetrics
-from fleetd.sources.updates import NodeUpdate
+from fleetd.sources.updates import NodeStale, NodeUpdate
 from tests.integration.sources_support import (
     AWAIT_S,
     RecordingView,
     committed_offsets,
     create_topic,
+    produce_at,
     running,
     unique,
 )
@@ -37,22 +36,6 @@ def _settings(bootstrap: str, topic: str, **kw: object) -> KafkaSourceSettings:
         group_id=unique("fleetd"),
         **kw,  # type: ignore[arg-type]
     )
-
-
-async def _produce_at(
-    bootstrap: str, topic: str, records: list[tuple[bytes, bytes]], timestamp_ms: int
-) -> None:
-    """Publish records with a given Kafka timestamp (CreateTime: an agent's clock)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
-    try:
-        sent = [
-            await producer.send(topic, value=value, key=key, timestamp_ms=timestamp_ms)
-            for key, value in records
-        ]
-        await asyncio.gather(*sent)
-    finally:
-        await producer.stop()
 
 
 def _newest(records: list[tuple[bytes, bytes]]) -> dict[tuple[str, str], int]:
@@ -160,7 +143,7 @@ async def test_a_group_shared_with_another_consumer_is_reported_until_it_is_not(
         await view.wait_for(lambda: _held(view) == _newest(records + meanwhile), AWAIT_S)
 
 
-async def test_reports_older_than_the_staleness_bound_are_not_replayed(
+async def test_nodes_silent_for_longer_than_the_staleness_bound_are_replayed_stale(
     kafka_bootstrap: str,
 ) -> None:
     topic = unique("telemetry-aged")
@@ -171,21 +154,19 @@ async def test_reports_older_than_the_staleness_bound_are_not_replayed(
     live = [u for u in fleet if u.cluster == "cluster-1"]
     hour_ago_ms = int((time.time() - 3600) * 1000)
     old = list(node_records(gone, 12, rng))
-    await _produce_at(kafka_bootstrap, topic, old, hour_ago_ms)
+    await produce_at(kafka_bootstrap, topic, old, hour_ago_ms)
     recent = list(node_records(live, 12, rng, first_sequence=100))
     await produce(kafka_bootstrap, topic, recent)
-    metrics = SourceMetrics()
     view = RecordingView()
-    source = KafkaSource(
-        _settings(kafka_bootstrap, topic, replay_max_age_s=120.0), view, metrics=metrics
-    )
+    source = KafkaSource(_settings(kafka_bootstrap, topic, replay_max_age_s=120.0), view)
     async with running(source.run):
         await asyncio.wait_for(source.ready.wait(), AWAIT_S)
-        assert _held(view) == _newest(recent)
-        assert metrics.telemetry_records.labels("aged_out")._value.get() == len(old)
+        # Every node is known; those whose last report is an hour old are stale.
+        assert _held(view) == _newest(old + recent)
+        assert view.stale == {(u.cluster, u.name) for u in gone}
         # A report published after the start is news whatever its timestamp says (an
-        # agent whose clock runs an hour late): applied.
+        # agent whose clock runs an hour late): not judged.
         late_clock = list(node_records(gone[:1], 1, rng, first_sequence=10**12))
-        await _produce_at(kafka_bootstrap, topic, late_clock, hour_ago_ms)
-        await view.wait_for(lambda: _held(view) == _newest(recent + late_clock), AWAIT_S)
-        assert metrics.telemetry_records.labels("aged_out")._value.get() == len(old)
+        await produce_at(kafka_bootstrap, topic, late_clock, hour_ago_ms)
+        await view.wait_for(lambda: _held(view) == _newest(old + recent + late_clock), AWAIT_S)
+        assert len([u for u in view.log if isinstance(u, NodeStale)]) == len(gone)

@@ -421,6 +421,23 @@ def test_stale_nodes_are_unschedulable(tmp_path: Path, clock: FakeClock) -> None
     assert state.place(request("w2")).result == "placed"
 
 
+def test_a_node_reported_silent_stays_stale_until_it_reports(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    # (What the Kafka source says of a node whose last report in the topic was old when
+    # fleetd started: the sweep alone would take the report as fresh.)
+    state = make_state(tmp_path / "j.db", clock, nodes=2)
+    state.apply_now(up.NodeStale("c1", "n0", True))
+    for _ in range(3):
+        assert state.mark_stale() == 1
+        clock.now_s += 1
+    assert state.place(request("w", gpus=8)).placements[0].node == "n1"
+    assert state.place(request("w2", gpus=8)).result == "queued"  # not on n0
+    state.apply_now(node("n0", seq=2))  # reports again
+    assert state.mark_stale() == 0
+    assert state.place(request("w3", gpus=8)).placements[0].node == "n0"
+
+
 def test_redelivered_updates_are_ignored(tmp_path: Path, clock: FakeClock) -> None:
     state = make_state(tmp_path / "j.db", clock, nodes=1)
     assert state.apply_now(node("n0", seq=5, gpus=4))
