@@ -41,6 +41,9 @@ from fleetd.sources.updates import (
     Resources,
     Taint,
     Update,
+    new_gpu_device,
+    new_node_update,
+    new_pod_observed,
 )
 from fleetd.v1 import telemetry_pb2 as pb
 
@@ -371,7 +374,7 @@ def _node_of(
     else:
         gpus, pods = previous.gpus, previous.pods  # type: ignore[assignment]
         gpu_model, gpu_memory_bytes = previous.gpu_model, previous.gpu_memory_bytes
-    return NodeUpdate(
+    return new_node_update(
         cluster,
         name,
         sequence,
@@ -423,7 +426,7 @@ def _gpu_device(g: pb.Gpu, name: str, seen: set[int]) -> GpuDevice:
     if memory_bytes < 0 or memory_bytes > MAX_VALUE:
         raise InvalidTelemetry("bad-resources", f"node {name}: GPU {index} memory_bytes")
     healthy = health == _HEALTHY and (not xids or all(x in APPLICATION_XIDS for x in xids))
-    return GpuDevice(
+    return new_gpu_device(
         index, g.model, memory_bytes, healthy, g.uuid, xids, utilization, g.mig_profile
     )
 
@@ -440,7 +443,7 @@ def _pod(p: pb.Pod, cluster: str, node: str, sequence: int) -> PodObserved:
     if not pod_name or not namespace:
         raise InvalidTelemetry("bad-pods", f"node {node}: pod without name or namespace")
     labels = p.labels
-    return PodObserved(
+    return new_pod_observed(
         cluster,
         namespace,
         pod_name,
@@ -1029,7 +1032,7 @@ def _rebuilt(
 ) -> NodeUpdate:
     """`p` with these fields new, the others its own objects (positional: a changed report
     runs this, and `dataclasses.replace` costs several times as much)."""
-    return NodeUpdate(
+    return new_node_update(
         p.cluster,
         p.name,
         sequence,

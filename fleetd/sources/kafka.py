@@ -710,6 +710,7 @@ class KafkaSource:
                     )
             fallback: dict[object, list[tuple[int, int, Any, Any]]] | None = None
             rejected = 0
+            column = self._column
             for group, newest in best.items():
                 candidate: tuple[int, int, Any, Any] | None = newest
                 while candidate is not None:
@@ -725,11 +726,17 @@ class KafkaSource:
                             fallback = _index_by_key(batches)
                         candidate = _next_newest(fallback.get(group, []), (seq, pos))
                         continue
-                    memo = contents.get(rec.key) if rec.key is not None else None
-                    if memo is not None:
-                        # The gate looks at the node's cell: repeats moved its column.
-                        self._column.flush(memo.slot)
-                    if self._gate.admit(update):
+                    if type(parsed) is _Change:
+                        # A remembered node: its gate cell is the one its memory's slot
+                        # holds (see `_remember_contents`), gated there without a lookup.
+                        ok = column.admit_at(parsed.memo.slot, seq)
+                    else:
+                        memo = contents.get(rec.key) if rec.key is not None else None
+                        if memo is not None:
+                            # The gate looks at the node's cell: repeats moved its column.
+                            column.flush(memo.slot)
+                        ok = self._gate.admit(update)
+                    if ok:
                         chosen.append((pos, update, rec.key, layout))
                         assert not isinstance(update, NodeHeartbeats)  # (records are no batch)
                         self._seen_clusters.add(update.cluster)
@@ -863,23 +870,27 @@ class KafkaSource:
             if key is None or not isinstance(update, NodeUpdate | NodeRemoved):
                 continue
             old = contents.get(key)
-            cell = None
-            if isinstance(update, NodeUpdate) and update.content_token:
-                cell = cell_of((update.cluster, "node", update.name))
-            if cell is None:  # (removed, or sequence 0: unordered, never a repeat)
-                if old is not None:
-                    del contents[key]
-                    column.release(old.slot)
-                continue
-            assert isinstance(update, NodeUpdate)
-            tail = update.content_token
-            cluster = update.cluster
-            if old is not None:
-                # (The same key: the same cluster and node.)
-                column.reset(old.slot, cell)
+            if old is not None and type(update) is NodeUpdate and update.content_token:
+                # The same key: the same cluster and node, whose gate cell the column
+                # holds at the slot (the gate keeps a subject's cell while it is not
+                # removed, and a removed node is forgotten here at once).
+                tail = update.content_token
+                column.refresh(old.slot)
                 old.replace(tail, update, layout)
                 slot = old.slot
+                cluster = update.cluster
             else:
+                tail = update.content_token if isinstance(update, NodeUpdate) else b""
+                cell = None
+                if tail:
+                    cell = cell_of((update.cluster, "node", update.name))
+                if cell is None:  # (removed, or sequence 0: unordered, never a repeat)
+                    if old is not None:
+                        del contents[key]
+                        column.release(old.slot)
+                    continue
+                assert isinstance(update, NodeUpdate)
+                cluster = update.cluster
                 head = heads.get(cluster)
                 if head is None:
                     head = heads[cluster] = envelope_head(cluster)

@@ -22,6 +22,7 @@ from fleetd.sources.codec import (
     decode,
     decode_envelope_rests,
     encode_node,
+    encode_node_deleted,
     envelope_head,
     node_after_envelope,
     node_content_tail,
@@ -414,7 +415,17 @@ _op = st.one_of(
     st.tuples(st.just("bad"), st.integers(0, 2), st.just("")),
     st.tuples(st.just("garbage"), st.integers(0, 2), st.just("")),
     st.tuples(st.just("zero-seq"), st.integers(0, 2), st.sampled_from("ABC")),
+    st.tuples(st.just("delete"), st.integers(0, 2), st.just("")),
 )
+
+
+def _memories_hold_gate_cells(source: KafkaSource) -> None:
+    """What the change path rests on (`SequenceColumn.admit_at`): the cell at a remembered
+    node's slot is its gate's cell."""
+    for memo in source._contents.values():
+        cell = source._gate.cell((memo.cluster, "node", memo.name))
+        assert cell is not None
+        assert source._column._cells[memo.slot] is cell
 
 
 @settings(max_examples=60, deadline=None)
@@ -422,9 +433,10 @@ _op = st.one_of(
 def test_any_stream_ends_where_decoding_every_record_would(
     ops: list[tuple[str, int, str]], polls: list[int]
 ) -> None:
-    """Repeats, changes, reverts, redeliveries, invalid and undecodable records, in polls of
-    any size: each node ends at its valid record of highest sequence, with its content;
-    records that do not even parse are always dead-lettered."""
+    """Repeats, changes, reverts, deletions, redeliveries, invalid and undecodable records,
+    in polls of any size: each node ends at its valid record of highest sequence, with its
+    content (gone if that is its deletion); records that do not even parse are always
+    dead-lettered."""
     records: list[tuple[bytes, bytes]] = []
     seq = 0
     for kind, n, variant in ops:
@@ -446,11 +458,14 @@ def test_any_stream_ends_where_decoding_every_record_would(
             records.append((node_key("c1", name), record.SerializeToString(deterministic=True)))
         elif kind == "garbage":
             records.append((node_key("c1", name), b"\xff\xfe garbage"))
+        elif kind == "delete":
+            record = encode_node_deleted("c1", name, sequence=seq, observed_unix_ms=1)
+            records.append((node_key("c1", name), record.SerializeToString()))
         else:
             node = dataclasses.replace(_CONTENTS[variant], name=name, pods=())
             records.append((node_key("c1", name), _value(node, 0)))
     # Reference: every record decoded in full, the highest valid sequence per node wins.
-    expected: dict[str, up.NodeUpdate] = {}
+    expected: dict[str, up.NodeUpdate | up.NodeRemoved] = {}
     unparseable = 0
     for key, value in records:
         try:
@@ -461,7 +476,7 @@ def test_any_stream_ends_where_decoding_every_record_would(
             update = decode(key, value)
         except InvalidTelemetry:
             continue
-        assert isinstance(update, up.NodeUpdate)
+        assert isinstance(update, up.NodeUpdate | up.NodeRemoved)
         if update.name not in expected or update.sequence > expected[update.name].sequence:
             expected[update.name] = update
 
@@ -476,6 +491,7 @@ def test_any_stream_ends_where_decoding_every_record_would(
                 break
             producer = await _process(source, recs[i : i + size])
             reasons += [dict(h)[DLQ_REASON_HEADER] for _, _, h in producer.sent]
+            _memories_hold_gate_cells(source)
             i += size
         return view, reasons
 
@@ -485,8 +501,11 @@ def test_any_stream_ends_where_decoding_every_record_would(
         pods = tuple((p.uid, p.name, p.requests) for p in u.pods or ())
         return dataclasses.replace(u, sequence=0, observed_at_s=0.0, pods=None), pods
 
-    assert set(view.nodes) == {("c1", name) for name in expected}
+    present = {name for name, u in expected.items() if isinstance(u, up.NodeUpdate)}
+    assert set(view.nodes) == {("c1", name) for name in present}
     for name, update in expected.items():
+        if not isinstance(update, up.NodeUpdate):
+            continue
         assert view.sequence("c1", name) == update.sequence
         got = view.node("c1", name)
         assert got is not None
@@ -811,3 +830,75 @@ async def test_gpu_and_field_changes_are_dead_lettered_as_decoding_does(
     node = view.node("c1", "a")
     assert node is not None
     assert node.sequence == 1
+
+
+# ---------------------------------------------------------------------------- changes gated at their slot
+
+
+async def test_a_change_older_than_a_repeat_applied_before_it_is_a_duplicate() -> None:
+    """A change is gated on the cell at its node's slot (`SequenceColumn.admit_at`), which
+    repeats have moved ahead of: the column is read first, so a change late behind a repeat
+    (at or below its sequence) is dropped, and one above it applied."""
+    view, metrics = FleetView(), SourceMetrics()
+    source = KafkaSource(KafkaSourceSettings(), view, metrics=metrics)
+    a = gpu_node("a", pods=1)
+    cordoned = dataclasses.replace(a, unschedulable=True)
+    other_pods = gpu_node("a", pods=2)
+    await _process(source, [_rec("a", _value(a, 10), 0)])
+    await _process(source, [_rec("a", _value(a, 30), 1)])  # a repeat: the column at 30
+    assert view.sequence("c1", "a") == 30
+    for late in (_value(other_pods, 20), _value(cordoned, 30)):
+        await _process(source, [_rec("a", late, 2)])
+        assert view.sequence("c1", "a") == 30
+        assert view.node("c1", "a") is not None
+        assert not view.node("c1", "a").unschedulable  # type: ignore[union-attr]
+    assert metrics.telemetry_records.labels("duplicate")._value.get() == 2
+    await _process(source, [_rec("a", _value(cordoned, 31), 3)])
+    assert view.sequence("c1", "a") == 31
+    assert view.node("c1", "a").unschedulable  # type: ignore[union-attr]
+    _memories_hold_gate_cells(source)
+
+
+def test_admit_at_gates_on_the_cell_after_the_column() -> None:
+    column = up.SequenceColumn(capacity=2)
+    cell = up.SequenceCell(5)
+    slot = column.add(cell)
+    assert column.admit(np.array([slot]), np.array([9])).tolist() == [True]
+    assert cell.last == 5  # the column runs ahead
+    assert not column.admit_at(slot, 9)
+    assert cell.last == 9  # flushed
+    assert column.admit_at(slot, 10)
+    assert (cell.last, int(column.seq[slot])) == (10, 9)
+    column.refresh(slot)
+    assert int(column.seq[slot]) == 10
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        gpu_node("a", pods=2),
+        gpu_node("a", pods=2).pods[0],  # type: ignore[index]
+        gpu_node("a").gpus[0],
+    ],
+    ids=["node", "pod", "gpu"],
+)
+def test_fast_constructors_make_the_same_frozen_values(value: object) -> None:
+    make = up.fast_constructor(type(value))
+    fields = [getattr(value, f.name) for f in dataclasses.fields(value)]  # type: ignore[arg-type]
+    made = make(*fields)
+    assert type(made) is type(value)
+    assert made == value
+    assert hash(made) == hash(value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(made, dataclasses.fields(value)[0].name, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        make(*fields[:-1])
+
+
+def test_fast_constructors_only_for_slotted_dataclasses() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Plain:
+        x: int
+
+    with pytest.raises(TypeError):
+        up.fast_constructor(Plain)
