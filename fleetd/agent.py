@@ -420,5 +420,62 @@ async def _until_signalled(settings: AgentSettings) -> None:
         await task
 
 
+async def retire_cluster(
+    bootstrap_servers: str,
+    cluster: str,
+    topic: str = DEFAULT_TOPIC,
+    client_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Publish that `cluster` has no node and no pool any more: an empty node inventory
+    that lists its pools (none). fleetd removes every node and pool of the cluster reported
+    before it, as it removes those a relist no longer shows (their reservations end).
+
+    For a cluster taken out of the fleet for good: its agent is gone, so nothing would
+    ever delete its nodes, which stay in fleet state, stale, forever. A running agent of
+    the cluster simply publishes them again (its reports are newer)."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        **(client_options or {}),
+    )
+    await producer.start()
+    try:
+        publisher = TelemetryPublisher(producer, topic)
+        await publisher.publish_node_inventory(cluster, [], pools=[])
+        await publisher.flush()
+    finally:
+        await producer.stop()
+
+
+def build_retire_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `fleetd retire-cluster` arguments."""
+    parser.add_argument("--cluster", required=True, help="cluster name in telemetry")
+    parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="Kafka host:port,...")
+    parser.add_argument("--topic", default=DEFAULT_TOPIC, help="telemetry topic")
+    security.add_arguments(parser)
+    return parser
+
+
+def retire_main(args: argparse.Namespace) -> int:
+    """`fleetd retire-cluster` from parsed arguments; returns the exit code."""
+    try:
+        client_options = security.from_arguments(args).client_options()
+    except (ValueError, OSError) as exc:
+        print(f"fleetd retire-cluster: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(
+            retire_cluster(args.bootstrap_servers, args.cluster, args.topic, client_options)
+        )
+    except KafkaError as exc:
+        print(f"fleetd retire-cluster: {args.bootstrap_servers}: {exc}", file=sys.stderr)
+        return 1
+    print(f"published: cluster {args.cluster} has no nodes and no pools (topic {args.topic})")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main(build_parser().parse_args()))

@@ -1,4 +1,4 @@
-"""The `fleetd` command line: `fleetd serve | demo | explain | agent`."""
+"""The `fleetd` command line: `fleetd serve | demo | explain | agent | retire-cluster`."""
 
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent.build_parser(
         sub.add_parser("agent", help="publish one Kubernetes cluster's telemetry to Kafka")
+    )
+    agent.build_retire_parser(
+        sub.add_parser(
+            "retire-cluster",
+            help="publish that a cluster left the fleet for good: fleetd drops its nodes and pools",
+        )
     )
     return parser
 
@@ -121,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fleetd import agent
 
         return agent.main(args)
+    if args.command == "retire-cluster":
+        from fleetd import agent
+
+        return agent.retire_main(args)
     return 2
 
 

@@ -4,6 +4,7 @@ clusters; what the sources deliver is visible through the gRPC API (snapshot, Ex
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,7 +14,9 @@ import grpc
 import pytest
 
 from fleetd.loadgen import produce
-from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
+from fleetd.sources.codec import encode_pool, pool_key
+from fleetd.sources.updates import NodePoolUpdate, Resources
+from fleetd.v1 import fleet_pb2, nodepools_pb2, placement_pb2, types_pb2
 from tests.integration.sources_support import (
     AWAIT_S,
     GIB,
@@ -124,6 +127,48 @@ async def test_kafka_a_restarted_daemon_knows_every_node_and_which_went_silent(
     _, client = await start(**sections)
     assert await schedulable() == expected
     assert (await _nodes(client, "edge-1"))["n0"].condition == "stale"
+
+
+async def test_kafka_a_retired_cluster_leaves_fleet_state(
+    start: Start, kafka_bootstrap: str
+) -> None:
+    topic = unique("daemon-retire")
+    await create_topic(kafka_bootstrap, topic)
+    gone, kept = unique("edge-gone"), unique("edge-kept")
+    pool = encode_pool(
+        NodePoolUpdate(gone, "h100", 1, "p5.48xlarge", Resources(96_000, 768 * GIB, gpus=8)),
+        sequence=1,
+        observed_unix_ms=1,
+    )
+    await produce(
+        kafka_bootstrap,
+        topic,
+        [h100_report(gone, f"n{i}", 1 + i) for i in range(3)]
+        + [h100_report(kept, "m0", 1), (pool_key(gone, "h100"), pool.SerializeToString())],
+    )
+    _, client = await start(sources={"kafka": kafka_section(kafka_bootstrap, topic, [gone, kept])})
+    assert sorted(await _nodes(client, gone)) == ["n0", "n1", "n2"]
+    listed = await client.pools.ListNodePools(nodepools_pb2.ListNodePoolsRequest(cluster=gone))
+    assert [p.name for p in listed.pools] == ["h100"]
+    # The cluster left the fleet; its agent is gone. An operator says so:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fleetd.cli", "retire-cluster", "--cluster", gone,
+        "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out
+    assert f"cluster {gone} has no nodes and no pools" in out.decode()
+
+    async def retired() -> bool:
+        return not await _nodes(client, gone)
+
+    await _until(f"{gone} without nodes", retired)
+    # Without a node or a pool the cluster is no longer known at all.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.pools.ListNodePools(nodepools_pb2.ListNodePoolsRequest(cluster=gone))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert sorted(await _nodes(client, kept)) == ["m0"]
 
 
 def _explain(pool: str, cluster: str, gpus: int = 8) -> placement_pb2.ExplainRequest:
