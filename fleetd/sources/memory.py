@@ -114,7 +114,7 @@ class FleetView:
                     del self.pools[key]
         elif isinstance(update, NodeStale):
             key = (update.cluster, update.name)
-            if update.stale:
+            if update.stale and key in self.nodes:  # (as the state: known nodes only)
                 self.stale.add(key)
             else:
                 self.stale.discard(key)
