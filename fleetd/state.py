@@ -338,10 +338,10 @@ class _HeartbeatTable:
                 info.last_seen_s = seen
         return cell
 
-    def rebind(self, slot: int, key: str, token: bytes) -> bool:
+    def rebind(self, slot: int, cluster: str, name: str, token: bytes) -> bool:
         """`bind` of a suspended slot to its node's new content `token`: True when done,
-        False (nothing done) when the slot is not suspended from node `key` or the node's
-        content is not `token` (`bind` decides then).
+        False (nothing done) when the slot is not suspended from node `name` of `cluster`
+        or the node's content is not `token` (`bind` decides then).
 
         A suspended slot's `_NodeInfo` and gate cell are the node's current ones: a new
         `_NodeInfo` (`_node_update`) or the node's removal drops the slot (`release`), and the
@@ -354,7 +354,8 @@ class _HeartbeatTable:
         if (
             info is None
             or seq.item(slot) != 0  # (still bound: `bind` writes it back first)
-            or self.keys[slot] != key
+            or info.name != name  # (the slot's `_NodeInfo` is its node's: `keys[slot]`)
+            or info.cluster != cluster
             or not token
             or info.content_token != token
         ):
@@ -1115,9 +1116,9 @@ class FleetState:
         for slot, name, token in zip(slots, names, tokens, strict=True):
             if slot < 0:
                 continue
-            key = f"{cluster}/{name}"  # (`node_key`)
-            if unique and rebind(slot, key, token):
+            if unique and rebind(slot, cluster, name, token):
                 continue  # (the usual binding: a changed node's slot, its new content)
+            key = f"{cluster}/{name}"  # (`node_key`)
             info = nodes.get(key)
             cell = None
             if info is not None and token and info.content_token == token:
@@ -1184,7 +1185,7 @@ class FleetState:
         info = self.nodes.get(key)
         signature = None
         if info is not None and u.pods is not None and not _same_fields(info, u):
-            signature = _spec_signature(u)
+            signature = _spec_signature(u, info)
         if (
             info is not None
             and u.pods is not None
@@ -1202,7 +1203,7 @@ class FleetState:
             self._reconcile_pods(u, now, key)
             return
         if signature is None:
-            signature = _spec_signature(u)
+            signature = _spec_signature(u, info)
         if info is not None and u.pods is None:
             # Heartbeats repeat the node unchanged: only freshness moves (cheap at 10^4 nodes).
             same = replace(u, sequence=0, observed_at_s=0.0)
@@ -1439,7 +1440,12 @@ class FleetState:
         alloc = None
         nkey = nkey or f"{cluster}/{node}"  # (`node_key`)
         if nkey in self.nodes:
-            alloc = self._observed_allocation(nkey, p, milli_label)
+            requests = p.requests
+            if requests.gpus <= 0 and not milli_label:
+                # (`_observed_allocation` of a pod without GPUs: no devices to choose.)
+                alloc = Allocation(nkey, requests.cpu_millicores, requests.memory_bytes)
+            else:
+                alloc = self._observed_allocation(nkey, p, milli_label)
             try:
                 self._allocate(alloc, now)
             except AllocationError:
@@ -2238,9 +2244,21 @@ def _flags_only_changed(old: tuple[object, ...] | None, new: tuple[object, ...])
     )
 
 
-def _spec_signature(u: up.NodeUpdate) -> tuple[object, ...]:
+def _spec_signature(u: up.NodeUpdate, info: _NodeInfo | None = None) -> tuple[object, ...]:
     """Everything of a node update that the node table and `_NodeInfo` hold (not pods,
-    sequence, time, capacity, utilization): equal signatures need no node-table write."""
+    sequence, time, capacity, utilization): equal signatures need no node-table write.
+    With the node's `info`, the GPUs' part is taken from its signature when `u` has the
+    same GPU tuple as the update that signature is of (`spec_update`: a cordon change)."""
+    prev = info.spec_update if info is not None else None
+    if (
+        prev is not None
+        and u.gpus is prev.gpus
+        and info is not None
+        and info.spec_signature is not None
+    ):
+        gpus = info.spec_signature[9]
+    else:
+        gpus = tuple([(g.index, g.healthy) for g in u.gpus])
     return (
         u.allocatable,
         u.labels,
@@ -2251,7 +2269,7 @@ def _spec_signature(u: up.NodeUpdate) -> tuple[object, ...]:
         u.zone,
         u.gpu_model,
         u.gpu_memory_bytes,
-        tuple([(g.index, g.healthy) for g in u.gpus]),
+        gpus,
     )
 
 
