@@ -1295,17 +1295,21 @@ class FleetState:
             unhealthy=not u.ready,
             stale=u.cluster in self.lost_clusters,
         )
-        gpu_count = max(u.allocatable.gpus, len(u.gpus))
-        before = int(fleet.gpu_unhealthy_mask[fleet.slot(key)])
-        mask = before
-        for dev in u.gpus:  # (in order: a repeated index ends as its last entry says)
-            if 0 <= dev.index < gpu_count:
-                bit = 1 << dev.index
-                mask = (mask & ~bit) if dev.healthy else (mask | bit)
-        changed = mask ^ before
-        for g in range(gpu_count):
-            if (changed >> g) & 1:
-                fleet.set_gpu_health(key, g, not ((mask >> g) & 1))
+        prev = info.spec_update
+        if prev is None or u.gpus is not prev.gpus:
+            # (The same GPU tuple as the update the node table holds, e.g. a cordon: its
+            # health mask is what these devices set already.)
+            gpu_count = max(u.allocatable.gpus, len(u.gpus))
+            before = fleet.gpu_unhealthy_mask.item(fleet.slot(key))
+            mask = before
+            for dev in u.gpus:  # (in order: a repeated index ends as its last entry says)
+                if 0 <= dev.index < gpu_count:
+                    bit = 1 << dev.index
+                    mask = (mask & ~bit) if dev.healthy else (mask | bit)
+            changed = mask ^ before
+            for g in range(gpu_count):
+                if (changed >> g) & 1:
+                    fleet.set_gpu_health(key, g, not ((mask >> g) & 1))
         self._structure_version += 1
         # (`apply_now` released the node's heartbeat binding already; its content changed.)
         info.ready = u.ready
