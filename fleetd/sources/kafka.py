@@ -530,19 +530,25 @@ class KafkaSource:
     ) -> tuple[dict[TopicPartition, int], int]:
         """Decode, dead-letter and apply one poll's worth of records; returns the offsets to
         commit and the number of records."""
+        silent: list[Update] = []
+        if not self.ready.is_set() and self.settings.replay_max_age_s is not None:
+            silent = await self._silent_nodes(batches, consumer)
         # A poll allocates some thirty acyclic objects per record decoded and replaces the
         # state's values for every changed node; left on, the cyclic collector runs many
         # times per poll and each full run walks the whole fleet state (measured: up to
         # twice the poll's time). Reference counting frees what the poll drops; collection
         # resumes when the poll is done.
-        if not self.ready.is_set() and self.settings.replay_max_age_s is not None:
-            silent = await self._silent_nodes(batches, consumer)
-            applied = await self._apply_kept(batches, consumer, producer)
-            if silent:
-                self._replayed_stale += len(silent)
-                await self.sink.apply(silent)
-            return applied
-        return await self._apply_kept(batches, consumer, producer)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            applied = await self._process(batches, consumer, producer)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        if silent:
+            self._replayed_stale += len(silent)
+            await self.sink.apply(silent)
+        return applied
 
     async def _silent_nodes(
         self, batches: Mapping[TopicPartition, list[Any]], consumer: AIOKafkaConsumer
@@ -580,20 +586,6 @@ class KafkaSource:
                 cluster, name = (part.decode(errors="replace") for part in parts)
                 silent.append(NodeStale(cluster, name, True))
         return silent
-
-    async def _apply_kept(
-        self,
-        batches: Mapping[TopicPartition, list[Any]],
-        consumer: AIOKafkaConsumer,
-        producer: AIOKafkaProducer,
-    ) -> tuple[dict[TopicPartition, int], int]:
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return await self._process(batches, consumer, producer)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
 
     async def _process(
         self,

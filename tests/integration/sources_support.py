@@ -17,7 +17,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from fleetd import config
 from fleetd.daemon import Daemon
-from fleetd.sources.codec import encode_node, node_key
+from fleetd.sources.codec import decode, encode_node, node_key
+from fleetd.sources.kafka import KafkaSourceSettings
 from fleetd.sources.memory import FleetView
 from fleetd.sources.updates import GpuDevice, NodeUpdate, PodObserved, Resources, Update
 from fleetd.v1 import fleet_pb2_grpc, nodepools_pb2_grpc, placement_pb2_grpc, types_pb2
@@ -88,6 +89,28 @@ async def running(run: Callable[[], Awaitable[None]]) -> AsyncIterator[asyncio.T
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def kafka_settings(bootstrap: str, topic: str, **kw: Any) -> KafkaSourceSettings:
+    """A Kafka source's settings for `topic` (dead letters on `<topic>.dlq`, a group of its
+    own); `kw` on top."""
+    return KafkaSourceSettings(
+        bootstrap_servers=bootstrap,
+        topic=topic,
+        dead_letter_topic=f"{topic}.dlq",
+        group_id=unique("fleetd"),
+        **kw,
+    )
+
+
+def newest_sequences(records: list[tuple[bytes, bytes]]) -> dict[tuple[str, str], int]:
+    """(cluster, node) -> the highest sequence among node-report `records`."""
+    newest: dict[tuple[str, str], int] = {}
+    for key, value in records:
+        u = decode(key, value)
+        assert isinstance(u, NodeUpdate)
+        newest[(u.cluster, u.name)] = max(u.sequence, newest.get((u.cluster, u.name), 0))
+    return newest
 
 
 async def produce_at(

@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 
 from fleetd.agent import AgentSettings, PoolPolicy, run_agent
-from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
+from fleetd.sources.kafka import KafkaSource
 from fleetd.sources.updates import CapacityType, PendingPod, PendingPodRemoved
 from tests.integration.sources_support import (
     AWAIT_S,
     RecordingView,
     create_topic,
+    kafka_settings,
     running,
     unique,
 )
@@ -29,13 +30,7 @@ pytestmark = pytest.mark.testbed
 
 def _kafka_view(bootstrap: str, topic: str) -> tuple[KafkaSource, RecordingView]:
     view = RecordingView()
-    settings = KafkaSourceSettings(
-        bootstrap_servers=bootstrap,
-        topic=topic,
-        dead_letter_topic=f"{topic}.dlq",
-        group_id=unique("fleetd"),
-    )
-    return KafkaSource(settings, view), view
+    return KafkaSource(kafka_settings(bootstrap, topic), view), view
 
 
 def _bound_pod(name: str, node: str) -> dict[str, Any]:

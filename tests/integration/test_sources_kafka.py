@@ -9,7 +9,7 @@ import pytest
 
 from fleetd.loadgen import malformed_records, node_records, produce, synthetic_fleet
 from fleetd.sources.codec import decode
-from fleetd.sources.kafka import DLQ_REASON_HEADER, KafkaSource, KafkaSourceSettings
+from fleetd.sources.kafka import DLQ_REASON_HEADER, KafkaSource
 from fleetd.sources.metrics import SourceMetrics
 from fleetd.sources.updates import ClusterSynced, NodeUpdate
 from tests.integration.sources_support import (
@@ -17,22 +17,14 @@ from tests.integration.sources_support import (
     RecordingView,
     committed_offsets,
     create_topic,
+    kafka_settings,
+    newest_sequences,
     read_topic,
     running,
     unique,
 )
 
 pytestmark = pytest.mark.testbed
-
-
-def _settings(bootstrap: str, topic: str, **kw: object) -> KafkaSourceSettings:
-    return KafkaSourceSettings(
-        bootstrap_servers=bootstrap,
-        topic=topic,
-        dead_letter_topic=f"{topic}.dlq",
-        group_id=unique("fleetd"),
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 def _records(n_nodes: int, n_records: int, seed: int = 1, first_sequence: int = 1) -> list:
@@ -52,7 +44,7 @@ async def test_reports_reach_state_and_offsets_are_committed(kafka_bootstrap: st
         assert isinstance(u, NodeUpdate)
         expected[(u.cluster, u.name)] = u
     view = RecordingView()
-    settings = _settings(kafka_bootstrap, topic, required_clusters=frozenset({"cluster-0"}))
+    settings = kafka_settings(kafka_bootstrap, topic, required_clusters=frozenset({"cluster-0"}))
     source = KafkaSource(settings, view)
     async with running(source.run):
         await view.wait_for(lambda: view.nodes == expected, AWAIT_S)
@@ -70,15 +62,6 @@ async def test_reports_reach_state_and_offsets_are_committed(kafka_bootstrap: st
     )
     synced = [u for u in view.log if isinstance(u, ClusterSynced)]
     assert sorted(u.cluster for u in synced) == ["cluster-0", "cluster-1"]
-
-
-def _newest_by_node(records: list[tuple[bytes, bytes]]) -> dict[tuple[str, str], int]:
-    newest: dict[tuple[str, str], int] = {}
-    for key, value in records:
-        u = decode(key, value)
-        assert isinstance(u, NodeUpdate)
-        newest[(u.cluster, u.name)] = max(u.sequence, newest.get((u.cluster, u.name), 0))
-    return newest
 
 
 def _assert_applied_once_in_order(view: RecordingView) -> None:
@@ -99,11 +82,11 @@ async def test_redelivered_records_change_nothing(kafka_bootstrap: str) -> None:
     await produce(kafka_bootstrap, topic, records + records + records[:10])
     view = RecordingView()
     metrics = SourceMetrics()
-    source = KafkaSource(_settings(kafka_bootstrap, topic), view, metrics=metrics)
+    source = KafkaSource(kafka_settings(kafka_bootstrap, topic), view, metrics=metrics)
     async with running(source.run):
         await source.wait_handled(70)
     _assert_applied_once_in_order(view)
-    assert {(u.cluster, u.name): u.sequence for u in view.nodes.values()} == _newest_by_node(
+    assert {(u.cluster, u.name): u.sequence for u in view.nodes.values()} == newest_sequences(
         records
     )
     outcomes = metrics.telemetry_records
@@ -122,11 +105,11 @@ async def test_malformed_records_go_to_the_dead_letter_topic(kafka_bootstrap: st
     await produce(kafka_bootstrap, topic, stream)
     view = RecordingView()
     metrics = SourceMetrics()
-    settings = _settings(kafka_bootstrap, topic)
+    settings = kafka_settings(kafka_bootstrap, topic)
     source = KafkaSource(settings, view, metrics=metrics)
     async with running(source.run):
         await source.wait_handled(len(stream))
-    assert {(u.cluster, u.name): u.sequence for u in view.nodes.values()} == _newest_by_node(good)
+    assert {(u.cluster, u.name): u.sequence for u in view.nodes.values()} == newest_sequences(good)
     dead = await read_topic(kafka_bootstrap, settings.dead_letter_topic, len(bad))
     reasons = [dict(r.headers)[DLQ_REASON_HEADER].decode() for r in dead]
     assert reasons == [reason for _, _, reason in bad]
@@ -147,13 +130,13 @@ async def test_broker_restart_mid_stream_loses_nothing(
     view = RecordingView()
     # The state owner stalls mid-stream: a batch is applied but its offsets not committed.
     view.hold_after = 1
-    source = KafkaSource(_settings(kafka_bootstrap, topic), view)
+    source = KafkaSource(kafka_settings(kafka_bootstrap, topic), view)
     async with running(source.run):
         await asyncio.wait_for(view.holding.wait(), AWAIT_S)
         await asyncio.to_thread(testbed_run.restart_kafka)  # type: ignore[attr-defined]
         view.release.set()
         await produce(kafka_bootstrap, topic, second)
-        newest = _newest_by_node(first + second)
+        newest = newest_sequences(first + second)
         await view.wait_for(
             lambda: {(u.cluster, u.name): u.sequence for u in view.nodes.values()} == newest,
             AWAIT_S,

@@ -12,40 +12,21 @@ import numpy as np
 import pytest
 
 from fleetd.loadgen import node_records, produce, synthetic_fleet
-from fleetd.sources.codec import decode
-from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
-from fleetd.sources.updates import NodeStale, NodeUpdate
+from fleetd.sources.kafka import KafkaSource
+from fleetd.sources.updates import NodeStale
 from tests.integration.sources_support import (
     AWAIT_S,
     RecordingView,
     committed_offsets,
     create_topic,
+    kafka_settings,
+    newest_sequences,
     produce_at,
     running,
     unique,
 )
 
 pytestmark = pytest.mark.testbed
-
-
-def _settings(bootstrap: str, topic: str, **kw: object) -> KafkaSourceSettings:
-    return KafkaSourceSettings(
-        bootstrap_servers=bootstrap,
-        topic=topic,
-        dead_letter_topic=f"{topic}.dlq",
-        group_id=unique("fleetd"),
-        **kw,  # type: ignore[arg-type]
-    )
-
-
-def _newest(records: list[tuple[bytes, bytes]]) -> dict[tuple[str, str], int]:
-    """(cluster, node) -> the highest sequence among `records`."""
-    newest: dict[tuple[str, str], int] = {}
-    for key, value in records:
-        u = decode(key, value)
-        assert isinstance(u, NodeUpdate)
-        newest[(u.cluster, u.name)] = max(u.sequence, newest.get((u.cluster, u.name), 0))
-    return newest
 
 
 def _held(view: RecordingView) -> dict[tuple[str, str], int | None]:
@@ -83,12 +64,12 @@ async def test_a_restarted_fleetd_reads_every_partition_from_the_beginning(
     fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=15)
     records = list(node_records(fleet, 60, rng))
     await produce(kafka_bootstrap, topic, records)
-    settings = _settings(kafka_bootstrap, topic)
+    settings = kafka_settings(kafka_bootstrap, topic)
     first = RecordingView()
     source = KafkaSource(settings, first)
     async with running(source.run):
         await source.wait_handled(len(records))
-    assert _held(first) == _newest(records)
+    assert _held(first) == newest_sequences(records)
     assert sum((await committed_offsets(kafka_bootstrap, topic, settings.group_id)).values()) == 60
     # The daemon restarts: a fresh state, the same group, whose offsets are at the end. One
     # node reports once more meanwhile.
@@ -99,7 +80,7 @@ async def test_a_restarted_fleetd_reads_every_partition_from_the_beginning(
     async with running(source.run):
         await asyncio.wait_for(source.ready.wait(), AWAIT_S)
         # Ready means every node is back, not only the one that reported since.
-        assert _held(restarted) == _newest(records + later)
+        assert _held(restarted) == newest_sequences(records + later)
         await source.wait_handled(len(records) + len(later))
     # Nothing was applied twice on the way.
     sequences = restarted.node_sequences()
@@ -115,7 +96,7 @@ async def test_a_group_shared_with_another_consumer_is_reported_until_it_is_not(
     fleet = synthetic_fleet(rng, clusters=1, nodes_per_cluster=30)
     records = list(node_records(fleet, 30, rng))
     await produce(kafka_bootstrap, topic, records)
-    settings = _settings(kafka_bootstrap, topic)
+    settings = kafka_settings(kafka_bootstrap, topic)
     view = RecordingView()
     source = KafkaSource(settings, view)
     connection = _Connection(source)
@@ -140,7 +121,7 @@ async def test_a_group_shared_with_another_consumer_is_reported_until_it_is_not(
         # it had applied them, so it is current with the whole fleet.
         assert await connection.wait(ok=True) == ""
         assert source.group_conflict == ""
-        await view.wait_for(lambda: _held(view) == _newest(records + meanwhile), AWAIT_S)
+        await view.wait_for(lambda: _held(view) == newest_sequences(records + meanwhile), AWAIT_S)
 
 
 async def test_nodes_silent_for_longer_than_the_staleness_bound_are_replayed_stale(
@@ -158,15 +139,17 @@ async def test_nodes_silent_for_longer_than_the_staleness_bound_are_replayed_sta
     recent = list(node_records(live, 12, rng, first_sequence=100))
     await produce(kafka_bootstrap, topic, recent)
     view = RecordingView()
-    source = KafkaSource(_settings(kafka_bootstrap, topic, replay_max_age_s=120.0), view)
+    source = KafkaSource(kafka_settings(kafka_bootstrap, topic, replay_max_age_s=120.0), view)
     async with running(source.run):
         await asyncio.wait_for(source.ready.wait(), AWAIT_S)
         # Every node is known; those whose last report is an hour old are stale.
-        assert _held(view) == _newest(old + recent)
+        assert _held(view) == newest_sequences(old + recent)
         assert view.stale == {(u.cluster, u.name) for u in gone}
         # A report published after the start is news whatever its timestamp says (an
         # agent whose clock runs an hour late): not judged.
         late_clock = list(node_records(gone[:1], 1, rng, first_sequence=10**12))
         await produce_at(kafka_bootstrap, topic, late_clock, hour_ago_ms)
-        await view.wait_for(lambda: _held(view) == _newest(old + recent + late_clock), AWAIT_S)
+        await view.wait_for(
+            lambda: _held(view) == newest_sequences(old + recent + late_clock), AWAIT_S
+        )
         assert len([u for u in view.log if isinstance(u, NodeStale)]) == len(gone)
