@@ -908,24 +908,26 @@ class _Engine:
         self, shape: int, c: Constraints, ids: I64
     ) -> tuple[NDArray[np.float64], I64, I64]:
         """Per state class id: the shape's score, GPU pick and room, computed for `ids` if
-        not yet (a class never changes state, so its values never go stale)."""
+        not yet (a class never changes state, so its values never go stale). Room -1: not
+        computed yet; a class without room scores NaN (never ranked), a class with room
+        whose score is NaN scores -inf (ranked last)."""
         states = self.states
         assert states is not None
         entry = self.class_cache.get(shape)
         if entry is None or entry[0].size < states.n:
             size = max(64, 2 * states.n)
-            score = np.full(size, np.nan)  # NaN: not computed yet for this class
+            score = np.empty(size)
             pick = np.zeros(size, np.int64)
-            room = np.zeros(size, np.int64)
+            room = np.full(size, -1, np.int64)
             if entry is not None:
                 m = entry[0].size
                 score[:m], pick[:m], room[:m] = entry
             entry = self.class_cache[shape] = (score, pick, room)
         score, pick, room = entry
-        todo = ids[np.isnan(score[ids])]
+        todo = ids[room[ids] < 0]
         if todo.size:
             room[todo] = r = pod_capacity(states.free_of(), c, todo, _NO_LIMIT)
-            score[todo] = -np.inf  # no room: never placed on, so never scored
+            score[todo] = np.nan  # no room: never placed on, so never scored nor ranked
             todo = todo[r > 0]
             if todo.size:
                 s, p = self.policy.evaluate(states.view(self.fleet, self.usable, todo), c)
@@ -966,55 +968,42 @@ class _Engine:
         counts = np.bincount(cls, minlength=states.n)
         present = np.flatnonzero(counts)
         score, pick, room = self._class_table(shape, c, present)
-        has = room[present] > 0
-        if not has.all():
-            if domain is None and not self.in_trial and 4 * counts[present[~has]].sum() > rows.size:
-                # Free resources only shrink outside gang trials: drop rows without room.
-                keep = room[cls] > 0
-                rows, cls = rows[keep], cls[keep]
-                self.rows[shape] = rows
-            present = present[has]
         none = np.zeros(0, np.int64)
-        if present.size == 0 or k <= 0:
-            return none, none
+        # Rows go by (score descending, slot ascending), rows without room (NaN) never: the
+        # first k are every row scoring above the k-th best row's score t, by score, then
+        # the lowest slots scoring t (often thousands of alike nodes: not sorted).
         sc = score[present]
-        if k == 1:
-            tied = present[sc == sc.max()]
-            if tied.size == 1:
-                j = int(np.argmax(cls == tied[0]))  # rows ascending: the lowest slot
-            else:
-                mark = np.zeros(states.n, np.bool_)
-                mark[tied] = True
-                j = int(np.argmax(mark[cls]))
-            slots = rows[j : j + 1].copy()
-            picks = pick[cls[j : j + 1]]
+        o = np.argsort(-sc, kind="stable")  # NaN (no room) last
+        reach = np.cumsum(counts[present[o]])
+        roomy = int(np.count_nonzero(sc == sc))
+        rows_roomy = int(reach[roomy - 1]) if roomy else 0
+        if domain is None and not self.in_trial and 4 * (rows.size - rows_roomy) > rows.size:
+            # Free resources only shrink outside gang trials: drop rows without room.
+            rs = score[cls]
+            keep = rs == rs
+            rows, cls, rs = rows[keep], cls[keep], rs[keep]
+            self.rows[shape] = rows
         else:
-            # Classes by score (ties share a rank), then the first ranks holding k rows.
-            o = np.argsort(-sc, kind="stable")
-            ranked = present[o]
-            ss = sc[o]
-            dense = np.zeros(ss.size, np.int64)
-            np.cumsum(ss[1:] != ss[:-1], out=dense[1:])
-            reach = np.cumsum(np.bincount(dense, weights=counts[ranked]))
-            cut = int(np.searchsorted(reach, k))  # first rank reaching k rows (or the last)
-            rank_of = np.full(states.n, cut + 1, np.int64)
-            take = dense <= cut
-            rank_of[ranked[take]] = dense[take]
-            row_rank = rank_of[cls]
-            # Rows by rank, then slot (rows ascending), the first k: every row of the ranks
-            # before the cut (fewer than k together), then the lowest slots of the cut rank,
-            # without sorting the cut rank's rows (often thousands of alike nodes).
-            if cut == 0:
-                sel = np.flatnonzero(row_rank == 0)[:k]
-            else:
-                before = np.flatnonzero(row_rank < cut)
-                sel = np.concatenate(
-                    [
-                        before[np.argsort(row_rank[before], kind="stable")],
-                        np.flatnonzero(row_rank == cut)[: k - before.size],
-                    ]
-                )
-            sel_cls = cls[sel]
+            rs = None
+        if roomy == 0 or k <= 0:
+            return none, none
+        t = sc[o[min(int(np.searchsorted(reach, k)), roomy - 1)]]
+        if rs is None:
+            rs = score[cls]
+        before = np.flatnonzero(rs > t)
+        if before.size:
+            sel = np.concatenate(
+                [
+                    before[np.argsort(-rs[before], kind="stable")],
+                    np.flatnonzero(rs == t)[: k - before.size],
+                ]
+            )
+        else:
+            sel = np.flatnonzero(rs == t)[:k]
+        sel_cls = cls[sel]
+        if k == 1:
+            slots, picks = rows[sel], pick[sel_cls]
+        else:
             sel_room = room[sel_cls]
             slots, picks = self._merge(
                 c,
