@@ -1150,7 +1150,11 @@ class _Engine:
                 if done >= limit:
                     break
                 if chunk.depth < done:
-                    if self.closed_form(c):  # one evaluation, however deep
+                    if self.closed_form(c) and len(chunk.scores) == 1:
+                        # One row (a state class) in one evaluation, however deep: straight
+                        # to what the run can still place (capped by the row's room).
+                        want = k - count - (done - start)
+                    elif self.closed_form(c):  # a group of rows: doubling
                         want = max(2 * chunk.depth, _FIRST_DEPTH)
                     else:  # stepwise: the cost is per step, so overshoot little
                         want = max(chunk.depth // _STEP_GROWTH, _FIRST_STEPS)
