@@ -182,7 +182,7 @@ STATIC_FILTERS: tuple[tuple[Reason, StaticFilter], ...] = (
 def static_mask(fleet: Fleet, c: Constraints, rows: Rows | None = None) -> Mask:
     """(rows,) bool: the node passes every static filter (live slots only)."""
     if rows is None:
-        rows = np.flatnonzero(fleet.live_mask())
+        rows = fleet.live_mask().nonzero()[0]
     ok = np.ones(rows.size, bool)
     for _, fn in STATIC_FILTERS:
         ok &= fn(fleet, c, rows)
@@ -199,7 +199,7 @@ def allowed_mask(fleet: Fleet, c: Constraints, rows: Rows | None = None) -> Mask
     affinity, taints, GPU model and memory), whatever its cordon, health, freshness and
     load now. Live slots only."""
     if rows is None:
-        rows = np.flatnonzero(fleet.live_mask())
+        rows = fleet.live_mask().nonzero()[0]
     ok = np.ones(rows.size, bool)
     for reason, fn in STATIC_FILTERS:
         if reason not in _TRANSIENT:
@@ -282,7 +282,8 @@ def pod_capacity(free: Free, c: Constraints, rows: Rows, limit: int) -> NDArray[
     Exact for identical pods: a share `m` fits floor(free_i / m) times on GPU i whatever
     order the GPUs are chosen in; whole-GPU pods need `num_gpu` entirely free GPUs each.
     """
-    cap = np.full(rows.size, limit, np.int64)
+    cap = np.empty(rows.size, np.int64)
+    cap.fill(limit)
     if c.cpu_millicores:
         np.minimum(cap, free.cpu_millicores[rows] // c.cpu_millicores, out=cap)
     else:
@@ -324,7 +325,7 @@ def static_profiles(fleet: Fleet, rows: Rows) -> tuple[Rows, Rows]:
     keys = np.ascontiguousarray(np.stack(cols, axis=1))
     flat = keys.view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1]))).reshape(-1)
     _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
-    by_first = np.argsort(first, kind="stable")
+    by_first = first.argsort(kind="stable")
     renumber = np.empty(first.size, np.int64)
     renumber[by_first] = np.arange(first.size, dtype=np.int64)
     return rows[first[by_first]].astype(np.int64), renumber[inverse.reshape(-1)]
@@ -351,7 +352,7 @@ def first_failure(
 ) -> NDArray[np.int16]:
     """(rows,) int16: the first reason each node fails for this pod, 0 if it fits."""
     if rows is None:
-        rows = np.flatnonzero(fleet.live_mask())
+        rows = fleet.live_mask().nonzero()[0]
     out = static_first_failure(fleet, c, rows)
     ok = out == 0
     out[ok] = resource_first_failure(free, c, rows[ok])

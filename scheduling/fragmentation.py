@@ -155,7 +155,7 @@ def typical_pods(
         )
     total = float(counts.sum())
     expected = popularity_threshold_pct * total / 100.0
-    cumulative = np.cumsum(counts)
+    cumulative = counts.cumsum()
     n_taken = int(np.searchsorted(cumulative, expected, side="left")) + 1
     n_taken = min(n_taken, shapes.shape[0])
     shapes, counts = shapes[:n_taken], counts[:n_taken]
@@ -210,7 +210,7 @@ def model_pressure(
 
 def fleet_model_gpus(fleet: Fleet) -> NDArray[np.int64]:
     """(n_models,) GPUs of each GPU model id over the fleet's live nodes."""
-    live = np.flatnonzero(fleet.live_mask())
+    live = fleet.live_mask().nonzero()[0]
     model = fleet.gpu_model_id[live].astype(np.int64)
     has = model >= 0
     gpus: NDArray[np.int64] = np.bincount(
@@ -250,8 +250,8 @@ def _gpu_stats(left: IntArray, typical: TypicalPods) -> tuple[IntArray, IntArray
     """Per row and distinct per-GPU request m: GPUs with at least m free, and the milli
     free on the others ((n, n_distinct) each, integers)."""
     at_least = left[:, :, None] >= typical.distinct_gpu_milli[None, None, :]
-    count_ge: IntArray = at_least.sum(axis=1)
-    milli_below: IntArray = np.where(at_least, 0, left[:, :, None]).sum(axis=1)
+    count_ge: IntArray = np.add.reduce(at_least, axis=1)
+    milli_below: IntArray = np.add.reduce(np.where(at_least, 0, left[:, :, None]), axis=1)
     return count_ge, milli_below
 
 
@@ -342,7 +342,7 @@ def candidate_states(
         return cpu_after, gpu_after, valid
     if pod_num_gpu > 0:
         full = left >= MILLI_PER_GPU
-        take = full & (np.cumsum(full, axis=1) <= pod_num_gpu)
+        take = full & (full.cumsum(axis=1) <= pod_num_gpu)
         valid = full.sum(axis=1) >= pod_num_gpu
         gpu_after = np.where(take & valid[:, None], left - MILLI_PER_GPU, left)
         return (cpu - pod_cpu_milli)[:, None], gpu_after[:, None, :], valid[:, None]
@@ -729,7 +729,7 @@ class FragmentationMemo:
         row_bytes = cast("list[bytes]", keys.view(void).ravel().tolist())
         # Look-ups in C (map, -1: not found); only the rows not found take a Python loop.
         ids: IntArray = np.fromiter(map(table.get, row_bytes, repeat(-1)), np.int64, rows)
-        missing = np.flatnonzero(ids < 0)
+        missing = (ids < 0).nonzero()[0]
         for i in missing.tolist():
             key = row_bytes[i]
             sid = table.get(key)  # a state met twice in this view
@@ -810,7 +810,7 @@ class FragmentationMemo:
     ) -> None:  # fmt: skip
         """`set_now` for the states `ids` not known yet, from their per-type statistics
         (`_type_stats`; rows aligned with `ids`): `_frag_of_type_stats`, the same floats."""
-        unknown = np.flatnonzero(~self.now_known(ids))
+        unknown = (~self.now_known(ids)).nonzero()[0]
         if unknown.size:
             self.set_now(
                 ids[unknown],
@@ -966,6 +966,7 @@ class FragmentationScorer:
         self.eventual_waste = eventual_waste_milli(typical)
         self.memo = FragmentationMemo(typical, self.constraint_aware)
         self.pressure = _pressure_of(typical)
+        self._pressure_any = bool(self.pressure.any())
         self._scarcity_tables: dict[tuple[bytes | None, int], FloatArray] = {}
         self._tables: dict[int, _ShareTables] = {}
         self._gpu_type_counts: dict[int, NDArray[np.int8]] = {}
@@ -984,11 +985,12 @@ class FragmentationScorer:
         """The view's GPU model ids, widening the target workload's model columns first if
         the fleet has models it does not know."""
         model = np.asarray(view.gpu_model_id, dtype=np.int64)
-        n_models = int(model.max()) + 1 if model.size else 0
+        n_models = int(np.maximum.reduce(model)) + 1 if model.size else 0
         if n_models > self.memo.typical.model_allowed.shape[1]:
             padded = _model_columns(self.typical, n_models)
             self.memo = FragmentationMemo(padded, self.constraint_aware)
             self.pressure = _pressure_of(padded)
+            self._pressure_any = bool(self.pressure.any())
             self._scarcity_tables.clear()
             self._tables.clear()
             self._gpu_type_counts.clear()
@@ -1025,8 +1027,9 @@ class FragmentationScorer:
         # Each state once: engine classes that differ only in what fgd does not read
         # (allocatable, free memory) are one state here (~37 % of the rows on the benchmark).
         todo = ids[~known[ids]]
-        if todo.size > 1:
-            todo = np.unique(todo)
+        if todo.size > 1:  # np.unique's result, sorted then deduplicated
+            todo = np.sort(todo)
+            todo = todo[np.concatenate(([True], todo[1:] != todo[:-1]))]
         if todo.size:
             score_of[todo], pick_of[todo] = self._score_states(
                 c, memo.cpu_of(todo), memo.gpu_of(todo), memo.model_of(todo), todo
@@ -1052,7 +1055,10 @@ class FragmentationScorer:
                 return share
             now = self.memo.frag_now(ids)
             after = self.memo.frag_after(ids, pod_cpu, pod_milli, pod_num)
-        elif int(gpu_left.min(initial=0)) < 0 or int(gpu_left.max(initial=0)) > MILLI_PER_GPU:
+        elif (
+            int(np.minimum.reduce(gpu_left, axis=None, initial=0)) < 0
+            or int(np.maximum.reduce(gpu_left, axis=None, initial=0)) > MILLI_PER_GPU
+        ):
             # Not a state the per-type shortcut covers: candidate states and `frag_milli`.
             cpu_after, gpu_after, valid = candidate_states(
                 cpu_left, gpu_left, pod_cpu, pod_milli, pod_num
@@ -1069,7 +1075,7 @@ class FragmentationScorer:
             typical, memo = self.memo.typical, self.memo
             on_model, counts = _model_rows(model, typical, self.constraint_aware)
             count, below = _type_stats(gpu_left, typical)
-            total = gpu_left.sum(axis=1)
+            total = np.add.reduce(gpu_left, axis=1)
             memo.remember_now(ids, count, below, total, cpu_left, on_model, counts, typical)
             now = memo.frag_now(ids)
             if pod_num:
@@ -1080,7 +1086,7 @@ class FragmentationScorer:
             )
             if pod_num:
                 full = gpu_left >= MILLI_PER_GPU
-                rank = np.cumsum(full, axis=1)
+                rank = full.cumsum(axis=1)
                 valid = rank[:, -1] >= pod_num
                 after = np.where(valid, frag, np.inf)[:, None]
                 scores, _ = self._scores(c, cpu_left, gpu_left, model, now, after)
@@ -1094,7 +1100,7 @@ class FragmentationScorer:
                 gpu_pick = np.zeros(rows, dtype=np.int64)
             return np.where(best >= 0, best, -np.inf).astype(np.float64), gpu_pick
         scores, _ = self._scores(c, cpu_left, gpu_left, model, now, after)
-        best = scores.max(axis=1)
+        best = np.maximum.reduce(scores, axis=1)
         if pod_num == 0:
             gpu_pick = np.zeros(rows, dtype=np.int64)
         elif 0 < pod_milli < MILLI_PER_GPU:
@@ -1102,9 +1108,11 @@ class FragmentationScorer:
             gpu_pick = np.where(best >= 0, np.left_shift(np.int64(1), column), 0).astype(np.int64)
         else:
             full = gpu_left >= MILLI_PER_GPU
-            take = full & (np.cumsum(full, axis=1) <= pod_num)
+            take = full & (full.cumsum(axis=1) <= pod_num)
             weights = np.left_shift(np.int64(1), np.arange(gpu_left.shape[1], dtype=np.int64))
-            gpu_pick = np.where(take.sum(axis=1) == pod_num, take.astype(np.int64) @ weights, 0)
+            gpu_pick = np.where(
+                np.add.reduce(take, axis=1) == pod_num, take.astype(np.int64) @ weights, 0
+            )
         return np.where(best >= 0, best, -np.inf).astype(np.float64), gpu_pick.astype(np.int64)
 
     def _share_scores(
@@ -1113,11 +1121,14 @@ class FragmentationScorer:
     ) -> tuple[FloatArray, IntArray] | None:  # fmt: skip
         """`_score_states` of a fractional pod through `_share_step` (the same floats, fewer
         numpy calls); None for states the tables do not cover."""
-        if int(gpu_left.min()) < 0 or int(gpu_left.max()) > MILLI_PER_GPU:
+        if (
+            int(np.minimum.reduce(gpu_left, axis=None)) < 0
+            or int(np.maximum.reduce(gpu_left, axis=None)) > MILLI_PER_GPU
+        ):
             return None
         tables = self._share_tables(pod_milli)
         on_model, counts = _model_rows(model, tables.typical, self.constraint_aware)
-        total = gpu_left.sum(axis=1)
+        total = np.add.reduce(gpu_left, axis=1)
         count, below = _type_stats(gpu_left, tables.typical)
         # The states' fragmentation from the same statistics where the memo lacks it.
         memo = self.memo
@@ -1130,14 +1141,14 @@ class FragmentationScorer:
         )
         scarcity = (
             self._scarcity(model, pod_model_ids, pod_milli)[:, None]
-            if self.scarcity_weight and self.pressure.any()
+            if self.scarcity_weight and self._pressure_any
             else None
         )
         score = self._share_step(
             tables, pod_cpu, pod_milli, cpu_left, gpu_left, total,
             count, below, now, stranded, on_model, counts, scarcity,
         )  # fmt: skip
-        best = score.max(axis=1)
+        best = np.maximum.reduce(score, axis=1)
         ok = best >= 0
         pick = np.where(ok, np.left_shift(np.int64(1), score.argmax(axis=1)), np.int64(0))
         return np.where(ok, best, -np.inf), pick.astype(np.int64)
@@ -1163,7 +1174,7 @@ class FragmentationScorer:
         )
         later = None
         if self.cpu_stranding_weight:
-            idle = gpu_left.sum(axis=1)
+            idle = np.add.reduce(gpu_left, axis=1)
             request = pod_milli * pod_num
             before = (
                 _stranded(idle, cpu_left, self.cpu_per_gpu_milli) if stranded is None else stranded
@@ -1180,7 +1191,7 @@ class FragmentationScorer:
                 after = after - self.lookahead_weight * pod_num * waste[MILLI_PER_GPU]
         if scarcity is not None:
             after = after + scarcity
-        elif self.scarcity_weight and pod_num and self.pressure.any():
+        elif self.scarcity_weight and pod_num and self._pressure_any:
             after = after + self._scarcity(model, c.model_ids, pod_milli * pod_num)[:, None]
         return fgd_score(now[:, None], after), later
 
@@ -1220,7 +1231,7 @@ class FragmentationScorer:
         on_model, counts = _model_rows(model, typical, aware)
         scarcity = (
             self._scarcity(model, c.model_ids, pod_milli)[:, None]
-            if self.scarcity_weight and self.pressure.any()
+            if self.scarcity_weight and self._pressure_any
             else None
         )
         # The first state scored: the rows take one pod on GPUs `pick`.
@@ -1229,7 +1240,10 @@ class FragmentationScorer:
             np.asarray(view.gpu_free_milli, dtype=np.int64)
             - (pick[:, None] >> np.arange(gpus, dtype=np.int64)[None, :] & 1) * pod_milli
         )
-        if int(gpu.min()) < 0 or int(gpu.max()) > MILLI_PER_GPU:
+        if (
+            int(np.minimum.reduce(gpu, axis=None)) < 0
+            or int(np.maximum.reduce(gpu, axis=None)) > MILLI_PER_GPU
+        ):
             return None  # not a state the tables cover: score step by step
         out_s: list[FloatArray] = []
         out_p: list[IntArray] = []
@@ -1239,13 +1253,15 @@ class FragmentationScorer:
             # The states reached taking each pod on the first GPU it fits (a GPU is filled
             # before the next; beyond the GPUs' room a pod takes CPU only): (rows, block).
             room = gpu // pod_milli
-            before = np.cumsum(room, axis=1) - room
+            before = room.cumsum(axis=1) - room
             ahead = np.arange(block, dtype=np.int64)
-            taken = np.clip(ahead[None, :, None] - before[:, None, :], 0, room[:, None, :])
+            taken = np.minimum(
+                np.maximum(ahead[None, :, None] - before[:, None, :], 0), room[:, None, :]
+            )
             states_gpu = (gpu[:, None, :] - taken * pod_milli).reshape(rows * block, gpus)
             states_cpu = (cpu[:, None] - ahead[None, :] * pod_cpu).reshape(-1)
-            each = np.repeat(index, block)
-            total = states_gpu.sum(axis=1)
+            each = index.repeat(block)
+            total = np.add.reduce(states_gpu, axis=1)
             count, below = _type_stats(states_gpu, typical)
             rows_on_model = on_model[each]
             rows_counts = None if counts is None else counts[each]
@@ -1261,14 +1277,14 @@ class FragmentationScorer:
                 tables, pod_cpu, pod_milli, states_cpu, states_gpu, total, count, below, now,
                 stranded, rows_on_model, rows_counts, None if scarcity is None else scarcity[each],
             )  # fmt: skip
-            best = score.max(axis=1).reshape(rows, block)
+            best = np.maximum.reduce(score, axis=1).reshape(rows, block)
             column = score.argmax(axis=1).reshape(rows, block)
             ok = best >= 0
             fits = (states_gpu >= pod_milli).reshape(rows, block, gpus)
             guessed = fits.argmax(axis=2)
             # Steps whose state is right: those up to the first pick that is not the guess.
-            right = (ok == fits.any(axis=2)) & (~ok | (column == guessed))
-            wrong = np.flatnonzero(~right.all(axis=0))
+            right = (ok == np.logical_or.reduce(fits, axis=2)) & (~ok | (column == guessed))
+            wrong = (~np.logical_and.reduce(right, axis=0)).nonzero()[0]
             done = block if wrong.size == 0 else int(wrong[0]) + 1
             scores = np.where(ok, best, -np.inf)[:, :done]
             picks = np.where(ok, np.left_shift(np.int64(1), column), np.int64(0))[:, :done]
@@ -1344,7 +1360,8 @@ class FragmentationScorer:
         # `fgd_score`: exp(-(now - after) / 1000) is exp((after - now) / 1000) bit for bit
         # (IEEE rounding is symmetric).
         score_k = (100.0 / (1.0 + np.exp((after - now[row]) / 1000.0))).astype(np.int64)
-        score: IntArray = np.full((rows, gpus), -1, np.int64)
+        score: IntArray = np.empty((rows, gpus), np.int64)
+        score.fill(-1)
         score[row, col] = score_k
         return score
 

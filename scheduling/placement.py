@@ -309,9 +309,9 @@ def states_after(base: NodeView, c: Constraints, depths: I64) -> NodeView:
     elif c.milli_per_gpu < GPU_MILLI:
         m = c.milli_per_gpu
         fits = free >= m
-        order = np.argsort(np.where(fits, free, GPU_MILLI + 1), axis=1, kind="stable")
+        order = np.where(fits, free, GPU_MILLI + 1).argsort(axis=1, kind="stable")
         cnt = np.take_along_axis(np.where(fits, free // m, 0), order, axis=1).astype(np.int64)
-        before = np.cumsum(cnt, axis=1) - cnt
+        before = cnt.cumsum(axis=1) - cnt
         taken_sorted = np.clip(js[None, :, None] - before[:, None, :], 0, cnt[:, None, :])
         taken = np.empty_like(taken_sorted)
         np.put_along_axis(
@@ -320,19 +320,18 @@ def states_after(base: NodeView, c: Constraints, depths: I64) -> NodeView:
         gpu = free[:, None, :] - (taken * m).astype(np.int32)
     else:
         whole = free == GPU_MILLI
-        rank = np.cumsum(whole, axis=1) - 1
+        rank = whole.cumsum(axis=1) - 1
         gone = whole[:, None, :] & (rank[:, None, :] < js[None, :, None] * c.gpus_per_pod)
         gpu = np.where(gone, 0, free[:, None, :]).astype(np.int32)
-    rep = np.repeat
     return NodeView(
-        slots=rep(base.slots, d),
+        slots=base.slots.repeat(d),
         cpu_free_millicores=cpu,
         memory_free_bytes=mem,
-        cpu_allocatable_millicores=rep(base.cpu_allocatable_millicores, d),
-        memory_allocatable_bytes=rep(base.memory_allocatable_bytes, d),
+        cpu_allocatable_millicores=base.cpu_allocatable_millicores.repeat(d),
+        memory_allocatable_bytes=base.memory_allocatable_bytes.repeat(d),
         gpu_free_milli=np.ascontiguousarray(gpu).reshape(r * d, g),
-        gpu_usable=rep(base.gpu_usable, d, axis=0),
-        gpu_model_id=rep(base.gpu_model_id, d),
+        gpu_usable=base.gpu_usable.repeat(d, axis=0),
+        gpu_model_id=base.gpu_model_id.repeat(d),
     )
 
 
@@ -344,7 +343,7 @@ def _row_ids(keys: NDArray[np.int64]) -> tuple[I64, I64]:
     flat = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1])))
     _, first, inverse = np.unique(flat.reshape(-1), return_index=True, return_inverse=True)
     # Renumber by first occurrence so ids do not depend on the byte order of the keys.
-    by_first = np.argsort(first, kind="stable")
+    by_first = first.argsort(kind="stable")
     renumber = np.empty(first.size, np.int64)
     renumber[by_first] = np.arange(first.size, dtype=np.int64)
     return first[by_first].astype(np.int64), renumber[inverse.reshape(-1)]
@@ -416,7 +415,7 @@ class _States:
         # state not met before take the Python loop.
         row_bytes = cast("list[bytes]", keys.view(self._void).ravel().tolist())
         out = np.fromiter(map(ids.get, row_bytes, repeat(-1)), np.int64, len(row_bytes))
-        missing = np.flatnonzero(out < 0)
+        missing = (out < 0).nonzero()[0]
         if missing.size:
             new: list[int] = []  # positions of the slots that open a class
             n = self.n
@@ -556,17 +555,17 @@ class PlacementCache:
         else:
             if n > self.n:
                 self._extend(n)
-            changed = np.flatnonzero(fleet.slot_version[:n] > self._version)
+            changed = (fleet.slot_version[:n] > self._version).nonzero()[0]
             if self._touched:
                 changed = np.union1d(changed, np.concatenate(self._touched))
             if changed.size:
                 self.step += 1
                 self._refresh(fleet, changed)
                 self.dirty_at[changed] = self.step
-            attr = np.flatnonzero(fleet.attr_version[:n] > self._version)
+            attr = (fleet.attr_version[:n] > self._version).nonzero()[0]
             if attr.size:
                 # Static codes are brought up to date lazily, per shape, when next used.
-                self.live_rows = np.flatnonzero(self.live).astype(np.int64)
+                self.live_rows = self.live.nonzero()[0].astype(np.int64)
                 if len(self._attr_log) >= _ATTR_LOG_MAX:
                     self.static.clear()
                     self._attr_log.clear()
@@ -589,7 +588,7 @@ class PlacementCache:
         self.usable = gpu_usable_matrix(fleet)
         self.gpu_total = row_sum(self.free.gpu_milli)
         self.live = fleet.live_mask()
-        self.live_rows = np.flatnonzero(self.live).astype(np.int64)
+        self.live_rows = self.live.nonzero()[0].astype(np.int64)
         self.dirty_at = np.zeros(self.n, np.int64)
 
     def _extend(self, n: int) -> None:
@@ -718,7 +717,7 @@ class _Engine:
             self.step = cache.step
         else:
             self.free = Free.of(fleet)
-            self.live_rows = np.flatnonzero(fleet.live_mask()).astype(np.int64)
+            self.live_rows = fleet.live_mask().nonzero()[0].astype(np.int64)
             self.usable = gpu_usable_matrix(fleet)
             self.gpu_total = row_sum(self.free.gpu_milli)  # (n_slots,) free milli-GPU
             self.dirty_at = np.zeros(fleet.n_slots, np.int64)
@@ -816,7 +815,7 @@ class _Engine:
         else:  # nodes of one state class fail the same resource filter: once per class
             cls = self.states.of[rows]
             per = np.zeros(self.states.n, np.int16)
-            present = np.flatnonzero(np.bincount(cls, minlength=self.states.n))
+            present = np.bincount(cls, minlength=self.states.n).nonzero()[0]
             per[present] = resource_first_failure(self.states.free_of(), self.cons(shape), present)
             ff[ok] = per[cls]
         return int(Explanation.from_first_failures(ff).dominant) or int(Reason.INSUFFICIENT_CPU)
@@ -849,7 +848,7 @@ class _Engine:
         else:
             rows, cap, s0, p0, stamp = entry
             if self.step > stamp:
-                changed = np.flatnonzero(self.dirty_at[rows] > stamp)
+                changed = (self.dirty_at[rows] > stamp).nonzero()[0]
                 if changed.size:
                     sub = rows[changed]
                     cap[changed] = pod_capacity(self.free, c, sub, _NO_LIMIT)
@@ -884,14 +883,14 @@ class _Engine:
         else:
             o_rows, cap, s0, p0, stamp, gen = old
             if gen == xc.static_gen or np.array_equal(o_rows, rows):
-                todo = np.flatnonzero(self.dirty_at[rows] > stamp)
+                todo = (self.dirty_at[rows] > stamp).nonzero()[0]
             else:  # the static filters' row set changed: keep what is still there
-                pos = np.minimum(np.searchsorted(o_rows, rows), max(o_rows.size - 1, 0))
+                pos = np.minimum(o_rows.searchsorted(rows), max(o_rows.size - 1, 0))
                 hit = (o_rows[pos] == rows) if o_rows.size else np.zeros(rows.size, np.bool_)
                 cap = np.where(hit, cap[pos] if o_rows.size else 0, 0).astype(np.int64)
                 s0 = np.where(hit, s0[pos] if o_rows.size else -np.inf, -np.inf)
                 p0 = np.where(hit, p0[pos] if o_rows.size else 0, 0).astype(np.int64)
-                todo = np.flatnonzero(~hit | (self.dirty_at[rows] > stamp))
+                todo = (~hit | (self.dirty_at[rows] > stamp)).nonzero()[0]
         if todo.size:
             sub = rows[todo]
             room = pod_capacity(self.free, c, sub, _NO_LIMIT)
@@ -918,7 +917,8 @@ class _Engine:
             size = max(64, 2 * states.n)
             score = np.empty(size)
             pick = np.zeros(size, np.int64)
-            room = np.full(size, -1, np.int64)
+            room = np.empty(size, np.int64)
+            room.fill(-1)
             if entry is not None:
                 m = entry[0].size
                 score[:m], pick[:m], room[:m] = entry
@@ -943,7 +943,7 @@ class _Engine:
             return rows, cap
         rows = self.candidate_rows(shape)
         cls = states.of[rows]
-        present = np.flatnonzero(np.bincount(cls, minlength=states.n))
+        present = np.bincount(cls, minlength=states.n).nonzero()[0]
         room = self._class_table(shape, c, present)[2]
         cap = room[cls]
         keep = cap > 0
@@ -966,15 +966,15 @@ class _Engine:
             rows = rows[domain[0][rows] == domain[1]]
         cls = states.of[rows]
         counts = np.bincount(cls, minlength=states.n)
-        present = np.flatnonzero(counts)
+        present = counts.nonzero()[0]
         score, pick, room = self._class_table(shape, c, present)
         none = np.zeros(0, np.int64)
         # Rows go by (score descending, slot ascending), rows without room (NaN) never: the
         # first k are every row scoring above the k-th best row's score t, by score, then
         # the lowest slots scoring t (often thousands of alike nodes: not sorted).
         sc = score[present]
-        o = np.argsort(-sc, kind="stable")  # NaN (no room) last
-        reach = np.cumsum(counts[present[o]])
+        o = (-sc).argsort(kind="stable")  # NaN (no room) last
+        reach = counts[present[o]].cumsum()
         roomy = int(np.count_nonzero(sc == sc))
         rows_roomy = int(reach[roomy - 1]) if roomy else 0
         if domain is None and not self.in_trial and 4 * (rows.size - rows_roomy) > rows.size:
@@ -987,19 +987,19 @@ class _Engine:
             rs = None
         if roomy == 0 or k <= 0:
             return none, none
-        t = sc[o[min(int(np.searchsorted(reach, k)), roomy - 1)]]
+        t = sc[o[min(int(reach.searchsorted(k)), roomy - 1)]]
         if rs is None:
             rs = score[cls]
-        before = np.flatnonzero(rs > t)
+        before = (rs > t).nonzero()[0]
         if before.size:
             sel = np.concatenate(
                 [
-                    before[np.argsort(-rs[before], kind="stable")],
-                    np.flatnonzero(rs == t)[: k - before.size],
+                    before[(-rs[before]).argsort(kind="stable")],
+                    (rs == t).nonzero()[0][: k - before.size],
                 ]
             )
         else:
-            sel = np.flatnonzero(rs == t)[:k]
+            sel = (rs == t).nonzero()[0][:k]
         sel_cls = cls[sel]
         if k == 1:
             slots, picks = rows[sel], pick[sel_cls]
@@ -1032,11 +1032,11 @@ class _Engine:
                 return np.zeros(0, np.int64), np.zeros(0, np.int64)
             room = cap > 0
             masked = np.where(room, s0, -np.inf)
-            j = int(np.argmax(masked))  # first maximum: rows ascending, so the lowest slot
+            j = int(masked.argmax())  # first maximum: rows ascending, so the lowest slot
             if not room[j]:  # no row with room, or every one scores -inf: the lowest slot
                 if not room.any():
                     return np.zeros(0, np.int64), np.zeros(0, np.int64)
-                j = int(np.argmax(room))
+                j = int(room.argmax())
             slots, picks = rows[j : j + 1].copy(), p0[j : j + 1].copy()
             self.apply(c, slots, picks, sign=-1)
             return slots, picks
@@ -1048,16 +1048,16 @@ class _Engine:
         if n == 0 or k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         if k == 1:
-            j = int(np.argmax(s0))  # first maximum: rows ascending, so the lowest slot
+            j = int(s0.argmax())  # first maximum: rows ascending, so the lowest slot
             slots, picks = rows[j : j + 1].copy(), p0[j : j + 1].copy()
         else:
             if k < n // 4:
                 # Only the best k untouched nodes can be reached: sort just those (and ties).
                 kth = np.partition(s0, n - k)[n - k]
-                top = np.flatnonzero(s0 >= kth)
-                order = top[np.argsort(-s0[top], kind="stable")]
+                top = (s0 >= kth).nonzero()[0]
+                order = top[(-s0[top]).argsort(kind="stable")]
             else:
-                order = np.argsort(-s0, kind="stable")  # rows ascending: ties -> lowest slot
+                order = (-s0).argsort(kind="stable")  # rows ascending: ties -> lowest slot
             # At most k untouched nodes are ever reached.
             slots, picks = self._merge(c, k, rows, np.minimum(cap, k), s0, p0, order[:k])
         self.apply(c, slots, picks, sign=-1)
@@ -1201,8 +1201,8 @@ class _Engine:
                 # A class with room for r pods needs depths up to r - 1 at most (none for
                 # one pod, e.g. an 8-GPU pod): evaluate only what some class can use.
                 at = idx[np.asarray([first[cid] for cid in new], np.int64)]
-                use = np.flatnonzero(room[at] > 1)
-                steps_used = min(steps, int(room[at].max()) - 1)
+                use = (room[at] > 1).nonzero()[0]
+                steps_used = min(steps, int(np.maximum.reduce(room[at])) - 1)
                 for cid in new:
                     chunk = _Chunk(None, _NO_PICK, cid=cid)  # closed form: no stepwise picks
                     chunk.depth = steps
@@ -1235,7 +1235,7 @@ class _Engine:
         r = len(chunk.scores)
         if self.closed_form(c):
             if chunk.room is not None:  # no deeper than the roomiest row can use
-                steps = max(1, min(steps, int(chunk.room.max()) - 1 - chunk.depth))
+                steps = max(1, min(steps, int(np.maximum.reduce(chunk.room)) - 1 - chunk.depth))
             depths = np.arange(chunk.depth + 1, chunk.depth + steps + 1, dtype=np.int64)
             base = chunk._base
             if base is None:  # a state-class chunk: its one row is the class's state
@@ -1257,12 +1257,12 @@ class _Engine:
         if chunk.room is not None:
             # Rows without room for another pod never need deeper scores: drop them.
             room = chunk.room[live]
-            keep = np.flatnonzero(room > chunk.depth + 1)
+            keep = (room > chunk.depth + 1).nonzero()[0]
             if keep.size < live.size:
                 v, pk, live, room = v.take(keep), pk[keep], live[keep], room[keep]
                 carry = None if carry is None else tuple(a[keep] for a in carry)
             # ... nor beyond its room: no more steps than the roomiest row can use.
-            steps = max(1, min(steps, int(room.max()) - 1 - chunk.depth))
+            steps = max(1, min(steps, int(np.maximum.reduce(room)) - 1 - chunk.depth))
         scores, picks, v, carry = self.policy.chain(v, c, pk, steps, carry)
         by_step = np.asarray(scores)
         rows_s = np.where(by_step == by_step, by_step, -np.inf).T.tolist()  # NaN never wins
@@ -1344,12 +1344,12 @@ class _Engine:
                 ok &= room >= need[s]
             gfree = np.bincount(dom_cand, weights=self.gpu_total[cand], minlength=n_dom)
             cfree = np.bincount(dom_cand, weights=self.free.cpu_millicores[cand], minlength=n_dom)
-            doms = np.flatnonzero(ok)
+            doms = ok.nonzero()[0]
             g, cf = gfree[doms], cfree[doms]
             while doms.size:
                 # The tightest domain left (least GPU, then CPU, then lowest id): two minimum
                 # scans rather than a sort, as the first domain tried usually takes the gang.
-                best = np.flatnonzero(g == g.min())
+                best = (g == g.min()).nonzero()[0]
                 if best.size > 1:
                     best = best[cf[best] == cf[best].min()]
                 i = int(best[0])
@@ -1420,7 +1420,7 @@ def _place(
     # Segments of the ordered queue: one gang, or consecutive solo pods of one shape.
     gseq = batch.gang_of[seq].astype(np.int64)
     key = np.where(gseq >= 0, -1 - gseq, batch.shape_of[seq].astype(np.int64))
-    bounds = np.flatnonzero(np.diff(key)) + 1
+    bounds = np.diff(key).nonzero()[0] + 1
     starts = [0, *bounds.tolist()]
     ends = [*bounds.tolist(), p]
     # Scoring per distinct node state pays off when runs are long; with FIFO-like queues
@@ -1487,7 +1487,7 @@ def slot_tables(
     """Node and cluster names of the slots pods were placed on (a result's own copy)."""
     placed = node_slot[node_slot >= 0]
     # np.unique's sorted slots by counting (slots < n_slots): no sort of every pod.
-    used = np.flatnonzero(np.bincount(placed, minlength=fleet.n_slots)).tolist()
+    used = np.bincount(placed, minlength=fleet.n_slots).nonzero()[0].tolist()
     clusters = fleet.clusters.names
     cids = fleet.cluster_id[used].tolist() if used else []
     return (
@@ -1499,5 +1499,5 @@ def slot_tables(
 def explain(fleet: Fleet, pod: PodSpec) -> Explanation:
     """Per-reason node counts for one pod against the fleet's current state."""
     c = compile_pod(fleet, pod)
-    rows = np.flatnonzero(fleet.live_mask())
+    rows = fleet.live_mask().nonzero()[0]
     return Explanation.from_first_failures(first_failure(fleet, c, Free.of(fleet), rows))
