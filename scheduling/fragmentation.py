@@ -1202,7 +1202,7 @@ class FragmentationScorer:
         pick: IntArray,
         steps: int,
         carry: tuple[NDArray[np.generic], ...] | None = None,
-    ) -> tuple[list[FloatArray], list[IntArray], NodeView, tuple[NDArray[np.generic], ...]] | None:
+    ) -> tuple[FloatArray, IntArray, NodeView, tuple[NDArray[np.generic], ...]] | None:
         """`score` of `steps` more pods of a fractional shape c placed one after another on
         every row: the rows take one pod on GPUs `pick` (`NodeView.after`) and are scored,
         then take one on the GPU just picked, and so on. Returns the scores and GPU picks
@@ -1245,11 +1245,12 @@ class FragmentationScorer:
             or int(np.maximum.reduce(gpu, axis=None)) > MILLI_PER_GPU
         ):
             return None  # not a state the tables cover: score step by step
-        out_s: list[FloatArray] = []
+        out_s: list[FloatArray] = []  # (rows, steps) blocks
         out_p: list[IntArray] = []
+        got = 0
         index = np.arange(rows)
         while True:
-            block = max(1, min(steps - len(out_s), _CHAIN_STATES // rows))
+            block = max(1, min(steps - got, _CHAIN_STATES // rows))
             # The states reached taking each pod on the first GPU it fits (a GPU is filled
             # before the next; beyond the GPUs' room a pod takes CPU only): (rows, block).
             room = gpu // pod_milli
@@ -1288,12 +1289,13 @@ class FragmentationScorer:
             done = block if wrong.size == 0 else int(wrong[0]) + 1
             scores = np.where(ok, best, -np.inf)[:, :done]
             picks = np.where(ok, np.left_shift(np.int64(1), column), np.int64(0))[:, :done]
-            out_s.extend(scores.T)
-            out_p.extend(picks.T)
+            out_s.append(scores)
+            out_p.append(picks)
+            got += done
             # The state scored last, and (if more steps) the one its pick reaches.
             at = index * block + (done - 1)
             gpu, cpu = states_gpu[at], states_cpu[at]
-            if len(out_s) == steps:
+            if got == steps:
                 break
             last_ok, last_column = ok[:, done - 1], column[:, done - 1]
             gpu = gpu.copy()
@@ -1309,7 +1311,9 @@ class FragmentationScorer:
             gpu_usable=view.gpu_usable,
             gpu_model_id=view.gpu_model_id,
         )
-        return out_s, out_p, last, ()
+        if len(out_s) == 1:
+            return out_s[0].T, out_p[0].T, last, ()
+        return np.concatenate(out_s, axis=1).T, np.concatenate(out_p, axis=1).T, last, ()
 
     def _share_step(
         self, tables: _ShareTables, pod_cpu: int, pod_milli: int, cpu: IntArray,

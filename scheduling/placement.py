@@ -287,6 +287,12 @@ class _Chunk:
         self.picks: list[list[int]] = [[]] if n == 1 else [[] for _ in range(n)]
 
 
+#: The chunk of every state class with room for a single pod of a closed-form shape: its
+#: deeper scores are never read (the merge stops at a row's room), so none are computed.
+_SHALLOW = (_Chunk(None, _NO_PICK), 0)
+_SHALLOW[0].depth = _NO_LIMIT
+
+
 def states_after(base: NodeView, c: Constraints, depths: I64) -> NodeView:
     """Closed-form node states after j more pods of shape c, for each j in `depths`, with
     the engine's default GPU choice (used when no plugin chooses GPUs).
@@ -1201,13 +1207,12 @@ class _Engine:
                 # A class with room for r pods needs depths up to r - 1 at most (none for
                 # one pod, e.g. an 8-GPU pod): evaluate only what some class can use.
                 at = idx[np.asarray([first[cid] for cid in new], np.int64)]
-                use = (room[at] > 1).nonzero()[0]
-                steps_used = min(steps, int(np.maximum.reduce(room[at])) - 1)
+                room_at = room[at]
+                use = (room_at > 1).nonzero()[0]
                 for cid in new:
-                    chunk = _Chunk(None, _NO_PICK, cid=cid)  # closed form: no stepwise picks
-                    chunk.depth = steps
-                    cache[cid] = (chunk, 0)
+                    cache[cid] = _SHALLOW  # room for one pod: no depth is ever read
                 if use.size:
+                    steps_used = min(steps, int(np.maximum.reduce(room_at)) - 1)
                     depths = np.arange(1, steps_used + 1, dtype=np.int64)
                     view = states.view(self.fleet, self.usable, ids[use])
                     s, p = self.policy.evaluate(states_after(view, c, depths), c)
@@ -1215,10 +1220,13 @@ class _Engine:
                     s_rows = s.reshape(use.size, steps_used).tolist()
                     p_rows = p.reshape(use.size, steps_used).tolist()
                     for j, u in enumerate(use.tolist()):
-                        chunk = cache[new[u]][0]
-                        chunk.scores[0].extend(s_rows[j])
-                        chunk.picks[0].extend(p_rows[j])
-                        chunk.room = room[at[u : u + 1]]
+                        cid = new[u]
+                        # closed form: no stepwise picks
+                        chunk = _Chunk(None, _NO_PICK, cid=cid, room=room_at[u : u + 1])
+                        chunk.depth = steps
+                        chunk.scores[0] = s_rows[j]
+                        chunk.picks[0] = p_rows[j]
+                        cache[cid] = (chunk, 0)
             else:
                 # The class's depth-0 pick: that of its first row here (all rows agree).
                 at = idx[np.asarray([first[cid] for cid in new], np.int64)]
@@ -1278,7 +1286,8 @@ class _Engine:
         if slots.size == 0:
             return
         self.step += 1
-        self.dirty_at[slots] = self.step
+        if self.states is None:  # per-node scores read the change stamps (by-state: never)
+            self.dirty_at[slots] = self.step
         if self.xc is not None:
             self.touched.append(slots)
         free = self.free

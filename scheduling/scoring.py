@@ -589,10 +589,11 @@ class Policy:
         pick: I64,
         steps: int,
         carry: tuple[F64, ...] | None = None,
-    ) -> tuple[list[F64], list[I64], NodeView, tuple[F64, ...] | None]:
+    ) -> tuple[F64, I64, NodeView, tuple[F64, ...] | None]:
         """`steps` more pods of shape c on every row of `view`, one after another: each row
         takes one pod on GPUs `pick` and is scored (`evaluate`), then takes one on the GPUs
-        just picked, and so on. Returns each step's scores and picks, the rows' states after
+        just picked, and so on. Returns each step's scores and picks ((steps, R) each), the
+        rows' states after
         the last step, and a `carry` (None, or per-row arrays) to pass to the call that
         continues from that state with the last picks (subset like the rows, if some are
         dropped). A policy of one GPU-choosing plugin uses the plugin's own
@@ -604,11 +605,9 @@ class Policy:
             got = fast(view, c, pick, steps, carry) if fast is not None else None
             if got is not None:
                 scores, picks, last, out_carry = got
-                # The same floats as `evaluate`: a sum starting at zero (all steps at once).
-                totals = np.zeros((len(scores), len(view)), np.float64) + weight * np.asarray(
-                    scores
-                )
-                return list(totals), picks, last, out_carry
+                # The same floats as `evaluate` (all steps at once).
+                scaled = scores if weight == 1.0 else weight * scores
+                return np.add(scaled, 0.0, dtype=np.float64), picks, last, out_carry
         out_s: list[F64] = []
         out_p: list[I64] = []
         v = view
@@ -617,7 +616,13 @@ class Policy:
             s, pick = self.evaluate(v, c)
             out_s.append(s)
             out_p.append(pick)
-        return out_s, out_p, v, None
+        rows = len(view)
+        return (
+            np.asarray(out_s, np.float64).reshape(steps, rows),
+            np.asarray(out_p, np.int64).reshape(steps, rows),
+            v,
+            None,
+        )
 
 
 DEFAULT_POLICY = "gpu-packing:1,best-fit:1"
