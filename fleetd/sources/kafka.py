@@ -145,8 +145,8 @@ class _Content:
     plain slotted class, not a frozen dataclass: one is made per new node, and cheaper;
     a change of the node's content updates it in place, `replace`.)"""
 
-    __slots__ = ("cluster", "gpu_fields", "gpus_at", "head", "head_len", "min_len", "name",
-                 "pod_fields", "slot", "spec", "tail", "tail_len", "update")  # fmt: skip
+    __slots__ = ("cluster", "gpu_fields", "gpus_at", "head", "head_len", "name", "pod_fields",
+                 "slot", "spec", "tail", "update")  # fmt: skip
 
     def __init__(
         self,
@@ -178,9 +178,6 @@ class _Content:
         #: its GPUs' bytes (`codec.gpu_fields`), matching `update.gpus` (None: they do not
         #: match, `_SPLIT_LATER`: they do, not split yet).
         self.spec, self.gpus_at, self.pod_fields, self.gpu_fields = layout
-        self.tail_len = len(tail)
-        #: A repeat is longer than head and tail together.
-        self.min_len = self.head_len + len(tail)
 
     def known_pods(self) -> dict[bytes, PodObserved]:
         """The content's pods by their bytes (`codec.pods_from_fields`)."""
@@ -605,8 +602,8 @@ class KafkaSource:
             # dead-lettered; the newest of each key is validated in full.
             best: dict[object, tuple[int, int, Any, Any]] = {}
             contents = self._contents
-            #: The repeats: (position, record) and the slot of the content each repeats.
-            candidates: list[tuple[int, Any]] = []
+            #: The repeats: their records and the slots of the contents they repeat.
+            candidates: list[Any] = []
             repeat_slots: list[int] = []
             #: Positions of the records parsed in full (the others were repeats).
             full_positions: set[int] = set()
@@ -637,46 +634,50 @@ class KafkaSource:
                     best[rec.key] = (change.sequence, position, rec, change)
 
             parsed_ok = 0
-            position = 0
+            position = 0  # (records before the run)
             next_yield = YIELD_EVERY_RECORDS
-            # (Bound methods hoisted out of the per-record loops: they run for every record.)
+            # (Bound methods hoisted out of the per-record loop: it runs for every record.)
             find_content = contents.get
             add_candidate = candidates.append
             add_slot = repeat_slots.append
             add_rest = rests.append
             for tp, records in batches.items():
-                for rec in records:
-                    position += 1
-                    if position == next_yield:
+                for start in range(0, len(records), YIELD_EVERY_RECORDS):
+                    if position >= next_yield:
                         # A large poll is ~0.1 s of CPU: let RPCs in between.
-                        next_yield += YIELD_EVERY_RECORDS
+                        next_yield = position + YIELD_EVERY_RECORDS
                         await asyncio.sleep(0)
-                    key = rec.key
-                    memo = find_content(key) if key is not None else None
-                    if memo is not None:
-                        value = rec.value
-                        if value is None or not value.startswith(memo.head):
-                            pass
-                        elif (
-                            key not in best
-                            and len(value) > memo.min_len
-                            and value.endswith(memo.tail)
-                        ):
-                            # The node's last applied content, repeated (a periodic report):
-                            # only the envelope is new. It is decoded for all such records
-                            # at once below (`codec.decode_envelope_rests`).
-                            add_candidate((position, rec))
-                            add_slot(memo.slot)
-                            add_rest(value[memo.head_len : len(value) - memo.tail_len])
-                            continue
-                        elif memo.spec is not None:
-                            # The content with other pods (most changes), GPUs or fields?
-                            change = _change_of(value, memo)
-                            if change is not None:
-                                take_change(position, rec, change)
-                                parsed_ok += 1
+                    run = records[start : start + YIELD_EVERY_RECORDS] if start else records
+                    for i, rec in enumerate(run):
+                        if i == YIELD_EVERY_RECORDS:
+                            break
+                        memo = find_content(rec.key)  # (None for a key None)
+                        if memo is not None and (value := rec.value) is not None:
+                            if (
+                                value.endswith(tail := memo.tail)
+                                and value.startswith(memo.head)
+                                and rec.key not in best
+                            ):
+                                # The node's last applied content, repeated (a periodic
+                                # report): only the envelope is new. It is decoded for all
+                                # such records at once below (`decode_envelope_rests`; a
+                                # record too short to hold head and tail apart has none).
+                                # (The tail's length from the tail just compared: its
+                                # header is in cache, an int attribute may not be.)
+                                add_candidate(rec)
+                                add_slot(memo.slot)
+                                add_rest(value[memo.head_len : len(value) - len(tail)])
                                 continue
-                    parsed_ok += take_in_full(position, rec)
+                            if memo.spec is not None and value.startswith(memo.head):
+                                # The content with other pods (most changes), GPUs or
+                                # fields?
+                                change = _change_of(value, memo)
+                                if change is not None:
+                                    take_change(position + i + 1, rec, change)
+                                    parsed_ok += 1
+                                    continue
+                        parsed_ok += take_in_full(position + i + 1, rec)
+                    position += min(len(run), YIELD_EVERY_RECORDS)
                 if records:
                     offsets[tp] = records[-1].offset + 1
             if rests:
@@ -684,8 +685,13 @@ class KafkaSource:
                 slots = np.array(repeat_slots, np.int64)
                 if not decoded.all():
                     # Not the usual envelope (or a bad one): the full path decides.
+                    position_of = {
+                        id(rec): at
+                        for at, rec in enumerate(itertools.chain(*batches.values()), 1)
+                    }
                     for i in np.flatnonzero(~decoded).tolist():
-                        parsed_ok += take_in_full(*candidates[i])
+                        rec = candidates[i]
+                        parsed_ok += take_in_full(position_of[id(rec)], rec)
                     slots, sequences, times = slots[decoded], sequences[decoded], times[decoded]
                 # The sequence gate of every repeat at once (`SequenceColumn`).
                 admitted = self._column.admit(slots, sequences)
