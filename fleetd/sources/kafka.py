@@ -686,8 +686,7 @@ class KafkaSource:
                 if not decoded.all():
                     # Not the usual envelope (or a bad one): the full path decides.
                     position_of = {
-                        id(rec): at
-                        for at, rec in enumerate(itertools.chain(*batches.values()), 1)
+                        id(rec): at for at, rec in enumerate(itertools.chain(*batches.values()), 1)
                     }
                     for i in np.flatnonzero(~decoded).tolist():
                         rec = candidates[i]

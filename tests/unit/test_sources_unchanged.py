@@ -32,7 +32,12 @@ from fleetd.sources.codec import (
     pods_start,
     unchanged_envelope,
 )
-from fleetd.sources.kafka import DLQ_REASON_HEADER, KafkaSource, KafkaSourceSettings
+from fleetd.sources.kafka import (
+    DLQ_ORIGIN_HEADER,
+    DLQ_REASON_HEADER,
+    KafkaSource,
+    KafkaSourceSettings,
+)
 from fleetd.sources.memory import FleetView, StateSink
 from fleetd.sources.metrics import SourceMetrics
 from fleetd.state import FleetState
@@ -240,9 +245,9 @@ def _through(source_type: type[KafkaSource], state: FleetState, records: list, p
     asyncio.run(run())
 
 
-def _mix(seed: int) -> list[tuple[bytes, bytes]]:
+def _mix(seed: int, nodes_per_cluster: int = 15) -> list[tuple[bytes, bytes]]:
     rng = np.random.default_rng(seed)
-    fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=15)
+    fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=nodes_per_cluster)
     return list(periodic_reports(fleet, 12, rng, changed_fraction=0.3))
 
 
@@ -267,10 +272,15 @@ def test_record_by_record_the_state_equals_decoding_in_full(tmp_path: Path, seed
     _assert_same(fast, full)
 
 
-@pytest.mark.parametrize(("seed", "poll"), [(1, 7), (2, 50), (3, 400)])
-def test_in_polls_the_state_equals_decoding_in_full(tmp_path: Path, seed: int, poll: int) -> None:
-    """With coalescing too (several records of a node in one poll)."""
-    records = _mix(seed)
+@pytest.mark.parametrize(
+    ("seed", "poll", "nodes_per_cluster"), [(1, 7, 15), (2, 50, 15), (3, 400, 15), (4, 5000, 150)]
+)
+def test_in_polls_the_state_equals_decoding_in_full(
+    tmp_path: Path, seed: int, poll: int, nodes_per_cluster: int
+) -> None:
+    """With coalescing too (several records of a node in one poll), and polls longer than
+    the runs the source scans them in (`YIELD_EVERY_RECORDS`)."""
+    records = _mix(seed, nodes_per_cluster)
     fast, full = _state(tmp_path / "a"), _state(tmp_path / "b")
     _through(KafkaSource, fast, records, poll)
     _through(_AlwaysInFull, full, records, poll)
@@ -902,3 +912,39 @@ def test_fast_constructors_only_for_slotted_dataclasses() -> None:
 
     with pytest.raises(TypeError):
         up.fast_constructor(Plain)
+
+
+async def test_repeats_with_bad_envelopes_in_a_long_poll_are_dead_lettered_in_order() -> None:
+    """A poll longer than a scan run (`YIELD_EVERY_RECORDS`): repeats whose envelope the
+    vectorized decoder refuses are decoded in full at their place in the poll, so dead
+    letters go out in offset order."""
+    view = FleetView()
+    source = KafkaSource(KafkaSourceSettings(), view)
+    names = [f"n{i}" for i in range(2_600)]
+    nodes = {name: gpu_node(name) for name in names}
+    await _process(source, [_rec(n, _value(nodes[n], 1), i) for i, n in enumerate(names)])
+    recs = [_rec(n, _value(nodes[n], 2), 10_000 + i) for i, n in enumerate(names)]
+
+    def bad_envelope(i: int) -> Rec:
+        """Head and tail of a repeat of node i around an envelope that does not parse (an
+        invalid wire type): the vectorized decoder refuses it, the full one dead-letters."""
+        value = _value(nodes[names[i]], 1)
+        tail = node_content_tail(value, parse(value))
+        assert tail is not None
+        return _rec(names[i], envelope_head("c1") + b"\x05\x0f" + tail, recs[i].offset)
+
+    recs[2_300] = bad_envelope(2_300)
+    recs[1_000] = _rec(names[1_000], _value(nodes[names[1_000]], 0), recs[1_000].offset)
+    recs[10] = bad_envelope(10)
+    recs[5] = _rec(names[5], _value(nodes[names[5]], 3, cluster="c2"), recs[5].offset)
+    producer = await _process(source, recs)
+    sent = [(dict(h)[DLQ_REASON_HEADER], dict(h)[DLQ_ORIGIN_HEADER]) for _, _, h in producer.sent]
+    assert sent == [
+        (b"key-mismatch", b"t/0/10005"),
+        (b"undecodable", b"t/0/10010"),
+        (b"no-sequence", b"t/0/11000"),
+        (b"undecodable", b"t/0/12300"),
+    ]
+    assert view.sequence("c1", names[0]) == 2
+    assert view.sequence("c1", names[10]) == 1
+    assert view.sequence("c1", names[2_599]) == 2
