@@ -42,8 +42,8 @@ from fleetd.sources.codec import (
     gpu_fields,
     gpus_from_fields,
     gpus_start,
-    node_after_envelope,
     node_content_tail,
+    node_field_at,
     node_key,
     node_offset_in_tail,
     parse,
@@ -208,6 +208,10 @@ _SPLIT_LATER: tuple[()] = ()
 _Layout = tuple[bytes | None, int, list[bytes] | None, list[bytes] | tuple[()] | None]
 _UNKNOWN_LAYOUT: _Layout = (None, -1, None, None)
 
+#: In a poll's newest records by key (`_process`), a key whose change waits for its envelope:
+#: older than anything.
+_TAKEN: tuple[int, int, Any, Any] = (-1, 0, None, None)
+
 #: `_Change.kind`: what differs from the remembered content.
 _PODS, _GPUS, _SPEC = 0, 1, 2
 
@@ -250,18 +254,19 @@ class _Change:
         self.node: pb.NodeReport | None = None
 
 
-def _change_of(value: bytes, memo: _Content) -> _Change | None:
-    """When `value` (a record under `memo`'s key, starting with its envelope head) is a
-    canonical node report whose node bytes are the remembered ones but for its pods, its
-    GPUs, or its fields before the GPUs, what it says; None otherwise (it is decoded in
-    full). By protobuf's merge semantics such a record *is* the remembered node with that
-    part replaced: the rest was validated when remembered, so only the envelope (here) and
-    the new part (`_convert`) need checking."""
+def _change_of(
+    value: bytes, memo: _Content, sequence: int, ms: int, tag: int, node_at: int
+) -> _Change | None:
+    """When `value` (a record under `memo`'s key: its envelope head, a valid envelope with
+    `sequence` and `ms`, then its node field from `tag`, its NodeReport bytes from
+    `node_at`: `codec.node_field_at`) is a canonical node report whose node bytes are the
+    remembered ones but for its pods, its GPUs, or its fields before the GPUs, what it
+    says; None otherwise (it is decoded in full). By protobuf's merge semantics such a
+    record *is* the remembered node with that part replaced: the rest was validated when
+    remembered, so only the envelope (the caller) and the new part (`_convert`) need
+    checking."""
     spec = memo.spec
     if spec is None:
-        return None
-    sequence, ms, tag, node_at = node_after_envelope(value, memo.head_len)
-    if tag < 0:
         return None
     if value.startswith(spec, node_at):
         # Only the pods differ (most changes).
@@ -622,7 +627,9 @@ class KafkaSource:
                 group = rec.key if rec.key is not None else -position
                 seq = parsed.sequence
                 current = best.get(group)
-                if current is None or seq >= current[0]:
+                # The newest: the highest sequence, then the latest in the poll (records
+                # are taken out of order: changes once their envelopes are decoded).
+                if current is None or (seq, position) > (current[0], current[1]):
                     best[group] = (seq, position, rec, parsed)
                 return 1
 
@@ -630,7 +637,7 @@ class KafkaSource:
                 """`take_in_full` for a change recognised by its bytes."""
                 full_positions.add(position)
                 current = best.get(rec.key)
-                if current is None or change.sequence >= current[0]:
+                if current is None or (change.sequence, position) > (current[0], current[1]):
                     best[rec.key] = (change.sequence, position, rec, change)
 
             parsed_ok = 0
@@ -641,6 +648,12 @@ class KafkaSource:
             add_candidate = candidates.append
             add_slot = repeat_slots.append
             add_rest = rests.append
+            #: Changes recognised by their shape: (position, record, memory, where its
+            #: node field and NodeReport begin), and their envelopes after the head.
+            changes: list[tuple[int, Any, _Content, int, int]] = []
+            change_rests: list[bytes] = []
+            add_change = changes.append
+            add_change_rest = change_rests.append
             for tp, records in batches.items():
                 for start in range(0, len(records), YIELD_EVERY_RECORDS):
                     if position >= next_yield:
@@ -670,16 +683,34 @@ class KafkaSource:
                                 continue
                             if memo.spec is not None and value.startswith(memo.head):
                                 # The content with other pods (most changes), GPUs or
-                                # fields?
-                                change = _change_of(value, memo)
-                                if change is not None:
-                                    take_change(position + i + 1, rec, change)
-                                    parsed_ok += 1
+                                # fields? (`_change_of`, once its envelope is decoded with
+                                # the others', below.) Until then its key is taken: a
+                                # repeat of it after it is none.
+                                tag, node_at = node_field_at(value, memo.head_len)
+                                if tag >= 0:
+                                    add_change((position + i + 1, rec, memo, tag, node_at))
+                                    add_change_rest(value[memo.head_len : tag])
+                                    if rec.key not in best:
+                                        best[rec.key] = _TAKEN
                                     continue
                         parsed_ok += take_in_full(position + i + 1, rec)
                     position += min(len(run), YIELD_EVERY_RECORDS)
                 if records:
                     offsets[tp] = records[-1].offset + 1
+            if changes:
+                sequences, times, decoded = decode_envelope_rests(change_rests)
+                for (pos, rec, memo, tag, node_at), seq, ms, ok in zip(
+                    changes, sequences.tolist(), times.tolist(), decoded.tolist(), strict=True
+                ):
+                    change = _change_of(rec.value, memo, seq, ms, tag, node_at) if ok else None
+                    if change is not None:
+                        take_change(pos, rec, change)
+                        parsed_ok += 1
+                    else:
+                        parsed_ok += take_in_full(pos, rec)
+                for _, rec, _, _, _ in changes:
+                    if best.get(rec.key) is _TAKEN:  # (none of its records parsed)
+                        del best[rec.key]
             if rests:
                 sequences, times, decoded = decode_envelope_rests(rests)
                 slots = np.array(repeat_slots, np.int64)

@@ -24,8 +24,10 @@ from fleetd.sources.codec import (
     encode_node,
     encode_node_deleted,
     envelope_head,
+    fields_of,
     node_after_envelope,
     node_content_tail,
+    node_field_at,
     node_key,
     parse,
     pod_fields,
@@ -718,6 +720,15 @@ def test_the_envelope_before_a_node_is_read_as_the_vectorized_decoder_reads_it(
         )
     else:
         assert tag == -1
+    # The source's reading: the shape by `node_field_at`, the values by the vectorized
+    # decoder (a shape it finds whose values the decoder refuses is no envelope).
+    shape_tag, shape_node_at = node_field_at(value, 4)
+    found = shape_tag >= 0 and bool(decode_envelope_rests([value[4:shape_tag]])[2][0])
+    assert found == (tag >= 0)
+    if found:
+        assert (shape_tag, shape_node_at) == (tag, node_at)
+        again, again_ms, _ = decode_envelope_rests([value[4:shape_tag]])
+        assert (again[0], again_ms[0]) == (sequence, ms)
 
 
 def test_pod_fields_are_pods_and_nothing_else() -> None:
@@ -730,6 +741,21 @@ def test_pod_fields_are_pods_and_nothing_else() -> None:
     assert pod_fields(node, 0) is None  # the name field first
     assert pod_fields(node[:-1], start) is None  # a pod cut short
     assert pod_fields(node, len(node)) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(payloads=st.lists(st.binary(max_size=300), max_size=4), cut=st.integers(1, 4))
+def test_fields_of_splits_what_protobuf_would(payloads: list[bytes], cut: int) -> None:
+    """Lengths of one, two or more varint bytes; a field cut short, or another field after
+    them, is no split."""
+    node = pb.NodeReport(pods=[pb.Pod(name="p" + p.hex()) for p in payloads])  # (>= 5 bytes)
+    data = node.SerializeToString()
+    fields = pod_fields(data, 0)
+    assert fields is not None
+    assert [pb.Pod.FromString(f).name for f in fields] == ["p" + p.hex() for p in payloads]
+    if len(data) > cut:
+        assert pod_fields(data[:-cut], 0) is None
+    assert fields_of(data + b"\x08\x01", 0, len(data) + 2, (11 << 3) | 2) is None
 
 
 # ---------------------------------------------------------------------------- GPU and field changes
