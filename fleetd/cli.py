@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--pool", default="", help="restrict to this node pool")
     explain.add_argument("--team", default="cli")
     explain.add_argument("--timeout-s", type=float, default=10.0)
+    explain.add_argument(
+        "--tls-ca-file", type=Path, help="TLS: CA (PEM) that verifies the daemon (server.tls)"
+    )
+    explain.add_argument("--tls-cert-file", type=Path, help="mutual TLS: client certificate (PEM)")
+    explain.add_argument("--tls-key-file", type=Path, help="mutual TLS: its private key (PEM)")
     from fleetd import agent
 
     agent.build_parser(
@@ -83,7 +88,23 @@ def explain(args: argparse.Namespace) -> int:
         workload_id="fleetd-cli-explain", team=args.team, pod=pod, cluster=args.cluster,
         pool=args.pool,
     )  # fmt: skip
-    with grpc.insecure_channel(args.addr) as channel:
+    if args.tls_ca_file is None:
+        if args.tls_cert_file or args.tls_key_file:
+            print("fleetd explain: --tls-cert-file needs --tls-ca-file", file=sys.stderr)
+            return 2
+        channel = grpc.insecure_channel(args.addr)
+    else:
+        try:
+            creds = grpc.ssl_channel_credentials(
+                args.tls_ca_file.read_bytes(),
+                private_key=args.tls_key_file.read_bytes() if args.tls_key_file else None,
+                certificate_chain=args.tls_cert_file.read_bytes() if args.tls_cert_file else None,
+            )
+        except OSError as exc:
+            print(f"fleetd explain: {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
+        channel = grpc.secure_channel(args.addr, creds)
+    with channel:
         try:
             reply = placement_pb2_grpc.PlacementStub(channel).Explain(
                 placement_pb2.ExplainRequest(workload=workload), timeout=args.timeout_s

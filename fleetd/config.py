@@ -52,6 +52,36 @@ Name = Annotated[str, Field(pattern=NAME_RE.pattern)]
 HostPort = Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")]
 
 
+class ServerTlsConfig(_Strict):
+    """TLS of the gRPC server (restart to change the paths; the files themselves are read
+    again when they change, so rotated certificates need no restart)."""
+
+    cert_file: str = Field(
+        "", description="Server certificate chain (PEM); '' = plaintext gRPC (no TLS)."
+    )
+    key_file: str = Field("", description="The certificate's private key (PEM).")
+    client_ca_file: str = Field(
+        "",
+        description=(
+            "CA certificates (PEM): clients must present a certificate they issued (mutual"
+            " TLS); '' = no client certificate asked for."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _files_together(self) -> ServerTlsConfig:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("client_ca_file needs cert_file and key_file (mutual TLS is TLS)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the gRPC server speaks TLS."""
+        return bool(self.cert_file)
+
+
 class ServerConfig(_Strict):
     """Listen addresses and RPC limits (restart to change)."""
 
@@ -74,6 +104,9 @@ class ServerConfig(_Strict):
         10_000,
         ge=16,
         description="Decisions buffered per Watch stream; a slower client is disconnected.",
+    )
+    tls: ServerTlsConfig = Field(
+        default_factory=ServerTlsConfig, description="TLS (and mutual TLS) of the gRPC server."
     )
 
 

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import gc
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from fleetd import config as cfgmod
 from fleetd.api.parsing import ParseRequests
 from fleetd.api.servicers import Edge, FleetServicer, NodePoolsServicer, PlacementServicer
+from fleetd.api.tls import TlsFilesError, server_credentials
 from fleetd.autoscaler import Autoscaler
 from fleetd.config import Config, ConfigError
 from fleetd.journal import Journal
@@ -175,7 +177,17 @@ class Daemon:
             server,
         )  # fmt: skip
         await self._set_health(False)
-        self.grpc_port = server.add_insecure_port(cfg.server.grpc_listen)
+        tls = cfg.server.tls
+        if tls.enabled:
+            self.grpc_port = server.add_secure_port(cfg.server.grpc_listen, server_credentials(tls))
+        else:
+            if not _loopback(cfg.server.grpc_listen):
+                log.warning(
+                    "gRPC without TLS on a non-loopback address: whoever reaches it may place "
+                    "and release (server.tls)",
+                    extra={"grpc_listen": cfg.server.grpc_listen},
+                )
+            self.grpc_port = server.add_insecure_port(cfg.server.grpc_listen)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC on {cfg.server.grpc_listen}")
         await server.start()
@@ -412,6 +424,10 @@ async def serve(config: Config, config_path: Path | None) -> int:
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     try:
         await daemon.start()
+    except TlsFilesError as exc:
+        log.error("startup failed: %s", exc)
+        await daemon.stop()
+        return 1
     except Exception:
         log.exception("startup failed")
         await daemon.stop()
@@ -422,6 +438,17 @@ async def serve(config: Config, config_path: Path | None) -> int:
         logging.shutdown()
         os._exit(code)
     return code
+
+
+def _loopback(host_port: str) -> bool:
+    """Whether a listen address `host:port` is on the loopback interface only."""
+    host = host_port.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # (a name: whatever it resolves to)
 
 
 def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:

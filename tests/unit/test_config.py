@@ -110,6 +110,12 @@ def test_good_file_overrides_defaults(tmp_path: Path) -> None:
             "sources.simulated.clusters.0.pools.0.gpu_model",
             id="gpu-model-syntax",
         ),
+        pytest.param(
+            "server:\n  tls:\n    cert_file: a.crt\n", "server.tls", id="tls-cert-without-key"
+        ),
+        pytest.param(
+            "server:\n  tls:\n    client_ca_file: ca.crt\n", "server.tls", id="mtls-without-tls"
+        ),
     ],
 )
 def test_bad_file_error_names_file_and_field(tmp_path: Path, text: str, field: str) -> None:

@@ -1,0 +1,176 @@
+"""gRPC over TLS and mutual TLS (`server.tls`), over real sockets: verified clients are
+served, plaintext and unverified ones refused, stock clients work with the CA, and a
+rotated certificate is served from the next handshake on without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from fleetd import cli
+from fleetd.api.tls import TlsFilesError
+from fleetd.daemon import Daemon
+from fleetd.v1 import fleet_pb2, fleet_pb2_grpc
+from tests.testbed.tls import client_cert, self_signed_serving_cert
+
+from .conftest import StartDaemon
+from .test_edge import _grpc_tool
+
+pytestmark = pytest.mark.testbed
+
+
+def _pem(key: Any, cert: Any) -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import serialization
+
+    return (
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        cert.public_bytes(serialization.Encoding.PEM),
+    )
+
+
+class _Authority:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and PEM files of it."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.key, self.cert = self_signed_serving_cert(name)
+        self.key_pem, self.cert_pem = _pem(self.key, self.cert)
+        self.key_file, self.cert_file = directory / f"{name}.key", directory / f"{name}.crt"
+        self.key_file.write_bytes(self.key_pem)
+        self.cert_file.write_bytes(self.cert_pem)
+
+    def client(self, name: str) -> tuple[bytes, bytes]:
+        """PEM key and certificate of a client certificate this authority issued."""
+        return _pem(*client_cert(self.key, self.cert, name))
+
+
+def _tls_section(server: _Authority, client_ca: _Authority | None = None) -> dict[str, Any]:
+    tls = {"cert_file": str(server.cert_file), "key_file": str(server.key_file)}
+    if client_ca is not None:
+        tls["client_ca_file"] = str(client_ca.cert_file)
+    return {"server": {"tls": tls}, "sources": {"simulated": {"confirm_after_s": 3600}}}
+
+
+async def _status(
+    daemon: Daemon, roots: bytes | None, client: tuple[bytes, bytes] | None = None
+) -> grpc.StatusCode:
+    """GetStatus on a fresh channel (a new handshake): OK, or the status it failed with.
+    `roots` None: a plaintext channel."""
+    target = f"127.0.0.1:{daemon.grpc_port}"
+    if roots is None:
+        channel = grpc.aio.insecure_channel(target)
+    else:
+        key, chain = client if client is not None else (None, None)
+        creds = grpc.ssl_channel_credentials(roots, private_key=key, certificate_chain=chain)
+        channel = grpc.aio.secure_channel(target, creds)
+    async with channel:
+        try:
+            reply = await fleet_pb2_grpc.FleetStub(channel).GetStatus(
+                fleet_pb2.GetStatusRequest(), timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    assert reply.ready
+    return grpc.StatusCode.OK
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+async def test_tls_serves_verified_clients_and_refuses_plaintext(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    server, stranger = _Authority(tmp_path, "server"), _Authority(tmp_path, "stranger")
+    daemon, _ = await start_daemon(**_tls_section(server))
+    assert await _status(daemon, server.cert_pem) == grpc.StatusCode.OK
+    assert await _status(daemon, None) == grpc.StatusCode.UNAVAILABLE  # plaintext
+    assert await _status(daemon, stranger.cert_pem) == grpc.StatusCode.UNAVAILABLE  # unverified
+    # Stock clients, given the CA.
+    addr = f"127.0.0.1:{daemon.grpc_port}"
+    probe, grpcurl = _grpc_tool("grpc-health-probe"), _grpc_tool("grpcurl")
+    out = await asyncio.to_thread(
+        _run, probe, "-addr", addr, "-tls", "-tls-ca-cert", str(server.cert_file)
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (await asyncio.to_thread(_run, probe, "-addr", addr)).returncode != 0
+    out = await asyncio.to_thread(_run, grpcurl, "-cacert", str(server.cert_file), addr, "list")
+    assert "fleetd.v1.Placement" in out.stdout, out.stderr
+
+
+async def test_mutual_tls_requires_a_client_certificate_of_the_ca(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    server, clients, stranger = (
+        _Authority(tmp_path, "server"),
+        _Authority(tmp_path, "clients"),
+        _Authority(tmp_path, "stranger"),
+    )
+    daemon, _ = await start_daemon(**_tls_section(server, client_ca=clients))
+    roots = server.cert_pem
+    assert await _status(daemon, roots, clients.client("ml-platform")) == grpc.StatusCode.OK
+    assert await _status(daemon, roots) == grpc.StatusCode.UNAVAILABLE  # no certificate
+    assert await _status(daemon, roots, stranger.client("ml")) == grpc.StatusCode.UNAVAILABLE
+    # The command line, with the same files.
+    key_pem, cert_pem = clients.client("cli")
+    (tmp_path / "cli.key").write_bytes(key_pem)
+    (tmp_path / "cli.crt").write_bytes(cert_pem)
+    explain = ["explain", "--addr", f"127.0.0.1:{daemon.grpc_port}", "--gpus", "1"]
+    tls = ["--tls-ca-file", str(server.cert_file)]
+    mtls = [
+        *tls,
+        "--tls-cert-file",
+        str(tmp_path / "cli.crt"),
+        "--tls-key-file",
+        str(tmp_path / "cli.key"),
+    ]
+    assert await asyncio.to_thread(cli.main, [*explain, *mtls]) == 0
+    assert await asyncio.to_thread(cli.main, [*explain, *tls, "--timeout-s", "3"]) == 1
+
+
+async def test_a_rotated_certificate_is_served_without_a_restart(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    first, second = _Authority(tmp_path, "first"), _Authority(tmp_path, "second")
+    key_file, cert_file = tmp_path / "tls.key", tmp_path / "tls.crt"
+    key_file.write_bytes(first.key_pem)
+    cert_file.write_bytes(first.cert_pem)
+    section = {"cert_file": str(cert_file), "key_file": str(key_file)}
+    daemon, _ = await start_daemon(server={"tls": section})
+    target = f"127.0.0.1:{daemon.grpc_port}"
+    kept = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(first.cert_pem))
+    async with kept:
+        stub = fleet_pb2_grpc.FleetStub(kept)
+        await stub.GetStatus(fleet_pb2.GetStatusRequest(), timeout=10)
+        assert await _status(daemon, first.cert_pem) == grpc.StatusCode.OK
+        assert await _status(daemon, second.cert_pem) == grpc.StatusCode.UNAVAILABLE
+        # Rotation as a mounted Secret does it: new files swapped in whole.
+        for path, data in ((key_file, second.key_pem), (cert_file, second.cert_pem)):
+            path.with_suffix(".new").write_bytes(data)
+            os.replace(path.with_suffix(".new"), path)
+        assert await _status(daemon, second.cert_pem) == grpc.StatusCode.OK
+        assert await _status(daemon, first.cert_pem) == grpc.StatusCode.UNAVAILABLE
+        # A connection made before goes on; a broken rotation keeps the last good files.
+        await stub.GetStatus(fleet_pb2.GetStatusRequest(), timeout=10)
+        cert_file.write_bytes(b"not a certificate")
+        assert await _status(daemon, second.cert_pem) == grpc.StatusCode.OK
+
+
+async def test_a_missing_tls_file_stops_the_start_with_its_name(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    server = _Authority(tmp_path, "server")
+    missing = tmp_path / "missing.key"
+    with pytest.raises(TlsFilesError, match=str(missing)):
+        await start_daemon(
+            server={"tls": {"cert_file": str(server.cert_file), "key_file": str(missing)}}
+        )
