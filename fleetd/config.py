@@ -213,6 +213,21 @@ class TeamsConfig(_Strict):
     priorities: dict[Name, int] = Field(
         default_factory=dict, description="Priority by team name; larger wins."
     )
+    clients: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description=(
+            "Who may act for which team: client identity (the common name of its mutual-TLS"
+            " certificate) -> the teams whose workloads it may place, explain and release"
+            " ('*' = any). Empty = no check. Needs server.tls.client_ca_file."
+        ),
+    )
+
+    def may_act_for(self, client: str, team: str) -> bool:
+        """Whether `client` may place, explain or release workloads of `team`."""
+        if not self.clients:
+            return True
+        teams = self.clients.get(client, ())
+        return "*" in teams or team in teams
 
 
 class LimitsConfig(_Strict):
@@ -517,6 +532,15 @@ class Config(BaseSettings):
     reload_poll_s: float = Field(
         2.0, gt=0, description="How often the config file is checked for changes (restart)."
     )
+
+    @model_validator(mode="after")
+    def _clients_need_mutual_tls(self) -> Config:
+        if self.teams.clients and not self.server.tls.client_ca_file:
+            raise ValueError(
+                "teams.clients: client identities come from mutual TLS: set"
+                " server.tls.client_ca_file"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

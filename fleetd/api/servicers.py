@@ -66,7 +66,14 @@ KINDS = {
     "expire": types_pb2.Decision.KIND_EXPIRE,
     "confirm": types_pb2.Decision.KIND_CONFIRM,
 }
+
+
+class PermissionDenied(Exception):
+    """The client may not act for the workload's team (`teams.clients`)."""
+
+
 STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Conflict, grpc.StatusCode.ALREADY_EXISTS),
@@ -174,23 +181,56 @@ class Edge:
         finally:
             self.metrics.rpc_duration.labels(method, code.name).observe(time.perf_counter() - start)
 
+    def authorize(self, context: grpc.aio.ServicerContext, team: str) -> None:
+        """PermissionDenied unless the client (its mutual-TLS certificate's common name)
+        may act for `team` (`teams.clients`; no check when it is empty)."""
+        teams = self.config().teams
+        if not teams.clients:
+            return
+        names = context.auth_context().get("x509_common_name") or [b""]
+        client = names[0].decode(errors="replace")
+        if not teams.may_act_for(client, team):
+            log.warning("client %r refused for team %r", client, team)
+            raise PermissionDenied(
+                f"client {client!r} may not act for team {team!r} (teams.clients)"
+            )
 
-def _rpc(method: str) -> Callable[[Any], Any]:
+
+def _rpc(method: str, team_of: Callable[[Any, Any], str] | None = None) -> Callable[[Any], Any]:
     """Decorate a servicer method whose body returns a zero-argument handler.
 
     The handler runs on the loop: validation, then one state-owner call (Place awaits its
-    batch, see `FleetState.submit`).
+    batch, see `FleetState.submit`). With `team_of(servicer, request)`, the request acts for
+    that team, and the client must be allowed to (`Edge.authorize`) before anything else.
     """
 
     def wrap(fn: Callable[..., Callable[[], R]]) -> Callable[..., Awaitable[R]]:
         @functools.wraps(fn)
         async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
             edge: Edge = self.edge
-            return await edge.unary(method, context, fn(self, request))
+            handler = fn(self, request)
+            if team_of is not None:
+                inner = handler
+
+                def handler() -> R:
+                    edge.authorize(context, team_of(self, request))
+                    return inner()
+
+            return await edge.unary(method, context, handler)
 
         return call
 
     return wrap
+
+
+def _workload_team(servicer: Any, request: Any) -> str:
+    return str(request.workload.team)
+
+
+def _held_team(servicer: Any, request: Any) -> str:
+    """The team of the reservation a Release names ('' when there is none)."""
+    held = servicer.edge.state.held.get(request.workload_id)
+    return str(held.record.team) if held is not None else ""
 
 
 class PlacementServicer(placement_pb2_grpc.PlacementServicer):
@@ -199,7 +239,7 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
 
-    @_rpc("Place")
+    @_rpc("Place", _workload_team)
     def Place(
         self, request: placement_pb2.PlaceRequest
     ) -> Callable[[], Awaitable[placement_pb2.PlaceResponse]]:
@@ -223,7 +263,7 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
 
         return handle
 
-    @_rpc("Release")
+    @_rpc("Release", _held_team)
     def Release(
         self, request: placement_pb2.ReleaseRequest
     ) -> Callable[[], placement_pb2.ReleaseResponse]:
@@ -242,7 +282,7 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
 
         return handle
 
-    @_rpc("Explain")
+    @_rpc("Explain", _workload_team)
     def Explain(
         self, request: placement_pb2.ExplainRequest
     ) -> Callable[[], placement_pb2.ExplainResponse]:

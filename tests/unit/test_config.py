@@ -116,6 +116,9 @@ def test_good_file_overrides_defaults(tmp_path: Path) -> None:
         pytest.param(
             "server:\n  tls:\n    client_ca_file: ca.crt\n", "server.tls", id="mtls-without-tls"
         ),
+        pytest.param(
+            "teams:\n  clients: {trainer: [research]}\n", "teams.clients", id="clients-without-mtls"
+        ),
     ],
 )
 def test_bad_file_error_names_file_and_field(tmp_path: Path, text: str, field: str) -> None:

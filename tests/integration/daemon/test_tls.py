@@ -16,7 +16,7 @@ import pytest
 from fleetd import cli
 from fleetd.api.tls import TlsFilesError
 from fleetd.daemon import Daemon
-from fleetd.v1 import fleet_pb2, fleet_pb2_grpc
+from fleetd.v1 import fleet_pb2, fleet_pb2_grpc, placement_pb2, placement_pb2_grpc, types_pb2
 from tests.testbed.tls import client_cert, self_signed_serving_cert
 
 from .conftest import StartDaemon
@@ -174,3 +174,57 @@ async def test_a_missing_tls_file_stops_the_start_with_its_name(
         await start_daemon(
             server={"tls": {"cert_file": str(server.cert_file), "key_file": str(missing)}}
         )
+
+
+async def test_teams_clients_decide_who_acts_for_which_team(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    server, clients = _Authority(tmp_path, "server"), _Authority(tmp_path, "clients")
+    sections = _tls_section(server, client_ca=clients)
+    sections["teams"] = {"clients": {"trainer": ["research"], "platform": ["*"]}}
+    daemon, _ = await start_daemon(**sections)
+    target = f"127.0.0.1:{daemon.grpc_port}"
+
+    def channel(name: str) -> grpc.aio.Channel:
+        key, chain = clients.client(name)
+        creds = grpc.ssl_channel_credentials(
+            server.cert_pem, private_key=key, certificate_chain=chain
+        )
+        return grpc.aio.secure_channel(target, creds)
+
+    details: list[str] = []
+
+    async def place(name: str, team: str, workload_id: str) -> grpc.StatusCode:
+        pod = types_pb2.PodSpec(cpu_millicores=1000, memory_bytes=2**30, gpu_count=1)
+        request = placement_pb2.PlaceRequest(
+            workload=types_pb2.Workload(workload_id=workload_id, team=team, pod=pod)
+        )
+        async with channel(name) as ch:
+            try:
+                await placement_pb2_grpc.PlacementStub(ch).Place(request, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                details.append(exc.details() or "")
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    async def release(name: str, workload_id: str) -> grpc.StatusCode:
+        async with channel(name) as ch:
+            try:
+                await placement_pb2_grpc.PlacementStub(ch).Release(
+                    placement_pb2.ReleaseRequest(workload_id=workload_id), timeout=10
+                )
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    denied, ok = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OK
+    assert await place("trainer", "research", "r-1") == ok
+    assert await place("trainer", "batch", "b-1") == denied
+    assert details[-1] == "client 'trainer' may not act for team 'batch' (teams.clients)"
+    assert await place("stranger", "research", "r-2") == denied  # (a valid certificate, not listed)
+    assert await place("platform", "batch", "b-1") == ok
+    assert await release("trainer", "b-1") == denied  # (another team's reservation)
+    assert await release("trainer", "r-1") == ok
+    assert await release("platform", "b-1") == ok
+    # Reading the fleet needs only a certificate of the CA.
+    assert await _status(daemon, server.cert_pem, clients.client("stranger")) == ok
