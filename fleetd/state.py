@@ -819,7 +819,8 @@ class FleetState:
 
     def apply_now(self, update: up.Update) -> bool:
         """Synchronous `apply`, for callers already on the loop."""
-        self._check_owner()
+        if threading.get_ident() != self._owner:
+            self._check_owner()  # (raises)
         if type(update) is up.NodeUpdate:
             return self._apply_node_update(update)
         if self.inventories and isinstance(update, up.NodeUpdate) and self._unlisted(update):
@@ -1166,20 +1167,25 @@ class FleetState:
             for p in pods:
                 self._pod_observed(p, now, key if p.node == node and p.cluster == cluster else "")
             return
-        uids = [p.uid or f"{p.namespace}/{p.name}" for p in pods]
-        current = set(uids)
-        for uid in [uid for uid in on_node if uid not in current]:
-            self._pod_removed(cluster, uid, now)
-        # (`on_node` is the live set, emptied but not replaced by the removals.) A pod known
-        # on this node and reported on it again, still running, is what `_pod_observed`
-        # leaves as it is: skipped without the call (most pods of a changed report).
-        for p, uid in zip(pods, uids, strict=True):
-            if p.node == node:
-                if uid in on_node and p.phase not in _FINISHED_PHASES:
-                    continue
-                self._pod_observed(p, now, key if p.cluster == cluster else "", uid)
-            else:
-                self._pod_observed(p, now, "", uid)
+        # A pod known on this node and reported on it again, still running, is what
+        # `_pod_observed` leaves as it is: skipped without the call (most pods of a changed
+        # report). The others are observed after the removals, in order. (Whether a pod is
+        # skipped does not depend on the removals: they remove only pods not reported.)
+        uids = []
+        observe = []
+        for p in pods:
+            uid = p.uid or f"{p.namespace}/{p.name}"
+            uids.append(uid)
+            if uid in on_node and p.node == node and p.phase not in _FINISHED_PHASES:
+                continue
+            observe.append((p, uid))
+        if not on_node.issubset(uids):
+            current = set(uids)
+            for uid in [uid for uid in on_node if uid not in current]:
+                self._pod_removed(cluster, uid, now)
+        for p, uid in observe:
+            same_node = p.node == node and p.cluster == cluster
+            self._pod_observed(p, now, key if same_node else "", uid)
 
     def _node_update(self, u: up.NodeUpdate, now: float, key: str) -> None:
         info = self.nodes.get(key)
