@@ -1498,7 +1498,7 @@ class FleetState:
                 return Allocation(key, cpu, mem)
         fleet = self.fleet
         slot = fleet.slot(key)
-        count = int(fleet.gpu_count[slot])
+        count = fleet.gpu_count.item(slot)
         if not count:
             return (
                 Allocation(key, cpu, mem, (), engine.GPU_MILLI)
@@ -1508,8 +1508,10 @@ class FleetState:
         # One node: plain Python over its few GPUs (numpy per call costs more here). Free
         # milli-GPU per GPU, 0 when unhealthy, freest first, lowest index on ties (what a
         # stable argsort of -free gives; `sorted(reverse=True)` keeps ties in order too).
-        free = fleet.gpu_free_milli[slot, :count].tolist()
-        unhealthy = int(fleet.gpu_unhealthy_mask[slot])
+        free = fleet.gpu_free_milli[slot].tolist()
+        if len(free) > count:
+            del free[count:]
+        unhealthy = fleet.gpu_unhealthy_mask.item(slot)
         if unhealthy:
             free = [0 if (unhealthy >> g) & 1 else f for g, f in enumerate(free)]
         if gpus > 1:
