@@ -419,7 +419,7 @@ def _frag_after_share(
     # Many candidates: GPUs of a node with the same free share give the same state, so only
     # the first GPU of each share is computed (a node's idle GPUs are mostly all alike).
     first = (left[:, :, None] == left[:, None, :]).argmax(axis=2)
-    row, gpu = np.nonzero(valid & (first == np.arange(g)))
+    row, gpu = (valid & (first == np.arange(g))).nonzero()
     new_one = left[row, gpu] - pod_gpu_milli
     ge_one = new_one[:, None] >= values[0]
     count_one = ge_old.sum(axis=1)[row] - ge_old[row, gpu] + ge_one
@@ -511,9 +511,12 @@ def _type_stats(gpu_left: IntArray, typical: TypicalPods) -> tuple[NDArray[np.in
     """Per state and type of the target workload: GPUs with the type's share free, and the
     milli free on the others (float64: integers, exact) ((R, T) each; `_gpu_stats`, which
     works per distinct request: fewer columns than types)."""
-    count_ge, milli_below = _gpu_stats(gpu_left, typical)
+    # `_gpu_stats` with the counts summed straight into int8 (<= 63 GPUs): no converting copy.
+    at_least = gpu_left[:, :, None] >= typical.distinct_gpu_milli[None, None, :]
     index = typical.distinct_index
-    return count_ge[:, index].astype(np.int8), milli_below[:, index].astype(np.float64)
+    count = np.add.reduce(at_least, axis=1, dtype=np.int8)[:, index]
+    below = np.add.reduce(np.where(at_least, 0, gpu_left[:, :, None]), axis=1)
+    return count, below[:, index].astype(np.float64)
 
 
 def _frag_of_type_stats(
@@ -1338,7 +1341,7 @@ class FragmentationScorer:
         fits = gpu >= pod_milli
         if gpus > 1:
             fits &= (gpu[:, :, None] == gpu[:, None, :]).argmax(axis=2) == np.arange(gpus)
-        row, col = np.nonzero(fits)
+        row, col = fits.nonzero()
         share = gpu[row, col]
         # Type t is hosted after the pod where the node's model and CPU allow it and enough
         # GPUs have t's share free (`_frag_of_stats`); "not allowed" is a GPU count no node

@@ -1296,7 +1296,7 @@ class _Engine:
         if c.memory_bytes:
             np.add.at(free.memory_bytes, slots, sign * c.memory_bytes)
         if c.gpus_per_pod:
-            pod_i, gpu_i = np.nonzero(pick_bits(picks, free.gpu_milli.shape[1]))
+            pod_i, gpu_i = pick_bits(picks, free.gpu_milli.shape[1]).nonzero()
             np.add.at(free.gpu_milli, (slots[pod_i], gpu_i), sign * c.milli_per_gpu)
             np.add.at(self.gpu_total, slots[pod_i], sign * c.milli_per_gpu)
         if self.states is not None:
