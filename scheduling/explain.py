@@ -84,10 +84,15 @@ class Explanation:
     @classmethod
     def from_first_failures(cls, first_failure: NDArray[np.int16]) -> Explanation:
         """Build from the per-node first failing reason (0 = node fits)."""
-        hist = np.bincount(first_failure.astype(np.int64), minlength=N_REASONS)
-        pairs = [(Reason(r), int(c)) for r, c in enumerate(hist.tolist()) if r and c]
+        return cls.from_histogram(np.bincount(first_failure.astype(np.int64), minlength=N_REASONS))
+
+    @classmethod
+    def from_histogram(cls, hist: NDArray[np.int64]) -> Explanation:
+        """Build from node counts per first failing reason (index 0: nodes that fit)."""
+        counts = hist.tolist()
+        pairs = [(Reason(r), int(c)) for r, c in enumerate(counts) if r and c]
         pairs.sort(key=lambda rc: (-rc[1], int(rc[0])))
-        return cls(n_nodes=int(first_failure.size), n_feasible=int(hist[0]), counts=tuple(pairs))
+        return cls(n_nodes=int(sum(counts)), n_feasible=int(counts[0]), counts=tuple(pairs))
 
     @property
     def dominant(self) -> Reason:

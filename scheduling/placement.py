@@ -42,7 +42,7 @@ from typing import cast
 import numpy as np
 from numpy.typing import NDArray
 
-from scheduling.explain import Explanation, Reason
+from scheduling.explain import N_REASONS, Explanation, Reason
 from scheduling.filters import (
     Constraints,
     Free,
@@ -813,18 +813,25 @@ class _Engine:
         """Dominant reason why no node takes this shape now."""
         if not self.live_rows.size:
             return int(Reason.NO_NODES)
-        ff = self.static_codes(shape).copy()
-        ok = ff == 0
-        rows = self.live_rows[ok]
+        codes = self.static_codes(shape)
         if self.states is None:
-            ff[ok] = resource_first_failure(self.free, self.cons(shape), rows)
-        else:  # nodes of one state class fail the same resource filter: once per class
-            cls = self.states.of[rows]
-            per = np.zeros(self.states.n, np.int16)
-            present = np.bincount(cls, minlength=self.states.n).nonzero()[0]
-            per[present] = resource_first_failure(self.states.free_of(), self.cons(shape), present)
-            ff[ok] = per[cls]
-        return int(Explanation.from_first_failures(ff).dominant) or int(Reason.INSUFFICIENT_CPU)
+            ff = codes.copy()
+            ok = ff == 0
+            ff[ok] = resource_first_failure(self.free, self.cons(shape), self.live_rows[ok])
+            why = Explanation.from_first_failures(ff)
+        else:
+            # Nodes of one state class fail the same resource filter: once per class, each
+            # class counted with its nodes (a histogram, not a code per node).
+            hist = np.bincount(codes, minlength=N_REASONS)
+            counts = np.bincount(
+                self.states.of[self.live_rows[codes == 0]], minlength=self.states.n
+            )
+            present = counts.nonzero()[0]
+            per = resource_first_failure(self.states.free_of(), self.cons(shape), present)
+            hist[0] = 0
+            hist += np.bincount(per, weights=counts[present], minlength=N_REASONS).astype(np.int64)
+            why = Explanation.from_histogram(hist)
+        return int(why.dominant) or int(Reason.INSUFFICIENT_CPU)
 
     # -- one run of identical pods -------------------------------------------------------
 
