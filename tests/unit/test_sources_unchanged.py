@@ -974,3 +974,24 @@ async def test_repeats_with_bad_envelopes_in_a_long_poll_are_dead_lettered_in_or
     assert view.sequence("c1", names[0]) == 2
     assert view.sequence("c1", names[10]) == 1
     assert view.sequence("c1", names[2_599]) == 2
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    entries=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 12)), max_size=40),
+    start=st.lists(st.integers(1, 8), min_size=6, max_size=6),
+)
+def test_a_column_gates_a_batch_in_order(entries: list[tuple[int, int]], start: list[int]) -> None:
+    """Slots more than once in a batch (a poll spanning two resync rounds) are gated as one
+    entry after the other would be."""
+    column = up.SequenceColumn(capacity=6)
+    for last in start:
+        column.add(up.SequenceCell(last))
+    expected, lasts = [], list(column.seq.tolist())
+    for slot, sequence in entries:
+        expected.append(sequence > lasts[slot])
+        lasts[slot] = max(lasts[slot], sequence)
+    slots = np.array([slot for slot, _ in entries], np.int64)
+    sequences = np.array([sequence for _, sequence in entries], np.int64)
+    assert column.admit(slots, sequences).tolist() == expected
+    assert column.seq.tolist() == lasts
