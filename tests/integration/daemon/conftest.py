@@ -16,7 +16,9 @@ import yaml
 
 from fleetd import config
 from fleetd.daemon import Daemon
+from fleetd.loadgen import produce
 from fleetd.v1 import fleet_pb2_grpc, nodepools_pb2_grpc, placement_pb2_grpc
+from tests.integration.sources_support import create_topic, h100_report, kafka_section, unique
 from tests.testbed.build import artefacts
 
 
@@ -83,6 +85,31 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
         await channel.close()
         await daemon.stop()
     await asyncio.sleep(0)
+
+
+async def start_on_kafka(
+    start_daemon: StartDaemon,
+    bootstrap: str,
+    records: Callable[[str], list[tuple[bytes, bytes]]] | None = None,
+    *,
+    cluster_list: bool = True,
+    **kafka_options: Any,
+) -> tuple[Daemon, Client, str, str]:
+    """A daemon fed by a topic of its own only: `records(cluster)` (default: one 8 x H100
+    node n0) of a fresh cluster produced first, readiness waiting for that cluster (without
+    `cluster_list`: for the consumer's catch-up). Returns (daemon, client, topic, cluster)."""
+    topic, cluster = unique("daemon"), unique("edge")
+    await create_topic(bootstrap, topic)
+    made = records(cluster) if records is not None else [h100_report(cluster, "n0", 1)]
+    await produce(bootstrap, topic, made)
+    clusters = [cluster] if cluster_list else None
+    daemon, client = await start_daemon(
+        sources={
+            "simulated": {"enabled": False},
+            "kafka": kafka_section(bootstrap, topic, clusters, **kafka_options),
+        }
+    )
+    return daemon, client, topic, cluster
 
 
 @pytest.fixture

@@ -14,10 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fleetd.loadgen import produce
-from tests.integration.sources_support import create_topic, h100_report, kafka_section, unique
-
-from .conftest import StartDaemon, promtool, scrape
+from .conftest import StartDaemon, promtool, scrape, start_on_kafka
 
 pytestmark = pytest.mark.testbed
 
@@ -239,15 +236,7 @@ async def test_every_metric_the_rules_use_is_exported(
     start_daemon: StartDaemon, kafka_bootstrap: str
 ) -> None:
     # (A daemon with a Kafka source: the source registers metrics of its own.)
-    topic, cluster = unique("alerts"), unique("edge")
-    await create_topic(kafka_bootstrap, topic)
-    await produce(kafka_bootstrap, topic, [h100_report(cluster, "n0", 1)])
-    daemon, _ = await start_daemon(
-        sources={
-            "simulated": {"enabled": False},
-            "kafka": kafka_section(kafka_bootstrap, topic, [cluster]),
-        }
-    )
+    daemon, _, _, _ = await start_on_kafka(start_daemon, kafka_bootstrap)
     text = await asyncio.to_thread(scrape, daemon)
     families = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
     used = {

@@ -10,18 +10,14 @@ import time
 
 import pytest
 
-from fleetd.loadgen import produce
 from fleetd.v1 import fleet_pb2
 from tests.integration.sources_support import (
     AWAIT_S,
-    create_topic,
     h100_report,
-    kafka_section,
-    unique,
 )
 from tests.testbed.procs import async_wait_until
 
-from .conftest import StartDaemon, promtool, scrape
+from .conftest import StartDaemon, promtool, scrape, start_on_kafka
 
 pytestmark = pytest.mark.testbed
 
@@ -29,18 +25,14 @@ pytestmark = pytest.mark.testbed
 async def test_kafka_metrics_are_exposed_and_promtool_clean(
     start_daemon: StartDaemon, kafka_bootstrap: str
 ) -> None:
-    topic, cluster = unique("metrics"), unique("edge")
-    await create_topic(kafka_bootstrap, topic)
-    key, good = h100_report(cluster, "n0", 1, observed_unix_ms=int(time.time() * 1000))
-    # A record that is not a TelemetryRecord, then a good one of the same key: one partition,
-    # in this order, so the dead letter is handled before the node shows up.
-    await produce(kafka_bootstrap, topic, [(key, b"\xff\x00garbage"), (key, good)])
-    daemon, client = await start_daemon(
-        sources={
-            "simulated": {"enabled": False},
-            "kafka": kafka_section(kafka_bootstrap, topic, [cluster]),
-        }
-    )
+
+    def records(cluster: str) -> list[tuple[bytes, bytes]]:
+        # A record that is not a TelemetryRecord, then a good one of the same key: one
+        # partition, in this order, so the dead letter is handled before the node shows up.
+        key, good = h100_report(cluster, "n0", 1, observed_unix_ms=int(time.time() * 1000))
+        return [(key, b"\xff\x00garbage"), (key, good)]
+
+    daemon, client, topic, cluster = await start_on_kafka(start_daemon, kafka_bootstrap, records)
 
     async def node_seen() -> bool:
         snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest(cluster=cluster))

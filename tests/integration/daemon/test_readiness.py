@@ -29,16 +29,14 @@ from fleetd.loadgen import produce
 from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
 from tests.integration.sources_support import (
     AWAIT_S,
-    create_topic,
     h100_report,
-    kafka_section,
     unique,
 )
 from tests.testbed.kube import KubeTestbed
 from tests.testbed.procs import async_wait_until
 from tests.testbed.runner import TestbedRun
 
-from .conftest import Client, StartDaemon, scrape
+from .conftest import Client, StartDaemon, scrape, start_on_kafka
 from .test_edge import _grpc_tool
 
 pytestmark = pytest.mark.testbed
@@ -76,14 +74,8 @@ def _place(wid: str, cluster: str) -> placement_pb2.PlaceRequest:
 async def test_kafka_broker_outage_drops_readiness_until_resynced(
     start_daemon: StartDaemon, kafka_bootstrap: str, testbed_run: TestbedRun
 ) -> None:
-    topic, cluster = unique("ready"), unique("edge")
-    await create_topic(kafka_bootstrap, topic)
-    await produce(kafka_bootstrap, topic, [h100_report(cluster, "n0", 1)])
-    daemon, client = await start_daemon(
-        sources={
-            "simulated": {"enabled": False},
-            "kafka": kafka_section(kafka_bootstrap, topic, [cluster], sync_lost_after_s=1),
-        }
+    daemon, client, topic, cluster = await start_on_kafka(
+        start_daemon, kafka_bootstrap, sync_lost_after_s=1
     )
     health = HealthWatch(client)
     try:
@@ -132,15 +124,12 @@ async def test_kafka_broker_outage_drops_readiness_until_resynced(
 async def test_kafka_without_a_cluster_list_is_ready_only_after_catching_up(
     start_daemon: StartDaemon, kafka_bootstrap: str
 ) -> None:
-    topic, cluster = unique("ready-all"), unique("edge")
-    await create_topic(kafka_bootstrap, topic)
-    await produce(kafka_bootstrap, topic, [h100_report(cluster, f"n{i}", 1) for i in range(20)])
-    # start_daemon returns once the daemon is ready.
-    _, client = await start_daemon(
-        sources={
-            "simulated": {"enabled": False},
-            "kafka": kafka_section(kafka_bootstrap, topic),
-        }
+    # start_on_kafka returns once the daemon is ready.
+    _, client, _, cluster = await start_on_kafka(
+        start_daemon,
+        kafka_bootstrap,
+        lambda cluster: [h100_report(cluster, f"n{i}", 1) for i in range(20)],
+        cluster_list=False,
     )
     status = await client.fleet.GetStatus(fleet_pb2.GetStatusRequest())
     assert status.ready

@@ -15,16 +15,14 @@ from fleetd.sources.updates import PodObserved, Resources, labels_of
 from fleetd.v1 import placement_pb2, types_pb2
 from tests.integration.sources_support import (
     AWAIT_S,
-    create_topic,
     h100_report,
-    kafka_section,
     unique,
 )
 from tests.testbed.gpu_nodes import KWOK_TOLERATION
 from tests.testbed.kube import KubeTestbed
 from tests.testbed.procs import async_wait_until
 
-from .conftest import StartDaemon
+from .conftest import StartDaemon, start_on_kafka
 
 pytestmark = pytest.mark.testbed
 
@@ -130,15 +128,7 @@ async def test_reservation_confirmed_by_the_watch_and_released_when_the_pod_goes
 async def test_reservation_confirmed_by_kafka_telemetry_and_released_when_the_pod_goes(
     start_daemon: StartDaemon, kafka_bootstrap: str
 ) -> None:
-    topic, cluster = unique("confirm"), unique("edge")
-    await create_topic(kafka_bootstrap, topic)
-    await produce(kafka_bootstrap, topic, [h100_report(cluster, "n0", 1, ())])
-    _, client = await start_daemon(
-        sources={
-            "simulated": {"enabled": False},
-            "kafka": kafka_section(kafka_bootstrap, topic, [cluster]),
-        }
-    )
+    _, client, topic, cluster = await start_on_kafka(start_daemon, kafka_bootstrap)
     wid = unique("job")
     spec = types_pb2.PodSpec(cpu_millicores=4000, memory_bytes=16 * GIB, gpu_count=4)
     wl = types_pb2.Workload(workload_id=wid, team="ml", pod=spec, cluster=cluster)
