@@ -1,4 +1,4 @@
-"""The `fleetd` command line: `fleetd serve | demo | explain | agent | retire-cluster`."""
+"""The `fleetd` command line: `fleetd serve | check-config | demo | explain | agent | retire-cluster`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", type=Path, help="YAML config (default: the embedded config/fleetd.yaml)"
     )
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file as `serve` would load it (and its TLS files); exit 2 if invalid",
+    )
+    check.add_argument("config", type=Path, help="YAML config file")
     demo = sub.add_parser("demo", help="start the daemon and drive it through the gRPC API")
     demo.add_argument("--trace", type=Path, help="openb-format pod list CSV (default: synthetic)")
     demo.add_argument("--pods", type=int, default=0, help="only the first N pods (0 = all)")
@@ -122,6 +127,24 @@ def explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_config(path: Path) -> int:
+    """`fleetd check-config FILE`: what `serve --config FILE` would refuse, without starting
+    (FLEETD_* environment overrides included, as for `serve`). For a config repository's CI,
+    or before a SIGHUP."""
+    from fleetd import config
+    from fleetd.api.tls import TlsFilesError, server_credentials
+
+    try:
+        cfg = config.load(path)
+        if cfg.server.tls.enabled:
+            server_credentials(cfg.server.tls)  # (the files exist and are PEM)
+    except (config.ConfigError, TlsFilesError) as exc:
+        print(f"fleetd: invalid config: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: valid (config_version {cfg.version()})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fleetd` script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -138,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         daemon.configure_logging(cfg.logging)
         return asyncio.run(daemon.serve(cfg, args.config))
+    if args.command == "check-config":
+        return check_config(args.config)
     if args.command == "explain":
         return explain(args)
     if args.command == "demo":
