@@ -1,4 +1,4 @@
-"""The `fleetd` command line: `fleetd serve | check-config | demo | explain | agent | retire-cluster`."""
+"""The `fleetd` command line: `fleetd serve | check-config | demo | explain | status | agent | retire-cluster`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser(
         "explain", help="ask a running daemon whether a pod would fit now, where, and if not why"
     )
-    explain.add_argument("--addr", default="127.0.0.1:50051", help="daemon gRPC address")
+    _client_arguments(explain)
     explain.add_argument("--gpus", type=int, default=0, help="whole GPUs")
     explain.add_argument("--gpu-milli", type=int, default=0, help="a share of one GPU, 1..999")
     explain.add_argument("--cpu-millicores", type=int, default=1000)
@@ -56,12 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--cluster", default="", help="restrict to this cluster")
     explain.add_argument("--pool", default="", help="restrict to this node pool")
     explain.add_argument("--team", default="cli")
-    explain.add_argument("--timeout-s", type=float, default=10.0)
-    explain.add_argument(
-        "--tls-ca-file", type=Path, help="TLS: CA (PEM) that verifies the daemon (server.tls)"
+    status = sub.add_parser(
+        "status", help="ask a running daemon whether it is ready, and each source's sync"
     )
-    explain.add_argument("--tls-cert-file", type=Path, help="mutual TLS: client certificate (PEM)")
-    explain.add_argument("--tls-key-file", type=Path, help="mutual TLS: its private key (PEM)")
+    _client_arguments(status)
     from fleetd import agent
 
     agent.build_parser(
@@ -74,6 +73,67 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     return parser
+
+
+def _client_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the commands that call a running daemon."""
+    parser.add_argument("--addr", default="127.0.0.1:50051", help="daemon gRPC address")
+    parser.add_argument("--timeout-s", type=float, default=10.0)
+    parser.add_argument(
+        "--tls-ca-file", type=Path, help="TLS: CA (PEM) that verifies the daemon (server.tls)"
+    )
+    parser.add_argument("--tls-cert-file", type=Path, help="mutual TLS: client certificate (PEM)")
+    parser.add_argument("--tls-key-file", type=Path, help="mutual TLS: its private key (PEM)")
+
+
+def _channel(args: argparse.Namespace) -> Any:
+    """A gRPC channel to the daemon from `_client_arguments` flags; SystemExit(2) with the
+    reason when they are unusable."""
+    import grpc
+
+    if args.tls_ca_file is None:
+        if args.tls_cert_file or args.tls_key_file:
+            print(f"fleetd {args.command}: --tls-cert-file needs --tls-ca-file", file=sys.stderr)
+            raise SystemExit(2)
+        return grpc.insecure_channel(args.addr)
+    try:
+        creds = grpc.ssl_channel_credentials(
+            args.tls_ca_file.read_bytes(),
+            private_key=args.tls_key_file.read_bytes() if args.tls_key_file else None,
+            certificate_chain=args.tls_cert_file.read_bytes() if args.tls_cert_file else None,
+        )
+    except OSError as exc:
+        print(f"fleetd {args.command}: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    return grpc.secure_channel(args.addr, creds)
+
+
+def status(args: argparse.Namespace) -> int:
+    """`fleetd status`: GetStatus, printed for a person; exit 0 when ready, 1 when not (or
+    unreachable)."""
+    import grpc
+
+    from fleetd.v1 import fleet_pb2, fleet_pb2_grpc
+
+    with _channel(args) as channel:
+        try:
+            reply = fleet_pb2_grpc.FleetStub(channel).GetStatus(
+                fleet_pb2.GetStatusRequest(), timeout=args.timeout_s
+            )
+        except grpc.RpcError as exc:
+            print(f"fleetd status: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    state = "ready" if reply.ready else f"not ready: {reply.not_ready_reason}"
+    print(
+        f"{state} (fleetd {reply.version}, up {reply.uptime_s:.0f}s, config "
+        f"{reply.config_version}, {reply.nodes_stale} nodes stale)"
+    )
+    for src in sorted(reply.sources, key=lambda x: (x.source, x.cluster)):
+        synced = "synced" if src.synced else f"NOT SYNCED: {src.reason}"
+        print(
+            f"  {src.source:<10} {src.cluster:<24} {synced}, last update {src.last_update_age_s:.1f}s ago"
+        )
+    return 0 if reply.ready else 1
 
 
 def explain(args: argparse.Namespace) -> int:
@@ -93,23 +153,7 @@ def explain(args: argparse.Namespace) -> int:
         workload_id="fleetd-cli-explain", team=args.team, pod=pod, cluster=args.cluster,
         pool=args.pool,
     )  # fmt: skip
-    if args.tls_ca_file is None:
-        if args.tls_cert_file or args.tls_key_file:
-            print("fleetd explain: --tls-cert-file needs --tls-ca-file", file=sys.stderr)
-            return 2
-        channel = grpc.insecure_channel(args.addr)
-    else:
-        try:
-            creds = grpc.ssl_channel_credentials(
-                args.tls_ca_file.read_bytes(),
-                private_key=args.tls_key_file.read_bytes() if args.tls_key_file else None,
-                certificate_chain=args.tls_cert_file.read_bytes() if args.tls_cert_file else None,
-            )
-        except OSError as exc:
-            print(f"fleetd explain: {exc.filename}: {exc.strerror}", file=sys.stderr)
-            return 2
-        channel = grpc.secure_channel(args.addr, creds)
-    with channel:
+    with _channel(args) as channel:
         try:
             reply = placement_pb2_grpc.PlacementStub(channel).Explain(
                 placement_pb2.ExplainRequest(workload=workload), timeout=args.timeout_s
@@ -165,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.config)
     if args.command == "explain":
         return explain(args)
+    if args.command == "status":
+        return status(args)
     if args.command == "demo":
         from fleetd import demo
 

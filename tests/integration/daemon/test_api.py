@@ -342,6 +342,28 @@ async def test_cli_explain(
     assert "GPU_MODEL" in out
 
 
+async def test_cli_status(start_daemon: StartDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+    from fleetd import cli
+
+    daemon, _ = await start_daemon(
+        sources={"simulated": {"confirm_after_s": 3600}}, staleness={"node_stale_after_s": 3600}
+    )
+    addr = f"127.0.0.1:{daemon.grpc_port}"
+    code = await asyncio.to_thread(cli.main, ["status", "--addr", addr])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert lines[0].startswith("ready (fleetd ")
+    assert ", 0 nodes stale)" in lines[0]
+    assert [line.split()[:3] for line in lines[1:]] == [
+        ["simulated", "sim-east", "synced,"],
+        ["simulated", "sim-west", "synced,"],
+    ]
+    await daemon.stop()
+    code = await asyncio.to_thread(cli.main, ["status", "--addr", addr, "--timeout-s", "2"])
+    assert code == 1
+    assert capsys.readouterr().err.startswith("fleetd status: UNAVAILABLE")
+
+
 async def test_queued_work_scales_up_a_pool_and_then_runs(start_daemon: StartDaemon) -> None:
     _, client = await start_daemon(
         autoscaling={"interval_s": 0.05},
