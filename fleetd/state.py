@@ -1181,11 +1181,103 @@ class FleetState:
             observe.append((p, uid))
         if not on_node.issubset(uids):
             current = set(uids)
-            for uid in [uid for uid in on_node if uid not in current]:
+            gone = [uid for uid in on_node if uid not in current]
+            if (
+                len(gone) == 1
+                and len(observe) == 1
+                and self._pod_replaced(cluster, node, key, gone[0], *observe[0], now)
+            ):
+                return
+            for uid in gone:
                 self._pod_removed(cluster, uid, now)
         for p, uid in observe:
             same_node = p.node == node and p.cluster == cluster
             self._pod_observed(p, now, key if same_node else "", uid)
+
+    def _pod_replaced(
+        self,
+        cluster: str,
+        node: str,
+        key: str,
+        old_uid: str,
+        p: up.PodObserved,
+        uid: str,
+        now: float,
+    ) -> bool:
+        """A report whose pods differ from the known ones by one pod replaced by another
+        (`_reconcile_pods`: pod `old_uid` gone, `p` new), when the new pod would hold what
+        the old one held: `_pod_removed` of the old pod then `_pod_observed` of the new
+        one would free an allocation and allocate an equal one (the same requests; for a
+        GPU, the freest healthy one once the old pod's share is back is the old pod's), so
+        the node table is left as it is and the new pod takes the old one's `Allocation`.
+        True when done so, False (nothing done) otherwise: a queue to retry between the
+        two (`_retry_queue`), labels or a reservation, a node that would not fit the new
+        pod (its capacity shrank below what is allocated), another device."""
+        if (
+            self.queue
+            or p.labels
+            or p.node != node
+            or p.cluster != cluster
+            or p.phase in _FINISHED_PHASES
+        ):
+            return False
+        pods = self.pods
+        old = pods.get((cluster, old_uid))
+        if (
+            old is None
+            or old.reservation is not None
+            or old.slot is None
+            or (cluster, uid) in pods
+            or key not in self.nodes
+        ):
+            return False
+        alloc, requests = old.slot, p.requests
+        if (
+            requests.cpu_millicores != alloc.cpu_millicores
+            or requests.memory_bytes != alloc.memory_bytes
+            or alloc.node != key
+        ):
+            return False
+        fleet = self.fleet
+        slot = fleet.slot(key)
+        if requests.gpus <= 0:
+            if alloc.gpu_indices:
+                return False
+        else:
+            indices = alloc.gpu_indices
+            if (
+                requests.gpus != 1
+                or len(indices) != 1
+                or alloc.gpu_milli_per_gpu != engine.GPU_MILLI
+            ):
+                return False
+            g = indices[0]
+            count = fleet.gpu_count.item(slot)
+            unhealthy = fleet.gpu_unhealthy_mask.item(slot)
+            if not 0 <= g < count or (unhealthy >> g) & 1:
+                return False
+            # (`_observed_allocation` on the node with the old pod's share back.)
+            free = fleet.gpu_free_milli[slot].tolist()
+            del free[count:]
+            free[g] += engine.GPU_MILLI
+            if unhealthy:
+                free = [0 if (unhealthy >> i) & 1 else f for i, f in enumerate(free)]
+            if free.index(max(free)) != g:
+                return False
+        # (What `Fleet.allocate` checks after the free: the used amounts stay as they are.)
+        if fleet.cpu_allocated_millicores.item(slot) > fleet.cpu_allocatable_millicores.item(
+            slot
+        ) or fleet.memory_allocated_bytes.item(slot) > fleet.memory_allocatable_bytes.item(slot):
+            return False
+        # `_pod_removed` of the old pod (no reservation, no queue), `_pod_observed` of the new
+        # one (no labels, unknown, on this node), the fleet's free and allocate cancelling.
+        del pods[(cluster, old_uid)]
+        on_node = self._pods_on[(cluster, node)]
+        on_node.discard(old_uid)
+        on_node.add(uid)
+        self.node_since[key] = now
+        pods[(cluster, uid)] = _ObservedPod(cluster, node, alloc, {}, requests)
+        return True
 
     def _node_update(self, u: up.NodeUpdate, now: float, key: str) -> None:
         info = self.nodes.get(key)

@@ -57,6 +57,7 @@ def _pod(node: str, uid: str, gpus: int, milli: str = "", phase: str = "Running"
 
 #: One step: (node index, what changes). "cordon", "ready", "gpu" (index, healthy),
 #: "gpu-dup" (an index listed twice), "add" (pod gpus, milli label), "drop" (pod slot),
+#: "replace" (pod slot, new pod's gpus, milli label, cpu), "swap" (pod slot: one like it),
 #: "finish" (pod slot), "same" (the same content again), "stale" (the node goes stale),
 #: "lost" (its cluster's sync lost / back): no report; "k8s": a report without pods.
 step = st.one_of(
@@ -67,6 +68,9 @@ step = st.one_of(
     st.tuples(st.integers(0, 2), st.just("add"), st.sampled_from([0, 1, 2]),
               st.sampled_from(["", "500", "x"])),
     st.tuples(st.integers(0, 2), st.just("drop"), st.integers(0, 3)),
+    st.tuples(st.integers(0, 2), st.just("swap"), st.integers(0, 3)),
+    st.tuples(st.integers(0, 2), st.just("replace"), st.integers(0, 3), st.sampled_from([0, 1, 2]),
+              st.sampled_from(["", "500"]), st.sampled_from([1000, 2000])),
     st.tuples(st.integers(0, 2), st.just("finish"), st.integers(0, 3)),
     st.tuples(st.integers(0, 2), st.just("same")),
     st.tuples(st.integers(0, 2), st.just("stale")),
@@ -104,6 +108,22 @@ def _run(steps: list[tuple[object, ...]], tmp: Path) -> FleetState:
             uid += 1
             gpus_wanted, milli = int(args[0]), str(args[1])  # type: ignore[call-overload]
             n = dataclasses.replace(n, pods=(*pods, _pod(n.name, f"p{uid}", gpus_wanted, milli)))
+        elif kind == "replace" and pods:
+            # One pod replaced by another (the same requests or not): `_pod_replaced`.
+            uid += 1
+            k = int(args[0]) % len(pods)  # type: ignore[call-overload]
+            gpus_wanted, milli, cpu = int(args[1]), str(args[2]), int(args[3])  # type: ignore[call-overload]
+            new = _pod(n.name, f"p{uid}", gpus_wanted, milli)
+            new = dataclasses.replace(
+                new, requests=dataclasses.replace(new.requests, cpu_millicores=cpu)
+            )
+            n = dataclasses.replace(n, pods=(*pods[:k], new, *pods[k + 1 :]))
+        elif kind == "swap" and pods:
+            # A pod replaced by one like it (a new uid): mostly `_pod_replaced`.
+            uid += 1
+            k = int(args[0]) % len(pods)  # type: ignore[call-overload]
+            new = dataclasses.replace(pods[k], uid=f"p{uid}", name=f"p{uid}", phase="Running")
+            n = dataclasses.replace(n, pods=(*pods[:k], new, *pods[k + 1 :]))
         elif kind == "drop" and pods:
             k = int(args[0]) % len(pods)  # type: ignore[call-overload]
             n = dataclasses.replace(n, pods=pods[:k] + pods[k + 1 :])
@@ -323,3 +343,25 @@ def test_heartbeats_with_repeated_slots_are_gated_in_order(
     admitted = state_module._admit_in_order(column, slots, sequences)
     assert admitted.tolist() == expected
     assert column.seq[:6].tolist() == reference
+
+
+def test_a_pod_replaced_by_one_of_its_shape_takes_its_allocation(tmp_path: Path) -> None:
+    """`_pod_replaced`: the new pod holds the old one's GPU and the node table is not
+    written (its version stays), as freeing and allocating again would leave it."""
+    state = _run([(0, "add", 1, ""), (0, "add", 1, "")], tmp_path)
+    slot = state.fleet.slot("c/n0")
+    held = state.fleet.gpu_free_milli[slot, :4].tolist()
+    version = state.fleet.version
+    before = state.pods[("c", "p1")].slot
+    n0 = state.nodes["c/n0"].spec_update
+    assert n0 is not None
+    assert n0.pods is not None
+    new = _pod("n0", "p9", 1)
+    state.apply_now(
+        dataclasses.replace(n0, sequence=99, pods=(new, n0.pods[1]), content_token=b"r")
+    )
+    assert ("c", "p1") not in state.pods
+    assert state.pods[("c", "p9")].slot is before
+    assert state._pods_on[("c", "n0")] == {"p2", "p9"}
+    assert state.fleet.version == version
+    assert state.fleet.gpu_free_milli[slot, :4].tolist() == held
