@@ -19,6 +19,7 @@ it reports again) is swept by the state owner for every source alike (`FleetStat
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import gc
@@ -609,7 +610,7 @@ class KafkaSource:
             contents = self._contents
             #: The repeats: their records and the slots of the contents they repeat.
             candidates: list[Any] = []
-            repeat_slots: list[int] = []
+            repeat_slots = array.array("q")  # (int64s as appended: no list of ints to convert)
             #: Positions of the records parsed in full (the others were repeats).
             full_positions: set[int] = set()
             rests: list[bytes] = []
@@ -713,7 +714,7 @@ class KafkaSource:
                         del best[rec.key]
             if rests:
                 sequences, times, decoded = decode_envelope_rests(rests)
-                slots = np.array(repeat_slots, np.int64)
+                slots = np.frombuffer(repeat_slots, np.int64)
                 if not decoded.all():
                     # Not the usual envelope (or a bad one): the full path decides.
                     position_of = {
@@ -895,20 +896,26 @@ class KafkaSource:
         heads: dict[str, bytes] = {}
         bindings: dict[str, tuple[list[int], list[str], list[bytes]]] = {}
         for _, update, key, layout in chosen:
-            if key is None or not isinstance(update, NodeUpdate | NodeRemoved):
+            if key is None:
                 continue
-            old = contents.get(key)
-            if old is not None and type(update) is NodeUpdate and update.content_token:
+            if type(update) is NodeUpdate:
+                old = contents.get(key)
+                tail = update.content_token
+            elif isinstance(update, NodeUpdate | NodeRemoved):
+                old = contents.get(key)
+                tail = update.content_token if isinstance(update, NodeUpdate) else b""
+            else:
+                continue
+            if old is not None and tail:
                 # The same key: the same cluster and node, whose gate cell the column
                 # holds at the slot (the gate keeps a subject's cell while it is not
                 # removed, and a removed node is forgotten here at once).
-                tail = update.content_token
-                column.refresh(old.slot)
-                old.replace(tail, update, layout)
+                assert isinstance(update, NodeUpdate)
                 slot = old.slot
+                column.refresh(slot)
+                old.replace(tail, update, layout)
                 cluster = update.cluster
             else:
-                tail = update.content_token if isinstance(update, NodeUpdate) else b""
                 cell = None
                 if tail:
                     cell = cell_of((update.cluster, "node", update.name))
