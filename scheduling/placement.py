@@ -286,6 +286,25 @@ class _Chunk:
         self.scores: list[list[float]] = [[]] if n == 1 else [[] for _ in range(n)]
         self.picks: list[list[int]] = [[]] if n == 1 else [[] for _ in range(n)]
 
+    @classmethod
+    def of_class(
+        cls, cid: int, room: I64, depth: int, scores: list[float], picks: list[int]
+    ) -> _Chunk:
+        """A state class's closed-form chunk with its first `depth` scores and picks (built
+        without `__init__`'s generality: thousands per call)."""
+        chunk = cls.__new__(cls)
+        chunk._base = None
+        chunk.cid = cid
+        chunk.base_pick = chunk.last_pick = _NO_PICK
+        chunk.last_view = None
+        chunk.depth = depth
+        chunk.live = _ONE_ROW
+        chunk.room = room
+        chunk.carry = None
+        chunk.scores = [scores]
+        chunk.picks = [picks]
+        return chunk
+
 
 #: The chunk of every state class with room for a single pod of a closed-form shape: its
 #: deeper scores are never read (the merge stops at a row's room), so none are computed.
@@ -1228,11 +1247,9 @@ class _Engine:
                     p_rows = p.reshape(use.size, steps_used).tolist()
                     for j, u in enumerate(use.tolist()):
                         cid = new[u]
-                        # closed form: no stepwise picks
-                        chunk = _Chunk(None, _NO_PICK, cid=cid, room=room_at[u : u + 1])
-                        chunk.depth = steps
-                        chunk.scores[0] = s_rows[j]
-                        chunk.picks[0] = p_rows[j]
+                        chunk = _Chunk.of_class(
+                            cid, room_at[u : u + 1], steps, s_rows[j], p_rows[j]
+                        )
                         cache[cid] = (chunk, 0)
             else:
                 # The class's depth-0 pick: that of its first row here (all rows agree).
