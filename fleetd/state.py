@@ -1065,7 +1065,7 @@ class FleetState:
         valid = table.bound(slots) if table is not None else np.zeros(n, np.bool_)
         applied = np.zeros(n, np.bool_)
         if table is not None and valid.any():
-            applied[valid] = _admit_in_order(table.column, slots[valid], u.sequences[valid])
+            applied[valid] = table.column.admit(slots[valid], u.sequences[valid])
         refused = n - int(np.count_nonzero(valid))
         moved_n = int(np.count_nonzero(applied))
         stale_seq = n - refused - moved_n
@@ -2278,40 +2278,6 @@ class FleetState:
     def nodes_stale(self) -> int:
         """Nodes currently marked stale."""
         return sum(1 for info in self.nodes.values() if info.stale)
-
-
-def _admit_in_order(
-    column: up.SequenceColumn, slots: NDArray[np.int64], sequences: NDArray[np.int64]
-) -> NDArray[np.bool_]:
-    """`column.admit(slots, sequences)` in a few numpy steps also when a slot appears more
-    than once (a poll that spans the end of one resync round and the start of the next
-    holds two reports of some nodes; `admit` would gate the whole batch one entry at a
-    time then, ~0.25 us an entry): the k-th entries of the repeated slots are admitted
-    together, k = 1, 2, ..., which keeps each slot's entries in order."""
-    if len(slots) == 0:
-        return column.admit(slots, sequences)
-    counts = np.bincount(slots)
-    if counts.max() == 1:
-        return column.admit(slots, sequences)
-    repeated = counts[slots] > 1
-    admitted = np.zeros(len(slots), np.bool_)
-    once = ~repeated
-    if once.any():
-        admitted[once] = column.admit(slots[once], sequences[once])
-    entries = np.flatnonzero(repeated)
-    # Each entry's rank among its slot's entries (0 for the first): a stable sort by slot,
-    # then the position in the sorted order minus where the slot's run starts.
-    order = np.argsort(slots[entries], kind="stable")
-    by_slot = slots[entries][order]
-    starts = np.ones(len(order), np.bool_)
-    starts[1:] = by_slot[1:] != by_slot[:-1]
-    position = np.arange(len(order))
-    rank = np.empty(len(order), np.int64)
-    rank[order] = position - np.maximum.accumulate(np.where(starts, position, 0))
-    for k in range(int(rank.max()) + 1):
-        take = entries[rank == k]
-        admitted[take] = column.admit(slots[take], sequences[take])
-    return admitted
 
 
 def _same_fields(info: _NodeInfo, u: up.NodeUpdate) -> bool:

@@ -320,31 +320,6 @@ def test_every_heartbeat_slot_holds_its_nodes_gate_cell(
     assert any(table.slot_of for table in state._beats.values())
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    st.lists(st.integers(1, 9), min_size=6, max_size=6),
-    st.lists(st.tuples(st.integers(0, 5), st.integers(0, 12)), max_size=25),
-)
-def test_heartbeats_with_repeated_slots_are_gated_in_order(
-    start: list[int], entries: list[tuple[int, int]]
-) -> None:
-    """`_admit_in_order` (a poll holding two reports of a node) admits what gating the
-    entries one at a time, in order, admits, and leaves the same sequences."""
-    column = up.SequenceColumn(capacity=8)
-    reference = list(start)
-    for slot, sequence in enumerate(start):
-        column.bind([slot], [up.SequenceCell(sequence)])
-    expected = []
-    for slot, sequence in entries:
-        expected.append(sequence > reference[slot])
-        reference[slot] = max(reference[slot], sequence)
-    slots = np.array([s for s, _ in entries], np.int64)
-    sequences = np.array([q for _, q in entries], np.int64)
-    admitted = state_module._admit_in_order(column, slots, sequences)
-    assert admitted.tolist() == expected
-    assert column.seq[:6].tolist() == reference
-
-
 def test_a_pod_replaced_by_one_of_its_shape_takes_its_allocation(tmp_path: Path) -> None:
     """`_pod_replaced`: the new pod holds the old one's GPU and the node table is not
     written (its version stays), as freeing and allocating again would leave it."""
