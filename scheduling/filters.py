@@ -79,7 +79,15 @@ def compile_pod(fleet: Fleet, pod: PodSpec) -> Constraints:
 
 def _row_sum(a: NDArray[Any]) -> NDArray[np.int64]:
     # (R, G) -> (R,): an integer product with ones (numpy reduces a short last axis slowly).
-    return np.asarray(a @ np.ones(a.shape[1], np.int64), np.int64)
+    g = a.shape[1]
+    ones = _ONES.get(g)
+    if ones is None:
+        ones = _ONES[g] = np.ones(g, np.int64)
+        ones.flags.writeable = False
+    return np.asarray(a @ ones, np.int64)
+
+
+_ONES: dict[int, NDArray[np.int64]] = {}
 
 
 def _row_any(a: NDArray[np.bool_]) -> Mask:

@@ -330,7 +330,7 @@ def states_after(base: NodeView, c: Constraints, depths: I64) -> NodeView:
     free = base.gpu_free_milli
     g = free.shape[1]
     if c.gpus_per_pod == 0 or g == 0:
-        gpu = np.broadcast_to(free[:, None, :], (r, d, g))
+        gpu = free.repeat(d, axis=0)  # (r * d, g): the GPUs do not change
     elif c.milli_per_gpu < GPU_MILLI:
         m = c.milli_per_gpu
         fits = free >= m
@@ -354,7 +354,7 @@ def states_after(base: NodeView, c: Constraints, depths: I64) -> NodeView:
         memory_free_bytes=mem,
         cpu_allocatable_millicores=base.cpu_allocatable_millicores.repeat(d),
         memory_allocatable_bytes=base.memory_allocatable_bytes.repeat(d),
-        gpu_free_milli=np.ascontiguousarray(gpu).reshape(r * d, g),
+        gpu_free_milli=gpu.reshape(r * d, g),
         gpu_usable=base.gpu_usable.repeat(d, axis=0),
         gpu_model_id=base.gpu_model_id.repeat(d),
     )
