@@ -191,10 +191,21 @@ class Metrics:
                 self.telemetry_lag.labels(cluster).set_function(lambda: lags[cluster])
             lags[cluster] = lag_s
 
+        # Ignored updates are counted one call each (a redelivered poll's stale repeats:
+        # thousands): the counter's children are kept (never removed) rather than looked
+        # up with `labels` every time.
+        ignored: dict[str, Any] = {}
+
+        def update_ignored(reason: str) -> None:
+            child = ignored.get(reason)
+            if child is None:
+                child = ignored[reason] = self.updates_ignored.labels(reason)
+            child.inc()
+
         return StateMetrics(
             decision=lambda kind, result: self.decisions.labels(kind, result or "none").inc(),
             telemetry_lag=telemetry_lag,
-            update_ignored=lambda reason: self.updates_ignored.labels(reason).inc(),
+            update_ignored=update_ignored,
             inventory_removed=lambda cluster, n: self.inventory_removed.labels(cluster).inc(n),
         )
 
