@@ -978,7 +978,8 @@ def node_after_envelope(value: bytes, start: int) -> tuple[int, int, int, int]:
     canonical node report): (sequence, observed_unix_ms, where the node field's tag is,
     where its NodeReport bytes begin). (0, 0, -1, -1) for anything else; the envelope is
     accepted exactly as `decode_envelope_rests` accepts it (sequence above 0, varints of
-    at most 9 bytes)."""
+    at most 9 bytes). The reading byte by byte, for one record: the source finds the shape
+    with `node_field_at` and decodes the values in bulk; tests check the two agree."""
     end = len(value)
     sequence, i = _varint_at(value, start, 9)
     if sequence <= 0 or i >= end:
