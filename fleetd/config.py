@@ -154,7 +154,12 @@ class StalenessConfig(_Strict):
     """When a silent node stops receiving placements (reloadable)."""
 
     node_stale_after_s: float = Field(
-        120.0, gt=0, description="A node with no telemetry for this long is unschedulable."
+        120.0,
+        gt=0,
+        description=(
+            "A node with no telemetry for this long is unschedulable (also, read at start,"
+            " the Kafka replay's bound: older reports come in stale)."
+        ),
     )
     check_interval_s: float = Field(5.0, gt=0, le=300, description="How often staleness is swept.")
 
@@ -535,11 +540,8 @@ class Config(BaseSettings):
 
     @model_validator(mode="after")
     def _clients_need_mutual_tls(self) -> Config:
-        if self.teams.clients and not self.server.tls.client_ca_file:
-            raise ValueError(
-                "teams.clients: client identities come from mutual TLS: set"
-                " server.tls.client_ca_file"
-            )
+        if _clients_without_mutual_tls(self):
+            raise ValueError(_CLIENTS_NEED_MTLS)
         return self
 
     @classmethod
@@ -614,6 +616,23 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     ]
 
 
+_CLIENTS_NEED_MTLS = (
+    "teams.clients: client identities come from mutual TLS: set server.tls.client_ca_file"
+)
+
+
+def _clients_without_mutual_tls(cfg: Config) -> bool:
+    return bool(cfg.teams.clients) and not cfg.server.tls.client_ca_file
+
+
 def merge_reloadable(old: Config, new: Config) -> Config:
-    """`old` with the reloadable sections of `new`: what a hot reload applies."""
-    return old.model_copy(update={name: getattr(new, name) for name in RELOADABLE_SECTIONS})
+    """`old` with the reloadable sections of `new`: what a hot reload applies. ConfigError
+    when the result breaks a rule across sections (a reloadable section that needs a
+    restart-only setting the running config lacks)."""
+    merged = old.model_copy(update={name: getattr(new, name) for name in RELOADABLE_SECTIONS})
+    if _clients_without_mutual_tls(merged):
+        raise ConfigError(
+            f"{_CLIENTS_NEED_MTLS} (the running server has none: server settings need a"
+            " restart, so restart with both)"
+        )
+    return merged

@@ -396,6 +396,7 @@ class Daemon:
             return False
         try:
             new = cfgmod.load(self.config_path)
+            merged = cfgmod.merge_reloadable(self.config, new)
         except ConfigError as exc:
             self._count_reload("error")
             log.error(
@@ -405,7 +406,6 @@ class Daemon:
         restart = cfgmod.restart_only_changes(self.config, new)
         if restart:
             log.warning("config sections changed that need a restart", extra={"sections": restart})
-        merged = cfgmod.merge_reloadable(self.config, new)
         self.config = merged
         if self.state is not None:
             self.state.set_config(merged)

@@ -196,12 +196,16 @@ class Edge:
             )
 
 
-def _rpc(method: str, team_of: Callable[[Any, Any], str] | None = None) -> Callable[[Any], Any]:
+def _rpc(
+    method: str, team_of: Callable[[Any, Any], str | None] | None = None
+) -> Callable[[Any], Any]:
     """Decorate a servicer method whose body returns a zero-argument handler.
 
     The handler runs on the loop: validation, then one state-owner call (Place awaits its
     batch, see `FleetState.submit`). With `team_of(servicer, request)`, the request acts for
-    that team, and the client must be allowed to (`Edge.authorize`) before anything else.
+    that team, and the client must be allowed to (`Edge.authorize`) before anything else;
+    None (no team given, no such workload) leaves the answer to the handler
+    (INVALID_ARGUMENT, NOT_FOUND).
     """
 
     def wrap(fn: Callable[..., Callable[[], R]]) -> Callable[..., Awaitable[R]]:
@@ -213,7 +217,9 @@ def _rpc(method: str, team_of: Callable[[Any, Any], str] | None = None) -> Calla
                 inner = handler
 
                 def handler() -> R:
-                    edge.authorize(context, team_of(self, request))
+                    team = team_of(self, request)
+                    if team is not None:
+                        edge.authorize(context, team)
                     return inner()
 
             return await edge.unary(method, context, handler)
@@ -223,14 +229,19 @@ def _rpc(method: str, team_of: Callable[[Any, Any], str] | None = None) -> Calla
     return wrap
 
 
-def _workload_team(servicer: Any, request: Any) -> str:
-    return str(request.workload.team)
+def _workload_team(servicer: Any, request: Any) -> str | None:
+    """The team a Place or Explain names (None when it names none: invalid)."""
+    return str(request.workload.team) or None
 
 
-def _held_team(servicer: Any, request: Any) -> str:
-    """The team of the reservation a Release names ('' when there is none)."""
-    held = servicer.edge.state.held.get(request.workload_id)
-    return str(held.record.team) if held is not None else ""
+def _held_team(servicer: Any, request: Any) -> str | None:
+    """The team of the reservation or queued workload a Release names (None: neither)."""
+    state = servicer.edge.state
+    held = state.held.get(request.workload_id)
+    if held is not None:
+        return str(held.record.team)
+    queued = state.queue.get(request.workload_id)
+    return str(queued.request.team) if queued is not None else None
 
 
 class PlacementServicer(placement_pb2_grpc.PlacementServicer):

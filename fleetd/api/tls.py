@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from pathlib import Path
 
@@ -36,14 +37,16 @@ class _CertFiles:
         self._stamp = self._stamps()
         self.initial = self._configuration()
 
-    def _stamps(self) -> tuple[tuple[int, int], ...]:
+    def _stamps(self) -> tuple[tuple[int, int, int, int], ...]:
+        # (The change time and inode too: a copy that keeps size and modification time,
+        # `cp -p`, still changes those.)
         stamps = []
         for path in self._paths:
             try:
                 st = os.stat(path)
             except OSError as exc:
                 raise TlsFilesError(f"server.tls: cannot read {path}: {exc.strerror}") from exc
-            stamps.append((st.st_mtime_ns, st.st_size))
+            stamps.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
         return tuple(stamps)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
@@ -58,7 +61,29 @@ class _CertFiles:
             contents.append(data)
         key, chain = contents[0], contents[1]
         roots = contents[2] if len(contents) > 2 else None
+        self._check(roots)
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=roots)
+
+    def _check(self, roots: bytes | None) -> None:
+        """TlsFilesError unless the key and the chain make a pair and the CAs parse (gRPC
+        itself would only fail the bind, or keep the old files, with the reason on stderr).
+        The pair is loaded from the paths again: what changes between the two reads makes
+        the next handshake read them once more (the stamp moves on success only)."""
+        key_path, cert_path = self._paths[0], self._paths[1]
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cert_path, key_path)
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsFilesError(
+                f"server.tls: {cert_path} and {key_path} are not a certificate and its key: {exc}"
+            ) from exc
+        if roots is not None:
+            try:
+                context.load_verify_locations(cadata=roots.decode("ascii"))
+            except (ssl.SSLError, ValueError) as exc:
+                raise TlsFilesError(
+                    f"server.tls: {self._paths[2]} holds no usable CA certificate: {exc}"
+                ) from exc
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """The new configuration when the files changed since the last one, else None."""

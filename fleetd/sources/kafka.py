@@ -579,8 +579,11 @@ class KafkaSource:
         newest_aged: dict[bytes, bool] = {}
         for tp, records in batches.items():
             end = self._replay_end[tp]
+            # Records this source applied already (redelivered after a rebalance sought
+            # back) were judged then: their node may have reported since.
+            applied = self._next_offset.get(tp, 0)
             for rec in records:
-                if rec.key is not None:
+                if rec.key is not None and rec.offset >= applied:
                     newest_aged[rec.key] = rec.offset < end and rec.timestamp < cutoff_ms
         silent: list[Update] = []
         for key, aged in newest_aged.items():

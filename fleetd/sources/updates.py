@@ -165,6 +165,9 @@ def fast_constructor(cls: type[_V]) -> Callable[..., _V]:
     names = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
     if getattr(cls, "__slots__", None) != names or cls.__bases__ != (object,):
         raise TypeError(f"{cls.__name__}: not a slotted dataclass of object")
+    if hasattr(cls, "__post_init__"):
+        # (The twin's `__init__` would skip it: checks or derived fields left out.)
+        raise TypeError(f"{cls.__name__}: has a __post_init__, which this would skip")
     twin: Any = dataclasses.make_dataclass(
         cls.__name__, names, slots=True, eq=False, repr=False, match_args=False
     )

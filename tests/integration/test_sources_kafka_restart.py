@@ -152,4 +152,5 @@ async def test_nodes_silent_for_longer_than_the_staleness_bound_are_replayed_sta
         await view.wait_for(
             lambda: _held(view) == newest_sequences(old + recent + late_clock), AWAIT_S
         )
-        assert len([u for u in view.log if isinstance(u, NodeStale)]) == len(gone)
+        marked = {(u.cluster, u.name) for u in view.log if isinstance(u, NodeStale)}
+        assert marked == {(u.cluster, u.name) for u in gone}

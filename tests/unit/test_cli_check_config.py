@@ -43,3 +43,28 @@ def test_an_invalid_file_fails_naming_file_and_field(
     err = capsys.readouterr().err
     assert err.startswith("fleetd: invalid config: ")
     assert says in err
+
+
+def test_a_key_that_is_not_the_certificates_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.testbed.tls import self_signed_serving_cert
+
+    _, cert = self_signed_serving_cert("server")
+    other_key, _ = self_signed_serving_cert("other")
+    (tmp_path / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "tls.key").write_bytes(
+        other_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path = tmp_path / "fleetd.yaml"
+    path.write_text(
+        f"server:\n  tls:\n    cert_file: {tmp_path / 'tls.crt'}\n    key_file: {tmp_path / 'tls.key'}\n"
+    )
+    assert cli.main(["check-config", str(path)]) == 2
+    assert "are not a certificate and its key" in capsys.readouterr().err

@@ -172,3 +172,20 @@ def test_reload_merges_only_reloadable_sections(tmp_path: Path) -> None:
     assert merged.scheduling.policy == "bestfit"
     assert merged.server == old.server
     assert merged.version() != old.version()
+
+
+def test_reload_refuses_client_teams_before_the_restart_that_enables_mutual_tls(
+    tmp_path: Path,
+) -> None:
+    # The file gains both; only teams is reloadable, so the running server has no client
+    # CA and every call would come from client '': refused rather than locking clients out.
+    (tmp_path / "ca.crt").write_text("(a CA)")
+    new = config.load(
+        write(
+            tmp_path,
+            "server:\n  tls: {cert_file: a.crt, key_file: a.key, client_ca_file: ca.crt}\n"
+            "teams:\n  clients: {trainer: [research]}\n",
+        )
+    )
+    with pytest.raises(config.ConfigError, match=r"teams\.clients.*restart"):
+        config.merge_reloadable(config.Config(), new)

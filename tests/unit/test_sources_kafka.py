@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -14,7 +15,7 @@ from fleetd.sources.codec import encode_node, node_key
 from fleetd.sources.kafka import DLQ_REASON_HEADER, KafkaSource, KafkaSourceSettings
 from fleetd.sources.memory import FleetView
 from fleetd.sources.metrics import SourceMetrics
-from fleetd.sources.updates import NodeUpdate
+from fleetd.sources.updates import NodeStale, NodeUpdate
 from tests.unit.test_sources_codec import gpu_node
 
 TP = TopicPartition("t", 0)
@@ -198,3 +199,53 @@ async def test_a_polls_commit_overlaps_the_next_poll_and_counts_once_committed()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await source._abandon_commit()
+
+
+@dataclasses.dataclass
+class _TimedRec(Rec):
+    timestamp: float = 0.0
+
+
+class _StartingConsumer(Consumer):
+    """The topic held 1,000 records of each partition when the source started."""
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 1000 for tp in partitions}
+
+
+class _StaleCounting(FleetView):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stale_reports = 0
+
+    def apply_now(self, update: Any) -> None:
+        self.stale_reports += isinstance(update, NodeStale)
+        super().apply_now(update)
+
+
+async def test_a_replay_marks_nodes_silent_too_long_stale_and_judges_each_record_once() -> None:
+    view = _StaleCounting()
+    source = KafkaSource(KafkaSourceSettings(replay_max_age_s=120.0), view)
+    now_ms = time.time() * 1000
+    hour_ago, fresh = now_ms - 3_600_000, now_ms - 1_000
+    (ka, a1), (_, a2), (kb, b1) = _report("a", 1), _report("a", 2), _report("b", 3)
+    old_a = _TimedRec(ka, a1, offset=0, timestamp=hour_ago)
+    consumer, producer = _StartingConsumer(), Producer()
+    # a's newest record is recent, b's an hour old: b is stale, a not.
+    recs = [
+        old_a,
+        _TimedRec(ka, a2, offset=1, timestamp=fresh),
+        _TimedRec(kb, b1, offset=2, timestamp=hour_ago),
+    ]
+    await source.process({TP: recs}, consumer, producer)
+    assert (view.stale, view.stale_reports) == ({("c1", "b")}, 1)
+    # A rebalance sought back (the seek is this process's position before the poll): a's
+    # hour-old record comes again, alone. It was judged with the poll it came in: a stays.
+    await source.process({TP: [old_a]}, consumer, producer)
+    assert (view.stale, view.stale_reports) == ({("c1", "b")}, 1)
+    # After the start, nothing is judged by age (a clock running late is trusted).
+    source.ready.set()
+    _, b4 = _report("b", 4)
+    await source.process({TP: [_TimedRec(kb, b4, 1000, timestamp=hour_ago)]}, consumer, producer)
+    assert view.stale_reports == 1
+    assert view.sequence("c1", "b") == 4

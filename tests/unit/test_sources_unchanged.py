@@ -939,6 +939,16 @@ def test_fast_constructors_only_for_slotted_dataclasses() -> None:
     with pytest.raises(TypeError):
         up.fast_constructor(Plain)
 
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        x: int
+
+        def __post_init__(self) -> None:
+            assert self.x >= 0
+
+    with pytest.raises(TypeError, match="__post_init__"):
+        up.fast_constructor(Checked)
+
 
 async def test_repeats_with_bad_envelopes_in_a_long_poll_are_dead_lettered_in_order() -> None:
     """A poll longer than a scan run (`YIELD_EVERY_RECORDS`): repeats whose envelope the

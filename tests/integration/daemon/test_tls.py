@@ -159,20 +159,30 @@ async def test_a_rotated_certificate_is_served_without_a_restart(
             os.replace(path.with_suffix(".new"), path)
         assert await _status(daemon, second.cert_pem) == grpc.StatusCode.OK
         assert await _status(daemon, first.cert_pem) == grpc.StatusCode.UNAVAILABLE
-        # A connection made before goes on; a broken rotation keeps the last good files.
+        # A connection made before goes on; a broken rotation keeps the last good files:
+        # not PEM, or a certificate without its key (a rotation caught half done).
         await stub.GetStatus(fleet_pb2.GetStatusRequest(), timeout=10)
         cert_file.write_bytes(b"not a certificate")
         assert await _status(daemon, second.cert_pem) == grpc.StatusCode.OK
+        cert_file.write_bytes(first.cert_pem)
+        assert await _status(daemon, second.cert_pem) == grpc.StatusCode.OK
+        key_file.write_bytes(first.key_pem)  # (the rotation completes)
+        assert await _status(daemon, first.cert_pem) == grpc.StatusCode.OK
 
 
-async def test_a_missing_tls_file_stops_the_start_with_its_name(
+async def test_unusable_tls_files_stop_the_start_with_their_names(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
-    server = _Authority(tmp_path, "server")
+    server, other = _Authority(tmp_path, "server"), _Authority(tmp_path, "other")
     missing = tmp_path / "missing.key"
     with pytest.raises(TlsFilesError, match=str(missing)):
         await start_daemon(
             server={"tls": {"cert_file": str(server.cert_file), "key_file": str(missing)}}
+        )
+    # PEM, but the key is another certificate's (gRPC alone would only fail to bind).
+    with pytest.raises(TlsFilesError, match="are not a certificate and its key"):
+        await start_daemon(
+            server={"tls": {"cert_file": str(server.cert_file), "key_file": str(other.key_file)}}
         )
 
 
@@ -193,38 +203,62 @@ async def test_teams_clients_decide_who_acts_for_which_team(
         return grpc.aio.secure_channel(target, creds)
 
     details: list[str] = []
+    results: list[int] = []
 
-    async def place(name: str, team: str, workload_id: str) -> grpc.StatusCode:
-        pod = types_pb2.PodSpec(cpu_millicores=1000, memory_bytes=2**30, gpu_count=1)
-        request = placement_pb2.PlaceRequest(
-            workload=types_pb2.Workload(workload_id=workload_id, team=team, pod=pod)
-        )
+    async def call(name: str, method: str, request: Any) -> grpc.StatusCode:
         async with channel(name) as ch:
             try:
-                await placement_pb2_grpc.PlacementStub(ch).Place(request, timeout=10)
+                reply = await getattr(placement_pb2_grpc.PlacementStub(ch), method)(
+                    request, timeout=10
+                )
             except grpc.aio.AioRpcError as exc:
                 details.append(exc.details() or "")
                 return exc.code()
+        results.append(getattr(reply, "result", 0))
         return grpc.StatusCode.OK
 
+    def workload(team: str, workload_id: str, gpus: int = 1) -> types_pb2.Workload:
+        pod = types_pb2.PodSpec(cpu_millicores=1000, memory_bytes=2**30, gpu_count=gpus)
+        return types_pb2.Workload(
+            workload_id=workload_id, team=team, pod=pod, cluster="sim-west", pool="h100"
+        )
+
+    async def place(name: str, team: str, workload_id: str, gpus: int = 1) -> grpc.StatusCode:
+        request = placement_pb2.PlaceRequest(workload=workload(team, workload_id, gpus))
+        return await call(name, "Place", request)
+
+    async def explain(name: str, team: str) -> grpc.StatusCode:
+        request = placement_pb2.ExplainRequest(workload=workload(team, "x"))
+        return await call(name, "Explain", request)
+
     async def release(name: str, workload_id: str) -> grpc.StatusCode:
-        async with channel(name) as ch:
-            try:
-                await placement_pb2_grpc.PlacementStub(ch).Release(
-                    placement_pb2.ReleaseRequest(workload_id=workload_id), timeout=10
-                )
-            except grpc.aio.AioRpcError as exc:
-                return exc.code()
-        return grpc.StatusCode.OK
+        return await call(name, "Release", placement_pb2.ReleaseRequest(workload_id=workload_id))
 
     denied, ok = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OK
     assert await place("trainer", "research", "r-1") == ok
     assert await place("trainer", "batch", "b-1") == denied
     assert details[-1] == "client 'trainer' may not act for team 'batch' (teams.clients)"
+    assert await explain("trainer", "research") == ok
+    assert await explain("trainer", "batch") == denied
     assert await place("stranger", "research", "r-2") == denied  # (a valid certificate, not listed)
     assert await place("platform", "batch", "b-1") == ok
-    assert await release("trainer", "b-1") == denied  # (another team's reservation)
+    assert await release("trainer", "b-1") == denied
+    assert details[-1] == "client 'trainer' may not act for team 'batch' (teams.clients)"
     assert await release("trainer", "r-1") == ok
     assert await release("platform", "b-1") == ok
+    # A workload waiting in the queue is its team's too: fill the pool, then queue one.
+    for i in range(64):
+        assert await place("platform", "batch", f"fill-{i}", gpus=8) == ok
+        if results[-1] == types_pb2.DECISION_RESULT_QUEUED:
+            break
+    assert results[-1] == types_pb2.DECISION_RESULT_QUEUED
+    assert await place("trainer", "research", "r-queued", gpus=8) == ok
+    assert results[-1] == types_pb2.DECISION_RESULT_QUEUED
+    assert await release("trainer", "r-queued") == ok
+    assert await place("platform", "batch", "b-queued", gpus=8) == ok
+    assert await release("trainer", "b-queued") == denied  # (another team's, queued)
+    # An unknown workload is NOT_FOUND, whoever asks; a Place without a team is invalid.
+    assert await release("trainer", "no-such-workload") == grpc.StatusCode.NOT_FOUND
+    assert await place("trainer", "", "r-3") == grpc.StatusCode.INVALID_ARGUMENT
     # Reading the fleet needs only a certificate of the CA.
     assert await _status(daemon, server.cert_pem, clients.client("stranger")) == ok
