@@ -308,21 +308,10 @@ class _HeartbeatTable:
         sequence and freshness written back, but keep the slot's node for `rebind`. Returns
         the node's gate cell when it has a slot (see `rebind`), else None."""
         slot = self.slot_of.get(key)
-        if slot is None:
-            return None
-        column = self.column
-        column.flush(slot)
-        column.seq[slot] = 0
-        seen = self.seen.item(slot)
-        if seen:
-            self.seen[slot] = 0.0
-            info = self.infos[slot]
-            if info is not None and seen > info.last_seen_s:
-                info.last_seen_s = seen
-        return self.cells[slot]
+        return None if slot is None else self.suspend_slot(slot)
 
     def suspend_slot(self, slot: int) -> up.SequenceCell | None:
-        """`suspend` of the slot a `_NodeInfo` names (`beat_slot`): no lookup by key."""
+        """`suspend` of a slot by number (a `_NodeInfo` names its own: `beat_slot`)."""
         seq = self.column.seq
         last = seq.item(slot)
         cell = self.cells[slot]  # (the column's cell of the slot: `bind` puts both)
