@@ -381,6 +381,8 @@ class _SourceInfo:
     down_reason: str = ""
     #: Down for longer than the source's `sync_lost_after_s`: its sync is lost (not ready).
     lost: bool = False
+    #: How far the initial sync is, as the source last said ('' when it says nothing).
+    progress: str = ""
 
 
 #: Explain's reason for the nodes of a cluster whose source lost its sync.
@@ -599,6 +601,13 @@ class FleetState:
         shows in GetStatus as cluster SOURCE_WIDE."""
         self.expect_source(source, SOURCE_WIDE)
 
+    def source_progress(self, source: str, progress: str) -> None:
+        """How far `source`'s initial sync is (e.g. records left to read), shown in the
+        reason of its clusters that are not synced yet (GetStatus, `fleetd status`)."""
+        for (src, _), info in self.sources.items():
+            if src == source and not info.synced:
+                info.progress = progress
+
     def source_synced(self, source: str) -> None:
         """The source-wide initial sync of `source` is done (see `expect_source_wide`)."""
         self._check_owner()
@@ -702,8 +711,9 @@ class FleetState:
             since = max(0.0, self.clock() - s.down_since_s)
             return f"sync lost {since:.0f} s ago: {s.down_reason}"
         if not s.synced:
+            progress = f": {s.progress}" if s.progress else ""
             extra = f" ({s.down_reason})" if s.down_since_s else ""
-            return "waiting for the initial sync" + extra
+            return "waiting for the initial sync" + progress + extra
         return ""
 
     def not_ready_reason(self) -> str:

@@ -359,6 +359,9 @@ class KafkaSource:
         #: cannot be reached, True once it is back and the consumer caught up with the end
         #: offsets it saw on return (the daemon's readiness; see `_probe`).
         self.on_connection: Callable[[bool, str], None] | None = None
+        #: Told how far the initial sync is ("1,234,567 records to read"; '' when read up
+        #: to the end offsets at assignment), after every poll until it is done.
+        self.on_progress: Callable[[str], None] | None = None
         self._connected: bool | None = None
         #: Why the group's assignment leaves partitions of the topic to another consumer
         #: ('' when this source reads them all; see `_assigned`).
@@ -1117,9 +1120,13 @@ class KafkaSource:
             return
         if self._initial_end is None or set(self._initial_end) != assignment:
             self._initial_end = await consumer.end_offsets(list(assignment))
+        behind = 0
         for tp, end in self._initial_end.items():
-            if await consumer.position(tp) < end:
-                return
+            behind += max(0, end - await consumer.position(tp))
+        if self.on_progress is not None:
+            self.on_progress(f"{behind:,} records to read" if behind else "")
+        if behind:
+            return
         missing = self.settings.required_clusters - self._seen_clusters
         if missing:
             return
@@ -1233,6 +1240,7 @@ def build(config: Any, state: Any, daemon_metrics: Any) -> Callable[[], Awaitabl
     sink = StateSink(state, lambda kind: metrics.telemetry_records.labels("rejected").inc())
     source = KafkaSource(settings, sink, metrics=metrics)
     source.on_connection = lambda ok, reason: state.source_connection(SOURCE, "", ok, reason)
+    source.on_progress = lambda progress: state.source_progress(SOURCE, progress)
     if settings.required_clusters:
         return source.run
     state.expect_source_wide(SOURCE)

@@ -249,3 +249,30 @@ async def test_a_replay_marks_nodes_silent_too_long_stale_and_judges_each_record
     await source.process({TP: [_TimedRec(kb, b4, 1000, timestamp=hour_ago)]}, consumer, producer)
     assert view.stale_reports == 1
     assert view.sequence("c1", "b") == 4
+
+
+class _SyncingConsumer(Consumer):
+    """Assigned one partition whose end was offset 100 at assignment, read up to `position`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at = 0
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 100 for tp in partitions}
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.at
+
+
+async def test_the_initial_sync_reports_how_many_records_are_left() -> None:
+    source = KafkaSource(KafkaSourceSettings(), FleetView())
+    told: list[str] = []
+    source.on_progress = told.append
+    consumer = _SyncingConsumer()
+    consumer.at = 40
+    await source._check_initial_sync(consumer)  # type: ignore[arg-type]
+    assert (told, source.ready.is_set()) == (["60 records to read"], False)
+    consumer.at = 100
+    await source._check_initial_sync(consumer)  # type: ignore[arg-type]
+    assert (told[-1], source.ready.is_set()) == ("", True)

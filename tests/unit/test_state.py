@@ -228,6 +228,23 @@ def test_resync_keeps_per_node_staleness(tmp_path: Path, clock: FakeClock) -> No
     assert "CLUSTER_SYNC_LOST" not in {r[0] for r in placed[2].explanation.reasons}
 
 
+def test_a_sources_progress_shows_in_its_reason_until_synced(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    state = FleetState(Config(), Journal(tmp_path / "j.db"), clock)
+    state.expect_source("kafka", "c1")
+    assert state.source_reason("kafka", "c1") == "waiting for the initial sync"
+    state.source_progress("kafka", "1,234 records to read")
+    assert (
+        state.source_reason("kafka", "c1") == "waiting for the initial sync: 1,234 records to read"
+    )
+    state.apply_now(node("n0", seq=1))
+    state.apply_now(up.ClusterSynced("c1", "kafka"))
+    assert state.source_reason("kafka", "c1") == ""
+    state.source_progress("kafka", "5 records to read")  # (a synced cluster is not waiting)
+    assert state.source_reason("kafka", "c1") == ""
+
+
 def test_source_wide_sync_gates_readiness(tmp_path: Path, clock: FakeClock) -> None:
     state = FleetState(Config(), Journal(tmp_path / "j.db"), clock)
     state.expect_source_wide("kafka")
