@@ -782,6 +782,18 @@ def _varint_at(data: bytes, i: int, max_bytes: int = 10) -> tuple[int, int]:
     return -1, start
 
 
+def _length_at(data: bytes, i: int, end: int) -> tuple[int, int]:
+    """(length, index after it) of a length-delimited field's length at data[i] (i < end);
+    (-1, i) if it is not one. One and two bytes (a field of up to 16 KiB: a pod, a GPU, a
+    node) without `_varint_at`'s loop."""
+    length = data[i]
+    if length < 0x80:
+        return length, i + 1
+    if i + 1 < end and data[i + 1] < 0x80:
+        return (length & 0x7F) | (data[i + 1] << 7), i + 2
+    return _varint_at(data, i)
+
+
 def node_offset_in_tail(tail: bytes) -> int:
     """Where the NodeReport bytes begin inside a `node_content_tail` (after its tag and its
     length varint, whose size follows from the tail's length)."""
@@ -836,17 +848,9 @@ def fields_of(data: bytes, start: int, end: int, tag: int) -> list[bytes] | None
     while i < end:
         if data[i] != tag or i + 1 >= end:
             return None
-        length = data[i + 1]
-        if length < 0x80:
-            after = i + 2
-        elif i + 2 < end and data[i + 2] < 0x80:
-            # (Two bytes: a pod or GPU of 128 bytes to 16 KiB, the usual size.)
-            length = (length & 0x7F) | (data[i + 2] << 7)
-            after = i + 3
-        else:
-            length, after = _varint_at(data, i + 1)
-            if length < 0:
-                return None
+        length, after = _length_at(data, i + 1, end)
+        if length < 0:
+            return None
         i = after + length
         if i > end:
             return None
@@ -957,17 +961,8 @@ def node_field_at(value: bytes, start: int) -> tuple[int, int]:
     end = len(value)
     if tag + 1 >= end:
         return -1, -1
-    length = value[tag + 1]
-    if length < 0x80:
-        after = tag + 2
-    elif tag + 2 < end and value[tag + 2] < 0x80:
-        length = (length & 0x7F) | (value[tag + 2] << 7)
-        after = tag + 3
-    else:
-        length, after = _varint_at(value, tag + 1)
-        if length < 0:
-            return -1, -1
-    if after + length != end:
+    length, after = _length_at(value, tag + 1, end)
+    if length < 0 or after + length != end:
         return -1, -1
     return tag, after
 
