@@ -68,10 +68,20 @@ class ServerTlsConfig(_Strict):
         ),
     )
 
+    metrics: bool = Field(
+        False,
+        description=(
+            "Serve /metrics over TLS too, with the same files (a client certificate of"
+            " client_ca_file required when that is set)."
+        ),
+    )
+
     @model_validator(mode="after")
     def _files_together(self) -> ServerTlsConfig:
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("cert_file and key_file go together")
+        if self.metrics and not self.cert_file:
+            raise ValueError("metrics (TLS for /metrics) needs cert_file and key_file")
         if self.client_ca_file and not self.cert_file:
             raise ValueError("client_ca_file needs cert_file and key_file (mutual TLS is TLS)")
         return self

@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from fleetd import config as cfgmod
 from fleetd.api.parsing import ParseRequests
 from fleetd.api.servicers import Edge, FleetServicer, NodePoolsServicer, PlacementServicer
-from fleetd.api.tls import TlsFilesError, server_credentials
+from fleetd.api.tls import MetricsTls, TlsFilesError, server_credentials
 from fleetd.autoscaler import Autoscaler
 from fleetd.config import Config, ConfigError
 from fleetd.journal import Journal
@@ -64,6 +64,8 @@ _RESERVED_LOG_ATTRS = set(vars(logging.makeLogRecord({})))
 METRICS_REFRESH_S = 5.0
 #: How often sources that reported a lost connection are checked against sync_lost_after_s.
 SOURCE_CHECK_S = 1.0
+#: How often the metrics endpoint's TLS files are checked for a rotation.
+TLS_CHECK_S = 2.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -192,7 +194,8 @@ class Daemon:
             raise OSError(f"cannot bind gRPC on {cfg.server.grpc_listen}")
         await server.start()
         self.server = server
-        self.metrics_port = self.metrics.serve(cfg.server.metrics_listen)
+        metrics_tls = MetricsTls(cfg.server.tls) if cfg.server.tls.metrics else None
+        self.metrics_port = self.metrics.serve(cfg.server.metrics_listen, metrics_tls)
         log.info(
             "fleetd serving",
             extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
@@ -212,6 +215,9 @@ class Daemon:
         # Sources report connection changes as they happen; this turns "down for longer
         # than sync_lost_after_s" into lost sync (readiness drops).
         self._spawn("source-sync", self._every(lambda: SOURCE_CHECK_S, state.check_sources))
+        if metrics_tls is not None:
+            # (gRPC checks its files at every handshake; the metrics server cannot ask.)
+            self._spawn("metrics-tls", self._every(lambda: TLS_CHECK_S, metrics_tls.refresh))
         self._spawn(
             "metrics-refresh",
             self._every(lambda: METRICS_REFRESH_S, lambda: self.metrics.refresh(state)),

@@ -8,6 +8,7 @@ Names follow the Prometheus conventions (base units in the name, `_total` for co
 
 from __future__ import annotations
 
+import ssl
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from fleetd.state import StateMetrics
 from scheduling.fleet import FLAG_CORDONED, FLAG_STALE, FLAG_UNHEALTHY
 
 if TYPE_CHECKING:
+    from fleetd.api.tls import MetricsTls
     from fleetd.state import FleetState
 
 # Decision latency buckets: sub-millisecond to a second.
@@ -283,10 +285,22 @@ class Metrics:
             if age_s >= 0:
                 self.telemetry_age.labels(source, cluster).set(age_s)
 
-    def serve(self, listen: str) -> int:
-        """Serve /metrics on `listen` (host:port; port 0 = ephemeral); returns the bound port."""
+    def serve(self, listen: str, tls: MetricsTls | None = None) -> int:
+        """Serve /metrics on `listen` (host:port; port 0 = ephemeral), over TLS with `tls`
+        (a client certificate required when it has a client CA); returns the bound port."""
         host, _, port = listen.rpartition(":")
-        server, thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        options: dict[str, Any] = {}
+        if tls is not None:
+            cert, key, ca = tls.check()
+            options = {"certfile": cert, "keyfile": key, "client_cafile": ca,
+                       "client_auth_required": ca is not None}  # fmt: skip
+        server, thread = start_http_server(
+            int(port), addr=host.strip("[]"), registry=self.registry, **options
+        )
+        if tls is not None:
+            # (The server's own context: `MetricsTls.refresh` loads rotated files into it.)
+            assert isinstance(server.socket, ssl.SSLSocket)
+            tls.context = server.socket.context
         self._http, self._thread = server, thread
         return int(server.server_address[1])
 

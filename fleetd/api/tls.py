@@ -1,6 +1,6 @@
-"""TLS of the gRPC server: credentials from `server.tls` whose files are read again when
-they change, so a rotated certificate (cert-manager, a mounted Secret) is served from the
-next handshake on, without a restart."""
+"""TLS of the gRPC server and of the metrics endpoint, from `server.tls`: the files are read
+again when they change, so a rotated certificate (cert-manager, a mounted Secret) is served
+from the next handshake on, without a restart."""
 
 from __future__ import annotations
 
@@ -16,30 +16,30 @@ from fleetd.config import ServerTlsConfig
 
 log = logging.getLogger(__name__)
 
+_Stamp = tuple[tuple[int, int, int, int], ...]
+
 
 class TlsFilesError(ValueError):
-    """A TLS file of the config cannot be read or is not PEM; the message names it."""
+    """A TLS file of the config cannot be read, is not PEM, or the key is not the
+    certificate's; the message names it."""
 
 
 class _CertFiles:
-    """The server's key, certificate chain and client CAs, re-read when a file changes.
+    """The server's key, certificate chain and client CAs, and whether they changed.
 
-    gRPC asks `fetch` before every handshake (from its own threads); it answers None (keep
-    the configuration in use) unless a file's modification time or size moved. A file
-    caught half-written, or a key that does not match, keeps the old configuration (logged)
-    until the next change."""
+    A change is a moved inode, change or modification time, or size of any of them. What
+    `read` refuses (a file caught half-written, a key that is not the certificate's: a
+    rotation half done) leaves the last good files in use until the next change."""
 
     def __init__(self, tls: ServerTlsConfig) -> None:
-        self._paths = [Path(p).expanduser() for p in (tls.key_file, tls.cert_file)]
-        if tls.client_ca_file:
-            self._paths.append(Path(tls.client_ca_file).expanduser())
+        self.key_path = Path(tls.key_file).expanduser()
+        self.cert_path = Path(tls.cert_file).expanduser()
+        self.ca_path = Path(tls.client_ca_file).expanduser() if tls.client_ca_file else None
+        self._paths = [self.key_path, self.cert_path] + ([self.ca_path] if self.ca_path else [])
         self._lock = threading.Lock()
         self._stamp = self._stamps()
-        self.initial = self._configuration()
 
-    def _stamps(self) -> tuple[tuple[int, int, int, int], ...]:
-        # (The change time and inode too: a copy that keeps size and modification time,
-        # `cp -p`, still changes those.)
+    def _stamps(self) -> _Stamp:
         stamps = []
         for path in self._paths:
             try:
@@ -49,7 +49,8 @@ class _CertFiles:
             stamps.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
         return tuple(stamps)
 
-    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+    def read(self) -> tuple[bytes, bytes, bytes | None]:
+        """(key, chain, client CAs or None), checked: TlsFilesError when unusable."""
         contents = []
         for path in self._paths:
             try:
@@ -59,51 +60,106 @@ class _CertFiles:
             if b"-----BEGIN " not in data:
                 raise TlsFilesError(f"server.tls: {path} is not PEM")
             contents.append(data)
-        key, chain = contents[0], contents[1]
-        roots = contents[2] if len(contents) > 2 else None
-        self._check(roots)
-        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=roots)
+        roots = contents[2] if self.ca_path else None
+        # gRPC alone would only fail the bind, or keep the old files, with the reason on
+        # stderr. The pair is loaded from the paths again: what changes between the two
+        # reads makes the next check read them once more (the stamp moves on success only).
+        self.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), roots)
+        return contents[0], contents[1], roots
 
-    def _check(self, roots: bytes | None) -> None:
-        """TlsFilesError unless the key and the chain make a pair and the CAs parse (gRPC
-        itself would only fail the bind, or keep the old files, with the reason on stderr).
-        The pair is loaded from the paths again: what changes between the two reads makes
-        the next handshake read them once more (the stamp moves on success only)."""
-        key_path, cert_path = self._paths[0], self._paths[1]
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    def load_into(self, context: ssl.SSLContext, roots: bytes | None) -> None:
+        """Load the pair (and the CAs) into `context`; TlsFilesError when unusable."""
         try:
-            context.load_cert_chain(cert_path, key_path)
+            context.load_cert_chain(self.cert_path, self.key_path)
         except (ssl.SSLError, OSError) as exc:
             raise TlsFilesError(
-                f"server.tls: {cert_path} and {key_path} are not a certificate and its key: {exc}"
+                f"server.tls: {self.cert_path} and {self.key_path} are not a certificate and"
+                f" its key: {exc}"
             ) from exc
         if roots is not None:
             try:
                 context.load_verify_locations(cadata=roots.decode("ascii"))
             except (ssl.SSLError, ValueError) as exc:
                 raise TlsFilesError(
-                    f"server.tls: {self._paths[2]} holds no usable CA certificate: {exc}"
+                    f"server.tls: {self.ca_path} holds no usable CA certificate: {exc}"
                 ) from exc
 
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """The new configuration when the files changed since the last one, else None."""
+    def forget(self) -> None:
+        """Take the files as changed at the next check."""
+        with self._lock:
+            self._stamp = ()
+
+    def if_changed(self) -> tuple[bytes, bytes, bytes | None] | None:
+        """The files, read and checked, when they changed since the last good read; None
+        when they did not, or are not usable (logged)."""
         with self._lock:
             try:
                 stamp = self._stamps()
                 if stamp == self._stamp:
                     return None
-                configuration = self._configuration()
+                files = self.read()
             except TlsFilesError as exc:
                 log.error("TLS files changed but cannot be used (%s): keeping the previous", exc)
                 return None
             self._stamp = stamp
-            log.info("gRPC TLS: certificate files changed, serving the new ones")
-            return configuration
+            return files
 
 
 def server_credentials(tls: ServerTlsConfig) -> grpc.ServerCredentials:
-    """Credentials for `add_secure_port` (TlsFilesError when a file cannot be used)."""
+    """Credentials for the gRPC server's `add_secure_port` (TlsFilesError when a file
+    cannot be used). gRPC asks before every handshake, from its own threads, whether the
+    files changed."""
     files = _CertFiles(tls)
+
+    def configuration(
+        key: bytes, chain: bytes, roots: bytes | None
+    ) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=roots)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        changed = files.if_changed()
+        if changed is None:
+            return None
+        log.info("gRPC TLS: certificate files changed, serving the new ones")
+        return configuration(*changed)
+
     return grpc.dynamic_ssl_server_credentials(
-        files.initial, files.fetch, require_client_authentication=bool(tls.client_ca_file)
+        configuration(*files.read()), fetch, require_client_authentication=bool(tls.client_ca_file)
     )
+
+
+class MetricsTls:
+    """The metrics endpoint's TLS: the files checked before its server starts with them
+    (`check`), then loaded into the server's context again by `refresh` when they changed
+    (the daemon calls it every few seconds). New CAs add to the ones trusted; a CA dropped
+    from the file stays trusted until a restart."""
+
+    def __init__(self, tls: ServerTlsConfig) -> None:
+        self._files = _CertFiles(tls)
+        self.context: ssl.SSLContext | None = None
+
+    def check(self) -> tuple[str, str, str | None]:
+        """(certificate, key, client CA) paths for the server, once checked (TlsFilesError)."""
+        self._files.read()
+        files = self._files
+        return (
+            str(files.cert_path),
+            str(files.key_path),
+            (str(files.ca_path) if files.ca_path else None),
+        )
+
+    def refresh(self) -> bool:
+        """Load the files into `context` again if they changed (and are usable); True when
+        it did."""
+        changed = self._files.if_changed()
+        if changed is None or self.context is None:
+            return False
+        try:
+            self._files.load_into(self.context, changed[2])
+        except TlsFilesError as exc:
+            # (Changed again since they were checked: the next refresh loads them anew.)
+            self._files.forget()
+            log.error("metrics TLS: %s", exc)
+            return False
+        log.info("metrics TLS: certificate files changed, serving the new ones")
+        return True

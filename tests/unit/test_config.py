@@ -119,6 +119,7 @@ def test_good_file_overrides_defaults(tmp_path: Path) -> None:
         pytest.param(
             "teams:\n  clients: {trainer: [research]}\n", "teams.clients", id="clients-without-mtls"
         ),
+        pytest.param("server:\n  tls:\n    metrics: true\n", "server.tls", id="metrics-tls-alone"),
     ],
 )
 def test_bad_file_error_names_file_and_field(tmp_path: Path, text: str, field: str) -> None:

@@ -5,8 +5,11 @@ rotated certificate is served from the next handshake on without a restart."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
+import ssl
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from fleetd import cli
 from fleetd.api.tls import TlsFilesError
 from fleetd.daemon import Daemon
 from fleetd.v1 import fleet_pb2, fleet_pb2_grpc, placement_pb2, placement_pb2_grpc, types_pb2
+from tests.testbed.procs import async_wait_until
 from tests.testbed.tls import client_cert, self_signed_serving_cert
 
 from .conftest import StartDaemon
@@ -38,11 +42,55 @@ def _pem(key: Any, cert: Any) -> tuple[bytes, bytes]:
     )
 
 
-class _Authority:
-    """A self-signed certificate for 127.0.0.1 (its own CA) and PEM files of it."""
+def _plain_ca(name: str) -> tuple[Any, Any]:
+    """A CA certificate that only signs (no extended key usage: OpenSSL, unlike gRPC's
+    BoringSSL, refuses client certificates under a CA restricted to server auth)."""
+    import datetime
 
-    def __init__(self, directory: Path, name: str) -> None:
-        self.key, self.cert = self_signed_serving_cert(name)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+class _Authority:
+    """A self-signed certificate for 127.0.0.1 (its own CA), or with `ca_only` a CA that
+    only signs, and PEM files of it."""
+
+    def __init__(self, directory: Path, name: str, *, ca_only: bool = False) -> None:
+        self.key, self.cert = _plain_ca(name) if ca_only else self_signed_serving_cert(name)
         self.key_pem, self.cert_pem = _pem(self.key, self.cert)
         self.key_file, self.cert_file = directory / f"{name}.key", directory / f"{name}.crt"
         self.key_file.write_bytes(self.key_pem)
@@ -262,3 +310,57 @@ async def test_teams_clients_decide_who_acts_for_which_team(
     assert await place("trainer", "", "r-3") == grpc.StatusCode.INVALID_ARGUMENT
     # Reading the fleet needs only a certificate of the CA.
     assert await _status(daemon, server.cert_pem, clients.client("stranger")) == ok
+
+
+def _scrape(port: int, roots: bytes | None, client: tuple[Path, Path] | None = None) -> str:
+    """GET /metrics over HTTPS (plain HTTP with `roots` None); the body, or the error's
+    class name when it fails."""
+    url = f"{'https' if roots is not None else 'http'}://127.0.0.1:{port}/metrics"
+    context = None
+    if roots is not None:
+        context = ssl.create_default_context(cadata=roots.decode())
+        if client is not None:
+            context.load_cert_chain(client[0], client[1])
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=10) as resp:
+            return str(resp.read().decode())
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+async def test_metrics_over_mutual_tls_with_rotation(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    first, second, clients = (
+        _Authority(tmp_path, "first"),
+        _Authority(tmp_path, "second"),
+        _Authority(tmp_path, "clients", ca_only=True),
+    )
+    key_file, cert_file = tmp_path / "tls.key", tmp_path / "tls.crt"
+    key_file.write_bytes(first.key_pem)
+    cert_file.write_bytes(first.cert_pem)
+    client = (tmp_path / "prometheus.crt", tmp_path / "prometheus.key")
+    client_key, client_cert = clients.client("prometheus")
+    client[0].write_bytes(client_cert)
+    client[1].write_bytes(client_key)
+    tls = {
+        "cert_file": str(cert_file),
+        "key_file": str(key_file),
+        "client_ca_file": str(clients.cert_file),
+        "metrics": True,
+    }
+    daemon, _ = await start_daemon(server={"tls": tls})
+    port = daemon.metrics_port
+    assert "fleetd_ready" in await asyncio.to_thread(_scrape, port, first.cert_pem, client)
+    assert "fleetd_ready" not in await asyncio.to_thread(_scrape, port, first.cert_pem)
+    assert "fleetd_ready" not in await asyncio.to_thread(_scrape, port, None)
+    # Rotation: the files swapped in whole; served within the check interval.
+    for path, data in ((key_file, second.key_pem), (cert_file, second.cert_pem)):
+        path.with_suffix(".new").write_bytes(data)
+        os.replace(path.with_suffix(".new"), path)
+
+    async def rotated() -> bool:
+        return "fleetd_ready" in await asyncio.to_thread(_scrape, port, second.cert_pem, client)
+
+    await async_wait_until("the rotated certificate on /metrics", rotated, timeout_s=30)
+    assert "fleetd_ready" not in await asyncio.to_thread(_scrape, port, first.cert_pem, client)
