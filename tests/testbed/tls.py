@@ -12,12 +12,14 @@ if TYPE_CHECKING:
 
 
 def self_signed_serving_cert(
-    common_name: str,
+    common_name: str, *, serving: bool = True
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A P-256 key and a certificate for 127.0.0.1/localhost that is its own CA.
 
     It is marked as a CA with key-cert-sign usage so that strict verifiers (Python 3.13's
-    VERIFY_X509_STRICT, Go) accept it as the trust anchor clients are given.
+    VERIFY_X509_STRICT, Go) accept it as the trust anchor clients are given. Without
+    `serving`, a CA that only signs: no server-auth usage and no address (OpenSSL, unlike
+    BoringSSL, refuses client certificates under a CA restricted to server auth).
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
@@ -28,7 +30,7 @@ def self_signed_serving_cert(
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -51,14 +53,18 @@ def self_signed_serving_cert(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
+    )
+    if serving:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        ).add_extension(
             x509.SubjectAlternativeName(
                 [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
             ),
             critical=False,
         )
-        .add_extension(ski, critical=False)
+    cert = (
+        builder.add_extension(ski, critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
         )

@@ -42,55 +42,12 @@ def _pem(key: Any, cert: Any) -> tuple[bytes, bytes]:
     )
 
 
-def _plain_ca(name: str) -> tuple[Any, Any]:
-    """A CA certificate that only signs (no extended key usage: OpenSSL, unlike gRPC's
-    BoringSSL, refuses client certificates under a CA restricted to server auth)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
 class _Authority:
     """A self-signed certificate for 127.0.0.1 (its own CA), or with `ca_only` a CA that
     only signs, and PEM files of it."""
 
     def __init__(self, directory: Path, name: str, *, ca_only: bool = False) -> None:
-        self.key, self.cert = _plain_ca(name) if ca_only else self_signed_serving_cert(name)
+        self.key, self.cert = self_signed_serving_cert(name, serving=not ca_only)
         self.key_pem, self.cert_pem = _pem(self.key, self.cert)
         self.key_file, self.cert_file = directory / f"{name}.key", directory / f"{name}.crt"
         self.key_file.write_bytes(self.key_pem)
