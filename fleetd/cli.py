@@ -176,12 +176,12 @@ def check_config(path: Path) -> int:
     (FLEETD_* environment overrides included, as for `serve`). For a config repository's CI,
     or before a SIGHUP."""
     from fleetd import config
-    from fleetd.api.tls import TlsFilesError, server_credentials
+    from fleetd.api.tls import TlsFilesError, check_files
 
     try:
         cfg = config.load(path)
         if cfg.server.tls.enabled:
-            server_credentials(cfg.server.tls)  # (the files exist and are PEM)
+            check_files(cfg.server.tls)
     except (config.ConfigError, TlsFilesError) as exc:
         print(f"fleetd: invalid config: {exc}", file=sys.stderr)
         return 2

@@ -105,6 +105,12 @@ class _CertFiles:
             return files
 
 
+def check_files(tls: ServerTlsConfig) -> None:
+    """TlsFilesError unless the files make a usable server certificate, key and client
+    CAs: what `server_credentials` and `MetricsTls` would refuse (`fleetd check-config`)."""
+    _CertFiles(tls).read()
+
+
 def server_credentials(tls: ServerTlsConfig) -> grpc.ServerCredentials:
     """Credentials for the gRPC server's `add_secure_port` (TlsFilesError when a file
     cannot be used). gRPC asks before every handshake, from its own threads, whether the
