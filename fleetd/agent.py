@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 from aiokafka.errors import KafkaError
 
+from fleetd.config import NAME_RE
 from fleetd.sources import security
 from fleetd.sources.base import Backoff
 from fleetd.sources.kubernetes import (
@@ -461,6 +462,13 @@ def build_retire_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def retire_main(args: argparse.Namespace) -> int:
     """`fleetd retire-cluster` from parsed arguments; returns the exit code."""
+    if not NAME_RE.match(args.cluster):
+        # (fleetd would dead-letter the inventory: say so here instead.)
+        print(
+            f"fleetd retire-cluster: --cluster {args.cluster!r} is not a cluster name",
+            file=sys.stderr,
+        )
+        return 2
     try:
         client_options = security.from_arguments(args).client_options()
     except (ValueError, OSError) as exc:

@@ -237,6 +237,17 @@ class TeamsConfig(_Strict):
         ),
     )
 
+    @field_validator("clients")
+    @classmethod
+    def _team_names(cls, clients: dict[str, list[str]]) -> dict[str, list[str]]:
+        for client, teams in clients.items():
+            if not client:
+                raise ValueError("a client identity is empty")
+            for team in teams:
+                if team != "*" and not NAME_RE.match(team):
+                    raise ValueError(f"client {client!r}: {team!r} is not a team name or '*'")
+        return clients
+
     def may_act_for(self, client: str, team: str) -> bool:
         """Whether `client` may place, explain or release workloads of `team`."""
         if not self.clients:

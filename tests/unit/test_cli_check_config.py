@@ -68,3 +68,11 @@ def test_a_key_that_is_not_the_certificates_fails(
     )
     assert cli.main(["check-config", str(path)]) == 2
     assert "are not a certificate and its key" in capsys.readouterr().err
+
+
+def test_retire_cluster_refuses_a_name_that_is_no_cluster_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # (Checked before any connection: fleetd would dead-letter such an inventory.)
+    assert cli.main(["retire-cluster", "--cluster", "not a name!"]) == 2
+    assert "is not a cluster name" in capsys.readouterr().err

@@ -120,6 +120,9 @@ def test_good_file_overrides_defaults(tmp_path: Path) -> None:
             "teams:\n  clients: {trainer: [research]}\n", "teams.clients", id="clients-without-mtls"
         ),
         pytest.param("server:\n  tls:\n    metrics: true\n", "server.tls", id="metrics-tls-alone"),
+        pytest.param(
+            "teams:\n  clients: {trainer: ['bad team!']}\n", "teams.clients", id="client-team-name"
+        ),
     ],
 )
 def test_bad_file_error_names_file_and_field(tmp_path: Path, text: str, field: str) -> None:
