@@ -8,12 +8,23 @@ Names follow the Prometheus conventions (base units in the name, `_total` for co
 
 from __future__ import annotations
 
+import logging
+import socket
 import ssl
 import threading
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+    start_http_server,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from fleetd.engine import GPU_MILLI, fragmented_milli
 from fleetd.state import StateMetrics
@@ -22,6 +33,12 @@ from scheduling.fleet import FLAG_CORDONED, FLAG_STALE, FLAG_UNHEALTHY
 if TYPE_CHECKING:
     from fleetd.api.tls import MetricsTls
     from fleetd.state import FleetState
+
+#: How long a /metrics connection over TLS may take, handshake included (Prometheus's
+#: default scrape timeout is 10 s).
+TLS_REQUEST_TIMEOUT_S = 30.0
+
+log = logging.getLogger(__name__)
 
 # Decision latency buckets: sub-millisecond to a second.
 LATENCY_BUCKETS_S = (
@@ -289,18 +306,12 @@ class Metrics:
         """Serve /metrics on `listen` (host:port; port 0 = ephemeral), over TLS with `tls`
         (a client certificate required when it has a client CA); returns the bound port."""
         host, _, port = listen.rpartition(":")
-        options: dict[str, Any] = {}
-        if tls is not None:
-            cert, key, ca = tls.check()
-            options = {"certfile": cert, "keyfile": key, "client_cafile": ca,
-                       "client_auth_required": ca is not None}  # fmt: skip
-        server, thread = start_http_server(
-            int(port), addr=host.strip("[]"), registry=self.registry, **options
-        )
-        if tls is not None:
-            # (The server's own context: `MetricsTls.refresh` loads rotated files into it.)
-            assert isinstance(server.socket, ssl.SSLSocket)
-            tls.context = server.socket.context
+        if tls is None:
+            server, thread = start_http_server(
+                int(port), addr=host.strip("[]"), registry=self.registry
+            )
+        else:
+            server, thread = _serve_tls(host.strip("[]"), int(port), self.registry, tls)
         self._http, self._thread = server, thread
         return int(server.server_address[1])
 
@@ -310,3 +321,62 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _TlsMetricsServer(ThreadingWSGIServer):
+    """prometheus_client's threaded WSGI server, with each accepted connection wrapped in
+    the TLS context current at its accept (`MetricsTls.context`, replaced on rotation),
+    and its handshake done in the connection's own thread, so a slow or refused client
+    holds up no other scrape."""
+
+    tls: MetricsTls
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = self.socket.accept()
+        context = self.tls.context
+        assert context is not None  # (set by `check` before the server starts)
+        sock.settimeout(TLS_REQUEST_TIMEOUT_S)
+        try:
+            wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except BaseException:
+            sock.close()
+            raise
+        return wrapped, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            request.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            # (A client without a certificate of the CA, plain HTTP, a port scan.)
+            log.debug("metrics TLS: handshake with %s failed: %s", client_address, exc)
+            return
+        super().finish_request(request, client_address)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line on stderr per request."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _serve_tls(
+    host: str, port: int, registry: CollectorRegistry, tls: MetricsTls
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve `registry` over TLS on host:port from a daemon thread (TlsFilesError when a
+    file of `tls` cannot be used)."""
+    tls.check()
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_TlsMetricsServer):
+        address_family = family
+
+    Server.tls = tls
+    server = make_server(
+        str(address[0]), port, make_wsgi_app(registry), Server, handler_class=_QuietHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, name="metrics-tls", daemon=True)
+    thread.start()
+    return server, thread

@@ -135,37 +135,41 @@ def server_credentials(tls: ServerTlsConfig) -> grpc.ServerCredentials:
 
 
 class MetricsTls:
-    """The metrics endpoint's TLS: the files checked before its server starts with them
-    (`check`), then loaded into the server's context again by `refresh` when they changed
-    (the daemon calls it every few seconds). New CAs add to the ones trusted; a CA dropped
-    from the file stays trusted until a restart."""
+    """The metrics endpoint's TLS: a context built from the files once they are checked
+    (`check`), and a new one whenever they changed and are usable (`refresh`; the daemon
+    calls it every few seconds). The server wraps each connection it accepts with the
+    context current then: a rotated certificate is served, and a CA dropped from the client
+    CA file refused, from the next connection on."""
 
     def __init__(self, tls: ServerTlsConfig) -> None:
         self._files = _CertFiles(tls)
         self.context: ssl.SSLContext | None = None
 
-    def check(self) -> tuple[str, str, str | None]:
-        """(certificate, key, client CA) paths for the server, once checked (TlsFilesError)."""
-        self._files.read()
-        files = self._files
-        return (
-            str(files.cert_path),
-            str(files.key_path),
-            (str(files.ca_path) if files.ca_path else None),
-        )
+    def check(self) -> None:
+        """Build the first context (TlsFilesError when a file cannot be used)."""
+        self.context = self._context(self._files.read()[2])
 
     def refresh(self) -> bool:
-        """Load the files into `context` again if they changed (and are usable); True when
-        it did."""
+        """Build a new context if the files changed (and are usable); True when it did."""
         changed = self._files.if_changed()
         if changed is None or self.context is None:
             return False
         try:
-            self._files.load_into(self.context, changed[2])
+            context = self._context(changed[2])
         except TlsFilesError as exc:
-            # (Changed again since they were checked: the next refresh loads them anew.)
+            # (Changed again since they were checked: the next refresh reads them anew.)
             self._files.forget()
             log.error("metrics TLS: %s", exc)
             return False
+        self.context = context
         log.info("metrics TLS: certificate files changed, serving the new ones")
         return True
+
+    def _context(self, roots: bytes | None) -> ssl.SSLContext:
+        """A server context of the pair and, with `roots`, client certificates required and
+        verified against them only."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._files.load_into(context, roots)
+        if roots is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context

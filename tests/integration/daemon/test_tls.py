@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
+import socket
 import ssl
 import subprocess
 import urllib.request
@@ -321,3 +322,23 @@ async def test_metrics_over_mutual_tls_with_rotation(
 
     await async_wait_until("the rotated certificate on /metrics", rotated, timeout_s=30)
     assert "fleetd_ready" not in await asyncio.to_thread(_scrape, port, first.cert_pem, client)
+    # A client that connects and says nothing holds up no scrape (handshakes are per
+    # connection, in its own thread).
+    with socket.create_connection(("127.0.0.1", port)):
+        assert "fleetd_ready" in await asyncio.to_thread(_scrape, port, second.cert_pem, client)
+    # The client CA replaced: certificates of the old one are refused from then on, the new
+    # one's accepted.
+    new_clients = _Authority(tmp_path, "new-clients", ca_only=True)
+    new_client = (tmp_path / "prometheus-2.crt", tmp_path / "prometheus-2.key")
+    new_key, new_cert = new_clients.client("prometheus")
+    new_client[0].write_bytes(new_cert)
+    new_client[1].write_bytes(new_key)
+    ca_file = tmp_path / "clients.crt"
+    ca_file.with_suffix(".new").write_bytes(new_clients.cert_pem)
+    os.replace(ca_file.with_suffix(".new"), ca_file)
+
+    async def new_ca() -> bool:
+        return "fleetd_ready" in await asyncio.to_thread(_scrape, port, second.cert_pem, new_client)
+
+    await async_wait_until("the new client CA on /metrics", new_ca, timeout_s=30)
+    assert "fleetd_ready" not in await asyncio.to_thread(_scrape, port, second.cert_pem, client)
