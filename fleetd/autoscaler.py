@@ -244,9 +244,14 @@ class Autoscaler:
             if target == current:
                 self.targets.pop(p.key, None)
             status[p.key] = PoolStatus(current_size=current, target_size=target)
+        # Workloads their team's quota holds back wait for the team, not for capacity.
+        queued = sorted(
+            (q for q in state.queue.values() if not state.quota_blocked(q.request)),
+            key=lambda q: (-q.priority, q.seq),
+        )
         # Same queue, same pools, same fleet structure: the same plan (already published).
         inputs = (
-            tuple(sorted(state.queue)),
+            tuple(sorted(q.request.workload_id for q in queued)),
             state.pending_version,
             tuple(sorted((k, u.current_size, u.max_size) for k, u in state.pools.items())),
             len(state.nodes),
@@ -257,7 +262,6 @@ class Autoscaler:
         if inputs == self._last_inputs:
             return []
         self._last_inputs = inputs
-        queued = sorted(state.queue.values(), key=lambda q: (-q.priority, q.seq))
         items = [state.workload_item(q.request) for q in queued]
         # The core names a pod by its pod name and a gang by its name: map back to workloads.
         workload_of = {

@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -221,12 +230,70 @@ def _check_policy(spec: str) -> None:
         raise ValueError(str(exc).strip("'\"")) from exc
 
 
+def _not_bool(value: object) -> object:
+    # YAML's `true` would otherwise pass as 1 GPU.
+    if isinstance(value, bool):
+        raise ValueError("expected a number of GPUs, not a boolean")
+    return value
+
+
+def _whole_milli(value: float) -> float:
+    # Usage is kept in milli-GPU (a 0.5-GPU pod holds 500): a finer quota could not be met exactly.
+    if abs(value * 1000 - round(value * 1000)) > 1e-6:
+        raise ValueError(f"{value!r} is not a multiple of 0.001 GPU")
+    return value
+
+
+#: A number of GPUs in a quota: >= 0, finite, in steps of 0.001 (one milli-GPU).
+Gpus = Annotated[
+    float,
+    BeforeValidator(_not_bool),
+    Field(ge=0, allow_inf_nan=False),
+    AfterValidator(_whole_milli),
+]
+GpuModel = Annotated[str, Field(pattern=GPU_MODEL_RE.pattern)]
+
+
+def gpu_milli(gpus: float) -> int:
+    """A quota's GPUs in milli-GPU (the unit the state counts usage in)."""
+    return round(gpus * 1000)
+
+
+class TeamQuota(_Strict):
+    """What one team's held reservations may total (reloadable). A workload that would take
+    the team over is QUEUED until the team's usage drops; one that needs more than the quota
+    itself is UNSCHEDULABLE. Lowering a quota evicts nothing."""
+
+    gpus: Gpus | None = Field(
+        None,
+        description=(
+            "GPUs of every model together (fractional shares count as such: a 0.5-GPU pod"
+            " uses 0.5); unset = no cap on the total."
+        ),
+    )
+    gpus_by_model: dict[GpuModel, Gpus] = Field(
+        default_factory=dict,
+        description=(
+            "GPUs per GPU model (the nodes' model name, e.g. H100-80GB); models not listed"
+            " are capped by `gpus` only."
+        ),
+    )
+
+
 class TeamsConfig(_Strict):
-    """Team priorities (reloadable): a workload's effective priority is the team's plus its own."""
+    """Team priorities, quotas and clients (reloadable): a workload's effective priority is
+    the team's plus its own."""
 
     default_priority: int = Field(0, description="Priority of teams not listed.")
     priorities: dict[Name, int] = Field(
         default_factory=dict, description="Priority by team name; larger wins."
+    )
+    quotas: dict[Name, TeamQuota] = Field(
+        default_factory=dict,
+        description=(
+            "GPU quota by team name: the cap on what the team's held reservations (pending or"
+            " confirmed) total. Teams not listed are not capped."
+        ),
     )
     clients: dict[str, list[str]] = Field(
         default_factory=dict,

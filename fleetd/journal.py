@@ -66,6 +66,9 @@ class ReservedPod:
     memory_bytes: int
     pool: str = ""
     confirmed: bool = False
+    #: The node's GPU model for a GPU pod ('' for a CPU-only pod, and in journals written
+    #: before team quotas): what the team's per-model quota usage is charged to.
+    gpu_model: str = ""
 
 
 def pod_fields(pod: ReservedPod) -> dict[str, object]:

@@ -33,9 +33,10 @@ from numpy.typing import NDArray
 
 import scheduling
 from fleetd import engine
-from fleetd.config import Config
+from fleetd.config import Config, TeamQuota, gpu_milli
 from fleetd.engine import PodRequest, node_key
 from fleetd.journal import Journal, QueuedWorkload, Reservation, ReservedPod, pod_fields
+from fleetd.quota import ALLOWED, QUOTA_REASON, QuotaLedger, Verdict
 from fleetd.sources import updates as up
 from scheduling import Allocation, AllocationError, Fleet, NodeSpec
 from scheduling.autoscale import ScaleDecision
@@ -525,6 +526,9 @@ class FleetState:
         #: older than it of a node it does not list is obsolete (`apply_now`).
         self.inventories: dict[str, up.NodeInventory] = {}
         self.held: dict[str, _Held] = {}
+        #: GPU milli the teams' held reservations hold (`teams.quotas`): charged when a
+        #: reservation is granted or restored, credited when it ends.
+        self.quotas = QuotaLedger()
         self.queue: dict[str, _Queued] = {}
         self._structure_version = 0  # bumped when a node is added, removed or changed
         self._fits_cache: dict[object, bool] = {}
@@ -578,6 +582,8 @@ class FleetState:
             self.held[record.workload_id] = _Held(
                 record, [None] * len(record.pods), [None] * len(record.pods)
             )
+            # Usage comes back with the reservations: no quota state of its own to journal.
+            self.quotas.charge(record.team, held_gpus(record.pods))
         self._restore_queue()
 
     def _restore_queue(self) -> None:
@@ -1702,11 +1708,15 @@ class FleetState:
             old = self.target
             self.target = engine.TargetWorkload(config.scheduling.target_window_pods)
             self.target.shapes.extend(old.shapes)
+        quotas_changed = config.teams.quotas != self.config.teams.quotas
         self.config = config
         self.policy = self._build_policy(config)
         self.journal.retain_decisions = config.limits.decision_history
         if self.history.maxlen != config.limits.decision_history:
             self.history = collections.deque(self.history, maxlen=config.limits.decision_history)
+        if quotas_changed and self.queue:
+            # A raised (or removed) quota may let queued workloads in now.
+            self._retry_queue(self.clock())
 
     # -- Place, Release, Explain -------------------------------------------------------------
 
@@ -1729,6 +1739,12 @@ class FleetState:
         What concurrent Place calls become (see `submit`): the core places the batch in
         one pass (priority first, identical shapes together) and every success is committed
         through `Fleet.allocate`, which re-checks it, before the next one.
+
+        Team quotas hold across the batch: before the core call each workload is checked
+        against its team's usage plus what the batch's earlier workloads (priority first)
+        may take; a success is re-checked against the live usage before it is committed
+        (the GPU models it landed on are known only then). A workload held back by the
+        batch's tally or the re-check is decided again, alone, after the batch's grants.
         """
         self._check_owner()
         if not self.ready:
@@ -1758,22 +1774,33 @@ class FleetState:
                 if req.workload_id in self.queue:
                     was_queued.add(req.workload_id)
         if fresh:
-            workloads = [self._workload(reqs[i]) for i in fresh]
-            placed = engine.place_many(self.fleet, workloads, self.policy, self.placement_cache)
+            verdicts, workloads, again = self._batch_quotas(reqs, fresh)
+            to_core = [i for i in fresh if i in workloads]
+            placed = engine.place_many(
+                self.fleet, [workloads[i] for i in to_core], self.policy, self.placement_cache
+            )
             failed = []
-            for i, w, (allocs, reasons) in zip(fresh, workloads, placed, strict=True):
+            for i, (allocs, reasons) in zip(to_core, placed, strict=True):
                 if allocs is None:
-                    failed.append((i, w, reasons))
-                    continue
-                dequeue = self.queue.pop(reqs[i].workload_id, None) is not None
-                results[i] = self._grant(reqs[i], allocs, now, dequeue=dequeue)
+                    failed.append((i, workloads[i], reasons))
+                elif self.quotas.admits(reqs[i].team, self._quota(reqs[i]), self._gpus_of(allocs)):
+                    again.append(i)  # an earlier grant of the batch took the team's room
+                else:
+                    dequeue = self.queue.pop(reqs[i].workload_id, None) is not None
+                    results[i] = self._grant(reqs[i], allocs, now, dequeue=dequeue)
             # Reasons describe the fleet after the batch's grants (as the core's do).
             for i, w, reasons in failed:
                 outcome = engine.failure(self.fleet, w, reasons, self.policy, self._fits_empty)
+                outcome = self._with_quota(reqs[i], verdicts[i], outcome)
                 try:
                     results[i] = self._not_placed(
                         reqs[i], outcome, now, reqs[i].workload_id in was_queued
                     )
+                except StateError as exc:
+                    results[i] = exc
+            for i in sorted(again, key=lambda i: (-self._priority(reqs[i]), i)):
+                try:
+                    results[i] = self._place_alone(reqs[i], now, reqs[i].workload_id in was_queued)
                 except StateError as exc:
                     results[i] = exc
             for i in fresh:
@@ -1816,6 +1843,137 @@ class FleetState:
             )
         self._check_scope(req.cluster, req.pool)
         return None
+
+    # -- team quotas ------------------------------------------------------------------------
+
+    def _quota(self, req: WorkloadRequest) -> TeamQuota | None:
+        return self.config.teams.quotas.get(req.team)
+
+    def _priority(self, req: WorkloadRequest) -> int:
+        return self.config.team_priority(req.team) + req.priority
+
+    def _gpus_of(self, allocs: Iterable[Allocation]) -> list[tuple[str, int]]:
+        """(GPU model, GPU milli) of each allocation: what a grant charges its team."""
+        return [
+            (self.nodes[a.node].gpu_model, a.gpu_milli_per_gpu * len(a.gpu_indices))
+            for a in allocs
+            if a.gpu_indices
+        ]
+
+    def _quota_verdict(
+        self, req: WorkloadRequest, extra: collections.Counter[str] | None = None
+    ) -> tuple[Verdict, engine.Workload]:
+        """The team quota's verdict on `req` (`extra`: GPU milli promised to the team earlier
+        in the batch, "" = total) and the workload to give the core: `req`'s, kept off the
+        GPU models whose own quota it would exceed."""
+        w = self._workload(req)
+        quota = self._quota(req)
+        if quota is None:
+            return ALLOWED, w
+        need = request_gpu_milli(req)
+        models = request_gpu_models(req)
+        verdict = self.quotas.check(req.team, quota, need, models, extra)
+        if verdict.allowed and verdict.exclude_models:
+            known = models if models is not None else frozenset(self.fleet.gpu_models.names)
+            keep = tuple(sorted(known - verdict.exclude_models))
+            if not keep:
+                return Verdict(False, text=verdict.text), w
+            pods = tuple(
+                replace(p, gpu_models=keep) if p.gpu_count or p.gpu_milli else p for p in req.pods
+            )
+            w = replace(w, pods=pods)
+        return verdict, w
+
+    def _batch_quotas(
+        self, reqs: list[WorkloadRequest], fresh: list[int]
+    ) -> tuple[dict[int, Verdict], dict[int, engine.Workload], list[int]]:
+        """Quota verdicts of a batch's workloads, tallied in the core's order (priority
+        first): the verdicts, the workloads to give the core (by request index), and the
+        requests to decide alone after the batch (held back by the tally only)."""
+        verdicts: dict[int, Verdict] = {}
+        workloads: dict[int, engine.Workload] = {}
+        again: list[int] = []
+        tally: dict[str, collections.Counter[str]] = {}
+        for i in sorted(fresh, key=lambda i: (-self._priority(reqs[i]), i)):
+            req = reqs[i]
+            extra = tally.get(req.team)
+            verdict, w = self._quota_verdict(req, extra)
+            verdicts[i] = verdict
+            if not verdict.allowed:
+                # Decided alone after the batch's grants: the earlier workloads the tally
+                # counted may not all have been placed.
+                again.append(i)
+                continue
+            workloads[i] = w
+            if self._quota(req) is not None:
+                # The model it lands on is not known yet: the total is tallied; the
+                # per-model quotas are re-checked when it is committed.
+                team = tally.setdefault(req.team, collections.Counter())
+                team[""] += request_gpu_milli(req)
+        return verdicts, workloads, again
+
+    def _place_alone(self, req: WorkloadRequest, now: float, was_queued: bool) -> Decision:
+        """Decide one workload against the live quota usage (after a batch's grants)."""
+        verdict, w = self._quota_verdict(req)
+        if not verdict.allowed:
+            return self._not_placed(req, self._quota_outcome(req, verdict), now, was_queued)
+        outcome = engine.place(self.fleet, w, self.policy, self._fits_empty, self.placement_cache)
+        if outcome.allocations is not None:
+            text = self.quotas.admits(
+                req.team, self._quota(req), self._gpus_of(outcome.allocations)
+            )
+            if not text:
+                dequeue = self.queue.pop(req.workload_id, None) is not None
+                return self._grant(req, outcome.allocations, now, dequeue=dequeue)
+            verdict = Verdict(False, text=text)  # (the exclusions above make this unlikely)
+            return self._not_placed(req, self._quota_outcome(req, verdict), now, was_queued)
+        return self._not_placed(req, self._with_quota(req, verdict, outcome), now, was_queued)
+
+    def _quota_outcome(self, req: WorkloadRequest, verdict: Verdict) -> engine.Outcome:
+        """The Outcome of a workload its team's quota holds back (the core is not asked:
+        nodes_feasible is 0). QUEUED unless it needs more than the quota itself or never
+        fits the fleet."""
+        item = self._workload(req).item()
+        fits = not verdict.never and self._fits_empty(item)
+        reasons = ((QUOTA_REASON, 0, verdict.text),)
+        return engine.Outcome(None, len(self.fleet), 0, reasons, verdict.text + ".", fits)
+
+    def _with_quota(
+        self, req: WorkloadRequest, verdict: Verdict, outcome: engine.Outcome
+    ) -> engine.Outcome:
+        """A core failure of a workload the quota kept off some GPU models: the quota is
+        one of its reasons, and it waits (QUEUED) if it would fit the empty fleet on any
+        model."""
+        if not verdict.exclude_models:
+            return outcome
+        return replace(
+            outcome,
+            reasons=(*outcome.reasons, (QUOTA_REASON, 0, verdict.text)),
+            summary=f"{outcome.summary} {verdict.text.capitalize()}.",
+            fits_empty_fleet=self._fits_empty(self._workload(req).item()),
+        )
+
+    def quota_blocked(self, req: WorkloadRequest) -> bool:
+        """Whether `req`'s team quota holds it back now (capacity would not help: the
+        autoscaler plans nothing for it)."""
+        return not self._quota_verdict(req)[0].allowed
+
+    def team_usage(self) -> list[tuple[str, str, int, int | None]]:
+        """(team, GPU model or '' for all, GPU milli held, quota milli or None) of every team
+        that holds GPUs or has a quota, sorted."""
+        rows: dict[tuple[str, str], tuple[int, int | None]] = {}
+        for team, usage in self.quotas.usage.items():
+            rows[(team, "")] = (usage.total_milli, None)
+            for model, milli in usage.by_model_milli.items():
+                if model:
+                    rows[(team, model)] = (milli, None)
+        for team, quota in self.config.teams.quotas.items():
+            if quota.gpus is not None or (team, "") not in rows:
+                cap = gpu_milli(quota.gpus) if quota.gpus is not None else None
+                rows[(team, "")] = (self.quotas.held_milli(team), cap)
+            for model, gpus in quota.gpus_by_model.items():
+                rows[(team, model)] = (self.quotas.held_milli(team, model), gpu_milli(gpus))
+        return [(t, m, held, cap) for (t, m), (held, cap) in sorted(rows.items())]
 
     def _not_placed(
         self, req: WorkloadRequest, outcome: engine.Outcome, now: float, was_queued: bool
@@ -1897,8 +2055,23 @@ class FleetState:
         """Dry run of `place`: the would-be decision (seq 0) and whether it fits now."""
         self._check_owner()
         self._check_scope(req.cluster, req.pool)
-        outcome = self._place(req)
+        verdict, w = self._quota_verdict(req)
         now = self.clock()
+        if not verdict.allowed:
+            # The fleet's answer for the workload as asked, then the quota's on top.
+            outcome = self._place(req)
+            quota = self._quota_outcome(req, verdict)
+            if outcome.allocations is not None:
+                summary = f"{quota.summary} The fleet has room for it now."
+                reasons = quota.reasons
+            else:
+                summary = f"{quota.summary} {outcome.summary}"
+                reasons = (*quota.reasons, *self._explain(outcome).reasons)
+            expl = Explanation(outcome.nodes_total, outcome.nodes_feasible, reasons, summary)
+            result = "queued" if quota.fits_empty_fleet else "unschedulable"
+            return Decision(0, now, "place", req.workload_id, req.team, result, (), expl), False
+        outcome = engine.place(self.fleet, w, self.policy, self._fits_empty, self.placement_cache)
+        outcome = self._with_quota(req, verdict, outcome)
         if outcome.allocations is not None:
             pods = self._reserved_pods(req, outcome.allocations)
             total = outcome.nodes_total
@@ -2033,6 +2206,7 @@ class FleetState:
                 self._free(alloc)
             raise
         self.held[req.workload_id] = _Held(record, list(slots), [None] * len(pods))
+        self.quotas.charge(req.team, held_gpus(pods))
         return self._publish(decision)
 
     def _reserved_pods(
@@ -2051,12 +2225,15 @@ class FleetState:
                     cpu_millicores=pod.cpu_millicores,
                     memory_bytes=pod.memory_bytes,
                     pool=info.pool,
+                    gpu_model=info.gpu_model if slot.gpu_indices else "",
                 )
             )
         return tuple(out)
 
     def _end(self, wid: str, kind: str, state: str, now: float, reason: str) -> Decision:
         held = self.held.pop(wid)
+        # Off the team's quota usage even if its pods still run (then as observed pods).
+        self.quotas.credit(held.record.team, held_gpus(held.record.pods))
         for i, slot in enumerate(held.slots):
             if slot is None:
                 continue
@@ -2101,6 +2278,11 @@ class FleetState:
             req = item.request
             if req.workload_id in r.considered:
                 continue
+            verdict, w = self._quota_verdict(req)
+            if not verdict.allowed:
+                # Its team's quota holds it back: skipped without using the round's budget,
+                # so one team's over-quota head never blocks other teams' work behind it.
+                continue
             if len(r.considered) >= QUEUE_RETRY_BUDGET:
                 return
             if loop is not None and attempted and time.perf_counter() > deadline:
@@ -2108,14 +2290,18 @@ class FleetState:
                 loop.call_soon(self._continue_retry, r)
                 return
             r.considered.add(req.workload_id)
-            shape = (req.pods, req.gang, req.same, req.cluster, req.pool)
+            shape = (w.pods, req.gang, req.same, req.cluster, req.pool)
             if shape in r.failed:
                 continue  # an identical workload just failed: this one would too
             attempted += 1
-            outcome = self._place(req)
+            outcome = engine.place(
+                self.fleet, w, self.policy, self._fits_empty, self.placement_cache
+            )
             if outcome.allocations is None:
                 r.failed.add(shape)
-            else:
+            elif not self.quotas.admits(
+                req.team, self._quota(req), self._gpus_of(outcome.allocations)
+            ):
                 del self.queue[req.workload_id]
                 self._grant(req, outcome.allocations, now, dequeue=True)
 
@@ -2340,6 +2526,27 @@ def _spec_signature(u: up.NodeUpdate, info: _NodeInfo | None = None) -> tuple[ob
         u.gpu_memory_bytes,
         gpus,
     )
+
+
+def held_gpus(pods: Iterable[ReservedPod]) -> list[tuple[str, int]]:
+    """(GPU model, GPU milli) of each GPU pod of a reservation: what its team is charged."""
+    return [(p.gpu_model, p.gpu_milli * len(p.gpu_indices)) for p in pods if p.gpu_indices]
+
+
+def request_gpu_milli(req: WorkloadRequest) -> int:
+    """The GPU milli a workload asks for: 1000 a whole GPU, a share's own milli."""
+    return sum(p.gpu_count * scheduling.GPU_MILLI or p.gpu_milli for p in req.pods)
+
+
+def request_gpu_models(req: WorkloadRequest) -> frozenset[str] | None:
+    """The GPU models a workload's GPU pods may use (None: any model)."""
+    models: set[str] = set()
+    for p in req.pods:
+        if p.gpu_count or p.gpu_milli:
+            if not p.gpu_models:
+                return None
+            models.update(p.gpu_models)
+    return frozenset(models)
 
 
 def encode_decision(d: Decision) -> str:
