@@ -108,6 +108,31 @@ class Metrics:
         self.queued = Gauge(
             "fleetd_workloads_queued", "Workloads waiting for capacity.", registry=r
         )
+        self.team_gpus_held = Gauge(
+            "fleetd_team_gpus_held",
+            "GPUs (fractional shares summed) a team's held reservations hold, pending or "
+            "confirmed: what its quota (teams.quotas) caps.",
+            ["team"],
+            registry=r,
+        )
+        self.team_gpu_quota = Gauge(
+            "fleetd_team_gpu_quota",
+            "A team's GPU quota over every model (teams.quotas.<team>.gpus); absent = no cap.",
+            ["team"],
+            registry=r,
+        )
+        self.team_model_gpus_held = Gauge(
+            "fleetd_team_model_gpus_held",
+            "GPUs of one model a team's held reservations hold.",
+            ["team", "gpu_model"],
+            registry=r,
+        )
+        self.team_model_gpu_quota = Gauge(
+            "fleetd_team_model_gpu_quota",
+            "A team's GPU quota for one model (teams.quotas.<team>.gpus_by_model).",
+            ["team", "gpu_model"],
+            registry=r,
+        )
         self.pods_pending = Gauge(
             "fleetd_cluster_pods_pending",
             "Pods a cluster's own scheduler reported unschedulable (a Kubernetes watch or "
@@ -236,7 +261,8 @@ class Metrics:
         slots = np.flatnonzero(f.live_mask())
         for gauge in (self.gpus, self.gpus_allocated, self.cpu_cores, self.cpu_cores_allocated,
                       self.memory_bytes, self.memory_bytes_allocated, self.nodes, self.fragmentation,
-                      self.pods_pending):  # fmt: skip
+                      self.pods_pending, self.team_gpus_held, self.team_gpu_quota,
+                      self.team_model_gpus_held, self.team_model_gpu_quota):  # fmt: skip
             gauge.clear()
         if slots.size:
             cluster_ids = f.cluster_id[slots].astype(np.int64)
@@ -292,6 +318,15 @@ class Metrics:
                         self.nodes.labels(cluster, name).set(int(counts[k]))
         for cluster, pods in state.pending_pods.items():
             self.pods_pending.labels(cluster).set(len(pods))
+        for team, model, held_milli, quota_milli in state.team_usage():
+            if model:
+                self.team_model_gpus_held.labels(team, model).set(held_milli / GPU_MILLI)
+                if quota_milli is not None:
+                    self.team_model_gpu_quota.labels(team, model).set(quota_milli / GPU_MILLI)
+            else:
+                self.team_gpus_held.labels(team).set(held_milli / GPU_MILLI)
+                if quota_milli is not None:
+                    self.team_gpu_quota.labels(team).set(quota_milli / GPU_MILLI)
         pending, confirmed, queued = state.counts()
         self.reservations.labels("pending").set(pending)
         self.reservations.labels("confirmed").set(confirmed)

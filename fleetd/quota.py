@@ -106,13 +106,14 @@ class QuotaLedger:
         if quota is None or need_milli <= 0:
             return ALLOWED
         extra = extra or {}
+        total: Verdict | None = None  # what the cap on the total says, if it blocks
         if quota.gpus is not None:
             cap = gpu_milli(quota.gpus)
             held = self.held_milli(team) + extra.get("", 0)
             if need_milli > cap:
                 return Verdict(False, never=True, text=_text(team, cap, "", None, need_milli))
             if held + need_milli > cap:
-                return Verdict(False, text=_text(team, cap, "", held, need_milli))
+                total = Verdict(False, text=_text(team, cap, "", held, need_milli))
         exclude: dict[str, tuple[int, int]] = {}  # model -> (cap, held) of models it may not use
         for model, gpus in sorted(quota.gpus_by_model.items()):
             if models is not None and model not in models:
@@ -124,11 +125,14 @@ class QuotaLedger:
         if models is not None and models and set(models) <= set(exclude):
             # Every model it may use is capped below what it needs: it waits (or never fits).
             never = all(need_milli > cap for cap, _ in exclude.values())
-            text = "; ".join(
-                _text(team, cap, model, None if never else held, need_milli)
-                for model, (cap, held) in sorted(exclude.items())
-            )
-            return Verdict(False, never=never, text=text)
+            if never or total is None:
+                text = "; ".join(
+                    _text(team, cap, model, None if never else held, need_milli)
+                    for model, (cap, held) in sorted(exclude.items())
+                )
+                return Verdict(False, never=never, text=text)
+        if total is not None:
+            return total
         if exclude:
             text = "; ".join(
                 _text(team, cap, model, held, need_milli)

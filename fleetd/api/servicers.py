@@ -558,4 +558,14 @@ def snapshot(state: FleetState, cluster: str, include_nodes: bool) -> fleet_pb2.
     snap.reservations_confirmed = confirmed
     snap.workloads_queued = queued
     snap.scale_decisions.extend(scale_decision_pb(e) for e in list(state.scale.history)[-20:])
+    snap.teams.extend(
+        fleet_pb2.TeamUsage(
+            team=team,
+            gpu_model=model,
+            gpu_milli_held=held,
+            has_quota=quota is not None,
+            gpu_milli_quota=quota or 0,
+        )
+        for team, model, held, quota in state.team_usage()
+    )
     return snap

@@ -191,6 +191,48 @@ class Cluster(_message.Message):
 Global___Cluster: _TypeAlias = Cluster  # noqa: Y015
 
 @_typing.final
+class TeamUsage(_message.Message):
+    """GPUs a team's held reservations (pending or confirmed) hold, against its quota
+    (config teams.quotas). One entry for the team's total and one per GPU model it holds or
+    has a quota for; teams that hold no GPUs and have no quota are left out.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEAM_FIELD_NUMBER: _builtins.int
+    GPU_MODEL_FIELD_NUMBER: _builtins.int
+    GPU_MILLI_HELD_FIELD_NUMBER: _builtins.int
+    HAS_QUOTA_FIELD_NUMBER: _builtins.int
+    GPU_MILLI_QUOTA_FIELD_NUMBER: _builtins.int
+    team: _builtins.str
+    gpu_model: _builtins.str
+    """"" = every model together (the team's total)."""
+    gpu_milli_held: _builtins.int
+    """Held GPU share in thousandths (a whole GPU is 1000)."""
+    has_quota: _builtins.bool
+    """Whether a quota caps this (team, model); when false gpu_milli_quota is 0."""
+    gpu_milli_quota: _builtins.int
+    """The quota in thousandths of a GPU. Usage may exceed it after a reload lowered it
+    (nothing is evicted: new placements wait until usage is below it).
+    """
+    def __init__(
+        self,
+        *,
+        team: _builtins.str = ...,
+        gpu_model: _builtins.str = ...,
+        gpu_milli_held: _builtins.int = ...,
+        has_quota: _builtins.bool = ...,
+        gpu_milli_quota: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_milli_held", b"gpu_milli_held", "gpu_milli_quota", b"gpu_milli_quota", "gpu_model", b"gpu_model", "has_quota", b"has_quota", "team", b"team"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TeamUsage: _TypeAlias = TeamUsage  # noqa: Y015
+
+@_typing.final
 class Snapshot(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -204,6 +246,7 @@ class Snapshot(_message.Message):
     RESERVATIONS_CONFIRMED_FIELD_NUMBER: _builtins.int
     WORKLOADS_QUEUED_FIELD_NUMBER: _builtins.int
     SCALE_DECISIONS_FIELD_NUMBER: _builtins.int
+    TEAMS_FIELD_NUMBER: _builtins.int
     fragmentation_ratio: _builtins.float
     """Fleet-wide fragmentation: fragmented GPU milli / unallocated GPU milli (0..1)."""
     reservations_pending: _builtins.int
@@ -223,6 +266,10 @@ class Snapshot(_message.Message):
     def scale_decisions(self) -> _containers.RepeatedCompositeFieldContainer[_nodepools_pb2.ScaleDecision]:
         """The most recent scale decisions (at most 20, newest last)."""
 
+    @_builtins.property
+    def teams(self) -> _containers.RepeatedCompositeFieldContainer[Global___TeamUsage]:
+        """GPU usage and quota by team (sorted by team, then model); not filtered by cluster."""
+
     def __init__(
         self,
         *,
@@ -236,10 +283,11 @@ class Snapshot(_message.Message):
         reservations_confirmed: _builtins.int = ...,
         workloads_queued: _builtins.int = ...,
         scale_decisions: _abc.Iterable[_nodepools_pb2.ScaleDecision] | None = ...,
+        teams: _abc.Iterable[Global___TeamUsage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "clusters", b"clusters", "fragmentation_ratio", b"fragmentation_ratio", "nodes", b"nodes", "pools", b"pools", "reservations_confirmed", b"reservations_confirmed", "reservations_pending", b"reservations_pending", "scale_decisions", b"scale_decisions", "time", b"time", "workloads_queued", b"workloads_queued"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "clusters", b"clusters", "fragmentation_ratio", b"fragmentation_ratio", "nodes", b"nodes", "pools", b"pools", "reservations_confirmed", b"reservations_confirmed", "reservations_pending", b"reservations_pending", "scale_decisions", b"scale_decisions", "teams", b"teams", "time", b"time", "workloads_queued", b"workloads_queued"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,19 +11,23 @@ import pytest
 from prometheus_client import generate_latest
 
 from fleetd.config import Config
+from fleetd.engine import PodRequest
 from fleetd.journal import Journal
 from fleetd.metrics import Metrics
 from fleetd.sources import updates as up
-from fleetd.state import FleetState
+from fleetd.state import FleetState, WorkloadRequest
 
 
 def exposition(tmp_path: Path) -> str:
     metrics = Metrics()
-    state = FleetState(Config(), Journal(tmp_path / "j.db"), metrics=metrics.state_hooks())
+    cfg = Config(teams={"quotas": {"ml": {"gpus": 3, "gpus_by_model": {"T4": 2.5}}}})  # type: ignore[arg-type]
+    state = FleetState(cfg, Journal(tmp_path / "j.db"), metrics=metrics.state_hooks())
     res = up.Resources(cpu_millicores=8000, memory_bytes=2**35, gpus=4)
     state.apply_now(
         up.NodeUpdate("c1", "n1", 1, res, res, gpu_model="T4", node_pool="p", observed_at_s=1.0)
     )
+    pod = PodRequest("p0", 1000, 2**30, gpu_milli=500)
+    assert state.place(WorkloadRequest("w", "ml", 0, (pod,))).result == "placed"
     metrics.refresh(state)
     metrics.rpc_duration.labels("Place", "OK").observe(0.001)
     metrics.decisions.labels("place", "placed").inc()
@@ -47,6 +51,10 @@ def test_names_follow_conventions(tmp_path: Path) -> None:
             assert name.endswith("_seconds"), name
     assert 'fleetd_gpus{cluster="c1",gpu_model="T4"} 4.0' in text
     assert 'fleetd_nodes{cluster="c1",condition="schedulable"} 1.0' in text
+    assert 'fleetd_team_gpus_held{team="ml"} 0.5' in text
+    assert 'fleetd_team_gpu_quota{team="ml"} 3.0' in text
+    assert 'fleetd_team_model_gpus_held{gpu_model="T4",team="ml"} 0.5' in text
+    assert 'fleetd_team_model_gpu_quota{gpu_model="T4",team="ml"} 2.5' in text
 
 
 def test_promtool_check_metrics(tmp_path: Path) -> None:

@@ -121,6 +121,14 @@ def test_gpus_text() -> None:
             Verdict(False, never=True, text="team t: quota 4 H100 GPUs, needs 5"),
             id="only-h100-never",
         ),
+        pytest.param(
+            [("A100", 7000)],
+            5000,
+            frozenset({"H100"}),
+            # over the total too, but more than H100's quota itself: never
+            Verdict(False, never=True, text="team t: quota 4 H100 GPUs, needs 5"),
+            id="never-wins-over-waiting",
+        ),
         pytest.param([("H100", 3000)], 1000, frozenset({"H100", "A100"}), Verdict(True), id="fits"),
         pytest.param([("H100", 8000)], 0, None, Verdict(True), id="cpu-only-is-free"),
     ],
