@@ -1866,13 +1866,12 @@ class FleetState:
         """The team quota's verdict on `req` (`extra`: GPU milli promised to the team earlier
         in the batch, "" = total) and the workload to give the core: `req`'s, kept off the
         GPU models whose own quota it would exceed."""
-        w = self._workload(req)
         quota = self._quota(req)
         if quota is None:
-            return ALLOWED, w
-        need = request_gpu_milli(req)
+            return ALLOWED, self._workload(req)
         models = request_gpu_models(req)
-        verdict = self.quotas.check(req.team, quota, need, models, extra)
+        verdict = self.quotas.check(req.team, quota, request_gpu_milli(req), models, extra)
+        w = self._workload(req)
         if verdict.allowed and verdict.exclude_models:
             known = models if models is not None else frozenset(self.fleet.gpu_models.names)
             keep = tuple(sorted(known - verdict.exclude_models))
