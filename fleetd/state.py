@@ -1783,7 +1783,7 @@ class FleetState:
             for i, (allocs, reasons) in zip(to_core, placed, strict=True):
                 if allocs is None:
                     failed.append((i, workloads[i], reasons))
-                elif self.quotas.admits(reqs[i].team, self._quota(reqs[i]), self._gpus_of(allocs)):
+                elif self._over_quota(reqs[i], allocs):
                     again.append(i)  # an earlier grant of the batch took the team's room
                 else:
                     dequeue = self.queue.pop(reqs[i].workload_id, None) is not None
@@ -1860,28 +1860,42 @@ class FleetState:
             if a.gpu_indices
         ]
 
-    def _quota_verdict(
-        self, req: WorkloadRequest, extra: collections.Counter[str] | None = None
-    ) -> tuple[Verdict, engine.Workload]:
-        """The team quota's verdict on `req` (`extra`: GPU milli promised to the team earlier
-        in the batch, "" = total) and the workload to give the core: `req`'s, kept off the
-        GPU models whose own quota it would exceed."""
+    def _over_quota(self, req: WorkloadRequest, allocs: Iterable[Allocation]) -> str:
+        """'' when `req`'s team may take `allocs` now; else the quota they would exceed."""
         quota = self._quota(req)
         if quota is None:
-            return ALLOWED, self._workload(req)
+            return ""  # (the common case: no charge list built)
+        return self.quotas.admits(req.team, quota, self._gpus_of(allocs))
+
+    def _quota_verdict(
+        self, req: WorkloadRequest, extra: collections.Counter[str] | None = None
+    ) -> Verdict:
+        """The team quota's verdict on `req` (`extra`: GPU milli promised to the team earlier
+        in the batch, "" = total). Checks, never changes anything."""
+        quota = self._quota(req)
+        if quota is None:
+            return ALLOWED
         models = request_gpu_models(req)
         verdict = self.quotas.check(req.team, quota, request_gpu_milli(req), models, extra)
-        w = self._workload(req)
         if verdict.allowed and verdict.exclude_models:
             known = models if models is not None else frozenset(self.fleet.gpu_models.names)
-            keep = tuple(sorted(known - verdict.exclude_models))
-            if not keep:
-                return Verdict(False, text=verdict.text), w
-            pods = tuple(
-                replace(p, gpu_models=keep) if p.gpu_count or p.gpu_milli else p for p in req.pods
-            )
-            w = replace(w, pods=pods)
-        return verdict, w
+            if not known - verdict.exclude_models:
+                return Verdict(False, text=verdict.text)  # every model it may use is full
+        return verdict
+
+    def _quota_workload(self, req: WorkloadRequest, verdict: Verdict) -> engine.Workload:
+        """The workload to give the core for an allowed `req`: kept off the GPU models whose
+        own quota it would exceed (`verdict.exclude_models`)."""
+        w = self._workload(req)
+        if not verdict.exclude_models:
+            return w
+        models = request_gpu_models(req)
+        known = models if models is not None else frozenset(self.fleet.gpu_models.names)
+        keep = tuple(sorted(known - verdict.exclude_models))
+        pods = tuple(
+            replace(p, gpu_models=keep) if p.gpu_count or p.gpu_milli else p for p in req.pods
+        )
+        return replace(w, pods=pods)
 
     def _batch_quotas(
         self, reqs: list[WorkloadRequest], fresh: list[int]
@@ -1896,14 +1910,14 @@ class FleetState:
         for i in sorted(fresh, key=lambda i: (-self._priority(reqs[i]), i)):
             req = reqs[i]
             extra = tally.get(req.team)
-            verdict, w = self._quota_verdict(req, extra)
+            verdict = self._quota_verdict(req, extra)
             verdicts[i] = verdict
             if not verdict.allowed:
                 # Decided alone after the batch's grants: the earlier workloads the tally
                 # counted may not all have been placed.
                 again.append(i)
                 continue
-            workloads[i] = w
+            workloads[i] = self._quota_workload(req, verdict)
             if self._quota(req) is not None:
                 # The model it lands on is not known yet: the total is tallied; the
                 # per-model quotas are re-checked when it is committed.
@@ -1913,14 +1927,13 @@ class FleetState:
 
     def _place_alone(self, req: WorkloadRequest, now: float, was_queued: bool) -> Decision:
         """Decide one workload against the live quota usage (after a batch's grants)."""
-        verdict, w = self._quota_verdict(req)
+        verdict = self._quota_verdict(req)
         if not verdict.allowed:
             return self._not_placed(req, self._quota_outcome(req, verdict), now, was_queued)
+        w = self._quota_workload(req, verdict)
         outcome = engine.place(self.fleet, w, self.policy, self._fits_empty, self.placement_cache)
         if outcome.allocations is not None:
-            text = self.quotas.admits(
-                req.team, self._quota(req), self._gpus_of(outcome.allocations)
-            )
+            text = self._over_quota(req, outcome.allocations)
             if not text:
                 dequeue = self.queue.pop(req.workload_id, None) is not None
                 return self._grant(req, outcome.allocations, now, dequeue=dequeue)
@@ -1955,7 +1968,7 @@ class FleetState:
     def quota_blocked(self, req: WorkloadRequest) -> bool:
         """Whether `req`'s team quota holds it back now (capacity would not help: the
         autoscaler plans nothing for it)."""
-        return not self._quota_verdict(req)[0].allowed
+        return not self._quota_verdict(req).allowed
 
     def team_usage(self) -> list[tuple[str, str, int, int | None]]:
         """(team, GPU model or '' for all, GPU milli held, quota milli or None) of every team
@@ -2054,7 +2067,7 @@ class FleetState:
         """Dry run of `place`: the would-be decision (seq 0) and whether it fits now."""
         self._check_owner()
         self._check_scope(req.cluster, req.pool)
-        verdict, w = self._quota_verdict(req)
+        verdict = self._quota_verdict(req)
         now = self.clock()
         if not verdict.allowed:
             # The fleet's answer for the workload as asked, then the quota's on top.
@@ -2069,6 +2082,7 @@ class FleetState:
             expl = Explanation(outcome.nodes_total, outcome.nodes_feasible, reasons, summary)
             result = "queued" if quota.fits_empty_fleet else "unschedulable"
             return Decision(0, now, "place", req.workload_id, req.team, result, (), expl), False
+        w = self._quota_workload(req, verdict)
         outcome = engine.place(self.fleet, w, self.policy, self._fits_empty, self.placement_cache)
         outcome = self._with_quota(req, verdict, outcome)
         if outcome.allocations is not None:
@@ -2277,7 +2291,7 @@ class FleetState:
             req = item.request
             if req.workload_id in r.considered:
                 continue
-            verdict, w = self._quota_verdict(req)
+            verdict = self._quota_verdict(req)
             if not verdict.allowed:
                 # Its team's quota holds it back: skipped without using the round's budget,
                 # so one team's over-quota head never blocks other teams' work behind it.
@@ -2289,6 +2303,7 @@ class FleetState:
                 loop.call_soon(self._continue_retry, r)
                 return
             r.considered.add(req.workload_id)
+            w = self._quota_workload(req, verdict)
             shape = (w.pods, req.gang, req.same, req.cluster, req.pool)
             if shape in r.failed:
                 continue  # an identical workload just failed: this one would too
@@ -2298,9 +2313,7 @@ class FleetState:
             )
             if outcome.allocations is None:
                 r.failed.add(shape)
-            elif not self.quotas.admits(
-                req.team, self._quota(req), self._gpus_of(outcome.allocations)
-            ):
+            elif not self._over_quota(req, outcome.allocations):
                 del self.queue[req.workload_id]
                 self._grant(req, outcome.allocations, now, dequeue=True)
 

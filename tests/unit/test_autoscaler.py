@@ -72,6 +72,19 @@ def test_scale_up_once_then_in_flight(tmp_path: Path) -> None:
     assert [e.to_size for e in state.scale.history] == [2, 3]
 
 
+def test_no_scale_up_for_work_its_team_quota_holds_back(tmp_path: Path) -> None:
+    state = state_with_one_full_node(tmp_path)
+    state.set_config(Config(teams={"quotas": {"ml": {"gpus": 8}}}))  # type: ignore[arg-type]
+    assert state.place(gpus("fill", 8)).result == "placed"
+    assert state.place(gpus("over", 8)).result == "queued"  # by ml's quota: a node won't help
+    scaler = Autoscaler(state, lambda: state.config, lambda: 1000.0)
+    assert scaler.step() == []
+    # Once the quota is raised it waits for capacity: then a node is planned for it.
+    state.set_config(Config(teams={"quotas": {"ml": {"gpus": 16}}}))  # type: ignore[arg-type]
+    [decision] = scaler.step()
+    assert (decision.pool, decision.delta, decision.unblocks) == ("a100", 1, ("over",))
+
+
 def test_scale_down_removes_idle_nodes_but_never_a_gang(tmp_path: Path) -> None:
     clock = [1000.0]
     state = FleetState(Config(), Journal(tmp_path / "j.db"), lambda: clock[0])
