@@ -1,4 +1,5 @@
-"""The `fleetd` command line: `fleetd serve | check-config | demo | explain | status | agent | retire-cluster`."""
+"""The `fleetd` command line: `fleetd serve | check-config | demo | explain | status | workloads |
+release | agent | retire-cluster`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="ask a running daemon whether it is ready, and each source's sync"
     )
     _client_arguments(status)
+    listing = sub.add_parser(
+        "workloads", help="list a running daemon's reservations and queued workloads"
+    )
+    _client_arguments(listing)
+    listing.add_argument("--team", default="", help="only this team's")
+    listing.add_argument(
+        "--state", choices=("pending", "confirmed", "queued"), help="only those in this state"
+    )
+    listing.add_argument(
+        "--limit", type=int, default=0, help="at most this many (0 = all, a page at a time)"
+    )
+    release = sub.add_parser(
+        "release", help="release a workload's reservation, or take it out of the queue"
+    )
+    _client_arguments(release)
+    release.add_argument("workload_id")
     from fleetd import agent
 
     agent.build_parser(
@@ -171,6 +189,82 @@ def explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def workloads(args: argparse.Namespace) -> int:
+    """`fleetd workloads`: ListWorkloads, page after page, as a table; exit 1 on an error."""
+    import grpc
+
+    from fleetd.v1 import placement_pb2, placement_pb2_grpc
+
+    state = getattr(placement_pb2, f"WORKLOAD_STATE_{(args.state or 'unspecified').upper()}")
+    rows: list[placement_pb2.WorkloadStatus] = []
+    token = ""
+    with _channel(args) as channel:
+        stub = placement_pb2_grpc.PlacementStub(channel)
+        while True:
+            want = args.limit - len(rows) if args.limit > 0 else 1000
+            request = placement_pb2.ListWorkloadsRequest(
+                team=args.team, state=state, page_size=min(want, 1000), page_token=token
+            )
+            try:
+                reply = stub.ListWorkloads(request, timeout=args.timeout_s)
+            except grpc.RpcError as exc:
+                print(f"fleetd workloads: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            rows.extend(reply.workloads)
+            token = reply.next_page_token
+            if not token or (args.limit > 0 and len(rows) >= args.limit):
+                break
+    now = time.time()
+    print(f"{'WORKLOAD':<32} {'TEAM':<16} {'STATE':<10} {'PRIO':>6} {'PODS':>5} {'GPUS':>7} "
+          f"{'AGE':>7}  WHERE / WHY")  # fmt: skip
+    for w in rows:
+        name = placement_pb2.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_").lower()
+        if w.state == placement_pb2.WORKLOAD_STATE_QUEUED:
+            where = f"#{w.queue_position} in queue: {w.explanation.summary or '-'}"
+        else:
+            nodes = sorted({f"{p.cluster}/{p.node}" for p in w.placements})
+            where = ", ".join(nodes[:3]) + (f" (+{len(nodes) - 3} nodes)" if len(nodes) > 3 else "")
+        age = _duration(now - w.since.ToNanoseconds() / 1e9)
+        print(f"{w.workload_id:<32} {w.team:<16} {name:<10} {w.effective_priority:>6} "
+              f"{w.pods:>5} {w.gpu_milli / 1000:>7g} {age:>7}  {where}")  # fmt: skip
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    """A short age: 42s, 17m, 5h, 3d."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def release(args: argparse.Namespace) -> int:
+    """`fleetd release WORKLOAD_ID`: Release, for the on-call (a reservation whose client is
+    gone, a queued workload nobody wants); exit 1 on an error (NOT_FOUND included)."""
+    import grpc
+
+    from fleetd.v1 import placement_pb2, placement_pb2_grpc, types_pb2
+
+    with _channel(args) as channel:
+        try:
+            reply = placement_pb2_grpc.PlacementStub(channel).Release(
+                placement_pb2.ReleaseRequest(workload_id=args.workload_id), timeout=args.timeout_s
+            )
+        except grpc.RpcError as exc:
+            print(f"fleetd release: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if reply.previous_state == types_pb2.RESERVATION_STATE_UNSPECIFIED:
+        print(f"{reply.workload_id}: taken out of the queue (decision {reply.decision_seq})")
+    else:
+        previous = types_pb2.ReservationState.Name(reply.previous_state)
+        print(
+            f"{reply.workload_id}: released {reply.pods_released} pod(s), was "
+            f"{previous.removeprefix('RESERVATION_STATE_').lower()} (decision {reply.decision_seq})"
+        )
+    return 0
+
+
 def check_config(path: Path) -> int:
     """`fleetd check-config FILE`: what `serve --config FILE` would refuse, without starting
     (FLEETD_* environment overrides included, as for `serve`). For a config repository's CI,
@@ -211,6 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return explain(args)
     if args.command == "status":
         return status(args)
+    if args.command == "workloads":
+        return workloads(args)
+    if args.command == "release":
+        return release(args)
     if args.command == "demo":
         from fleetd import demo
 

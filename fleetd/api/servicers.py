@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from fleetd.api import validation
+from fleetd.api import validation, workloads
 from fleetd.api.validation import InvalidArgument
 from fleetd.config import Config
 from fleetd.engine import GPU_MILLI, fragmented_milli
@@ -187,13 +187,31 @@ class Edge:
         teams = self.config().teams
         if not teams.clients:
             return
-        names = context.auth_context().get("x509_common_name") or [b""]
-        client = names[0].decode(errors="replace")
+        client = _client(context)
         if not teams.may_act_for(client, team):
             log.warning("client %r refused for team %r", client, team)
             raise PermissionDenied(
                 f"client {client!r} may not act for team {team!r} (teams.clients)"
             )
+
+    def visible_teams(self, context: grpc.aio.ServicerContext, team: str) -> frozenset[str] | None:
+        """The teams whose workloads the client may list: `team` alone when given (the client
+        must be allowed to act for it), else those `teams.clients` gives it (None: every
+        team; no check when `teams.clients` is empty)."""
+        if team:
+            self.authorize(context, team)
+            return frozenset((team,))
+        clients = self.config().teams.clients
+        if not clients:
+            return None
+        allowed = clients.get(_client(context), ())
+        return None if "*" in allowed else frozenset(allowed)
+
+
+def _client(context: grpc.aio.ServicerContext) -> str:
+    """The client's name: its mutual-TLS certificate's common name ("" without one)."""
+    names = context.auth_context().get("x509_common_name") or [b""]
+    return str(names[0].decode(errors="replace"))
 
 
 def _rpc(
@@ -242,6 +260,42 @@ def _held_team(servicer: Any, request: Any) -> str | None:
         return str(held.record.team)
     queued = state.queue.get(request.workload_id)
     return str(queued.request.team) if queued is not None else None
+
+
+LISTED_STATES = {
+    placement_pb2.WORKLOAD_STATE_UNSPECIFIED: (
+        workloads.PENDING,
+        workloads.CONFIRMED,
+        workloads.QUEUED,
+    ),
+    placement_pb2.WORKLOAD_STATE_PENDING: (workloads.PENDING,),
+    placement_pb2.WORKLOAD_STATE_CONFIRMED: (workloads.CONFIRMED,),
+    placement_pb2.WORKLOAD_STATE_QUEUED: (workloads.QUEUED,),
+}
+WORKLOAD_STATES = {
+    workloads.PENDING: placement_pb2.WORKLOAD_STATE_PENDING,
+    workloads.CONFIRMED: placement_pb2.WORKLOAD_STATE_CONFIRMED,
+    workloads.QUEUED: placement_pb2.WORKLOAD_STATE_QUEUED,
+}
+
+
+def workload_status_pb(w: workloads.WorkloadStatus) -> placement_pb2.WorkloadStatus:
+    """Convert a listed workload to its protobuf."""
+    return placement_pb2.WorkloadStatus(
+        workload_id=w.workload_id,
+        team=w.team,
+        state=WORKLOAD_STATES[w.state],
+        priority=w.priority,
+        effective_priority=w.effective_priority,
+        since=timestamp(w.since_s),
+        expires_at=timestamp(w.expires_at_s) if w.expires_at_s else None,
+        pods=w.pods,
+        gpu_milli=w.gpu_milli,
+        placements=[pod_placement(p) for p in w.placements],
+        queue_position=w.queue_position,
+        explanation=explanation(w.decision.explanation) if w.decision is not None else None,
+        decision_seq=w.decision_seq,
+    )
 
 
 class PlacementServicer(placement_pb2_grpc.PlacementServicer):
@@ -310,6 +364,34 @@ class PlacementServicer(placement_pb2_grpc.PlacementServicer):
             )
 
         return handle
+
+    async def ListWorkloads(
+        self, request: placement_pb2.ListWorkloadsRequest, context: grpc.aio.ServicerContext
+    ) -> placement_pb2.ListWorkloadsResponse:
+        """A page of held and queued workloads (`fleetd.api.workloads`)."""
+        edge = self.edge
+
+        def handle() -> placement_pb2.ListWorkloadsResponse:
+            if request.team:
+                validation.check_name(request.team, "team", validation.NAME_RE, "team name")
+            states = LISTED_STATES.get(request.state)
+            if states is None:
+                raise InvalidArgument("state", f"unknown WorkloadState {request.state}")
+            teams = edge.visible_teams(context, request.team)
+            page, last = workloads.list_workloads(
+                edge.state,
+                edge.config(),
+                teams=teams,
+                states=states,
+                size=workloads.page_size(request.page_size),
+                after=workloads.decode_token(request.page_token) if request.page_token else "",
+            )
+            return placement_pb2.ListWorkloadsResponse(
+                workloads=[workload_status_pb(w) for w in page],
+                next_page_token=workloads.encode_token(last) if last else "",
+            )
+
+        return await edge.unary("ListWorkloads", context, handle)
 
     async def WatchDecisions(
         self, request: placement_pb2.WatchDecisionsRequest, context: grpc.aio.ServicerContext

@@ -37,7 +37,8 @@ class InvalidArgument(ValueError):
         self.field = field
 
 
-def _check_name(value: str, field: str, pattern: re.Pattern[str], what: str) -> None:
+def check_name(value: str, field: str, pattern: re.Pattern[str], what: str) -> None:
+    """InvalidArgument naming `field` unless `value` matches `pattern` (a `what`)."""
     if not pattern.match(value):
         raise InvalidArgument(field, f"{value[:80]!r} is not a valid {what}")
 
@@ -47,7 +48,7 @@ def pod_request(
 ) -> PodRequest:
     """Validate one PodSpec into a PodRequest."""
     name = pod.name or default_name
-    _check_name(name, f"{field}.name", NAME_RE, "pod name")
+    check_name(name, f"{field}.name", NAME_RE, "pod name")
     if pod.cpu_millicores < 0:
         raise InvalidArgument(f"{field}.cpu_millicores", "must not be negative")
     if pod.cpu_millicores > limits.max_cpu_millicores:
@@ -90,8 +91,8 @@ def pod_request(
     if len(pod.node_selector) > MAX_SELECTOR_TERMS:
         raise InvalidArgument(f"{field}.node_selector", f"more than {MAX_SELECTOR_TERMS} terms")
     for key, value in sorted(pod.node_selector.items()):
-        _check_name(key, f"{field}.node_selector[{key[:80]!r}]", LABEL_KEY_RE, "label key")
-        _check_name(value, f"{field}.node_selector[{key!r}]", LABEL_VALUE_RE, "label value")
+        check_name(key, f"{field}.node_selector[{key[:80]!r}]", LABEL_KEY_RE, "label key")
+        check_name(value, f"{field}.node_selector[{key!r}]", LABEL_VALUE_RE, "label value")
     if len(pod.tolerations) > MAX_TOLERATIONS:
         raise InvalidArgument(f"{field}.tolerations", f"more than {MAX_TOLERATIONS} tolerations")
     tolerations = []
@@ -102,12 +103,12 @@ def pod_request(
         if t.effect not in TAINT_EFFECTS:
             raise InvalidArgument(f"{tf}.effect", f"must be one of {TAINT_EFFECTS[1:]}")
         if t.key:
-            _check_name(t.key, f"{tf}.key", LABEL_KEY_RE, "taint key")
+            check_name(t.key, f"{tf}.key", LABEL_KEY_RE, "taint key")
         elif t.operator != "Exists":
             raise InvalidArgument(f"{tf}.key", "an empty key needs operator Exists")
         if t.operator == "Exists" and t.value:
             raise InvalidArgument(f"{tf}.value", "must be empty with operator Exists")
-        _check_name(t.value, f"{tf}.value", LABEL_VALUE_RE, "taint value")
+        check_name(t.value, f"{tf}.value", LABEL_VALUE_RE, "taint value")
         tolerations.append((t.key, t.operator or "Equal", t.value, t.effect))
     return PodRequest(
         name=name,
@@ -127,16 +128,16 @@ def workload_request(
     """Validate a Workload (of a Place or Explain request) into a WorkloadRequest."""
     if not workload.workload_id:
         raise InvalidArgument(f"{field}.workload_id", "is required")
-    _check_name(workload.workload_id, f"{field}.workload_id", WORKLOAD_ID_RE, "workload id")
+    check_name(workload.workload_id, f"{field}.workload_id", WORKLOAD_ID_RE, "workload id")
     if not workload.team:
         raise InvalidArgument(f"{field}.team", "is required")
-    _check_name(workload.team, f"{field}.team", NAME_RE, "team name")
+    check_name(workload.team, f"{field}.team", NAME_RE, "team name")
     if not -MAX_PRIORITY <= workload.priority <= MAX_PRIORITY:
         raise InvalidArgument(f"{field}.priority", f"must be within +-{MAX_PRIORITY}")
     if workload.cluster:
-        _check_name(workload.cluster, f"{field}.cluster", NAME_RE, "cluster name")
+        check_name(workload.cluster, f"{field}.cluster", NAME_RE, "cluster name")
     if workload.pool:
-        _check_name(workload.pool, f"{field}.pool", NAME_RE, "pool name")
+        check_name(workload.pool, f"{field}.pool", NAME_RE, "pool name")
     kind = workload.WhichOneof("spec")
     same = ""
     pods: tuple[PodRequest, ...]

@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,31 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _WorkloadState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WorkloadStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkloadState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WORKLOAD_STATE_UNSPECIFIED: _WorkloadState.ValueType  # 0
+    WORKLOAD_STATE_PENDING: _WorkloadState.ValueType  # 1
+    """Placed and held; waiting for the cluster to report the pods (or the TTL to expire)."""
+    WORKLOAD_STATE_CONFIRMED: _WorkloadState.ValueType  # 2
+    """Placed, and every pod seen on its node."""
+    WORKLOAD_STATE_QUEUED: _WorkloadState.ValueType  # 3
+    """Waiting for capacity; retried when capacity frees."""
+
+class WorkloadState(_WorkloadState, metaclass=_WorkloadStateEnumTypeWrapper): ...
+
+WORKLOAD_STATE_UNSPECIFIED: WorkloadState.ValueType  # 0
+WORKLOAD_STATE_PENDING: WorkloadState.ValueType  # 1
+"""Placed and held; waiting for the cluster to report the pods (or the TTL to expire)."""
+WORKLOAD_STATE_CONFIRMED: WorkloadState.ValueType  # 2
+"""Placed, and every pod seen on its node."""
+WORKLOAD_STATE_QUEUED: WorkloadState.ValueType  # 3
+"""Waiting for capacity; retried when capacity frees."""
+Global___WorkloadState: _TypeAlias = WorkloadState  # noqa: Y015
 
 @_typing.final
 class PlaceRequest(_message.Message):
@@ -212,3 +238,130 @@ class WatchDecisionsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchDecisionsRequest: _TypeAlias = WatchDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class ListWorkloadsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEAM_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    team: _builtins.str
+    """Only this team's workloads ("" = every team the client may see)."""
+    state: Global___WorkloadState.ValueType
+    """Only workloads in this state (UNSPECIFIED = every state)."""
+    page_size: _builtins.int
+    """At most this many workloads (0 = 100; at most 1000)."""
+    page_token: _builtins.str
+    """A previous response's next_page_token: the page after it ("" = the first page)."""
+    def __init__(
+        self,
+        *,
+        team: _builtins.str = ...,
+        state: Global___WorkloadState.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state", "team", b"team"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkloadsRequest: _TypeAlias = ListWorkloadsRequest  # noqa: Y015
+
+@_typing.final
+class WorkloadStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_PRIORITY_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    PODS_FIELD_NUMBER: _builtins.int
+    GPU_MILLI_FIELD_NUMBER: _builtins.int
+    PLACEMENTS_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    DECISION_SEQ_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    team: _builtins.str
+    state: Global___WorkloadState.ValueType
+    priority: _builtins.int
+    """The priority the workload asked for, and with its team's (teams.priorities) added."""
+    effective_priority: _builtins.int
+    pods: _builtins.int
+    gpu_milli: _builtins.int
+    """GPUs it holds (PENDING, CONFIRMED) or asks for (QUEUED), in thousandths of one GPU."""
+    queue_position: _builtins.int
+    """QUEUED: its place in the queue's retry order (1 = next), by effective priority then age."""
+    decision_seq: _builtins.int
+    """The decision that placed or queued it (WatchDecisions)."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """When it was placed (PENDING, CONFIRMED) or queued (QUEUED)."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """PENDING: when the reservation expires unless the cluster reports the pods."""
+
+    @_builtins.property
+    def placements(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.PodPlacement]:
+        """PENDING, CONFIRMED: where each pod goes."""
+
+    @_builtins.property
+    def explanation(self) -> _types_pb2.Explanation:
+        """QUEUED: why it did not fit when it was queued (while that decision is retained)."""
+
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        team: _builtins.str = ...,
+        state: Global___WorkloadState.ValueType = ...,
+        priority: _builtins.int = ...,
+        effective_priority: _builtins.int = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        pods: _builtins.int = ...,
+        gpu_milli: _builtins.int = ...,
+        placements: _abc.Iterable[_types_pb2.PodPlacement] | None = ...,
+        queue_position: _builtins.int = ...,
+        explanation: _types_pb2.Explanation | None = ...,
+        decision_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "explanation", b"explanation", "since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_seq", b"decision_seq", "effective_priority", b"effective_priority", "expires_at", b"expires_at", "explanation", b"explanation", "gpu_milli", b"gpu_milli", "placements", b"placements", "pods", b"pods", "priority", b"priority", "queue_position", b"queue_position", "since", b"since", "state", b"state", "team", b"team", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkloadStatus: _TypeAlias = WorkloadStatus  # noqa: Y015
+
+@_typing.final
+class ListWorkloadsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOADS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The page_token of the next page; empty on the last page."""
+    @_builtins.property
+    def workloads(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkloadStatus]: ...
+    def __init__(
+        self,
+        *,
+        workloads: _abc.Iterable[Global___WorkloadStatus] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "workloads", b"workloads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkloadsResponse: _TypeAlias = ListWorkloadsResponse  # noqa: Y015

@@ -55,6 +55,11 @@ class PlacementStub:
                 request_serializer=fleetd_dot_v1_dot_placement__pb2.WatchDecisionsRequest.SerializeToString,
                 response_deserializer=fleetd_dot_v1_dot_types__pb2.Decision.FromString,
                 _registered_method=True)
+        self.ListWorkloads = channel.unary_unary(
+                '/fleetd.v1.Placement/ListWorkloads',
+                request_serializer=fleetd_dot_v1_dot_placement__pb2.ListWorkloadsRequest.SerializeToString,
+                response_deserializer=fleetd_dot_v1_dot_placement__pb2.ListWorkloadsResponse.FromString,
+                _registered_method=True)
 
 
 class PlacementServicer:
@@ -90,6 +95,14 @@ class PlacementServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkloads(self, request, context):
+        """The workloads fleetd holds reservations for or has queued, by workload_id, a page at
+        a time. With teams.clients, a client sees the teams it may act for only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlacementServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_PlacementServicer_to_server(servicer, server):
                     servicer.WatchDecisions,
                     request_deserializer=fleetd_dot_v1_dot_placement__pb2.WatchDecisionsRequest.FromString,
                     response_serializer=fleetd_dot_v1_dot_types__pb2.Decision.SerializeToString,
+            ),
+            'ListWorkloads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkloads,
+                    request_deserializer=fleetd_dot_v1_dot_placement__pb2.ListWorkloadsRequest.FromString,
+                    response_serializer=fleetd_dot_v1_dot_placement__pb2.ListWorkloadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class Placement:
             '/fleetd.v1.Placement/WatchDecisions',
             fleetd_dot_v1_dot_placement__pb2.WatchDecisionsRequest.SerializeToString,
             fleetd_dot_v1_dot_types__pb2.Decision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkloads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetd.v1.Placement/ListWorkloads',
+            fleetd_dot_v1_dot_placement__pb2.ListWorkloadsRequest.SerializeToString,
+            fleetd_dot_v1_dot_placement__pb2.ListWorkloadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

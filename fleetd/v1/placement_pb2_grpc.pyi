@@ -44,6 +44,10 @@ class PlacementStub:
     """Every decision in order: the retained ones after `after_seq`, then live ones. A seq
     older than the retained window -> OUT_OF_RANGE naming the oldest retained seq.
     """
+    ListWorkloads: _grpc.UnaryUnaryMultiCallable[_placement_pb2.ListWorkloadsRequest, _placement_pb2.ListWorkloadsResponse]
+    """The workloads fleetd holds reservations for or has queued, by workload_id, a page at
+    a time. With teams.clients, a client sees the teams it may act for only.
+    """
 
 @_typing.type_check_only
 class PlacementAsyncStub(PlacementStub):
@@ -59,6 +63,10 @@ class PlacementAsyncStub(PlacementStub):
     WatchDecisions: _aio.UnaryStreamMultiCallable[_placement_pb2.WatchDecisionsRequest, _types_pb2.Decision]  # type: ignore[assignment]
     """Every decision in order: the retained ones after `after_seq`, then live ones. A seq
     older than the retained window -> OUT_OF_RANGE naming the oldest retained seq.
+    """
+    ListWorkloads: _aio.UnaryUnaryMultiCallable[_placement_pb2.ListWorkloadsRequest, _placement_pb2.ListWorkloadsResponse]  # type: ignore[assignment]
+    """The workloads fleetd holds reservations for or has queued, by workload_id, a page at
+    a time. With teams.clients, a client sees the teams it may act for only.
     """
 
 class PlacementServicer(metaclass=_abc_1.ABCMeta):
@@ -96,6 +104,16 @@ class PlacementServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_types_pb2.Decision], _abc.AsyncIterator[_types_pb2.Decision]]:
         """Every decision in order: the retained ones after `after_seq`, then live ones. A seq
         older than the retained window -> OUT_OF_RANGE naming the oldest retained seq.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWorkloads(
+        self,
+        request: _placement_pb2.ListWorkloadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_placement_pb2.ListWorkloadsResponse, _abc.Awaitable[_placement_pb2.ListWorkloadsResponse]]:
+        """The workloads fleetd holds reservations for or has queued, by workload_id, a page at
+        a time. With teams.clients, a client sees the teams it may act for only.
         """
 
 def add_PlacementServicer_to_server(servicer: PlacementServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -268,6 +268,25 @@ async def test_teams_clients_decide_who_acts_for_which_team(
     assert await place("trainer", "", "r-3") == grpc.StatusCode.INVALID_ARGUMENT
     # Reading the fleet needs only a certificate of the CA.
     assert await _status(daemon, server.cert_pem, clients.client("stranger")) == ok
+    # Listing workloads shows a client the teams it may act for only.
+
+    async def listed(name: str, team: str = "") -> tuple[grpc.StatusCode, set[str]]:
+        async with channel(name) as ch:
+            try:
+                reply = await placement_pb2_grpc.PlacementStub(ch).ListWorkloads(
+                    placement_pb2.ListWorkloadsRequest(team=team, page_size=1000), timeout=10
+                )
+            except grpc.aio.AioRpcError as exc:
+                details.append(exc.details() or "")
+                return exc.code(), set()
+        return grpc.StatusCode.OK, {w.team for w in reply.workloads}
+
+    assert await place("trainer", "research", "r-last") == ok
+    assert await listed("trainer") == (ok, {"research"})
+    assert await listed("platform") == (ok, {"research", "batch"})
+    assert await listed("trainer", "batch") == (denied, set())
+    assert details[-1] == "client 'trainer' may not act for team 'batch' (teams.clients)"
+    assert await listed("stranger") == (ok, set())
 
 
 def _scrape(port: int, roots: bytes | None, client: tuple[Path, Path] | None = None) -> str:
