@@ -14,7 +14,7 @@ the quota itself can never be placed (UNSCHEDULABLE). Lowering a quota evicts no
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fleetd.config import TeamQuota, gpu_milli
@@ -96,49 +96,68 @@ class QuotaLedger:
         self,
         team: str,
         quota: TeamQuota | None,
-        need_milli: int,
-        models: frozenset[str] | None,
+        pods: Sequence[tuple[frozenset[str] | None, int]],
         extra: Mapping[str, int] | None = None,
     ) -> Verdict:
-        """May `team` place a workload needing `need_milli` GPU milli on GPUs of `models`
-        (None: any model)? `extra`: milli already promised in this batch, by model ("" =
-        the total), counted as held. Checks, never changes the ledger."""
-        if quota is None or need_milli <= 0:
+        """May `team` place a workload whose GPU pods are `pods`: (the GPU models each may
+        use, None = any; its GPU milli)? `extra`: milli already promised in this batch, by
+        model ("" = the total), counted as held. Checks, never changes the ledger.
+
+        The model a pod lands on is known only once it is placed, so a model's quota is
+        checked against every pod that may use it: if they would not all fit, the pods
+        that may go elsewhere are kept off it (`exclude_models`), and `admits` re-checks
+        where they really landed."""
+        need = sum(milli for _, milli in pods)
+        if quota is None or need <= 0:
             return ALLOWED
         extra = extra or {}
         total: Verdict | None = None  # what the cap on the total says, if it blocks
         if quota.gpus is not None:
             cap = gpu_milli(quota.gpus)
             held = self.held_milli(team) + extra.get("", 0)
-            if need_milli > cap:
-                return Verdict(False, never=True, text=_text(team, cap, "", None, need_milli))
-            if held + need_milli > cap:
-                total = Verdict(False, text=_text(team, cap, "", held, need_milli))
-        exclude: dict[str, tuple[int, int]] = {}  # model -> (cap, held) of models it may not use
+            if need > cap:
+                return Verdict(False, never=True, text=_text(team, cap, "", None, need))
+            if held + need > cap:
+                total = Verdict(False, text=_text(team, cap, "", held, need))
+        # model -> (cap, held, need) of the models full for the workload's pods that may go
+        # elsewhere, and of those full even for the pods that may use that model only.
+        full: dict[str, tuple[int, int, int]] = {}
+        pinned_full: set[str] = set()
+        never: dict[str, tuple[int, int]] = {}  # model -> (cap, need of the pods only it may take)
         for model, gpus in sorted(quota.gpus_by_model.items()):
-            if models is not None and model not in models:
-                continue
             cap = gpu_milli(gpus)
             held = self.held_milli(team, model) + extra.get(model, 0)
-            if held + need_milli > cap:
-                exclude[model] = (cap, held)
-        if models is not None and models and set(models) <= set(exclude):
-            # Every model it may use is capped below what it needs: it waits (or never fits).
-            never = all(need_milli > cap for cap, _ in exclude.values())
-            if never or total is None:
-                text = "; ".join(
-                    _text(team, cap, model, None if never else held, need_milli)
-                    for model, (cap, held) in sorted(exclude.items())
-                )
-                return Verdict(False, never=never, text=text)
+            only_here = sum(milli for models, milli in pods if models == frozenset((model,)))
+            may_use = sum(milli for models, milli in pods if models is None or model in models)
+            if only_here > cap:
+                never[model] = (cap, only_here)  # however long they wait
+            elif only_here and held + only_here > cap:
+                full[model] = (cap, held, only_here)
+                pinned_full.add(model)
+            elif may_use and held + may_use > cap:
+                full[model] = (cap, held, may_use)
+        if never:
+            text = "; ".join(_text(team, cap, m, None, n) for m, (cap, n) in never.items())
+            return Verdict(False, never=True, text=text)
         if total is not None:
             return total
-        if exclude:
-            text = "; ".join(
-                _text(team, cap, model, held, need_milli)
-                for model, (cap, held) in sorted(exclude.items())
-            )
-            return Verdict(True, frozenset(exclude), text=text)
+        # A pod limited to one model that is full, or to several that all are, waits.
+        stuck = sorted(
+            {
+                m
+                for models, _ in pods
+                if models and (models <= pinned_full if len(models) == 1 else models <= full.keys())
+                for m in models
+            }
+        )
+        shown = stuck or sorted(full)
+        text = "; ".join(_text(team, full[m][0], m, full[m][1], full[m][2]) for m in shown)
+        if stuck:
+            return Verdict(False, text=text)
+        if full:
+            # Pods that may go elsewhere are kept off these models; a pod limited to one
+            # of them (which still has room for it) keeps it.
+            return Verdict(True, frozenset(full), text=text)
         return ALLOWED
 
     def admits(self, team: str, quota: TeamQuota | None, held: Iterable[tuple[str, int]]) -> str:

@@ -1875,13 +1875,24 @@ class FleetState:
         quota = self._quota(req)
         if quota is None:
             return ALLOWED
-        models = request_gpu_models(req)
-        verdict = self.quotas.check(req.team, quota, request_gpu_milli(req), models, extra)
-        if verdict.allowed and verdict.exclude_models:
-            known = models if models is not None else frozenset(self.fleet.gpu_models.names)
-            if not known - verdict.exclude_models:
-                return Verdict(False, text=verdict.text)  # every model it may use is full
+        verdict = self.quotas.check(req.team, quota, request_gpu_pods(req), extra)
+        if verdict.exclude_models and () in self._pod_models(req, verdict):
+            return Verdict(False, text=verdict.text)  # a pod has no model left it may use
         return verdict
+
+    def _pod_models(self, req: WorkloadRequest, verdict: Verdict) -> list[tuple[str, ...] | None]:
+        """Per pod, the GPU models it may use once the quota's full models are taken out
+        (of its own `gpu_models`, or of every model of the fleet; None for a CPU-only pod).
+        A pod limited to one model keeps it: the quota's check said it has room there."""
+        every = self.fleet.gpu_models.names
+        return [
+            None
+            if not (p.gpu_count or p.gpu_milli)
+            else p.gpu_models
+            if len(p.gpu_models) == 1
+            else tuple(sorted(set(p.gpu_models or every) - verdict.exclude_models))
+            for p in req.pods
+        ]
 
     def _quota_workload(self, req: WorkloadRequest, verdict: Verdict) -> engine.Workload:
         """The workload to give the core for an allowed `req`: kept off the GPU models whose
@@ -1889,11 +1900,9 @@ class FleetState:
         w = self._workload(req)
         if not verdict.exclude_models:
             return w
-        models = request_gpu_models(req)
-        known = models if models is not None else frozenset(self.fleet.gpu_models.names)
-        keep = tuple(sorted(known - verdict.exclude_models))
         pods = tuple(
-            replace(p, gpu_models=keep) if p.gpu_count or p.gpu_milli else p for p in req.pods
+            replace(p, gpu_models=models) if models is not None else p
+            for p, models in zip(req.pods, self._pod_models(req, verdict), strict=True)
         )
         return replace(w, pods=pods)
 
@@ -2550,15 +2559,13 @@ def request_gpu_milli(req: WorkloadRequest) -> int:
     return sum(p.gpu_count * scheduling.GPU_MILLI or p.gpu_milli for p in req.pods)
 
 
-def request_gpu_models(req: WorkloadRequest) -> frozenset[str] | None:
-    """The GPU models a workload's GPU pods may use (None: any model)."""
-    models: set[str] = set()
-    for p in req.pods:
-        if p.gpu_count or p.gpu_milli:
-            if not p.gpu_models:
-                return None
-            models.update(p.gpu_models)
-    return frozenset(models)
+def request_gpu_pods(req: WorkloadRequest) -> list[tuple[frozenset[str] | None, int]]:
+    """Each GPU pod of a workload: (the GPU models it may use, None = any; its GPU milli)."""
+    return [
+        (frozenset(p.gpu_models) or None, p.gpu_count * scheduling.GPU_MILLI or p.gpu_milli)
+        for p in req.pods
+        if p.gpu_count or p.gpu_milli
+    ]
 
 
 def encode_decision(d: Decision) -> str:

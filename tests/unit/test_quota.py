@@ -139,16 +139,49 @@ def test_check(
     ledger = QuotaLedger()
     ledger.charge("t", held)
     quota = TeamQuota(gpus=8, gpus_by_model={"H100": 4})
-    assert ledger.check("t", quota, need, models) == expected
-    assert ledger.check("t", None, need, models) == Verdict(True)  # no quota, no cap
+    pods = [(models, need)] if need else []
+    assert ledger.check("t", quota, pods) == expected
+    assert ledger.check("t", None, pods) == Verdict(True)  # no quota, no cap
+
+
+def test_check_charges_a_model_with_the_pods_that_may_use_it() -> None:
+    ledger = QuotaLedger()
+    ledger.charge("t", [("H100", 3000)])
+    quota = TeamQuota(gpus_by_model={"H100": 4})
+    h100, a100 = frozenset({"H100"}), frozenset({"A100"})
+    # 3 held + 1 (the H100 pod; the A100 pod cannot go there) = 4: allowed
+    assert ledger.check("t", quota, [(a100, 2000), (h100, 1000)]) == Verdict(True)
+    # Two H100-only pods of 3 and 2: 5 > 4 however long they wait
+    assert ledger.check("t", quota, [(h100, 3000), (h100, 2000)]) == Verdict(
+        False, never=True, text="team t: quota 4 H100 GPUs, needs 5"
+    )
+    # A pod free to go anywhere and an H100-only one: H100 has room for the H100-only pod
+    # (3 + 1 = 4), not for both (3 + 2 > 4): the free one is kept off H100.
+    assert ledger.check("t", quota, [(None, 1000), (h100, 1000)]) == Verdict(
+        True, frozenset({"H100"}), text="team t: quota 4 H100 GPUs, holds 3, needs 2"
+    )
+    # Not even for the H100-only pod (3 + 2 > 4): it waits.
+    assert ledger.check("t", quota, [(None, 1000), (h100, 2000)]) == Verdict(
+        False, text="team t: quota 4 H100 GPUs, holds 3, needs 2"
+    )
+
+
+def test_a_lowered_quota_below_usage_holds_back_only_new_work() -> None:
+    ledger = QuotaLedger()
+    ledger.charge("t", [("H100", 6000)])
+    quota = TeamQuota(gpus_by_model={"H100": 4})
+    assert ledger.check("t", quota, [(None, 1000)]) == Verdict(
+        True, frozenset({"H100"}), text="team t: quota 4 H100 GPUs, holds 6, needs 1"
+    )
+    assert ledger.check("t", quota, [(frozenset({"A100"}), 1000)]) == Verdict(True)
 
 
 def test_check_counts_the_batch_so_far() -> None:
     ledger = QuotaLedger()
     ledger.charge("t", [("A100", 2000)])
     quota = TeamQuota(gpus=4)
-    assert ledger.check("t", quota, 2000, None).allowed
-    assert not ledger.check("t", quota, 2000, None, extra={"": 1000}).allowed
+    assert ledger.check("t", quota, [(None, 2000)]).allowed
+    assert not ledger.check("t", quota, [(None, 2000)], extra={"": 1000}).allowed
 
 
 def test_charge_and_credit_are_inverses() -> None:
@@ -327,3 +360,27 @@ def test_explain_reports_the_quota(tmp_path: Path) -> None:
 def test_request_gpu_milli() -> None:
     assert request_gpu_milli(req("w", gpus=3)) == 3000
     assert request_gpu_milli(req("w", gpus=0, milli=250)) == 250
+
+
+def test_a_gangs_pods_keep_their_own_models(tmp_path: Path) -> None:
+    # H100 full for the team (1 of 1 held): each GPU pod of a gang loses H100 from its own
+    # choices; a CPU-only pod is not touched; a pod left with no model makes it wait.
+    cfg = quota_config(research={"gpus_by_model": {"H100": 1}})
+    state = make_state(tmp_path / "j.db", cfg, models=("H100", "A100"))
+    assert state.place(req("h", gpus=1, models=("H100",))).result == "placed"
+
+    def gang(wid: str, *pods: PodRequest) -> WorkloadRequest:
+        return WorkloadRequest(wid, "research", 0, pods, gang=True, fingerprint=wid)
+
+    cpu = PodRequest("cpu", 1000, GIB)
+    anywhere = PodRequest("any", 1000, GIB, gpu_count=1)
+    placed = state.place(gang("g1", cpu, anywhere))
+    assert placed.result == "placed"
+    assert [p.gpu_model for p in placed.placements] == ["", "A100"]
+    a100 = PodRequest("a", 1000, GIB, gpu_count=1, gpu_models=("A100",))
+    h100 = PodRequest("b", 1000, GIB, gpu_count=1, gpu_models=("H100",))
+    waiting = state.place(gang("g2", a100, h100))
+    assert waiting.result == "queued"
+    assert waiting.explanation is not None
+    # (only the pod that may use H100 counts against H100's quota)
+    assert waiting.explanation.summary == "team research: quota 1 H100 GPUs, holds 1, needs 1."
