@@ -30,8 +30,12 @@ from fleetd.demo import free_port, wait_serving
 from fleetd.v1 import placement_pb2, placement_pb2_grpc, types_pb2
 
 
-def fleet_config(nodes: int, tmp: Path, port: int, policy: str = "") -> dict[str, object]:
-    """Embedded defaults with a simulated fleet of `nodes` A100/H100 nodes in two clusters."""
+def fleet_config(
+    nodes: int, tmp: Path, port: int, policy: str = "", quota_gpus: float = 0.0
+) -> dict[str, object]:
+    """Embedded defaults with a simulated fleet of `nodes` A100/H100 nodes in two clusters;
+    `quota_gpus` > 0: the benchmark's team gets that quota in total and per model (so every
+    Place takes the quota's checks, without being held back)."""
     cfg = cfgmod.Config().model_dump(mode="json")
     half = nodes // 2
     cfg["sources"]["simulated"].update(
@@ -53,6 +57,9 @@ def fleet_config(nodes: int, tmp: Path, port: int, policy: str = "") -> dict[str
     cfg["logging"]["level"] = "WARNING"
     if policy:
         cfg["scheduling"]["policy"] = policy
+    if quota_gpus > 0:
+        by_model = {"A100-80GB": quota_gpus, "H100-80GB": quota_gpus}
+        cfg["teams"]["quotas"] = {"bench": {"gpus": quota_gpus, "gpus_by_model": by_model}}
     return cfg
 
 
@@ -90,12 +97,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--policy", default="", help="scheduling.policy (default: the config's)")
+    parser.add_argument(
+        "--quota-gpus",
+        type=float,
+        default=0.0,
+        help="give the team a GPU quota this large (total and per model): the quota's cost",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="fleetd-bench-rpc-") as tmp:
         cfg_path = Path(tmp) / "fleetd.yaml"
-        cfg_path.write_text(yaml.safe_dump(fleet_config(args.nodes, Path(tmp), port, args.policy)))
+        cfg = fleet_config(args.nodes, Path(tmp), port, args.policy, args.quota_gpus)
+        cfg_path.write_text(yaml.safe_dump(cfg))
         log = open(Path(tmp) / "daemon.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "fleetd.cli", "serve", "--config", str(cfg_path)], stderr=log
@@ -113,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "nodes": args.nodes,
         "calls": args.calls,
         "policy": args.policy or cfgmod.Config().scheduling.policy,
+        "quota_gpus": args.quota_gpus,
         "place_p50_ms": round(float(np.percentile(place_ms, 50)), 3),
         "place_p99_ms": round(float(np.percentile(place_ms, 99)), 3),
         "noop_p50_ms": round(float(np.percentile(noop_ms, 50)), 3),
