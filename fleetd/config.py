@@ -315,6 +315,14 @@ class TeamsConfig(_Strict):
                     raise ValueError(f"client {client!r}: {team!r} is not a team name or '*'")
         return clients
 
+    def metric_label(self, team: str) -> str:
+        """`team` as a metric label: itself when this config names it (priorities, quotas,
+        clients), else "other" (team names come from clients: labels must stay bounded)."""
+        named = team in self.priorities or team in self.quotas
+        if named or any(team in teams for teams in self.clients.values()):
+            return team
+        return "other"
+
     def may_act_for(self, client: str, team: str) -> bool:
         """Whether `client` may place, explain or release workloads of `team`."""
         if not self.clients:

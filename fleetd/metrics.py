@@ -40,6 +40,11 @@ TLS_REQUEST_TIMEOUT_S = 30.0
 
 log = logging.getLogger(__name__)
 
+# Queue wait buckets: a second to a day.
+QUEUE_WAIT_BUCKETS_S = (
+    1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+)  # fmt: skip
+
 # Decision latency buckets: sub-millisecond to a second.
 LATENCY_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -107,6 +112,19 @@ class Metrics:
         )
         self.queued = Gauge(
             "fleetd_workloads_queued", "Workloads waiting for capacity.", registry=r
+        )
+        self.queue_wait = Histogram(
+            "fleetd_queue_wait_seconds",
+            "How long workloads waited in the queue, by team (teams the config names; the "
+            "rest as 'other') and how the wait ended: placed, or released by the client.",
+            ["team", "outcome"],
+            buckets=QUEUE_WAIT_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_oldest = Gauge(
+            "fleetd_queue_oldest_seconds",
+            "How long the longest-waiting queued workload has waited (0 when none is queued).",
+            registry=r,
         )
         self.team_gpus_held = Gauge(
             "fleetd_team_gpus_held",
@@ -251,6 +269,7 @@ class Metrics:
             telemetry_lag=telemetry_lag,
             update_ignored=update_ignored,
             inventory_removed=lambda cluster, n: self.inventory_removed.labels(cluster).inc(n),
+            queue_wait=lambda team, outcome, s: self.queue_wait.labels(team, outcome).observe(s),
         )
 
     def refresh(self, state: FleetState) -> None:
@@ -331,6 +350,7 @@ class Metrics:
         self.reservations.labels("pending").set(pending)
         self.reservations.labels("confirmed").set(confirmed)
         self.queued.set(queued)
+        self.queue_oldest.set(state.oldest_queued_s())
         self.ready.set(1 if state.ready else 0)
         for source, cluster, synced, age_s, _ in state.source_status():
             self.source_synced.labels(source, cluster).set(1 if synced else 0)

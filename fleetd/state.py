@@ -409,6 +409,8 @@ class StateMetrics:
     update_ignored: Callable[[str], None] = lambda reason: None
     #: (cluster, nodes) a node inventory removed (telemetry's relist).
     inventory_removed: Callable[[str, int], None] = lambda cluster, nodes: None
+    #: (team label, "placed" | "released", seconds) a workload left the queue after waiting.
+    queue_wait: Callable[[str, str, float], None] = lambda team, outcome, wait_s: None
 
 
 def _signal(sub: _Subscriber, marker: str) -> None:
@@ -1786,7 +1788,7 @@ class FleetState:
                 elif self._over_quota(reqs[i], allocs):
                     again.append(i)  # an earlier grant of the batch took the team's room
                 else:
-                    dequeue = self.queue.pop(reqs[i].workload_id, None) is not None
+                    dequeue = self._dequeued(reqs[i].workload_id, "placed", now)
                     results[i] = self._grant(reqs[i], allocs, now, dequeue=dequeue)
             # Reasons describe the fleet after the batch's grants (as the core's do).
             for i, w, reasons in failed:
@@ -1944,7 +1946,7 @@ class FleetState:
         if outcome.allocations is not None:
             text = self._over_quota(req, outcome.allocations)
             if not text:
-                dequeue = self.queue.pop(req.workload_id, None) is not None
+                dequeue = self._dequeued(req.workload_id, "placed", now)
                 return self._grant(req, outcome.allocations, now, dequeue=dequeue)
             verdict = Verdict(False, text=text)  # (the exclusions above make this unlikely)
             return self._not_placed(req, self._quota_outcome(req, verdict), now, was_queued)
@@ -2108,15 +2110,26 @@ class FleetState:
         expl = self._explain(outcome)
         return Decision(0, now, "place", req.workload_id, req.team, result, (), expl), False
 
+    def _dequeued(self, workload_id: str, outcome: str, now: float) -> bool:
+        """Take a workload out of the queue, reporting how long it waited; False when it was
+        not queued."""
+        queued = self.queue.pop(workload_id, None)
+        if queued is None:
+            return False
+        team = self.config.teams.metric_label(queued.request.team)
+        self.metrics.queue_wait(team, outcome, max(0.0, now - queued.since_s))
+        return True
+
     def release(self, workload_id: str) -> Decision:
         """Release a reservation or drop a queued workload; NotFound when neither."""
         self._check_owner()
         now = self.clock()
         if workload_id in self.held:
             return self._end(workload_id, "release", "released", now, reason="released by client")
-        queued = self.queue.pop(workload_id, None)
+        queued = self.queue.get(workload_id)
         if queued is None:
             raise NotFound(f"workload_id {workload_id!r} holds no reservation and is not queued")
+        self._dequeued(workload_id, "released", now)
         seq = self._next_seq()
         decision = Decision(seq, now, "release", workload_id, queued.request.team, "", ())
         self.journal.dequeue(workload_id, seq, encode_decision(decision))
@@ -2323,7 +2336,7 @@ class FleetState:
             if outcome.allocations is None:
                 r.failed.add(shape)
             elif not self._over_quota(req, outcome.allocations):
-                del self.queue[req.workload_id]
+                self._dequeued(req.workload_id, "placed", now)
                 self._grant(req, outcome.allocations, now, dequeue=True)
 
     def _continue_retry(self, round_: _RetryRound) -> None:
@@ -2461,6 +2474,11 @@ class FleetState:
             raise RuntimeError("FleetState mutated off its owner thread: hop onto the event loop")
 
     # -- read views ---------------------------------------------------------------------------
+
+    def oldest_queued_s(self) -> float:
+        """How long the longest-waiting queued workload has waited (0 when none)."""
+        since = min((q.since_s for q in self.queue.values()), default=None)
+        return 0.0 if since is None else max(0.0, self.clock() - since)
 
     def counts(self) -> tuple[int, int, int]:
         """(pending reservations, confirmed reservations, queued workloads)."""

@@ -169,10 +169,18 @@ CASES: list[tuple[str, dict[str, str], list[tuple[str, list[tuple[dict[str, str]
     (
         "FleetdWorkloadsQueued",
         {
-            'fleetd_workloads_queued{instance="a"}': "3x40",
-            'fleetd_workloads_queued{instance="b"}': "0x40",
+            # a: one workload waits from minute 0 on (60 s more each minute); b: a busy queue
+            # whose oldest never waits 10 minutes.
+            'fleetd_queue_oldest_seconds{instance="a"}': "0+60x40",
+            'fleetd_queue_oldest_seconds{instance="b"}': "0+60x9 0+60x9 0+60x9 0+60x9",
         },
-        [("29m", []), ("31m", [({"instance": "a"}, "3 workloads queued for 30 minutes")])],
+        [
+            ("34m", []),  # (over 1,800 s from minute 31, pending for 5 minutes)
+            (
+                "37m",
+                [({"instance": "a"}, "a workload has waited in the queue for over 30 minutes")],
+            ),
+        ],
     ),
     (
         "FleetdNodeInventoriesAbandoned",

@@ -1,0 +1,51 @@
+"""How long workloads waited in the queue (`fleetd_queue_wait_seconds`) and the oldest wait
+(`fleetd_queue_oldest_seconds`), through the state's hooks and a real SQLite journal."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fleetd.config import Config
+from fleetd.journal import Journal
+from fleetd.metrics import Metrics
+from fleetd.sources import updates as up
+from fleetd.state import FleetState
+
+from .test_state import FakeClock, node, request
+
+
+def _wait(metrics: Metrics, team: str, outcome: str, suffix: str, **extra: str) -> float | None:
+    labels = {"team": team, "outcome": outcome, **extra}
+    return metrics.registry.get_sample_value(f"fleetd_queue_wait_seconds_{suffix}", labels)
+
+
+def test_queue_wait_by_team_and_outcome(tmp_path: Path) -> None:
+    clock = FakeClock(1_000.0)
+    metrics = Metrics()
+    cfg = Config(teams={"priorities": {"ml": 10}})  # type: ignore[arg-type]
+    state = FleetState(cfg, Journal(tmp_path / "j.db"), clock, metrics=metrics.state_hooks())
+    state.expect_source("test", "c1")
+    state.apply_now(node("n0", seq=1, gpus=8))
+    state.apply_now(up.ClusterSynced("c1", "test"))
+    assert state.place(request("big", gpus=8)).result == "placed"
+    clock.now_s = 1_010.0
+    assert state.place(request("ml-1", gpus=8)).result == "queued"  # team ml: named
+    clock.now_s = 1_020.0
+    stranger = dataclasses.replace(request("x-1", gpus=8), team="stranger", fingerprint="x")
+    assert state.place(stranger).result == "queued"
+    metrics.refresh(state)
+    assert metrics.registry.get_sample_value("fleetd_queue_oldest_seconds") == 10.0
+    clock.now_s = 1_070.0
+    state.release("big")  # ml-1 placed from the queue after 60 s
+    assert set(state.held) == {"ml-1"}
+    clock.now_s = 1_080.0
+    state.release("x-1")  # taken out of the queue by its client after 60 s: "other"
+    assert _wait(metrics, "ml", "placed", "count") == 1.0
+    assert _wait(metrics, "ml", "placed", "sum") == 60.0
+    assert _wait(metrics, "ml", "placed", "bucket", le="15.0") == 0.0
+    assert _wait(metrics, "ml", "placed", "bucket", le="60.0") == 1.0
+    assert _wait(metrics, "other", "released", "sum") == 60.0
+    assert _wait(metrics, "stranger", "released", "count") is None  # (no label per client team)
+    metrics.refresh(state)
+    assert metrics.registry.get_sample_value("fleetd_queue_oldest_seconds") == 0.0
