@@ -152,6 +152,8 @@ class _RetryRound:
 
     considered: set[str] = field(default_factory=set)
     failed: set[tuple[object, ...]] = field(default_factory=set)
+    #: Workloads tried (the budget): those their team's quota holds back do not count.
+    tried: int = 0
 
 
 @dataclass(slots=True)
@@ -2308,28 +2310,35 @@ class FleetState:
         r = round_ if round_ is not None else _RetryRound()
         order = sorted(self.queue.values(), key=lambda q: (-q.priority, q.seq))
         deadline = time.perf_counter() + QUEUE_RETRY_BUDGET_S  # a work budget, not a clock
-        attempted = 0
+        worked = 0
+        # Quota verdicts by (team, pods) until the next grant changes a team's usage (many
+        # queued workloads of a team over its quota are mostly the same few shapes).
+        verdicts: dict[tuple[str, tuple[PodRequest, ...]], Verdict] = {}
         for item in order:
             req = item.request
             if req.workload_id in r.considered:
                 continue
-            verdict = self._quota_verdict(req)
-            if not verdict.allowed:
-                # Its team's quota holds it back: skipped without using the round's budget,
-                # so one team's over-quota head never blocks other teams' work behind it.
-                continue
-            if len(r.considered) >= QUEUE_RETRY_BUDGET:
+            if r.tried >= QUEUE_RETRY_BUDGET:
                 return
-            if loop is not None and attempted and time.perf_counter() > deadline:
+            if loop is not None and worked and time.perf_counter() > deadline:
                 # Continue this round on the next turn of the loop (RPCs run in between).
                 loop.call_soon(self._continue_retry, r)
                 return
             r.considered.add(req.workload_id)
+            worked += 1
+            key = (req.team, req.pods)
+            verdict = verdicts.get(key)
+            if verdict is None:
+                verdict = verdicts[key] = self._quota_verdict(req)
+            if not verdict.allowed:
+                # Its team's quota holds it back: skipped without using the round's budget,
+                # so one team's over-quota head never blocks other teams' work behind it.
+                continue
+            r.tried += 1
             w = self._quota_workload(req, verdict)
             shape = (w.pods, req.gang, req.same, req.cluster, req.pool)
             if shape in r.failed:
                 continue  # an identical workload just failed: this one would too
-            attempted += 1
             outcome = engine.place(
                 self.fleet, w, self.policy, self._fits_empty, self.placement_cache
             )
@@ -2338,6 +2347,7 @@ class FleetState:
             elif not self._over_quota(req, outcome.allocations):
                 self._dequeued(req.workload_id, "placed", now)
                 self._grant(req, outcome.allocations, now, dequeue=True)
+                verdicts.clear()
 
     def _continue_retry(self, round_: _RetryRound) -> None:
         self._retry_queue(self.clock(), round_)
