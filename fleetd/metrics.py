@@ -129,7 +129,8 @@ class Metrics:
         self.team_gpus_held = Gauge(
             "fleetd_team_gpus_held",
             "GPUs (fractional shares summed) a team's held reservations hold, pending or "
-            "confirmed: what its quota (teams.quotas) caps.",
+            "confirmed: what its quota (teams.quotas) caps. Teams the config does not name "
+            "(priorities, quotas, clients) are summed as team 'other'.",
             ["team"],
             registry=r,
         )
@@ -337,15 +338,21 @@ class Metrics:
                         self.nodes.labels(cluster, name).set(int(counts[k]))
         for cluster, pods in state.pending_pods.items():
             self.pods_pending.labels(cluster).set(len(pods))
+        # Teams the config does not name are summed as "other" (team names come from
+        # clients: label values must stay bounded); a team with a quota is always named.
+        held: dict[tuple[str, str], float] = {}
         for team, model, held_milli, quota_milli in state.team_usage():
+            label = state.config.teams.metric_label(team)
+            held[(label, model)] = held.get((label, model), 0.0) + held_milli / GPU_MILLI
+            if quota_milli is not None and model:
+                self.team_model_gpu_quota.labels(team, model).set(quota_milli / GPU_MILLI)
+            elif quota_milli is not None:
+                self.team_gpu_quota.labels(team).set(quota_milli / GPU_MILLI)
+        for (label, model), gpus in held.items():
             if model:
-                self.team_model_gpus_held.labels(team, model).set(held_milli / GPU_MILLI)
-                if quota_milli is not None:
-                    self.team_model_gpu_quota.labels(team, model).set(quota_milli / GPU_MILLI)
+                self.team_model_gpus_held.labels(label, model).set(gpus)
             else:
-                self.team_gpus_held.labels(team).set(held_milli / GPU_MILLI)
-                if quota_milli is not None:
-                    self.team_gpu_quota.labels(team).set(quota_milli / GPU_MILLI)
+                self.team_gpus_held.labels(label).set(gpus)
         pending, confirmed, queued = state.counts()
         self.reservations.labels("pending").set(pending)
         self.reservations.labels("confirmed").set(confirmed)

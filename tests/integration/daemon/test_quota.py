@@ -98,6 +98,7 @@ async def test_over_quota_queues_until_the_team_releases(start_daemon: StartDaem
     daemon.metrics.refresh(daemon.state)  # (as the daemon's periodic refresh does)
     text = await asyncio.to_thread(scrape, daemon)
     assert 'fleetd_team_gpus_held{team="research"} 3.0' in text
+    assert 'fleetd_team_gpus_held{team="other"} 8.0' in text  # batch: not named in the config
     assert 'fleetd_team_gpu_quota{team="research"} 4.0' in text
     assert 'fleetd_team_model_gpu_quota{gpu_model="H100-80GB",team="research"} 2.0' in text
     lint = await asyncio.to_thread(
