@@ -3,9 +3,13 @@ enforcement on its serialized path (batches, the queue retry, reload, restore)."
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fleetd import config
 from fleetd.config import Config, TeamQuota
@@ -13,7 +17,7 @@ from fleetd.engine import PodRequest
 from fleetd.journal import Journal
 from fleetd.quota import QUOTA_REASON, QuotaLedger, Verdict, gpus_text
 from fleetd.sources import updates as up
-from fleetd.state import FleetState, WorkloadRequest, request_gpu_milli
+from fleetd.state import FleetState, StateError, WorkloadRequest, request_gpu_milli
 from tests.unit.test_state import FakeClock, node
 
 GIB = 1024**3
@@ -384,3 +388,78 @@ def test_a_gangs_pods_keep_their_own_models(tmp_path: Path) -> None:
     assert waiting.explanation is not None
     # (only the pod that may use H100 counts against H100's quota)
     assert waiting.explanation.summary == "team research: quota 1 H100 GPUs, holds 1, needs 1."
+
+
+# -- property: the quota holds whatever arrives -------------------------------------------------
+
+quota_op = st.one_of(
+    st.tuples(st.just("place"), st.sampled_from(["research", "batch", "free"]),
+              st.sampled_from([0, 1, 2, 4]), st.sampled_from([0, 250, 500]),
+              st.sampled_from([(), ("A100",), ("H100",), ("A100", "H100")]), st.integers(1, 3)),
+    st.tuples(st.just("batch"), st.integers(2, 12)),
+    st.tuples(st.just("release"), st.integers(0, 40)),
+    st.tuples(st.just("expire"), st.integers(1, 400)),
+)  # fmt: skip
+
+QUOTAS = {"research": {"gpus": 6, "gpus_by_model": {"H100": 2.5}}, "batch": {"gpus": 3.25}}
+
+
+def held_by_team(state: FleetState) -> dict[tuple[str, str], int]:
+    """(team, model or '') -> GPU milli, recomputed from the held reservations."""
+    out: dict[tuple[str, str], int] = {}
+    for held in state.held.values():
+        for p in held.record.pods:
+            milli = p.gpu_milli * len(p.gpu_indices)
+            for key in ((held.record.team, ""), (held.record.team, p.gpu_model)):
+                out[key] = out.get(key, 0) + milli
+    return {k: v for k, v in out.items() if v}
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(quota_op, min_size=1, max_size=30))
+def test_usage_never_exceeds_a_quota_and_matches_the_reservations(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = FakeClock()
+        state = FleetState(quota_config(**QUOTAS), Journal(Path(tmp) / "j.db"), clock)
+        state.expect_source("test", "c1")
+        for i, model in enumerate(("H100", "A100", "A100")):
+            state.apply_now(node(f"n{i}", seq=1, gpus=4, model=model))
+        state.apply_now(up.ClusterSynced("c1", "test"))
+        made: list[WorkloadRequest] = []
+        for n, op in enumerate(ops):
+            if op[0] in ("place", "batch"):
+                if op[0] == "place":
+                    _, team, gpus, milli, models, pods = op
+                    reqs = [gang_request(f"w{n}", team, gpus, milli, models, pods)]
+                else:  # a burst of one team's Places: one batch
+                    reqs = [req(f"w{n}-{i}", gpus=1 + i % 2) for i in range(op[1])]
+                made += reqs
+                for r in state.place_batch(reqs):
+                    assert not isinstance(r, Exception) or isinstance(r, StateError)
+            elif op[0] == "release" and made:
+                with contextlib.suppress(StateError):
+                    state.release(made[op[1] % len(made)].workload_id)
+            elif op[0] == "expire":
+                clock.now_s += op[1]
+                state.expire_due()
+            usage = held_by_team(state)
+            ledger = {(team, model): milli for team, model, milli, _ in state.team_usage() if milli}
+            assert ledger == usage
+            assert usage.get(("research", ""), 0) <= 6000
+            assert usage.get(("research", "H100"), 0) <= 2500
+            assert usage.get(("batch", ""), 0) <= 3250
+        # A restart from the journal has the same usage.
+        again = FleetState(quota_config(**QUOTAS), Journal(Path(tmp) / "j.db"), clock)
+        assert {(t, m): h for t, m, h, _ in again.team_usage() if h} == held_by_team(state)
+
+
+def gang_request(
+    wid: str, team: str, gpus: int, milli: int, models: tuple[str, ...], n: int
+) -> WorkloadRequest:
+    if gpus:
+        milli = 0
+    pods = tuple(
+        PodRequest(f"{wid}-{i}", 1000, GIB, gpu_count=gpus, gpu_milli=milli, gpu_models=models)
+        for i in range(n)
+    )
+    return WorkloadRequest(wid, team, 0, pods, gang=n > 1, fingerprint=wid)
