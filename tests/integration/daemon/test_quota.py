@@ -47,9 +47,10 @@ async def teams(client: Client) -> dict[tuple[str, str], tuple[int, int | None]]
 
 
 async def placed_next(client: Client, after_seq: int, wids: set[str]) -> list[str]:
-    """The workloads of `wids` placed in the decision stream after `after_seq`, in order."""
+    """The workloads of `wids` placed in the decision stream after `after_seq`, in order
+    (the stream's deadline fails the test if they never are)."""
     stream = client.placement.WatchDecisions(
-        placement_pb2.WatchDecisionsRequest(after_seq=after_seq)
+        placement_pb2.WatchDecisionsRequest(after_seq=after_seq), timeout=30
     )
     placed: list[str] = []
     async for d in stream:
@@ -111,6 +112,26 @@ async def test_over_quota_queues_until_the_team_releases(start_daemon: StartDaem
     again = await place(client, workload("b", gpus=2))
     assert (again.result, again.replayed) == (PLACED, True)
     assert (await teams(client))[("research", "")] == (2000, 4000)
+
+
+async def test_an_over_quota_head_does_not_block_other_teams(start_daemon: StartDaemon) -> None:
+    _, client = await start_daemon(sources=SIMULATED, teams={"quotas": {"research": {"gpus": 8}}})
+    # sim-west/h100: 4 nodes x 8 GPUs. research holds one node (its quota); 40 more of its
+    # workloads queue ahead of everyone (more than a retry round's budget of 32 tries).
+    h100: dict[str, Any] = {"cluster": "sim-west", "pool": "h100"}
+    assert (await place(client, workload("r0", gpus=8, **h100))).result == PLACED
+    for i in range(1, 41):
+        assert (await place(client, workload(f"r{i}", gpus=8, **h100))).result == QUEUED
+    for i in range(3):
+        wl = workload(f"fill{i}", team="batch", gpus=8, **h100)
+        assert (await place(client, wl)).result == PLACED
+    waiting = await place(client, workload("b", team="batch", gpus=8, **h100))
+    assert waiting.result == QUEUED
+    assert [r.code for r in waiting.explanation.reasons] != ["TEAM_QUOTA"]  # capacity
+    rel = await client.placement.Release(placement_pb2.ReleaseRequest(workload_id="fill0"))
+    assert await placed_next(client, rel.decision_seq, {"b"}) == ["b"]
+    snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest())
+    assert (snap.workloads_queued, snap.reservations_pending) == (40, 4)
 
 
 async def test_concurrent_places_never_exceed_the_quota(start_daemon: StartDaemon) -> None:
@@ -194,7 +215,7 @@ async def test_kill9_then_restart_keeps_the_usage(tmp_path: Path) -> None:
     await daemon.start()
     try:
         channel, client = await daemon.client()
-        a100 = {"cluster": "sim-east", "pool": "a100"}
+        a100: dict[str, Any] = {"cluster": "sim-east", "pool": "a100"}
         assert (await place(client, workload("a", gpus=0, milli=500, **a100))).result == PLACED
         assert (await place(client, workload("b", gpus=1, **a100))).result == PLACED
         assert (await place(client, workload("c", gpus=1))).result == PLACED
