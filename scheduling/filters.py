@@ -187,6 +187,20 @@ STATIC_FILTERS: tuple[tuple[Reason, StaticFilter], ...] = (
 )
 
 
+def static_key(c: Constraints) -> tuple[object, ...]:
+    """What the static filters read from a pod: two constraints with equal keys pass or
+    fail every static filter alike on every node of their fleet (keep in step with
+    STATIC_FILTERS). Many shapes differ only in their requests: they share the key."""
+    gpu = c.gpus_per_pod > 0
+    return (
+        None if c.cluster_ids is None else c.cluster_ids.tobytes(),
+        tuple((key_id, op, values.tobytes()) for key_id, op, values in c.requirements),
+        c.untolerated.tobytes(),
+        None if c.model_ids is None or not gpu else c.model_ids.tobytes(),
+        c.gpu_memory_min_mib if gpu else 0,
+    )
+
+
 def static_mask(fleet: Fleet, c: Constraints, rows: Rows | None = None) -> Mask:
     """(rows,) bool: the node passes every static filter (live slots only)."""
     if rows is None:

@@ -51,6 +51,7 @@ from scheduling.filters import (
     pod_capacity,
     resource_first_failure,
     static_first_failure,
+    static_key,
     static_profiles,
 )
 from scheduling.fleet import FLAG_EMPTY_SLOT, GPU_MILLI, Allocation, AllocationError, Fleet
@@ -753,6 +754,10 @@ class _Engine:
         # so a row without room never gets room back.
         self.rows: dict[int, I64] = {}
         self.static: dict[int, NDArray[np.int16]] = {}
+        self._static_key: dict[int, tuple[object, ...]] = {}
+        self._static_by_key: dict[tuple[object, ...], NDArray[np.int16]] = {}
+        self._rows_by_key: dict[tuple[object, ...], I64] = {}
+        self._hist_by_key: dict[tuple[object, ...], NDArray[np.int64]] = {}
         self._profiles: tuple[I64, I64] | None = None  # filters.static_profiles of live rows
         self.exhausted: set[int] = set()
         # Per-shape cache of (rows, room, scores, picks, step) and per-slot change stamps.
@@ -804,18 +809,26 @@ class _Engine:
         """First failing static filter per live row for the shape (0 = passes), cached."""
         codes = self.static.get(shape)
         if codes is None:
-            if self.xc is None and len(self.batch.shapes) >= _BY_PROFILE_SHAPES:
-                if self._profiles is None:
-                    self._profiles = static_profiles(self.fleet, self.live_rows)
-                reps, profile_of = self._profiles
-                codes = static_first_failure(self.fleet, self.cons(shape), reps)[profile_of]
-            elif self.xc is None:
-                codes = static_first_failure(self.fleet, self.cons(shape), self.live_rows)
+            if self.xc is None:
+                # Shapes that differ only in their requests share their codes (and rows).
+                key = static_key(self.cons(shape))
+                codes = self._static_by_key.get(key)
+                if codes is None:
+                    codes = self._static_by_key[key] = self._static_first_failure(shape)
+                self._static_key[shape] = key
             else:
                 dense = self.xc.static_codes(self.fleet, self.batch.shapes[shape])
                 codes = dense[self.live_rows]
             self.static[shape] = codes
         return codes
+
+    def _static_first_failure(self, shape: int) -> NDArray[np.int16]:
+        if len(self.batch.shapes) >= _BY_PROFILE_SHAPES:
+            if self._profiles is None:
+                self._profiles = static_profiles(self.fleet, self.live_rows)
+            reps, profile_of = self._profiles
+            return static_first_failure(self.fleet, self.cons(shape), reps)[profile_of]
+        return static_first_failure(self.fleet, self.cons(shape), self.live_rows)
 
     def candidate_rows(self, shape: int) -> I64:
         """Live rows passing every static filter for the shape, cached."""
@@ -824,8 +837,20 @@ class _Engine:
             if self.xc is not None:
                 rows = self.xc.candidate_rows(self.fleet, self.batch.shapes[shape])
             else:
-                rows = self.live_rows[self.static_codes(shape) == 0]
+                rows = self._static_rows(shape)
             self.rows[shape] = rows
+        return rows
+
+    def _static_rows(self, shape: int) -> I64:
+        """Live rows passing every static filter for the shape (shared by the shapes with
+        its static key; never written in place: shapes replace their rows)."""
+        if self.xc is not None:
+            return self.live_rows[self.static_codes(shape) == 0]
+        self.static_codes(shape)
+        key = self._static_key[shape]
+        rows = self._rows_by_key.get(key)
+        if rows is None:
+            rows = self._rows_by_key[key] = self.live_rows[self.static[shape] == 0]
         return rows
 
     def reason_for(self, shape: int) -> int:
@@ -841,13 +866,17 @@ class _Engine:
         else:
             # Nodes of one state class fail the same resource filter: once per class, each
             # class counted with its nodes (a histogram, not a code per node).
-            hist = np.bincount(codes, minlength=N_REASONS)
-            counts = np.bincount(
-                self.states.of[self.live_rows[codes == 0]], minlength=self.states.n
-            )
+            key = self._static_key.get(shape)
+            static_hist = None if key is None else self._hist_by_key.get(key)
+            if static_hist is None:
+                static_hist = np.bincount(codes, minlength=N_REASONS)
+                static_hist[0] = 0
+                if key is not None:
+                    self._hist_by_key[key] = static_hist
+            hist = static_hist.copy()
+            counts = np.bincount(self.states.of[self._static_rows(shape)], minlength=self.states.n)
             present = counts.nonzero()[0]
             per = resource_first_failure(self.states.free_of(), self.cons(shape), present)
-            hist[0] = 0
             hist += np.bincount(per, weights=counts[present], minlength=N_REASONS).astype(np.int64)
             why = Explanation.from_histogram(hist)
         return int(why.dominant) or int(Reason.INSUFFICIENT_CPU)
@@ -1005,11 +1034,14 @@ class _Engine:
         # first k are every row scoring above the k-th best row's score t, by score, then
         # the lowest slots scoring t (often thousands of alike nodes: not sorted).
         sc = score[present]
-        o = (-sc).argsort(kind="stable")  # NaN (no room) last
-        reach = counts[present[o]].cumsum()
-        roomy = int(np.count_nonzero(sc == sc))
-        rows_roomy = int(reach[roomy - 1]) if roomy else 0
-        if domain is None and not self.in_trial and 4 * (rows.size - rows_roomy) > rows.size:
+        # Only classes with room are ranked (most present classes have none: NaN).
+        ok = (sc == sc).nonzero()[0]
+        roomy = int(ok.size)
+        sc = sc[ok]
+        o = (-sc).argsort(kind="stable")
+        reach = counts[present[ok[o]]].cumsum()
+        rows_roomy = int(reach[-1]) if roomy else 0
+        if domain is None and not self.in_trial and rows_roomy < rows.size:
             # Free resources only shrink outside gang trials: drop rows without room.
             rs = score[cls]
             keep = rs == rs
