@@ -845,7 +845,8 @@ class _Engine:
         """Live rows passing every static filter for the shape (shared by the shapes with
         its static key; never written in place: shapes replace their rows)."""
         if self.xc is not None:
-            return self.live_rows[self.static_codes(shape) == 0]
+            ok: I64 = self.live_rows[self.static_codes(shape) == 0]
+            return ok
         self.static_codes(shape)
         key = self._static_key[shape]
         rows = self._rows_by_key.get(key)
@@ -1041,19 +1042,14 @@ class _Engine:
         o = (-sc).argsort(kind="stable")
         reach = counts[present[ok[o]]].cumsum()
         rows_roomy = int(reach[-1]) if roomy else 0
+        rs = score[cls]  # NaN (no room) compares false below
         if domain is None and not self.in_trial and rows_roomy < rows.size:
-            # Free resources only shrink outside gang trials: drop rows without room.
-            rs = score[cls]
-            keep = rs == rs
-            rows, cls, rs = rows[keep], cls[keep], rs[keep]
-            self.rows[shape] = rows
-        else:
-            rs = None
+            # Free resources only shrink outside gang trials: later runs of the shape skip
+            # the rows without room (this one reads them as NaN).
+            self.rows[shape] = rows[rs == rs]
         if roomy == 0 or k <= 0:
             return none, none
         t = sc[o[min(int(reach.searchsorted(k)), roomy - 1)]]
-        if rs is None:
-            rs = score[cls]
         before = (rs > t).nonzero()[0]
         if before.size:
             sel = np.concatenate(
