@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -211,8 +212,9 @@ def test_admits_checks_the_models_a_placement_landed_on() -> None:
 # -- enforcement in the state ---------------------------------------------------------------
 
 
-def quota_config(**quotas: dict[str, object]) -> Config:
-    return Config(teams={"quotas": quotas})  # type: ignore[arg-type]
+def quota_config(**quotas: Any) -> Config:
+    """A config with `teams.quotas` = `quotas` (validated as a file's would be)."""
+    return Config.model_validate({"teams": {"quotas": quotas}})
 
 
 def make_state(path: Path, cfg: Config, models: tuple[str, ...] = ("A100", "A100")) -> FleetState:
