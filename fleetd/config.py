@@ -279,6 +279,13 @@ class TeamQuota(_Strict):
         ),
     )
 
+    @model_validator(mode="after")
+    def _caps_something(self) -> TeamQuota:
+        # An empty entry caps nothing: most likely a typo'd or half-written quota.
+        if self.gpus is None and not self.gpus_by_model:
+            raise ValueError("a quota needs gpus, gpus_by_model or both")
+        return self
+
 
 class TeamsConfig(_Strict):
     """Team priorities, quotas and clients (reloadable): a workload's effective priority is

@@ -52,6 +52,7 @@ def test_quotas_load_with_fractions_and_models(tmp_path: Path) -> None:
         pytest.param("{research: {gpus: .inf}}", "teams.quotas.research.gpus", id="infinite"),
         pytest.param("{research: {gpus: lots}}", "teams.quotas.research.gpus", id="not-a-number"),
         pytest.param("{research: 512}", "teams.quotas.research", id="not-a-mapping"),
+        pytest.param("{research: {}}", "teams.quotas.research", id="empty"),
         pytest.param("[research]", "teams.quotas", id="a-list"),
         pytest.param("{'bad team!': {gpus: 1}}", "teams.quotas", id="team-name"),
         pytest.param(
