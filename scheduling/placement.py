@@ -758,6 +758,7 @@ class _Engine:
         self._static_by_key: dict[tuple[object, ...], NDArray[np.int16]] = {}
         self._rows_by_key: dict[tuple[object, ...], I64] = {}
         self._hist_by_key: dict[tuple[object, ...], NDArray[np.int64]] = {}
+        self._summary: tuple[int, I64, NDArray[np.integer]] | None = None  # per-class GPUs
         self._profiles: tuple[I64, I64] | None = None  # filters.static_profiles of live rows
         self.exhausted: set[int] = set()
         # Per-shape cache of (rows, room, scores, picks, step) and per-slot change stamps.
@@ -877,10 +878,34 @@ class _Engine:
             hist = static_hist.copy()
             counts = np.bincount(self.states.of[self._static_rows(shape)], minlength=self.states.n)
             present = counts.nonzero()[0]
-            per = resource_first_failure(self.states.free_of(), self.cons(shape), present)
+            per = self._class_first_failure(self.cons(shape), present)
             hist += np.bincount(per, weights=counts[present], minlength=N_REASONS).astype(np.int64)
             why = Explanation.from_histogram(hist)
         return int(why.dominant) or int(Reason.INSUFFICIENT_CPU)
+
+    def _class_first_failure(self, c: Constraints, ids: I64) -> NDArray[np.int16]:
+        """`resource_first_failure` of the state classes `ids`, from per-class summaries
+        made once (reasons come after the batch: classes no longer change) with 1-D
+        comparisons: the same codes, without per-GPU work for every pending shape."""
+        states = self.states
+        assert states is not None
+        if self._summary is None or self._summary[0] != states.n:
+            gpu = states.gpu[: states.n]
+            full = row_sum(gpu == GPU_MILLI)  # entirely free GPUs
+            top = np.maximum.reduce(gpu, axis=1) if gpu.shape[1] else np.zeros(states.n, np.int64)
+            self._summary = (states.n, full, top)
+        _, full, top = self._summary
+        # Filters in RESOURCE_FILTERS order; the first that fails wins (assigned last).
+        per = np.zeros(ids.size, np.int16)
+        if c.gpus_per_pod and c.milli_per_gpu < GPU_MILLI:
+            at = top[ids]
+            per[at < c.milli_per_gpu] = Reason.INSUFFICIENT_GPU_SHARE
+            per[at <= 0] = Reason.INSUFFICIENT_GPU  # no GPU with anything free
+        elif c.gpus_per_pod:
+            per[full[ids] < c.gpus_per_pod] = Reason.INSUFFICIENT_GPU
+        per[states.mem[ids] < c.memory_bytes] = Reason.INSUFFICIENT_MEMORY
+        per[states.cpu[ids] < c.cpu_millicores] = Reason.INSUFFICIENT_CPU
+        return per
 
     # -- one run of identical pods -------------------------------------------------------
 
