@@ -24,6 +24,7 @@ pressure (`model_pressure`): the share of its GPUs that model-constrained pods n
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -668,6 +669,8 @@ class FragmentationMemo:
         self.constraint_aware = constraint_aware
         self.max_states = max_states
         self.max_bytes = max_bytes
+        #: Incremented whenever the memo starts afresh (every state id it gave is void).
+        self.generation = 0
         self._reset(0)
 
     def nbytes(self) -> int:
@@ -675,6 +678,7 @@ class FragmentationMemo:
         return int(self._cpu.shape[0]) * self._row_bytes
 
     def _reset(self, gpus: int) -> None:
+        self.generation += 1
         self._gpus = gpus
         self._void = np.dtype((np.void, 8 * (2 + gpus)))  # a state's key, as bytes
         self._ids: dict[bytes, int] = {}
@@ -973,6 +977,8 @@ class FragmentationScorer:
         self._scarcity_tables: dict[tuple[bytes | None, int], FloatArray] = {}
         self._tables: dict[int, _ShareTables] = {}
         self._gpu_type_counts: dict[int, NDArray[np.int8]] = {}
+        # (id space, memo, memo generation, memo state id per id of that space or -1).
+        self._space_ids: tuple[weakref.ref[object], FragmentationMemo, int, IntArray] | None = None
 
     def _gpu_types(self, gpus: int) -> NDArray[np.int8]:
         """(T,) int8: `gpus` for the target workload's types that request GPUs, 0 for the
@@ -1008,11 +1014,7 @@ class FragmentationScorer:
             return ScoreResult(np.zeros(0), np.zeros(0, dtype=np.int64))
         model = self._model_of(view)
         memo = self.memo
-        ids = memo.states(
-            np.asarray(view.cpu_free_millicores, dtype=np.int64),
-            np.asarray(view.gpu_free_milli, dtype=np.int64),
-            model,
-        )
+        ids = self._state_ids(view, model)
         pod_cpu, pod_milli, pod_num = pod_candidate_shape(
             c.cpu_millicores, c.gpus_per_pod, c.milli_per_gpu
         )
@@ -1039,6 +1041,57 @@ class FragmentationScorer:
             )
             known[todo] = True
         return ScoreResult(score_of[ids], pick_of[ids])
+
+    def _state_ids(self, view: NodeView, model: IntArray) -> IntArray:
+        """The memo's state id of each row of `view` (`FragmentationMemo.states`). A view
+        whose rows carry ids of another id space (`NodeView.state_ids`, e.g. the engine's
+        state classes) is looked up by those where already met: no key interning."""
+        memo = self.memo
+        sid, space = view.state_ids, view.state_space
+        if sid is None or space is None:
+            return memo.states(
+                np.asarray(view.cpu_free_millicores, dtype=np.int64),
+                np.asarray(view.gpu_free_milli, dtype=np.int64),
+                model,
+            )
+        known = self._space_ids
+        if known is None or known[0]() is not space or known[1] is not memo:
+            try:
+                ref = weakref.ref(space)
+            except TypeError:  # an id space that cannot be referenced weakly: no table
+                self._space_ids = None
+                return memo.states(
+                    np.asarray(view.cpu_free_millicores, dtype=np.int64),
+                    np.asarray(view.gpu_free_milli, dtype=np.int64),
+                    model,
+                )
+            known = self._space_ids = (ref, memo, memo.generation, np.full(64, -1, np.int64))
+        table = known[3]
+        top = int(np.maximum.reduce(sid)) + 1 if sid.size else 0
+        if top > table.size or known[2] != memo.generation:
+            grown = np.full(max(top, 2 * table.size), -1, np.int64)
+            if known[2] == memo.generation:
+                grown[: table.size] = table
+            table = grown
+            known = self._space_ids = (known[0], memo, memo.generation, table)
+        ids: IntArray = table[sid]
+        missing = (ids < 0).nonzero()[0]
+        if missing.size:
+            new = memo.states(
+                np.asarray(view.cpu_free_millicores[missing], dtype=np.int64),
+                np.asarray(view.gpu_free_milli[missing], dtype=np.int64),
+                model[missing],
+            )
+            if memo.generation != known[2]:  # the memo started afresh: all ids are void
+                self._space_ids = None
+                return memo.states(
+                    np.asarray(view.cpu_free_millicores, dtype=np.int64),
+                    np.asarray(view.gpu_free_milli, dtype=np.int64),
+                    model,
+                )
+            ids[missing] = new
+            table[sid[missing]] = new
+        return ids
 
     def _score_states(
         self, c: Constraints, cpu_left: IntArray, gpu_left: IntArray, model: IntArray,

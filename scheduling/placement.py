@@ -488,6 +488,8 @@ class _States:
             gpu_free_milli=self.gpu[ids],
             gpu_usable=usable[rep],
             gpu_model_id=fleet.gpu_model_id[rep],
+            state_ids=ids,
+            state_space=self,
         )
 
 
@@ -758,6 +760,7 @@ class _Engine:
         self._static_by_key: dict[tuple[object, ...], NDArray[np.int16]] = {}
         self._rows_by_key: dict[tuple[object, ...], I64] = {}
         self._hist_by_key: dict[tuple[object, ...], NDArray[np.int64]] = {}
+        self._classes_by_key: dict[tuple[object, ...], tuple[int, I64, I64]] = {}
         self._summary: tuple[int, I64, NDArray[np.integer]] | None = None  # per-class GPUs
         self._profiles: tuple[I64, I64] | None = None  # filters.static_profiles of live rows
         self.exhausted: set[int] = set()
@@ -876,10 +879,20 @@ class _Engine:
                 if key is not None:
                     self._hist_by_key[key] = static_hist
             hist = static_hist.copy()
-            counts = np.bincount(self.states.of[self._static_rows(shape)], minlength=self.states.n)
-            present = counts.nonzero()[0]
+            # The classes of the shape's static rows and their sizes, shared with the
+            # shapes of its static key while nothing changes (reasons come at the end).
+            seen = None if key is None else self._classes_by_key.get(key)
+            if seen is None or seen[0] != self.step:
+                counts = np.bincount(
+                    self.states.of[self._static_rows(shape)], minlength=self.states.n
+                )
+                present = counts.nonzero()[0]
+                seen = (self.step, present, counts[present])
+                if key is not None:
+                    self._classes_by_key[key] = seen
+            _, present, sizes = seen
             per = self._class_first_failure(self.cons(shape), present)
-            hist += np.bincount(per, weights=counts[present], minlength=N_REASONS).astype(np.int64)
+            hist += np.bincount(per, weights=sizes, minlength=N_REASONS).astype(np.int64)
             why = Explanation.from_histogram(hist)
         return int(why.dominant) or int(Reason.INSUFFICIENT_CPU)
 

@@ -40,6 +40,10 @@ class NodeView:
     (before this pod); cpu_allocatable_millicores, memory_allocatable_bytes: (R,) int64;
     gpu_free_milli: (R, G) int32 free share per GPU (0 for unhealthy or missing GPUs);
     gpu_usable: (R, G) bool GPU exists and is healthy; gpu_model_id: (R,) int16.
+    state_ids, state_space: optionally, each row's node state as an id within the id space
+    `state_space` (an object, e.g. one `place` call's state classes): rows with equal ids
+    are in the same state and an id never denotes another state, so a state-only plugin
+    may key what it remembers by them. None when unknown (views of hypothetical states).
     """
 
     slots: I64
@@ -50,6 +54,8 @@ class NodeView:
     gpu_free_milli: NDArray[np.int32]
     gpu_usable: NDArray[np.bool_]
     gpu_model_id: NDArray[np.int16]
+    state_ids: I64 | None = None
+    state_space: object | None = None
 
     @classmethod
     def of(

@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 
 from scheduling import Allocation, Fleet, NodeSpec, PodSpec, Policy, place, placement
 from scheduling.filters import Free, compile_pod
-from scheduling.fragmentation import FragmentationScorer, TypicalPods, typical_pods
+from scheduling.fragmentation import (
+    FragmentationMemo,
+    FragmentationScorer,
+    TypicalPods,
+    typical_pods,
+)
 from scheduling.reference import place_reference
 from scheduling.scoring import NodeView, default_gpu_pick, gpu_usable_matrix
 from scheduling.workload import QueueItem
@@ -128,6 +133,59 @@ def test_scores_depend_on_state_not_slot(
             assert np.array_equal(again.score, fresh[both.index(v)].score)
             assert again.gpu_pick is not None
             assert np.array_equal(again.gpu_pick, fresh[both.index(v)].gpu_pick)
+
+
+class _IdSpace:
+    """An id space for `NodeView.state_ids` (the engine uses its state classes)."""
+
+
+@SETTINGS
+@given(
+    fleets(),
+    st.lists(pods("p"), min_size=1, max_size=3),
+    st.sampled_from(NAMES),
+    st.integers(1, 40),
+)
+def test_state_ids_give_the_scores_of_the_states(
+    f: Fleet, shapes: list[PodSpec], name: str, max_states: int
+) -> None:
+    # Views labelled with state ids are scored as the states they hold: ids met before are
+    # looked up, a new id space or a memo starting afresh (a few states only) drops them.
+    rows = np.flatnonzero(f.live_mask()).astype(np.int64)
+    if rows.size == 0:
+        return
+    n = int(rows.size)
+    real = NodeView.of(f, Free.of(f), rows, gpu_usable_matrix(f))
+    states = replace(
+        real,
+        cpu_free_millicores=real.cpu_free_millicores - 500,
+        gpu_free_milli=(real.gpu_free_milli - np.minimum(real.gpu_free_milli, 250)).astype(
+            real.gpu_free_milli.dtype
+        ),
+    )
+    scorer = _scorer(name)
+    scorer.memo = FragmentationMemo(
+        scorer.memo.typical, scorer.constraint_aware, max_states=max_states
+    )
+    space, other = _IdSpace(), _IdSpace()
+    pick = np.zeros(n, np.int64)
+    for c in (compile_pod(f, p) for p in shapes):
+        plain = _scorer(name)
+        # Real states are ids 0..n-1 and taken ones n..2n-1; `other` numbers them the
+        # other way round.
+        for view, ids, where in (
+            (real, np.arange(n), space),
+            (states, np.arange(n) + n, space),
+            (real, np.arange(n), space),  # ids met before: looked up
+            (states, np.arange(n), other),
+            (real, np.arange(n) + n, other),
+        ):
+            got = scorer.score(replace(view, state_ids=ids, state_space=where), c, pick)
+            want = plain.score(view, c, pick)
+            assert np.array_equal(got.score, want.score)
+            assert got.gpu_pick is not None
+            assert want.gpu_pick is not None
+            assert np.array_equal(got.gpu_pick, want.gpu_pick)
 
 
 def _concat(
