@@ -51,6 +51,7 @@ from fleetd.daemon import freeze_startup_heap
 from fleetd.loadgen import periodic_reports, produce, synthetic_fleet
 from fleetd.sources.base import UpdateSink
 from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
+from fleetd.sources.kafka_workers import KafkaWorkers
 from fleetd.sources.memory import FleetView, StateSink
 from fleetd.sources.metrics import SourceMetrics
 
@@ -123,25 +124,75 @@ async def source_run(source: KafkaSource, n_records: int) -> tuple[float, dict[s
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert source.first_batch_at is not None
-    metrics = source.metrics
-    outcomes = {
+    return done_at - source.first_batch_at, _outcomes(source.metrics)
+
+
+def _outcomes(metrics: SourceMetrics) -> dict[str, int]:
+    return {
         outcome: int(metrics.telemetry_records.labels(outcome)._value.get()) for outcome in OUTCOMES
     }
-    return done_at - source.first_batch_at, outcomes
+
+
+async def workers_warm_then_measure(
+    settings: KafkaSourceSettings,
+    topic: str,
+    n_warm: int,
+    n_records: int,
+    sink: UpdateSink,
+    workers: int,
+) -> tuple[float, float, dict[str, int]]:
+    """`warm_then_measure` with the records decoded in `workers` processes (`KafkaWorkers`):
+    the same workers first read the initial sync, then the steady state."""
+    source = KafkaWorkers(settings, sink, workers=workers, metrics=SourceMetrics())
+    task = asyncio.ensure_future(source.run())
+    try:
+        waiter = asyncio.ensure_future(source.wait_handled(n_warm))
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # (the workers died: raise their error)
+        assert source.first_batch_at is not None
+        warm_s = time.perf_counter() - source.first_batch_at
+        await source.ready.wait()  # (each worker froze its heap then; the daemon here:)
+        freeze_startup_heap()
+        before = _outcomes(source.metrics)
+        start_count = source.records_handled
+        source.first_batch_at = None
+        await source.retarget(topic)
+        waiter = asyncio.ensure_future(source.wait_handled(start_count + n_records))
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+        assert source.first_batch_at is not None
+        steady_s = time.perf_counter() - source.first_batch_at
+        after = _outcomes(source.metrics)
+    finally:
+        gc.unfreeze()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return warm_s, steady_s, {k: after[k] - before[k] for k in OUTCOMES}
 
 
 async def warm_then_measure(
-    bootstrap: str, warm_topic: str, topic: str, n_warm: int, n_records: int, sink: UpdateSink
+    bootstrap: str,
+    warm_topic: str,
+    topic: str,
+    n_warm: int,
+    n_records: int,
+    sink: UpdateSink,
+    workers: int = 0,
 ) -> tuple[float, float, dict[str, int]]:
-    """One KafkaSource into `sink`: first the initial sync (every node in full, `warm_topic`),
-    then the steady state (`topic`), each timed from its first poll. Returns (initial sync
-    seconds, steady-state seconds, steady-state records by outcome)."""
+    """One KafkaSource into `sink` (or `workers` of them, in processes): first the initial
+    sync (every node in full, `warm_topic`), then the steady state (`topic`), each timed
+    from its first poll. Returns (initial sync seconds, steady-state seconds, steady-state
+    records by outcome)."""
     settings = KafkaSourceSettings(
         bootstrap_servers=bootstrap,
         topic=warm_topic,
         dead_letter_topic=f"{topic}.dlq",
         group_id=f"bench-fleetd-{uuid.uuid4().hex[:8]}",
     )
+    if workers:
+        return await workers_warm_then_measure(settings, topic, n_warm, n_records, sink, workers)
     source = KafkaSource(settings, sink, metrics=SourceMetrics())
     warm_s, before = await source_run(source, n_warm)
     # What the daemon does when it first turns ready (after the initial sync).
@@ -174,13 +225,14 @@ async def _state_run(
     n_warm: int,
     n_records: int,
     expected: dict[tuple[str, str], int],
+    workers: int = 0,
 ) -> tuple[float, float, dict[str, int], bool]:
     """`warm_then_measure` into a fresh FleetState (gone when this returns), and whether it
     ends with every node at its last produced sequence."""
     with tempfile.TemporaryDirectory() as tmp:
         state = fleet_state(Path(tmp))
         warm_s, state_s, outcomes = await warm_then_measure(
-            bootstrap, warm_topic, topic, n_warm, n_records, StateSink(state)
+            bootstrap, warm_topic, topic, n_warm, n_records, StateSink(state), workers
         )
         gate = state.gate  # (every heartbeat written back: once, not per node)
         verified = len(state.nodes) == len(expected) and all(
@@ -208,6 +260,7 @@ async def measure(
     changed_fraction: float,
     repeats: int,
     seed: int,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Produce one mix, then measure raw, view and state `repeats` times, side by side."""
     rng = np.random.default_rng(seed)
@@ -235,11 +288,11 @@ async def measure(
         raw = await raw_rate(bootstrap, topic, n_records)
         gc.collect()
         _, view_s, _ = await warm_then_measure(
-            bootstrap, warm_topic, topic, n_warm, n_records, FleetView()
+            bootstrap, warm_topic, topic, n_warm, n_records, FleetView(), workers
         )
         gc.collect()
         warm_s, state_s, outcomes, verified = await _state_run(
-            bootstrap, warm_topic, topic, n_warm, n_records, expected
+            bootstrap, warm_topic, topic, n_warm, n_records, expected, workers
         )
         reflected = outcomes["applied"] + outcomes["unchanged"]
         runs.append(
@@ -288,9 +341,12 @@ async def run(
     changed_fraction: float,
     repeats: int,
     seed: int,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """The JSON result: the first size's figures at top level, every size under `ladder`."""
-    ladder = [await measure(bootstrap, n, rounds, changed_fraction, repeats, seed) for n in sizes]
+    ladder = [
+        await measure(bootstrap, n, rounds, changed_fraction, repeats, seed, workers) for n in sizes
+    ]
     load1, _, _ = os.getloadavg()
     return {
         "benchmark": "ingest",
@@ -298,6 +354,7 @@ async def run(
         "seed": seed,
         "repeats": repeats,
         "partitions": PARTITIONS,
+        "workers": workers,
         "target_ratio": 0.5,
         "load_avg_1m": round(load1, 2),
         "ladder": ladder if len(ladder) > 1 else [],
@@ -318,6 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ladder", default="", help="comma-separated fleet sizes instead of --nodes"
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="fleetd decodes in this many worker processes (sources.kafka.workers; 0 = in "
+        "its own process)",
+    )
     parser.add_argument("--bootstrap-servers", default=os.environ.get("FLEETD_KAFKA_BOOTSTRAP", ""))
     args = parser.parse_args(argv)
     sizes = [int(n) for n in args.ladder.split(",") if n.strip()] or [args.nodes]
@@ -340,7 +404,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         result = asyncio.run(
-            run(bootstrap, sizes, args.rounds, args.changed_fraction, args.repeats, args.seed)
+            run(
+                bootstrap,
+                sizes,
+                args.rounds,
+                args.changed_fraction,
+                args.repeats,
+                args.seed,
+                args.workers,
+            )
         )
     finally:
         if testbed is not None:

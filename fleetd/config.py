@@ -576,6 +576,17 @@ class KafkaSourceConfig(_Strict):
             "drops, Place answers UNAVAILABLE) until the consumer is back and caught up."
         ),
     )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description=(
+            "Decode in this many worker processes, each a consumer of the group, the daemon "
+            "applying what they decode (0 = in the daemon's process; restart to change). "
+            "One process decodes at most a core's worth of records: more workers for a "
+            "topic whose partitions carry more than that."
+        ),
+    )
     sequence_tombstone_ttl_s: float = Field(
         600.0,
         gt=0,

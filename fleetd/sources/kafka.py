@@ -22,13 +22,14 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -77,6 +78,9 @@ from fleetd.sources.updates import (
     Update,
 )
 from fleetd.v1 import telemetry_pb2 as pb
+
+if TYPE_CHECKING:
+    from fleetd.sources.kafka_workers import KafkaWorkers
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +137,10 @@ class KafkaSourceSettings:
     replay_max_age_s: float | None = None
     #: Extra keyword arguments for both aiokafka clients.
     client_options: Mapping[str, Any] = field(default_factory=dict)
+    #: One of several consumers of one fleetd (`fleetd.sources.kafka_workers`): partitions
+    #: held by the group's other members are expected, not a conflict (the parent judges
+    #: the whole group's assignment), and an empty assignment is a synced one.
+    shared_group: bool = False
 
     def resolve_security(self) -> tuple[KafkaSecurity, dict[str, Any]]:
         """The security settings and every aiokafka keyword argument they and
@@ -331,9 +339,14 @@ class KafkaSource:
         sink: UpdateSink,
         *,
         metrics: SourceMetrics | None = None,
+        slot_space: str | None = None,
     ) -> None:
+        """`slot_space` names this source's heartbeat slots in the sink (`HeartbeatSlots`):
+        unique per sink (default: numbered within this process)."""
         self.settings = settings
         self.sink = sink
+        #: What the sink offers to wait for the batches given to it (`settled`), if anything.
+        self._settled: Callable[[], Awaitable[None]] | None = getattr(sink, "settled", None)
         self.metrics = metrics if metrics is not None else SourceMetrics()
         self.ready = asyncio.Event()
         self._gate = SequenceGate(tombstone_ttl_s=settings.sequence_tombstone_ttl_s)
@@ -354,7 +367,7 @@ class KafkaSource:
         #: The gate cells of the nodes in `_contents`, for repeats to move in bulk; their
         #: slots are also what `NodeHeartbeats` entries name (`HeartbeatSlots`).
         self._column = SequenceColumn()
-        self._slot_space = f"{SOURCE}/{next(_SLOT_SPACES)}"
+        self._slot_space = slot_space or f"{SOURCE}/{next(_SLOT_SPACES)}"
         #: Told (ok, reason) on every change of the broker connection: False when the broker
         #: cannot be reached, True once it is back and the consumer caught up with the end
         #: offsets it saw on return (the daemon's readiness; see `_probe`).
@@ -362,6 +375,14 @@ class KafkaSource:
         #: Told how far the initial sync is ("1,234,567 records to read"; '' when read up
         #: to the end offsets at assignment), after every poll until it is done.
         self.on_progress: Callable[[str], None] | None = None
+        #: The records the initial sync has left to read, as `on_progress` last said.
+        self.behind_records = 0
+        #: Told (partitions held, partitions of the topic) on every assignment.
+        self.on_assigned: Callable[[set[int], set[int]], None] | None = None
+        #: Told the number of records of every poll, and the offsets committed for it, once
+        #: they are committed.
+        self.on_handled: Callable[[int, Mapping[TopicPartition, int]], None] | None = None
+        self._assigned_once = False
         self._connected: bool | None = None
         #: Why the group's assignment leaves partitions of the topic to another consumer
         #: ('' when this source reads them all; see `_assigned`).
@@ -815,10 +836,14 @@ class KafkaSource:
         self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int], n_records: int
     ) -> None:
         """Commit an applied poll's offsets, then count its records as handled."""
+        if self._settled is not None:
+            await self._settled()  # (a sink that applies later: `kafka_workers`)
         await self._commit(consumer, offsets)
         async with self.progress:
             self.records_handled += n_records
             self.progress.notify_all()
+        if self.on_handled is not None:
+            self.on_handled(n_records, offsets)
 
     async def _settle_commit(self) -> None:
         """Wait for the previous poll's commit (its errors are raised here)."""
@@ -1100,8 +1125,11 @@ class KafkaSource:
         topic = self.settings.topic
         partitions = consumer.partitions_for_topic(topic) or set()
         held = {tp.partition for tp in assigned if tp.topic == topic}
+        self._assigned_once = True
+        if self.on_assigned is not None:
+            self.on_assigned(held, set(partitions))
         missing = sorted(set(partitions) - held)
-        if missing:
+        if missing and not self.settings.shared_group:
             self.group_conflict = (
                 f"consumer group {self.settings.group_id!r} is shared: partitions "
                 f"{', '.join(map(str, missing))} of {topic} ({len(missing)} of "
@@ -1114,8 +1142,22 @@ class KafkaSource:
             log.info("kafka: every partition of %s is assigned again", topic)
             self.group_conflict = ""
 
+    def applied_elsewhere(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Records below `offsets` reached the sink through another consumer of it (a worker
+        of the same daemon, `kafka_workers`): a later assignment of their partitions starts
+        there, not at the beginning."""
+        for tp, offset in offsets.items():
+            if offset > self._next_offset.get(tp, 0):
+                self._next_offset[tp] = offset
+
     async def _check_initial_sync(self, consumer: AIOKafkaConsumer) -> None:
         assignment = consumer.assignment()
+        if not assignment and self.settings.shared_group and self._assigned_once:
+            # (More consumers than partitions: this one has nothing to read.)
+            if self.on_progress is not None:
+                self.on_progress("")
+            self.ready.set()
+            return
         if not assignment or self.group_conflict:
             return
         if self._initial_end is None or set(self._initial_end) != assignment:
@@ -1123,6 +1165,7 @@ class KafkaSource:
         behind = 0
         for tp, end in self._initial_end.items():
             behind += max(0, end - await consumer.position(tp))
+        self.behind_records = behind
         if self.on_progress is not None:
             self.on_progress(f"{behind:,} records to read" if behind else "")
         if behind:
@@ -1218,7 +1261,8 @@ def settings_from_config(config: Any) -> KafkaSourceSettings:
         dead_letter_topic=config.dead_letter_topic,
         group_id=config.group_id,
         required_clusters=frozenset(config.clusters),
-        security_loader=lambda: security_from_config(config.security),
+        # (A partial, not a lambda: the settings pickle, for `kafka_workers`' processes.)
+        security_loader=functools.partial(security_from_config, config.security),
         sequence_tombstone_ttl_s=config.sequence_tombstone_ttl_s,
     )
 
@@ -1238,7 +1282,20 @@ def build(config: Any, state: Any, daemon_metrics: Any) -> Callable[[], Awaitabl
         state.expect_source(SOURCE, cluster)
     metrics = SourceMetrics.for_daemon(daemon_metrics)
     sink = StateSink(state, lambda kind: metrics.telemetry_records.labels("rejected").inc())
-    source = KafkaSource(settings, sink, metrics=metrics)
+    source: KafkaSource | KafkaWorkers
+    if config.workers:
+        from fleetd.sources.kafka_workers import KafkaWorkers
+
+        source = KafkaWorkers(
+            settings,
+            sink,
+            workers=config.workers,
+            metrics=metrics,
+            logging_config=state.config.logging,
+            on_restart=lambda: daemon_metrics.task_failures.labels("kafka-worker").inc(),
+        )
+    else:
+        source = KafkaSource(settings, sink, metrics=metrics)
     source.on_connection = lambda ok, reason: state.source_connection(SOURCE, "", ok, reason)
     source.on_progress = lambda progress: state.source_progress(SOURCE, progress)
     if settings.required_clusters:

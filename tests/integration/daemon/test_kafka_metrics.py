@@ -22,9 +22,12 @@ from .conftest import StartDaemon, promtool, scrape, start_on_kafka
 pytestmark = pytest.mark.testbed
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-workers"])
 async def test_kafka_metrics_are_exposed_and_promtool_clean(
-    start_daemon: StartDaemon, kafka_bootstrap: str
+    start_daemon: StartDaemon, kafka_bootstrap: str, workers: int
 ) -> None:
+    """The same through the daemon's own consumer and through worker processes
+    (`sources.kafka.workers`), whose metrics the daemon forwards."""
 
     def records(cluster: str) -> list[tuple[bytes, bytes]]:
         # A record that is not a TelemetryRecord, then a good one of the same key: one
@@ -32,7 +35,9 @@ async def test_kafka_metrics_are_exposed_and_promtool_clean(
         key, good = h100_report(cluster, "n0", 1, observed_unix_ms=int(time.time() * 1000))
         return [(key, b"\xff\x00garbage"), (key, good)]
 
-    daemon, client, topic, cluster = await start_on_kafka(start_daemon, kafka_bootstrap, records)
+    daemon, client, topic, cluster = await start_on_kafka(
+        start_daemon, kafka_bootstrap, records, workers=workers
+    )
 
     async def node_seen() -> bool:
         snap = await client.fleet.GetSnapshot(fleet_pb2.GetSnapshotRequest(cluster=cluster))
