@@ -83,6 +83,12 @@ class TypicalPods:
     pair: "at least num_gpu GPUs with the request free" is tested once per pair (derived)."""
     gpus_needed: NDArray[np.int8] = field(init=False, repr=False, compare=False)
     """(n_types,) int8 GPUs per pod of each type, clipped like `count_tests` (derived)."""
+    cpu_levels: IntArray = field(init=False, repr=False, compare=False)
+    """Sorted distinct CPU requests of the types (derived)."""
+    gpus_needed_at: NDArray[np.int8] = field(init=False, repr=False, compare=False)
+    """(n_models + 1, n_cpu_levels + 1, n_types) int8: `gpus_needed` where the type requests
+    GPUs, may use the model (row as `gpu_type_on_model`) and fits a node whose free CPU is at
+    least the first k `cpu_levels` (column k), `_NEVER` elsewhere (derived; `_need`)."""
 
     def __post_init__(self) -> None:
         values, inverse = np.unique(np.asarray(self.gpu_milli, dtype=np.int64), return_inverse=True)
@@ -103,6 +109,15 @@ class TypicalPods:
             (pairs[:, 0].copy(), pairs[:, 1].astype(np.int8), pair_of.reshape(-1)),
         )
         object.__setattr__(self, "gpus_needed", num.astype(np.int8))
+        levels, level_of = np.unique(
+            np.asarray(self.cpu_milli, dtype=np.int64), return_inverse=True
+        )
+        fits = level_of.reshape(-1)[None, :] < np.arange(levels.size + 1)[:, None]
+        need = np.where(
+            self.gpu_type_on_model[:, None, :] & fits[None, :, :], num[None, None, :], _NEVER
+        )
+        object.__setattr__(self, "cpu_levels", levels)
+        object.__setattr__(self, "gpus_needed_at", need.astype(np.int8))
 
     @property
     def n_types(self) -> int:
@@ -254,6 +269,26 @@ def _gpu_stats(left: IntArray, typical: TypicalPods) -> tuple[IntArray, IntArray
     count_ge: IntArray = np.add.reduce(at_least, axis=1)
     milli_below: IntArray = np.add.reduce(np.where(at_least, 0, left[:, :, None]), axis=1)
     return count_ge, milli_below
+
+
+def _type_rows(
+    node_model: NDArray[np.integer], typical: TypicalPods, constraint_aware: bool
+) -> tuple[IntArray, BoolArray | None]:
+    """Per node, its row of the per-model tables (`gpus_needed_at`, `counts_on_model`: 0
+    for nodes without a GPU model) and, when constraint-aware, its `counts_on_model` row."""
+    row = np.maximum(np.asarray(node_model, dtype=np.int64), -1) + 1
+    return row, (typical.counts_on_model[row] if constraint_aware else None)
+
+
+def _need(model_row: IntArray, cpu_left: IntArray, typical: TypicalPods) -> NDArray[np.int8]:
+    """(R, T) int8: GPUs per pod of type t where t requests GPUs, may use the node's model
+    and fits its free CPU, `_NEVER` elsewhere (the hosting test of `_frag_of_stats`), one
+    row of `gpus_needed_at` per node: cpu >= request iff the request is among the levels
+    at most cpu."""
+    out: NDArray[np.int8] = typical.gpus_needed_at[
+        model_row, typical.cpu_levels.searchsorted(cpu_left, side="right")
+    ]
+    return out
 
 
 def _model_rows(
@@ -525,15 +560,14 @@ def _frag_of_type_stats(
     below: FloatArray,
     total: IntArray,
     cpu_left: IntArray,
-    on_model: BoolArray,
+    model_row: IntArray,
     counts: BoolArray | None,
     typical: TypicalPods,
 ) -> FloatArray:
     """(R,) `frag_milli` of states from their per-type statistics (count, below: (R, T),
-    `_type_stats`; total idle milli and free CPU: (R,); on_model, counts: `_model_rows`):
+    `_type_stats`; total idle milli and free CPU: (R,); model_row, counts: `_type_rows`):
     the same terms, summed along each C-ordered row, so the same floats."""
-    allowed = on_model & (cpu_left[:, None] >= typical.cpu_milli[None, :])
-    need = np.where(allowed, typical.gpus_needed, _NEVER)
+    need = _need(model_row, cpu_left, typical)
     fallback = total.astype(np.float64)[:, None]
     if counts is not None:
         fallback = np.where(counts, fallback, 0.0)
@@ -813,7 +847,8 @@ class FragmentationMemo:
 
     def remember_now(
         self, ids: IntArray, count: NDArray[np.int8], below: FloatArray, total: IntArray,
-        cpu_left: IntArray, on_model: BoolArray, counts: BoolArray | None, typical: TypicalPods,
+        cpu_left: IntArray, model_row: IntArray, counts: BoolArray | None,
+        typical: TypicalPods,
     ) -> None:  # fmt: skip
         """`set_now` for the states `ids` not known yet, from their per-type statistics
         (`_type_stats`; rows aligned with `ids`): `_frag_of_type_stats`, the same floats."""
@@ -823,7 +858,7 @@ class FragmentationMemo:
                 ids[unknown],
                 _frag_of_type_stats(
                     count[unknown], below[unknown], total[unknown], cpu_left[unknown],
-                    on_model[unknown], None if counts is None else counts[unknown], typical,
+                    model_row[unknown], None if counts is None else counts[unknown], typical,
                 ),
             )  # fmt: skip
 
@@ -1129,16 +1164,16 @@ class FragmentationScorer:
             # a share is unchanged: 1000 and 0 both count 0), and its fragmentation and the
             # state's own come from them (the same per-type terms: the same floats).
             typical, memo = self.memo.typical, self.memo
-            on_model, counts = _model_rows(model, typical, self.constraint_aware)
+            model_row, counts = _type_rows(model, typical, self.constraint_aware)
             count, below = _type_stats(gpu_left, typical)
             total = np.add.reduce(gpu_left, axis=1)
-            memo.remember_now(ids, count, below, total, cpu_left, on_model, counts, typical)
+            memo.remember_now(ids, count, below, total, cpu_left, model_row, counts, typical)
             now = memo.frag_now(ids)
             if pod_num:
                 count = count - self._gpu_types(pod_num)
                 total = total - MILLI_PER_GPU * pod_num
             frag = _frag_of_type_stats(
-                count, below, total, cpu_left - pod_cpu, on_model, counts, typical
+                count, below, total, cpu_left - pod_cpu, model_row, counts, typical
             )
             if pod_num:
                 full = gpu_left >= MILLI_PER_GPU
@@ -1183,12 +1218,12 @@ class FragmentationScorer:
         ):
             return None
         tables = self._share_tables(pod_milli)
-        on_model, counts = _model_rows(model, tables.typical, self.constraint_aware)
+        model_row, counts = _type_rows(model, tables.typical, self.constraint_aware)
         total = np.add.reduce(gpu_left, axis=1)
         count, below = _type_stats(gpu_left, tables.typical)
         # The states' fragmentation from the same statistics where the memo lacks it.
         memo = self.memo
-        memo.remember_now(ids, count, below, total, cpu_left, on_model, counts, tables.typical)
+        memo.remember_now(ids, count, below, total, cpu_left, model_row, counts, tables.typical)
         now = memo.frag_now(ids)
         stranded = (
             _stranded(total, cpu_left, self.cpu_per_gpu_milli)
@@ -1202,7 +1237,7 @@ class FragmentationScorer:
         )
         score = self._share_step(
             tables, pod_cpu, pod_milli, cpu_left, gpu_left, total,
-            count, below, now, stranded, on_model, counts, scarcity,
+            count, below, now, stranded, model_row, counts, scarcity,
         )  # fmt: skip
         best = np.maximum.reduce(score, axis=1)
         ok = best >= 0
@@ -1284,7 +1319,7 @@ class FragmentationScorer:
         model = self._model_of(view)
         typical, aware = self.memo.typical, self.constraint_aware
         tables = self._share_tables(pod_milli)
-        on_model, counts = _model_rows(model, typical, aware)
+        model_row, counts = _type_rows(model, typical, aware)
         scarcity = (
             self._scarcity(model, c.model_ids, pod_milli)[:, None]
             if self.scarcity_weight and self._pressure_any
@@ -1320,10 +1355,10 @@ class FragmentationScorer:
             each = index.repeat(block)
             total = np.add.reduce(states_gpu, axis=1)
             count, below = _type_stats(states_gpu, typical)
-            rows_on_model = on_model[each]
+            rows_model = model_row[each]
             rows_counts = None if counts is None else counts[each]
             now = _frag_of_type_stats(
-                count, below, total, states_cpu, rows_on_model, rows_counts, typical
+                count, below, total, states_cpu, rows_model, rows_counts, typical
             )
             stranded = (
                 _stranded(total, states_cpu, self.cpu_per_gpu_milli)
@@ -1332,7 +1367,7 @@ class FragmentationScorer:
             )
             score = self._share_step(
                 tables, pod_cpu, pod_milli, states_cpu, states_gpu, total, count, below, now,
-                stranded, rows_on_model, rows_counts, None if scarcity is None else scarcity[each],
+                stranded, rows_model, rows_counts, None if scarcity is None else scarcity[each],
             )  # fmt: skip
             best = np.maximum.reduce(score, axis=1).reshape(rows, block)
             column = score.argmax(axis=1).reshape(rows, block)
@@ -1374,13 +1409,13 @@ class FragmentationScorer:
     def _share_step(
         self, tables: _ShareTables, pod_cpu: int, pod_milli: int, cpu: IntArray,
         gpu: IntArray, total: IntArray, count: NDArray[np.int8], below: FloatArray,
-        now: FloatArray, stranded: FloatArray | None, on_model: BoolArray,
+        now: FloatArray, stranded: FloatArray | None, model_row: IntArray,
         counts: BoolArray | None, scarcity: FloatArray | None,
     ) -> IntArray:  # fmt: skip
         """One fractional pod (pod_cpu, pod_milli) on each GPU of R states (free CPU, free
         milli per GPU (R, G), total idle milli; per-type statistics count and below (R, T),
         `_type_stats`; fragmentation `now`; CPU-stranded milli (None: no such term);
-        `_model_rows`; the scarcity term (R, 1) or None). Returns (R, G) integer scores, -1
+        `_type_rows`; the scarcity term (R, 1) or None). Returns (R, G) integer scores, -1
         where the share does not fit or the GPU is not the first with its share: from the
         floats of `frag_after`, `_scores` and `fgd_score`, so the same best score and first
         GPU with it per row."""
@@ -1399,7 +1434,7 @@ class FragmentationScorer:
         # Type t is hosted after the pod where the node's model and CPU allow it and enough
         # GPUs have t's share free (`_frag_of_stats`); "not allowed" is a GPU count no node
         # reaches.
-        need = np.where(on_model & (cpu_after[:, None] >= typical.cpu_milli), tables.num, _NEVER)
+        need = _need(model_row, cpu_after, typical)
         # count + delta >= need, with need - count per row (int8: need <= 127, count >= 0).
         hosts = tables.count_delta[share] >= (need - count)[row]
         fallback = total_after.astype(np.float64)[:, None]

@@ -1081,7 +1081,7 @@ class _Engine:
         reach = counts[present[ok[o]]].cumsum()
         rows_roomy = int(reach[-1]) if roomy else 0
         rs = score[cls]  # NaN (no room) compares false below
-        if domain is None and not self.in_trial and rows_roomy < rows.size:
+        if domain is None and not self.in_trial and 4 * (rows.size - rows_roomy) > rows.size:
             # Free resources only shrink outside gang trials: later runs of the shape skip
             # the rows without room (this one reads them as NaN).
             self.rows[shape] = rows[rs == rs]
