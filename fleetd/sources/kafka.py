@@ -154,8 +154,8 @@ class _Content:
     plain slotted class, not a frozen dataclass: one is made per new node, and cheaper;
     a change of the node's content updates it in place, `replace`.)"""
 
-    __slots__ = ("cluster", "gpu_fields", "gpus_at", "head", "head_len", "name", "pod_fields",
-                 "slot", "spec", "tail", "update")  # fmt: skip
+    __slots__ = ("cluster", "gpu_fields", "gpus_at", "head", "head_len", "name", "partition",
+                 "pod_fields", "slot", "spec", "tail", "update")  # fmt: skip
 
     def __init__(
         self,
@@ -166,9 +166,12 @@ class _Content:
         tail: bytes,
         update: NodeUpdate,
         layout: _Layout,
+        partition: int,
     ) -> None:
         self.cluster = cluster
         self.name = name
+        #: The partition its records come from (`forget_partitions`).
+        self.partition = partition
         #: The node's gate cell's slot in the source's `SequenceColumn`: repeats move it.
         self.slot = slot
         #: `codec.envelope_head(cluster)`: a repeat starts with it.
@@ -383,6 +386,8 @@ class KafkaSource:
         #: they are committed.
         self.on_handled: Callable[[int, Mapping[TopicPartition, int]], None] | None = None
         self._assigned_once = False
+        #: The partitions of the topic the last assignment gave this consumer.
+        self._held_partitions: set[int] = set()
         self._connected: bool | None = None
         #: Why the group's assignment leaves partitions of the topic to another consumer
         #: ('' when this source reads them all; see `_assigned`).
@@ -625,7 +630,7 @@ class KafkaSource:
     ) -> tuple[dict[TopicPartition, int], int]:
         dead: list[tuple[int, Any, InvalidTelemetry]] = []
         offsets: dict[TopicPartition, int] = {}
-        chosen: list[tuple[int, Update, bytes | None, _Layout]] = []
+        chosen: list[tuple[int, Update, bytes | None, _Layout, int]] = []
         updates: list[Update] = []
         duplicates = superseded = unchanged = unchanged_duplicates = 0
         if True:  # (one block: the decode pass)
@@ -793,7 +798,7 @@ class KafkaSource:
                             column.flush(memo.slot)
                         ok = self._gate.admit(update)
                     if ok:
-                        chosen.append((pos, update, rec.key, layout))
+                        chosen.append((pos, update, rec.key, layout, rec.partition))
                         assert not isinstance(update, NodeHeartbeats)  # (records are no batch)
                         self._seen_clusters.add(update.cluster)
                     elif pos in full_positions:
@@ -806,7 +811,7 @@ class KafkaSource:
         # Unchanged reports first: a key with a full record in this poll took no unchanged
         # report after it (see above), so every unchanged report is older than its key's
         # full records here and applying them first keeps each node's order.
-        updates += [u for _, u, _, _ in chosen]
+        updates += [u for _, u, _, _, _ in chosen]
         if self._inventory_chunks:  # (an agent's resync: rare, off the common path)
             updates = self._assemble_inventories(updates)
         # The applied contents' slots, for their repeats from the next poll on.
@@ -914,7 +919,7 @@ class KafkaSource:
         return update, (spec, gpus_at, None, aligned)
 
     def _remember_contents(
-        self, chosen: list[tuple[int, Update, bytes | None, _Layout]]
+        self, chosen: list[tuple[int, Update, bytes | None, _Layout, int]]
     ) -> list[HeartbeatSlots]:
         """Each node's content about to be applied, so that repeats of it take the unchanged
         path (`codec.decode_envelope_rests`) and changes of its pods, GPUs or fields the
@@ -926,7 +931,7 @@ class KafkaSource:
         cell_of = self._gate.cell
         heads: dict[str, bytes] = {}
         bindings: dict[str, tuple[list[int], list[str], list[bytes]]] = {}
-        for _, update, key, layout in chosen:
+        for _, update, key, layout, partition in chosen:
             if key is None:
                 continue
             if type(update) is NodeUpdate:
@@ -945,6 +950,7 @@ class KafkaSource:
                 slot = old.slot
                 column.refresh(slot)
                 old.replace(tail, update, layout)
+                old.partition = partition
                 cluster = update.cluster
             else:
                 cell = None
@@ -961,7 +967,9 @@ class KafkaSource:
                 if head is None:
                     head = heads[cluster] = envelope_head(cluster)
                 slot = column.add(cell)
-                contents[key] = _Content(cluster, update.name, slot, head, tail, update, layout)
+                contents[key] = _Content(
+                    cluster, update.name, slot, head, tail, update, layout, partition
+                )
             bound = bindings.get(cluster)
             if bound is None:
                 bound = bindings[cluster] = ([], [], [])
@@ -1125,6 +1133,11 @@ class KafkaSource:
         topic = self.settings.topic
         partitions = consumer.partitions_for_topic(topic) or set()
         held = {tp.partition for tp in assigned if tp.topic == topic}
+        if self.settings.shared_group:
+            # (The eager protocol revokes every partition before each assignment: what
+            # went to another consumer is what was held before and is not now.)
+            self.forget_partitions(self._held_partitions - held)
+        self._held_partitions = held
         self._assigned_once = True
         if self.on_assigned is not None:
             self.on_assigned(held, set(partitions))
@@ -1141,6 +1154,19 @@ class KafkaSource:
         elif self.group_conflict:
             log.info("kafka: every partition of %s is assigned again", topic)
             self.group_conflict = ""
+
+    def forget_partitions(self, partitions: set[int]) -> None:
+        """Forget the remembered content of the nodes whose records come from `partitions`
+        (revoked from this consumer of a shared group, `kafka_workers`): another consumer
+        applies their changes from now on, so what this one remembers goes stale, and a
+        record repeating it would be taken for a repeat of what the sink no longer has
+        (refused there: the node would not be refreshed). Should the partitions come back,
+        each node's next record is decoded in full."""
+        if not partitions:
+            return
+        stale = [key for key, memo in self._contents.items() if memo.partition in partitions]
+        for key in stale:
+            self._column.release(self._contents.pop(key).slot)
 
     def applied_elsewhere(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Records below `offsets` reached the sink through another consumer of it (a worker
