@@ -547,12 +547,20 @@ def _type_stats(gpu_left: IntArray, typical: TypicalPods) -> tuple[NDArray[np.in
     """Per state and type of the target workload: GPUs with the type's share free, and the
     milli free on the others (float64: integers, exact) ((R, T) each; `_gpu_stats`, which
     works per distinct request: fewer columns than types)."""
-    # `_gpu_stats` with the counts summed straight into int8 (<= 63 GPUs): no converting copy.
-    at_least = gpu_left[:, :, None] >= typical.distinct_gpu_milli[None, None, :]
+    # `_gpu_stats` from a histogram instead of (R, G, requests) comparisons: a GPU with L
+    # free has the share of the first k distinct requests free (k = requests <= L), so per
+    # row, the GPUs counting for request d are those with k > d and the others' milli is
+    # the milli of those with k <= d (integers: exact in float64).
+    values = typical.distinct_gpu_milli
+    rows, gpus = gpu_left.shape
+    width = values.size + 1
+    levels = values.searchsorted(gpu_left, side="right")
+    flat = (levels + np.arange(0, rows * width, width)[:, None]).ravel()
+    upto = np.bincount(flat, minlength=rows * width).reshape(rows, width).cumsum(axis=1)
+    milli = np.bincount(flat, weights=gpu_left.ravel(), minlength=rows * width)
+    below = milli.reshape(rows, width).cumsum(axis=1)
     index = typical.distinct_index
-    count = np.add.reduce(at_least, axis=1, dtype=np.int8)[:, index]
-    below = np.add.reduce(np.where(at_least, 0, gpu_left[:, :, None]), axis=1)
-    return count, below[:, index].astype(np.float64)
+    return (gpus - upto[:, index]).astype(np.int8), below[:, index]
 
 
 def _frag_of_type_stats(
