@@ -560,7 +560,7 @@ def _type_stats(gpu_left: IntArray, typical: TypicalPods) -> tuple[NDArray[np.in
     milli = np.bincount(flat, weights=gpu_left.ravel(), minlength=rows * width)
     below = milli.reshape(rows, width).cumsum(axis=1)
     index = typical.distinct_index
-    return (gpus - upto[:, index]).astype(np.int8), below[:, index]
+    return (gpus - upto).astype(np.int8)[:, index], below[:, index]
 
 
 def _frag_of_type_stats(

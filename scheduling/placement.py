@@ -760,6 +760,7 @@ class _Engine:
         self._static_by_key: dict[tuple[object, ...], NDArray[np.int16]] = {}
         self._rows_by_key: dict[tuple[object, ...], I64] = {}
         self._hist_by_key: dict[tuple[object, ...], NDArray[np.int64]] = {}
+        self._gpu_room: dict[int, I64] = {}  # per share size: per class, see _class_capacity
         self._classes_by_key: dict[tuple[object, ...], tuple[int, I64, I64]] = {}
         self._summary: tuple[int, I64, NDArray[np.integer]] | None = None  # per-class GPUs
         self._profiles: tuple[I64, I64] | None = None  # filters.static_profiles of live rows
@@ -1026,7 +1027,7 @@ class _Engine:
         score, pick, room = entry
         todo = ids[room[ids] < 0]
         if todo.size:
-            room[todo] = r = pod_capacity(states.free_of(), c, todo, _NO_LIMIT)
+            room[todo] = r = self._class_capacity(c, todo)
             score[todo] = np.nan  # no room: never placed on, so never scored nor ranked
             todo = todo[r > 0]
             if todo.size:
@@ -1034,6 +1035,44 @@ class _Engine:
                 score[todo] = np.where(s == s, s, -np.inf)  # a NaN score never wins
                 pick[todo] = p
         return score, pick, room
+
+    def _class_capacity(self, c: Constraints, ids: I64) -> I64:
+        """`pod_capacity` of the state classes `ids` (no limit), the GPU part from per-class
+        values kept per share size (shapes with the same share read them: a class's state
+        never changes)."""
+        states = self.states
+        assert states is not None
+        cap = np.empty(ids.size, np.int64)
+        cap.fill(_NO_LIMIT)
+        cpu, mem = states.cpu[ids], states.mem[ids]
+        if c.cpu_millicores:
+            np.minimum(cap, cpu // c.cpu_millicores, out=cap)
+        else:
+            cap[cpu < 0] = 0
+        if c.memory_bytes:
+            np.minimum(cap, mem // c.memory_bytes, out=cap)
+        else:
+            cap[mem < 0] = 0
+        if c.gpus_per_pod:
+            share = c.milli_per_gpu < GPU_MILLI
+            m = c.milli_per_gpu if share else GPU_MILLI
+            table = self._gpu_room.get(m)
+            if table is None or table.size < states.n:
+                grown = np.full(max(64, 2 * states.n), -1, np.int64)
+                if table is not None:
+                    grown[: table.size] = table
+                table = self._gpu_room[m] = grown
+            per = table[ids]
+            miss = (per < 0).nonzero()[0]
+            if miss.size:
+                at = ids[miss]
+                g = states.gpu[at]
+                # Shares fitting on each GPU, or (whole GPUs) the GPUs entirely free.
+                got = row_sum(g // m if share else g == GPU_MILLI)
+                per[miss] = table[at] = got
+            np.minimum(cap, per if share else per // c.gpus_per_pod, out=cap)
+        np.maximum(cap, 0, out=cap)
+        return cap
 
     def _rooms(self, shape: int, c: Constraints) -> tuple[I64, I64]:
         """Rows with room for the shape and their room (for gangs: no scores needed)."""
