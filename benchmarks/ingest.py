@@ -3,7 +3,7 @@ aiokafka consume rate of the same records.
 
     python -m benchmarks ingest [--json] [--nodes 10000] [--rounds 20] [--changed-fraction 0.05]
                                 [--repeats 3] [--ladder 2000,10000,40000] [--seed 1]
-                                [--bootstrap-servers HOST:PORT]
+                                [--workers N] [--bootstrap-servers HOST:PORT]
 
 The message mix (`fleetd.loadgen.periodic_reports`) is what agents send: a synthetic GPU
 fleet (2 clusters, H100/A100/L4/T4/CPU shapes, 0-3 pods per node) reports every node once per
@@ -24,8 +24,12 @@ A rate is records / (time of the last record - time the first poll returned), so
 group joins are not counted; `updates_per_s` counts the records that were validated and
 are reflected in state (new content applied, or a heartbeat's sequence and freshness; not
 the few superseded within a poll or dropped as duplicates). Target: `ratio` (the median of
-the per-repeat state/raw ratios) >= 0.5. Without `--bootstrap-servers` (or
-FLEETD_KAFKA_BOOTSTRAP) the test bed's broker is started.
+the per-repeat state/raw ratios) >= 0.5. `daemon_cpu_us_per_record` is the CPU the
+daemon's process spends a steady record into state (with `--workers N`, `sources.kafka.
+workers`, the decoding runs in N worker processes and this is what is left to the daemon:
+receiving and applying; their initial sync and the measured rounds then come from one run
+of the workers, retargeted from the one topic to the other). Without `--bootstrap-servers`
+(or FLEETD_KAFKA_BOOTSTRAP) the test bed's broker is started.
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ async def workers_warm_then_measure(
     n_records: int,
     sink: UpdateSink,
     workers: int,
-) -> tuple[float, float, dict[str, int]]:
+) -> tuple[float, float, dict[str, int], float]:
     """`warm_then_measure` with the records decoded in `workers` processes (`KafkaWorkers`):
     the same workers first read the initial sync, then the steady state."""
     source = KafkaWorkers(settings, sink, workers=workers, metrics=SourceMetrics())
@@ -155,21 +159,45 @@ async def workers_warm_then_measure(
         await source.ready.wait()  # (each worker froze its heap then; the daemon here:)
         freeze_startup_heap()
         before = _outcomes(source.metrics)
-        start_count = source.records_handled
+        ends = await _end_offsets(settings.bootstrap_servers, topic)
+        assert sum(ends.values()) == n_records
         source.first_batch_at = None
+        cpu_start = time.process_time()
         await source.retarget(topic)
-        waiter = asyncio.ensure_future(source.wait_handled(start_count + n_records))
+        # (Done when every partition is applied to its end: a count of records handled
+        # would also count those a worker reads again after taking a partition over.)
+        waiter = asyncio.ensure_future(source.wait_applied(topic, ends))
         done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             task.result()
         assert source.first_batch_at is not None
         steady_s = time.perf_counter() - source.first_batch_at
+        cpu_s = time.process_time() - cpu_start
         after = _outcomes(source.metrics)
     finally:
         gc.unfreeze()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    return warm_s, steady_s, {k: after[k] - before[k] for k in OUTCOMES}
+    outcomes = {k: after[k] - before[k] for k in OUTCOMES}
+    # (Read again, a record counts twice in the workers' outcomes: at most once here.)
+    reflected = outcomes["applied"] + outcomes["unchanged"]
+    if reflected > n_records:
+        outcomes["duplicate"] += reflected - n_records
+        outcomes["unchanged"] -= reflected - n_records
+    return warm_s, steady_s, outcomes, cpu_s
+
+
+async def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Partition -> end offset of one of the benchmark's topics."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(PARTITIONS)])
+    finally:
+        await consumer.stop()
+    return {tp.partition: offset for tp, offset in ends.items()}
 
 
 async def warm_then_measure(
@@ -180,11 +208,11 @@ async def warm_then_measure(
     n_records: int,
     sink: UpdateSink,
     workers: int = 0,
-) -> tuple[float, float, dict[str, int]]:
+) -> tuple[float, float, dict[str, int], float]:
     """One KafkaSource into `sink` (or `workers` of them, in processes): first the initial
     sync (every node in full, `warm_topic`), then the steady state (`topic`), each timed
     from its first poll. Returns (initial sync seconds, steady-state seconds, steady-state
-    records by outcome)."""
+    records by outcome, this process's CPU seconds in the steady state)."""
     settings = KafkaSourceSettings(
         bootstrap_servers=bootstrap,
         topic=warm_topic,
@@ -199,10 +227,12 @@ async def warm_then_measure(
     freeze_startup_heap()
     try:
         source.settings = dataclasses.replace(settings, topic=topic)
+        cpu_start = time.process_time()
         steady_s, after = await source_run(source, n_records)
+        cpu_s = time.process_time() - cpu_start
     finally:
         gc.unfreeze()  # the next repeat starts from a heap like a fresh daemon's
-    return warm_s, steady_s, {k: after[k] - before[k] for k in OUTCOMES}
+    return warm_s, steady_s, {k: after[k] - before[k] for k in OUTCOMES}, cpu_s
 
 
 def fleet_state(tmp: Path) -> Any:
@@ -226,12 +256,12 @@ async def _state_run(
     n_records: int,
     expected: dict[tuple[str, str], int],
     workers: int = 0,
-) -> tuple[float, float, dict[str, int], bool]:
+) -> tuple[float, float, dict[str, int], bool, float]:
     """`warm_then_measure` into a fresh FleetState (gone when this returns), and whether it
     ends with every node at its last produced sequence."""
     with tempfile.TemporaryDirectory() as tmp:
         state = fleet_state(Path(tmp))
-        warm_s, state_s, outcomes = await warm_then_measure(
+        warm_s, state_s, outcomes, cpu_s = await warm_then_measure(
             bootstrap, warm_topic, topic, n_warm, n_records, StateSink(state), workers
         )
         gate = state.gate  # (every heartbeat written back: once, not per node)
@@ -239,7 +269,7 @@ async def _state_run(
             gate.last(cluster, "node", name) == seq for (cluster, name), seq in expected.items()
         )
         state.journal.close()
-    return warm_s, state_s, outcomes, verified
+    return warm_s, state_s, outcomes, verified, cpu_s
 
 
 def _last_sequences(
@@ -287,11 +317,11 @@ async def measure(
         gc.collect()
         raw = await raw_rate(bootstrap, topic, n_records)
         gc.collect()
-        _, view_s, _ = await warm_then_measure(
+        _, view_s, _, _ = await warm_then_measure(
             bootstrap, warm_topic, topic, n_warm, n_records, FleetView(), workers
         )
         gc.collect()
-        warm_s, state_s, outcomes, verified = await _state_run(
+        warm_s, state_s, outcomes, verified, cpu_s = await _state_run(
             bootstrap, warm_topic, topic, n_warm, n_records, expected, workers
         )
         reflected = outcomes["applied"] + outcomes["unchanged"]
@@ -303,6 +333,7 @@ async def measure(
                 "updates_per_s": reflected / state_s,
                 "ratio": reflected / state_s / raw,
                 "initial_sync_s": warm_s,
+                "daemon_cpu_us_per_record": cpu_s / n_records * 1e6,
                 "outcomes": outcomes,
                 "verified": verified,
             }
@@ -326,6 +357,7 @@ async def measure(
         "ratio": round(median("ratio"), 3),
         "ratios": [round(r["ratio"], 3) for r in runs],
         "initial_sync_s": round(median("initial_sync_s"), 2),
+        "daemon_cpu_us_per_record": round(median("daemon_cpu_us_per_record"), 2),
         "applied_updates": last["applied"],
         "unchanged_records": last["unchanged"],
         "superseded_records": last["superseded"],
@@ -431,7 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['duplicate_records']:,} duplicates; every node at its last sequence: "
             f"{r['verified']}\n"
             f"  initial sync before (every node in full, not in the rates): "
-            f"{r['initial_sync_s']} s"
+            f"{r['initial_sync_s']} s\n"
+            f"  the daemon process's CPU a record into state: {r['daemon_cpu_us_per_record']} us"
+            + (f" (decoding in {args.workers} worker processes)" if args.workers else "")
         )
     print(f"load average (1 min) {result['load_avg_1m']}")
     if args.json:

@@ -48,7 +48,6 @@ from fleetd.sources.updates import ClusterSynced, Update
 
 log = logging.getLogger(__name__)
 
-_LENGTH = struct.Struct("!I")
 #: How long partitions may be held by none of the workers before that is reported as a
 #: group shared with another consumer (the workers hear of a rebalance one after another).
 GROUP_SETTLE_S = 5.0
@@ -98,23 +97,77 @@ def _rebuild(cls: type, values: tuple[Any, ...]) -> Any:
 _REDUCERS, _CONSTRUCTORS = _fast_pickling()
 
 
-async def _send(writer: asyncio.StreamWriter, message: object) -> None:
-    buffer = io.BytesIO()
-    buffer.write(b"\0" * _LENGTH.size)
-    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    pickler.dispatch_table = _REDUCERS
-    pickler.dump(message)
-    frame = buffer.getbuffer()
-    _LENGTH.pack_into(frame, 0, len(frame) - _LENGTH.size)
-    writer.write(frame)
-    del frame
-    await writer.drain()
+#: A link's memo (every object sent, so that sent again it is a reference) starts afresh
+#: this often, in messages: it keeps what it holds alive.
+MEMO_MESSAGES = 256
+_HEADER = struct.Struct("!IB")  # (body length, 1 when the memo starts afresh)
 
 
-async def _receive(reader: asyncio.StreamReader) -> Any:
-    """The next message (asyncio.IncompleteReadError at the end of the stream)."""
-    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-    return pickle.loads(await reader.readexactly(length))
+class _Feed:
+    """The file an Unpickler reads, refilled with each message's body (the Unpickler keeps
+    its file, and with it its memo, from one message to the next)."""
+
+    def __init__(self) -> None:
+        self._body = io.BytesIO()
+
+    def refill(self, body: bytes) -> None:
+        self._body = io.BytesIO(body)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._body.read(size)
+
+    def readinto(self, buffer: Any) -> int:
+        return self._body.readinto(buffer)
+
+    def readline(self) -> bytes:
+        return self._body.readline()
+
+
+class _Link:
+    """Messages over one socket in each direction: pickles that share one memo per
+    direction, so an object sent again (a node's unchanged labels, GPUs, pods: the Kafka
+    source reuses the last update's values for what did not change) travels as a reference,
+    costs nothing to rebuild and arrives as the same object, which the state's short paths
+    recognise. Framed by length; the update values pickle through `fast_constructor`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._out = io.BytesIO()
+        self._pickler: pickle.Pickler | None = None
+        self._sent = 0
+        self._feed = _Feed()
+        self._unpickler: pickle.Unpickler | None = None
+
+    async def send(self, message: object) -> None:
+        """Send `message` (pickled and written at once: concurrent senders keep the order
+        of the memo)."""
+        fresh = self._pickler is None or self._sent >= MEMO_MESSAGES
+        if fresh:
+            self._pickler = pickle.Pickler(self._out, protocol=pickle.HIGHEST_PROTOCOL)
+            self._pickler.dispatch_table = _REDUCERS
+            self._sent = 0
+        assert self._pickler is not None
+        self._sent += 1
+        out = self._out
+        out.seek(0)
+        out.truncate()
+        self._pickler.dump(message)
+        body = out.getvalue()
+        self._writer.write(_HEADER.pack(len(body), fresh) + body)
+        await self._writer.drain()
+
+    async def receive(self) -> Any:
+        """The next message (asyncio.IncompleteReadError at the end of the stream)."""
+        length, fresh = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
+        body = await self._reader.readexactly(length)
+        if fresh or self._unpickler is None:
+            self._unpickler = pickle.Unpickler(self._feed)
+        self._feed.refill(body)
+        return self._unpickler.load()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _metric_samples(metrics: SourceMetrics) -> list[tuple[str, str, dict[str, str], float]]:
@@ -137,15 +190,15 @@ class _ParentSink:
     """The worker's `UpdateSink`: a batch goes to the daemon at once; `settled` waits until
     the daemon acknowledged every batch sent (before the worker commits)."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
+    def __init__(self, link: _Link) -> None:
+        self._link = link
         self._sent = 0
         self._acked = 0
         self._acks = asyncio.Condition()
 
     async def apply(self, updates: Sequence[Update]) -> None:
         self._sent += 1
-        await _send(self._writer, ("apply", self._sent, list(updates)))
+        await self._link.send(("apply", self._sent, list(updates)))
 
     async def settled(self) -> None:
         sent = self._sent
@@ -179,12 +232,12 @@ def worker_main(
 async def _work(settings: KafkaSourceSettings, index: int, sock: socket.socket) -> None:
     from fleetd.daemon import freeze_startup_heap
 
-    reader, writer = await asyncio.open_connection(sock=sock)
+    link = _Link(*await asyncio.open_connection(sock=sock))
     # A client id per worker: the group's assignors order members by id (client id first),
     # so each worker gets the same partitions again after a rejoin, and with them the nodes
     # it remembers.
     settings = dataclasses.replace(settings, client_id=f"{settings.client_id}-w{index}")
-    sink = _ParentSink(writer)
+    sink = _ParentSink(link)
     source = KafkaSource(settings, sink, metrics=SourceMetrics(), slot_space=f"{SOURCE}/w{index}")
     outbox: asyncio.Queue[object] = asyncio.Queue()
     source.on_connection = lambda ok, reason: outbox.put_nowait(("connection", ok, reason))
@@ -202,7 +255,7 @@ async def _work(settings: KafkaSourceSettings, index: int, sock: socket.socket) 
 
     async def post() -> None:
         while True:
-            await _send(writer, await outbox.get())
+            await link.send(await outbox.get())
 
     async def synced() -> None:
         await source.ready.wait()
@@ -211,7 +264,7 @@ async def _work(settings: KafkaSourceSettings, index: int, sock: socket.socket) 
 
     background = [asyncio.ensure_future(post()), asyncio.ensure_future(synced())]
     consuming = asyncio.ensure_future(source.run())
-    listening = asyncio.ensure_future(_receive(reader))
+    listening = asyncio.ensure_future(link.receive())
     try:
         while True:
             await asyncio.wait(
@@ -239,12 +292,12 @@ async def _work(settings: KafkaSourceSettings, index: int, sock: socket.socket) 
                 source.settings = dataclasses.replace(source.settings, topic=message[1])
                 source.first_batch_at = None
                 consuming = asyncio.ensure_future(source.run())
-            listening = asyncio.ensure_future(_receive(reader))
+            listening = asyncio.ensure_future(link.receive())
     finally:
         for task in (*background, consuming, listening):
             task.cancel()
         await asyncio.gather(*background, consuming, listening, return_exceptions=True)
-        writer.close()
+        link.close()
 
 
 # ------------------------------------------------------------------------------- daemon side
@@ -254,7 +307,7 @@ async def _work(settings: KafkaSourceSettings, index: int, sock: socket.socket) 
 class _Worker:
     index: int
     process: Any = None
-    writer: asyncio.StreamWriter | None = None
+    link: _Link | None = None
     ready: bool = False
     connected: tuple[bool, str] | None = None
     behind_records: int = 0
@@ -335,13 +388,24 @@ class KafkaWorkers:
         (benchmarks: an initial sync on one topic, then the measured records on another)."""
         self.settings = dataclasses.replace(self.settings, topic=topic)
         for w in self._workers:
-            if w.writer is not None:
-                await _send(w.writer, ("topic", topic))
+            if w.link is not None:
+                await w.link.send(("topic", topic))
 
     async def wait_handled(self, count: int) -> None:
-        """Wait until at least `count` records were handled (committed by the workers)."""
+        """Wait until at least `count` records were handled (committed by the workers; a
+        record read again by a worker that took its partition over counts again)."""
         async with self.progress:
             await self.progress.wait_for(lambda: self.records_handled >= count)
+
+    async def wait_applied(self, topic: str, ends: dict[int, int]) -> None:
+        """Wait until every partition of `topic` in `ends` was applied up to its offset
+        there (tests and benchmarks: every record of a topic is in the state)."""
+
+        def done() -> bool:
+            return all(self._applied.get((topic, p), 0) >= end for p, end in ends.items())
+
+        async with self.progress:
+            await self.progress.wait_for(done)
 
     # -- one worker ------------------------------------------------------------------------
 
@@ -357,17 +421,17 @@ class KafkaWorkers:
             )
             w.process.start()
             theirs.close()
-            reader, w.writer = await asyncio.open_connection(sock=ours)
+            link = w.link = _Link(*await asyncio.open_connection(sock=ours))
             try:
                 if self._applied:
                     # (A replacement starts where the state is, not at the beginning.)
-                    await _send(w.writer, ("offsets", dict(self._applied)))
-                await self._listen(w, reader)
+                    await link.send(("offsets", dict(self._applied)))
+                await self._listen(w, link)
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
             finally:
-                writer, w.writer = w.writer, None
-                writer.close()  # (the worker sees the end of its link and stops)
+                w.link = None
+                link.close()  # (the worker sees the end of its link and stops)
                 await asyncio.shield(self._stop(w))
             # The worker left on its own: say so, and start another.
             self.restarts += 1
@@ -395,14 +459,13 @@ class KafkaWorkers:
                 process.kill()
                 await asyncio.to_thread(process.join)
 
-    async def _listen(self, w: _Worker, reader: asyncio.StreamReader) -> None:
+    async def _listen(self, w: _Worker, link: _Link) -> None:
         while True:
-            message = await _receive(reader)
+            message = await link.receive()
             kind = message[0]
             if kind == "apply":
                 await self._apply(message[2])
-                assert w.writer is not None
-                await _send(w.writer, ("ack", message[1]))
+                await link.send(("ack", message[1]))
             elif kind == "handled":
                 await self._share_offsets(w, message[2])
                 self._forward_metrics(w, message[3])
@@ -443,8 +506,8 @@ class KafkaWorkers:
             if offset > self._applied.get(key, 0):
                 self._applied[key] = offset
         for other in self._workers:
-            if other is not w and other.writer is not None:
-                await _send(other.writer, ("offsets", offsets))
+            if other is not w and other.link is not None:
+                await other.link.send(("offsets", offsets))
 
     async def _apply(self, updates: list[Update]) -> None:
         markers = [u for u in updates if type(u) is ClusterSynced]
