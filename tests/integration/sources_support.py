@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from fleetd import config
 from fleetd.daemon import Daemon
+from fleetd.loadgen import node_records, synthetic_fleet
 from fleetd.sources.codec import decode, encode_node, node_key
 from fleetd.sources.kafka import KafkaSourceSettings
 from fleetd.sources.memory import FleetView
@@ -89,6 +91,15 @@ async def running(run: Callable[[], Awaitable[None]]) -> AsyncIterator[asyncio.T
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def fleet_records(
+    n_nodes: int, n_records: int, seed: int = 1, first_sequence: int = 1
+) -> list[tuple[bytes, bytes]]:
+    """`n_records` node reports of a synthetic fleet of `n_nodes` nodes in 2 clusters."""
+    rng = np.random.default_rng(seed)
+    fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=n_nodes // 2)
+    return list(node_records(fleet, n_records, rng, first_sequence=first_sequence))
 
 
 def kafka_settings(bootstrap: str, topic: str, **kw: Any) -> KafkaSourceSettings:

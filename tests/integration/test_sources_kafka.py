@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 
-from fleetd.loadgen import malformed_records, node_records, produce, synthetic_fleet
+from fleetd.loadgen import malformed_records, produce
 from fleetd.sources.codec import decode
 from fleetd.sources.kafka import DLQ_REASON_HEADER, KafkaSource
 from fleetd.sources.metrics import SourceMetrics
@@ -17,6 +16,7 @@ from tests.integration.sources_support import (
     RecordingView,
     committed_offsets,
     create_topic,
+    fleet_records,
     kafka_settings,
     newest_sequences,
     read_topic,
@@ -27,16 +27,10 @@ from tests.integration.sources_support import (
 pytestmark = pytest.mark.testbed
 
 
-def _records(n_nodes: int, n_records: int, seed: int = 1, first_sequence: int = 1) -> list:
-    rng = np.random.default_rng(seed)
-    fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=n_nodes // 2)
-    return list(node_records(fleet, n_records, rng, first_sequence=first_sequence))
-
-
 async def test_reports_reach_state_and_offsets_are_committed(kafka_bootstrap: str) -> None:
     topic = unique("telemetry")
     await create_topic(kafka_bootstrap, topic)
-    records = _records(n_nodes=20, n_records=60)
+    records = fleet_records(n_nodes=20, n_records=60)
     await produce(kafka_bootstrap, topic, records)
     expected = {}
     for key, value in records:
@@ -77,7 +71,7 @@ def _assert_applied_once_in_order(view: RecordingView) -> None:
 async def test_redelivered_records_change_nothing(kafka_bootstrap: str) -> None:
     topic = unique("telemetry-dup")
     await create_topic(kafka_bootstrap, topic)
-    records = _records(n_nodes=10, n_records=30)
+    records = fleet_records(n_nodes=10, n_records=30)
     # Everything twice, then the first third once more: redelivery and reordering.
     await produce(kafka_bootstrap, topic, records + records + records[:10])
     view = RecordingView()
@@ -98,7 +92,7 @@ async def test_redelivered_records_change_nothing(kafka_bootstrap: str) -> None:
 async def test_malformed_records_go_to_the_dead_letter_topic(kafka_bootstrap: str) -> None:
     topic = unique("telemetry-bad")
     await create_topic(kafka_bootstrap, topic, partitions=1)
-    good = _records(n_nodes=4, n_records=8)
+    good = fleet_records(n_nodes=4, n_records=8)
     bad = malformed_records()
     # Bad records in the middle of good ones: the consumer must go on past them.
     stream = good[:4] + [(k, v) for k, v, _ in bad] + good[4:]
@@ -124,8 +118,8 @@ async def test_broker_restart_mid_stream_loses_nothing(
 ) -> None:
     topic = unique("telemetry-restart")
     await create_topic(kafka_bootstrap, topic)
-    first = _records(n_nodes=40, n_records=400, seed=3)
-    second = _records(n_nodes=40, n_records=400, seed=4, first_sequence=401)
+    first = fleet_records(n_nodes=40, n_records=400, seed=3)
+    second = fleet_records(n_nodes=40, n_records=400, seed=4, first_sequence=401)
     await produce(kafka_bootstrap, topic, first)
     view = RecordingView()
     # The state owner stalls mid-stream: a batch is applied but its offsets not committed.

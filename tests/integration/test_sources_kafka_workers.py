@@ -10,11 +10,10 @@ import os
 import signal
 from collections.abc import Sequence
 
-import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from fleetd.loadgen import malformed_records, node_records, produce, synthetic_fleet
+from fleetd.loadgen import malformed_records, produce
 from fleetd.sources.kafka_workers import KafkaWorkers
 from fleetd.sources.metrics import SourceMetrics
 from fleetd.sources.updates import ClusterSynced, NodeUpdate, SequenceGate, Update
@@ -23,6 +22,7 @@ from tests.integration.sources_support import (
     RecordingView,
     committed_offsets,
     create_topic,
+    fleet_records,
     h100_report,
     kafka_settings,
     newest_sequences,
@@ -33,12 +33,6 @@ from tests.integration.sources_support import (
 from tests.testbed.procs import async_wait_until
 
 pytestmark = pytest.mark.testbed
-
-
-def _records(n_nodes: int, n_records: int, seed: int = 1, first_sequence: int = 1) -> list:
-    rng = np.random.default_rng(seed)
-    fleet = synthetic_fleet(rng, clusters=2, nodes_per_cluster=n_nodes // 2)
-    return list(node_records(fleet, n_records, rng, first_sequence=first_sequence))
 
 
 class GatedView(RecordingView):
@@ -62,7 +56,7 @@ def _count(metric: object, *labels: str) -> float:
 async def test_workers_feed_one_view_commit_and_forward_metrics(kafka_bootstrap: str) -> None:
     topic = unique("workers")
     await create_topic(kafka_bootstrap, topic, partitions=4)
-    records = _records(n_nodes=40, n_records=200)
+    records = fleet_records(n_nodes=40, n_records=200)
     bad = malformed_records()
     await produce(kafka_bootstrap, topic, records[:100])
     view = RecordingView()
@@ -105,7 +99,7 @@ async def test_readiness_waits_for_a_required_cluster_and_every_worker(
 ) -> None:
     topic = unique("workers-ready")
     await create_topic(kafka_bootstrap, topic, partitions=3)
-    records = _records(n_nodes=6, n_records=12)
+    records = fleet_records(n_nodes=6, n_records=12)
     await produce(kafka_bootstrap, topic, records)
     view = RecordingView()
     settings = kafka_settings(kafka_bootstrap, topic, required_clusters=frozenset({"late"}))
@@ -124,7 +118,7 @@ async def test_readiness_waits_for_a_required_cluster_and_every_worker(
 async def test_a_killed_worker_is_replaced_and_nothing_is_lost(kafka_bootstrap: str) -> None:
     topic = unique("workers-kill")
     await create_topic(kafka_bootstrap, topic, partitions=2)
-    first = _records(n_nodes=20, n_records=60)
+    first = fleet_records(n_nodes=20, n_records=60)
     await produce(kafka_bootstrap, topic, first)
     view = GatedView()
     restarts: list[int] = []
@@ -144,7 +138,7 @@ async def test_a_killed_worker_is_replaced_and_nothing_is_lost(kafka_bootstrap: 
             return workers.restarts == 1
 
         await async_wait_until("a worker restarted", restarted, timeout_s=AWAIT_S)
-        second = _records(n_nodes=20, n_records=40, seed=2, first_sequence=1000)
+        second = fleet_records(n_nodes=20, n_records=40, seed=2, first_sequence=1000)
         await produce(kafka_bootstrap, topic, second)
         expected = newest_sequences(first + second)
 
@@ -165,7 +159,7 @@ async def test_a_killed_worker_is_replaced_and_nothing_is_lost(kafka_bootstrap: 
 async def test_a_group_shared_with_another_consumer_is_reported(kafka_bootstrap: str) -> None:
     topic = unique("workers-shared")
     await create_topic(kafka_bootstrap, topic, partitions=4)
-    await produce(kafka_bootstrap, topic, _records(n_nodes=8, n_records=8))
+    await produce(kafka_bootstrap, topic, fleet_records(n_nodes=8, n_records=8))
     view = RecordingView()
     settings = kafka_settings(kafka_bootstrap, topic)
     workers = KafkaWorkers(settings, view, workers=2)
