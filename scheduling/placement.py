@@ -255,6 +255,7 @@ class _Chunk:
         "base_pick",
         "carry",
         "cid",
+        "cids",
         "depth",
         "last_pick",
         "last_view",
@@ -274,6 +275,7 @@ class _Chunk:
     ) -> None:
         self._base = view
         self.cid = cid
+        self.cids: list[int] | None = None
         self.base_pick = pick
         self.last_view = view
         self.last_pick = pick
@@ -296,6 +298,7 @@ class _Chunk:
         chunk = cls.__new__(cls)
         chunk._base = None
         chunk.cid = cid
+        chunk.cids = None
         chunk.base_pick = chunk.last_pick = _NO_PICK
         chunk.last_view = None
         chunk.depth = depth
@@ -304,6 +307,24 @@ class _Chunk:
         chunk.carry = None
         chunk.scores = [scores]
         chunk.picks = [picks]
+        return chunk
+
+    @classmethod
+    def of_block(
+        cls,
+        cids: list[int],
+        room: I64,
+        depth: int,
+        scores: list[list[float]],
+        picks: list[list[int]],
+    ) -> _Chunk:
+        """The first `depth` scores and picks of closed-form state classes `cids` (row j:
+        class cids[j]), evaluated together; never deepened: a class that needs more depths
+        gets its own chunk (`_Engine._own_chunk`), sharing its row's lists."""
+        chunk = cls.of_class(-1, room, depth, [], [])
+        chunk.cids = cids
+        chunk.scores = scores
+        chunk.picks = picks
         return chunk
 
 
@@ -1286,6 +1307,9 @@ class _Engine:
                 done += 1
                 if done >= limit:
                     break
+                if chunk.depth < done and chunk.cids is not None:
+                    chunk = chunk_of[pos] = self._own_chunk(c, chunk, j)
+                    j = chunk_pos[pos] = 0
                 if chunk.depth < done:
                     if self.closed_form(c) and len(chunk.scores) == 1:
                         # One row (a state class) in one evaluation, however deep: straight
@@ -1348,14 +1372,19 @@ class _Engine:
                     view = states.view(self.fleet, self.usable, ids[use])
                     s, p = self.policy.evaluate(states_after(view, c, depths), c)
                     s = np.where(s == s, s, -np.inf)
-                    s_rows = s.reshape(use.size, steps_used).tolist()
-                    p_rows = p.reshape(use.size, steps_used).tolist()
-                    for j, u in enumerate(use.tolist()):
-                        cid = new[u]
-                        chunk = _Chunk.of_class(
-                            cid, room_at[u : u + 1], steps, s_rows[j], p_rows[j]
-                        )
-                        cache[cid] = (chunk, 0)
+                    # One chunk for these classes' first depths: a chunk and two lists
+                    # per class made garbage collection run every ~700 of them (thousands
+                    # per call); a class deepened later gets its own chunk.
+                    cids = [new[u] for u in use.tolist()]
+                    block = _Chunk.of_block(
+                        cids,
+                        room_at[use],
+                        steps,
+                        s.reshape(use.size, steps_used).tolist(),
+                        p.reshape(use.size, steps_used).tolist(),
+                    )
+                    for j, cid in enumerate(cids):
+                        cache[cid] = (block, j)
             else:
                 # The class's depth-0 pick: that of its first row here (all rows agree).
                 at = idx[np.asarray([first[cid] for cid in new], np.int64)]
@@ -1364,6 +1393,21 @@ class _Engine:
                     cache[cid] = (group, j)
         out = [cache[cid] for cid in cl]
         return [ch for ch, _ in out], [j for _, j in out]
+
+    def _own_chunk(self, c: Constraints, block: _Chunk, j: int) -> _Chunk:
+        """The chunk of row j's class of a block (`_Chunk.of_block`), made on first need:
+        it starts from the block's row (the same lists, which the block never extends)."""
+        assert block.cids is not None
+        assert block.room is not None
+        cache = self.class_chunks[id(c)]
+        cid = block.cids[j]
+        own = cache[cid][0]
+        if own is block:
+            own = _Chunk.of_class(
+                cid, block.room[j : j + 1], block.depth, block.scores[j], block.picks[j]
+            )
+            cache[cid] = (own, 0)
+        return own
 
     def _deepen(self, c: Constraints, chunk: _Chunk, steps: int) -> None:
         """Compute `steps` more depths of a chunk's rows, vectorized over the rows: in one
