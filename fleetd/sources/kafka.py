@@ -387,7 +387,7 @@ class KafkaSource:
         self.on_handled: Callable[[int, Mapping[TopicPartition, int]], None] | None = None
         self._assigned_once = False
         #: The partitions of the topic the last assignment gave this consumer.
-        self._held_partitions: set[int] = set()
+        self.held_partitions: set[int] = set()
         self._connected: bool | None = None
         #: Why the group's assignment leaves partitions of the topic to another consumer
         #: ('' when this source reads them all; see `_assigned`).
@@ -1136,8 +1136,8 @@ class KafkaSource:
         if self.settings.shared_group:
             # (The eager protocol revokes every partition before each assignment: what
             # went to another consumer is what was held before and is not now.)
-            self.forget_partitions(self._held_partitions - held)
-        self._held_partitions = held
+            self.forget_partitions(self.held_partitions - held)
+        self.held_partitions = held
         self._assigned_once = True
         if self.on_assigned is not None:
             self.on_assigned(held, set(partitions))

@@ -98,8 +98,10 @@ _REDUCERS, _CONSTRUCTORS = _fast_pickling()
 
 
 #: A link's memo (every object sent, so that sent again it is a reference) starts afresh
-#: this often, in messages: it keeps what it holds alive.
+#: after this many messages or bytes sent, whichever comes first: it keeps what it holds
+#: alive, on both sides.
 MEMO_MESSAGES = 256
+MEMO_BYTES = 32 * 1024 * 1024
 _HEADER = struct.Struct("!IB")  # (body length, 1 when the memo starts afresh)
 
 
@@ -136,24 +138,31 @@ class _Link:
         self._out = io.BytesIO()
         self._pickler: pickle.Pickler | None = None
         self._sent = 0
+        self._bytes = 0
         self._feed = _Feed()
         self._unpickler: pickle.Unpickler | None = None
 
     async def send(self, message: object) -> None:
         """Send `message` (pickled and written at once: concurrent senders keep the order
         of the memo)."""
-        fresh = self._pickler is None or self._sent >= MEMO_MESSAGES
+        fresh = self._pickler is None or self._sent >= MEMO_MESSAGES or self._bytes >= MEMO_BYTES
         if fresh:
             self._pickler = pickle.Pickler(self._out, protocol=pickle.HIGHEST_PROTOCOL)
             self._pickler.dispatch_table = _REDUCERS
-            self._sent = 0
+            self._sent = self._bytes = 0
         assert self._pickler is not None
         self._sent += 1
         out = self._out
         out.seek(0)
         out.truncate()
-        self._pickler.dump(message)
+        try:
+            self._pickler.dump(message)
+        except BaseException:
+            # (What it memoised before failing was never sent: the memos would disagree.)
+            self._pickler = None
+            raise
         body = out.getvalue()
+        self._bytes += len(body)
         self._writer.write(_HEADER.pack(len(body), fresh) + body)
         await self._writer.drain()
 
@@ -170,14 +179,20 @@ class _Link:
         self._writer.close()
 
 
-def _metric_samples(metrics: SourceMetrics) -> list[tuple[str, str, dict[str, str], float]]:
-    """(family, kind, labels, value) of the forwarded metrics' samples."""
+def _metric_samples(
+    metrics: SourceMetrics, held: set[int]
+) -> list[tuple[str, str, dict[str, str], float]]:
+    """(family, kind, labels, value) of the forwarded metrics' samples; the consumer lag of
+    the partitions in `held` only (a partition that went to another worker is that one's
+    to report: this one's last figure for it would flap with the other's)."""
     out = []
     for family in metrics.registry.collect():
         if family.name not in _FORWARDED:
             continue
         for sample in family.samples:
             if sample.name.endswith("_created"):
+                continue
+            if family.type == "gauge" and int(sample.labels.get("partition", -1)) not in held:
                 continue
             out.append((family.name, family.type, dict(sample.labels), float(sample.value)))
     return out
@@ -248,7 +263,7 @@ async def _work(settings: KafkaSourceSettings, index: int, sock: socket.socket) 
             "handled",
             n,
             {(tp.topic, tp.partition): offset for tp, offset in offsets.items()},
-            _metric_samples(source.metrics),
+            _metric_samples(source.metrics, source.held_partitions),
             source.first_batch_at,
         )
     )
@@ -306,6 +321,9 @@ async def _work(settings: KafkaSourceSettings, index: int, sock: socket.socket) 
 @dataclasses.dataclass
 class _Worker:
     index: int
+    #: Restart delays: growing while the worker exits without progress (a record that
+    #: crashes it every time), reset by a committed poll.
+    backoff: Backoff
     process: Any = None
     link: _Link | None = None
     ready: bool = False
@@ -360,8 +378,9 @@ class KafkaWorkers:
         self.group_conflict = ""
         self.restarts = 0
         self._on_restart = on_restart
-        self._backoff = restart_backoff or Backoff(0.5, 10.0)
-        self._workers = [_Worker(i) for i in range(workers)]
+        self._workers = [
+            _Worker(i, backoff=restart_backoff or Backoff(0.5, 30.0)) for i in range(workers)
+        ]
         self._held_markers: dict[str, ClusterSynced] = {}
         self._synced_clusters: set[str] = set()
         self._connected: bool | None = None
@@ -382,6 +401,10 @@ class KafkaWorkers:
                     task.cancel()
             await asyncio.gather(*serving, return_exceptions=True)
             raise
+        finally:
+            if self._settling is not None:
+                self._settling.cancel()
+                self._settling = None
 
     async def retarget(self, topic: str) -> None:
         """Have every worker consume `topic` from now on, keeping what it remembers
@@ -429,6 +452,9 @@ class KafkaWorkers:
                 await self._listen(w, link)
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
+            except (pickle.UnpicklingError, EOFError, ValueError, struct.error) as exc:
+                log.error("kafka worker %d sent what does not decode (%r): restarting it",
+                          w.index, exc)  # fmt: skip
             finally:
                 w.link = None
                 link.close()  # (the worker sees the end of its link and stops)
@@ -437,13 +463,18 @@ class KafkaWorkers:
             self.restarts += 1
             if self._on_restart is not None:
                 self._on_restart()
-            delay = self._backoff.next_delay_s()
+            delay = w.backoff.next_delay_s()
             log.error("kafka worker %d exited (code %s); restarting in %.1fs",
                       w.index, w.process.exitcode, delay)  # fmt: skip
             # (Its partitions go to the other workers meanwhile: it is left out of the
-            # connection and the group's assignment until it reports again.)
-            w.connected, w.held, w.partitions, w.behind_records = None, set(), set(), 0
+            # group's assignment until it reports again, and counts as down until then: its
+            # partitions are not read until the group moved them.)
+            if w.connected is not None:
+                w.connected = (False, f"kafka worker {w.index} exited; restarting")
+            w.held, w.partitions, w.behind_records = set(), set(), 0
             w.partitions_seen = False
+            w.metrics_seen = {}  # (the next process counts from 0)
+            self._report_connection()
             await asyncio.sleep(delay)
 
     async def _stop(self, w: _Worker) -> None:
@@ -478,7 +509,7 @@ class KafkaWorkers:
                 async with self.progress:
                     self.records_handled += message[1]
                     self.progress.notify_all()
-                self._backoff.reset()
+                w.backoff.reset()  # (it made progress: a later exit restarts it soon)
             elif kind == "ready":
                 w.ready = True
                 await self._check_ready()
