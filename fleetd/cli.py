@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--state", choices=("pending", "confirmed", "queued"), help="only those in this state"
     )
     listing.add_argument(
-        "--limit", type=int, default=0, help="at most this many (0 = all, a page at a time)"
+        "--limit",
+        type=_non_negative,
+        default=0,
+        help="at most this many (0 = all, a page at a time)",
     )
     release = sub.add_parser(
         "release", help="release a workload's reservation, or take it out of the queue"
@@ -93,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _client_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the commands that call a running daemon."""
     parser.add_argument("--addr", default="127.0.0.1:50051", help="daemon gRPC address")
@@ -104,6 +114,11 @@ def _client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key-file", type=Path, help="mutual TLS: its private key (PEM)")
 
 
+#: Replies up to 64 MiB (a page of 1,000 workloads holding large gangs is more than gRPC's
+#: default 4 MiB).
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
 def _channel(args: argparse.Namespace) -> Any:
     """A gRPC channel to the daemon from `_client_arguments` flags; SystemExit(2) with the
     reason when they are unusable."""
@@ -113,7 +128,7 @@ def _channel(args: argparse.Namespace) -> Any:
         if args.tls_cert_file or args.tls_key_file:
             print(f"fleetd {args.command}: --tls-cert-file needs --tls-ca-file", file=sys.stderr)
             raise SystemExit(2)
-        return grpc.insecure_channel(args.addr)
+        return grpc.insecure_channel(args.addr, options=_CHANNEL_OPTIONS)
     try:
         creds = grpc.ssl_channel_credentials(
             args.tls_ca_file.read_bytes(),
@@ -123,7 +138,7 @@ def _channel(args: argparse.Namespace) -> Any:
     except OSError as exc:
         print(f"fleetd {args.command}: {exc.filename}: {exc.strerror}", file=sys.stderr)
         raise SystemExit(2) from exc
-    return grpc.secure_channel(args.addr, creds)
+    return grpc.secure_channel(args.addr, creds, options=_CHANNEL_OPTIONS)
 
 
 def status(args: argparse.Namespace) -> int:
@@ -201,7 +216,7 @@ def workloads(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         stub = placement_pb2_grpc.PlacementStub(channel)
         while True:
-            want = args.limit - len(rows) if args.limit > 0 else 1000
+            want = args.limit - len(rows) if args.limit > 0 else 500
             request = placement_pb2.ListWorkloadsRequest(
                 team=args.team, state=state, page_size=min(want, 1000), page_token=token
             )

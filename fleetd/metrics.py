@@ -34,9 +34,13 @@ if TYPE_CHECKING:
     from fleetd.api.tls import MetricsTls
     from fleetd.state import FleetState
 
-#: How long a /metrics connection over TLS may take, handshake included (Prometheus's
-#: default scrape timeout is 10 s).
+#: How long one read or write of a /metrics connection over TLS may wait, the handshake's
+#: included (Prometheus's default scrape timeout is 10 s).
 TLS_REQUEST_TIMEOUT_S = 30.0
+#: Connections served at once over TLS (a thread each); more are closed at once, so that
+#: a flood of connections that never finish their handshake cannot take threads without
+#: bound (the daemon's other threads share the process).
+TLS_MAX_CONNECTIONS = 32
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +396,25 @@ class _TlsMetricsServer(ThreadingWSGIServer):
     holds up no other scrape."""
 
     tls: MetricsTls
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            log.warning("metrics TLS: %d connections open already; closing one from %s",
+                        TLS_MAX_CONNECTIONS, client_address)  # fmt: skip
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def get_request(self) -> tuple[Any, Any]:
         sock, address = self.socket.accept()
@@ -436,6 +459,7 @@ def _serve_tls(
         address_family = family
 
     Server.tls = tls
+    Server.slots = threading.BoundedSemaphore(TLS_MAX_CONNECTIONS)
     server = make_server(
         str(address[0]), port, make_wsgi_app(registry), Server, handler_class=_QuietHandler
     )

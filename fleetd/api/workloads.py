@@ -16,6 +16,9 @@ import itertools
 import operator
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from fleetd.api.validation import InvalidArgument
 from fleetd.config import Config
@@ -100,10 +103,7 @@ def list_workloads(
     chosen = heapq.nsmallest(size + 1, ids)
     more = len(chosen) > size
     chosen = chosen[:size]
-    positions: dict[str, int] = {}
-    if any(wid in queue for wid in chosen):
-        order = sorted(queue.values(), key=lambda q: (-q.priority, q.seq))
-        positions = {q.request.workload_id: i for i, q in enumerate(order, 1)}
+    positions = _queue_positions(queue, [wid for wid in chosen if wid in queue])
     out = []
     for wid in chosen:
         h = held.get(wid)
@@ -147,6 +147,27 @@ def list_workloads(
             )
         )
     return out, (chosen[-1] if more else "")
+
+
+def _queue_positions(queue: dict[str, Any], workload_ids: list[str]) -> dict[str, int]:
+    """Each of `workload_ids`' place in the queue's retry order (effective priority, then
+    the decision that queued it: `FleetState._retry_queue`), 1 for the next. Counted on the
+    queue's keys sorted by numpy: sorting 100,000 entries in Python took ~115 ms of the
+    event loop for every page."""
+    if not workload_ids:
+        return {}
+    n = len(queue)
+    priority = np.fromiter((q.priority for q in queue.values()), np.int64, n)
+    seq = np.fromiter((q.seq for q in queue.values()), np.int64, n)
+    order = np.lexsort((seq, -priority))
+    ahead_key, seq_sorted = -priority[order], seq[order]
+    positions = {}
+    for wid in workload_ids:
+        q = queue[wid]
+        lo = int(np.searchsorted(ahead_key, -q.priority, "left"))
+        hi = int(np.searchsorted(ahead_key, -q.priority, "right"))
+        positions[wid] = lo + int(np.searchsorted(seq_sorted[lo:hi], q.seq, "left")) + 1
+    return positions
 
 
 def _gpu_milli(pod: PodRequest) -> int:

@@ -5,6 +5,7 @@ rotated certificate is served from the next handshake on without a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import os
 import socket
@@ -20,6 +21,7 @@ import pytest
 from fleetd import cli
 from fleetd.api.tls import TlsFilesError
 from fleetd.daemon import Daemon
+from fleetd.metrics import TLS_MAX_CONNECTIONS
 from fleetd.v1 import fleet_pb2, fleet_pb2_grpc, placement_pb2, placement_pb2_grpc, types_pb2
 from tests.testbed.procs import async_wait_until
 from tests.testbed.tls import client_cert, self_signed_serving_cert
@@ -345,6 +347,22 @@ async def test_metrics_over_mutual_tls_with_rotation(
     # connection, in its own thread).
     with socket.create_connection(("127.0.0.1", port)):
         assert "fleetd_ready" in await asyncio.to_thread(_scrape, port, second.cert_pem, client)
+    # At most TLS_MAX_CONNECTIONS at once: one more is closed at once rather than given a
+    # thread; once they are gone, scrapes are served again.
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(TLS_MAX_CONNECTIONS)]
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as extra:
+            extra.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):  # (closed: reset or EOF)
+                assert extra.recv(1) == b""
+    finally:
+        for sock in silent:
+            sock.close()
+
+    async def served_again() -> bool:
+        return "fleetd_ready" in await asyncio.to_thread(_scrape, port, second.cert_pem, client)
+
+    await async_wait_until("scrapes served after the flood", served_again, timeout_s=30)
     # The client CA replaced: certificates of the old one are refused from then on, the new
     # one's accepted.
     new_clients = _Authority(tmp_path, "new-clients", ca_only=True)
