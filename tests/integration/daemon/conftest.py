@@ -57,6 +57,28 @@ class Client:
         self.fleet = fleet_pb2_grpc.FleetStub(channel)
 
 
+async def place_concurrently(daemon: Daemon, workloads: list[Any]) -> list[Any]:
+    """Place each of `workloads` (`types_pb2.Workload`) from a client of its own, on a
+    connection of its own, all at once; their PlaceResponses in order."""
+    from fleetd.v1 import placement_pb2
+
+    channels = [
+        grpc.aio.insecure_channel(
+            f"127.0.0.1:{daemon.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in workloads
+    ]
+
+    async def one(channel: grpc.aio.Channel, workload: Any) -> Any:
+        stub = placement_pb2_grpc.PlacementStub(channel)
+        return await stub.Place(placement_pb2.PlaceRequest(workload=workload))
+
+    try:
+        return list(await asyncio.gather(*map(one, channels, workloads)))
+    finally:
+        await asyncio.gather(*(c.close() for c in channels))
+
+
 async def wait_ready(daemon: Daemon) -> None:
     """Await the daemon's readiness (the health status flips on the same condition)."""
     assert daemon.state is not None

@@ -12,7 +12,7 @@ from fleetd.daemon import Daemon
 from fleetd.v1 import fleet_pb2, nodepools_pb2, placement_pb2, types_pb2
 from tests.testbed.procs import async_wait_until
 
-from .conftest import Client, StartDaemon
+from .conftest import Client, StartDaemon, place_concurrently
 
 PLACED = types_pb2.DECISION_RESULT_PLACED
 QUEUED = types_pb2.DECISION_RESULT_QUEUED
@@ -250,23 +250,15 @@ async def test_list_pools_and_status(fleetd: tuple[Daemon, Client]) -> None:
 
 async def test_concurrent_places_never_oversubscribe(fleetd: tuple[Daemon, Client]) -> None:
     daemon, client = fleetd
-    # 200 clients, each on its own connection.
-    channels = [
-        grpc.aio.insecure_channel(
-            f"127.0.0.1:{daemon.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        for _ in range(200)
-    ]
-
-    # 128 GPUs in the simulated fleet; 200 clients ask for 1 whole GPU or a 300-milli share.
-    async def one(i: int) -> placement_pb2.PlaceResponse:
-        wl = pod_workload(f"c{i}", gpus=0 if i % 3 == 0 else 1, milli=300 if i % 3 == 0 else 0)
-        return await place(Client(channels[i]), wl)
-
-    try:
-        replies = await asyncio.gather(*(one(i) for i in range(200)))
-    finally:
-        await asyncio.gather(*(c.close() for c in channels))
+    # 128 GPUs in the simulated fleet; 200 clients, each on its own connection, ask for 1
+    # whole GPU or a 300-milli share.
+    replies = await place_concurrently(
+        daemon,
+        [
+            pod_workload(f"c{i}", gpus=0 if i % 3 == 0 else 1, milli=300 if i % 3 == 0 else 0)
+            for i in range(200)
+        ],
+    )
     used: dict[tuple[str, str, int], int] = {}
     for r in replies:
         for p in r.placements:

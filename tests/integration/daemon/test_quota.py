@@ -9,12 +9,19 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
 
 from fleetd.v1 import fleet_pb2, placement_pb2, types_pb2
 
-from .conftest import Client, StartDaemon, daemon_config, promtool, scrape, write_config
+from .conftest import (
+    Client,
+    StartDaemon,
+    daemon_config,
+    place_concurrently,
+    promtool,
+    scrape,
+    write_config,
+)
 from .test_process import DaemonProcess
 
 PLACED = types_pb2.DECISION_RESULT_PLACED
@@ -139,21 +146,13 @@ async def test_concurrent_places_never_exceed_the_quota(start_daemon: StartDaemo
     # own connection, ask for a whole GPU or a 300-milli share.
     quotas = {"research": {"gpus": 20.5}}
     daemon, client = await start_daemon(sources=SIMULATED, teams={"quotas": quotas})
-    channels = [
-        grpc.aio.insecure_channel(
-            f"127.0.0.1:{daemon.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        for _ in range(200)
-    ]
-
-    async def one(i: int) -> placement_pb2.PlaceResponse:
-        wl = workload(f"c{i}", gpus=0 if i % 3 == 0 else 1, milli=300 if i % 3 == 0 else 0)
-        return await place(Client(channels[i]), wl)
-
-    try:
-        replies = await asyncio.gather(*(one(i) for i in range(200)))
-    finally:
-        await asyncio.gather(*(c.close() for c in channels))
+    replies = await place_concurrently(
+        daemon,
+        [
+            workload(f"c{i}", gpus=0 if i % 3 == 0 else 1, milli=300 if i % 3 == 0 else 0)
+            for i in range(200)
+        ],
+    )
     held = sum(p.gpu_milli * len(p.gpu_indices) for r in replies for p in r.placements)
     assert held <= 20_500
     assert {r.result for r in replies} == {PLACED, QUEUED}
