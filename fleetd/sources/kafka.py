@@ -396,6 +396,9 @@ class KafkaSource:
         self._resync_end: dict[TopicPartition, int] | None = None
         #: Each partition's end offset when this source first read it (`_silent_nodes`).
         self._replay_end: dict[TopicPartition, int] = {}
+        #: Per partition, the group's committed offset when a dead record was first met
+        #: there: dead records below it were dead-lettered by an earlier run.
+        self._dlq_floor: dict[TopicPartition, int] = {}
         #: Nodes found silent for too long while reading what the topic held at the start.
         self._replayed_stale = 0
         #: The last poll's commit while the next poll is decoded and applied (`_consume`).
@@ -821,7 +824,9 @@ class KafkaSource:
             # After the initial sync, a cluster's first records make it synced at once.
             updates += self._synced_markers()
         if dead:
-            await self._dead_letter(producer, [(rec, exc) for _, rec, exc in dead])
+            fresh = await self._not_yet_dead_lettered(consumer, [(r, e) for _, r, e in dead])
+            if fresh:
+                await self._dead_letter(producer, fresh)
         if updates:
             await self.sink.apply(updates)
         if self._applied_inventories:
@@ -1026,6 +1031,32 @@ class KafkaSource:
                     log.info("kafka: node inventory of %s at sequence %d: node pool(s) not "
                              "listed removed: %s", inventory.cluster, inventory.sequence,
                              ", ".join(pools))  # fmt: skip
+
+    async def _not_yet_dead_lettered(
+        self, consumer: AIOKafkaConsumer, dead: list[tuple[Any, InvalidTelemetry]]
+    ) -> list[tuple[Any, InvalidTelemetry]]:
+        """The dead records no earlier run of fleetd dead-lettered: those at or above the
+        group's committed offset of their partition when this source first met a dead one
+        there. A starting fleetd reads every partition from its beginning (`_assigned`), and
+        an offset is committed only after what is below it was applied and dead-lettered,
+        so without this every restart sent the topic's old bad records to the dead-letter
+        topic again, and counted them again (a `FleetdDeadLetters` ticket at every deploy)."""
+        unknown = {TopicPartition(r.topic, r.partition) for r, _ in dead} - self._dlq_floor.keys()
+        for tp in unknown:
+            try:
+                committed = await consumer.committed(tp)
+            except KafkaError as err:  # (unknown: dead-letter, as before)
+                log.warning("kafka: committed offset of %s unknown (%r)", tp, err)
+                committed = None
+            self._dlq_floor[tp] = committed or 0
+        fresh = []
+        for rec, why in dead:
+            if rec.offset < self._dlq_floor[TopicPartition(rec.topic, rec.partition)]:
+                log.debug("kafka: %s/%d/%d dead-lettered by an earlier run (%s)",
+                          rec.topic, rec.partition, rec.offset, why.reason)  # fmt: skip
+                continue
+            fresh.append((rec, why))
+        return fresh
 
     async def _dead_letter(
         self, producer: AIOKafkaProducer, dead: list[tuple[Any, InvalidTelemetry]]

@@ -11,17 +11,20 @@ import time
 import numpy as np
 import pytest
 
-from fleetd.loadgen import node_records, produce, synthetic_fleet
-from fleetd.sources.kafka import KafkaSource
+from fleetd.loadgen import malformed_records, node_records, produce, synthetic_fleet
+from fleetd.sources.kafka import DLQ_ORIGIN_HEADER, KafkaSource
+from fleetd.sources.metrics import SourceMetrics
 from fleetd.sources.updates import NodeStale
 from tests.integration.sources_support import (
     AWAIT_S,
     RecordingView,
     committed_offsets,
     create_topic,
+    fleet_records,
     kafka_settings,
     newest_sequences,
     produce_at,
+    read_topic,
     running,
     unique,
 )
@@ -85,6 +88,34 @@ async def test_a_restarted_fleetd_reads_every_partition_from_the_beginning(
     # Nothing was applied twice on the way.
     sequences = restarted.node_sequences()
     assert len(sequences) == len(set(sequences))
+
+
+async def test_a_restarted_fleetd_does_not_dead_letter_old_records_again(
+    kafka_bootstrap: str,
+) -> None:
+    topic = unique("telemetry-restart-dlq")
+    await create_topic(kafka_bootstrap, topic, partitions=1)
+    good = fleet_records(n_nodes=4, n_records=8)
+    bad = [(k, v) for k, v, _ in malformed_records()]
+    await produce(kafka_bootstrap, topic, good[:4] + bad + good[4:])
+    settings = kafka_settings(kafka_bootstrap, topic)
+    metrics = SourceMetrics()
+    source = KafkaSource(settings, RecordingView(), metrics=metrics)
+    async with running(source.run):
+        await source.wait_handled(len(good) + len(bad))
+    assert len(await read_topic(kafka_bootstrap, f"{topic}.dlq", len(bad))) == len(bad)
+    # Restarted (a fresh source, the same group): it reads everything again, and dead-letters
+    # only what arrived since (one more bad record), counting only that one.
+    await produce(kafka_bootstrap, topic, bad[:1])
+    metrics = SourceMetrics()
+    source = KafkaSource(settings, RecordingView(), metrics=metrics)
+    async with running(source.run):
+        await source.wait_handled(len(good) + len(bad) + 1)
+    dead = await read_topic(kafka_bootstrap, f"{topic}.dlq", len(bad) + 1)
+    assert len(dead) == len(bad) + 1
+    origins = [dict(r.headers)[DLQ_ORIGIN_HEADER].decode() for r in dead]
+    assert len(set(origins)) == len(origins)  # (each bad record once)
+    assert sum(c._value.get() for c in metrics.dead_letters._metrics.values()) == 1
 
 
 async def test_a_group_shared_with_another_consumer_is_reported_until_it_is_not(

@@ -43,6 +43,9 @@ class Consumer:
     def assignment(self) -> set[TopicPartition]:
         return {TP}
 
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return None  # (a fresh group: nothing dead-lettered before)
+
 
 class Producer:
     def __init__(self) -> None:
