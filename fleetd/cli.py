@@ -8,9 +8,11 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+R = TypeVar("R")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,21 +143,32 @@ def _channel(args: argparse.Namespace) -> Any:
     return grpc.secure_channel(args.addr, creds, options=_CHANNEL_OPTIONS)
 
 
-def status(args: argparse.Namespace) -> int:
-    """`fleetd status`: GetStatus, printed for a person; exit 0 when ready, 1 when not (or
-    unreachable)."""
+def _ask(args: argparse.Namespace, call: Callable[[Any], R]) -> R | None:
+    """`call(channel)` on a channel to the daemon (`_channel`): its answer, or None, the
+    failed RPC's status said on stderr (`fleetd <command>: CODE: details`)."""
     import grpc
-
-    from fleetd.v1 import fleet_pb2, fleet_pb2_grpc
 
     with _channel(args) as channel:
         try:
-            reply = fleet_pb2_grpc.FleetStub(channel).GetStatus(
-                fleet_pb2.GetStatusRequest(), timeout=args.timeout_s
-            )
+            return call(channel)
         except grpc.RpcError as exc:
-            print(f"fleetd status: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            print(f"fleetd {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return None
+
+
+def status(args: argparse.Namespace) -> int:
+    """`fleetd status`: GetStatus, printed for a person; exit 0 when ready, 1 when not (or
+    unreachable)."""
+    from fleetd.v1 import fleet_pb2, fleet_pb2_grpc
+
+    reply = _ask(
+        args,
+        lambda channel: fleet_pb2_grpc.FleetStub(channel).GetStatus(
+            fleet_pb2.GetStatusRequest(), timeout=args.timeout_s
+        ),
+    )
+    if reply is None:
+        return 1
     state = "ready" if reply.ready else f"not ready: {reply.not_ready_reason}"
     print(
         f"{state} (fleetd {reply.version}, up {reply.uptime_s:.0f}s, config "
@@ -171,8 +184,6 @@ def status(args: argparse.Namespace) -> int:
 
 def explain(args: argparse.Namespace) -> int:
     """`fleetd explain`: one Explain RPC, printed for a person."""
-    import grpc
-
     from fleetd.v1 import placement_pb2, placement_pb2_grpc, types_pb2
 
     pod = types_pb2.PodSpec(
@@ -186,14 +197,14 @@ def explain(args: argparse.Namespace) -> int:
         workload_id="fleetd-cli-explain", team=args.team, pod=pod, cluster=args.cluster,
         pool=args.pool,
     )  # fmt: skip
-    with _channel(args) as channel:
-        try:
-            reply = placement_pb2_grpc.PlacementStub(channel).Explain(
-                placement_pb2.ExplainRequest(workload=workload), timeout=args.timeout_s
-            )
-        except grpc.RpcError as exc:
-            print(f"fleetd explain: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    reply = _ask(
+        args,
+        lambda channel: placement_pb2_grpc.PlacementStub(channel).Explain(
+            placement_pb2.ExplainRequest(workload=workload), timeout=args.timeout_s
+        ),
+    )
+    if reply is None:
+        return 1
     result = types_pb2.DecisionResult.Name(reply.result).removeprefix("DECISION_RESULT_")
     print(f"{result.lower()}: {'fits now' if reply.fits else reply.explanation.summary}")
     for p in reply.placements:
@@ -206,29 +217,28 @@ def explain(args: argparse.Namespace) -> int:
 
 def workloads(args: argparse.Namespace) -> int:
     """`fleetd workloads`: ListWorkloads, page after page, as a table; exit 1 on an error."""
-    import grpc
-
     from fleetd.v1 import placement_pb2, placement_pb2_grpc
 
     state = getattr(placement_pb2, f"WORKLOAD_STATE_{(args.state or 'unspecified').upper()}")
-    rows: list[placement_pb2.WorkloadStatus] = []
-    token = ""
-    with _channel(args) as channel:
+
+    def pages(channel: Any) -> list[placement_pb2.WorkloadStatus]:
         stub = placement_pb2_grpc.PlacementStub(channel)
+        rows: list[placement_pb2.WorkloadStatus] = []
+        token = ""
         while True:
             want = args.limit - len(rows) if args.limit > 0 else 500
             request = placement_pb2.ListWorkloadsRequest(
                 team=args.team, state=state, page_size=min(want, 1000), page_token=token
             )
-            try:
-                reply = stub.ListWorkloads(request, timeout=args.timeout_s)
-            except grpc.RpcError as exc:
-                print(f"fleetd workloads: {exc.code().name}: {exc.details()}", file=sys.stderr)
-                return 1
+            reply = stub.ListWorkloads(request, timeout=args.timeout_s)
             rows.extend(reply.workloads)
             token = reply.next_page_token
             if not token or (args.limit > 0 and len(rows) >= args.limit):
-                break
+                return rows
+
+    rows = _ask(args, pages)
+    if rows is None:
+        return 1
     now = time.time()
     print(f"{'WORKLOAD':<32} {'TEAM':<16} {'STATE':<10} {'PRIO':>6} {'PODS':>5} {'GPUS':>7} "
           f"{'AGE':>7}  WHERE / WHY")  # fmt: skip
@@ -257,18 +267,16 @@ def _duration(seconds: float) -> str:
 def release(args: argparse.Namespace) -> int:
     """`fleetd release WORKLOAD_ID`: Release, for the on-call (a reservation whose client is
     gone, a queued workload nobody wants); exit 1 on an error (NOT_FOUND included)."""
-    import grpc
-
     from fleetd.v1 import placement_pb2, placement_pb2_grpc, types_pb2
 
-    with _channel(args) as channel:
-        try:
-            reply = placement_pb2_grpc.PlacementStub(channel).Release(
-                placement_pb2.ReleaseRequest(workload_id=args.workload_id), timeout=args.timeout_s
-            )
-        except grpc.RpcError as exc:
-            print(f"fleetd release: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    reply = _ask(
+        args,
+        lambda channel: placement_pb2_grpc.PlacementStub(channel).Release(
+            placement_pb2.ReleaseRequest(workload_id=args.workload_id), timeout=args.timeout_s
+        ),
+    )
+    if reply is None:
+        return 1
     if reply.previous_state == types_pb2.RESERVATION_STATE_UNSPECIFIED:
         print(f"{reply.workload_id}: taken out of the queue (decision {reply.decision_seq})")
     else:
