@@ -15,11 +15,12 @@ applied. The daemon:
   consumer), the broker is reachable while every worker says so;
 - forwards the workers' source metrics (records by outcome, dead letters, consumer lag) to
   its own registry;
-- restarts a worker that exits (with backoff; logged and counted): a fresh worker reads its
-  partitions from their beginning, and the state's sequence gate drops what it had.
+- restarts a worker that exits (with backoff; logged and counted): the replacement starts
+  where the state has its partitions (the workers share how far they applied), and the
+  state's sequence gate drops what it reads again.
 
-Messages are length-prefixed pickles over a socket pair made for each worker (the
-workers are spawned, never forked: the daemon runs threads).
+Messages are length-prefixed pickles over a socket pair made for each worker (`_Link`;
+the workers are spawned, never forked: the daemon runs threads).
 """
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ log = logging.getLogger(__name__)
 GROUP_SETTLE_S = 5.0
 #: How long a stopping worker may take to leave before it is terminated.
 STOP_TIMEOUT_S = 10.0
-#: The source metrics a worker's counters and gauges are forwarded to, by family name.
-_FORWARDED = ("fleetd_telemetry_records", "fleetd_dead_letters",
-              "fleetd_inventories_abandoned", "fleetd_kafka_consumer_lag_messages")  # fmt: skip
+#: The worker metrics forwarded to the daemon's: family name -> `SourceMetrics` attribute.
+_FORWARDED = {
+    "fleetd_telemetry_records": "telemetry_records",
+    "fleetd_dead_letters": "dead_letters",
+    "fleetd_inventories_abandoned": "inventories_abandoned",
+    "fleetd_kafka_consumer_lag_messages": "consumer_lag",
+}
 
 
 def _fast_pickling() -> tuple[dict[type, Callable[..., Any]], dict[type, Callable[..., Any]]]:
@@ -642,14 +647,8 @@ class KafkaWorkers:
     ) -> None:
         """The worker's counters added (what grew since its last report; from 0 after a
         restart) and its gauges set in this process's metrics."""
-        targets: dict[str, Any] = {
-            "fleetd_telemetry_records": self.metrics.telemetry_records,
-            "fleetd_dead_letters": self.metrics.dead_letters,
-            "fleetd_inventories_abandoned": self.metrics.inventories_abandoned,
-            "fleetd_kafka_consumer_lag_messages": self.metrics.consumer_lag,
-        }
         for family, kind, labels, value in samples:
-            metric = targets[family].labels(**labels)
+            metric = getattr(self.metrics, _FORWARDED[family]).labels(**labels)
             if kind == "counter":
                 key = (family, tuple(sorted(labels.items())))
                 last = w.metrics_seen.get(key, 0.0)
