@@ -12,7 +12,10 @@ its node's last content (a heartbeat) except with probability `--changed-fractio
 pods came or went, a GPU's health flipped or the node was (un)cordoned. The records are
 produced once to a fresh 3-partition topic. Then, per repeat and side by side, each with its
 own consumer group and the same fetch sizes:
-- raw: an AIOKafkaConsumer polls every record (getmany) and does nothing with it;
+- raw: an AIOKafkaConsumer polls every record (getmany) and does nothing with it (and,
+  for comparison only, `raw_batches_per_s`: the same consumer polling as fleetd's source
+  does, taking aiokafka's fetched batches without a ConsumerRecord a record,
+  `fleetd.sources.fetch`);
 - view: fleetd's KafkaSource validates, gates, applies into an in-memory view and commits;
 - state: the same into the daemon's FleetState (the single writer in front of the node
   table), which is checked afterwards to hold every node at its last produced sequence.
@@ -53,6 +56,7 @@ import numpy as np
 
 from fleetd.daemon import freeze_startup_heap
 from fleetd.loadgen import periodic_reports, produce, synthetic_fleet
+from fleetd.sources import fetch
 from fleetd.sources.base import UpdateSink
 from fleetd.sources.kafka import KafkaSource, KafkaSourceSettings
 from fleetd.sources.kafka_workers import KafkaWorkers
@@ -76,8 +80,9 @@ async def _create_topic(bootstrap: str, topic: str) -> None:
         await admin.close()
 
 
-async def raw_rate(bootstrap: str, topic: str, n_records: int) -> float:
-    """Records per second of a bare aiokafka consumer polling the topic."""
+async def raw_rate(bootstrap: str, topic: str, n_records: int, take_batches: bool = False) -> float:
+    """Records per second of a bare aiokafka consumer polling the topic (with `getmany`, or
+    with `take_batches` as fleetd's source polls: `fleetd.sources.fetch.poll`)."""
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
@@ -98,9 +103,12 @@ async def raw_rate(bootstrap: str, topic: str, n_records: int) -> float:
     first_at: float | None = None
     try:
         while seen < n_records:
-            batch = await consumer.getmany(
-                timeout_ms=200, max_records=KafkaSourceSettings.max_batch_records
-            )
+            if take_batches:
+                batch = await fetch.poll(consumer, 200, KafkaSourceSettings.max_batch_records)
+            else:
+                batch = await consumer.getmany(
+                    timeout_ms=200, max_records=KafkaSourceSettings.max_batch_records
+                )
             if batch and first_at is None:
                 first_at = time.perf_counter()
             seen += sum(len(records) for records in batch.values())
@@ -317,6 +325,8 @@ async def measure(
         gc.collect()
         raw = await raw_rate(bootstrap, topic, n_records)
         gc.collect()
+        raw_batches = await raw_rate(bootstrap, topic, n_records, take_batches=True)
+        gc.collect()
         _, view_s, _, _ = await warm_then_measure(
             bootstrap, warm_topic, topic, n_warm, n_records, FleetView(), workers
         )
@@ -328,6 +338,7 @@ async def measure(
         runs.append(
             {
                 "raw_per_s": raw,
+                "raw_batches_per_s": raw_batches,
                 "view_records_per_s": n_records / view_s,
                 "records_per_s": n_records / state_s,
                 "updates_per_s": reflected / state_s,
@@ -351,6 +362,7 @@ async def measure(
         "mix_unchanged": mix["unchanged"],
         "mix_changed": mix["changed"],
         "raw_per_s": round(median("raw_per_s")),
+        "raw_batches_per_s": round(median("raw_batches_per_s")),
         "view_records_per_s": round(median("view_records_per_s")),
         "records_per_s": round(median("records_per_s")),
         "updates_per_s": round(median("updates_per_s")),
@@ -455,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"rounds, {r['mix_unchanged']:,} unchanged, changed {r['mix_changed']}; "
             f"{PARTITIONS} partitions; medians of {args.repeats}):\n"
             f"  raw aiokafka consume   {r['raw_per_s']:>10,} records/s\n"
+            f"  same, fleetd's polls   {r['raw_batches_per_s']:>10,} records/s "
+            "(aiokafka's batches, no ConsumerRecord each)\n"
             f"  KafkaSource -> view    {r['view_records_per_s']:>10,} records/s\n"
             f"  KafkaSource -> state   {r['updates_per_s']:>10,} updates/s "
             f"({r['ratio']:.2f} x raw, per repeat {r['ratios']}; target >= 0.5)\n"
