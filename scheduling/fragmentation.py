@@ -277,7 +277,9 @@ def _type_rows(
     """Per node, its row of the per-model tables (`gpus_needed_at`, `counts_on_model`: 0
     for nodes without a GPU model) and, when constraint-aware, its `counts_on_model` row."""
     row = np.maximum(np.asarray(node_model, dtype=np.int64), -1) + 1
-    return row, (typical.counts_on_model[row] if constraint_aware else None)
+    # Row gathers of (R, T) tables here and in the scorer's hot paths use `take`: the same
+    # values as fancy indexing, several times faster for rows of a 2-D table.
+    return row, (typical.counts_on_model.take(row, axis=0) if constraint_aware else None)
 
 
 def _need(model_row: IntArray, cpu_left: IntArray, typical: TypicalPods) -> NDArray[np.int8]:
@@ -285,9 +287,10 @@ def _need(model_row: IntArray, cpu_left: IntArray, typical: TypicalPods) -> NDAr
     and fits its free CPU, `_NEVER` elsewhere (the hosting test of `_frag_of_stats`), one
     row of `gpus_needed_at` per node: cpu >= request iff the request is among the levels
     at most cpu."""
-    out: NDArray[np.int8] = typical.gpus_needed_at[
-        model_row, typical.cpu_levels.searchsorted(cpu_left, side="right")
-    ]
+    table = typical.gpus_needed_at
+    levels = table.shape[1]
+    at = model_row * levels + typical.cpu_levels.searchsorted(cpu_left, side="right")
+    out: NDArray[np.int8] = table.reshape(-1, table.shape[2]).take(at, axis=0)
     return out
 
 
@@ -1363,8 +1366,8 @@ class FragmentationScorer:
             each = index.repeat(block)
             total = np.add.reduce(states_gpu, axis=1)
             count, below = _type_stats(states_gpu, typical)
-            rows_model = model_row[each]
-            rows_counts = None if counts is None else counts[each]
+            rows_model = model_row.take(each)
+            rows_counts = None if counts is None else counts.take(each, axis=0)
             now = _frag_of_type_stats(
                 count, below, total, states_cpu, rows_model, rows_counts, typical
             )
@@ -1375,7 +1378,8 @@ class FragmentationScorer:
             )
             score = self._share_step(
                 tables, pod_cpu, pod_milli, states_cpu, states_gpu, total, count, below, now,
-                stranded, rows_model, rows_counts, None if scarcity is None else scarcity[each],
+                stranded, rows_model, rows_counts,
+                None if scarcity is None else scarcity.take(each, axis=0),
             )  # fmt: skip
             best = np.maximum.reduce(score, axis=1).reshape(rows, block)
             column = score.argmax(axis=1).reshape(rows, block)
@@ -1393,7 +1397,7 @@ class FragmentationScorer:
             got += done
             # The state scored last, and (if more steps) the one its pick reaches.
             at = index * block + (done - 1)
-            gpu, cpu = states_gpu[at], states_cpu[at]
+            gpu, cpu = states_gpu.take(at, axis=0), states_cpu.take(at)
             if got == steps:
                 break
             last_ok, last_column = ok[:, done - 1], column[:, done - 1]
@@ -1444,25 +1448,29 @@ class FragmentationScorer:
         # reaches.
         need = _need(model_row, cpu_after, typical)
         # count + delta >= need, with need - count per row (int8: need <= 127, count >= 0).
-        hosts = tables.count_delta[share] >= (need - count)[row]
+        hosts = tables.count_delta.take(share, axis=0) >= (need - count).take(row, axis=0)
         fallback = total_after.astype(np.float64)[:, None]
         if counts is not None:
             fallback = np.where(counts, fallback, 0.0)
-        per_type = np.where(hosts, below[row] + tables.below_delta[share], fallback[row])
+        per_type = np.where(
+            hosts,
+            below.take(row, axis=0) + tables.below_delta.take(share, axis=0),
+            fallback.take(row, axis=0),
+        )
         per_type *= typical.freq
         # Summed along each C-ordered row: the same bits as `frag_after`.
         raw_k = np.add.reduce(per_type, axis=1)
         after = raw_k
         if stranded is not None:
             later = _stranded(total_after, cpu_after, self.cpu_per_gpu_milli)
-            after = after + (self.cpu_stranding_weight * (later - stranded))[row]
+            after = after + (self.cpu_stranding_weight * (later - stranded)).take(row)
         if tables.lookahead is not None:
-            after = after + tables.lookahead[share]
+            after = after + tables.lookahead.take(share)
         if scarcity is not None:
-            after = after + scarcity[row, 0]
+            after = after + scarcity[:, 0].take(row)
         # `fgd_score`: exp(-(now - after) / 1000) is exp((after - now) / 1000) bit for bit
         # (IEEE rounding is symmetric).
-        score_k = (100.0 / (1.0 + np.exp((after - now[row]) / 1000.0))).astype(np.int64)
+        score_k = (100.0 / (1.0 + np.exp((after - now.take(row)) / 1000.0))).astype(np.int64)
         score: IntArray = np.empty((rows, gpus), np.int64)
         score.fill(-1)
         score[row, col] = score_k
