@@ -223,8 +223,10 @@ _FIRST_DEPTH = 8
 #: deeper state computed in the block costs little (callgrind, benchmark instance: 8 / 16 /
 #: 32 / 64 -> 3,435 / 3,392 / 3,377 / 3,387 M instructions per place).
 _FIRST_CLASS_DEPTH = 32
-#: Stepwise depth chunks (a GPU-choosing policy) start this deep and grow by 1/this.
-_FIRST_STEPS = 4
+#: Stepwise depth chunks (a GPU-choosing policy) start this deep and grow by 1/this (a
+#: chain call costs per numpy call more than per state: 4 / 6 / 8 / 12 -> 3,377 / 3,337 /
+#: 3,315 / 3,347 M instructions per place on the benchmark instance).
+_FIRST_STEPS = 8
 _STEP_GROWTH = 2
 #: Mean run length (pods per segment) from which nodes are scored per distinct state.
 _BY_STATE_RUN = 4
