@@ -89,6 +89,9 @@ class TypicalPods:
     """(n_models + 1, n_cpu_levels + 1, n_types) int8: `gpus_needed` where the type requests
     GPUs, may use the model (row as `gpu_type_on_model`) and fits a node whose free CPU is at
     least the first k `cpu_levels` (column k), `_NEVER` elsewhere (derived; `_need`)."""
+    freq_on_model: FloatArray = field(init=False, repr=False, compare=False)
+    """(n_models + 1, n_types): `freq` where the type counts on the model
+    (`counts_on_model`), 0.0 elsewhere (derived; `_type_rows`)."""
 
     def __post_init__(self) -> None:
         values, inverse = np.unique(np.asarray(self.gpu_milli, dtype=np.int64), return_inverse=True)
@@ -99,6 +102,9 @@ class TypicalPods:
         gpu = np.asarray(self.gpu_milli) > 0
         object.__setattr__(self, "gpu_type_on_model", accessible & gpu[None, :])
         object.__setattr__(self, "counts_on_model", accessible | ~gpu[None, :])
+        object.__setattr__(
+            self, "freq_on_model", np.where(self.counts_on_model, self.freq[None, :], 0.0)
+        )
         num = np.clip(np.asarray(self.num_gpu, dtype=np.int64), 0, 127)  # GPUs per node <= 63
         pairs, pair_of = np.unique(
             np.stack([inverse.reshape(-1), num], axis=1), axis=0, return_inverse=True
@@ -273,13 +279,15 @@ def _gpu_stats(left: IntArray, typical: TypicalPods) -> tuple[IntArray, IntArray
 
 def _type_rows(
     node_model: NDArray[np.integer], typical: TypicalPods, constraint_aware: bool
-) -> tuple[IntArray, BoolArray | None]:
-    """Per node, its row of the per-model tables (`gpus_needed_at`, `counts_on_model`: 0
-    for nodes without a GPU model) and, when constraint-aware, its `counts_on_model` row."""
+) -> tuple[IntArray, FloatArray | None]:
+    """Per node, its row of the per-model tables (`gpus_needed_at`, `freq_on_model`: 0 for
+    nodes without a GPU model) and, when constraint-aware, its `freq_on_model` row: the
+    weight of each type's term, 0.0 for the types that do not count on the node's model
+    (None: every type counts, weights `freq`)."""
     row = np.maximum(np.asarray(node_model, dtype=np.int64), -1) + 1
     # Row gathers of (R, T) tables here and in the scorer's hot paths use `take`: the same
     # values as fancy indexing, several times faster for rows of a 2-D table.
-    return row, (typical.counts_on_model.take(row, axis=0) if constraint_aware else None)
+    return row, (typical.freq_on_model.take(row, axis=0) if constraint_aware else None)
 
 
 def _need(model_row: IntArray, cpu_left: IntArray, typical: TypicalPods) -> NDArray[np.int8]:
@@ -572,18 +580,16 @@ def _frag_of_type_stats(
     total: IntArray,
     cpu_left: IntArray,
     model_row: IntArray,
-    counts: BoolArray | None,
+    weights: FloatArray | None,
     typical: TypicalPods,
 ) -> FloatArray:
     """(R,) `frag_milli` of states from their per-type statistics (count, below: (R, T),
-    `_type_stats`; total idle milli and free CPU: (R,); model_row, counts: `_type_rows`):
-    the same terms, summed along each C-ordered row, so the same floats."""
+    `_type_stats`; total idle milli and free CPU: (R,); model_row, weights: `_type_rows`):
+    the same terms, summed along each C-ordered row, so the same floats (a type that does
+    not count adds total x 0.0 rather than 0.0 x freq: 0.0 either way, total being >= 0)."""
     need = _need(model_row, cpu_left, typical)
-    fallback = total.astype(np.float64)[:, None]
-    if counts is not None:
-        fallback = np.where(counts, fallback, 0.0)
-    per_type = np.where(count >= need, below, fallback)
-    per_type *= typical.freq
+    per_type = np.where(count >= need, below, total.astype(np.float64)[:, None])
+    per_type *= typical.freq if weights is None else weights
     out: FloatArray = np.add.reduce(per_type, axis=1)
     return out
 
@@ -858,7 +864,7 @@ class FragmentationMemo:
 
     def remember_now(
         self, ids: IntArray, count: NDArray[np.int8], below: FloatArray, total: IntArray,
-        cpu_left: IntArray, model_row: IntArray, counts: BoolArray | None,
+        cpu_left: IntArray, model_row: IntArray, weights: FloatArray | None,
         typical: TypicalPods,
     ) -> None:  # fmt: skip
         """`set_now` for the states `ids` not known yet, from their per-type statistics
@@ -869,7 +875,7 @@ class FragmentationMemo:
                 ids[unknown],
                 _frag_of_type_stats(
                     count[unknown], below[unknown], total[unknown], cpu_left[unknown],
-                    model_row[unknown], None if counts is None else counts[unknown], typical,
+                    model_row[unknown], None if weights is None else weights[unknown], typical,
                 ),
             )  # fmt: skip
 
@@ -1175,16 +1181,16 @@ class FragmentationScorer:
             # a share is unchanged: 1000 and 0 both count 0), and its fragmentation and the
             # state's own come from them (the same per-type terms: the same floats).
             typical, memo = self.memo.typical, self.memo
-            model_row, counts = _type_rows(model, typical, self.constraint_aware)
+            model_row, weights = _type_rows(model, typical, self.constraint_aware)
             count, below = _type_stats(gpu_left, typical)
             total = np.add.reduce(gpu_left, axis=1)
-            memo.remember_now(ids, count, below, total, cpu_left, model_row, counts, typical)
+            memo.remember_now(ids, count, below, total, cpu_left, model_row, weights, typical)
             now = memo.frag_now(ids)
             if pod_num:
                 count = count - self._gpu_types(pod_num)
                 total = total - MILLI_PER_GPU * pod_num
             frag = _frag_of_type_stats(
-                count, below, total, cpu_left - pod_cpu, model_row, counts, typical
+                count, below, total, cpu_left - pod_cpu, model_row, weights, typical
             )
             if pod_num:
                 full = gpu_left >= MILLI_PER_GPU
@@ -1229,12 +1235,12 @@ class FragmentationScorer:
         ):
             return None
         tables = self._share_tables(pod_milli)
-        model_row, counts = _type_rows(model, tables.typical, self.constraint_aware)
+        model_row, weights = _type_rows(model, tables.typical, self.constraint_aware)
         total = np.add.reduce(gpu_left, axis=1)
         count, below = _type_stats(gpu_left, tables.typical)
         # The states' fragmentation from the same statistics where the memo lacks it.
         memo = self.memo
-        memo.remember_now(ids, count, below, total, cpu_left, model_row, counts, tables.typical)
+        memo.remember_now(ids, count, below, total, cpu_left, model_row, weights, tables.typical)
         now = memo.frag_now(ids)
         stranded = (
             _stranded(total, cpu_left, self.cpu_per_gpu_milli)
@@ -1248,7 +1254,7 @@ class FragmentationScorer:
         )
         score = self._share_step(
             tables, pod_cpu, pod_milli, cpu_left, gpu_left, total,
-            count, below, now, stranded, model_row, counts, scarcity,
+            count, below, now, stranded, model_row, weights, scarcity,
         )  # fmt: skip
         best = np.maximum.reduce(score, axis=1)
         ok = best >= 0
@@ -1330,7 +1336,7 @@ class FragmentationScorer:
         model = self._model_of(view)
         typical, aware = self.memo.typical, self.constraint_aware
         tables = self._share_tables(pod_milli)
-        model_row, counts = _type_rows(model, typical, aware)
+        model_row, weights = _type_rows(model, typical, aware)
         scarcity = (
             self._scarcity(model, c.model_ids, pod_milli)[:, None]
             if self.scarcity_weight and self._pressure_any
@@ -1367,9 +1373,9 @@ class FragmentationScorer:
             total = np.add.reduce(states_gpu, axis=1)
             count, below = _type_stats(states_gpu, typical)
             rows_model = model_row.take(each)
-            rows_counts = None if counts is None else counts.take(each, axis=0)
+            rows_weights = None if weights is None else weights.take(each, axis=0)
             now = _frag_of_type_stats(
-                count, below, total, states_cpu, rows_model, rows_counts, typical
+                count, below, total, states_cpu, rows_model, rows_weights, typical
             )
             stranded = (
                 _stranded(total, states_cpu, self.cpu_per_gpu_milli)
@@ -1378,7 +1384,7 @@ class FragmentationScorer:
             )
             score = self._share_step(
                 tables, pod_cpu, pod_milli, states_cpu, states_gpu, total, count, below, now,
-                stranded, rows_model, rows_counts,
+                stranded, rows_model, rows_weights,
                 None if scarcity is None else scarcity.take(each, axis=0),
             )  # fmt: skip
             best = np.maximum.reduce(score, axis=1).reshape(rows, block)
@@ -1422,7 +1428,7 @@ class FragmentationScorer:
         self, tables: _ShareTables, pod_cpu: int, pod_milli: int, cpu: IntArray,
         gpu: IntArray, total: IntArray, count: NDArray[np.int8], below: FloatArray,
         now: FloatArray, stranded: FloatArray | None, model_row: IntArray,
-        counts: BoolArray | None, scarcity: FloatArray | None,
+        weights: FloatArray | None, scarcity: FloatArray | None,
     ) -> IntArray:  # fmt: skip
         """One fractional pod (pod_cpu, pod_milli) on each GPU of R states (free CPU, free
         milli per GPU (R, G), total idle milli; per-type statistics count and below (R, T),
@@ -1449,15 +1455,11 @@ class FragmentationScorer:
         need = _need(model_row, cpu_after, typical)
         # count + delta >= need, with need - count per row (int8: need <= 127, count >= 0).
         hosts = tables.count_delta.take(share, axis=0) >= (need - count).take(row, axis=0)
-        fallback = total_after.astype(np.float64)[:, None]
-        if counts is not None:
-            fallback = np.where(counts, fallback, 0.0)
+        fallback = total_after.astype(np.float64).take(row)[:, None]
         per_type = np.where(
-            hosts,
-            below.take(row, axis=0) + tables.below_delta.take(share, axis=0),
-            fallback.take(row, axis=0),
+            hosts, below.take(row, axis=0) + tables.below_delta.take(share, axis=0), fallback
         )
-        per_type *= typical.freq
+        per_type *= typical.freq if weights is None else weights.take(row, axis=0)
         # Summed along each C-ordered row: the same bits as `frag_after`.
         raw_k = np.add.reduce(per_type, axis=1)
         after = raw_k
