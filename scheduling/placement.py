@@ -1311,24 +1311,29 @@ class _Engine:
             chunk, j = chunk_of[pos], chunk_pos[pos]
             start = done = placed_on[pos]
             limit = min(cap_sorted[pos], done + k - count)
+            # (The chunk's depth and this row's scores as locals: the loop below runs
+            # once per pod placed.)
+            depth, row_scores = chunk.depth, chunk.scores[j]
             while True:
                 done += 1
                 if done >= limit:
                     break
-                if chunk.depth < done and chunk.cids is not None:
-                    chunk = chunk_of[pos] = self._own_chunk(c, chunk, j)
-                    j = chunk_pos[pos] = 0
-                if chunk.depth < done:
-                    if self.closed_form(c) and len(chunk.scores) == 1:
-                        # One row (a state class) in one evaluation, however deep: straight
-                        # to what the run can still place (capped by the row's room).
-                        want = k - count - (done - start)
-                    elif self.closed_form(c):  # a group of rows: doubling
-                        want = max(2 * chunk.depth, _FIRST_DEPTH)
-                    else:  # stepwise: the cost is per step, so overshoot little
-                        want = max(chunk.depth // _STEP_GROWTH, _FIRST_STEPS)
-                    self._deepen(c, chunk, min(want, k - count - (done - start)))
-                neg = -chunk.scores[j][done - 1]
+                if depth < done:
+                    if chunk.cids is not None:
+                        chunk = chunk_of[pos] = self._own_chunk(c, chunk, j)
+                        j = chunk_pos[pos] = 0
+                    if chunk.depth < done:
+                        if self.closed_form(c) and len(chunk.scores) == 1:
+                            # One row (a state class) in one evaluation, however deep:
+                            # straight to what the run can still place (capped by its room).
+                            want = k - count - (done - start)
+                        elif self.closed_form(c):  # a group of rows: doubling
+                            want = max(2 * chunk.depth, _FIRST_DEPTH)
+                        else:  # stepwise: the cost is per step, so overshoot little
+                            want = max(chunk.depth // _STEP_GROWTH, _FIRST_STEPS)
+                        self._deepen(c, chunk, min(want, k - count - (done - start)))
+                    depth, row_scores = chunk.depth, chunk.scores[j]
+                neg = -row_scores[done - 1]
                 if neg < a_neg or (neg == a_neg and slot < a_slot):
                     continue
                 heapq.heappush(heap, (neg, slot, pos))
