@@ -28,7 +28,7 @@ import gc
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -1156,7 +1156,10 @@ class KafkaSource:
             except KafkaError as err:
                 delay = backoff.next_delay_s()
                 log.warning("kafka: dead-letter publish failed (%s); retry in %.1fs", err, delay)
-                await asyncio.sleep(delay)
+                # (The poll paused the cyclic collector; a broker outage can hold it here
+                # for long, while the daemon's other tasks go on allocating.)
+                with _collector_running():
+                    await asyncio.sleep(delay)
         for rec, exc in dead:
             log.warning(
                 "kafka: dead-lettered %s/%d/%d: %s",
@@ -1372,6 +1375,19 @@ def _next_newest(
     change taken by its bytes may not parse as a whole.)"""
     older = [c for c in candidates if (c[0], c[1]) < below]
     return max(older, key=lambda c: (c[0], c[1])) if older else None
+
+
+@contextlib.contextmanager
+def _collector_running() -> Iterator[None]:
+    """The cyclic collector on for a wait inside a poll that paused it."""
+    paused = not gc.isenabled()
+    if paused:
+        gc.enable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.disable()
 
 
 async def _stop_quietly(*clients: AIOKafkaConsumer | AIOKafkaProducer) -> None:

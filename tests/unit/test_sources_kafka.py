@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import time
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 from fleetd.sources.codec import encode_node, node_key
 from fleetd.sources.kafka import DLQ_REASON_HEADER, KafkaSource, KafkaSourceSettings
@@ -109,6 +111,33 @@ async def test_newest_valid_snapshot_per_node_is_applied() -> None:
     assert outcome("applied")._value.get() == 2
     assert outcome("superseded")._value.get() == 1  # a seq 1
     assert outcome("dead_lettered")._value.get() == 2
+
+
+async def test_the_collector_runs_while_a_dead_letter_waits_for_the_broker() -> None:
+    """A poll pauses the cyclic collector; its dead letters' retries (a broker outage can last)
+    wait with it running."""
+
+    class FailingOnce(Producer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.failed = asyncio.Event()
+
+        async def send(self, topic: str, *, value: bytes, key: bytes | None, headers: Any) -> Any:
+            if not self.failed.is_set():
+                self.failed.set()
+                raise KafkaConnectionError("broker down")
+            return await super().send(topic, value=value, key=key, headers=headers)
+
+    settings = KafkaSourceSettings(dead_letter_topic="dlq", backoff_initial_s=0.01)
+    source = KafkaSource(settings, FleetView())
+    producer = FailingOnce()
+    recs = [Rec(*_broken("a", 1), offset=0)]
+    polling = asyncio.ensure_future(source.process({TP: recs}, Consumer(), producer))
+    await producer.failed.wait()  # (the source is in its backoff now)
+    assert gc.isenabled()
+    await polling
+    assert len(producer.sent) == 1
+    assert gc.isenabled()
 
 
 async def test_superseded_records_are_still_checked_to_be_telemetry() -> None:
