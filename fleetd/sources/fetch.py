@@ -17,7 +17,7 @@ It reads aiokafka's internals (the fetcher's buffered `FetchResult`s), so it is 
 the aiokafka release it was written for (`SUPPORTED_AIOKAFKA`; `supports`): with any other,
 the source polls with `getmany` as before, slower but the same. A fetch it does not take
 apart itself (read committed isolation, with its aborted transactions; deserializers; one
-aiokafka already began) goes through aiokafka's own path, whole.
+aiokafka already began) goes through aiokafka's own path (`getall`, up to `max_records`).
 
 A poll drains whole partitions until it holds `max_records` records or more: a fetch is at
 most `max_partition_fetch_bytes` per partition, so a poll is at most that much beyond it.
@@ -34,9 +34,11 @@ import aiokafka
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.consumer.fetcher import READ_COMMITTED, FetchResult
 from aiokafka.errors import ConsumerStoppedError, CorruptRecordException
-from aiokafka.record._crecords import DefaultRecordBatch
+from aiokafka.record.default_records import DefaultRecordBatch  # (C, or its pure-Python twin)
 
-#: The aiokafka releases whose fetcher internals `poll` was written against and tested with.
+#: The aiokafka releases whose fetcher internals `poll` was written against and tested with
+#: (also how many turns of the event loop its fetcher takes to send a request,
+#: `kafka.FETCH_REQUEST_TURNS`). Bumping aiokafka means reading its fetcher again.
 SUPPORTED_AIOKAFKA = frozenset({"0.14.0"})
 
 
@@ -142,10 +144,8 @@ def _drain(tp: TopicPartition, result: Any, room: int) -> list[Any]:
     while batches.has_next():
         batch = batches.next_batch()
         if part._check_crcs and not batch.validate_crc():
-            # As aiokafka does: raised, and the fetch dropped with the position where it
-            # was, so the partition is fetched again from there (what this fetch held before
-            # the corrupt batch is read again; the sequence gate drops it).
-            result._update_position()
+            # As aiokafka does: raised, and the fetch dropped with the position where it was
+            # (nothing of this fetch was returned), so it is fetched again from there.
             result._partition_records = None
             raise CorruptRecordException(f"Invalid CRC - {tp}")
         if getattr(batch, "is_control_batch", False):  # (a transaction's marker)

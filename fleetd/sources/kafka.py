@@ -24,20 +24,20 @@ import asyncio
 import bisect
 import contextlib
 import functools
-import gc
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import aiokafka
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from google.protobuf.message import DecodeError
 
-from fleetd.sources import fetch
+from fleetd.sources import collector, fetch
 from fleetd.sources.base import Backoff, UpdateSink
 from fleetd.sources.codec import (
     InvalidTelemetry,
@@ -89,8 +89,8 @@ log = logging.getLogger(__name__)
 SOURCE = "kafka"
 #: Records parsed between two yields to the event loop.
 YIELD_EVERY_RECORDS = 2000
-#: Turns of the event loop aiokafka's fetcher takes to send a fetch request once a poll
-#: drained its partitions (`_poll_and_apply`).
+#: Turns of the event loop aiokafka's fetcher (0.14, `fetch.SUPPORTED_AIOKAFKA`) takes to
+#: send a fetch request once a poll drained its partitions (`_poll_and_apply`).
 FETCH_REQUEST_TURNS = 3
 #: Numbers each source's heartbeat slot space (`HeartbeatSlots.source`): a sink fed by two
 #: sources, or by a replaced one, never mixes their slots.
@@ -419,6 +419,8 @@ class KafkaSource:
         #: Per partition, the group's committed offset when a dead record was first met
         #: there: dead records below it were dead-lettered by an earlier run.
         self._dlq_floor: dict[TopicPartition, int] = {}
+        #: Whether the warning that this aiokafka release is polled the slow way was logged.
+        self._said_slow_polls = False
         #: Nodes found silent for too long while reading what the topic held at the start.
         self._replayed_stale = 0
         #: The last poll's commit while the next poll is decoded and applied (`_consume`).
@@ -502,6 +504,13 @@ class KafkaSource:
         s = self.settings
         # aiokafka's records without a ConsumerRecord each, where its release allows.
         fast = fetch.supports(consumer)
+        if not fast and not self._said_slow_polls:
+            self._said_slow_polls = True
+            log.warning(
+                "kafka: aiokafka %s is not one fleetd reads the fetched batches of (%s): "
+                "polling with getmany, ~1 µs more CPU a record",
+                aiokafka.__version__, ", ".join(sorted(fetch.SUPPORTED_AIOKAFKA)),
+            )  # fmt: skip
         while True:
             if fast:
                 await fetch.wait(consumer, s.poll_timeout_ms)
@@ -533,15 +542,13 @@ class KafkaSource:
             if self.first_batch_at is None:
                 self.first_batch_at = time.perf_counter()
             return await self._apply_poll(batches, consumer, producer)
-        # A poll's records are made, applied and freed with the cyclic collector paused:
-        # they hold no cycles, and ~2 tracked objects each (aiokafka's record and its
-        # headers) would otherwise set off a young collection every few hundred records and
-        # carry the poll's records through the older generations (measured: ~0.5 µs a
-        # record of collections that found nothing to free). It runs between polls, while
-        # the next fetch is awaited.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        # A poll's records are made, applied and freed with the cyclic collector paused
+        # (`collector`): they hold no cycles, and ~2 tracked objects each (aiokafka's record
+        # and its headers) would otherwise set off a young collection every few hundred
+        # records and carry the poll's records through the older generations (measured:
+        # ~0.5 µs a record of collections that found nothing to free). It collects again at
+        # the first allocation after the poll.
+        with collector.paused():
             batches = fetch.take(consumer, self.settings.max_batch_records)
             if not batches:
                 return None
@@ -559,9 +566,6 @@ class KafkaSource:
             # while aiokafka builds the next one's records, every collection would walk it.
             del batches
             return applied
-        finally:
-            if gc_was_enabled:
-                gc.enable()
 
     # ------------------------------------------------------------------ connection
 
@@ -631,14 +635,9 @@ class KafkaSource:
         # state's values for every changed node; left on, the cyclic collector runs many
         # times per poll and each full run walks the whole fleet state (measured: up to
         # twice the poll's time). Reference counting frees what the poll drops; collection
-        # resumes when the poll is done.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        # resumes when the poll is done (`collector`: network waits inside run with it).
+        with collector.paused():
             applied = await self._process(batches, consumer, producer)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
         if silent:
             self._replayed_stale += len(silent)
             await self.sink.apply(silent)
@@ -663,7 +662,8 @@ class KafkaSource:
         if missing:
             # (Fetched after the poll, so a little later than the start: the records in
             # between are new, and new records are never old enough to judge.)
-            self._replay_end.update(await consumer.end_offsets(missing))
+            with collector.running():  # (a broker round trip, inside a poll)
+                self._replay_end.update(await consumer.end_offsets(missing))
         max_age_s = self.settings.replay_max_age_s
         assert max_age_s is not None
         cutoff_ms = (time.time() - max_age_s) * 1000.0
@@ -894,9 +894,11 @@ class KafkaSource:
                 (_DeadRecord.of(partition_of_run[bisect.bisect_left(partition_ends, pos)], rec), e)
                 for pos, rec, e in dead
             ]
-            fresh = await self._not_yet_dead_lettered(consumer, located)
-            if fresh:
-                await self._dead_letter(producer, fresh)
+            # Round trips to the broker, with retries while it is out: the collector runs.
+            with collector.running():
+                fresh = await self._not_yet_dead_lettered(consumer, located)
+                if fresh:
+                    await self._dead_letter(producer, fresh)
         if updates:
             await self.sink.apply(updates)
         if self._applied_inventories:
@@ -1156,10 +1158,7 @@ class KafkaSource:
             except KafkaError as err:
                 delay = backoff.next_delay_s()
                 log.warning("kafka: dead-letter publish failed (%s); retry in %.1fs", err, delay)
-                # (The poll paused the cyclic collector; a broker outage can hold it here
-                # for long, while the daemon's other tasks go on allocating.)
-                with _collector_running():
-                    await asyncio.sleep(delay)
+                await asyncio.sleep(delay)
         for rec, exc in dead:
             log.warning(
                 "kafka: dead-lettered %s/%d/%d: %s",
@@ -1375,19 +1374,6 @@ def _next_newest(
     change taken by its bytes may not parse as a whole.)"""
     older = [c for c in candidates if (c[0], c[1]) < below]
     return max(older, key=lambda c: (c[0], c[1])) if older else None
-
-
-@contextlib.contextmanager
-def _collector_running() -> Iterator[None]:
-    """The cyclic collector on for a wait inside a poll that paused it."""
-    paused = not gc.isenabled()
-    if paused:
-        gc.enable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.disable()
 
 
 async def _stop_quietly(*clients: AIOKafkaConsumer | AIOKafkaProducer) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from fleetd.sources import updates
+from fleetd.sources import collector, updates
 from fleetd.sources.base import Backoff, UpdateSink
 from fleetd.sources.kafka import SOURCE, KafkaSource, KafkaSourceSettings
 from fleetd.sources.metrics import SourceMetrics
@@ -169,7 +169,10 @@ class _Link:
         body = out.getvalue()
         self._bytes += len(body)
         self._writer.write(_HEADER.pack(len(body), fresh) + body)
-        await self._writer.drain()
+        # (Inside a worker's poll, which paused the collector: a daemon that reads slowly can
+        # hold this wait.)
+        with collector.running():
+            await self._writer.drain()
 
     async def receive(self) -> Any:
         """The next message (asyncio.IncompleteReadError at the end of the stream)."""

@@ -8,13 +8,21 @@ import asyncio
 import dataclasses
 import gc
 import time
+from pathlib import Path
 from typing import Any
 
+import aiokafka
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
+from fleetd.sources import fetch
 from fleetd.sources.codec import encode_node, node_key
-from fleetd.sources.kafka import DLQ_REASON_HEADER, KafkaSource, KafkaSourceSettings
+from fleetd.sources.kafka import (
+    DLQ_ORIGIN_HEADER,
+    DLQ_REASON_HEADER,
+    KafkaSource,
+    KafkaSourceSettings,
+)
 from fleetd.sources.memory import FleetView
 from fleetd.sources.metrics import SourceMetrics
 from fleetd.sources.updates import NodeStale, NodeUpdate
@@ -114,30 +122,66 @@ async def test_newest_valid_snapshot_per_node_is_applied() -> None:
 
 
 async def test_the_collector_runs_while_a_dead_letter_waits_for_the_broker() -> None:
-    """A poll pauses the cyclic collector; its dead letters' retries (a broker outage can last)
-    wait with it running."""
+    """A poll pauses the cyclic collector; its dead letters' round trips to the broker (the
+    group's committed offsets, the publishing and its retries: a broker outage can make them
+    last) run with it on, and it is on again after the poll."""
+    collecting: list[tuple[str, bool]] = []
+
+    class Recording(Consumer):
+        async def committed(self, tp: TopicPartition) -> int | None:
+            collecting.append(("committed", gc.isenabled()))
+            return None
 
     class FailingOnce(Producer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.failed = asyncio.Event()
-
         async def send(self, topic: str, *, value: bytes, key: bytes | None, headers: Any) -> Any:
-            if not self.failed.is_set():
-                self.failed.set()
-                raise KafkaConnectionError("broker down")
+            collecting.append(("send", gc.isenabled()))
+            if len(collecting) == 2:
+                raise KafkaConnectionError("broker down")  # (retried after a backoff)
             return await super().send(topic, value=value, key=key, headers=headers)
 
     settings = KafkaSourceSettings(dead_letter_topic="dlq", backoff_initial_s=0.01)
     source = KafkaSource(settings, FleetView())
     producer = FailingOnce()
-    recs = [Rec(*_broken("a", 1), offset=0)]
-    polling = asyncio.ensure_future(source.process({TP: recs}, Consumer(), producer))
-    await producer.failed.wait()  # (the source is in its backoff now)
-    assert gc.isenabled()
-    await polling
+    recs = [Rec(*_report("a", 1), offset=0), Rec(*_broken("b", 1), offset=1)]
+    await source.process({TP: recs}, Recording(), producer)
+    assert collecting == [("committed", True), ("send", True), ("send", True)]
     assert len(producer.sent) == 1
     assert gc.isenabled()
+
+
+@dataclasses.dataclass
+class _BareRecord:
+    """What aiokafka's C records carry (`fetch.poll`): no topic, no partition."""
+
+    key: bytes | None
+    value: bytes
+    offset: int
+    timestamp: int = 0
+
+
+async def test_records_are_filed_under_the_partition_they_came_from() -> None:
+    """Records do not say their partition: the source finds it from their place in the poll,
+    for the dead-letter origin header and for the node's remembered content, across
+    partitions of every size (several runs of 2,000 records, one record, none)."""
+    source = KafkaSource(KafkaSourceSettings(dead_letter_topic="dlq"), FleetView())
+    sizes = {0: 2001, 1: 1, 2: 0, 3: 2500}
+    batches: dict[TopicPartition, list[Any]] = {}
+    dead = set()
+    for p, n in sizes.items():
+        recs = []
+        for i in range(n):
+            bad = i in (0, n - 1, 1999, 2000)
+            key, value = (_broken if bad else _report)(f"p{p}-{i}", 1)
+            recs.append(_BareRecord(key, value, offset=100 * p + i))
+            if bad:
+                dead.add(f"t/{p}/{100 * p + i}")
+        batches[TopicPartition("t", p)] = recs
+    producer = Producer()
+    await source.process(batches, Consumer(), producer)
+    assert sorted(dict(h)[DLQ_ORIGIN_HEADER].decode() for _, _, h in producer.sent) == sorted(dead)
+    remembered = {key.decode(): memo.partition for key, memo in source._contents.items()}
+    assert len(remembered) == sum(sizes.values()) - len(dead)
+    assert all(name.startswith(f"c1/p{p}-") for name, p in remembered.items())
 
 
 async def test_superseded_records_are_still_checked_to_be_telemetry() -> None:
@@ -308,3 +352,13 @@ async def test_the_initial_sync_reports_how_many_records_are_left() -> None:
     consumer.at = 100
     await source._check_initial_sync(consumer)  # type: ignore[arg-type]
     assert (told[-1], source.ready.is_set()) == ("", True)
+
+
+def test_the_locked_aiokafka_is_a_release_fleetd_reads_the_batches_of() -> None:
+    """`fetch.poll` reads aiokafka's internals: a lock that moves aiokafka to another release
+    fails here (else the source would silently poll the slow way) until its fetcher is read
+    again and the release added to `SUPPORTED_AIOKAFKA`."""
+    lock = (Path(__file__).parents[2] / "requirements.lock").read_text().splitlines()
+    (locked,) = [line.split("==")[1] for line in lock if line.startswith("aiokafka==")]
+    assert locked in fetch.SUPPORTED_AIOKAFKA
+    assert aiokafka.__version__ == locked
