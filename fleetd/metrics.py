@@ -127,7 +127,10 @@ class Metrics:
         )
         self.queue_oldest = Gauge(
             "fleetd_queue_oldest_seconds",
-            "How long the longest-waiting queued workload has waited (0 when none is queued).",
+            "How long the longest-waiting queued workload has waited (0 when none is queued), "
+            "by what holds it now: 'quota' (its team's quota, teams.quotas) or 'capacity' "
+            "(no room for it in the fleet).",
+            ["cause"],
             registry=r,
         )
         self.team_gpus_held = Gauge(
@@ -361,7 +364,8 @@ class Metrics:
         self.reservations.labels("pending").set(pending)
         self.reservations.labels("confirmed").set(confirmed)
         self.queued.set(queued)
-        self.queue_oldest.set(state.oldest_queued_s())
+        for cause, waited_s in state.oldest_queued_s().items():
+            self.queue_oldest.labels(cause).set(waited_s)
         self.ready.set(1 if state.ready else 0)
         for source, cluster, synced, age_s, _ in state.source_status():
             self.source_synced.labels(source, cluster).set(1 if synced else 0)

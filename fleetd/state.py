@@ -45,6 +45,8 @@ Clock = Callable[[], float]
 T = TypeVar("T")
 WORKLOAD_LABEL = "fleetd.io/workload-id"
 POD_NAME_LABEL = "fleetd.io/pod-name"
+#: What holds a queued workload back (`FleetState.oldest_queued_s`).
+QUEUE_CAUSES = ("capacity", "quota")
 GPU_MILLI_LABEL = "fleetd.io/gpu-milli"
 
 #: The "cluster" of a source's readiness entry when it does not know its clusters up front.
@@ -2485,10 +2487,34 @@ class FleetState:
 
     # -- read views ---------------------------------------------------------------------------
 
-    def oldest_queued_s(self) -> float:
-        """How long the longest-waiting queued workload has waited (0 when none)."""
-        since = min((q.since_s for q in self.queue.values()), default=None)
-        return 0.0 if since is None else max(0.0, self.clock() - since)
+    def oldest_queued_s(self) -> dict[str, float]:
+        """How long the longest-waiting queued workload has waited (0 when none), by what
+        holds it now: "quota" when its team's quota would refuse it (`teams.quotas`: by
+        design, the team waits for its own work to finish), else "capacity" (no room in
+        the fleet for it)."""
+        now = self.clock()
+        oldest = dict.fromkeys(QUEUE_CAUSES, 0.0)
+        if not self.config.teams.quotas:
+            since = min((q.since_s for q in self.queue.values()), default=None)
+            if since is not None:
+                oldest["capacity"] = max(0.0, now - since)
+            return oldest
+        # Oldest first, until both are found (the quota's verdict once per team and shape:
+        # a queue over quota is mostly a few shapes of a few teams).
+        verdicts: dict[tuple[str, tuple[PodRequest, ...]], bool] = {}
+        found: set[str] = set()
+        for q in sorted(self.queue.values(), key=lambda q: (q.since_s, q.seq)):
+            key = (q.request.team, q.request.pods)
+            allowed = verdicts.get(key)
+            if allowed is None:
+                allowed = verdicts[key] = self._quota_verdict(q.request).allowed
+            cause = "capacity" if allowed else "quota"
+            if cause not in found:
+                found.add(cause)
+                oldest[cause] = max(0.0, now - q.since_s)
+                if len(found) == len(QUEUE_CAUSES):
+                    break
+        return oldest
 
     def counts(self) -> tuple[int, int, int]:
         """(pending reservations, confirmed reservations, queued workloads)."""

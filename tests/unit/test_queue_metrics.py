@@ -20,6 +20,10 @@ def _wait(metrics: Metrics, team: str, outcome: str, suffix: str, **extra: str) 
     return metrics.registry.get_sample_value(f"fleetd_queue_wait_seconds_{suffix}", labels)
 
 
+def _oldest(metrics: Metrics, cause: str) -> float | None:
+    return metrics.registry.get_sample_value("fleetd_queue_oldest_seconds", {"cause": cause})
+
+
 def test_queue_wait_by_team_and_outcome(tmp_path: Path) -> None:
     clock = FakeClock(1_000.0)
     metrics = Metrics()
@@ -35,7 +39,8 @@ def test_queue_wait_by_team_and_outcome(tmp_path: Path) -> None:
     stranger = dataclasses.replace(request("x-1", gpus=8), team="stranger", fingerprint="x")
     assert state.place(stranger).result == "queued"
     metrics.refresh(state)
-    assert metrics.registry.get_sample_value("fleetd_queue_oldest_seconds") == 10.0
+    assert _oldest(metrics, "capacity") == 10.0
+    assert _oldest(metrics, "quota") == 0.0
     clock.now_s = 1_070.0
     state.release("big")  # ml-1 placed from the queue after 60 s
     assert set(state.held) == {"ml-1"}
@@ -48,4 +53,33 @@ def test_queue_wait_by_team_and_outcome(tmp_path: Path) -> None:
     assert _wait(metrics, "other", "released", "sum") == 60.0
     assert _wait(metrics, "stranger", "released", "count") is None  # (no label per client team)
     metrics.refresh(state)
-    assert metrics.registry.get_sample_value("fleetd_queue_oldest_seconds") == 0.0
+    assert _oldest(metrics, "capacity") == 0.0
+
+
+def test_the_oldest_wait_by_what_holds_it(tmp_path: Path) -> None:
+    """A workload its team's quota holds back waits by design: its wait is the "quota"
+    cause's (the FleetdWorkloadsQueued alert watches "capacity" only)."""
+    clock = FakeClock(1_000.0)
+    metrics = Metrics()
+    cfg = Config(teams={"quotas": {"capped": {"gpus": 8}}})  # type: ignore[arg-type]
+    state = FleetState(cfg, Journal(tmp_path / "j.db"), clock, metrics=metrics.state_hooks())
+    state.expect_source("test", "c1")
+    for i in range(3):
+        state.apply_now(node(f"n{i}", seq=1, gpus=8))
+    state.apply_now(up.ClusterSynced("c1", "test"))
+    capped = [dataclasses.replace(request(f"c-{i}", gpus=8), team="capped") for i in range(2)]
+    assert state.place(capped[0]).result == "placed"
+    assert state.place(capped[1]).result == "queued"  # (room in the fleet, not in its quota)
+    clock.now_s = 1_030.0
+    assert state.place(request("big-1", gpus=8)).result == "placed"
+    assert state.place(request("big-2", gpus=8)).result == "placed"
+    assert state.place(request("big-3", gpus=8)).result == "queued"  # (no room left)
+    clock.now_s = 1_100.0
+    metrics.refresh(state)
+    assert _oldest(metrics, "quota") == 100.0
+    assert _oldest(metrics, "capacity") == 70.0
+    state.release("c-0")  # room in its team's quota and on c-0's node: c-1 placed
+    assert "c-1" in state.held
+    metrics.refresh(state)
+    assert _oldest(metrics, "quota") == 0.0
+    assert _oldest(metrics, "capacity") == 70.0
