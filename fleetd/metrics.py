@@ -8,6 +8,7 @@ Names follow the Prometheus conventions (base units in the name, `_total` for co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 #: How long one read or write of a /metrics connection over TLS may wait, the handshake's
 #: included (Prometheus's default scrape timeout is 10 s).
 TLS_REQUEST_TIMEOUT_S = 30.0
+#: How long one /metrics connection over TLS may last in all, from its accept: reads time
+#: out one at a time (`TLS_REQUEST_TIMEOUT_S`), so without it a client that sends a byte
+#: now and then would keep its thread, and one of the `TLS_MAX_CONNECTIONS`, for ever.
+TLS_CONNECTION_DEADLINE_S = 60.0
 #: Connections served at once over TLS (a thread each); more are closed at once, so that
 #: a flood of connections that never finish their handshake cannot take threads without
 #: bound (the daemon's other threads share the process).
@@ -415,10 +420,19 @@ class _TlsMetricsServer(ThreadingWSGIServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        deadline = threading.Timer(TLS_CONNECTION_DEADLINE_S, _cut, (request, client_address))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # (A client gone, or cut at its deadline, in the middle of a request: not worth
+        # socketserver's traceback on stderr.)
+        log.debug("metrics TLS: connection from %s failed", client_address, exc_info=True)
 
     def get_request(self) -> tuple[Any, Any]:
         sock, address = self.socket.accept()
@@ -440,6 +454,15 @@ class _TlsMetricsServer(ThreadingWSGIServer):
             log.debug("metrics TLS: handshake with %s failed: %s", client_address, exc)
             return
         super().finish_request(request, client_address)
+
+
+def _cut(sock: Any, client_address: Any) -> None:
+    """End a connection past its deadline: the socket shut down under its TLS layer, so the
+    thread reading it sees the end of the stream."""
+    log.warning("metrics TLS: connection from %s open for %.0f s; closing it",
+                client_address, TLS_CONNECTION_DEADLINE_S)  # fmt: skip
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 class _QuietHandler(WSGIRequestHandler):

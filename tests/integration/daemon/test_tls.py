@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
+import fleetd.metrics
 from fleetd import cli
 from fleetd.api.tls import TlsFilesError
 from fleetd.daemon import Daemon
@@ -379,3 +381,47 @@ async def test_metrics_over_mutual_tls_with_rotation(
 
     await async_wait_until("the new client CA on /metrics", new_ca, timeout_s=30)
     assert "fleetd_ready" not in await asyncio.to_thread(_scrape, port, second.cert_pem, client)
+
+
+def _trickle_until_cut(port: int, roots: bytes, limit_s: float) -> float | None:
+    """Connect over TLS and send a request line a byte at a time, never ending it; the
+    seconds until the server closed the connection (None: still open after `limit_s`)."""
+    context = ssl.create_default_context(cadata=roots.decode())
+    started = time.monotonic()
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.settimeout(0.5)
+        tls.sendall(b"GET /")
+        while time.monotonic() - started < limit_s:
+            try:
+                if tls.recv(1) == b"":
+                    return time.monotonic() - started
+            except TimeoutError:
+                pass  # (nothing from the server: it still reads the request line)
+            except (ConnectionResetError, ssl.SSLError):
+                return time.monotonic() - started
+            try:
+                tls.sendall(b"x")  # (a byte each half second: every read wait is short)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                return time.monotonic() - started
+    return None
+
+
+async def test_a_metrics_connection_is_cut_at_its_deadline(
+    start_daemon: StartDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads time out one at a time; a client that keeps sending a byte now and then is
+    closed once its connection is TLS_CONNECTION_DEADLINE_S old, so it cannot keep one of
+    the TLS_MAX_CONNECTIONS threads for ever."""
+    monkeypatch.setattr(fleetd.metrics, "TLS_CONNECTION_DEADLINE_S", 2.0)
+    server = _Authority(tmp_path, "server")
+    tls = {"cert_file": str(server.cert_file), "key_file": str(server.key_file), "metrics": True}
+    daemon, _ = await start_daemon(server={"tls": tls})
+    port = daemon.metrics_port
+    cut_after_s = await asyncio.to_thread(_trickle_until_cut, port, server.cert_pem, 20.0)
+    assert cut_after_s is not None, "the trickling client was never cut"
+    assert cut_after_s >= 2.0
+    # (A scrape is a single request, well within the deadline.)
+    assert "fleetd_ready" in await asyncio.to_thread(_scrape, port, server.cert_pem)
