@@ -245,7 +245,10 @@ def workloads(args: argparse.Namespace) -> int:
     for w in rows:
         name = placement_pb2.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_").lower()
         if w.state == placement_pb2.WORKLOAD_STATE_QUEUED:
-            where = f"#{w.queue_position} in queue: {w.explanation.summary or '-'}"
+            why = w.explanation.summary or "-"
+            if w.HasField("explained_at"):  # (the last try's reasons: how old they are)
+                why += f" ({_duration(now - w.explained_at.ToNanoseconds() / 1e9)} ago)"
+            where = f"#{w.queue_position} in queue: {why}"
         else:
             nodes = sorted({f"{p.cluster}/{p.node}" for p in w.placements})
             where = ", ".join(nodes[:3]) + (f" (+{len(nodes) - 3} nodes)" if len(nodes) > 3 else "")

@@ -146,6 +146,10 @@ class _Queued:
     priority: int
     seq: int
     since_s: float
+    #: Why it did not fit at its last try (queued, or the last retry that considered it),
+    #: and when (None: not tried since a restart; the queueing decision says, if retained).
+    explanation: Explanation | None = None
+    explained_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -153,7 +157,8 @@ class _RetryRound:
     """One capacity-freeing event's pass over the queue, possibly over several loop turns."""
 
     considered: set[str] = field(default_factory=set)
-    failed: set[tuple[object, ...]] = field(default_factory=set)
+    #: Shapes that found no room this round, and why.
+    failed: dict[tuple[object, ...], Explanation] = field(default_factory=dict)
     #: Workloads tried (the budget): those their team's quota holds back do not count.
     tried: int = 0
 
@@ -2029,9 +2034,12 @@ class FleetState:
             item = QueuedWorkload(req.workload_id, seq, now, encode_request(req))
             self.journal.enqueue(item, encode_decision(decision))
             priority = self.config.team_priority(req.team) + req.priority
-            self.queue[req.workload_id] = _Queued(req, priority, seq, now)
+            self.queue[req.workload_id] = _Queued(req, priority, seq, now, explanation, now)
         else:
             self.journal.record_seq(seq, encode_decision(decision))
+            queued = self.queue.get(req.workload_id)
+            if queued is not None:  # (tried again by its client: why it waits now)
+                queued.explanation, queued.explained_s = explanation, now
         return self._publish(decision)
 
     def submit(self, req: WorkloadRequest) -> asyncio.Future[Decision]:
@@ -2335,17 +2343,25 @@ class FleetState:
             if not verdict.allowed:
                 # Its team's quota holds it back: skipped without using the round's budget,
                 # so one team's over-quota head never blocks other teams' work behind it.
+                reasons = ((QUOTA_REASON, 0, verdict.text),)
+                item.explanation = Explanation(len(self.fleet), 0, reasons, verdict.text + ".")
+                item.explained_s = now
                 continue
             r.tried += 1
             w = self._quota_workload(req, verdict)
             shape = (w.pods, req.gang, req.same, req.cluster, req.pool)
-            if shape in r.failed:
-                continue  # an identical workload just failed: this one would too
+            failed = r.failed.get(shape)
+            if failed is not None:
+                # An identical workload just failed: this one would too, for the same reasons.
+                item.explanation, item.explained_s = failed, now
+                continue
             outcome = engine.place(
                 self.fleet, w, self.policy, self._fits_empty, self.placement_cache
             )
             if outcome.allocations is None:
-                r.failed.add(shape)
+                item.explanation = self._explain(self._with_quota(req, verdict, outcome))
+                item.explained_s = now
+                r.failed[shape] = item.explanation
             elif not self._over_quota(req, outcome.allocations):
                 self._dequeued(req.workload_id, "placed", now)
                 self._grant(req, outcome.allocations, now, dequeue=True)

@@ -293,7 +293,8 @@ def workload_status_pb(w: workloads.WorkloadStatus) -> placement_pb2.WorkloadSta
         gpu_milli=w.gpu_milli,
         placements=[pod_placement(p) for p in w.placements],
         queue_position=w.queue_position,
-        explanation=explanation(w.decision.explanation) if w.decision is not None else None,
+        explanation=explanation(w.explanation) if w.explanation is not None else None,
+        explained_at=timestamp(w.explained_at_s) if w.explanation is not None else None,
         decision_seq=w.decision_seq,
     )
 

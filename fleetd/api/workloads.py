@@ -24,7 +24,7 @@ from fleetd.api.validation import InvalidArgument
 from fleetd.config import Config
 from fleetd.engine import GPU_MILLI, PodRequest
 from fleetd.journal import ReservedPod
-from fleetd.state import Decision, FleetState
+from fleetd.state import Decision, Explanation, FleetState
 
 #: Workloads a page when the request says 0, and at most.
 DEFAULT_PAGE_SIZE = 100
@@ -48,7 +48,9 @@ class WorkloadStatus:
     gpu_milli: int
     placements: tuple[ReservedPod, ...]
     queue_position: int  # 0 unless QUEUED
-    decision: Decision | None  # QUEUED: the decision that queued it, while retained
+    #: QUEUED: why it did not fit at its last try, and when (None, 0: not known).
+    explanation: Explanation | None
+    explained_at_s: float
     decision_seq: int
 
 
@@ -122,13 +124,19 @@ def list_workloads(
                     gpu_milli=sum(p.gpu_milli * len(p.gpu_indices) for p in r.pods),
                     placements=r.pods,
                     queue_position=0,
-                    decision=None,
+                    explanation=None,
+                    explained_at_s=0.0,
                     decision_seq=r.decision_seq,
                 )
             )
             continue
         q = queue[wid]
         req = q.request
+        why, why_s = q.explanation, q.explained_s
+        if why is None:  # (not tried since a restart: the decision that queued it, if kept)
+            decision = _retained(state.history, q.seq)
+            if decision is not None:
+                why, why_s = decision.explanation, decision.time_s
         out.append(
             WorkloadStatus(
                 workload_id=wid,
@@ -142,7 +150,8 @@ def list_workloads(
                 gpu_milli=sum(_gpu_milli(p) for p in req.pods),
                 placements=(),
                 queue_position=positions[wid],
-                decision=_retained(state.history, q.seq),
+                explanation=why,
+                explained_at_s=why_s,
                 decision_seq=q.seq,
             )
         )

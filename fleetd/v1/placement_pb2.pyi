@@ -288,6 +288,7 @@ class WorkloadStatus(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
     DECISION_SEQ_FIELD_NUMBER: _builtins.int
+    EXPLAINED_AT_FIELD_NUMBER: _builtins.int
     workload_id: _builtins.str
     team: _builtins.str
     state: Global___WorkloadState.ValueType
@@ -315,7 +316,14 @@ class WorkloadStatus(_message.Message):
 
     @_builtins.property
     def explanation(self) -> _types_pb2.Explanation:
-        """QUEUED: why it did not fit when it was queued (while that decision is retained)."""
+        """QUEUED: why it did not fit at its last try: when it was queued, or the last retry that
+        considered it (capacity freed, a reload), or its client's repeated Place. Unset for a
+        workload not tried since a restart whose queueing decision is no longer retained.
+        """
+
+    @_builtins.property
+    def explained_at(self) -> _timestamp_pb2.Timestamp:
+        """QUEUED: when `explanation` was found."""
 
     def __init__(
         self,
@@ -333,10 +341,11 @@ class WorkloadStatus(_message.Message):
         queue_position: _builtins.int = ...,
         explanation: _types_pb2.Explanation | None = ...,
         decision_seq: _builtins.int = ...,
+        explained_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "explanation", b"explanation", "since", b"since"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "explained_at", b"explained_at", "explanation", b"explanation", "since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_seq", b"decision_seq", "effective_priority", b"effective_priority", "expires_at", b"expires_at", "explanation", b"explanation", "gpu_milli", b"gpu_milli", "placements", b"placements", "pods", b"pods", "priority", b"priority", "queue_position", b"queue_position", "since", b"since", "state", b"state", "team", b"team", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_seq", b"decision_seq", "effective_priority", b"effective_priority", "expires_at", b"expires_at", "explained_at", b"explained_at", "explanation", b"explanation", "gpu_milli", b"gpu_milli", "placements", b"placements", "pods", b"pods", "priority", b"priority", "queue_position", b"queue_position", "since", b"since", "state", b"state", "team", b"team", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -89,6 +89,8 @@ async def test_list_workloads_states_pages_and_filters(fleetd: tuple[Daemon, Cli
             placed[w.workload_id].decision_seq,
         )
         assert "INSUFFICIENT_GPU" in {r.code for r in w.explanation.reasons}
+        # (As of its last try: here when it was queued.)
+        assert w.explained_at.ToNanoseconds() >= w.since.ToNanoseconds() > 0
     assert (by_id["wait-high"].priority, by_id["wait-high"].effective_priority) == (10, 10)
     # Filters.
     vision = await list_all(client, page_size=10, team="vision")
