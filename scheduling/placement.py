@@ -1057,12 +1057,57 @@ class _Engine:
         if todo.size:
             room[todo] = r = self._class_capacity(c, todo)
             score[todo] = np.nan  # no room: never placed on, so never scored nor ranked
-            todo = todo[r > 0]
+            roomy = r > 0
+            todo, r = todo[roomy], r[roomy]
             if todo.size:
-                s, p = self.policy.evaluate(states.view(self.fleet, self.usable, todo), c)
+                view = states.view(self.fleet, self.usable, todo)
+                if self.closed_form(c) and c.gpus_per_pod:
+                    s, p = self._scored_with_chunks(c, view, todo, r)
+                else:
+                    s, p = self.policy.evaluate(view, c)
                 score[todo] = np.where(s == s, s, -np.inf)  # a NaN score never wins
                 pick[todo] = p
         return score, pick, room
+
+    def _scored_with_chunks(
+        self, c: Constraints, view: NodeView, ids: I64, room: I64
+    ) -> tuple[NDArray[np.float64], I64]:
+        """Scores and picks of the state classes `ids` (`view`, room `room` >= 1) for a
+        GPU shape in closed form, and their class chunks (`_class_chunks`) from the same
+        evaluation: GPUs leave a class room for a few pods only, so its deeper states cost
+        little next to the evaluation a chunk of its own would take when a run first
+        reaches the class (callgrind, benchmark instance: 3,195 -> 3,147 M instructions)."""
+        cache = self.class_chunks.setdefault(id(c), {})
+        n = int(ids.size)
+        depth = min(int(np.maximum.reduce(room)), _FIRST_CLASS_DEPTH + 1) - 1
+        if depth == 0:
+            for cid in ids.tolist():
+                cache[cid] = _SHALLOW  # room for one pod: no depth is ever read
+            return self.policy.evaluate(view, c)
+        # Depth 0 is the class's own state: its score and pick are the class table's.
+        # Only the states within a class's room are scored (the others are never read).
+        levels = np.arange(depth + 1, dtype=np.int64)
+        wanted = (levels[None, :] < room[:, None]).ravel().nonzero()[0]
+        s = np.full(n * (depth + 1), -np.inf)
+        p = np.zeros(n * (depth + 1), np.int64)
+        s[wanted], p[wanted] = self.policy.evaluate(
+            states_after(view, c, levels).take(wanted), c
+        )
+        s = s.reshape(n, depth + 1)
+        p = p.reshape(n, depth + 1)
+        deeper = s[:, 1:]
+        deeper = np.where(deeper == deeper, deeper, -np.inf)  # NaN never wins
+        use = (room > 1).nonzero()[0]
+        for cid in ids.tolist():
+            cache[cid] = _SHALLOW  # room for one pod: no depth is ever read
+        if use.size:
+            cids = ids[use].tolist()
+            block = _Chunk.of_block(
+                cids, room[use], depth, deeper[use].tolist(), p[use, 1:].tolist()
+            )
+            for j, cid in enumerate(cids):
+                cache[cid] = (block, j)
+        return s[:, 0], p[:, 0]
 
     def _class_capacity(self, c: Constraints, ids: I64) -> I64:
         """`pod_capacity` of the state classes `ids` (no limit), the GPU part from per-class

@@ -99,16 +99,16 @@ class NodeView:
         return row_sum(self.gpu_free_milli == GPU_MILLI)
 
     def take(self, idx: I64) -> NodeView:
-        """The sub-view of rows `idx`."""
+        """The sub-view of rows `idx` (`take`: the same rows as fancy indexing, faster)."""
         return NodeView(
-            self.slots[idx],
-            self.cpu_free_millicores[idx],
-            self.memory_free_bytes[idx],
-            self.cpu_allocatable_millicores[idx],
-            self.memory_allocatable_bytes[idx],
-            self.gpu_free_milli[idx],
-            self.gpu_usable[idx],
-            self.gpu_model_id[idx],
+            self.slots.take(idx),
+            self.cpu_free_millicores.take(idx),
+            self.memory_free_bytes.take(idx),
+            self.cpu_allocatable_millicores.take(idx),
+            self.memory_allocatable_bytes.take(idx),
+            self.gpu_free_milli.take(idx, axis=0),
+            self.gpu_usable.take(idx, axis=0),
+            self.gpu_model_id.take(idx),
         )
 
     def after(self, c: Constraints, pick: I64) -> NodeView:
