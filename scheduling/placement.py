@@ -1088,13 +1088,13 @@ class _Engine:
         # Only the states within a class's room are scored (the others are never read).
         levels = np.arange(depth + 1, dtype=np.int64)
         wanted = (levels[None, :] < room[:, None]).ravel().nonzero()[0]
-        s = np.full(n * (depth + 1), -np.inf)
-        p = np.zeros(n * (depth + 1), np.int64)
-        s[wanted], p[wanted] = self.policy.evaluate(
+        flat_s = np.full(n * (depth + 1), -np.inf)
+        flat_p = np.zeros(n * (depth + 1), np.int64)
+        flat_s[wanted], flat_p[wanted] = self.policy.evaluate(
             states_after(view, c, levels).take(wanted), c
         )
-        s = s.reshape(n, depth + 1)
-        p = p.reshape(n, depth + 1)
+        s = flat_s.reshape(n, depth + 1)
+        p = flat_p.reshape(n, depth + 1)
         deeper = s[:, 1:]
         deeper = np.where(deeper == deeper, deeper, -np.inf)  # NaN never wins
         use = (room > 1).nonzero()[0]
