@@ -420,13 +420,9 @@ class _TlsMetricsServer(ThreadingWSGIServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        deadline = threading.Timer(TLS_CONNECTION_DEADLINE_S, _cut, (request, client_address))
-        deadline.daemon = True
-        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
-            deadline.cancel()
             self.slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -447,22 +443,49 @@ class _TlsMetricsServer(ThreadingWSGIServer):
         return wrapped, address
 
     def finish_request(self, request: Any, client_address: Any) -> None:
+        # (Ended before `shutdown_request` closes the socket: see `_Deadline`.)
+        deadline = _Deadline(request, client_address)
         try:
-            request.do_handshake()
-        except (ssl.SSLError, OSError) as exc:
-            # (A client without a certificate of the CA, plain HTTP, a port scan.)
-            log.debug("metrics TLS: handshake with %s failed: %s", client_address, exc)
-            return
-        super().finish_request(request, client_address)
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                # (A client without a certificate of the CA, plain HTTP, a port scan.)
+                log.debug("metrics TLS: handshake with %s failed: %s", client_address, exc)
+                return
+            super().finish_request(request, client_address)
+        finally:
+            deadline.end()
 
 
-def _cut(sock: Any, client_address: Any) -> None:
-    """End a connection past its deadline: the socket shut down under its TLS layer, so the
-    thread reading it sees the end of the stream."""
-    log.warning("metrics TLS: connection from %s open for %.0f s; closing it",
-                client_address, TLS_CONNECTION_DEADLINE_S)  # fmt: skip
-    with contextlib.suppress(OSError):
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+class _Deadline:
+    """Ends a connection `TLS_CONNECTION_DEADLINE_S` after it began, unless it ended first:
+    its socket shut down under the TLS layer, so the thread reading it sees the end of the
+    stream. Ended (`end`) while the socket is still open, under a lock the shutdown takes
+    too, so a late timer never shuts down a socket that was closed meanwhile (whose file
+    descriptor another connection may have by then)."""
+
+    def __init__(self, sock: Any, client_address: Any) -> None:
+        self._sock, self._client_address = sock, client_address
+        self._lock = threading.Lock()
+        self._ended = False
+        self._timer = threading.Timer(TLS_CONNECTION_DEADLINE_S, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            log.warning("metrics TLS: connection from %s open for %.0f s; closing it",
+                        self._client_address, TLS_CONNECTION_DEADLINE_S)  # fmt: skip
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+
+    def end(self) -> None:
+        """The connection is done (its socket not closed yet): no cut from now on."""
+        self._timer.cancel()
+        with self._lock:
+            self._ended = True
 
 
 class _QuietHandler(WSGIRequestHandler):
