@@ -866,10 +866,15 @@ class FragmentationMemo:
         self, ids: IntArray, count: NDArray[np.int8], below: FloatArray, total: IntArray,
         cpu_left: IntArray, model_row: IntArray, weights: FloatArray | None,
         typical: TypicalPods,
-    ) -> None:  # fmt: skip
-        """`set_now` for the states `ids` not known yet, from their per-type statistics
-        (`_type_stats`; rows aligned with `ids`): `_frag_of_type_stats`, the same floats."""
+    ) -> FloatArray:  # fmt: skip
+        """`frag_now(ids)`: `set_now` for the states `ids` not known yet, from their per-type
+        statistics (`_type_stats`; rows aligned with `ids`): `_frag_of_type_stats`, the same
+        floats; the others' from the memo."""
         unknown = (~self.now_known(ids)).nonzero()[0]
+        if unknown.size == ids.size:  # all new (the usual case): no subsets to gather
+            now = _frag_of_type_stats(count, below, total, cpu_left, model_row, weights, typical)
+            self.set_now(ids, now)
+            return now
         if unknown.size:
             self.set_now(
                 ids[unknown],
@@ -878,6 +883,8 @@ class FragmentationMemo:
                     model_row[unknown], None if weights is None else weights[unknown], typical,
                 ),
             )  # fmt: skip
+        known: FloatArray = self._now[ids]
+        return known
 
     def frag_after(
         self, ids: IntArray, pod_cpu_milli: int, pod_gpu_milli: int, pod_num_gpu: int
@@ -1184,8 +1191,7 @@ class FragmentationScorer:
             model_row, weights = _type_rows(model, typical, self.constraint_aware)
             count, below = _type_stats(gpu_left, typical)
             total = np.add.reduce(gpu_left, axis=1)
-            memo.remember_now(ids, count, below, total, cpu_left, model_row, weights, typical)
-            now = memo.frag_now(ids)
+            now = memo.remember_now(ids, count, below, total, cpu_left, model_row, weights, typical)
             if pod_num:
                 count = count - self._gpu_types(pod_num)
                 total = total - MILLI_PER_GPU * pod_num
@@ -1240,8 +1246,9 @@ class FragmentationScorer:
         count, below = _type_stats(gpu_left, tables.typical)
         # The states' fragmentation from the same statistics where the memo lacks it.
         memo = self.memo
-        memo.remember_now(ids, count, below, total, cpu_left, model_row, weights, tables.typical)
-        now = memo.frag_now(ids)
+        now = memo.remember_now(
+            ids, count, below, total, cpu_left, model_row, weights, tables.typical
+        )
         stranded = (
             _stranded(total, cpu_left, self.cpu_per_gpu_milli)
             if self.cpu_stranding_weight
