@@ -12,6 +12,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -132,9 +133,10 @@ class Metrics:
         )
         self.queue_oldest = Gauge(
             "fleetd_queue_oldest_seconds",
-            "How long the longest-waiting queued workload has waited (0 when none is queued), "
-            "by what holds it now: 'quota' (its team's quota, teams.quotas) or 'capacity' "
-            "(no room for it in the fleet).",
+            "The longest time a queued workload has waited for what holds it now (0 when "
+            "none), by cause: 'quota' (its team's quota held it back at its last try, "
+            "teams.quotas) or 'capacity' (no room for it in the fleet); a workload whose cause "
+            "changed counts from the change.",
             ["cause"],
             registry=r,
         )
@@ -426,9 +428,12 @@ class _TlsMetricsServer(ThreadingWSGIServer):
             self.slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # (A client gone, or cut at its deadline, in the middle of a request: not worth
-        # socketserver's traceback on stderr.)
-        log.debug("metrics TLS: connection from %s failed", client_address, exc_info=True)
+        # A client gone, or cut at its deadline, in the middle of a request: not worth
+        # socketserver's traceback on stderr. Anything else is a bug: logged as one.
+        if isinstance(sys.exc_info()[1], OSError):  # (ssl.SSLError is one)
+            log.debug("metrics TLS: connection from %s failed", client_address, exc_info=True)
+        else:
+            log.warning("metrics TLS: serving %s failed", client_address, exc_info=True)
 
     def get_request(self) -> tuple[Any, Any]:
         sock, address = self.socket.accept()

@@ -316,9 +316,10 @@ class WorkloadStatus(_message.Message):
 
     @_builtins.property
     def explanation(self) -> _types_pb2.Explanation:
-        """QUEUED: why it did not fit at its last try: when it was queued, or the last retry that
-        considered it (capacity freed, a reload), or its client's repeated Place. Unset for a
-        workload not tried since a restart whose queueing decision is no longer retained.
+        """QUEUED: why it did not fit at its last try: when it was queued, the last retry that
+        considered it (after capacity freed, a team quota changed, readiness, a lost cluster
+        back), or its client's repeated Place. Unset for a workload not tried since a restart
+        whose queueing decision is no longer retained.
         """
 
     @_builtins.property

@@ -83,3 +83,43 @@ def test_the_oldest_wait_by_what_holds_it(tmp_path: Path) -> None:
     metrics.refresh(state)
     assert _oldest(metrics, "quota") == 0.0
     assert _oldest(metrics, "capacity") == 70.0
+
+
+def test_a_wait_counts_for_its_cause_from_when_it_became_so(tmp_path: Path) -> None:
+    """Held back by its team's per-model quota (the H100 it may not take more of) while an
+    H100 node has room: a "quota" wait, as its explanation says. Once the quota has room and
+    the fleet has none, its "capacity" wait starts then, not when it was queued. The refresh
+    reads each workload's last try: it asks the quota nothing."""
+    clock = FakeClock(1_000.0)
+    metrics = Metrics()
+    quotas = {"capped": {"gpus_by_model": {"H100": 8}}}
+    cfg = Config(teams={"quotas": quotas})  # type: ignore[arg-type]
+    state = FleetState(cfg, Journal(tmp_path / "j.db"), clock, metrics=metrics.state_hooks())
+    state.expect_source("test", "c1")
+    state.apply_now(node("h0", seq=1, gpus=8, model="H100"))
+    state.apply_now(node("h1", seq=1, gpus=8, model="H100"))
+    state.apply_now(node("a0", seq=1, gpus=8, model="A100"))
+    state.apply_now(up.ClusterSynced("c1", "test"))
+    h100 = dataclasses.replace(request("c-h", gpus=8), team="capped")
+    h100 = dataclasses.replace(
+        h100, pods=tuple(dataclasses.replace(p, gpu_models=("H100",)) for p in h100.pods)
+    )
+    assert state.place(h100).result == "placed"  # (its quota's 8 H100s)
+    assert state.place(request("fill-a", gpus=8)).result == "placed"  # (the A100 node)
+    wait = dataclasses.replace(request("c-any", gpus=8), team="capped")
+    assert state.place(wait).result == "queued"  # (h1 has room, not its quota)
+    clock.now_s = 1_100.0
+    state._quota_verdict = None  # type: ignore[assignment,method-assign]  # (not asked)
+    metrics.refresh(state)
+    assert (_oldest(metrics, "quota"), _oldest(metrics, "capacity")) == (100.0, 0.0)
+    del state._quota_verdict
+    # The fleet fills up; then its quota is raised (a reload, which retries the queue): now
+    # the fleet holds it back, from then on.
+    assert state.place(request("fill-h", gpus=8)).result == "placed"  # (h1)
+    clock.now_s = 1_200.0
+    raised = {"capped": {"gpus_by_model": {"H100": 16}}}
+    state.set_config(Config(teams={"quotas": raised}))  # type: ignore[arg-type]
+    assert "c-any" in state.queue
+    clock.now_s = 1_230.0
+    metrics.refresh(state)
+    assert (_oldest(metrics, "quota"), _oldest(metrics, "capacity")) == (0.0, 30.0)

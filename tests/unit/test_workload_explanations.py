@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from fleetd.api import workloads
 from fleetd.config import Config
@@ -68,3 +69,38 @@ def test_a_queued_workload_says_why_it_waits_as_of_its_last_try(tmp_path: Path) 
     clock.now_s = 1_120.0
     assert state.place(capped[1]).result == "queued"
     assert _queued(state, config)["c-1"].explained_at_s == 1_120.0
+
+
+def test_workloads_of_one_shape_keep_their_own_teams_reasons(tmp_path: Path) -> None:
+    """A retry tries a shape once a round and reuses its failure for the same shape later in
+    the round; each workload still gets its own team's quota reasons, never another's
+    (capped's per-model quota narrows its pod to the A100 that ml's pod asks for)."""
+    clock = FakeClock(1_000.0)
+    quotas = {"capped": {"gpus_by_model": {"H100": 8}}}
+    config = Config(teams={"quotas": quotas})  # type: ignore[arg-type]
+    state = FleetState(config, Journal(tmp_path / "j.db"), clock)
+    state.expect_source("test", "c1")
+    state.apply_now(node("h0", seq=1, gpus=8, model="H100"))
+    state.apply_now(node("a0", seq=1, gpus=8, model="A100"))
+    state.apply_now(node("a1", seq=1, gpus=8, model="A100"))
+    state.apply_now(up.ClusterSynced("c1", "test"))
+
+    def workload(wid: str, team: str, models: tuple[str, ...] = ()) -> Any:
+        req = dataclasses.replace(request(wid, gpus=8), team=team)
+        pods = tuple(dataclasses.replace(p, name="main", gpu_models=models) for p in req.pods)
+        return dataclasses.replace(req, pods=pods)
+
+    assert state.place(workload("c-h", "capped", ("H100",))).result == "placed"
+    assert state.place(request("fill-a0", gpus=8)).result == "placed"
+    assert state.place(request("half-1", gpus=4)).result == "placed"
+    assert state.place(request("half-2", gpus=4)).result == "placed"
+    assert state.place(workload("cq", "capped")).result == "queued"  # (A100 only, no room)
+    assert state.place(workload("mq", "ml", ("A100",))).result == "queued"
+    clock.now_s = 1_050.0
+    state.release("half-1")  # (a retry: 4 GPUs free, not 8: both fail, one shape)
+    listed = _queued(state, config)
+    assert listed["cq"].explained_at_s == listed["mq"].explained_at_s == 1_050.0
+    assert {"INSUFFICIENT_GPU", "TEAM_QUOTA"} <= _codes(listed["cq"])
+    assert _codes(listed["mq"]) == _codes(listed["cq"]) - {"TEAM_QUOTA"}
+    assert listed["mq"].explanation is not None
+    assert "capped" not in listed["mq"].explanation.summary
