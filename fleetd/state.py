@@ -170,6 +170,9 @@ class _RetryRound:
     #: Shapes that found no room this round: the core's outcome (the same for every
     #: workload of the shape; the quota's part of the reasons is each team's own).
     failed: dict[tuple[object, ...], engine.Outcome] = field(default_factory=dict)
+    #: Their explanations, by shape and the quota's part (with clusters lost, an
+    #: explanation counts the nodes: made once a shape, not once a workload).
+    explained: dict[tuple[object, ...], Explanation] = field(default_factory=dict)
     #: Workloads tried (the budget): those their team's quota holds back do not count.
     tried: int = 0
 
@@ -2381,7 +2384,12 @@ class FleetState:
             # reasons but its own team's quota)
             if outcome.allocations is None:
                 r.failed[shape] = outcome
-                item.tried(self._explain(self._with_quota(req, verdict, outcome)), now)
+                why_key = (shape, verdict.text if verdict.exclude_models else None)
+                why = r.explained.get(why_key)
+                if why is None:
+                    why = self._explain(self._with_quota(req, verdict, outcome))
+                    r.explained[why_key] = why
+                item.tried(why, now)
             elif text := self._over_quota(req, outcome.allocations):
                 # (Rare: the models the quota left were ruled out before the core's call.)
                 over = self._quota_outcome(req, Verdict(False, text=text))
