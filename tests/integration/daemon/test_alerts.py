@@ -170,22 +170,22 @@ CASES: list[tuple[str, dict[str, str], list[tuple[str, list[tuple[dict[str, str]
         "FleetdWorkloadsQueued",
         {
             # a: one workload waits from minute 0 on (60 s more each minute); b: a busy queue
-            # whose oldest never waits 10 minutes; c: a team held back by its own quota.
+            # whose oldest never waits 10 minutes; c: a team held back by its own quota; d: a
+            # daemon from before the cause label (a rolling upgrade).
             'fleetd_queue_oldest_seconds{instance="a", cause="capacity"}': "0+60x40",
             'fleetd_queue_oldest_seconds{instance="b", cause="capacity"}': (
                 "0+60x9 0+60x9 0+60x9 0+60x9"
             ),
             'fleetd_queue_oldest_seconds{instance="c", cause="quota"}': "0+60x40",
+            'fleetd_queue_oldest_seconds{instance="d"}': "0+60x40",
         },
         [
             ("34m", []),  # (over 1,800 s from minute 31, pending for 5 minutes)
             (
                 "37m",
                 [
-                    (
-                        {"instance": "a", "cause": "capacity"},
-                        "a workload has waited in the queue for over 30 minutes",
-                    )
+                    ({"instance": i}, "a workload has waited in the queue for over 30 minutes")
+                    for i in ("a", "d")
                 ],
             ),
         ],
