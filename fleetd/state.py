@@ -2363,8 +2363,7 @@ class FleetState:
                 verdict = self._quota_verdict(req)
                 held_back = None
                 if not verdict.allowed:
-                    reasons = ((QUOTA_REASON, 0, verdict.text),)
-                    held_back = Explanation(len(self.fleet), 0, reasons, verdict.text + ".")
+                    held_back = self._explain(self._quota_outcome(req, verdict))
                 known = verdicts[key] = (verdict, held_back)
             verdict, held_back = known
             if held_back is not None:

@@ -750,6 +750,11 @@ class KafkaSource:
             #: (aiokafka's own, `fetch.poll`) do not say which partition they are from.
             partition_ends: list[int] = []
             partition_of_run: list[TopicPartition] = []
+
+            def partition_at(position: int) -> TopicPartition:
+                """The partition of the poll's record at `position` (1-based)."""
+                return partition_of_run[bisect.bisect_left(partition_ends, position)]
+
             change_rests: list[bytes] = []
             add_change = changes.append
             add_change_rest = change_rests.append
@@ -866,8 +871,7 @@ class KafkaSource:
                             column.flush(memo.slot)
                         ok = self._gate.admit(update)
                     if ok:
-                        tp = partition_of_run[bisect.bisect_left(partition_ends, pos)]
-                        chosen.append((pos, update, rec.key, layout, tp.partition))
+                        chosen.append((pos, update, rec.key, layout, partition_at(pos).partition))
                         assert not isinstance(update, NodeHeartbeats)  # (records are no batch)
                         self._seen_clusters.add(update.cluster)
                     elif pos in full_positions:
@@ -890,10 +894,7 @@ class KafkaSource:
             # After the initial sync, a cluster's first records make it synced at once.
             updates += self._synced_markers()
         if dead:
-            located = [
-                (_DeadRecord.of(partition_of_run[bisect.bisect_left(partition_ends, pos)], rec), e)
-                for pos, rec, e in dead
-            ]
+            located = [(_DeadRecord.of(partition_at(pos), rec), e) for pos, rec, e in dead]
             # Round trips to the broker, with retries while it is out: the collector runs.
             with collector.running():
                 fresh = await self._not_yet_dead_lettered(consumer, located)
