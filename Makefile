@@ -8,6 +8,10 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# fleetd's modules compiled with mypyc (fleetd/native.py), rebuilt when their source changes
+# (from ~/.cache/fleetd-native when built before).
+NATIVE := $(VENV)/.native-stamp
+NATIVE_SOURCES := fleetd/native.py fleetd/sources/repeats.py
 
 .PHONY: help install lock demo test test-unit test-integration testbed testbed-up lint bench proto clean
 
@@ -19,7 +23,11 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	touch $@
 
-install: $(STAMP) ## create .venv and install fleetd with its pinned dependencies
+$(NATIVE): $(STAMP) $(NATIVE_SOURCES)
+	$(BIN)/python -m fleetd.native build
+	touch $@
+
+install: $(NATIVE) ## create .venv, install fleetd with its pinned dependencies, compile its hot loop
 
 lock: ## re-pin requirements.lock from a fresh resolve of pyproject.toml
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
@@ -29,25 +37,25 @@ lock: ## re-pin requirements.lock from a fresh resolve of pyproject.toml
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | sort; } > requirements.lock
 	rm -rf .venv-lock
 
-demo: $(STAMP) ## run the main job on embedded defaults (no Kafka, no Kubernetes)
+demo: $(NATIVE) ## run the main job on embedded defaults (no Kafka, no Kubernetes)
 	$(BIN)/fleetd demo
 
-test-unit: $(STAMP) ## unit tests of the core and the daemon, no test bed
+test-unit: $(NATIVE) ## unit tests of the core and the daemon, no test bed
 	$(BIN)/python -m pytest tests/unit -q
 
 testbed: $(STAMP) ## build (or reuse from ~/.cache/fleetd-testbed) Kafka, etcd, kube-apiserver, kube-scheduler, kwok
 	$(BIN)/python -m tests.testbed build
 
-test-integration: $(STAMP) testbed ## integration tests only, against the real test bed
+test-integration: $(NATIVE) testbed ## integration tests only, against the real test bed
 	FLEETD_TESTBED=required $(BIN)/python -m pytest tests/integration -q
 
 testbed-up: $(STAMP) testbed ## start Kafka and both control planes until Ctrl-C (prints bootstrap and kubeconfig)
 	$(BIN)/python -m tests.testbed up
 
-test: $(STAMP) testbed ## the whole suite against the real test bed (started and stopped by the tests)
+test: $(NATIVE) testbed ## the whole suite against the real test bed (started and stopped by the tests)
 	FLEETD_TESTBED=required $(BIN)/python -m pytest tests -q
 
-lint: $(STAMP) ## ruff, mypy --strict on fleetd and scheduling, import contracts
+lint: $(NATIVE) ## ruff, mypy --strict on fleetd and scheduling, import contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy fleetd scheduling
@@ -56,8 +64,8 @@ lint: $(STAMP) ## ruff, mypy --strict on fleetd and scheduling, import contracts
 proto: $(STAMP) ## regenerate fleetd/v1/ stubs from proto/fleetd/v1/*.proto (a unit test checks for drift)
 	$(BIN)/python -m fleetd.protogen
 
-bench: $(STAMP) ## every benchmark, each ending with a JSON line
+bench: $(NATIVE) ## every benchmark, each ending with a JSON line
 	$(BIN)/python -m benchmarks all --json
 
 clean: ## remove the virtualenv and caches (the test bed cache in ~/.cache stays)
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info fleetd/sources/*_native*.so

@@ -37,7 +37,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from google.protobuf.message import DecodeError
 
-from fleetd.sources import collector, fetch
+from fleetd import native
+from fleetd.sources import collector, fetch, repeats
 from fleetd.sources.base import Backoff, UpdateSink
 from fleetd.sources.codec import (
     InvalidTelemetry,
@@ -62,11 +63,14 @@ from fleetd.sources.codec import (
 from fleetd.sources.inventory import InventoryAssembler
 from fleetd.sources.memory import StateSink
 from fleetd.sources.metrics import SourceMetrics
+from fleetd.sources.repeats import SPLIT_LATER as _SPLIT_LATER
+from fleetd.sources.repeats import UNKNOWN_LAYOUT as _UNKNOWN_LAYOUT
+from fleetd.sources.repeats import Content
+from fleetd.sources.repeats import Layout as _Layout
 from fleetd.sources.security import KafkaSecurity, KafkaSecurityError, diagnose
 from fleetd.sources.security import from_config as security_from_config
 from fleetd.sources.updates import (
     ClusterSynced,
-    GpuDevice,
     HeartbeatSlots,
     NodeHeartbeats,
     NodeInventory,
@@ -74,7 +78,6 @@ from fleetd.sources.updates import (
     NodeRemoved,
     NodeStale,
     NodeUpdate,
-    PodObserved,
     SequenceColumn,
     SequenceGate,
     Update,
@@ -92,6 +95,11 @@ YIELD_EVERY_RECORDS = 2000
 #: Turns of the event loop aiokafka's fetcher (0.14, `fetch.SUPPORTED_AIOKAFKA`) takes to
 #: send a fetch request once a poll drained its partitions (`_poll_and_apply`).
 FETCH_REQUEST_TURNS = 3
+#: The node memory and the scan for repeats, compiled when `make install` built them from
+#: this checkout's source (`fleetd.native`), else interpreted; each runs the scan it is
+#: fast with (`repeats.skip_repeats`, `skip_repeats_rests`).
+_repeats = native.load(repeats)
+_NATIVE_SCAN = native.is_native(_repeats)
 #: Numbers each source's heartbeat slot space (`HeartbeatSlots.source`): a sink fed by two
 #: sources, or by a replaced one, never mixes their slots.
 _SLOT_SPACES = itertools.count(1)
@@ -154,77 +162,6 @@ class KafkaSourceSettings:
         return security, {**security.client_options(), **self.client_options}
 
 
-class _Content:
-    """A node's last applied content, by Kafka key: its report's `node` field bytes. (A
-    plain slotted class, not a frozen dataclass: one is made per new node, and cheaper;
-    a change of the node's content updates it in place, `replace`.)"""
-
-    __slots__ = ("cluster", "gpu_fields", "gpus_at", "head", "head_len", "name", "partition",
-                 "pod_fields", "slot", "spec", "tail", "update")  # fmt: skip
-
-    def __init__(
-        self,
-        cluster: str,
-        name: str,
-        slot: int,
-        head: bytes,
-        tail: bytes,
-        update: NodeUpdate,
-        layout: _Layout,
-        partition: int,
-    ) -> None:
-        self.cluster = cluster
-        self.name = name
-        #: The partition its records come from (`forget_partitions`).
-        self.partition = partition
-        #: The node's gate cell's slot in the source's `SequenceColumn`: repeats move it.
-        self.slot = slot
-        #: `codec.envelope_head(cluster)`: a repeat starts with it.
-        self.head = head
-        self.head_len = len(head)
-        self.replace(tail, update, layout)
-
-    def replace(self, tail: bytes, update: NodeUpdate, layout: _Layout) -> None:
-        """The node's new content (same cluster, name and slot)."""
-        self.tail = tail
-        #: The update applied for it.
-        self.update = update
-        #: Its node bytes before the pods (`codec.pods_start`; None: not laid out so);
-        #: where its GPUs begin in them (`codec.gpus_start`, -1: not laid out so); its
-        #: pods' bytes (`codec.pod_fields`), matching `update.pods` (None: not split yet);
-        #: its GPUs' bytes (`codec.gpu_fields`), matching `update.gpus` (None: they do not
-        #: match, `_SPLIT_LATER`: they do, not split yet).
-        self.spec, self.gpus_at, self.pod_fields, self.gpu_fields = layout
-
-    def known_pods(self) -> dict[bytes, PodObserved]:
-        """The content's pods by their bytes (`codec.pods_from_fields`)."""
-        fields = self.pod_fields
-        if fields is None:
-            assert self.spec is not None
-            at = node_offset_in_tail(self.tail)
-            fields = self.pod_fields = pod_fields(self.tail, at + len(self.spec))
-        pods = self.update.pods
-        if fields is None or pods is None or len(fields) != len(pods):
-            return {}  # (never: the content parsed this way)
-        return dict(zip(fields, pods, strict=True))
-
-    def known_gpus(self) -> dict[bytes, GpuDevice]:
-        """The content's GPUs by their bytes, when known (`codec.gpus_from_fields`)."""
-        fields = self.gpu_fields
-        if fields is _SPLIT_LATER and self.spec is not None:
-            # (Split when first needed: GPU changes are rare, and the slices cost memory.)
-            fields = self.gpu_fields = gpu_fields(self.spec, self.gpus_at, len(self.spec))
-        if not isinstance(fields, list) or len(fields) != len(self.update.gpus):
-            return {}
-        return dict(zip(fields, self.update.gpus, strict=True))
-
-
-#: `_Content.gpu_fields` of a content whose GPUs' bytes match its update's GPUs, not split.
-_SPLIT_LATER: tuple[()] = ()
-#: What `_Content` knows of a content's bytes: (spec, gpus_at, pod_fields, gpu_fields).
-_Layout = tuple[bytes | None, int, list[bytes] | None, list[bytes] | tuple[()] | None]
-_UNKNOWN_LAYOUT: _Layout = (None, -1, None, None)
-
 #: In a poll's newest records by key (`_process`), a key whose change waits for its envelope:
 #: older than anything.
 _TAKEN: tuple[int, int, Any, Any] = (-1, 0, None, None)
@@ -244,7 +181,7 @@ class _Change:
     def __init__(
         self,
         kind: int,
-        memo: _Content,
+        memo: Content,
         sequence: int,
         observed_unix_ms: int,
         tag: int,
@@ -287,7 +224,7 @@ class _DeadRecord:
 
 
 def _change_of(
-    value: bytes, memo: _Content, sequence: int, ms: int, tag: int, node_at: int
+    value: bytes, memo: Content, sequence: int, ms: int, tag: int, node_at: int
 ) -> _Change | None:
     """When `value` (a record under `memo`'s key: its envelope head, a valid envelope with
     `sequence` and `ms`, then its node field from `tag`, its NodeReport bytes from
@@ -386,7 +323,7 @@ class KafkaSource:
         self.last_connect_error = ""
         self.connect_failures = 0
         #: Kafka key -> the node content last applied under it (the unchanged-report path).
-        self._contents: dict[bytes, _Content] = {}
+        self._contents: dict[bytes, Content] = {}
         #: The gate cells of the nodes in `_contents`, for repeats to move in bulk; their
         #: slots are also what `NodeHeartbeats` entries name (`HeartbeatSlots`).
         self._column = SequenceColumn()
@@ -738,14 +675,22 @@ class KafkaSource:
             parsed_ok = 0
             position = 0  # (records before the run)
             next_yield = YIELD_EVERY_RECORDS
-            # (Bound methods hoisted out of the per-record loop: it runs for every record.)
-            find_content = contents.get
-            add_candidate = candidates.append
-            add_slot = repeat_slots.append
-            add_rest = rests.append
+            #: The repeats (`repeats.skip_repeats`): the slots of the contents they
+            #: repeat, and (compiled scan) their envelopes' sequences and times, or
+            #: (interpreted) their records and envelope bytes, decoded below. (int64s as
+            #: appended: no list of ints to convert.)
+            repeat_sequences = array.array("q")
+            repeat_times_ms = array.array("q")
+            #: Repeats whose envelope is not the usual one (compiled scan): by index in
+            #: their partition's records, and those partitions' positions before them.
+            odd: list[int] = []
+            odd_runs: list[tuple[int, int, list[Any]]] = []
+            skip = _repeats.skip_repeats
+            skip_rests = _repeats.skip_repeats_rests
+            native_scan = _NATIVE_SCAN
             #: Changes recognised by their shape: (position, record, memory, where its
             #: node field and NodeReport begin), and their envelopes after the head.
-            changes: list[tuple[int, Any, _Content, int, int]] = []
+            changes: list[tuple[int, Any, Content, int, int]] = []
             #: The poll's partitions and the position of each one's last record: records
             #: (aiokafka's own, `fetch.poll`) do not say which partition they are from.
             partition_ends: list[int] = []
@@ -756,49 +701,54 @@ class KafkaSource:
                 return partition_of_run[bisect.bisect_left(partition_ends, position)]
 
             change_rests: list[bytes] = []
-            add_change = changes.append
-            add_change_rest = change_rests.append
             for tp, records in batches.items():
+                before = position  # (records of the poll before this partition's)
                 for start in range(0, len(records), YIELD_EVERY_RECORDS):
                     if position >= next_yield:
                         # A large poll is ~0.1 s of CPU: let RPCs in between.
                         next_yield = position + YIELD_EVERY_RECORDS
                         await asyncio.sleep(0)
-                    run = records[start : start + YIELD_EVERY_RECORDS] if start else records
-                    for i, rec in enumerate(run):
-                        if i == YIELD_EVERY_RECORDS:
+                    end = min(len(records), start + YIELD_EVERY_RECORDS)
+                    i = start
+                    while True:
+                        # The node's last applied content, repeated (a periodic report):
+                        # only the envelope is new. The scan goes on while records are
+                        # that, and stops at the first that is not (handled here).
+                        if native_scan:
+                            odd_before = len(odd)
+                            i = skip(records, i, end, contents, best, repeat_slots,
+                                     repeat_sequences, repeat_times_ms, odd)  # fmt: skip
+                            if len(odd) > odd_before:
+                                odd_runs.append((len(odd), before, records))
+                        else:
+                            i = skip_rests(
+                                records, i, end, contents, best, repeat_slots, rests, candidates
+                            )
+                        if i >= end:
                             break
-                        memo = find_content(rec.key)  # (None for a key None)
-                        if memo is not None and (value := rec.value) is not None:
-                            if (
-                                value.endswith(tail := memo.tail)
-                                and value.startswith(memo.head)
-                                and rec.key not in best
-                            ):
-                                # The node's last applied content, repeated (a periodic
-                                # report): only the envelope is new. It is decoded for all
-                                # such records at once below (`decode_envelope_rests`; a
-                                # record too short to hold head and tail apart has none).
-                                # (The tail's length from the tail just compared: its
-                                # header is in cache, an int attribute may not be.)
-                                add_candidate(rec)
-                                add_slot(memo.slot)
-                                add_rest(value[memo.head_len : len(value) - len(tail)])
+                        rec = records[i]
+                        at = before + i + 1
+                        i += 1
+                        memo = contents.get(rec.key)  # (None for a key None)
+                        if (
+                            memo is not None
+                            and memo.spec is not None
+                            and (value := rec.value) is not None
+                            and value.startswith(memo.head)
+                        ):
+                            # The content with other pods (most changes), GPUs or fields?
+                            # (`_change_of`, once its envelope is decoded with the others',
+                            # below.) Until then its key is taken: a repeat of it after it
+                            # is none.
+                            tag, node_at = node_field_at(value, memo.head_len)
+                            if tag >= 0:
+                                changes.append((at, rec, memo, tag, node_at))
+                                change_rests.append(value[memo.head_len : tag])
+                                if rec.key not in best:
+                                    best[rec.key] = _TAKEN
                                 continue
-                            if memo.spec is not None and value.startswith(memo.head):
-                                # The content with other pods (most changes), GPUs or
-                                # fields? (`_change_of`, once its envelope is decoded with
-                                # the others', below.) Until then its key is taken: a
-                                # repeat of it after it is none.
-                                tag, node_at = node_field_at(value, memo.head_len)
-                                if tag >= 0:
-                                    add_change((position + i + 1, rec, memo, tag, node_at))
-                                    add_change_rest(value[memo.head_len : tag])
-                                    if rec.key not in best:
-                                        best[rec.key] = _TAKEN
-                                    continue
-                        parsed_ok += take_in_full(position + i + 1, rec)
-                    position += min(len(run), YIELD_EVERY_RECORDS)
+                        parsed_ok += take_in_full(at, rec)
+                    position += end - start
                 if records:
                     offsets[tp] = records[-1].offset + 1
                     partition_ends.append(position)
@@ -817,9 +767,18 @@ class KafkaSource:
                 for _, rec, _, _, _ in changes:
                     if best.get(rec.key) is _TAKEN:  # (none of its records parsed)
                         del best[rec.key]
-            if rests:
+            slots = np.frombuffer(repeat_slots, np.int64)
+            if native_scan:
+                # Not the usual envelope (or a bad one): the full path decides.
+                done = 0
+                for upto, before, records in odd_runs:
+                    for i in odd[done:upto]:
+                        parsed_ok += take_in_full(before + i + 1, records[i])
+                    done = upto
+                sequences = np.frombuffer(repeat_sequences, np.int64)
+                times = np.frombuffer(repeat_times_ms, np.int64)
+            elif rests:
                 sequences, times, decoded = decode_envelope_rests(rests)
-                slots = np.frombuffer(repeat_slots, np.int64)
                 if not decoded.all():
                     # Not the usual envelope (or a bad one): the full path decides.
                     position_of = {
@@ -829,6 +788,7 @@ class KafkaSource:
                         rec = candidates[i]
                         parsed_ok += take_in_full(position_of[id(rec)], rec)
                     slots, sequences, times = slots[decoded], sequences[decoded], times[decoded]
+            if len(slots):
                 # The sequence gate of every repeat at once (`SequenceColumn`).
                 admitted = self._column.admit(slots, sequences)
                 unchanged = int(np.count_nonzero(admitted))
@@ -1045,7 +1005,7 @@ class KafkaSource:
                 if head is None:
                     head = heads[cluster] = envelope_head(cluster)
                 slot = column.add(cell)
-                contents[key] = _Content(
+                contents[key] = _repeats.Content(
                     cluster, update.name, slot, head, tail, update, layout, partition
                 )
             bound = bindings.get(cluster)
