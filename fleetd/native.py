@@ -5,7 +5,8 @@ are written so that mypyc (part of mypy, a dev dependency) can compile them to a
 extension. `make install` runs `python -m fleetd.native build`, which compiles each such
 module `M` to `M_native`, next to it in the source tree (ignored by git), stamped with the
 SHA-256 of the source it was built from; `load(M)` returns `M_native` when it was built from
-M's current source, else M itself (logged once). A stale build (M edited since) is
+M's current source, else M itself (the Kafka source logs
+why when it starts). A stale build (M edited since) is
 never used, and neither is one for another interpreter: the extension's file name carries
 its ABI tag, and only a matching one imports.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
-import logging
 import os
 import platform
 import shutil
@@ -32,8 +32,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
 
-log = logging.getLogger(__name__)
-
 REPO = Path(__file__).resolve().parent.parent
 #: The modules compiled, by import name.
 MODULES = ("fleetd.sources.repeats",)
@@ -42,7 +40,8 @@ STAMP = "NATIVE_SOURCE_SHA256"
 
 M = TypeVar("M", bound=ModuleType)
 
-_said: set[str] = set()
+#: Why `load` fell back to a module itself, by module name.
+_why: dict[str, str] = {}
 
 
 def source_digest(module: ModuleType) -> str:
@@ -53,7 +52,7 @@ def source_digest(module: ModuleType) -> str:
 
 def load(module: M) -> M:
     """`module`'s native build when it was compiled from `module`'s current source (see the
-    module docstring), else `module` itself."""
+    module docstring), else `module` itself (`why_interpreted` then says why)."""
     name = module.__name__
     try:
         native = importlib.import_module(f"{name}_native")
@@ -61,13 +60,17 @@ def load(module: M) -> M:
         why = "not built (make install builds it; it needs a C compiler)"
     else:
         if getattr(native, STAMP, None) == source_digest(module):
+            _why.pop(name, None)
             return native  # type: ignore[return-value]
         why = "built from another version of its source (make install builds it again)"
-    if name not in _said:
-        _said.add(name)
-        log.warning("%s: compiled module %s; running it interpreted (more CPU a record)",
-                    name, why)  # fmt: skip
+    _why[name] = why
     return module
+
+
+def why_interpreted(name: str) -> str | None:
+    """Why `load` returned module `name` itself, not a native build (None: it did not, or
+    was not asked). Callers log it once logging is set up."""
+    return _why.get(name)
 
 
 def is_native(module: ModuleType) -> bool:

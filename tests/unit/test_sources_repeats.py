@@ -191,11 +191,14 @@ def test_a_build_of_the_current_source_is_used(tmp_path: Path) -> None:
     loaded, _ = _package(tmp_path, source, digest)
     assert loaded.WHO == "native"
     assert native.is_native(loaded)
+    assert native.why_interpreted("pkg_native_test.mod") is None
 
 
 def test_a_stale_or_missing_build_is_not_used(tmp_path: Path) -> None:
     loaded, _ = _package(tmp_path / "stale", 'WHO = "source"\n', "0" * 64)
     assert loaded.WHO == "source"
     assert not native.is_native(loaded)
+    assert "another version of its source" in (native.why_interpreted(loaded.__name__) or "")
     loaded, _ = _package(tmp_path / "missing", 'WHO = "source"\n', None)
     assert loaded.WHO == "source"
+    assert "not built" in (native.why_interpreted(loaded.__name__) or "")
