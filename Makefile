@@ -11,7 +11,9 @@ STAMP := $(VENV)/.installed-stamp
 # fleetd's modules compiled with mypyc (fleetd/native.py), rebuilt when their source changes
 # (from ~/.cache/fleetd-native when built before).
 NATIVE := $(VENV)/.native-stamp
-NATIVE_SOURCES := fleetd/native.py fleetd/sources/repeats.py
+NATIVE_SOURCES := fleetd/native.py fleetd/sources/repeats.py fleetd/sources/codec.py fleetd/sources/updates.py
+# With a C compiler a failed build is an error (else fleetd would quietly run interpreted).
+NATIVE_REQUIRED := $(shell command -v cc >/dev/null 2>&1 && echo required)
 
 .PHONY: help install lock demo test test-unit test-integration testbed testbed-up lint bench proto clean
 
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $@
 
 $(NATIVE): $(STAMP) $(NATIVE_SOURCES)
-	$(BIN)/python -m fleetd.native build
+	FLEETD_NATIVE=$(NATIVE_REQUIRED) $(BIN)/python -m fleetd.native build
 	touch $@
 
 install: $(NATIVE) ## create .venv, install fleetd with its pinned dependencies, compile its hot loop

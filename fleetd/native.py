@@ -4,16 +4,21 @@ A few pure-Python modules run once per telemetry record (`fleetd.sources.repeats
 are written so that mypyc (part of mypy, a dev dependency) can compile them to a C
 extension. `make install` runs `python -m fleetd.native build`, which compiles each such
 module `M` to `M_native`, next to it in the source tree (ignored by git), stamped with the
-SHA-256 of the source it was built from; `load(M)` returns `M_native` when it was built from
-M's current source, else M itself (the Kafka source logs
-why when it starts). A stale build (M edited since) is
-never used, and neither is one for another interpreter: the extension's file name carries
-its ABI tag, and only a matching one imports.
+SHA-256 of what it was built from: M's source and the sources of the fleetd modules it
+imports (compiled code keeps the types of what it calls as they were when compiled).
+`load(M)` returns `M_native` when that stamp is the one of the sources in the tree now,
+else M itself (the Kafka source logs why when it starts). A stale build is never used, and
+neither is one for another interpreter: the extension's file name carries its ABI tag, and
+only a matching one imports.
 
-Builds are cached under `$XDG_CACHE_HOME/fleetd-native` (default `~/.cache`), keyed by
-the source, the interpreter and mypy's version, so a fresh checkout installs in seconds.
-Without a C compiler (or mypy) the build says so and leaves nothing: fleetd then runs the
-interpreted modules, the same results with more CPU a record.
+The build compiles a copy of the packages in a temporary directory, so nothing but the
+finished extensions is ever written into the tree, and it installs each with a rename: a
+process running the previous build keeps its (unlinked) file mapped, where writing over it
+would crash that process. Builds are cached under `$XDG_CACHE_HOME/fleetd-native` (default
+`~/.cache`), keyed by the stamp, the interpreter and mypy's version, so a fresh checkout
+installs in seconds. Without a C compiler the build says so and fleetd runs the interpreted
+modules, the same results with more CPU a record; with `FLEETD_NATIVE=required` (what
+`make` sets when the machine has a C compiler) a failed build is an error.
 """
 
 from __future__ import annotations
@@ -33,10 +38,15 @@ from types import ModuleType
 from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
-#: The modules compiled, by import name.
-MODULES = ("fleetd.sources.repeats",)
-#: The constant a native build carries: the SHA-256 of the source it was compiled from.
+#: The modules compiled, by import name, with the fleetd modules each imports: a change of
+#: any of them makes its build stale.
+MODULES = {
+    "fleetd.sources.repeats": ("fleetd.sources.codec", "fleetd.sources.updates"),
+}
+#: The constant a native build carries: the SHA-256 of the sources it was compiled from.
 STAMP = "NATIVE_SOURCE_SHA256"
+#: The packages copied for a build (what the compiled modules import is type-checked).
+_PACKAGES = ("fleetd", "scheduling")
 
 M = TypeVar("M", bound=ModuleType)
 
@@ -44,25 +54,36 @@ M = TypeVar("M", bound=ModuleType)
 _why: dict[str, str] = {}
 
 
-def source_digest(module: ModuleType) -> str:
-    """The SHA-256 of `module`'s source file."""
-    assert module.__file__ is not None
-    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
+def _path(name: str, root: Path) -> Path:
+    return root / Path(*name.split(".")).with_suffix(".py")
+
+
+def source_digest(name: str, root: Path = REPO) -> str:
+    """The SHA-256 of module `name`'s source and of the fleetd modules it imports
+    (`MODULES`), in the tree at `root`."""
+    digest = hashlib.sha256()
+    for part in (name, *MODULES.get(name, ())):
+        data = _path(part, root).read_bytes()
+        digest.update(f"{part}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def load(module: M) -> M:
-    """`module`'s native build when it was compiled from `module`'s current source (see the
-    module docstring), else `module` itself (`why_interpreted` then says why)."""
+    """`module`'s native build when it was compiled from the sources in the tree now (see
+    the module docstring), else `module` itself (`why_interpreted` then says why)."""
     name = module.__name__
     try:
         native = importlib.import_module(f"{name}_native")
     except ImportError:
         why = "not built (make install builds it; it needs a C compiler)"
     else:
-        if getattr(native, STAMP, None) == source_digest(module):
+        assert module.__file__ is not None
+        root = Path(module.__file__).resolve().parents[name.count(".")]
+        if getattr(native, STAMP, None) == source_digest(name, root):
             _why.pop(name, None)
             return native  # type: ignore[return-value]
-        why = "built from another version of its source (make install builds it again)"
+        why = "built from other sources than the tree's (make install builds it again)"
     _why[name] = why
     return module
 
@@ -78,15 +99,17 @@ def is_native(module: ModuleType) -> bool:
     return hasattr(module, STAMP)
 
 
-def _cache_key(source: bytes) -> str:
+def _cache_key(stamp: str) -> str:
     import mypy.version
 
     parts = [
-        hashlib.sha256(source).hexdigest(),
+        stamp,
         sys.implementation.cache_tag,
         sysconfig.get_config_var("EXT_SUFFIX") or "",
         platform.machine(),
         mypy.version.__version__,
+        os.environ.get("MYPYC_OPT_LEVEL", ""),
+        os.environ.get("MYPYC_DEBUG_LEVEL", ""),
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
@@ -96,58 +119,75 @@ def _cache_dir() -> Path:
     return Path(base) / "fleetd-native"
 
 
-def build(name: str, repo: Path = REPO) -> Path:
-    """Compile module `name` (`fleetd.sources.repeats`) of the tree at `repo` to
-    `<name>_native` next to it, or take it from the cache; the extension's path. Raises
-    RuntimeError when mypyc fails."""
-    relative = Path(*name.split("."))
-    source_path = repo / relative.with_suffix(".py")
-    source = source_path.read_bytes()
+def _compile(name: str, repo: Path, stamp: str, out: Path) -> None:
+    """Compile `name` as `<name>_native` in a copy of the packages, its extensions (the
+    module's, and mypyc's library of its code, `<stem>__mypyc`) into `out`."""
+    stem = f"{name.rsplit('.', 1)[-1]}_native"
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    stem = f"{relative.name}_native"
-    cached = _cache_dir() / _cache_key(source)
-    if not (cached / f"{stem}{suffix}").exists():
-        digest = hashlib.sha256(source).hexdigest()
-        # The copy is compiled inside the real tree (mypyc type-checks it against the
-        # modules it imports), then removed: only the extensions stay (the module's, and
-        # mypyc's library of its code, `<stem>__mypyc`).
-        copy = source_path.with_name(f"{stem}.py")
-        copy.write_bytes(source + f'\n{STAMP} = "{digest}"\n'.encode())
-        try:
-            result = subprocess.run(
-                [sys.executable, "-m", "mypyc", str(copy.relative_to(repo))],
-                cwd=repo,
-                capture_output=True,
-                text=True,
-                check=False,
+    with tempfile.TemporaryDirectory(prefix="fleetd-native-") as tmp:
+        root = Path(tmp)
+        for package in _PACKAGES:
+            shutil.copytree(
+                repo / package,
+                root / package,
+                ignore=shutil.ignore_patterns("__pycache__", "*.so"),
             )
-        finally:
-            copy.unlink(missing_ok=True)
+        shutil.copy2(repo / "pyproject.toml", root / "pyproject.toml")
+        copy = _path(name, root).with_name(f"{stem}.py")
+        copy.write_bytes(_path(name, root).read_bytes() + f'\n{STAMP} = "{stamp}"\n'.encode())
+        result = subprocess.run(
+            [sys.executable, "-m", "mypyc", str(copy.relative_to(root))],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if result.returncode != 0:
             raise RuntimeError(
                 f"mypyc failed on {name}:\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
             )
-        built = sorted((repo / "build").glob(f"lib*/{relative.parent}/{stem}*{suffix}"))
+        package_dir = copy.parent.relative_to(root)
+        built = sorted(root.glob(f"build/lib*/{package_dir}/{stem}*{suffix}"))
         if not any(path.name == f"{stem}{suffix}" for path in built):
-            raise RuntimeError(f"mypyc built no {stem}{suffix} under {repo / 'build'}")
+            raise RuntimeError(f"mypyc built no {stem}{suffix}")
+        for path in built:
+            shutil.copy2(path, out / path.name)
+
+
+def build(name: str, repo: Path = REPO) -> Path:
+    """Compile module `name` (`fleetd.sources.repeats`) of the tree at `repo` to
+    `<name>_native` next to it, or take it from the cache; the extension's path. Raises
+    RuntimeError when mypyc fails."""
+    stamp = source_digest(name, repo)
+    cached = _cache_dir() / _cache_key(stamp)
+    if not cached.is_dir():
         cached.parent.mkdir(parents=True, exist_ok=True)
         # Staged beside the cache entry and renamed into place: a build interrupted (or
         # another checkout's at the same time) never leaves half an entry.
         staged = Path(tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent))
-        for path in built:
-            shutil.copy2(path, staged / path.name)
         try:
+            _compile(name, repo, stamp, staged)
             staged.rename(cached)
-        except OSError:  # (another build put it there meanwhile)
+        except OSError:
+            if not cached.is_dir():
+                raise
+        finally:
             shutil.rmtree(staged, ignore_errors=True)
-    for path in cached.iterdir():
-        shutil.copy2(path, source_path.parent / path.name)
-    return source_path.with_name(f"{stem}{suffix}")
+    target_dir = _path(name, repo).parent
+    for path in sorted(cached.iterdir()):
+        # A new file renamed over the old one: a process that loaded the old one keeps it
+        # (writing over a loaded extension in place crashes that process).
+        temporary = target_dir / f".{path.name}.{os.getpid()}"
+        shutil.copy2(path, temporary)
+        os.replace(temporary, target_dir / path.name)
+    stem = f"{name.rsplit('.', 1)[-1]}_native"
+    return target_dir / f"{stem}{sysconfig.get_config_var('EXT_SUFFIX')}"
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: `python -m fleetd.native build`: every module of MODULES, compiled or from the
-    cache. Exits 0 without a compiler (fleetd runs interpreted), saying so."""
+    cache. Without a compiler it says so and exits 0 (fleetd runs interpreted), unless
+    FLEETD_NATIVE=required."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("command", choices=["build"])
     parser.parse_args(argv)

@@ -559,7 +559,8 @@ class KafkaSource:
         consumer: AIOKafkaConsumer,
         producer: AIOKafkaProducer,
     ) -> None:
-        """Decode, dead-letter, apply and commit one poll's worth of records."""
+        """Decode, dead-letter, apply and commit one poll's worth of records (each
+        partition's a list of aiokafka's records, as `getmany` and `fetch.poll` give them)."""
         offsets, n_records = await self._apply_poll(batches, consumer, producer)
         await self._commit_and_count(consumer, offsets, n_records)
 

@@ -26,6 +26,7 @@ from fleetd.sources.kafka import (
 from fleetd.sources.memory import FleetView
 from fleetd.sources.metrics import SourceMetrics
 from fleetd.sources.updates import NodeStale, NodeUpdate
+from tests.unit.scans import both_scans  # noqa: F401  (every test under both scans)
 from tests.unit.test_sources_codec import gpu_node
 
 TP = TopicPartition("t", 0)

@@ -44,6 +44,7 @@ from fleetd.sources.memory import FleetView, StateSink
 from fleetd.sources.metrics import SourceMetrics
 from fleetd.state import FleetState
 from fleetd.v1 import telemetry_pb2 as pb
+from tests.unit.scans import both_scans  # noqa: F401  (every test under both scans)
 from tests.unit.test_sources_codec import gpu_node
 from tests.unit.test_sources_kafka import Consumer, Producer, Rec
 
@@ -1005,3 +1006,24 @@ def test_a_column_gates_a_batch_in_order(entries: list[tuple[int, int]], start: 
     sequences = np.array([sequence for _, sequence in entries], np.int64)
     assert column.admit(slots, sequences).tolist() == expected
     assert column.seq.tolist() == lasts
+
+
+async def test_a_repeat_with_an_odd_envelope_is_dead_lettered_from_its_own_partition() -> None:
+    # Positions are 1-based across a poll's partitions: a repeat that the envelope path
+    # refuses, first in the poll's second partition, is dead-lettered with its own
+    # partition and offset.
+    source = KafkaSource(KafkaSourceSettings(dead_letter_topic="dlq"), FleetView())
+    a, b = gpu_node("a"), gpu_node("b")
+    p0, p1 = TopicPartition("t", 0), TopicPartition("t", 1)
+    await source.process(
+        {p0: [_rec("a", _value(a, 1), 0)], p1: [_rec("b", _value(b, 1), 0)]},
+        Consumer(),
+        Producer(),
+    )
+    first = _value(b, 1)
+    tail = node_content_tail(first, parse(first))
+    assert tail is not None
+    bad = Rec(node_key("c1", "b"), envelope_head("c1") + b"\x05\x0f" + tail, 7, partition=1)
+    producer = Producer()
+    await source.process({p0: [_rec("a", _value(a, 2), 1)], p1: [bad]}, Consumer(), producer)
+    assert [dict(h)[DLQ_ORIGIN_HEADER] for _, _, h in producer.sent] == [b"t/1/7"]
