@@ -31,12 +31,14 @@ $(NATIVE): $(STAMP) $(NATIVE_SOURCES)
 
 install: $(NATIVE) ## create .venv, install fleetd with its pinned dependencies, compile its hot loop
 
+# (freeze --all: setuptools too, which grpcio-tools needs and mypyc builds with; a plain
+# freeze leaves it out)
 lock: ## re-pin requirements.lock from a fresh resolve of pyproject.toml
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q -e '.[dev]'
 	{ echo "# Exact versions for every fresh machine: make installs with '-c requirements.lock'."; \
 	  echo "# Regenerate with 'make lock' after changing pyproject.toml."; \
-	  .venv-lock/bin/python -m pip freeze --exclude-editable | sort; } > requirements.lock
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip==' | sort; } > requirements.lock
 	rm -rf .venv-lock
 
 demo: $(NATIVE) ## run the main job on embedded defaults (no Kafka, no Kubernetes)
