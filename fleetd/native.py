@@ -16,9 +16,9 @@ finished extensions is ever written into the tree, and it installs each with a r
 process running the previous build keeps its (unlinked) file mapped, where writing over it
 would crash that process. Builds are cached under `$XDG_CACHE_HOME/fleetd-native` (default
 `~/.cache`), keyed by the stamp, the interpreter and mypy's version, so a fresh checkout
-installs in seconds. Without a C compiler the build says so and fleetd runs the interpreted
-modules, the same results with more CPU a record; with `FLEETD_NATIVE=required` (what
-`make` sets when the machine has a C compiler) a failed build is an error.
+installs in seconds. Where a C compiler and Python's headers are, a failed build is an
+error; where they are not, the build says so and fleetd runs the interpreted modules, the
+same results with more CPU a record (`FLEETD_NATIVE`: `auto`, `required`, `off`; `main`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -80,10 +81,15 @@ def load(module: M) -> M:
     else:
         assert module.__file__ is not None
         root = Path(module.__file__).resolve().parents[name.count(".")]
-        if getattr(native, STAMP, None) == source_digest(name, root):
+        try:
+            current = source_digest(name, root)
+        except OSError as exc:  # (installed without the sources it imports)
+            current, why = "", f"not checkable against its sources ({exc})"
+        else:
+            why = "built from other sources than the tree's (make install builds it again)"
+        if getattr(native, STAMP, None) == current:
             _why.pop(name, None)
             return native  # type: ignore[return-value]
-        why = "built from other sources than the tree's (make install builds it again)"
     _why[name] = why
     return module
 
@@ -99,11 +105,31 @@ def is_native(module: ModuleType) -> bool:
     return hasattr(module, STAMP)
 
 
+def compiler() -> str | None:
+    """Why a build cannot be made here (no C compiler, or no Python headers), or None when
+    it can: what mypyc's build will use, sysconfig's CC (or $CC) and Python.h."""
+    command = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if not command or shutil.which(command[0]) is None:
+        return f"no C compiler ({' '.join(command) or 'CC unset'} not found)"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.exists():
+        return f"no Python headers ({headers} missing)"
+    return None
+
+
 def _cache_key(stamp: str) -> str:
     import mypy.version
 
+    try:
+        setuptools_version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:  # (mypyc's build then fails, says so)
+        setuptools_version = ""
     parts = [
         stamp,
+        hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),  # (how it is built)
+        setuptools_version,
+        os.environ.get("CC") or sysconfig.get_config_var("CC") or "",
+        os.environ.get("CFLAGS", ""),
         sys.implementation.cache_tag,
         sysconfig.get_config_var("EXT_SUFFIX") or "",
         platform.machine(),
@@ -132,11 +158,19 @@ def _compile(name: str, repo: Path, stamp: str, out: Path) -> None:
                 root / package,
                 ignore=shutil.ignore_patterns("__pycache__", "*.so"),
             )
-        shutil.copy2(repo / "pyproject.toml", root / "pyproject.toml")
         copy = _path(name, root).with_name(f"{stem}.py")
         copy.write_bytes(_path(name, root).read_bytes() + f'\n{STAMP} = "{stamp}"\n'.encode())
         result = subprocess.run(
-            [sys.executable, "-m", "mypyc", str(copy.relative_to(root))],
+            # (The tree's mypy settings; no pyproject.toml in the copy, which setuptools
+            # would read as a project to build.)
+            [
+                sys.executable,
+                "-m",
+                "mypyc",
+                "--config-file",
+                str(repo / "pyproject.toml"),
+                str(copy.relative_to(root)),
+            ],
             cwd=root,
             capture_output=True,
             text=True,
@@ -178,28 +212,51 @@ def build(name: str, repo: Path = REPO) -> Path:
         # A new file renamed over the old one: a process that loaded the old one keeps it
         # (writing over a loaded extension in place crashes that process).
         temporary = target_dir / f".{path.name}.{os.getpid()}"
-        shutil.copy2(path, temporary)
-        os.replace(temporary, target_dir / path.name)
+        try:
+            shutil.copy2(path, temporary)
+            os.replace(temporary, target_dir / path.name)
+        finally:
+            temporary.unlink(missing_ok=True)
     stem = f"{name.rsplit('.', 1)[-1]}_native"
     return target_dir / f"{stem}{sysconfig.get_config_var('EXT_SUFFIX')}"
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: `python -m fleetd.native build`: every module of MODULES, compiled or from the
-    cache. Without a compiler it says so and exits 0 (fleetd runs interpreted), unless
-    FLEETD_NATIVE=required."""
+    cache, then imported once to check. FLEETD_NATIVE: `auto` (the default) requires the
+    build where a C compiler and Python's headers are (`compiler`) and skips it, saying so,
+    where they are not (fleetd then runs interpreted); `required` always requires it; `off`
+    skips it."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("command", choices=["build"])
     parser.parse_args(argv)
+    mode = os.environ.get("FLEETD_NATIVE") or "auto"
+    if mode not in ("auto", "required", "off"):
+        print(f"fleetd.native: FLEETD_NATIVE={mode!r}: expected auto, required or off",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    missing = compiler()
+    if mode == "off" or (mode == "auto" and missing is not None):
+        why = "FLEETD_NATIVE=off" if mode == "off" else missing
+        print(f"fleetd.native: not compiling ({why}): fleetd runs its hot loop interpreted",
+              file=sys.stderr)  # fmt: skip
+        return 0
     for name in MODULES:
         try:
             path = build(name)
+            # (Imported in a fresh interpreter: what the daemon will load.)
+            check = (
+                f"import {name} as m, fleetd.native as n; "
+                f"assert n.is_native(n.load(m)), n.why_interpreted({name!r})"
+            )
+            result = subprocess.run(
+                [sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"the build does not load: {result.stderr[-2000:]}")
         except (RuntimeError, OSError, ImportError) as exc:
-            print(f"fleetd.native: {name} not compiled, fleetd runs it interpreted: {exc}",
-                  file=sys.stderr)  # fmt: skip
-            if os.environ.get("FLEETD_NATIVE") == "required":
-                return 1
-            continue
+            print(f"fleetd.native: {name} not compiled: {exc}", file=sys.stderr)
+            return 1
         print(f"fleetd.native: {name} -> {path.relative_to(REPO)}")
     return 0
 

@@ -153,12 +153,18 @@ def _built() -> ModuleType | None:
 
 
 def test_the_compiled_scan_is_built_where_a_c_compiler_is() -> None:
-    # `make` builds it (and fails when it cannot, given a compiler): absent here, the build
-    # broke or is stale, and fleetd would run interpreted, slower, unnoticed.
-    if shutil.which("cc") or os.environ.get("CI") or os.environ.get("FLEETD_NATIVE") == "required":
+    # `make` builds it where a C compiler and Python's headers are (and fails when it
+    # cannot): absent or stale here, fleetd would run interpreted, slower, unnoticed.
+    mode = os.environ.get("FLEETD_NATIVE") or "auto"
+    if mode == "required" or (mode == "auto" and native.compiler() is None):
         assert _built() is not None, (
             f"fleetd.sources.repeats_native: {native.why_interpreted(repeats.__name__)}"
         )
+
+
+def test_no_compiler_is_found_when_cc_names_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc -O2")
+    assert "no C compiler" in (native.compiler() or "")
 
 
 @settings(max_examples=300, deadline=None)
