@@ -160,7 +160,8 @@ def skip_repeats(
 
 def _varint(data: bytes, at: int, stop: int) -> tuple[int, int]:
     """The varint of at most 9 bytes at `data[at:stop]` and where it ends; (0, -1) when there
-    is none."""
+    is none. (The twin of `codec._varint_at`, bounded by `stop` and kept here: called from
+    the compiled loop, the interpreted one would cost more than the loop saves.)"""
     value = 0
     shift = 0
     while at < stop and shift < 63:
